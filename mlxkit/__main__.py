@@ -1,0 +1,3 @@
+from mlxkit.cli import main
+
+main()
