@@ -1,0 +1,115 @@
+"""Per-layer decoding state: a KV cache for full-attention layers and a conv + recurrent state
+for Gated-DeltaNet layers.
+
+Speculative decoding verifies several tokens in one pass and then keeps only a prefix of them.
+Both cache kinds support that without recomputation: `begin_verify()` before the pass makes the
+Gated-DeltaNet layers record their state after every position, and `accept(n_kept, n_total)`
+afterwards keeps the state as it was after the first `n_kept` of the `n_total` tokens.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys/values in buffers grown in steps, so decoding does not copy the cache every token."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """keys/values: [B, kv_heads, L, head_dim]. Returns everything cached so far."""
+        L = keys.shape[2]
+        if self.keys is None or self.offset + L > self.keys.shape[2]:
+            B, H, _, D = keys.shape
+            grow = ((self.offset + L + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, grow, D), dtype=keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[-1]), dtype=values.dtype)
+            if self.keys is not None:
+                new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+                new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+            self.keys, self.values = new_k, new_v
+        self.keys[..., self.offset : self.offset + L, :] = keys
+        self.values[..., self.offset : self.offset + L, :] = values
+        self.offset += L
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> None:
+        self.offset -= min(n, self.offset)
+
+    def begin_verify(self) -> None:
+        """Nothing to record: positions past the accepted prefix are simply trimmed."""
+
+    def accept(self, n_kept: int, n_total: int) -> None:
+        self.trim(n_total - n_kept)
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        if self.keys is None:
+            return {}
+        return {"keys": self.keys[..., : self.offset, :], "values": self.values[..., : self.offset, :]}
+
+    @state.setter
+    def state(self, arrays: dict[str, mx.array]) -> None:
+        self.keys, self.values = arrays.get("keys"), arrays.get("values")
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (the buffers, not only the filled part)."""
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class LinearAttentionCache:
+    """Gated-DeltaNet state: the last K-1 conv inputs and the recurrent matrix per value head."""
+
+    def __init__(self) -> None:
+        self.conv_state: mx.array | None = None  # [B, K-1, conv_dim]
+        self.recurrent_state: mx.array | None = None  # [B, Hv, Dv, Dk], float32
+        self.offset = 0
+        self.recording = False
+        self._conv_in: mx.array | None = None  # [B, K-1+T, conv_dim] of the recorded pass
+        self._states: mx.array | None = None  # [B, T, Hv, Dv, Dk] of the recorded pass
+
+    def update(self, conv_in: mx.array, n_new: int, state: mx.array, states: mx.array | None) -> None:
+        """Called by the layer after a pass over n_new tokens; conv_in holds K-1 old + n_new inputs."""
+        self.conv_state = conv_in[:, n_new:]
+        self.recurrent_state = state
+        self.offset += n_new
+        if self.recording:
+            self._conv_in, self._states = conv_in, states
+
+    def begin_verify(self) -> None:
+        self.recording = True
+
+    def accept(self, n_kept: int, n_total: int) -> None:
+        """Keep the state after the first n_kept tokens of the recorded pass."""
+        self.recording = False
+        if n_kept < n_total:
+            w = self.conv_state.shape[1]
+            self.conv_state = self._conv_in[:, n_kept : n_kept + w]
+            self.recurrent_state = self._states[:, n_kept - 1]
+            self.offset -= n_total - n_kept
+        self._conv_in = self._states = None
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        if self.conv_state is None:
+            return {}
+        return {"conv_state": self.conv_state, "recurrent_state": self.recurrent_state}
+
+    @state.setter
+    def state(self, arrays: dict[str, mx.array]) -> None:
+        self.conv_state = arrays.get("conv_state")
+        self.recurrent_state = arrays.get("recurrent_state")
+
+    @property
+    def nbytes(self) -> int:
+        if self.conv_state is None:
+            return 0
+        return self.conv_state.nbytes + self.recurrent_state.nbytes

@@ -1,0 +1,150 @@
+"""`load(path)`: a model directory in the Hugging Face or the MLX layout → (model, tokenizer).
+
+Weights are memory-mapped by `mx.load` and stay lazy until first used. Every tensor is
+checked against the model before anything is assigned, so a wrong checkpoint fails with one
+line naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxkit.checkpoint import read_config, read_headers, weight_files
+from mlxkit.errors import CheckpointError, ConfigError
+from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
+
+MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A local directory; "micro" names the small trained model shipped inside the package."""
+    if str(path) == "micro":
+        from mlxkit.micro import micro_dir
+
+        return micro_dir()
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory; pass a local model directory")
+    return p
+
+
+def load_config(model_dir: Path) -> TextConfig:
+    try:
+        return TextConfig.from_dict(read_config(model_dir))
+    except ConfigError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
+
+
+def _read_weights(
+    model_dir: Path, cfg: TextConfig, dtype: mx.Dtype | None
+) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Our parameter path → array, and path → "file: original name" for error messages."""
+    files = weight_files(model_dir)
+    headers = read_headers(files)
+    hf_layout = any(n.startswith("model.language_model.") for n in headers)
+    weights, origin = {}, {}
+    for f in files:
+        for name, value in mx.load(str(f)).items():
+            if hf_layout:
+                item = sanitize_tensor(name, value, cfg.tie_word_embeddings, dtype)
+                if item is None:
+                    continue
+                path, value = item
+            else:
+                path = name
+                if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                    value = value if name.endswith("A_log") else value.astype(dtype)
+            weights[path] = value
+            origin[path] = f"{f}: tensor {name}"
+    return weights, origin
+
+
+def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, dict, dict]:
+    """A separate MTP drafter directory (converter output): tensors named `mtp.*`, or without
+    the prefix as mlx-vlm's splitter writes them; norms already converted."""
+    config = read_config(drafter_dir)
+    weights, origin = {}, {}
+    for f in weight_files(drafter_dir):
+        read_headers([f])
+        for name, value in mx.load(str(f)).items():
+            path = name if name.startswith("mtp.") else "mtp." + name
+            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(dtype)
+            weights[path] = value
+            origin[path] = f"{f}: tensor {name}"
+    quant = config.get("quantization") or {}
+    quant = {(k if k.startswith("mtp.") or k in ("group_size", "bits", "mode") else "mtp." + k): v
+             for k, v in quant.items()}  # fmt: skip
+    return weights, origin, quant
+
+
+def _quantize(model: Model, weights: dict[str, mx.array], quant: dict) -> None:
+    """Swap in quantized layers exactly where the checkpoint has `<path>.scales`."""
+    defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quant.get(path)
+        if override is False:
+            return False
+        params = {**defaults, **(override if isinstance(override, dict) else {})}
+        if "bits" not in params or "group_size" not in params:
+            raise CheckpointError(
+                f"{path} is quantized but config.json has no quantization bits/group_size"
+            )
+        return params
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def _check_against_model(model: Model, weights: dict[str, mx.array], origin: dict[str, str]) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for path in weights:
+        if path not in expected:
+            raise CheckpointError(f"{origin[path]} is not a Qwen 3.5 text-model tensor")
+    for path, param in expected.items():
+        if path not in weights:
+            raise CheckpointError(f"missing tensor {path} (the checkpoint has no such weight)")
+        if weights[path].shape != param.shape:
+            raise CheckpointError(
+                f"{origin[path]} has shape {tuple(weights[path].shape)}, "
+                f"expected {tuple(param.shape)} from config.json"
+            )
+
+
+def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
+    """The model alone. `dtype` (e.g. mx.float32) casts floating weights; A_log stays float32."""
+    model_dir = resolve_model_dir(path)
+    config = read_config(model_dir)
+    cfg = load_config(model_dir)
+    weights, origin = _read_weights(model_dir, cfg, dtype)
+    quant = dict(config.get("quantization") or {})
+    drafter_dir = model_dir / MTP_DIR
+    if drafter_dir.is_dir() and not any(p.startswith("mtp.") for p in weights):
+        mtp_weights, mtp_origin, mtp_quant = _read_mtp_drafter(drafter_dir, dtype)
+        weights.update(mtp_weights)
+        origin.update(mtp_origin)
+        quant.update({k: v for k, v in mtp_quant.items() if k.startswith("mtp.")})
+        if not quant.get("bits") and mtp_quant.get("bits"):
+            quant.update({k: mtp_quant[k] for k in ("group_size", "bits", "mode") if k in mtp_quant})
+
+    model = Model(cfg, has_mtp=any(p.startswith("mtp.") for p in weights))
+    if any(p.endswith(".scales") for p in weights):
+        _quantize(model, weights, quant)
+    _check_against_model(model, weights, origin)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model
+
+
+def load(path: str | Path, dtype: mx.Dtype | None = None):
+    """(model, tokenizer) from a local model directory (or "micro")."""
+    from mlxkit.tokenizer import load_tokenizer
+
+    model = load_model(path, dtype)
+    return model, load_tokenizer(resolve_model_dir(path))

@@ -1,0 +1,490 @@
+"""Qwen 3.5 dense text model in MLX, with its multi-token-prediction (MTP) head.
+
+Layout of the stack: three Gated-DeltaNet layers (linear attention with a fixed-size recurrent
+state) for every gated full-attention layer, each followed by a SwiGLU MLP. Parameter paths
+match mlx-lm's `qwen3_5` (`language_model.model.layers.N...`) so converted checkpoints are
+interchangeable; the MTP head lives at `mtp.*`.
+
+Norm convention: checkpoints in the Hugging Face layout store RMSNorm weights as w with the
+model computing x·(1 + w); `sanitize_tensor` turns them into 1 + w once, at load time, so every
+norm here is a plain `mx.fast.rms_norm`. The gated norm inside Gated-DeltaNet is the exception
+(stored as is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxkit.cache import KVCache, LinearAttentionCache
+from mlxkit.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    layer_types: list[str]
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = True
+    mtp_num_hidden_layers: int = 0
+    eos_token_id: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "TextConfig":
+        """Accepts the outer `qwen3_5` config (with `text_config`) or a bare `qwen3_5_text` one."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not a Qwen 3.5 dense model "
+                f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        text = config.get("text_config", config)
+        if text.get("num_experts", 0):
+            raise ConfigError("Qwen 3.5 mixture-of-experts checkpoints are not supported")
+        try:
+            rope = text.get("rope_parameters") or {}
+            n_layers = text["num_hidden_layers"]
+            interval = text.get("full_attention_interval", 4)
+            layer_types = text.get("layer_types") or [
+                "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                for i in range(n_layers)
+            ]
+            eos = text.get("eos_token_id", config.get("eos_token_id"))
+            cfg = cls(
+                vocab_size=text["vocab_size"],
+                hidden_size=text["hidden_size"],
+                intermediate_size=text["intermediate_size"],
+                num_hidden_layers=n_layers,
+                num_attention_heads=text["num_attention_heads"],
+                num_key_value_heads=text["num_key_value_heads"],
+                head_dim=text.get("head_dim")
+                or text["hidden_size"] // text["num_attention_heads"],
+                linear_num_key_heads=text["linear_num_key_heads"],
+                linear_num_value_heads=text["linear_num_value_heads"],
+                linear_key_head_dim=text["linear_key_head_dim"],
+                linear_value_head_dim=text["linear_value_head_dim"],
+                linear_conv_kernel_dim=text.get("linear_conv_kernel_dim", 4),
+                layer_types=list(layer_types),
+                rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)),
+                partial_rotary_factor=rope.get(
+                    "partial_rotary_factor", text.get("partial_rotary_factor", 0.25)
+                ),
+                max_position_embeddings=text.get("max_position_embeddings", 262144),
+                tie_word_embeddings=text.get(
+                    "tie_word_embeddings", config.get("tie_word_embeddings", True)
+                ),
+                mtp_num_hidden_layers=text.get("mtp_num_hidden_layers", 0),
+                eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else eos),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the text-model field {e.args[0]!r}") from None
+        if len(cfg.layer_types) != cfg.num_hidden_layers:
+            raise ConfigError("config.json: layer_types does not have num_hidden_layers entries")
+        if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+            raise ConfigError("config.json: linear_num_value_heads must be a multiple of the key heads")
+        return cfg
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_conv_dim(self) -> int:
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
+            self.linear_num_value_heads * self.linear_value_head_dim
+        )
+
+    def is_linear(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == "linear_attention"
+
+
+# --- checkpoint names -----------------------------------------------------------------------
+
+# RMSNorms stored as w for x·(1 + w). `linear_attn.norm` is not among them.
+_ZERO_CENTRED_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+    "pre_fc_norm_embedding.weight",
+    "pre_fc_norm_hidden.weight",
+)
+
+
+def _is_zero_centred_norm(name: str) -> bool:
+    return (
+        name.endswith(_ZERO_CENTRED_NORMS)
+        or name in ("model.language_model.norm.weight", "mtp.norm.weight")
+    )
+
+
+def hf_name_to_mlx(name: str, tie_word_embeddings: bool) -> str | None:
+    """Our parameter path for a Hugging Face tensor name; None for tensors we do not use."""
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name[len("model.language_model.") :]
+    if name == "lm_head.weight":
+        return None if tie_word_embeddings else "language_model.lm_head.weight"
+    if name.startswith("mtp."):
+        return name
+    if name.startswith("model.visual."):
+        return None
+    return name  # unknown: kept, so the loader can name it in its error
+
+
+def sanitize_tensor(
+    name: str, value: mx.array, tie_word_embeddings: bool, dtype: mx.Dtype | None = None
+) -> tuple[str, mx.array] | None:
+    """One Hugging Face tensor → (our path, array), applied tensor by tensor so the converter
+    can stream. `dtype` casts floating tensors first (A_log excepted: it stays float32), so
+    1 + w is formed at the target precision rather than rounded through bf16."""
+    path = hf_name_to_mlx(name, tie_word_embeddings)
+    if path is None:
+        return None
+    if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+        if not name.endswith("A_log"):
+            value = value.astype(dtype)
+    if _is_zero_centred_norm(name):
+        value = (value.astype(mx.float32) + 1.0).astype(value.dtype)
+    elif name.endswith("conv1d.weight") and value.ndim == 3 and value.shape[1] == 1:
+        value = value.swapaxes(1, 2)  # HF [C, 1, K] -> MLX Conv1d [C, K, 1]
+    return path, value
+
+
+# --- layers --------------------------------------------------------------------------------
+
+
+def _delta_rule_step(
+    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, S: mx.array
+) -> tuple[mx.array, mx.array]:
+    """One step of the gated delta rule, per value head.
+
+    q, k: [B, Hv, Dk]; v: [B, Hv, Dv]; g, beta: [B, Hv]; S: [B, Hv, Dv, Dk] (float32).
+    S ← g·S + β·(v − g·S k) kᵀ ;  y = S q
+    """
+    S = S * g[..., None, None]
+    delta = (v - (S * k[..., None, :]).sum(-1)) * beta[..., None]
+    S = S + delta[..., None] * k[..., None, :]
+    y = (S * q[..., None, :]).sum(-1)
+    return y, S
+
+
+def _use_metal_kernel() -> bool:
+    return mx.default_device() == mx.gpu and mx.metal.is_available()
+
+
+def gated_delta_rule(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array,
+    record: bool = False,
+) -> tuple[mx.array, mx.array, mx.array | None]:
+    """Runs the recurrence over T steps.
+
+    q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta: [B, T, Hv]; state [B, Hv, Dv, Dk].
+    Returns y [B, T, Hv, Dv], the final state, and, with `record`, the state after every step
+    [B, T, Hv, Dv, Dk] — what speculative verification needs to roll back without recomputing.
+    On Apple GPUs the fused mlx-lm kernel runs the recurrence; recording then calls it one step
+    at a time so the arithmetic is the same as plain decoding's.
+    """
+    T = q.shape[1]
+    if _use_metal_kernel() and q.shape[-1] % 32 == 0:
+        from mlx_lm.models.gated_delta import gated_delta_kernel
+
+        if not record:
+            y, state = gated_delta_kernel(q, k, v, g, beta, state)
+            return y, state, None
+        ys, states = [], []
+        for t in range(T):
+            sl = slice(t, t + 1)
+            y, state = gated_delta_kernel(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], state)
+            ys.append(y)
+            states.append(state)
+        return mx.concatenate(ys, axis=1), state, mx.stack(states, axis=1)
+
+    repeat = v.shape[2] // q.shape[2]
+    if repeat > 1:  # GQA-style sharing of key heads across value heads
+        q = mx.repeat(q, repeat, axis=2)
+        k = mx.repeat(k, repeat, axis=2)
+    ys, states = [], []
+    for t in range(T):
+        y, state = _delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        ys.append(y)
+        if record:
+            states.append(state)
+    y = mx.stack(ys, axis=1).astype(v.dtype)
+    return y, state, (mx.stack(states, axis=1) if record else None)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x)·w·silu(z), computed in float32 as the reference does."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+
+    def __call__(self, x: mx.array, z: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_k_heads = cfg.linear_num_key_heads
+        self.n_v_heads = cfg.linear_num_value_heads
+        self.dk = cfg.linear_key_head_dim
+        self.dv = cfg.linear_value_head_dim
+        self.kernel_size = cfg.linear_conv_kernel_dim
+        key_dim = self.n_k_heads * self.dk
+        value_dim = self.n_v_heads * self.dv
+        conv_dim = cfg.linear_conv_dim
+        self.split = [key_dim, 2 * key_dim]
+
+        self.in_proj_qkv = nn.Linear(cfg.hidden_size, conv_dim, bias=False)  # [q | k | v]
+        self.in_proj_z = nn.Linear(cfg.hidden_size, value_dim, bias=False)
+        self.in_proj_b = nn.Linear(cfg.hidden_size, self.n_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(cfg.hidden_size, self.n_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, self.kernel_size, groups=conv_dim, bias=False
+        )  # depthwise, causal through the left context kept in the cache
+        self.A_log = mx.zeros((self.n_v_heads,), dtype=mx.float32)
+        self.dt_bias = mx.ones((self.n_v_heads,))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(value_dim, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
+        B, T, _ = x.shape
+        qkv = self.in_proj_qkv(x)  # [B, T, conv_dim]
+        z = self.in_proj_z(x).reshape(B, T, self.n_v_heads, self.dv)
+        beta = mx.sigmoid(self.in_proj_b(x).astype(mx.float32))  # write strength, [B, T, Hv]
+        a = self.in_proj_a(x).astype(mx.float32)
+        g = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias))  # decay
+
+        if cache is not None and cache.conv_state is not None:
+            left = cache.conv_state
+        else:
+            left = mx.zeros((B, self.kernel_size - 1, qkv.shape[-1]), dtype=qkv.dtype)
+        conv_in = mx.concatenate([left, qkv], axis=1)  # [B, K-1+T, conv_dim]
+        conv_out = nn.silu(self.conv1d(conv_in))
+
+        q, k, v = mx.split(conv_out, self.split, axis=-1)
+        q = q.reshape(B, T, self.n_k_heads, self.dk)
+        k = k.reshape(B, T, self.n_k_heads, self.dk)
+        v = v.reshape(B, T, self.n_v_heads, self.dv)
+        q, k = _l2_normalize(q), _l2_normalize(k)
+        q = q * self.dk**-0.5
+
+        if cache is not None and cache.recurrent_state is not None:
+            state = cache.recurrent_state
+        else:
+            state = mx.zeros((B, self.n_v_heads, self.dv, self.dk), dtype=mx.float32)
+        record = cache is not None and cache.recording
+        y, state, states = gated_delta_rule(q, k, v, g, beta, state, record=record)
+        if cache is not None:
+            cache.update(conv_in, T, state, states)
+
+        y = self.norm(y, z)
+        return self.out_proj(y.reshape(B, T, -1))
+
+
+def _l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
+    """x / sqrt(sum(x²) + eps), via rms_norm (which adds eps to the mean, hence eps / d)."""
+    d = x.shape[-1]
+    return mx.fast.rms_norm(x, None, eps / d) * d**-0.5
+
+
+class Attention(nn.Module):
+    """Full attention with a per-head sigmoid output gate, q/k RMSNorm and partial RoPE."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.rope_theta = cfg.rope_theta
+        self.rotary_dim = cfg.rotary_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim * 2, bias=False)  # query | gate
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, heads, L, head_dim]
+        k = self.k_norm(k).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        q = mx.fast.rope(q, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" in MLX aligns the last query with the last key, as cached decoding needs.
+        mask = "causal" if L > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, linear: bool):
+        super().__init__()
+        self.is_linear = linear
+        if linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = Attention(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextBackbone(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, cfg.is_linear(i)) for i in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.tied = cfg.tie_word_embeddings
+        self.model = TextBackbone(cfg)
+        if not self.tied:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.tied:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+
+class MTPHead(nn.Module):
+    """Drafts token i+2 from the main model's post-norm hidden state at i and token i+1."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.pre_fc_norm_embedding = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.layers = [DecoderLayer(cfg, linear=False) for _ in range(cfg.mtp_num_hidden_layers)]
+        self.norm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
+
+    def __call__(self, embeddings: mx.array, hidden: mx.array, cache: list | None) -> mx.array:
+        x = mx.concatenate(
+            [self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1
+        )
+        x = self.fc(x)
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            x = layer(x, c)
+        return self.norm(x)
+
+
+class Model(nn.Module):
+    """The whole Qwen 3.5 text model. `has_mtp` is decided by the loader from the weights found."""
+
+    def __init__(self, cfg: TextConfig, has_mtp: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.language_model = TextModel(cfg)
+        if has_mtp and cfg.mtp_num_hidden_layers > 0:
+            self.mtp = MTPHead(cfg)
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp" in self
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.language_model.model.layers
+
+    def __call__(
+        self, tokens: mx.array, cache: list | None = None, return_hidden: bool = False
+    ) -> mx.array | tuple[mx.array, mx.array]:
+        hidden = self.language_model.model(tokens, cache)
+        logits = self.language_model.logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """Post-final-norm hidden states, for callers that want logits at only some positions."""
+        return self.language_model.model(tokens, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.language_model.logits(hidden)
+
+    def mtp_forward(
+        self, hidden: mx.array, next_tokens: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """Draft logits for positions i+2 and the MTP's own post-norm hidden state.
+
+        hidden: [B, L, H], the main model's post-norm hidden at positions i (or, for a further
+        draft step, the previous `mtp_hidden`); next_tokens: [B, L], the tokens at i+1. The MTP
+        attention uses the positions held by its own KV cache (`make_mtp_cache`).
+        """
+        if not self.has_mtp:
+            raise ConfigError("this model was loaded without MTP weights")
+        embeddings = self.language_model.model.embed_tokens(next_tokens)
+        mtp_hidden = self.mtp(embeddings, hidden, cache)
+        return self.language_model.logits(mtp_hidden), mtp_hidden
+
+    def make_cache(self) -> list:
+        return [LinearAttentionCache() if layer.is_linear else KVCache() for layer in self.layers]
+
+    def make_mtp_cache(self) -> list:
+        return [KVCache() for _ in range(self.config.mtp_num_hidden_layers)]
