@@ -52,7 +52,10 @@ class KVCache:
     def state(self) -> dict[str, mx.array]:
         if self.keys is None:
             return {}
-        return {"keys": self.keys[..., : self.offset, :], "values": self.values[..., : self.offset, :]}
+        return {
+            "keys": self.keys[..., : self.offset, :],
+            "values": self.values[..., : self.offset, :],
+        }
 
     @state.setter
     def state(self, arrays: dict[str, mx.array]) -> None:
@@ -76,7 +79,9 @@ class LinearAttentionCache:
         self._conv_in: mx.array | None = None  # [B, K-1+T, conv_dim] of the recorded pass
         self._states: mx.array | None = None  # [B, T, Hv, Dv, Dk] of the recorded pass
 
-    def update(self, conv_in: mx.array, n_new: int, state: mx.array, states: mx.array | None) -> None:
+    def update(
+        self, conv_in: mx.array, n_new: int, state: mx.array, states: mx.array | None
+    ) -> None:
         """Called by the layer after a pass over n_new tokens; conv_in holds K-1 old + n_new inputs."""
         self.conv_state = conv_in[:, n_new:]
         self.recurrent_state = state

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from mlxkit.checkpoint import read_config, read_headers, weight_files
@@ -102,7 +102,9 @@ def _quantize(model: Model, weights: dict[str, mx.array], quant: dict) -> None:
     nn.quantize(model, class_predicate=predicate)
 
 
-def _check_against_model(model: Model, weights: dict[str, mx.array], origin: dict[str, str]) -> None:
+def _check_against_model(
+    model: Model, weights: dict[str, mx.array], origin: dict[str, str]
+) -> None:
     expected = dict(tree_flatten(model.parameters()))
     for path in weights:
         if path not in expected:
@@ -131,7 +133,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
         origin.update(mtp_origin)
         quant.update({k: v for k, v in mtp_quant.items() if k.startswith("mtp.")})
         if not quant.get("bits") and mtp_quant.get("bits"):
-            quant.update({k: mtp_quant[k] for k in ("group_size", "bits", "mode") if k in mtp_quant})
+            quant.update(
+                {k: mtp_quant[k] for k in ("group_size", "bits", "mode") if k in mtp_quant}
+            )
 
     model = Model(cfg, has_mtp=any(p.startswith("mtp.") for p in weights))
     if any(p.endswith(".scales") for p in weights):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from mlxkit.cache import KVCache, LinearAttentionCache
 from mlxkit.errors import ConfigError
@@ -49,7 +49,7 @@ class TextConfig:
     eos_token_id: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, config: dict) -> "TextConfig":
+    def from_dict(cls, config: dict) -> TextConfig:
         """Accepts the outer `qwen3_5` config (with `text_config`) or a bare `qwen3_5_text` one."""
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -76,8 +76,7 @@ class TextConfig:
                 num_hidden_layers=n_layers,
                 num_attention_heads=text["num_attention_heads"],
                 num_key_value_heads=text["num_key_value_heads"],
-                head_dim=text.get("head_dim")
-                or text["hidden_size"] // text["num_attention_heads"],
+                head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
                 linear_num_key_heads=text["linear_num_key_heads"],
                 linear_num_value_heads=text["linear_num_value_heads"],
                 linear_key_head_dim=text["linear_key_head_dim"],
@@ -101,7 +100,9 @@ class TextConfig:
         if len(cfg.layer_types) != cfg.num_hidden_layers:
             raise ConfigError("config.json: layer_types does not have num_hidden_layers entries")
         if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
-            raise ConfigError("config.json: linear_num_value_heads must be a multiple of the key heads")
+            raise ConfigError(
+                "config.json: linear_num_value_heads must be a multiple of the key heads"
+            )
         return cfg
 
     @property
@@ -132,9 +133,9 @@ _ZERO_CENTRED_NORMS = (
 
 
 def _is_zero_centred_norm(name: str) -> bool:
-    return (
-        name.endswith(_ZERO_CENTRED_NORMS)
-        or name in ("model.language_model.norm.weight", "mtp.norm.weight")
+    return name.endswith(_ZERO_CENTRED_NORMS) or name in (
+        "model.language_model.norm.weight",
+        "mtp.norm.weight",
     )
 
 
@@ -219,7 +220,9 @@ def gated_delta_rule(
         ys, states = [], []
         for t in range(T):
             sl = slice(t, t + 1)
-            y, state = gated_delta_kernel(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], state)
+            y, state = gated_delta_kernel(
+                q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], state
+            )
             ys.append(y)
             states.append(state)
         return mx.concatenate(ys, axis=1), state, mx.stack(states, axis=1)
@@ -346,8 +349,12 @@ class Attention(nn.Module):
         v = v.transpose(0, 2, 1, 3)
 
         offset = cache.offset if cache is not None else 0
-        q = mx.fast.rope(q, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        q = mx.fast.rope(
+            q, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
+        )
+        k = mx.fast.rope(
+            k, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
+        )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # "causal" in MLX aligns the last query with the last key, as cached decoding needs.
@@ -477,11 +484,17 @@ class Model(nn.Module):
         draft step, the previous `mtp_hidden`); next_tokens: [B, L], the tokens at i+1. The MTP
         attention uses the positions held by its own KV cache (`make_mtp_cache`).
         """
+        mtp_hidden = self.mtp_hidden(hidden, next_tokens, cache)
+        return self.language_model.logits(mtp_hidden), mtp_hidden
+
+    def mtp_hidden(
+        self, hidden: mx.array, next_tokens: mx.array, cache: list | None = None
+    ) -> mx.array:
+        """`mtp_forward` without the lm_head: fills the MTP cache during prefill."""
         if not self.has_mtp:
             raise ConfigError("this model was loaded without MTP weights")
         embeddings = self.language_model.model.embed_tokens(next_tokens)
-        mtp_hidden = self.mtp(embeddings, hidden, cache)
-        return self.language_model.logits(mtp_hidden), mtp_hidden
+        return self.mtp(embeddings, hidden, cache)
 
     def make_cache(self) -> list:
         return [LinearAttentionCache() if layer.is_linear else KVCache() for layer in self.layers]

@@ -1,0 +1,136 @@
+"""`mlxkit info`: what a checkpoint holds, read from config.json and the safetensors headers
+alone (no weights are loaded, so it is instant even for a 9B)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlxkit.checkpoint import TensorInfo, read_config, read_headers, weight_files
+from mlxkit.load import MTP_DIR, load_config, resolve_model_dir
+
+PARTS = ("text", "mtp", "vision")
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    model_type: str
+    layout: str  # "hugging face" or "mlx"
+    summary: dict
+    quantization: dict | None
+    params: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+    nbytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+
+
+def _part(name: str) -> str:
+    if name.startswith("mtp.") or name.startswith(MTP_DIR + "/"):
+        return "mtp"
+    if name.startswith(("model.visual.", "vision_tower.")):
+        return "vision"
+    return "text"
+
+
+def _module_path(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _param_count(t: TensorInfo, bits: int | None) -> int:
+    """Elements of the original weight: a packed uint32 holds 32 / bits values; scales and
+    biases of a quantized layer are not parameters."""
+    n = 1
+    for d in t.shape:
+        n *= d
+    if bits is None:
+        return n
+    if t.name.endswith((".scales", ".biases")):
+        return 0
+    return n * 32 // bits if t.dtype == "U32" else n
+
+
+def _bits_for(name: str, quant: dict, quantized_modules: set[str]) -> int | None:
+    module = _module_path(name)
+    if module not in quantized_modules:
+        return None
+    override = quant.get(module)
+    if isinstance(override, dict) and "bits" in override:
+        return override["bits"]
+    return quant.get("bits")
+
+
+def _add(
+    info: CheckpointInfo, tensors: dict[str, TensorInfo], quant: dict, prefix: str = ""
+) -> None:
+    quantized = {_module_path(n) for n in tensors if n.endswith(".scales")}
+    for name, t in tensors.items():
+        part = _part(prefix + name)
+        info.params[part] += _param_count(t, _bits_for(name, quant, quantized))
+        info.nbytes[part] += t.nbytes
+
+
+def checkpoint_info(path: str | Path) -> CheckpointInfo:
+    model_dir = resolve_model_dir(path)
+    config = read_config(model_dir)
+    cfg = load_config(model_dir)
+    tensors = read_headers(weight_files(model_dir))
+    quant = config.get("quantization") or {}
+    n_linear = sum(cfg.is_linear(i) for i in range(cfg.num_hidden_layers))
+    info = CheckpointInfo(
+        path=model_dir,
+        model_type=config["model_type"],
+        layout="hugging face"
+        if any(n.startswith("model.language_model.") for n in tensors)
+        else "mlx",
+        summary={
+            "layers": f"{cfg.num_hidden_layers} ({n_linear} Gated-DeltaNet, "
+            f"{cfg.num_hidden_layers - n_linear} full attention)",
+            "hidden size": cfg.hidden_size,
+            "intermediate size": cfg.intermediate_size,
+            "attention heads (q / kv)": f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}, "
+            f"head dim {cfg.head_dim}",
+            "linear-attention heads (k / v)": f"{cfg.linear_num_key_heads} / "
+            f"{cfg.linear_num_value_heads}",
+            "vocabulary": cfg.vocab_size,
+            "tied embeddings": cfg.tie_word_embeddings,
+            "MTP layers": cfg.mtp_num_hidden_layers,
+            "max context": cfg.max_position_embeddings,
+        },
+        quantization={k: v for k, v in quant.items() if k in ("bits", "group_size", "mode")}
+        or None,
+    )
+    _add(info, tensors, quant)
+    drafter = model_dir / MTP_DIR
+    if drafter.is_dir():
+        mtp_quant = read_config(drafter).get("quantization") or {}
+        _add(info, read_headers(weight_files(drafter)), mtp_quant, prefix=MTP_DIR + "/")
+    return info
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def format_info(info: CheckpointInfo) -> str:
+    lines = [f"{info.path}", f"  model type: {info.model_type} ({info.layout} layout)"]
+    lines += [f"  {k}: {v}" for k, v in info.summary.items()]
+    if info.quantization:
+        q = info.quantization
+        lines.append(f"  quantization: {q.get('bits')}-bit, group size {q.get('group_size')}")
+    lines.append("  parameters and bytes by part:")
+    for part in PARTS:
+        lines.append(
+            f"    {part:<7} {info.params[part]:>15,} ({human_count(info.params[part]):>8})"
+            f"  {info.nbytes[part]:>15,} bytes ({human_bytes(info.nbytes[part])})"
+        )
+    total_p, total_b = sum(info.params.values()), sum(info.nbytes.values())
+    lines.append(f"    {'total':<7} {total_p:>15,} ({human_count(total_p):>8})"
+                 f"  {total_b:>15,} bytes ({human_bytes(total_b)})")  # fmt: skip
+    return "\n".join(lines)
