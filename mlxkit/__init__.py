@@ -5,4 +5,4 @@ from mlxkit.load import load
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "MlxkitError", "load", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "MlxkitError", "__version__", "load"]

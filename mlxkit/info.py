@@ -24,7 +24,7 @@ class CheckpointInfo:
 
 
 def _part(name: str) -> str:
-    if name.startswith("mtp.") or name.startswith(MTP_DIR + "/"):
+    if name.startswith(("mtp.", MTP_DIR + "/")):
         return "mtp"
     if name.startswith(("model.visual.", "vision_tower.")):
         return "vision"

@@ -161,9 +161,9 @@ def sanitize_tensor(
     path = hf_name_to_mlx(name, tie_word_embeddings)
     if path is None:
         return None
-    if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
-        if not name.endswith("A_log"):
-            value = value.astype(dtype)
+    floating = mx.issubdtype(value.dtype, mx.floating)
+    if dtype is not None and floating and not name.endswith("A_log"):
+        value = value.astype(dtype)
     if _is_zero_centred_norm(name):
         value = (value.astype(mx.float32) + 1.0).astype(value.dtype)
     elif name.endswith("conv1d.weight") and value.ndim == 3 and value.shape[1] == 1:
