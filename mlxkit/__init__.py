@@ -1,8 +1,19 @@
 """mlxkit: Qwen 3.5 small models on MLX, with their multi-token-prediction head."""
 
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
-from mlxkit.load import load
+from mlxkit.generate import PromptCache, generate, stream_generate
+from mlxkit.load import load, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "MlxkitError", "__version__", "load"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "MlxkitError",
+    "PromptCache",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+    "__version__",
+]

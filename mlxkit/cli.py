@@ -33,3 +33,52 @@ def info(path: str) -> None:
     from mlxkit.info import checkpoint_info, format_info
 
     click.echo(format_info(checkpoint_info(path)))
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help='Model directory, or "micro".')
+@click.option("--prompt", required=True, help="Prompt text (a user message with --chat).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template.")
+@click.option("--no-think", is_flag=True, help="With --chat: disable the <think> block.")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--temp", "temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--min-p", default=0.0, show_default=True)
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
+@click.option("--num-draft", default=2, show_default=True, help="Tokens drafted per round.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--verbose", is_flag=True, help="Also print prompt speed and draft counts.")
+def generate(
+    model_path: str, prompt: str, chat: bool, no_think: bool, verbose: bool, **options
+) -> None:
+    """Stream a completion, then a stats line (tokens/s, MTP acceptance, peak memory)."""
+    import warnings
+
+    from mlxkit.generate import stream_generate
+    from mlxkit.info import human_bytes
+    from mlxkit.load import load
+
+    model, tokenizer = load(model_path)
+    messages = [{"role": "user", "content": prompt}] if chat else prompt
+    last = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for last in stream_generate(
+            model, tokenizer, messages, enable_thinking=not no_think, **options
+        ):
+            click.echo(last.text, nl=False)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    click.echo()
+    stats = f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s"
+    if last.drafted:
+        stats += f", MTP acceptance {last.acceptance:.0%}"
+        if verbose:
+            stats += f" ({last.accepted}/{last.drafted} drafts)"
+    stats += f", peak memory {human_bytes(last.peak_memory)}"
+    if verbose:
+        stats += f", prompt {last.prompt_tokens} tokens at {last.prompt_tps:.1f} tokens/s"
+    click.echo(stats, err=True)
