@@ -41,6 +41,7 @@ class GenerationResponse:
     text: str  # the text this token completed (may be empty mid-character)
     token: int
     prompt_tokens: int
+    prompt_cached: int  # prompt tokens taken from the prompt cache instead of being processed
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
@@ -238,7 +239,7 @@ def stream_generate(
             piece, held = held[: len(held) - keep], held[len(held) - keep :]
         elapsed = max(time.perf_counter() - t_gen, 1e-9)
         return GenerationResponse(
-            piece, token, len(tokens), prompt_tps, len(produced), len(produced) / elapsed,
+            piece, token, len(tokens), len(tokens) - n_new, prompt_tps, len(produced), len(produced) / elapsed,
             mx.get_peak_memory(), drafted, accepted, finish,
         )  # fmt: skip
 

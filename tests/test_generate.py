@@ -1,0 +1,191 @@
+"""The decode loop: MTP speculative decoding is lossless, caches stay exact, bad input is refused."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from mlxkit.cli import main
+from mlxkit.errors import MlxkitError
+from mlxkit.generate import PromptCache, generate, stream_generate
+from mlxkit.load import load
+from tests.helpers import FIXTURES
+
+PROMPTS = [
+    "def add(a, b):",
+    "import os\nimport sys\n",
+    "class Stack:\n    def push(self, x):",
+    "for i in range(10):",
+    "# Read a file and count the words\n",
+]
+
+
+def fixture_model(kind: str):
+    """The untied fixture with its MTP head rewired so drafts are all rejected, all accepted, or
+    a mix. 'accepting': the main model's mixers and MLPs write nothing, so its prediction
+    depends only on the current token, and the MTP head copies that function exactly."""
+    model, tokenizer = load(FIXTURES / "tiny_untied", dtype=mx.float32)
+    H = model.config.hidden_size
+    if kind == "rejecting":  # MTP output is 0 → every draft is token 0, which the model avoids
+        model.load_weights([("mtp.fc.weight", mx.zeros((H, 2 * H)))], strict=False)
+        return model, tokenizer
+    scale = {"accepting": 0.0, "mixed": 0.02}[kind]
+    updates = [
+        (k, v * scale)
+        for k, v in tree_flatten(model.parameters())
+        if not k.startswith("mtp.") and k.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))
+    ]
+    mtp_layer = model.mtp.layers[0]
+    updates += [
+        ("mtp.fc.weight", mx.concatenate([mx.eye(H), mx.zeros((H, H))], axis=1)),
+        ("mtp.pre_fc_norm_embedding.weight", mx.ones((H,))),
+        ("mtp.norm.weight", model.language_model.model.norm.weight),
+        ("mtp.layers.0.self_attn.o_proj.weight", mx.zeros_like(mtp_layer.self_attn.o_proj.weight)),
+        ("mtp.layers.0.mlp.down_proj.weight", mx.zeros_like(mtp_layer.mlp.down_proj.weight)),
+    ]
+    model.load_weights(updates, strict=False)
+    return model, tokenizer
+
+
+def run(model, tokenizer, prompt, **kw):
+    cache = PromptCache.new(model)
+    responses = list(stream_generate(model, tokenizer, prompt, prompt_cache=cache, **kw))
+    return responses, cache
+
+
+@pytest.mark.parametrize("kind", ["rejecting", "accepting", "mixed"])
+def test_greedy_mtp_equals_plain_greedy(kind):
+    model, tokenizer = fixture_model(kind)
+    accepted = drafted = 0
+    for prompt in PROMPTS:
+        plain, plain_cache = run(model, tokenizer, prompt, max_tokens=24, mtp=False)
+        plain_tokens = [r.token for r in plain]
+        for k in (1, 2, 3):
+            spec, spec_cache = run(model, tokenizer, prompt, max_tokens=24, mtp=True, num_draft=k)
+            assert [r.token for r in spec] == plain_tokens, (prompt, k)
+            assert spec_cache.tokens == plain_cache.tokens
+            for a, b in zip(spec_cache.main, plain_cache.main):
+                for key, value in b.state.items():
+                    assert mx.abs(a.state[key] - value).max().item() <= 1e-5, key
+            # the MTP cache equals an MTP pass over the final sequence
+            accepted += spec[-1].accepted
+            drafted += spec[-1].drafted
+    rate = accepted / drafted
+    if kind == "rejecting":
+        assert rate == 0.0
+    elif kind == "accepting":
+        assert rate == 1.0
+    else:
+        assert 0.1 < rate < 0.9, rate
+
+
+def test_mtp_cache_matches_a_pass_over_the_sequence():
+    model, tokenizer = fixture_model("mixed")
+    responses, cache = run(model, tokenizer, PROMPTS[0], max_tokens=20, num_draft=2)
+    assert 0 < responses[-1].accepted < responses[-1].drafted
+    tokens = mx.array([cache.tokens])
+    hidden = model.hidden(tokens)
+    expected = model.make_mtp_cache()
+    model.mtp_hidden(hidden[:, :-1], tokens[:, 1:], expected)
+    got, want = cache.mtp[0], expected[0]
+    assert got.offset == want.offset == len(cache.tokens) - 1
+    for key in ("keys", "values"):
+        assert mx.abs(got.state[key] - want.state[key]).max().item() <= 1e-5
+    assert mx.abs(cache.mtp_pending - hidden[:, -1:]).max().item() <= 1e-5
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model, tokenizer = fixture_model("mixed")
+    kw = dict(max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=7)
+    for mtp in (False, True):
+        a = [r.token for r in stream_generate(model, tokenizer, PROMPTS[1], mtp=mtp, **kw)]
+        b = [r.token for r in stream_generate(model, tokenizer, PROMPTS[1], mtp=mtp, **kw)]
+        assert a == b and len(a) == 16
+
+
+def test_prompt_cache_two_turn_chat():
+    model, tokenizer = load(FIXTURES / "tiny_tied", dtype=mx.float32)
+    turn1 = [{"role": "user", "content": "def f(x):"}]
+    cache = PromptCache.new(model)
+    reply = generate(model, tokenizer, turn1, max_tokens=12, prompt_cache=cache, enable_thinking=False)
+    # The second turn continues the token sequence the cache holds.
+    follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nand g?<|im_end|>\n<|im_start|>assistant\n")
+    turn2 = cache.tokens + follow
+    reused = list(stream_generate(model, tokenizer, turn2, max_tokens=12, prompt_cache=cache))
+    fresh = list(stream_generate(model, tokenizer, turn2, max_tokens=12))
+    assert [r.token for r in reused] == [r.token for r in fresh]
+    assert reused[0].prompt_tokens - reused[0].prompt_cached == len(follow)
+    assert fresh[0].prompt_cached == 0
+    assert reply  # the first turn produced text
+
+
+def test_prompt_cache_save_and_load(tmp_path):
+    model, tokenizer = load(FIXTURES / "tiny_tied", dtype=mx.float32)
+    cache = PromptCache.new(model)
+    list(stream_generate(model, tokenizer, PROMPTS[2], max_tokens=8, prompt_cache=cache))
+    cache.save(tmp_path / "cache.safetensors")
+    restored = PromptCache.load(tmp_path / "cache.safetensors", model)
+    assert restored.tokens == cache.tokens
+    more = cache.tokens + tokenizer.encode("\n    return")
+    a = [r.token for r in stream_generate(model, tokenizer, more, max_tokens=8, prompt_cache=cache)]
+    b = [r.token for r in stream_generate(model, tokenizer, more, max_tokens=8, prompt_cache=restored)]
+    assert a == b
+
+
+def test_stop_string_truncates_text():
+    model, tokenizer = load(FIXTURES / "tiny_tied", dtype=mx.float32)
+    full = generate(model, tokenizer, PROMPTS[0], max_tokens=20, mtp=False)
+    stop = full[3:6]
+    cut = generate(model, tokenizer, PROMPTS[0], max_tokens=20, stop=[stop])
+    assert cut == full[: full.find(stop)]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(prompt=""), "empty"),
+        (dict(num_draft=0), "num_draft"),
+        (dict(num_draft=9), "num_draft"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_input(kw, message):
+    model, tokenizer = load(FIXTURES / "tiny_tied")
+    kw = {"prompt": "hi", **kw}
+    with pytest.raises(MlxkitError, match=message):
+        generate(model, tokenizer, kw.pop("prompt"), max_tokens=2, **kw)
+
+
+def test_prompt_longer_than_context():
+    model, tokenizer = load(FIXTURES / "tiny_tied")
+    too_long = [1] * model.config.max_position_embeddings
+    with pytest.raises(MlxkitError, match="context"):
+        generate(model, tokenizer, too_long, max_tokens=2)
+
+
+def test_model_without_mtp_warns_and_decodes_plainly():
+    model, tokenizer = load(FIXTURES / "tiny_tied", dtype=mx.float32)
+    plain = generate(model, tokenizer, PROMPTS[0], max_tokens=10, mtp=False)
+    del model.mtp
+    with pytest.warns(UserWarning, match="no MTP"):
+        assert generate(model, tokenizer, PROMPTS[0], max_tokens=10, mtp=True) == plain
+
+
+@pytest.mark.parametrize(
+    "args", [["--num-draft", "0"], ["--temp", "-1"], ["--top-p", "2"], ["--prompt", ""]]
+)
+def test_cli_bad_input_exits_2(args):
+    base = ["generate", "--model", str(FIXTURES / "tiny_tied"), "--prompt", "hi", "--max-tokens", "2"]
+    result = CliRunner().invoke(main, base + args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_streams_and_reports_stats():
+    args = ["generate", "--model", str(FIXTURES / "tiny_tied"), "--prompt", "def f(x):"]
+    result = CliRunner().invoke(main, args + ["--max-tokens", "6", "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output and "MTP acceptance" in result.output
