@@ -106,12 +106,17 @@ class LinearAttentionCache:
     def state(self) -> dict[str, mx.array]:
         if self.conv_state is None:
             return {}
-        return {"conv_state": self.conv_state, "recurrent_state": self.recurrent_state}
+        return {
+            "conv_state": self.conv_state,
+            "recurrent_state": self.recurrent_state,
+            "offset": mx.array(self.offset),
+        }
 
     @state.setter
     def state(self, arrays: dict[str, mx.array]) -> None:
         self.conv_state = arrays.get("conv_state")
         self.recurrent_state = arrays.get("recurrent_state")
+        self.offset = int(arrays["offset"].item()) if "offset" in arrays else 0
 
     @property
     def nbytes(self) -> int:

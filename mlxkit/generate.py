@@ -98,7 +98,6 @@ class PromptCache:
             for i, c in enumerate(caches):
                 prefix = f"{name}.{i}."
                 c.state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-                c.offset = len(cache.tokens) - (1 if name == "mtp" else 0) if c.state else 0
         cache.mtp_pending = arrays.get("mtp_pending")
         return cache
 

@@ -74,7 +74,7 @@ def test_truncated_shard_names_file_and_tensor(tmp_path):
     shard = d / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors: tensor .* truncated"):
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors: tensor .*truncated"):
         load_model(d)
 
 

@@ -1,0 +1,180 @@
+"""Decode speed: mlxkit plain and MTP (k = 1, 2, 3) against mlx-lm and mlx-vlm's MTP path, on
+the same checkpoint in one run. Prints a markdown table (min / median / max tokens/s over the
+repeats, MTP acceptance, ratio of medians to mlx-lm) and a breakdown of one MTP round.
+
+    python benchmarks/decode.py --model tests/fixtures/tiny_untied --model micro
+
+Tokens/s is measured the same way for every engine: from the first generated token to the
+last, so prompt processing is excluded. Greedy decoding throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+
+PROMPT = "def fibonacci(n):\n    "
+
+
+def timed(stream: Iterable, get_token: Callable) -> tuple[float, int, object]:
+    """tokens/s after the first token, token count, and the last item of the stream."""
+    n, t_first, last = 0, None, None
+    for last in stream:
+        get_token(last)
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+    elapsed = time.perf_counter() - t_first
+    return (n - 1) / elapsed if n > 1 else 0.0, n, last
+
+
+def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
+    import mlxkit
+
+    model, tokenizer = mlxkit.load(path)
+
+    def run():
+        tps, n, last = timed(
+            mlxkit.stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens, mtp=mtp, num_draft=k),
+            lambda r: r.token,
+        )
+        return tps, n, last.acceptance if mtp else None
+
+    return run
+
+
+def bench_mlx_lm(path: str, max_tokens: int):
+    from mlx_lm import load, stream_generate
+
+    from mlxkit.load import resolve_model_dir
+
+    model, tokenizer = load(str(resolve_model_dir(path)))
+
+    def run():
+        tps, n, _ = timed(
+            stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens), lambda r: r.token
+        )
+        return tps, n, None
+
+    return run
+
+
+def bench_mlx_vlm_mtp(path: str, max_tokens: int, k: int):
+    """mlx-vlm's speculative path with our converter's MTP drafter (`OUT/mtp`)."""
+    from benchmarks.mlx_vlm_mtp import mlx_vlm_mtp_stream
+
+    stream, acceptance = mlx_vlm_mtp_stream(path, PROMPT, max_tokens, k)
+
+    def run():
+        tps, n, _ = timed(stream(), lambda t: t)
+        return tps, n, acceptance()
+
+    return run
+
+
+def round_breakdown(path: str, k: int, repeats: int = 20) -> list[tuple[str, float]]:
+    """Milliseconds per piece of one MTP round, each timed alone with a forced eval."""
+    import mlxkit
+
+    model, tokenizer = mlxkit.load(path)
+    tokens = mx.array([tokenizer.encode(PROMPT)])
+
+    def ms(fn) -> float:
+        mx.eval(fn())
+        t = time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(fn())
+        return (time.perf_counter() - t) / repeats * 1e3
+
+    cache = model.make_cache()
+    hidden = model.hidden(tokens, cache)
+    mx.eval(hidden)
+    h1 = hidden[:, -1:]
+    one = tokens[:, -1:]
+    kp1 = mx.concatenate([one] * (k + 1), axis=1)
+
+    def main_step(x):
+        def f():
+            c = [type(ci)() for ci in cache]  # fresh caches: same work as a decode step at offset 0
+            return model(x, c)
+
+        return f
+
+    return [
+        ("main model, 1 token (a plain decode step)", ms(main_step(one))),
+        (f"main model, {k + 1} tokens (verify pass)", ms(main_step(kp1))),
+        ("MTP draft step incl. lm_head", ms(lambda: model.mtp_forward(h1, one, model.make_mtp_cache())[0])),
+        ("MTP draft step without lm_head", ms(lambda: model.mtp_hidden(h1, one, model.make_mtp_cache()))),
+        ("lm_head alone (1 position)", ms(lambda: model.logits(h1))),
+        ("argmax over the vocabulary", ms(lambda: model.logits(h1).argmax(-1))),
+    ]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, mlx {mx.__version__}, device {mx.default_device()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="model dir or 'micro' (repeatable)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--drafter", help="converted model dir with mtp/ for mlx-vlm's MTP path")
+    ap.add_argument("--out", help="write the markdown report here too")
+    args = ap.parse_args()
+
+    report = [f"Machine: {machine()}", ""]
+    for path in args.model:
+        engines = [("mlx-lm stream_generate", bench_mlx_lm(path, args.max_tokens))]
+        engines.append(("mlxkit plain", bench_mlxkit(path, args.max_tokens, False, 1)))
+        for k in (1, 2, 3):
+            engines.append((f"mlxkit MTP k={k}", bench_mlxkit(path, args.max_tokens, True, k)))
+        if args.drafter:
+            for k in (1, 2):
+                engines.append((f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(args.drafter, args.max_tokens, k)))
+        rows = []
+        for name, run in engines:
+            run()  # warm-up: compile caches, first-touch of weights
+            results = [run() for _ in range(args.repeats)]
+            tps = sorted(r[0] for r in results)
+            rows.append((name, tps, results[-1][1], results[-1][2]))
+        base = statistics.median(rows[0][1])
+        report += [
+            f"### {path} ({args.max_tokens} new tokens max, {args.repeats} repeats, greedy)",
+            "",
+            "| engine | tokens/s min | median | max | tokens | acceptance | × mlx-lm |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, tps, n, acc in rows:
+            med = statistics.median(tps)
+            acc_s = f"{acc:.1%}" if acc is not None else "–"
+            report.append(
+                f"| {name} | {tps[0]:.1f} | {med:.1f} | {tps[-1]:.1f} | {n} | {acc_s} | {med / base:.2f} |"
+            )
+        report += ["", "Where the time of an MTP round (k=2) goes, ms per piece:", ""]
+        report += [f"- {label}: {value:.2f} ms" for label, value in round_breakdown(path, 2)]
+        report.append("")
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
