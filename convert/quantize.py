@@ -1,0 +1,173 @@
+"""Quantization recipes: which weights get how many bits.
+
+A recipe is data (`recipes/<name>.toml`): default bits and group size plus an ordered list
+of rules matched against module paths. `Recipe.rule_for` is the one decision point — the
+layout planner (and through it the iPhone planner) and the writer both call it, so the
+bytes planned are the bytes written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxkit.errors import ConfigError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+VALID_BITS = (2, 3, 4, 5, 6, 8)
+VALID_GROUP_SIZES = (32, 64, 128)
+MODE = "affine"  # what mlx-lm, mlx-vlm and MLX Swift all read for these bit widths
+
+
+def _check_bits(bits: object, where: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
+        raise ConfigError(
+            f"{where}: bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}"
+        )
+    return bits
+
+
+def _check_group_size(group_size: object, where: str) -> int:
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size not in VALID_GROUP_SIZES
+    ):
+        raise ConfigError(
+            f"{where}: group size must be one of {', '.join(map(str, VALID_GROUP_SIZES))}, "
+            f"got {group_size!r}"
+        )
+    return group_size
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Modules whose path matches `pattern` get these settings instead of the defaults."""
+
+    pattern: re.Pattern
+    bits: int | None = None  # None: the recipe's default
+    group_size: int | None = None
+    quantize: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    bits: int
+    group_size: int
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+    description: str = ""
+    mode: str = MODE
+
+    def rule_for(self, path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """(bits, group_size) for the weight at `path` (a module path, or a parameter path
+        ending in `.weight`) with this source `shape`; None keeps it unquantized.
+
+        Only 2-D weights are candidates: in Qwen 3.5 those are exactly the Linear and
+        Embedding weights (norms are 1-D, conv1d is 3-D). As in mlx-lm, a weight whose input
+        dimension is not a multiple of the group size stays unquantized.
+        """
+        if len(shape) != 2:
+            return None
+        module = path.removesuffix(".weight")
+        bits, group_size = self.bits, self.group_size
+        for rule in self.rules:
+            if rule.pattern.search(module):
+                if not rule.quantize:
+                    return None
+                bits = rule.bits or bits
+                group_size = rule.group_size or group_size
+                break
+        if shape[-1] % group_size:
+            return None
+        return bits, group_size
+
+    def quantization_config(self, rules: dict[str, tuple[int, int] | None]) -> dict:
+        """The `quantization` block of config.json for the given module → rule map, written
+        as mlx-lm does: the defaults, plus one entry per module whose settings differ.
+        Unquantized modules get no entry: loaders quantize a module only when its
+        `.scales` tensor exists."""
+        block: dict = {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+        for module, rule in rules.items():
+            if rule is not None and rule != (self.bits, self.group_size):
+                block[module] = {"group_size": rule[1], "bits": rule[0], "mode": self.mode}
+        return block
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(
+    name: str = "uniform", bits: int | None = None, group_size: int | None = None
+) -> Recipe:
+    """The recipe `convert/recipes/<name>.toml`; `bits` / `group_size` replace its defaults
+    (rules that name their own bits keep them)."""
+    path = RECIPES_DIR / f"{name}.toml"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())}")
+    if tomllib is None:  # pragma: no cover
+        raise ConfigError("reading recipes on Python 3.10 needs the `tomli` package")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    where = f"recipe {name}"
+    rules = []
+    for i, raw in enumerate(data.get("rules", [])):
+        rule_where = f"{where}, rule {i + 1}"
+        unknown = set(raw) - {"match", "bits", "group_size", "quantize"}
+        if unknown or "match" not in raw:
+            raise ConfigError(f"{rule_where}: needs `match`; unknown keys {sorted(unknown)}")
+        try:
+            pattern = re.compile(raw["match"])
+        except re.error as e:
+            raise ConfigError(f"{rule_where}: bad regular expression ({e})") from None
+        rules.append(
+            Rule(
+                pattern,
+                None if "bits" not in raw else _check_bits(raw["bits"], rule_where),
+                None
+                if "group_size" not in raw
+                else _check_group_size(raw["group_size"], rule_where),
+                bool(raw.get("quantize", True)),
+            )
+        )
+    return Recipe(
+        name=name,
+        bits=_check_bits(data.get("bits", 4) if bits is None else bits, "--bits"),
+        group_size=_check_group_size(
+            data.get("group_size", 64) if group_size is None else group_size, "--group-size"
+        ),
+        rules=tuple(rules),
+        description=data.get("description", ""),
+    )
+
+
+def quantized_shapes(
+    shape: tuple[int, ...], bits: int, group_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of (packed uint32 weight, scales/biases) that `mx.quantize` returns."""
+    rows, cols = shape
+    return (rows, cols * bits // 32), (rows, cols // group_size)
+
+
+def quantize(
+    weight: mx.array, bits: int, group_size: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Affine quantization of a block of rows. Rows are independent (groups run along the
+    last axis), so quantizing a matrix in row chunks gives exactly the bytes of quantizing
+    it whole — which is what lets the writer stream a 248,320-row embedding."""
+    w, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits, mode=MODE)
+    return w, scales, biases
