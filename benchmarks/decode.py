@@ -14,8 +14,8 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import mlx.core as mx
 
@@ -41,7 +41,9 @@ def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
 
     def run():
         tps, n, last = timed(
-            mlxkit.stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens, mtp=mtp, num_draft=k),
+            mlxkit.stream_generate(
+                model, tokenizer, PROMPT, max_tokens=max_tokens, mtp=mtp, num_draft=k
+            ),
             lambda r: r.token,
         )
         return tps, n, last.acceptance if mtp else None
@@ -109,8 +111,14 @@ def round_breakdown(path: str, k: int, repeats: int = 20) -> list[tuple[str, flo
     return [
         ("main model, 1 token (a plain decode step)", ms(main_step(one))),
         (f"main model, {k + 1} tokens (verify pass)", ms(main_step(kp1))),
-        ("MTP draft step incl. lm_head", ms(lambda: model.mtp_forward(h1, one, model.make_mtp_cache())[0])),
-        ("MTP draft step without lm_head", ms(lambda: model.mtp_hidden(h1, one, model.make_mtp_cache()))),
+        (
+            "MTP draft step incl. lm_head",
+            ms(lambda: model.mtp_forward(h1, one, model.make_mtp_cache())[0]),
+        ),
+        (
+            "MTP draft step without lm_head",
+            ms(lambda: model.mtp_hidden(h1, one, model.make_mtp_cache())),
+        ),
         ("lm_head alone (1 position)", ms(lambda: model.logits(h1))),
         ("argmax over the vocabulary", ms(lambda: model.logits(h1).argmax(-1))),
     ]
@@ -131,8 +139,12 @@ def machine() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, help="model dir or 'micro' (repeatable)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", action="append", required=True, help="model dir or 'micro' (repeatable)"
+    )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--drafter", help="converted model dir with mtp/ for mlx-vlm's MTP path")
@@ -147,7 +159,9 @@ def main() -> None:
             engines.append((f"mlxkit MTP k={k}", bench_mlxkit(path, args.max_tokens, True, k)))
         if args.drafter:
             for k in (1, 2):
-                engines.append((f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(args.drafter, args.max_tokens, k)))
+                engines.append(
+                    (f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(args.drafter, args.max_tokens, k))
+                )
         rows = []
         for name, run in engines:
             run()  # warm-up: compile caches, first-touch of weights

@@ -11,9 +11,9 @@ __all__ = [
     "ConfigError",
     "MlxkitError",
     "PromptCache",
+    "__version__",
     "generate",
     "load",
     "load_model",
     "stream_generate",
-    "__version__",
 ]

@@ -13,31 +13,29 @@ import mlx.core as mx
 
 
 class KVCache:
-    """Keys/values in buffers grown in steps, so decoding does not copy the cache every token."""
+    """Keys/values in buffers grown in steps of 256 positions. Attention writes into them at
+    `offset` and masks what lies beyond, so between growth steps the shapes do not change and
+    the attention block stays compiled; trimming is just moving `offset` back."""
 
     step = 256
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
+        self.keys: mx.array | None = None  # [B, kv_heads, capacity, head_dim]
         self.values: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """keys/values: [B, kv_heads, L, head_dim]. Returns everything cached so far."""
-        L = keys.shape[2]
-        if self.keys is None or self.offset + L > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            grow = ((self.offset + L + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), dtype=keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[-1]), dtype=values.dtype)
-            if self.keys is not None:
-                new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-                new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
-            self.keys, self.values = new_k, new_v
-        self.keys[..., self.offset : self.offset + L, :] = keys
-        self.values[..., self.offset : self.offset + L, :] = values
-        self.offset += L
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def reserve(self, batch: int, heads: int, n: int, head_dim: int, dtype: mx.Dtype) -> None:
+        """Makes room for n more positions."""
+        capacity = 0 if self.keys is None else self.keys.shape[2]
+        if self.offset + n <= capacity:
+            return
+        grown = ((self.offset + n + self.step - 1) // self.step) * self.step
+        keys = mx.zeros((batch, heads, grown, head_dim), dtype=dtype)
+        values = mx.zeros((batch, heads, grown, head_dim), dtype=dtype)
+        if self.keys is not None:
+            keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            values[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = keys, values
 
     def trim(self, n: int) -> None:
         self.offset -= min(n, self.offset)
@@ -52,10 +50,8 @@ class KVCache:
     def state(self) -> dict[str, mx.array]:
         if self.keys is None:
             return {}
-        return {
-            "keys": self.keys[..., : self.offset, :],
-            "values": self.values[..., : self.offset, :],
-        }
+        k, v = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return {"keys": k, "values": v}
 
     @state.setter
     def state(self, arrays: dict[str, mx.array]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,7 +15,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ("tiny_tied", "tiny_untied")
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(name: str) -> dict[str, np.ndarray]:
     with np.load(FIXTURES / name / "reference.npz") as f:
         return dict(f)

@@ -1,7 +1,6 @@
 """The decode loop: MTP speculative decoding is lossless, caches stay exact, bad input is refused."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
@@ -34,7 +33,8 @@ def fixture_model(kind: str):
     updates = [
         (k, v * scale)
         for k, v in tree_flatten(model.parameters())
-        if not k.startswith("mtp.") and k.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))
+        if not k.startswith("mtp.")
+        and k.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))
     ]
     mtp_layer = model.mtp.layers[0]
     updates += [
@@ -97,7 +97,7 @@ def test_mtp_cache_matches_a_pass_over_the_sequence():
 
 def test_sampling_is_reproducible_with_a_seed():
     model, tokenizer = fixture_model("mixed")
-    kw = dict(max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=7)
+    kw = {"max_tokens": 16, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 7}
     for mtp in (False, True):
         a = [r.token for r in stream_generate(model, tokenizer, PROMPTS[1], mtp=mtp, **kw)]
         b = [r.token for r in stream_generate(model, tokenizer, PROMPTS[1], mtp=mtp, **kw)]
@@ -108,9 +108,13 @@ def test_prompt_cache_two_turn_chat():
     model, tokenizer = load(FIXTURES / "tiny_tied", dtype=mx.float32)
     turn1 = [{"role": "user", "content": "def f(x):"}]
     cache = PromptCache.new(model)
-    reply = generate(model, tokenizer, turn1, max_tokens=12, prompt_cache=cache, enable_thinking=False)
+    reply = generate(
+        model, tokenizer, turn1, max_tokens=12, prompt_cache=cache, enable_thinking=False
+    )
     # The second turn continues the token sequence the cache holds.
-    follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nand g?<|im_end|>\n<|im_start|>assistant\n")
+    follow = tokenizer.encode(
+        "<|im_end|>\n<|im_start|>user\nand g?<|im_end|>\n<|im_start|>assistant\n"
+    )
     turn2 = cache.tokens + follow
     reused = list(stream_generate(model, tokenizer, turn2, max_tokens=12, prompt_cache=cache))
     fresh = list(stream_generate(model, tokenizer, turn2, max_tokens=12))
@@ -129,7 +133,10 @@ def test_prompt_cache_save_and_load(tmp_path):
     assert restored.tokens == cache.tokens
     more = cache.tokens + tokenizer.encode("\n    return")
     a = [r.token for r in stream_generate(model, tokenizer, more, max_tokens=8, prompt_cache=cache)]
-    b = [r.token for r in stream_generate(model, tokenizer, more, max_tokens=8, prompt_cache=restored)]
+    b = [
+        r.token
+        for r in stream_generate(model, tokenizer, more, max_tokens=8, prompt_cache=restored)
+    ]
     assert a == b
 
 
@@ -144,12 +151,12 @@ def test_stop_string_truncates_text():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(prompt=""), "empty"),
-        (dict(num_draft=0), "num_draft"),
-        (dict(num_draft=9), "num_draft"),
-        (dict(temperature=-1.0), "temperature"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
+        ({"prompt": ""}, "empty"),
+        ({"num_draft": 0}, "num_draft"),
+        ({"num_draft": 9}, "num_draft"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
     ],
 )
 def test_bad_input(kw, message):
@@ -178,7 +185,15 @@ def test_model_without_mtp_warns_and_decodes_plainly():
     "args", [["--num-draft", "0"], ["--temp", "-1"], ["--top-p", "2"], ["--prompt", ""]]
 )
 def test_cli_bad_input_exits_2(args):
-    base = ["generate", "--model", str(FIXTURES / "tiny_tied"), "--prompt", "hi", "--max-tokens", "2"]
+    base = [
+        "generate",
+        "--model",
+        str(FIXTURES / "tiny_tied"),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]
     result = CliRunner().invoke(main, base + args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

@@ -47,7 +47,9 @@ def test_sharded_checkpoint_loads_every_shard():
     [
         (lambda w: w.pop("model.language_model.layers.1.mlp.up_proj.weight"), "missing tensor"),
         (
-            lambda w: w.update({"model.language_model.layers.0.mlp.up_proj.weight": mx.zeros((3, 3))}),
+            lambda w: w.update(
+                {"model.language_model.layers.0.mlp.up_proj.weight": mx.zeros((3, 3))}
+            ),
             "has shape (3, 3)",
         ),
         (lambda w: w.update({"model.language_model.extra.weight": mx.zeros((2,))}), "extra.weight"),
@@ -74,7 +76,9 @@ def test_truncated_shard_names_file_and_tensor(tmp_path):
     shard = d / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors: tensor .*truncated"):
+    with pytest.raises(
+        CheckpointError, match=r"model-00002-of-00002.safetensors: tensor .*truncated"
+    ):
         load_model(d)
 
 
@@ -95,12 +99,18 @@ def test_cli_info_counts_parameters_by_part():
     expected = {"text": 0, "mtp": 0, "vision": 0}
     nbytes = dict(expected)
     for name, w in weights.items():
-        part = "mtp" if name.startswith("mtp.") else "vision" if name.startswith("model.visual.") else "text"
+        part = (
+            "mtp"
+            if name.startswith("mtp.")
+            else "vision"
+            if name.startswith("model.visual.")
+            else "text"
+        )
         expected[part] += w.size
         nbytes[part] += w.nbytes
-    for part in expected:
+    for part, count in expected.items():
         line = next(line for line in result.output.splitlines() if line.strip().startswith(part))
-        assert f"{expected[part]:,}" in line and f"{nbytes[part]:,} bytes" in line
+        assert f"{count:,}" in line and f"{nbytes[part]:,} bytes" in line
     assert "3 Gated-DeltaNet, 1 full attention" in result.output
 
 

@@ -64,11 +64,11 @@ def test_mtp_head_matches_reference(name):
 @pytest.mark.parametrize("name", TINY)
 def test_matches_mlx_lm_on_same_weights(name):
     """mlx-lm's qwen3_5 (which drops MTP) with our loaded float32 weights, same layout."""
+    import json
+
     from mlx_lm.models import qwen3_5 as mlx_lm_qwen
 
     from tests.helpers import FIXTURES
-
-    import json
 
     ref = reference(name)
     model = load_f32(name)

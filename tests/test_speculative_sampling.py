@@ -19,12 +19,12 @@ PARAMS = SamplingParams(temperature=1.0)
 
 def small_vocab_model() -> Model:
     cfg = TextConfig.from_dict(
-        dict(
-            model_type="qwen3_5_text", vocab_size=V, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-            linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16,
-            linear_value_head_dim=16, mtp_num_hidden_layers=1,
-        )
+        {
+            "model_type": "qwen3_5_text", "vocab_size": V, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+            "linear_num_key_heads": 1, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "mtp_num_hidden_layers": 1,
+        }
     )  # fmt: skip
     mx.random.seed(3)
     model = Model(cfg)
@@ -81,7 +81,7 @@ def resample_from_target(target, draft, drafts, key):
 
 def test_mtp_sampling_matches_plain_sampling():
     model = small_vocab_model()
-    p1, q, p2 = exact_distributions(model, [1, 4, 2, 0, 3])
+    _p1, q, p2 = exact_distributions(model, [1, 4, 2, 0, 3])
     # the drafts must be imperfect for the test to mean anything
     assert mx.abs(q - p2).sum(-1).max().item() > 0.2
     assert p_value(model, speculative_accept) > 0.01

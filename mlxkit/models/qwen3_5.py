@@ -14,6 +14,7 @@ norm here is a plain `mx.fast.rms_norm`. The gated norm inside Gated-DeltaNet is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -174,6 +175,7 @@ def sanitize_tensor(
 # --- layers --------------------------------------------------------------------------------
 
 
+@mx.compile
 def _delta_rule_step(
     q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, S: mx.array
 ) -> tuple[mx.array, mx.array]:
@@ -187,6 +189,27 @@ def _delta_rule_step(
     S = S + delta[..., None] * k[..., None, :]
     y = (S * q[..., None, :]).sum(-1)
     return y, S
+
+
+def _delta_rule_loop(q, k, v, g, beta, state, record: bool):
+    """The recurrence as a sequence of steps; see `gated_delta_rule` for shapes."""
+    repeat = v.shape[2] // q.shape[2]
+    if repeat > 1:  # GQA-style sharing of key heads across value heads
+        q = mx.repeat(q, repeat, axis=2)
+        k = mx.repeat(k, repeat, axis=2)
+    ys, states = [], []
+    for t in range(q.shape[1]):
+        y, state = _delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        ys.append(y)
+        if record:
+            states.append(state)
+    y = mx.stack(ys, axis=1).astype(v.dtype)
+    return y, state, (mx.stack(states, axis=1) if record else None)
+
+
+# Decode and verify lengths run the Gated-DeltaNet block compiled (see DecoderLayer); longer
+# prefill chunks run eagerly, as tracing hundreds of recurrence steps would cost more than it saves.
+_COMPILED_MAX_STEPS = 16
 
 
 def _use_metal_kernel() -> bool:
@@ -227,18 +250,25 @@ def gated_delta_rule(
             states.append(state)
         return mx.concatenate(ys, axis=1), state, mx.stack(states, axis=1)
 
-    repeat = v.shape[2] // q.shape[2]
-    if repeat > 1:  # GQA-style sharing of key heads across value heads
-        q = mx.repeat(q, repeat, axis=2)
-        k = mx.repeat(k, repeat, axis=2)
-    ys, states = [], []
-    for t in range(T):
-        y, state = _delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
-        ys.append(y)
-        if record:
-            states.append(state)
-    y = mx.stack(ys, axis=1).astype(v.dtype)
-    return y, state, (mx.stack(states, axis=1) if record else None)
+    return _delta_rule_loop(q, k, v, g, beta, state, record)
+
+
+@partial(mx.compile, shapeless=True)
+def _decay_and_beta(a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array):
+    """Per-head decay g = exp(−exp(A_log)·softplus(a + dt_bias)) and write strength β = σ(b)."""
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    g = mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+    return g, mx.sigmoid(b)
+
+
+@partial(mx.compile, shapeless=True)
+def _output_gate(out: mx.array, gate: mx.array) -> mx.array:
+    return out * mx.sigmoid(gate)
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
 
 
 class GatedRMSNorm(nn.Module):
@@ -250,8 +280,13 @@ class GatedRMSNorm(nn.Module):
         self.weight = mx.ones((dims,))
 
     def __call__(self, x: mx.array, z: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
-        return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+        return _gated_rms_norm(x, z, self.weight, self.eps)
+
+
+@partial(mx.compile, shapeless=True)
+def _gated_rms_norm(x: mx.array, z: mx.array, weight: mx.array, eps: float) -> mx.array:
+    y = mx.fast.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps)
+    return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -279,45 +314,46 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, cfg.hidden_size, bias=False)
 
-    def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
+    def initial_state(self, cache: LinearAttentionCache | None, batch: int, dtype: mx.Dtype):
+        """(conv window, recurrent state) to continue from: the cache's, or zeros."""
+        if cache is not None and cache.conv_state is not None:
+            return cache.conv_state, cache.recurrent_state
+        conv_dim = self.in_proj_qkv.weight.shape[0]
+        return (
+            mx.zeros((batch, self.kernel_size - 1, conv_dim), dtype=dtype),
+            mx.zeros((batch, self.n_v_heads, self.dv, self.dk), dtype=mx.float32),
+        )
+
+    def __call__(self, x: mx.array, conv_state: mx.array, state: mx.array, record: bool = False):
+        """A pure function of (input, states): returns the output, the conv input window
+        [B, K-1+T, conv_dim], the new recurrent state and, with `record`, the per-step states."""
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x)  # [B, T, conv_dim]
         z = self.in_proj_z(x).reshape(B, T, self.n_v_heads, self.dv)
-        beta = mx.sigmoid(self.in_proj_b(x).astype(mx.float32))  # write strength, [B, T, Hv]
-        a = self.in_proj_a(x).astype(mx.float32)
-        g = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias))  # decay
+        g, beta = _decay_and_beta(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
 
-        if cache is not None and cache.conv_state is not None:
-            left = cache.conv_state
-        else:
-            left = mx.zeros((B, self.kernel_size - 1, qkv.shape[-1]), dtype=qkv.dtype)
-        conv_in = mx.concatenate([left, qkv], axis=1)  # [B, K-1+T, conv_dim]
+        conv_in = mx.concatenate([conv_state, qkv], axis=1)
         conv_out = nn.silu(self.conv1d(conv_in))
-
         q, k, v = mx.split(conv_out, self.split, axis=-1)
         q = q.reshape(B, T, self.n_k_heads, self.dk)
         k = k.reshape(B, T, self.n_k_heads, self.dk)
         v = v.reshape(B, T, self.n_v_heads, self.dv)
-        q, k = _l2_normalize(q), _l2_normalize(k)
-        q = q * self.dk**-0.5
+        q, k = _normalize_qk(q, k)
 
-        if cache is not None and cache.recurrent_state is not None:
-            state = cache.recurrent_state
-        else:
-            state = mx.zeros((B, self.n_v_heads, self.dv, self.dk), dtype=mx.float32)
-        record = cache is not None and cache.recording
         y, state, states = gated_delta_rule(q, k, v, g, beta, state, record=record)
-        if cache is not None:
-            cache.update(conv_in, T, state, states)
-
         y = self.norm(y, z)
-        return self.out_proj(y.reshape(B, T, -1))
+        return self.out_proj(y.reshape(B, T, -1)), conv_in, state, states
 
 
-def _l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
-    """x / sqrt(sum(x²) + eps), via rms_norm (which adds eps to the mean, hence eps / d)."""
-    d = x.shape[-1]
-    return mx.fast.rms_norm(x, None, eps / d) * d**-0.5
+@mx.compile  # not shapeless: the scale depends on the head dim
+def _normalize_qk(q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+    """L2-normalised q and k, with q also scaled by Dk^-0.5. x / sqrt(sum(x²) + eps) is
+    computed with rms_norm, which adds eps to the mean, hence eps / d."""
+    d = q.shape[-1]
+    eps = 1e-6 / d
+    q = mx.fast.rms_norm(q, None, eps) * (d**-0.5 * d**-0.5)
+    k = mx.fast.rms_norm(k, None, eps) * d**-0.5
+    return q, k
 
 
 class Attention(nn.Module):
@@ -339,7 +375,18 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        keys: mx.array | None = None,
+        values: mx.array | None = None,
+        offset: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """Without buffers: plain causal attention over x. With the KV cache's buffers
+        [B, kv_heads, capacity, head_dim] and the number of positions already in them, the new
+        keys/values are written at `offset` and the queries attend to everything up to
+        themselves; returns the updated buffers. Shapes stay fixed while the buffers do, so the
+        caller can compile this (offset is an array, not a Python int)."""
         B, L, _ = x.shape
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
@@ -347,21 +394,22 @@ class Attention(nn.Module):
         q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, heads, L, head_dim]
         k = self.k_norm(k).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-
-        offset = cache.offset if cache is not None else 0
-        q = mx.fast.rope(
-            q, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
+        rope = partial(
+            mx.fast.rope, dims=self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0
         )
-        k = mx.fast.rope(
-            k, self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
-        )
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        # "causal" in MLX aligns the last query with the last key, as cached decoding needs.
-        mask = "causal" if L > 1 else None
+        if keys is None:
+            q, k = rope(q, offset=0), rope(k, offset=0)
+            mask = "causal" if L > 1 else None
+        else:
+            q, k = rope(q, offset=offset), rope(k, offset=offset)
+            keys = mx.slice_update(keys, k.astype(keys.dtype), offset, axes=(2,))
+            values = mx.slice_update(values, v.astype(values.dtype), offset, axes=(2,))
+            k, v = keys, values
+            # key j is visible to query i when j <= offset + i; later slots hold stale data
+            mask = mx.arange(keys.shape[2])[None] <= (offset + mx.arange(L))[:, None]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
+        return self.o_proj(_output_gate(out, gate.reshape(B, L, -1))), keys, values
 
 
 class MLP(nn.Module):
@@ -372,10 +420,18 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block: mixer (Gated-DeltaNet or attention), then SwiGLU MLP.
+
+    Small models on MLX are dominated by per-op overhead, so the fixed-shape parts are
+    compiled per layer (`inputs=self.state` keeps them reading the current weights): the whole
+    Gated-DeltaNet block for decode/verify lengths, and the whole attention block, whose KV
+    buffers keep their shape between growth steps (the position is an array input).
+    """
+
     def __init__(self, cfg: TextConfig, linear: bool):
         super().__init__()
         self.is_linear = linear
@@ -386,11 +442,49 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        if not linear:
+            self._attention = mx.compile(self._attention_block, inputs=self.state)
+        else:
+            self._linear = mx.compile(partial(self._linear_block, record=False), inputs=self.state)
+            self._linear_recording = mx.compile(
+                partial(self._linear_block, record=True), inputs=self.state
+            )
+
+    def _mlp_residual(self, h: mx.array) -> mx.array:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _attention_block(self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array):
+        out, keys, values = self.self_attn(self.input_layernorm(x), keys, values, offset)
+        return self._mlp_residual(x + out), keys, values
+
+    def _linear_block(self, x: mx.array, conv_state: mx.array, state: mx.array, record: bool):
+        out, conv_in, state, states = self.linear_attn(
+            self.input_layernorm(x), conv_state, state, record
+        )
+        return self._mlp_residual(x + out), conv_in, state, states
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
-        mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if not self.is_linear:
+            if cache is None:
+                return self._mlp_residual(x + self.self_attn(self.input_layernorm(x))[0])
+            attn = self.self_attn
+            cache.reserve(x.shape[0], attn.n_kv_heads, x.shape[1], attn.head_dim, x.dtype)
+            out, cache.keys, cache.values = self._attention(
+                x, cache.keys, cache.values, mx.array(cache.offset)
+            )
+            cache.offset += x.shape[1]
+            return out
+        T = x.shape[1]
+        conv_state, state = self.linear_attn.initial_state(cache, x.shape[0], x.dtype)
+        record = cache is not None and cache.recording
+        if T > _COMPILED_MAX_STEPS:
+            block = partial(self._linear_block, record=record)
+        else:
+            block = self._linear_recording if record else self._linear
+        out, conv_in, state, states = block(x, conv_state, state)
+        if cache is not None:
+            cache.update(conv_in, T, state, states)
+        return out
 
 
 class TextBackbone(nn.Module):
