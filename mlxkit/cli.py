@@ -82,3 +82,6 @@ def generate(
     if verbose:
         stats += f", prompt {last.prompt_tokens} tokens at {last.prompt_tps:.1f} tokens/s"
     click.echo(stats, err=True)
+
+
+main.add_command(__import__("mlxkit.convert.cli", fromlist=["convert"]).convert)

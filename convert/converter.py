@@ -1,0 +1,391 @@
+"""`convert()`: one Qwen 3.5 checkpoint in, one MLX model directory out.
+
+The pass is streaming: for each model parameter, in the order of `planned_tensors`, rows
+are read from a memory map in chunks, turned into our layout by `sanitize_tensor`,
+quantized by the recipe's rule, and written to their planned place in the output shards.
+Each chunk is evaluated and dropped before the next, so peak memory is a few chunks plus
+the interpreter, whatever the model size.
+
+OUT is assembled in a hidden sibling directory and renamed into place only when
+complete; on any error or Ctrl-C the sibling is removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import mlx.core as mx
+
+from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit.info import human_bytes
+from mlxkit.models.qwen3_5 import sanitize_tensor
+
+from .layout import (
+    OUTPUT_DTYPES,
+    PlannedTensor,
+    bytes_by_part,
+    drafter_key,
+    model_parameters,
+    planned_tensors,
+)
+from .quantize import Recipe, load_recipe, quantize
+from .reader import SourceCheckpoint, read_rows, row_chunks
+from .source import Source, resolve_source
+from .writer import MX_DTYPES, ShardedWriter
+
+MTP_DIR = "mtp"
+CHUNK_BYTES = 32 << 20  # source bytes per chunk: large enough for fast I/O, small for RSS
+DISK_MARGIN = 64 << 20
+# Copied verbatim when present: what tokenizers and generation need.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# What mlx-vlm's drafter splitter copies into a drafter directory.
+DRAFTER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# The norm convention MLX Swift reads from a drafter's safetensors metadata.
+SWIFT_NORM_KEY = "mlx_swift_lm.qwen_mtp.norm_convention"
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    mtp_dir: Path | None
+    bytes_by_part: dict[str, int]  # embeddings / layers / mtp / vision
+    bits_per_weight: float  # of the main model (embeddings + layers), as mlx-lm reports it
+    seconds: float
+    peak_memory: int  # peak resident memory of this process, bytes
+    tensors: int
+    quantization: dict | None = field(default=None)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_part.values())
+
+
+def convert(
+    src: str | Path | Source,
+    dst: str | Path | None = None,
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    recipe: str = "uniform",
+    dtype: str = "bfloat16",
+    quantize: bool = True,
+    mtp: bool = True,
+    force: bool = False,
+    quiet: bool = False,
+) -> ConvertResult:
+    """Converts `src` (a checkpoint directory in the Hugging Face layout, or a size name
+    such as "2b") into the MLX model directory `dst` (default: a name such as
+    `Qwen3.5-2B-4bit` in the current directory).
+
+    bits / group_size default to the recipe's (4 / 64 for the shipped recipes); `dtype` is
+    the dtype of everything not quantized. With `mtp`, the MTP head is written as a drafter
+    in `dst/mtp/`. Raises MlxkitError for every problem a user can cause."""
+    t0 = time.perf_counter()
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
+    source = resolve_source(src)
+    ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp)
+    planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype)
+    out = Path(dst) if dst is not None else Path(default_output_name(source.name, the_recipe,
+                                                                     dtype))  # fmt: skip
+    out = out.expanduser().absolute()
+    _check_output(out, source.directory, force)
+    _check_disk(out, planned, source.directory)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        with _progress(planned, quiet) as advance:
+            rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance)
+        quantization = _write_metadata(ckpt, tmp, the_recipe, rules)
+        _replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MlxkitError(f"{out.parent}: disk full while writing; nothing was left "
+                              "behind — free some space and run again") from None  # fmt: skip
+        raise
+
+    by_part = bytes_by_part(planned)
+    main_params = sum(
+        math.prod(shape) for path, shape in model_parameters(ckpt.cfg, include_mtp=False)
+    )
+    result = ConvertResult(
+        output=out,
+        mtp_dir=out / MTP_DIR if ckpt.has_mtp else None,
+        bytes_by_part=by_part,
+        bits_per_weight=(by_part["embeddings"] + by_part["layers"]) * 8 / main_params,
+        seconds=time.perf_counter() - t0,
+        peak_memory=_peak_rss(),
+        tensors=len(planned),
+        quantization=quantization,
+    )
+    if not quiet:
+        click.echo(format_summary(result, mtp_wanted=mtp))
+    return result
+
+
+def default_output_name(source_name: str, recipe: Recipe | None, dtype: str) -> str:
+    if recipe is None:
+        return f"{source_name}-{dtype}"
+    suffix = f"{recipe.bits}bit" if recipe.name == "uniform" else f"{recipe.name}-{recipe.bits}bit"
+    return f"{source_name}-{suffix}"
+
+
+# --- checks before writing -------------------------------------------------------------------
+
+
+def _check_output(out: Path, source_dir: Path, force: bool) -> None:
+    src = source_dir.resolve()
+    if out.resolve() == src or src.is_relative_to(out.resolve()):
+        raise MlxkitError(f"{out}: the output would replace the source checkpoint")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise MlxkitError(f"{out} already exists; pass --force to replace it")
+        if not out.is_dir() or out.is_symlink():
+            raise MlxkitError(f"{out} exists and is not a directory; not replacing it")
+
+
+def _check_disk(out: Path, planned: list[PlannedTensor], source_dir: Path) -> None:
+    parent = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    need = sum(t.nbytes for t in planned) + sum(
+        (source_dir / f).stat().st_size for f in TOKENIZER_FILES if (source_dir / f).is_file()
+    ) * 2 + DISK_MARGIN
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise MlxkitError(
+            f"not enough disk space at {parent}: the conversion needs about "
+            f"{human_bytes(need)}, {human_bytes(free)} is free"
+        )
+
+
+# --- the streaming pass ----------------------------------------------------------------------
+
+
+def _write_weights(
+    ckpt: SourceCheckpoint,
+    planned: list[PlannedTensor],
+    recipe: Recipe | None,
+    dtype: str,
+    out: Path,
+    advance,
+) -> dict[str, tuple[int, int] | None]:
+    """Streams every tensor through sanitize → quantize → writer; returns the rule applied
+    to each weight, by module path."""
+    main = [t for t in planned if t.part != "mtp"]
+    drafter = [t for t in planned if t.part == "mtp"]
+    main_params = sum(math.prod(s) for _, s in model_parameters(ckpt.cfg, include_mtp=False))
+    writers = {"main": ShardedWriter(out, main, index_metadata={"total_parameters": main_params})}
+    if drafter:
+        (out / MTP_DIR).mkdir()
+        writers["mtp"] = ShardedWriter(
+            out / MTP_DIR, drafter, key=drafter_key, metadata={SWIFT_NORM_KEY: "scale"}
+        )
+    rules: dict[str, tuple[int, int] | None] = {}
+    out_dtype = MX_DTYPES[dtype]
+    names = {path: info.name for path, info in ckpt.tensors.items()}
+    old_cache = mx.set_cache_limit(4 * CHUNK_BYTES)
+    try:
+        for path, shape in model_parameters(ckpt.cfg, include_mtp=ckpt.has_mtp):
+            info = ckpt.tensors[path]
+            writer = writers["mtp" if path.startswith("mtp.") else "main"]
+            rule = recipe.rule_for(path, shape) if recipe is not None else None
+            rules[path.removesuffix(".weight")] = rule
+            for start, stop in row_chunks(info, CHUNK_BYTES):
+                rows = read_rows(info, start, stop)
+                _, value = sanitize_tensor(names[path], rows, ckpt.cfg.tie_word_embeddings,
+                                           out_dtype)  # fmt: skip
+                if rule is None:
+                    mx.eval(value)
+                    advance(writer.write(path, start, value))
+                    continue
+                module = path.removesuffix(".weight")
+                w, scales, biases = quantize(value, *rule)
+                mx.eval(w, scales, biases)
+                done = writer.write(path, start, w)
+                done += writer.write(f"{module}.scales", start, scales)
+                done += writer.write(f"{module}.biases", start, biases)
+                advance(done)
+                del w, scales, biases
+            advance(0, tensor_done=True)
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        mx.set_cache_limit(old_cache)
+        mx.clear_cache()
+    return rules
+
+
+# --- config and tokenizer files --------------------------------------------------------------
+
+
+def _write_metadata(
+    ckpt: SourceCheckpoint,
+    out: Path,
+    recipe: Recipe | None,
+    rules: dict[str, tuple[int, int] | None],
+) -> dict | None:
+    """config.json as mlx-lm's converter writes it, plus the tokenizer and generation files,
+    and the drafter's config and tokenizer files; returns the main `quantization` block."""
+    quantization = drafter_quantization = None
+    if recipe is not None:
+        quantization = recipe.quantization_config(
+            {m: r for m, r in rules.items() if not m.startswith("mtp.")}
+        )
+        drafter_quantization = recipe.quantization_config(
+            {drafter_key(m): r for m, r in rules.items() if m.startswith("mtp.")}
+        )
+    config = dict(ckpt.config)
+    generation = _read_json(ckpt.directory / "generation_config.json")
+    if generation.get("eos_token_id"):
+        config["eos_token_id"] = generation["eos_token_id"]  # mlx_lm.load_config does this
+    config.pop("_name_or_path", None)
+    config.pop("vision_config", None)  # the vision tower is not converted
+    if quantization is not None:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
+    _write_json(out / "config.json", dict(sorted(config.items())))
+
+    for name in TOKENIZER_FILES:
+        if (ckpt.directory / name).is_file():
+            shutil.copyfile(ckpt.directory / name, out / name)
+    if not (out / "chat_template.jinja").exists():
+        template = _read_json(ckpt.directory / "tokenizer_config.json").get("chat_template")
+        if isinstance(template, str):  # transformers 5 / mlx-lm write it out as a file
+            (out / "chat_template.jinja").write_text(template)
+    if ckpt.has_mtp:
+        _write_drafter_config(ckpt, out / MTP_DIR, drafter_quantization)
+        for name in DRAFTER_TOKENIZER_FILES:
+            if (ckpt.directory / name).is_file():
+                shutil.copyfile(ckpt.directory / name, out / MTP_DIR / name)
+    return quantization
+
+
+def _write_drafter_config(ckpt: SourceCheckpoint, directory: Path, quantization: dict | None):
+    """The config mlx-vlm's `qwen3_5_mtp` splitter writes (and MLX Swift reads): the model
+    type, the target's text config, a block size of depth + 2 tokens, and the drafter's
+    own quantization block with module paths relative to the head."""
+    text = dict(ckpt.config.get("text_config") or ckpt.config)
+    config = {
+        "model_type": "qwen3_5_mtp",
+        "text_config": text,
+        "block_size": ckpt.cfg.mtp_num_hidden_layers + 2,
+        "tie_word_embeddings": ckpt.cfg.tie_word_embeddings,
+    }
+    if quantization is not None:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
+    _write_json(directory / "config.json", dict(sorted(config.items())))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=4) + "\n")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Moves the finished directory into place; an existing OUT (allowed by --force) is
+    moved aside first and removed only after the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- progress and summary --------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(planned: list[PlannedTensor], quiet: bool) -> Iterator:
+    """A bytes-and-tensors bar on stderr when it is a terminal; nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda n, tensor_done=False: None
+        return
+    sources = len({t.path.removesuffix(".scales").removesuffix(".biases") for t in planned})
+    done = [0]
+
+    def label(_item=None) -> str:
+        return f"{done[0]}/{sources} tensors"
+
+    with click.progressbar(
+        length=sum(t.nbytes for t in planned),
+        label="converting",
+        file=sys.stderr,
+        item_show_func=label,
+        show_pos=False,
+        show_percent=True,
+    ) as bar:
+
+        def advance(n: int, tensor_done: bool = False) -> None:
+            if tensor_done:
+                done[0] += 1
+            bar.update(n)
+
+        yield advance
+
+
+def format_summary(result: ConvertResult, mtp_wanted: bool = True) -> str:
+    parts = ", ".join(
+        f"{part} {human_bytes(n)}" for part, n in result.bytes_by_part.items() if n
+    )
+    quant = result.quantization
+    how = "not quantized" if quant is None else (
+        f"{quant['bits']}-bit affine, group {quant['group_size']}"
+        + (" with per-layer overrides" if any(isinstance(v, dict) for v in quant.values()) else "")
+    )  # fmt: skip
+    lines = [
+        f"wrote {result.output} ({human_bytes(result.total_bytes)}: {parts})",
+        f"{how}; {result.bits_per_weight:.2f} bits per weight; {result.tensors} tensors",
+        f"{result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}",
+    ]
+    if result.mtp_dir is not None:
+        lines.append(f"MTP drafter in {result.mtp_dir}")
+    elif mtp_wanted:
+        lines.append("the checkpoint has no MTP head; no drafter written")
+    return "\n".join(lines)
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
