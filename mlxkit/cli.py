@@ -85,3 +85,6 @@ def generate(
 
 
 main.add_command(__import__("mlxkit.convert.cli", fromlist=["convert"]).convert)
+main.add_command(__import__("mlxkit.ios_bridge.cli", fromlist=["tiers"]).tiers)
+main.add_command(__import__("mlxkit.ios_bridge.cli", fromlist=["plan_command"]).plan_command)
+main.add_command(__import__("mlxkit.ios_bridge.cli", fromlist=["bundle"]).bundle)

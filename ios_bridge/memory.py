@@ -1,0 +1,196 @@
+"""Bytes the runtime holds besides the weights, computed from the config alone.
+
+Every formula here follows the arrays mlxkit's runtime (mlxkit/models/qwen3_5.py,
+mlxkit/cache.py, mlxkit/generate.py) really creates; MLX Swift's Qwen 3.5 port builds the
+same graph (same caches, same `concatenate`-then-slice conv window, same attention call),
+so the numbers carry over, but that part is not measured here (there is no iPhone).
+
+Notation: B = 1 (one sequence), b = bytes of the activation dtype (bf16/fp16: 2), C = prefill
+chunk, T = keys in the KV cache, H = hidden, I = intermediate, nh / nkv / hd = query heads /
+KV heads / head dim, Hk / Hv / Dk / Dv = Gated-DeltaNet key / value heads and head dims,
+Dc = conv channels = 2·Hk·Dk + Hv·Dv, V = Hv·Dv, K = conv kernel, k = MTP drafts per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlxkit.cache import KVCache
+from mlxkit.models.qwen3_5 import TextConfig
+
+KV_STEP = KVCache.step  # the runtime grows KV buffers in steps of this many tokens
+FLOAT32 = 4
+MASK_BYTES = 1  # the causal mask of the unfused attention path is bool
+
+
+def n_linear_layers(cfg: TextConfig) -> int:
+    return sum(cfg.is_linear(i) for i in range(cfg.num_hidden_layers))
+
+
+def n_full_layers(cfg: TextConfig) -> int:
+    return cfg.num_hidden_layers - n_linear_layers(cfg)
+
+
+def n_kv_layers(cfg: TextConfig, mtp: bool) -> int:
+    """Layers with a KV cache: the full-attention ones, plus the MTP head's decoder layer(s)
+    (the MTP layer keeps its own cache, one entry per position, like any attention layer)."""
+    return n_full_layers(cfg) + (cfg.mtp_num_hidden_layers if mtp else 0)
+
+
+def kv_bytes_per_token_per_layer(cfg: TextConfig, b: int) -> int:
+    """keys + values: 2 · nkv · hd · b."""
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * b
+
+
+def kv_bytes_per_token(cfg: TextConfig, b: int, mtp: bool) -> int:
+    return n_kv_layers(cfg, mtp) * kv_bytes_per_token_per_layer(cfg, b)
+
+
+def kv_allocated_tokens(tokens: int) -> int:
+    """Tokens a KV buffer has room for after `tokens` were written: KVCache rounds up to
+    whole steps of KV_STEP (256), so 257 tokens allocate 512."""
+    return 0 if tokens <= 0 else -(-tokens // KV_STEP) * KV_STEP
+
+
+def kv_cache_bytes(cfg: TextConfig, tokens: int, b: int, mtp: bool) -> int:
+    """What the KV caches allocate (buffers, not only the filled part) holding `tokens`."""
+    return n_kv_layers(cfg, mtp) * kv_allocated_tokens(tokens) * kv_bytes_per_token_per_layer(
+        cfg, b
+    )
+
+
+def kv_layer_buffer_bytes(cfg: TextConfig, tokens: int, b: int) -> int:
+    """One layer's keys buffer (values are a second buffer of the same size). When the cache
+    grows, the old and the new buffers of that layer coexist while it is copied, so the plan
+    adds one layer's keys and values once more ("KV growth")."""
+    return kv_allocated_tokens(tokens) * cfg.num_key_value_heads * cfg.head_dim * b
+
+
+def conv_state_bytes(cfg: TextConfig, b: int) -> int:
+    """Per Gated-DeltaNet layer: the last K-1 conv inputs, [K-1, Dc] in the model dtype."""
+    return (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim * b
+
+
+def recurrent_state_bytes(cfg: TextConfig) -> int:
+    """Per Gated-DeltaNet layer: S [Hv, Dv, Dk] in float32."""
+    return (
+        cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * FLOAT32
+    )
+
+
+def linear_state_bytes(cfg: TextConfig, b: int) -> int:
+    """Fixed, independent of the context: conv window + recurrent state of every linear layer."""
+    return n_linear_layers(cfg) * (conv_state_bytes(cfg, b) + recurrent_state_bytes(cfg))
+
+
+@dataclass(frozen=True)
+class Activations:
+    """The transient peak, split so a reader can see which term dominates."""
+
+    layer_peak: int  # the largest single layer's simultaneous intermediates
+    layer_kind: str  # which layer gives it
+    retained: int  # buffers that outlive their layer during that phase
+    logits: int
+    phase: str  # "prefill" or "verify"
+
+    @property
+    def total(self) -> int:
+        return self.layer_peak + self.retained + self.logits
+
+
+def _linear_layer_peak(cfg: TextConfig, C: int, b: int) -> int:
+    """Gated-DeltaNet at chunk length C, during the recurrence: residual x [C,H], z [C,V],
+    g and β [C,Hv] float32, the conv input window [K-1+C, Dc], the conv output [C, Dc]
+    (q, k, v are views of it), the normalised q and k [C, 2·Hk·Dk], the output y [C, V] and
+    the new recurrent state [Hv, Dv, Dk] float32."""
+    H, V, Dc = cfg.hidden_size, cfg.linear_num_value_heads * cfg.linear_value_head_dim, (
+        cfg.linear_conv_dim
+    )
+    qk = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    return (
+        C * (H + 2 * V + Dc + qk) * b
+        + 2 * C * cfg.linear_num_value_heads * FLOAT32
+        + (cfg.linear_conv_kernel_dim - 1 + C) * Dc * b
+        + recurrent_state_bytes(cfg)
+    )
+
+
+def _attention_layer_peak(cfg: TextConfig, C: int, T: int, b: int) -> int:
+    """Full attention over C new queries and T keys. With head_dim 256 MLX has no fused
+    prefill kernel (its fused path takes head dims 64/80/128), so for C > 8 it falls back
+    to matmul → softmax → matmul, materialising the score matrix [nh, C, T]: the scores
+    and the probabilities (2 arrays) plus the bool causal mask [C, T]. Around them:
+    residual [C,H], q_proj's output [C, 2·nh·hd] (the gate is a view of it), the roped and
+    the scaled query [C, nh·hd] each, new keys and values [C, 2·nkv·hd], and the output."""
+    H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, (
+        cfg.head_dim
+    )
+    around = C * (H + 2 * nh * hd + 2 * nh * hd + 2 * nkv * hd + nh * hd) * b
+    if C <= 8:  # MLX's vector kernel: no score matrix
+        return around
+    return around + 2 * nh * C * T * b + C * T * MASK_BYTES
+
+
+def score_matrix_bytes(cfg: TextConfig, C: int, T: int, b: int) -> int:
+    """The largest transient single array of prefill: one [nh, C, T] score matrix."""
+    return cfg.num_attention_heads * C * T * b if C > 8 else 0
+
+
+def _mlp_peak(cfg: TextConfig, C: int, b: int) -> int:
+    """SwiGLU: residual, normed input, output [C, H] each; gate, up, silu(gate)·up [C, I]."""
+    return C * (3 * cfg.hidden_size + 3 * cfg.intermediate_size) * b
+
+
+def prefill_activations(
+    cfg: TextConfig, chunk: int, context: int, keys: int, b: int, mtp: bool
+) -> Activations:
+    """Peak while prefilling the last chunk of a `context`-token prompt.
+
+    layer peak = the largest of one Gated-DeltaNet layer, one attention layer over T = `keys`
+    keys (the runtime attends over the KV cache's whole allocated buffer, masking the unused
+    slots, so T is the allocated capacity, not the filled part), one MLP, and (with MTP) the MTP layer, whose input adds the [C, 2H]
+    concatenation of embedding and hidden state.
+    retained = the conv windows: each Gated-DeltaNet layer's cache keeps a view of its
+    whole [K-1+C, Dc] conv input until the next chunk (the runtime slices, it does not
+    copy), i.e. C·Dc·b per layer beyond the fixed K-1 rows; plus the chunk's final hidden
+    states [C, H] kept for the MTP head.
+    logits = one row of float32 logits: prefill computes logits for the last position only.
+    """
+    C = max(1, min(chunk, context))
+    T = max(keys, context)
+    peaks = {
+        "gated-deltanet": _linear_layer_peak(cfg, C, b),
+        "attention": _attention_layer_peak(cfg, C, T, b),
+        "mlp": _mlp_peak(cfg, C, b),
+    }
+    if mtp and cfg.mtp_num_hidden_layers:
+        peaks["mtp"] = peaks["attention"] + 2 * C * cfg.hidden_size * b
+    kind = max(peaks, key=peaks.get)
+    retained = n_linear_layers(cfg) * C * cfg.linear_conv_dim * b + C * cfg.hidden_size * b
+    return Activations(peaks[kind], kind, retained, cfg.vocab_size * FLOAT32, "prefill")
+
+
+def verify_activations(cfg: TextConfig, num_draft: int, b: int) -> Activations:
+    """Peak of one MTP round: verifying k+1 tokens makes every Gated-DeltaNet layer record
+    its state after each position ([k+1, Hv, Dv, Dk] float32) and keep its [K-1+k+1, Dc]
+    conv input, until the accepted prefix is committed; logits for the k+1 verified
+    positions and the k draft steps (float32 rows)."""
+    L = num_draft + 1
+    recorded = n_linear_layers(cfg) * (
+        L * recurrent_state_bytes(cfg)
+        + (cfg.linear_conv_kernel_dim - 1 + L) * cfg.linear_conv_dim * b
+    )
+    layer = max(_linear_layer_peak(cfg, L, b), _mlp_peak(cfg, L, b))
+    logits = (L + num_draft) * cfg.vocab_size * FLOAT32
+    return Activations(layer, "verify", recorded, logits, "verify")
+
+
+def activations(
+    cfg: TextConfig, chunk: int, context: int, keys: int, b: int, mtp: bool, num_draft: int
+) -> Activations:
+    """Prefill and decoding never overlap, so the peak is the larger of the two phases."""
+    pre = prefill_activations(cfg, chunk, context, keys, b, mtp)
+    if not mtp:
+        return pre
+    ver = verify_activations(cfg, num_draft, b)
+    return pre if pre.total >= ver.total else ver
