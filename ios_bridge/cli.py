@@ -26,15 +26,17 @@ def _model_options(f):
         click.option("--memory-budget", default=None,
                      help="Usable bytes instead of the target's, e.g. 3.5GB."),
         click.option("--bits", type=int, default=None, help="Default bits of the recipe [4]."),
-        click.option("--recipe", default="uniform", show_default=True,
-                     help="Quantization recipe (convert/recipes)."),
+        click.option("--recipe", default=None,
+                     help="Quantization recipe (convert/recipes) [plan: uniform; bundle: chosen "
+                          "by the planner]."),
         click.option("--group-size", type=int, default=None),
         click.option("--context", type=int, default=None,
                      help="Context to plan for [the largest that fits]."),
         click.option("--entitlement/--no-entitlement", default=True, show_default=True,
                      help="Allow the increased-memory-limit entitlement."),
-        click.option("--mtp/--no-mtp", default=True, show_default=True,
-                     help="Include the MTP head (drafter) and its KV cache."),
+        click.option("--mtp/--no-mtp", default=None,
+                     help="Include the MTP head (drafter) and its KV cache [plan: yes; bundle: "
+                          "if it fits]."),
         click.option("--num-draft", default=2, show_default=True),
         click.option("--prefill-chunk", default=512, show_default=True),
         click.option("--acceptance", default=0.7, show_default=True,
@@ -62,8 +64,8 @@ def plan_command(size: str | None, model_path: str | None, as_json: bool, **opti
         raise ConfigError("give exactly one of --size or --model")
     if options["target"] is None and options["memory_budget"] is None:
         raise ConfigError("give a --target (see `mlxkit tiers`) or a --memory-budget")
-    if options["bits"] is None:
-        options["bits"] = 4
+    options["recipe"] = options["recipe"] or "uniform"
+    options["mtp"] = True if options["mtp"] is None else options["mtp"]
     p = plan(size or model_path, **options)
     click.echo(json.dumps(plan_to_dict(p), indent=2) if as_json else format_plan(p))
 

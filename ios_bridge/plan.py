@@ -14,7 +14,7 @@ the cache grows + activation peak + runtime reserve + MLX buffer-cache limit.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlxkit.errors import ConfigError, MlxkitError
@@ -348,16 +348,20 @@ def plan(
     memory_budget: int | str | None = None,
     reserve: int = DEFAULT_RESERVE,
     cache_limit: int = DEFAULT_CACHE_LIMIT,
+    name: str | None = None,
 ) -> Plan:
     """Plans `size_or_config` on `target` (a device or tier name, see `mlxkit tiers`; or None
     with `memory_budget`). With `context` None the plan is made at the largest context that
     fits. Raises PlanRefused, naming what would fit, when nothing does."""
     cfg, label = resolve_config(size_or_config)
+    label = name or label
     size = size_or_config.lower() if isinstance(size_or_config, str) and (
         size_or_config.lower() in sizes()) else _size_of(cfg)  # fmt: skip
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
-    s = Settings(recipe, bits, group_size, dtype, entitlement, mtp, num_draft, prefill_chunk,
-                 acceptance, reserve, cache_limit)  # fmt: skip
+    s = _settings(recipe=recipe, bits=bits, group_size=group_size, dtype=dtype,
+                  entitlement=entitlement, mtp=mtp, num_draft=num_draft,
+                  prefill_chunk=prefill_chunk, acceptance=acceptance, reserve=reserve,
+                  cache_limit=cache_limit)  # fmt: skip
     _validate(s, context, cfg)
     p = _evaluate(cfg, label, size, tgt, s, context)
     if not p.fits:
@@ -371,14 +375,25 @@ def evaluate(
     size_or_config: str | Path | dict | TextConfig,
     target: str | Target,
     context: int | None = None,
+    name: str | None = None,
     **settings,
 ) -> Plan:
     """Like `plan` but never refuses: returns the plan with `fits` False (for tables)."""
     cfg, label = resolve_config(size_or_config)
     tgt = target if isinstance(target, Target) else resolve_target(target)
-    s = Settings(**settings)
+    s = _settings(**settings)
     _validate(s, context, cfg)
-    return _evaluate(cfg, label, _size_of(cfg), tgt, s, context)
+    return _evaluate(cfg, name or label, _size_of(cfg), tgt, s, context)
+
+
+def _settings(**values) -> Settings:
+    """Settings with the recipe's default bits filled in (bits=None means "the recipe's")."""
+    s = Settings(**values)
+    if s.bits is None:
+        from mlxkit.convert.quantize import load_recipe
+
+        s = replace(s, bits=load_recipe(s.recipe, None, s.group_size).bits)
+    return s
 
 
 def gb(n: float) -> str:
