@@ -100,7 +100,7 @@ def make_manifest(p: Plan, source: dict, has_mtp_dir: bool) -> dict:
         "entitlements": [ENTITLEMENT] if p.entitlement_required else [],
         "quantization": d["quantization"],
         "mtp": {"included": has_mtp_dir, "path": MTP_DIR if has_mtp_dir else None,
-                "num_draft": p.settings.num_draft},  # fmt: skip
+                "num_draft": p.settings.num_draft},
         "max_context": p.context,
         "largest_context_that_fits": p.max_context,
         "prefill_chunk": p.settings.prefill_chunk,

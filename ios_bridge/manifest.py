@@ -39,7 +39,7 @@ SCHEMA: dict = {
     "entitlement_required": bool,
     "entitlements": list,
     "quantization": {"recipe": str, "bits": int, "group_size": int, "dtype": str,
-                     "bits_per_part": dict},  # fmt: skip
+                     "bits_per_part": dict},
     "mtp": {"included": bool, "path": (str, type(None)), "num_draft": int},
     "max_context": int,
     "prefill_chunk": int,
