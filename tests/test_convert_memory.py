@@ -1,0 +1,72 @@
+"""Peak memory of a conversion does not follow the model: it stays near one chunk.
+
+Measured from a separate process (its own VmHWM, the kernel's high-water mark of resident
+memory), converting a checkpoint whose largest tensor is the real 248,320 x 1024 bf16
+embedding (508 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.make_checkpoint import make_checkpoint
+from mlxkit.checkpoint import read_headers, weight_files
+
+CHILD = """
+import sys
+from mlxkit.convert import convert
+convert(sys.argv[1], sys.argv[2], quiet=True, **eval(sys.argv[3]))
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(int(line.split()[1]) * 1024)
+"""
+
+
+def peak_rss_of_conversion(src: Path, out: Path, **options) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(out), repr(options)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    return int(proc.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def small_real_width(tmp_path_factory) -> Path:
+    """0.8B shapes, one text layer, no vision: 0.59 GB on disk, a 508 MB embedding."""
+    return make_checkpoint("0.8b", tmp_path_factory.mktemp("ckpt") / "src", layers=1, vision=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("options", [{}, {"quantize": False}], ids=["4bit", "bf16"])
+def test_peak_memory_is_below_largest_tensor_plus_300mb(small_real_width, tmp_path, options):
+    largest = max(i.nbytes for i in read_headers(weight_files(small_real_width)).values())
+    assert largest == 248320 * 1024 * 2
+    peak = peak_rss_of_conversion(small_real_width, tmp_path / "out", **options)
+    print(f"peak RSS {peak / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB")
+    assert peak < largest + 300e6
+    assert peak < 400e6  # in fact it does not hold even the largest tensor
+
+
+@pytest.mark.slow
+def test_full_0_8b_conversion_matches_mlx_lm_in_a_fraction_of_its_memory(tmp_path):
+    """The whole 0.8B shape (1.7 GB with vision): same bytes as mlx_lm.convert -q."""
+    import mlx.core as mx
+
+    src = make_checkpoint("0.8b", tmp_path / "src")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    peak = peak_rss_of_conversion(src, ours)
+    subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
+         str(theirs), "-q"], check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    a = {k: v for f in weight_files(ours) for k, v in mx.load(str(f)).items()}
+    b = {k: v for f in weight_files(theirs) for k, v in mx.load(str(f)).items()}
+    assert a.keys() == b.keys()
+    assert all(mx.array_equal(a[k], b[k]).item() and a[k].dtype == b[k].dtype for k in a)
+    assert json.loads((ours / "config.json").read_text())["quantization"]["bits"] == 4
+    assert peak < 400e6
