@@ -24,7 +24,15 @@ from mlxkit.errors import MlxkitError
 @click.option("--no-mtp", is_flag=True, help="Do not write the MTP drafter to OUT/mtp/.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--target", help="Build an iPhone bundle for this device or tier (mlxkit tiers): "
+              "plans first and refuses what does not fit (see mlxkit.ios_bridge).")
+@click.option("--memory-budget", help="With --target, or alone: usable memory, e.g. 3.5GB.")
+@click.option("--context", type=int, help="With --target: the context to plan for.")
+@click.option("--entitlement/--no-entitlement", default=True,
+              help="With --target: allow the increased-memory-limit entitlement.")
+@click.pass_context
 def convert(
+    ctx: click.Context,
     hf_path: str | None,
     size: str | None,
     output: str | None,
@@ -36,6 +44,10 @@ def convert(
     no_mtp: bool,
     force: bool,
     quiet: bool,
+    target: str | None,
+    memory_budget: str | None,
+    context: int | None,
+    entitlement: bool,
 ) -> None:
     """Convert a Qwen 3.5 checkpoint to an MLX model directory (4-bit by default), in
     bounded memory, keeping the MTP head as a drafter in OUT/mtp/."""
@@ -47,6 +59,16 @@ def convert(
     if no_quantize and (bits is not None or group_size is not None):
         raise MlxkitError("--bits / --group-size have no effect with --no-quantize")
     source = resolve_local(hf_path) if hf_path is not None else resolve_size(size)
+    if target is not None or memory_budget is not None:
+        from mlxkit.ios_bridge.cli import convert_to_bundle
+
+        recipe_given = ctx.get_parameter_source("recipe") != click.core.ParameterSource.DEFAULT
+        convert_to_bundle(source, output, target=target, memory_budget=memory_budget,
+                          context=context, entitlement=entitlement, bits=bits,
+                          group_size=group_size, recipe=recipe if recipe_given else None,
+                          dtype=dtype, mtp=False if no_mtp else None, force=force, quiet=quiet,
+                          no_quantize=no_quantize)  # fmt: skip
+        return
     run(
         source,
         output,

@@ -109,3 +109,28 @@ def bundle_verify(path: str, target: str | None, no_load: bool) -> None:
         click.echo(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
     click.echo("bundle OK" if report.ok else "bundle FAILED")
     sys.exit(0 if report.ok else 1)
+
+
+def convert_to_bundle(source, output: str | None, *, no_quantize: bool, quiet: bool,
+                      **options) -> None:  # fmt: skip
+    """`mlxkit convert --target T`: the converter's CLI hands over here, so the bundle logic
+    stays in ios_bridge. OUT defaults to e.g. ./Qwen3.5-2B-iphone15."""
+    from mlxkit.errors import ConfigError
+
+    from .bundle import build_bundle
+
+    if no_quantize:
+        raise ConfigError("--target plans quantized bundles; drop --no-quantize")
+    name = options["target"] or "budget"
+    out = output or f"{source.name}-{name}"
+    manifest = build_bundle(source, out, quiet=quiet, **options)
+    if not quiet:
+        m = manifest["memory"]
+        click.echo(
+            f"bundle {out}: {manifest['model']['name']} for {manifest['target']['label']}; "
+            f"{manifest['quantization']['recipe']} recipe, MTP "
+            f"{'included' if manifest['mtp']['included'] else 'left out'}; max context "
+            f"{manifest['max_context']:,}; peak {m['peak_bytes'] / 1e9:.2f} GB of "
+            f"{m['usable_bytes'] / 1e9:.2f} GB usable; entitlement "
+            f"{'required' if manifest['entitlement_required'] else 'not required'}"
+        )
