@@ -34,6 +34,7 @@ DEFAULT_CONTEXT = 4096  # what an automatic choice must leave room for, when it 
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
 MODEL_DIR = "model"
 MTP_DIR = "mtp"
+MANIFEST_ALLOWANCE = 1 << 20  # bytes counted for manifest.json in the download sizes
 
 
 def _candidates(recipe: str | None, mtp: bool | None, has_mtp: bool) -> list[tuple[str, bool]]:
@@ -167,7 +168,12 @@ def build_bundle(
                 f"expected {p.weights}; please report it"
             )
         manifest = make_manifest(p, _source_info(source.directory), (tmp / MTP_DIR).is_dir())
-        download = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        # What an app downloads: model/ and mtp/ plus manifest.json (not yet written: room
+        # for it is reserved); xcode/ goes into the app project, not the download.
+        download = MANIFEST_ALLOWANCE + sum(
+            f.stat().st_size for d in (MODEL_DIR, MTP_DIR) for f in (tmp / d).rglob("*")
+            if f.is_file()
+        )  # fmt: skip
         write_xcode(tmp / "xcode", out.name, manifest, download)
         manifest["files"] = file_entries(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,223 @@
+"""Bundles: build from the tiny fixture, verify, tamper, and the Xcode hand-off files."""
+
+from __future__ import annotations
+
+import json
+import plistlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlxkit.ios_bridge import build_bundle, verify_bundle
+from mlxkit.ios_bridge.devices import ENTITLEMENT
+from mlxkit.ios_bridge.manifest import SCHEMA, schema_errors
+
+from mlxkit.cli import main
+from tests.helpers import FIXTURES
+
+SWIFT = "xcode/MLXKitBundle.swift"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-iphone12"
+    build_bundle(FIXTURES / "tiny_tied", out, "iphone12")
+    return out
+
+
+@pytest.fixture
+def bundle(built, tmp_path) -> Path:
+    """A private copy to tamper with."""
+    return Path(shutil.copytree(built, tmp_path / built.name, symlinks=True))
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def failed(report) -> set[str]:
+    return {c.name for c in report.checks if not c.ok}
+
+
+def test_fresh_bundle_verifies(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert schema_errors(manifest) == []
+    assert (built / "model" / "config.json").is_file() and (built / "mtp" / "config.json").is_file()
+    assert not (built / "model" / "mtp").exists()  # model/ is a plain model directory
+    assert manifest["mtp"]["included"] and manifest["model"]["mtp_path"] == "mtp"
+    listed = {f["path"] for f in manifest["files"]}
+    assert {"model/model.safetensors", "mtp/model.safetensors", SWIFT} <= listed
+    report = verify_bundle(built)
+    assert report.ok, [(c.name, c.detail) for c in report.checks]
+    result = run("bundle", "verify", built)
+    assert result.exit_code == 0 and "bundle OK" in result.output
+
+
+def test_flipped_byte_fails(bundle):
+    weights = bundle / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    report = verify_bundle(bundle, load=False)
+    assert failed(report) == {"file sizes and sha256"}
+    assert "sha256 differs" in next(c.detail for c in report.checks if not c.ok)
+    result = run("bundle", "verify", bundle, "--no-load")
+    assert result.exit_code == 1 and "FAIL  file sizes and sha256" in result.output
+
+
+def test_missing_file_fails(bundle):
+    (bundle / "mtp" / "model.safetensors").unlink()
+    report = verify_bundle(bundle)
+    assert {"file sizes and sha256", "model loads"} <= failed(report)
+    assert run("bundle", "verify", bundle).exit_code == 1
+
+
+@pytest.mark.parametrize("bad_path", ["../x", "model/../../x", "/etc/passwd"])
+def test_escaping_manifest_path_fails(bundle, bad_path):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"].append({"path": bad_path, "bytes": 1, "sha256": "0" * 64})
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_bundle(bundle, load=False)
+    assert "paths stay inside the bundle" in failed(report)
+    assert run("bundle", "verify", bundle, "--no-load").exit_code == 1
+
+
+def test_symlink_out_of_the_bundle_fails(bundle, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    (bundle / "xcode" / "evil.txt").symlink_to(outside)
+    assert "paths stay inside the bundle" in failed(verify_bundle(bundle, load=False))
+
+
+def test_plan_against_a_smaller_target(bundle):
+    """The tiny model fits anything; a too-small budget bundle is caught by the plan check."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["max_context"] = 10**6  # beyond the fixture's 4096 positions: cannot be planned
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "plan fits the target" in failed(verify_bundle(bundle, load=False))
+
+
+def test_corrupted_manifest_is_bad_input(bundle):
+    (bundle / "manifest.json").write_text('{"schema_version": 1, "files": [')
+    result = run("bundle", "verify", bundle)
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    assert run("bundle", "verify", bundle.parent / "nope").exit_code == 2
+
+
+def test_incomplete_manifest_fails_the_schema_check(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["memory"]["peak_bytes"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_bundle(bundle, load=False)
+    assert failed(report) == {"manifest schema"}
+    assert "memory.peak_bytes: missing" in report.checks[0].detail
+
+
+def test_plists_parse(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    entitlements = plistlib.loads((built / "xcode" / "Entitlements.plist").read_bytes())
+    assert entitlements.get(ENTITLEMENT, False) == manifest["entitlement_required"]
+    info = plistlib.loads((built / "xcode" / "Info-BackgroundAssets.plist").read_bytes())
+    payload = sum(f["bytes"] for f in manifest["files"] if not f["path"].startswith("xcode/"))
+    payload += (built / "manifest.json").stat().st_size
+    assert info["BAMaxInstallSize"] == info["BAEssentialMaxInstallSize"] >= payload
+    assert info["BAInitialDownloadRestrictions"]["BADownloadAllowance"] == info["BAMaxInstallSize"]
+
+
+def test_entitlement_plist_when_required(tmp_path):
+    """A bundle whose plan exceeds the no-entitlement limit carries the entitlement."""
+    out = tmp_path / "b"
+    manifest = build_bundle(FIXTURES / "tiny_tied", out, None, memory_budget="0.5GB",
+                            context=4096)  # fmt: skip
+    assert not manifest["entitlement_required"]  # a budget has one limit for both
+    data = plistlib.loads((out / "xcode" / "Entitlements.plist").read_bytes())
+    assert data == {}
+    from mlxkit.ios_bridge.xcode import entitlements
+
+    assert entitlements(True) == {ENTITLEMENT: True}
+
+
+def _swift_structs(source: str) -> dict[str, set[str]]:
+    """manifest path → the JSON keys the Swift structs marked with it decode."""
+    found: dict[str, set[str]] = {}
+    for match in re.finditer(r"// mlxkit-manifest-path: (\S+)(.*?)enum CodingKeys[^{]*\{(.*?)\}",
+                             source, re.DOTALL):  # fmt: skip
+        keys = set()
+        for case in re.finditer(r"case (\w+)(?:\s*=\s*\"([^\"]+)\")?", match.group(3)):
+            keys.add(case.group(2) or case.group(1))
+        found[match.group(1)] = keys
+    return found
+
+
+def test_swift_keys_match_the_manifest(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    structs = _swift_structs((built / SWIFT).read_text())
+    assert set(structs) == {".", "model", "target", "memory", "mlx", "mtp"}
+    for path, keys in structs.items():
+        node = manifest if path == "." else manifest[path]
+        assert keys <= set(node), f"{path}: Swift reads {keys - set(node)} absent from manifest"
+        schema = SCHEMA if path == "." else SCHEMA[path]
+        assert keys <= set(schema), f"{path}: {keys - set(schema)} not required by the schema"
+
+
+def test_swift_file_is_syntactically_plausible(built):
+    """Parsed with tree-sitter's Swift grammar (a dev extra): a syntax check, not a compile."""
+    ts = pytest.importorskip("tree_sitter")
+    swift = pytest.importorskip("tree_sitter_swift")
+    parser = ts.Parser(ts.Language(swift.language()))
+    source = (built / SWIFT).read_bytes()
+    tree = parser.parse(source)
+    errors = []
+
+    def walk(node):
+        if node.type == "ERROR" or node.is_missing:
+            errors.append((node.start_point, source[node.start_byte : node.end_byte][:60]))
+        for child in node.children:
+            walk(child)
+
+    walk(tree.root_node)
+    assert not errors, errors
+    assert b"{{" not in source and b"}}" not in source  # every template value was filled
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["plan", "--size", "2b", "--target", "iphone99"],
+        ["plan", "--size", "2b", "--target", "iphone15", "--context", "0"],
+        ["plan", "--size", "2b", "--target", "iphone15", "--context", "-5"],
+        ["plan", "--size", "2b", "--memory-budget", "0.5GB"],
+        ["plan", "--size", "2b", "--memory-budget", "many"],
+        ["plan", "--size", "9b", "--target", "iphone15"],
+        ["plan", "--size", "3b", "--target", "iphone15"],
+        ["plan", "--size", "2b"],
+        ["bundle", "build", str(FIXTURES / "tiny_tied"), "/tmp/never", "--target", "nokia"],
+        ["bundle", "build", str(FIXTURES / "tiny_tied"), "/tmp/never", "--memory-budget", "1MB"],
+        ["convert", "--hf-path", str(FIXTURES / "tiny_tied"), "--target", "iphone15",
+         "--context", "0", "-o", "/tmp/never"],
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2(args):
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") or "Error" in result.output
+    assert not Path("/tmp/never").exists()
+
+
+def test_plan_and_tiers_commands():
+    result = run("plan", "--size", "2b", "--target", "iphone15")
+    assert result.exit_code == 0 and "largest that fits" in result.output
+    data = json.loads(run("plan", "--size", "0.8b", "--target", "iphone12", "--json").output)
+    assert data["fits"] and data["memory"]["peak_bytes"] <= data["memory"]["usable_bytes"]
+    tiers = run("tiers").output
+    assert "iPhone 16e" in tiers and "tier-12gb" in tiers and "(u)" in tiers
+
+
+def test_convert_target_builds_a_bundle(tmp_path):
+    out = tmp_path / "b"
+    result = run("convert", "--hf-path", FIXTURES / "tiny_untied", "--target", "iphone15",
+                 "-o", out, "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert verify_bundle(out).ok
