@@ -52,7 +52,10 @@ def choose_plan(
     has_mtp: bool, context: int | None, name: str | None = None, **settings,
 ) -> Plan:  # fmt: skip
     """The first candidate (recipe, MTP) whose largest context reaches the requested one, or
-    DEFAULT_CONTEXT, or at least MIN_CONTEXT; PlanRefused (naming what fits) otherwise."""
+    DEFAULT_CONTEXT, or at least MIN_CONTEXT; PlanRefused (naming what fits) otherwise.
+    Without a requested context the bundle gets the largest context that fits, within the
+    default memory limit when that still reaches DEFAULT_CONTEXT (so the app needs no
+    entitlement), else within the increased limit."""
     candidates = _candidates(recipe, mtp, has_mtp)
     limit = cfg.max_position_embeddings
     needs = [context] if context else [min(DEFAULT_CONTEXT, limit), min(MIN_CONTEXT, limit)]
@@ -60,6 +63,13 @@ def choose_plan(
         for r, m in candidates:
             p = evaluate(cfg, tgt, None, name, recipe=r, bits=bits, mtp=m, **settings)
             if p.fits and p.max_context >= need:
+                if context is None and settings.get("entitlement", True):
+                    # Ask for no capability the app does not need: when the default limit
+                    # leaves room for `need` tokens, plan the bundle within it.
+                    lean = {**settings, "entitlement": False}
+                    q = evaluate(cfg, tgt, None, name, recipe=r, bits=bits, mtp=m, **lean)
+                    if q.fits and q.max_context >= need:
+                        return plan(cfg, tgt, recipe=r, bits=bits, mtp=m, name=name, **lean)
                 return plan(cfg, tgt, context=context, recipe=r, bits=bits, mtp=m, name=name,
                             **settings)  # fmt: skip
     r, m = candidates[0]

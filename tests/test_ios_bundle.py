@@ -126,17 +126,17 @@ def test_plists_parse(built):
     assert info["BAInitialDownloadRestrictions"]["BADownloadAllowance"] == info["BAMaxInstallSize"]
 
 
-def test_entitlement_plist_when_required(tmp_path):
-    """A bundle whose plan exceeds the no-entitlement limit carries the entitlement."""
-    out = tmp_path / "b"
-    manifest = build_bundle(FIXTURES / "tiny_tied", out, None, memory_budget="0.5GB",
-                            context=4096)  # fmt: skip
-    assert not manifest["entitlement_required"]  # a budget has one limit for both
-    data = plistlib.loads((out / "xcode" / "Entitlements.plist").read_bytes())
-    assert data == {}
-    from mlxkit.ios_bridge.xcode import entitlements
+def test_entitlement_plist_when_required(built, tmp_path):
+    """The entitlement is written exactly when the plan needs it."""
+    from mlxkit.ios_bridge.xcode import write_xcode
 
-    assert entitlements(True) == {ENTITLEMENT: True}
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert plistlib.loads((built / "xcode" / "Entitlements.plist").read_bytes()) == {}
+    manifest["entitlement_required"] = True
+    write_xcode(tmp_path, "b", manifest, 10**9)
+    data = plistlib.loads((tmp_path / "Entitlements.plist").read_bytes())
+    assert data == {ENTITLEMENT: True}
+    assert "**required**" in (tmp_path / "README.md").read_text()
 
 
 def _swift_structs(source: str) -> dict[str, set[str]]:
