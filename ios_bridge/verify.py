@@ -91,7 +91,8 @@ def _check_load(root: Path, manifest: dict) -> tuple[list[str], str]:
     model_dir = root / manifest["model"]["path"]
     try:
         model = load_model(model_dir)
-        detail = f"model/ loads ({'with' if model.has_mtp else 'without'} MTP)"
+        detail = (f"model/ loads ({'with' if model.has_mtp else 'without'} MTP; names, shapes "
+                  "and dtypes checked, weights memory-mapped)")  # fmt: skip
         mtp_path = manifest["model"].get("mtp_path")
         if mtp_path:
             with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +111,8 @@ def _check_load(root: Path, manifest: dict) -> tuple[list[str], str]:
 
 def _check_plan(root: Path, manifest: dict, target: str | None) -> tuple[list[str], str]:
     """Re-plans from model/config.json with the manifest's settings at its max context, on
-    `target` (default: the manifest's), and compares the weight bytes with what is on disk."""
+    `target` (default: the manifest's), within the memory limit the manifest asks for (the
+    increased one only if it declares the entitlement required), and compares the weight bytes with what is on disk."""
     from .devices import resolve_target
     from .plan import evaluate
 
@@ -123,7 +125,7 @@ def _check_plan(root: Path, manifest: dict, target: str | None) -> tuple[list[st
         root / manifest["model"]["path"], tgt, manifest["max_context"],
         recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
         mtp=manifest["mtp"]["included"], num_draft=manifest["mtp"]["num_draft"],
-        prefill_chunk=manifest["prefill_chunk"],
+        prefill_chunk=manifest["prefill_chunk"], entitlement=manifest["entitlement_required"],
     )  # fmt: skip
     problems = []
     on_disk = weight_bytes_on_disk(root, manifest)
@@ -134,8 +136,9 @@ def _check_plan(root: Path, manifest: dict, target: str | None) -> tuple[list[st
             f"does not fit {tgt.label}: peak {p.total / 1e9:.2f} GB at "
             f"{p.context:,} tokens, {p.usable / 1e9:.2f} GB usable"
         )
-    detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB at "
-              f"{p.context:,} tokens")  # fmt: skip
+    ent = "with" if manifest["entitlement_required"] else "without"
+    detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
+              f"({ent} the entitlement) at {p.context:,} tokens")  # fmt: skip
     return problems, detail
 
 
