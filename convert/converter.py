@@ -20,7 +20,9 @@ import resource
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +43,13 @@ from .layout import (
     planned_tensors,
 )
 from .quantize import Recipe, load_recipe, quantize
-from .reader import SourceCheckpoint, read_rows, row_chunks
+from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
 from .source import Source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 
 MTP_DIR = "mtp"
 CHUNK_BYTES = 32 << 20  # source bytes per chunk: large enough for fast I/O, small for RSS
+READ_AHEAD = 2  # chunks read ahead of, and waiting to be written behind, the one quantized
 DISK_MARGIN = 64 << 20
 # Copied verbatim when present: what tokenizers and generation need.
 TOKENIZER_FILES = (
@@ -196,8 +199,13 @@ def _write_weights(
     out: Path,
     advance,
 ) -> dict[str, tuple[int, int] | None]:
-    """Streams every tensor through sanitize → quantize → writer; returns the rule applied
-    to each weight, by module path."""
+    """Streams every tensor through read → sanitize → quantize → write; returns the rule
+    applied to each weight, by module path.
+
+    Three stages overlap: a reader thread copies the next chunks out of the memory map
+    while this thread quantizes (MLX releases the GIL while it evaluates) and a writer
+    thread `pwrite`s finished chunks. At most READ_AHEAD chunks wait on either side, so
+    memory stays bounded."""
     main = [t for t in planned if t.part != "mtp"]
     drafter = [t for t in planned if t.part == "mtp"]
     main_params = sum(math.prod(s) for _, s in model_parameters(ckpt.cfg, include_mtp=False))
@@ -208,42 +216,63 @@ def _write_weights(
             out / MTP_DIR, drafter, key=drafter_key, metadata={SWIFT_NORM_KEY: "scale"}
         )
     rules: dict[str, tuple[int, int] | None] = {}
+    chunks = []  # (path, rule, writer, last chunk of its tensor, source info, start, stop)
+    for path, shape in model_parameters(ckpt.cfg, include_mtp=ckpt.has_mtp):
+        info = ckpt.tensors[path]
+        rule = recipe.rule_for(path, shape) if recipe is not None else None
+        rules[path.removesuffix(".weight")] = rule
+        writer = writers["mtp" if path.startswith("mtp.") else "main"]
+        ranges = row_chunks(info, CHUNK_BYTES)
+        chunks += [(path, rule, writer, i == len(ranges) - 1, info, a, b)
+                   for i, (a, b) in enumerate(ranges)]  # fmt: skip
+
     out_dtype = MX_DTYPES[dtype]
-    names = {path: info.name for path, info in ckpt.tensors.items()}
     old_cache = mx.set_cache_limit(4 * CHUNK_BYTES)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="mlxkit-read")
+    writer_pool = ThreadPoolExecutor(1, thread_name_prefix="mlxkit-write")
+    reads: deque = deque()
+    writes: deque = deque()
     try:
-        for path, shape in model_parameters(ckpt.cfg, include_mtp=ckpt.has_mtp):
-            info = ckpt.tensors[path]
-            writer = writers["mtp" if path.startswith("mtp.") else "main"]
-            rule = recipe.rule_for(path, shape) if recipe is not None else None
-            rules[path.removesuffix(".weight")] = rule
-            for start, stop in row_chunks(info, CHUNK_BYTES):
-                rows = read_rows(info, start, stop)
-                _, value = sanitize_tensor(names[path], rows, ckpt.cfg.tie_word_embeddings,
-                                           out_dtype)  # fmt: skip
-                if rule is None:
-                    mx.eval(value)
-                    advance(writer.write(path, start, value))
-                    continue
+        for job in chunks[:READ_AHEAD]:
+            reads.append(reader.submit(read_raw_rows, *job[4:]))
+        for i, (path, rule, writer, last, info, start, _stop) in enumerate(chunks):
+            rows = as_stored_dtype(info, reads.popleft().result())
+            if i + READ_AHEAD < len(chunks):
+                reads.append(reader.submit(read_raw_rows, *chunks[i + READ_AHEAD][4:]))
+            _, value = sanitize_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings, out_dtype)
+            if rule is None:
+                pieces = [(path, value)]
+            else:
                 module = path.removesuffix(".weight")
                 w, scales, biases = quantize(value, *rule)
-                mx.eval(w, scales, biases)
-                done = writer.write(path, start, w)
-                done += writer.write(f"{module}.scales", start, scales)
-                done += writer.write(f"{module}.biases", start, biases)
-                advance(done)
-                del w, scales, biases
-            advance(0, tensor_done=True)
+                pieces = [(path, w), (f"{module}.scales", scales), (f"{module}.biases", biases)]
+            mx.eval([a for _, a in pieces])
+            writes.append((writer_pool.submit(_write_pieces, writer, start, pieces), last))
+            del rows, value, pieces
+            while len(writes) > READ_AHEAD:
+                future, done = writes.popleft()
+                advance(future.result(), tensor_done=done)
+        while writes:
+            future, done = writes.popleft()
+            advance(future.result(), tensor_done=done)
         for writer in writers.values():
             writer.close()
     except BaseException:
+        for pool in (reader, writer_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
         for writer in writers.values():
             writer.abort()
         raise
     finally:
+        reader.shutdown(wait=True)
+        writer_pool.shutdown(wait=True)
         mx.set_cache_limit(old_cache)
         mx.clear_cache()
     return rules
+
+
+def _write_pieces(writer: ShardedWriter, start: int, pieces: list[tuple[str, mx.array]]) -> int:
+    return sum(writer.write(path, start, array) for path, array in pieces)
 
 
 # --- config and tokenizer files --------------------------------------------------------------

@@ -110,8 +110,14 @@ def row_chunks(info: TensorInfo, max_bytes: int) -> list[tuple[int, int]]:
 
 
 def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
-    """Rows [start, stop) of a tensor as an mx.array in its stored dtype. The file is
-    memory-mapped for this range only; the copy into MLX memory lets the mapping go."""
+    """Rows [start, stop) of a tensor as an mx.array in its stored dtype."""
+    return as_stored_dtype(info, read_raw_rows(info, start, stop))
+
+
+def read_raw_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
+    """The bytes of rows [start, stop), copied into MLX memory as their numpy carrier dtype
+    (uint16 for bf16). Creates no MLX operation, so it may run on any thread. The file is
+    memory-mapped for this range only, and unmapped when the copy is done."""
     np_dtype, mx_dtype = SOURCE_DTYPES[info.dtype]
     shape = (stop - start, *info.shape[1:]) if info.shape else ()
     count = math.prod(shape)
@@ -119,9 +125,13 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
         return mx.zeros(shape, dtype=mx_dtype)
     offset = info.start + start * row_bytes(info)
     # The map is unreferenced (hence unmapped) as soon as this statement is done.
-    array = mx.array(
+    return mx.array(
         np.memmap(info.file, dtype=np_dtype, mode="r", offset=offset, shape=(count,)).reshape(
             shape
         )
     )
-    return array.view(mx_dtype) if array.dtype != mx_dtype else array
+
+
+def as_stored_dtype(info: TensorInfo, raw: mx.array) -> mx.array:
+    mx_dtype = SOURCE_DTYPES[info.dtype][1]
+    return raw.view(mx_dtype) if raw.dtype != mx_dtype else raw

@@ -1,0 +1,213 @@
+"""Benchmark: `mlxkit convert` against `mlx_lm.convert -q` on synthetic real-size checkpoints.
+
+    nice -n 10 python benchmarks/convert.py                 # 0.8B and 4B shapes
+    nice -n 10 python benchmarks/convert.py --sizes 0.8b,4b,9b --repeats 2
+
+For each size, one random-weight checkpoint in the original layout is written
+(benchmarks/make_checkpoint.py), then converted to 4-bit by each tool in turn, in fresh
+processes, on the same machine in the same run; the tools alternate on repeats so that
+neither always meets a warmer page cache. Each conversion is timed and its peak resident
+memory measured from outside: the parent polls /proc/<pid>/status (VmHWM) and takes the
+child's ru_maxrss from wait4(), reporting the larger. The two outputs are checked to hold
+identical tensors. Checkpoints and outputs are deleted as soon as they are measured.
+Results go to benchmarks/results/convert.md (and stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "convert.md"
+
+
+@dataclass
+class Run:
+    tool: str
+    size: str
+    seconds: float
+    peak_rss: int  # bytes
+    output_bytes: int
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a command, measured from this process by polling the
+    child's /proc/<pid>/status for VmHWM, the kernel's high-water mark of its resident memory.
+    (Not wait4's ru_maxrss: Linux carries the forking parent's high-water mark across exec.)"""
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a chatty child never blocks
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
+        hwm = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            hwm = max(hwm, int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            errors.seek(0)
+            stderr = errors.read().decode(errors="replace")
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return seconds, hwm
+
+
+def commands(tool: str, src: Path, out: Path) -> list[str]:
+    if tool == "mlxkit":
+        return [sys.executable, "-m", "mlxkit", "convert", "--hf-path", str(src), "-o", str(out),
+                "--quiet"]  # fmt: skip
+    return [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
+            str(out), "-q"]  # fmt: skip
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+SAME_TENSORS = """
+import sys
+from pathlib import Path
+import mlx.core as mx
+def tensors(d):
+    return {k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+same = a.keys() == b.keys() and all(
+    a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item() for k in a)
+sys.exit(0 if same else 1)
+"""
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """In a child process, so that this (measuring) process stays small."""
+    proc = subprocess.run([sys.executable, "-c", SAME_TENSORS, str(a), str(b)], check=False)
+    return proc.returncode == 0
+
+
+def machine() -> dict[str, str]:
+    import mlx.core as mx
+    import mlx_lm
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal"))
+    return {
+        "CPU": f"{cpu}, {os.cpu_count()} cores",
+        "RAM": f"{mem / 2**30:.1f} GiB",
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": platform.python_version(),
+        "mlx": f"{mx.__version__} ({'Metal' if mx.metal.is_available() else 'CPU build'})",
+        "mlx-lm": mlx_lm.__version__,
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def run_size(size: str, work: Path, repeats: int, tools: list[str]) -> tuple[list[Run], bool]:
+    src = work / f"qwen3.5-{size}"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "make_checkpoint.py"),
+                    "--size", size, str(src)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    print(f"{size}: checkpoint {dir_bytes(src) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
+          flush=True)  # fmt: skip
+    runs, identical = [], None
+    try:
+        for r in range(repeats):
+            order = tools if r % 2 == 0 else tools[::-1]
+            outs = {}
+            for tool in order:
+                out = work / f"{size}-{tool}"
+                seconds, peak = measure(commands(tool, src, out))
+                runs.append(Run(tool, size, seconds, peak, dir_bytes(out)))
+                print(f"  {tool:7s} {seconds:6.1f} s  peak RSS {peak / 2**30:.2f} GiB", flush=True)
+                outs[tool] = out
+            if identical is None and len(outs) == 2:
+                identical = same_tensors(outs["mlxkit"], outs["mlx_lm"])
+            for out in outs.values():
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    return runs, identical
+
+
+def report(runs: list[Run], identical: dict, info: dict, argv: list[str]) -> str:
+    lines = [
+        "# Converter benchmark: `mlxkit convert` vs `mlx_lm.convert -q`",
+        "",
+        (
+            f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with "
+            f"`nice -n 10 python benchmarks/convert.py {' '.join(argv)}`."
+        ),
+        (
+            "Synthetic random-weight checkpoints in the original Hugging Face layout "
+            "(benchmarks/make_checkpoint.py: bf16, vision tower and MTP head included), "
+            "converted to 4-bit (group 64, bf16 elsewhere) by each tool in a fresh process. "
+            "Wall time and peak RSS (VmHWM of the converting process, polled every 20 ms from "
+            "outside) per run; the table shows the best of the repeats for each tool."
+        ),
+        "",
+        "| size | tool | wall s | peak RSS GiB | output GB | time vs mlx-lm | memory vs mlx-lm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in dict.fromkeys(r.size for r in runs):
+        best = {}
+        for r in runs:
+            if r.size == size:
+                b = best.get(r.tool)
+                best[r.tool] = Run(r.tool, size, min(r.seconds, b.seconds) if b else r.seconds,
+                                   min(r.peak_rss, b.peak_rss) if b else r.peak_rss,
+                                   r.output_bytes)  # fmt: skip
+        ref = best.get("mlx_lm")
+        for tool, r in best.items():
+            ratio_t = f"{r.seconds / ref.seconds:.2f}x" if ref else "-"
+            ratio_m = f"{r.peak_rss / ref.peak_rss:.2f}x" if ref else "-"
+            lines.append(f"| {size} | {tool} | {r.seconds:.1f} | {r.peak_rss / 2**30:.2f} | "
+                         f"{r.output_bytes / 1e9:.2f} | {ratio_t} | {ratio_m} |")  # fmt: skip
+    lines += ["", "All runs (wall s / peak RSS GiB):", ""]
+    for r in runs:
+        lines.append(f"- {r.size} {r.tool}: {r.seconds:.1f} s / {r.peak_rss / 2**30:.2f} GiB")
+    lines += ["", "Outputs hold identical tensors (names, dtypes, bytes): "
+              + ", ".join(f"{s}: {'yes' if v else 'no' if v is not None else 'not compared'}"
+                          for s, v in identical.items()), ""]  # fmt: skip
+    lines += ["Machine:", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="0.8b,4b")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--tools", default="mlxkit,mlx_lm")
+    ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    ap.add_argument("--no-write", action="store_true", help="do not update results/convert.md")
+    args = ap.parse_args()
+    info = machine()
+    work = Path(tempfile.mkdtemp(prefix="mlxkit-bench-", dir=args.work))
+    runs, identical = [], {}
+    try:
+        for size in args.sizes.split(","):
+            size_runs, identical[size] = run_size(size, work, args.repeats, args.tools.split(","))
+            runs += size_runs
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = report(runs, identical, info, sys.argv[1:])
+    print(text)
+    if not args.no_write:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
