@@ -7,7 +7,6 @@ raises ManifestError instead: the CLI exits 2 for bad input and 1 for a bundle t
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -73,7 +72,9 @@ def _check_files(root: Path, entries: list[dict]) -> list[str]:
         if not path.is_file():
             problems.append(f"{e['path']} is missing")
         elif path.stat().st_size != e["bytes"]:
-            problems.append(f"{e['path']} has {path.stat().st_size} bytes, manifest says {e['bytes']}")
+            problems.append(
+                f"{e['path']} has {path.stat().st_size} bytes, manifest says {e['bytes']}"
+            )
         elif sha256_file(path) != e["sha256"]:
             problems.append(f"{e['path']}: sha256 differs (corrupted or modified)")
     for path in sorted(root.rglob("*")):
@@ -84,23 +85,18 @@ def _check_files(root: Path, entries: list[dict]) -> list[str]:
 
 
 def _check_load(root: Path, manifest: dict) -> tuple[list[str], str]:
-    """model/ alone, then model/ with the drafter (through a temporary directory of links
-    laid out as mlxkit.load expects: the drafter in <model>/mtp)."""
-    from mlxkit.load import load_model
+    """model/ alone, then model/ with the bundle's drafter."""
+    from mlxkit.load import MTP_DIR, load_model
 
     model_dir = root / manifest["model"]["path"]
     try:
-        model = load_model(model_dir)
+        model = load_model(model_dir, drafter=model_dir / MTP_DIR)  # as a bare copy of model/
         detail = (f"model/ loads ({'with' if model.has_mtp else 'without'} MTP; names, shapes "
                   "and dtypes checked, weights memory-mapped)")  # fmt: skip
         mtp_path = manifest["model"].get("mtp_path")
         if mtp_path:
-            with tempfile.TemporaryDirectory() as tmp:
-                for f in model_dir.iterdir():
-                    (Path(tmp) / f.name).symlink_to(f.resolve())
-                (Path(tmp) / "mtp").symlink_to((root / mtp_path).resolve())
-                if not load_model(tmp).has_mtp:
-                    return [f"{mtp_path}/ did not provide the MTP head"], ""
+            if not load_model(model_dir, drafter=root / mtp_path).has_mtp:
+                return [f"{mtp_path}/ did not provide the MTP head"], ""
             detail += f"; with {mtp_path}/ it loads with the MTP head"
         return [], detail
     except MlxkitError as e:

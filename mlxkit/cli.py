@@ -84,7 +84,13 @@ def generate(
     click.echo(stats, err=True)
 
 
-main.add_command(__import__("mlxkit.convert.cli", fromlist=["convert"]).convert)
-main.add_command(__import__("mlxkit.ios_bridge.cli", fromlist=["tiers"]).tiers)
-main.add_command(__import__("mlxkit.ios_bridge.cli", fromlist=["plan_command"]).plan_command)
-main.add_command(__import__("mlxkit.ios_bridge.cli", fromlist=["bundle"]).bundle)
+def _register_subcommands() -> None:
+    """Subcommands that live beside the code they drive (imported here, after `main` exists)."""
+    from mlxkit.convert.cli import convert
+    from mlxkit.ios_bridge.cli import bundle, plan_command, tiers
+
+    for command in (convert, tiers, plan_command, bundle):
+        main.add_command(command)
+
+
+_register_subcommands()

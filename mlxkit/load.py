@@ -18,10 +18,12 @@ from mlxkit.errors import CheckpointError, ConfigError
 from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
 MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
+BUNDLE_MANIFEST = "manifest.json"  # an iPhone bundle: model/ and mtp/ side by side
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A local directory; "micro" names the small trained model shipped inside the package."""
+    """A local model directory; "micro" names the small trained model shipped inside the
+    package, and an iPhone bundle resolves to its model/."""
     if str(path) == "micro":
         from mlxkit.micro import micro_dir
 
@@ -29,7 +31,17 @@ def resolve_model_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a local model directory")
+    if (p / BUNDLE_MANIFEST).is_file() and (p / "model").is_dir():
+        return p / "model"
     return p
+
+
+def default_drafter_dir(path: str | Path) -> Path:
+    """Where the MTP drafter of a converted model lives: <model>/mtp, or a bundle's mtp/."""
+    model_dir = resolve_model_dir(path)
+    if model_dir.name == "model" and (model_dir.parent / BUNDLE_MANIFEST).is_file():
+        return model_dir.parent / MTP_DIR
+    return model_dir / MTP_DIR
 
 
 def load_config(model_dir: Path) -> TextConfig:
@@ -119,14 +131,17 @@ def _check_against_model(
             )
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
-    """The model alone. `dtype` (e.g. mx.float32) casts floating weights; A_log stays float32."""
+def load_model(
+    path: str | Path, dtype: mx.Dtype | None = None, drafter: str | Path | None = None
+) -> Model:
+    """The model alone. `dtype` (e.g. mx.float32) casts floating weights; A_log stays float32.
+    `drafter` overrides where a converted model's MTP drafter is looked for."""
     model_dir = resolve_model_dir(path)
     config = read_config(model_dir)
     cfg = load_config(model_dir)
     weights, origin = _read_weights(model_dir, cfg, dtype)
     quant = dict(config.get("quantization") or {})
-    drafter_dir = model_dir / MTP_DIR
+    drafter_dir = Path(drafter) if drafter is not None else default_drafter_dir(path)
     if drafter_dir.is_dir() and not any(p.startswith("mtp.") for p in weights):
         mtp_weights, mtp_origin, mtp_quant = _read_mtp_drafter(drafter_dir, dtype)
         weights.update(mtp_weights)
