@@ -1,4 +1,4 @@
-"""Writes ios_bridge/README_SECTION.md (merged into the README by the lead) from the planner,
+"""Writes the README's iPhone section (between its `ios-section` markers) from the planner,
 so the memory table can never disagree with `mlxkit plan`.
 
     python ios_bridge/make_readme_table.py          # rewrite the section
@@ -22,7 +22,8 @@ from mlxkit.ios_bridge.plan import (
 )
 from mlxkit.ios_bridge.roofline import EFFICIENCY
 
-SECTION = Path(__file__).parent / "README_SECTION.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- ios-section:begin -->\n", "<!-- ios-section:end -->\n"
 SIZES = ("0.8b", "2b", "4b", "9b")
 TARGETS = ("iphone12", "iphone13pro", "iphone15", "iphone15pro", "iphone16pro", "iphone17pro")
 REFERENCE_CONTEXT = 4096
@@ -128,19 +129,28 @@ on a device. Confirm with Xcode's memory gauge before shipping.
 """
 
 
+def current_section() -> str:
+    """The README's text between the markers."""
+    readme = README.read_text()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"{README} has no {BEGIN.strip()} ... {END.strip()} markers")
+    return readme.split(BEGIN, 1)[1].split(END, 1)[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true", help="exit 1 if the section is stale")
     args = ap.parse_args()
     text = render()
+    current = current_section()
     if args.check:
-        current = SECTION.read_text() if SECTION.is_file() else ""
         if current != text:
-            print(f"{SECTION} is out of date: run python {Path(__file__).name}", file=sys.stderr)
+            print(f"{README}'s iPhone section is out of date: run python {Path(__file__).name}",
+                  file=sys.stderr)  # fmt: skip
             return 1
         return 0
-    SECTION.write_text(text)
-    print(f"wrote {SECTION}")
+    README.write_text(README.read_text().replace(BEGIN + current + END, BEGIN + text + END))
+    print(f"updated the iPhone section of {README}")
     return 0
 
 
