@@ -4,6 +4,9 @@ repeats, MTP acceptance, ratio of medians to mlx-lm) and a breakdown of one MTP 
 
     python benchmarks/decode.py --model tests/fixtures/tiny_untied --model micro
 
+Each checkpoint is first converted with `mlxkit convert` (4-bit by default, `--no-quantize`
+for bf16) into a temporary directory, and every engine loads that same directory: mlx-lm and
+mlxkit read the MLX layout, mlx-vlm reads it plus the MTP drafter in its `mtp/`.
 Tokens/s is measured the same way for every engine: from the first generated token to the
 last, so prompt processing is excluded. Greedy decoding throughout.
 """
@@ -13,11 +16,16 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_vlm_mtp import mlx_vlm_mtp_stream
+from mlxkit.convert import convert
+
+from mlxkit.load import resolve_model_dir
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -54,9 +62,7 @@ def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
 def bench_mlx_lm(path: str, max_tokens: int):
     from mlx_lm import load, stream_generate
 
-    from mlxkit.load import resolve_model_dir
-
-    model, tokenizer = load(str(resolve_model_dir(path)))
+    model, tokenizer = load(path)
 
     def run():
         tps, n, _ = timed(
@@ -69,7 +75,6 @@ def bench_mlx_lm(path: str, max_tokens: int):
 
 def bench_mlx_vlm_mtp(path: str, max_tokens: int, k: int):
     """mlx-vlm's speculative path with our converter's MTP drafter (`OUT/mtp`)."""
-    from benchmarks.mlx_vlm_mtp import mlx_vlm_mtp_stream
 
     stream, acceptance = mlx_vlm_mtp_stream(path, PROMPT, max_tokens, k)
 
@@ -147,21 +152,23 @@ def main() -> None:
     )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--drafter", help="converted model dir with mtp/ for mlx-vlm's MTP path")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--no-quantize", action="store_true", help="convert to bf16 instead")
     ap.add_argument("--out", help="write the markdown report here too")
     args = ap.parse_args()
 
     report = [f"Machine: {machine()}", ""]
-    for path in args.model:
+    for source in args.model:
+        tmp = tempfile.TemporaryDirectory()
+        path = str(Path(tmp.name) / "converted")
+        convert(resolve_model_dir(source), path, bits=args.bits, quantize=not args.no_quantize,
+                quiet=True)  # fmt: skip
         engines = [("mlx-lm stream_generate", bench_mlx_lm(path, args.max_tokens))]
         engines.append(("mlxkit plain", bench_mlxkit(path, args.max_tokens, False, 1)))
         for k in (1, 2, 3):
             engines.append((f"mlxkit MTP k={k}", bench_mlxkit(path, args.max_tokens, True, k)))
-        if args.drafter:
-            for k in (1, 2):
-                engines.append(
-                    (f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(args.drafter, args.max_tokens, k))
-                )
+        for k in (1, 2):
+            engines.append((f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(path, args.max_tokens, k)))
         rows = []
         for name, run in engines:
             run()  # warm-up: compile caches, first-touch of weights
@@ -169,8 +176,12 @@ def main() -> None:
             tps = sorted(r[0] for r in results)
             rows.append((name, tps, results[-1][1], results[-1][2]))
         base = statistics.median(rows[0][1])
+        weights = "bf16" if args.no_quantize else f"{args.bits}-bit"
         report += [
-            f"### {path} ({args.max_tokens} new tokens max, {args.repeats} repeats, greedy)",
+            (
+                f"### {source}, converted to {weights} ({args.max_tokens} new tokens max, "
+                f"{args.repeats} repeats, greedy)"
+            ),
             "",
             "| engine | tokens/s min | median | max | tokens | acceptance | × mlx-lm |",
             "|---|---|---|---|---|---|---|",
@@ -184,6 +195,7 @@ def main() -> None:
         report += ["", "Where the time of an MTP round (k=2) goes, ms per piece:", ""]
         report += [f"- {label}: {value:.2f} ms" for label, value in round_breakdown(path, 2)]
         report.append("")
+        tmp.cleanup()
     text = "\n".join(report)
     print(text)
     if args.out:

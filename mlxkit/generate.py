@@ -144,7 +144,9 @@ def _prefill(model: Model, cache: PromptCache, new_tokens: list[int], chunk: int
     return hidden[:, -1:]
 
 
-def _pick(logits: mx.array, history: list[int], params: SamplingParams, key: mx.array) -> mx.array:
+def _pick(
+    logits: mx.array, history: list[int], params: SamplingParams, key: mx.array | None
+) -> mx.array:
     logits = apply_repetition_penalty(logits, history, params)
     return logits.argmax(-1) if params.greedy else sample(probs(logits, params), key)
 
@@ -249,7 +251,9 @@ def stream_generate(
     pending_next = cache.tokens[len(cache.tokens) - cache.mtp_pending.shape[1] + 1 :]
     y_int = y.item()
     while True:
-        key, k_draft, k_accept = mx.random.split(key, 3)
+        if not params.greedy:  # greedy rounds draw nothing
+            key, k_draft, k_accept = mx.random.split(key, 3)
+            draft_keys = mx.random.split(k_draft, num_draft)
         history = tokens + produced
         n_drafts = num_draft
         # 1. draft
@@ -257,7 +261,6 @@ def stream_generate(
             cache.mtp_pending, mx.array([pending_next + [y_int]]), cache.mtp
         )
         drafts, qs = [], []
-        draft_keys = mx.random.split(k_draft, n_drafts)
         for j in range(n_drafts):
             lq = logits_q[0, -1]
             if params.greedy:
@@ -329,10 +332,11 @@ def _plain_decode(
 
     pipelined = params.repetition_penalty == 1.0  # the penalty needs the token's value first
     while True:
-        key, sub = mx.random.split(key)
+        if not params.greedy:
+            key, sub = mx.random.split(key)
         token = y.item()
         history = tokens + produced + [token]
-        nxt = step(y, history, sub)
+        nxt = step(y, history, None if params.greedy else sub)
         if pipelined:
             mx.async_eval(nxt)
         cache.tokens.append(token)

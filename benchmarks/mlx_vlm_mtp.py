@@ -1,0 +1,49 @@
+"""mlx-vlm's MTP speculative decoding (what `mlx_vlm.generate --draft-model OUT/mtp
+--draft-kind mtp` runs), driven through its `generate_step` on a model converted by
+`mlxkit convert` (main model in OUT, drafter in OUT/mtp), for benchmarks/decode.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+
+
+def mlx_vlm_mtp_stream(
+    converted_dir: str, prompt: str, max_tokens: int, num_draft: int
+) -> tuple[Callable[[], Iterator[int]], Callable[[], float]]:
+    """(a function returning a fresh token stream, the acceptance of the last stream)."""
+    import mlx_vlm
+    from mlx_vlm.generate.ar import generate_step
+    from mlx_vlm.speculative.drafters import load_drafter
+
+    from mlxkit.tokenizer import load_tokenizer
+
+    model, _ = mlx_vlm.load(converted_dir)
+    drafter, kind = load_drafter(f"{converted_dir}/mtp", kind="mtp")
+    ids = mx.array([load_tokenizer(converted_dir).encode(prompt)])
+    eos = set(load_tokenizer(converted_dir).eos_token_ids)
+    counts = {"drafted": 0, "accepted": 0}
+
+    def stream() -> Iterator[int]:
+        drafter.accept_lens.clear()
+        drafter.draft_lens.clear()
+        n = 0
+        for token, _ in generate_step(ids, model, None, None, max_tokens=max_tokens,
+                                      temperature=0.0, draft_model=drafter, draft_kind=kind,
+                                      draft_block_size=num_draft + 1):  # fmt: skip
+            for t in mx.array(token).reshape(-1).tolist():
+                yield t
+                n += 1
+                if t in eos or n >= max_tokens:
+                    counts["drafted"], counts["accepted"] = (
+                        sum(drafter.draft_lens),
+                        sum(drafter.accept_lens),
+                    )
+                    return
+        counts["drafted"], counts["accepted"] = sum(drafter.draft_lens), sum(drafter.accept_lens)
+
+    def acceptance() -> float:
+        return counts["accepted"] / counts["drafted"] if counts["drafted"] else 0.0
+
+    return stream, acceptance
