@@ -52,13 +52,14 @@ def convert(
     """Convert a Qwen 3.5 checkpoint to an MLX model directory (4-bit by default), in
     bounded memory, keeping the MTP head as a drafter in OUT/mtp/."""
     from mlxkit.convert.converter import convert as run
-    from mlxkit.convert.source import resolve_local, resolve_size
+    from mlxkit.convert.source import Size, resolve_local
 
     if (hf_path is None) == (size is None):
         raise MlxkitError("pass exactly one of --hf-path DIR or --size SIZE")
     if no_quantize and (bits is not None or group_size is not None):
         raise MlxkitError("--bits / --group-size have no effect with --no-quantize")
-    source = resolve_local(hf_path) if hf_path is not None else resolve_size(size)
+    # --size is resolved (downloaded, if need be) inside convert(), after every other check
+    source = resolve_local(hf_path) if hf_path is not None else Size(size)
     if target is not None or memory_budget is not None:
         from mlxkit.ios_bridge.cli import convert_to_bundle
 

@@ -44,7 +44,7 @@ from .layout import (
 )
 from .quantize import Recipe, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
-from .source import Source, resolve_source
+from .source import Size, Source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 
 MTP_DIR = "mtp"
@@ -87,7 +87,7 @@ class ConvertResult:
 
 
 def convert(
-    src: str | Path | Source,
+    src: str | Path | Source | Size,
     dst: str | Path | None = None,
     *,
     bits: int | None = None,
@@ -110,6 +110,8 @@ def convert(
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
+    if dst is not None:  # before a --size download, not after it
+        _check_existing(Path(dst).expanduser().absolute(), force)
     source = resolve_source(src)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp)
     planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype)
@@ -122,6 +124,7 @@ def convert(
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
     tmp.mkdir(parents=True)
     try:
         with _progress(planned, quiet) as advance:
@@ -129,21 +132,18 @@ def convert(
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules)
         _replace(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise MlxkitError(f"{out.parent}: disk full while writing; nothing was left "
                               "behind — free some space and run again") from None  # fmt: skip
         raise
 
     by_part = bytes_by_part(planned)
-    main_params = sum(
-        math.prod(shape) for path, shape in model_parameters(ckpt.cfg, include_mtp=False)
-    )
     result = ConvertResult(
         output=out,
         mtp_dir=out / MTP_DIR if ckpt.has_mtp else None,
         bytes_by_part=by_part,
-        bits_per_weight=(by_part["embeddings"] + by_part["layers"]) * 8 / main_params,
+        bits_per_weight=(by_part["embeddings"] + by_part["layers"]) * 8 / _weight_count(ckpt),
         seconds=time.perf_counter() - t0,
         peak_memory=_peak_rss(),
         tensors=len(planned),
@@ -168,6 +168,10 @@ def _check_output(out: Path, source_dir: Path, force: bool) -> None:
     src = source_dir.resolve()
     if out.resolve() == src or src.is_relative_to(out.resolve()):
         raise MlxkitError(f"{out}: the output would replace the source checkpoint")
+    _check_existing(out, force)
+
+
+def _check_existing(out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if not force:
             raise MlxkitError(f"{out} already exists; pass --force to replace it")
@@ -208,8 +212,8 @@ def _write_weights(
     memory stays bounded."""
     main = [t for t in planned if t.part != "mtp"]
     drafter = [t for t in planned if t.part == "mtp"]
-    main_params = sum(math.prod(s) for _, s in model_parameters(ckpt.cfg, include_mtp=False))
-    writers = {"main": ShardedWriter(out, main, index_metadata={"total_parameters": main_params})}
+    writers = {"main": ShardedWriter(out, main,
+                                     index_metadata={"total_parameters": _weight_count(ckpt)})}
     if drafter:
         (out / MTP_DIR).mkdir()
         writers["mtp"] = ShardedWriter(
@@ -269,6 +273,11 @@ def _write_weights(
         mx.set_cache_limit(old_cache)
         mx.clear_cache()
     return rules
+
+
+def _weight_count(ckpt: SourceCheckpoint) -> int:
+    """Weights of the main model (embeddings + layers), counted before quantization."""
+    return sum(math.prod(s) for _, s in model_parameters(ckpt.cfg, include_mtp=False))
 
 
 def _write_pieces(writer: ShardedWriter, start: int, pieces: list[tuple[str, mx.array]]) -> int:
@@ -356,7 +365,12 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

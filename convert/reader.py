@@ -118,11 +118,11 @@ def read_raw_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
     """The bytes of rows [start, stop), copied into MLX memory as their numpy carrier dtype
     (uint16 for bf16). Creates no MLX operation, so it may run on any thread. The file is
     memory-mapped for this range only, and unmapped when the copy is done."""
-    np_dtype, mx_dtype = SOURCE_DTYPES[info.dtype]
+    np_dtype = SOURCE_DTYPES[info.dtype][0]
     shape = (stop - start, *info.shape[1:]) if info.shape else ()
     count = math.prod(shape)
     if count == 0:
-        return mx.zeros(shape, dtype=mx_dtype)
+        return mx.array(np.zeros(shape, dtype=np_dtype))
     offset = info.start + start * row_bytes(info)
     # The map is unreferenced (hence unmapped) as soon as this statement is done.
     return mx.array(

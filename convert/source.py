@@ -22,15 +22,24 @@ class Source:
     name: str  # for the default output name: "Qwen3.5-2B", or the directory's name
 
 
+@dataclass(frozen=True)
+class Size:
+    """A size name to resolve (and maybe download) only once everything else is checked."""
+
+    name: str
+
+
 def size_names() -> list[str]:
     return [*HUB_REPOS, MICRO]
 
 
-def resolve_source(src: str | Path | Source) -> Source:
+def resolve_source(src: str | Path | Source | Size) -> Source:
     """A local directory if `src` is one; otherwise a size name ("0.8b", "2b", "4b", "9b",
     "micro"); anything else is an error that says what would work."""
     if isinstance(src, Source):
         return src
+    if isinstance(src, Size):
+        return resolve_size(src.name)
     path = Path(src).expanduser()
     if path.is_dir():
         return resolve_local(path)

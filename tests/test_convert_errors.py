@@ -163,6 +163,25 @@ def test_existing_output_without_force(tmp_path):
     assert_nothing_left(tmp_path, {"out"})
 
 
+def test_size_checks_options_and_output_before_downloading(tmp_path, monkeypatch):
+    from mlxkit.convert import source
+
+    monkeypatch.setattr(source, "download", lambda repo: pytest.fail("downloaded"))
+    (tmp_path / "out").mkdir()
+    assert_one_line_error(run_cli(["--size", "2b", "-o", str(tmp_path / "out")]), "already exists")
+    assert_one_line_error(run_cli(["--size", "2b", "--bits", "7"]), "bits must be one of")
+
+
+def test_missing_parent_directories_are_made_and_cleaned_up(tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b" / "out"
+    assert convert(FIXTURES / "tiny_tied", out, quiet=True).output == out
+    monkeypatch.setattr(writer_module.ShardedWriter, "close",
+                        lambda self: (_ for _ in ()).throw(KeyboardInterrupt))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        convert(FIXTURES / "tiny_tied", tmp_path / "x" / "y" / "out", quiet=True)
+    assert_nothing_left(tmp_path, {"a"})
+
+
 def test_output_never_replaces_the_source(tmp_path):
     src = copy_fixture(tmp_path)
     result = run_cli(["--hf-path", str(src), "-o", str(src), "--force"])
