@@ -384,7 +384,7 @@ def _progress(planned: list[PlannedTensor], quiet: bool) -> Iterator:
     if quiet or not sys.stderr.isatty():
         yield lambda n, tensor_done=False: None
         return
-    sources = len({t.path.removesuffix(".scales").removesuffix(".biases") for t in planned})
+    sources = sum(1 for t in planned if not t.path.endswith((".scales", ".biases")))
     done = [0]
 
     def label(_item=None) -> str:

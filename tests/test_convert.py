@@ -363,3 +363,37 @@ def test_result_reports_bytes_bits_time_and_memory(converted, tmp_path):
     assert result.seconds > 0 and result.peak_memory > 10e6
     assert result.mtp_dir == tmp_path / "o" / "mtp"
     assert math.isclose(sum(result.bytes_by_part.values()), result.total_bytes)
+
+
+def test_size_resolves_through_the_hub_cache_and_names_the_output(tmp_path, monkeypatch):
+    """--size goes through huggingface_hub's snapshot_download (here a stand-in returning a
+    local snapshot), and the default output is named after the repo."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from mlxkit.cli import main
+
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs))
+        return str(FIXTURES / "tiny_tied")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["convert", "--size", "2b", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert asked[0][0] == "Qwen/Qwen3.5-2B" and "*.safetensors" in asked[0][1]["allow_patterns"]
+    assert (tmp_path / "Qwen3.5-2B-4bit" / "mtp" / "config.json").is_file()
+
+
+def test_size_micro_resolves_through_mlxkit_load(tmp_path, monkeypatch):
+    import importlib
+
+    load_module = importlib.import_module("mlxkit.load")  # `mlxkit.load` is also a function
+    monkeypatch.setattr(load_module, "resolve_model_dir", lambda name: FIXTURES / "tiny_untied")
+    monkeypatch.chdir(tmp_path)
+    from mlxkit.convert.source import Size
+
+    result = convert(Size("micro"), quiet=True, recipe="quality")
+    assert result.output == tmp_path / "micro-quality-4bit"
