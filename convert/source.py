@@ -24,9 +24,15 @@ class Source:
 
 @dataclass(frozen=True)
 class Size:
-    """A size name to resolve (and maybe download) only once everything else is checked."""
+    """A size to resolve (and maybe download) only once everything else is checked."""
 
-    name: str
+    size: str
+
+    @property
+    def name(self) -> str:
+        """The name `Source.name` will have (for default output names): "Qwen3.5-2B"."""
+        repo = HUB_REPOS.get(self.size.lower())
+        return repo.split("/")[-1] if repo else self.size.lower()
 
 
 def size_names() -> list[str]:
@@ -39,7 +45,7 @@ def resolve_source(src: str | Path | Source | Size) -> Source:
     if isinstance(src, Source):
         return src
     if isinstance(src, Size):
-        return resolve_size(src.name)
+        return resolve_size(src.size)
     path = Path(src).expanduser()
     if path.is_dir():
         return resolve_local(path)
