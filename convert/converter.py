@@ -32,6 +32,7 @@ import mlx.core as mx
 
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.info import human_bytes
+from mlxkit.load import MTP_DIR
 from mlxkit.models.qwen3_5 import sanitize_tensor
 
 from .layout import (
@@ -47,7 +48,6 @@ from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
 from .source import Size, Source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 
-MTP_DIR = "mtp"
 CHUNK_BYTES = 32 << 20  # source bytes per chunk: large enough for fast I/O, small for RSS
 READ_AHEAD = 2  # chunks read ahead of, and waiting to be written behind, the one quantized
 DISK_MARGIN = 64 << 20
@@ -181,9 +181,14 @@ def _check_existing(out: Path, force: bool) -> None:
 
 def _check_disk(out: Path, planned: list[PlannedTensor], source_dir: Path) -> None:
     parent = next(p for p in [out.parent, *out.parent.parents] if p.exists())
-    need = sum(t.nbytes for t in planned) + sum(
-        (source_dir / f).stat().st_size for f in TOKENIZER_FILES if (source_dir / f).is_file()
-    ) * 2 + DISK_MARGIN
+    need = (
+        sum(t.nbytes for t in planned)
+        + sum(
+            (source_dir / f).stat().st_size for f in TOKENIZER_FILES if (source_dir / f).is_file()
+        )
+        * 2
+        + DISK_MARGIN
+    )
     free = shutil.disk_usage(parent).free
     if free < need:
         raise MlxkitError(
@@ -212,8 +217,9 @@ def _write_weights(
     memory stays bounded."""
     main = [t for t in planned if t.part != "mtp"]
     drafter = [t for t in planned if t.part == "mtp"]
-    writers = {"main": ShardedWriter(out, main,
-                                     index_metadata={"total_parameters": _weight_count(ckpt)})}
+    writers = {
+        "main": ShardedWriter(out, main, index_metadata={"total_parameters": _weight_count(ckpt)})
+    }
     if drafter:
         (out / MTP_DIR).mkdir()
         writers["mtp"] = ShardedWriter(
@@ -408,9 +414,7 @@ def _progress(planned: list[PlannedTensor], quiet: bool) -> Iterator:
 
 
 def format_summary(result: ConvertResult, mtp_wanted: bool = True) -> str:
-    parts = ", ".join(
-        f"{part} {human_bytes(n)}" for part, n in result.bytes_by_part.items() if n
-    )
+    parts = ", ".join(f"{part} {human_bytes(n)}" for part, n in result.bytes_by_part.items() if n)
     quant = result.quantization
     how = "not quantized" if quant is None else (
         f"{quant['bits']}-bit affine, group {quant['group_size']}"
@@ -431,4 +435,3 @@ def format_summary(result: ConvertResult, mtp_wanted: bool = True) -> str:
 def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from mlxkit import __version__
 from mlxkit.errors import MlxkitError
+from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
+from mlxkit.load import MTP_DIR
 from mlxkit.models.qwen3_5 import TextConfig
 
 from .devices import ENTITLEMENT, Target, resolve_target
@@ -32,8 +34,6 @@ from .xcode import write_xcode
 
 DEFAULT_CONTEXT = 4096  # what an automatic choice must leave room for, when it can
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
-MODEL_DIR = "model"
-MTP_DIR = "mtp"
 MANIFEST_ALLOWANCE = 1 << 20  # bytes counted for manifest.json in the download sizes
 
 
@@ -83,7 +83,7 @@ def _source_info(directory: Path) -> dict:
     parts = directory.resolve().parts
     repo = revision = None
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        repo = parts[-3][len("models--"):].replace("--", "/")
+        repo = parts[-3][len("models--") :].replace("--", "/")
         revision = parts[-1]
     return {"path": str(directory.resolve()), "repo": repo, "revision": revision}
 
@@ -110,8 +110,11 @@ def make_manifest(p: Plan, source: dict, has_mtp_dir: bool) -> dict:
         "entitlement_required": p.entitlement_required,
         "entitlements": [ENTITLEMENT] if p.entitlement_required else [],
         "quantization": d["quantization"],
-        "mtp": {"included": has_mtp_dir, "path": MTP_DIR if has_mtp_dir else None,
-                "num_draft": p.settings.num_draft},
+        "mtp": {
+            "included": has_mtp_dir,
+            "path": MTP_DIR if has_mtp_dir else None,
+            "num_draft": p.settings.num_draft,
+        },
         "max_context": p.context,
         "largest_context_that_fits": p.max_context,
         "prefill_chunk": p.settings.prefill_chunk,

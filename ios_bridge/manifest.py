@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 from mlxkit.errors import MlxkitError
+from mlxkit.load import BUNDLE_MANIFEST as MANIFEST
 
 SCHEMA_VERSION = 1
 FORMAT = "mlxkit-ios-bundle"
-MANIFEST = "manifest.json"
 
 # Required keys → type, nested dicts for sub-objects. `list` / `dict` are not looked into.
 SCHEMA: dict = {
@@ -38,8 +38,13 @@ SCHEMA: dict = {
     "min_ios": str,
     "entitlement_required": bool,
     "entitlements": list,
-    "quantization": {"recipe": str, "bits": int, "group_size": int, "dtype": str,
-                     "bits_per_part": dict},
+    "quantization": {
+        "recipe": str,
+        "bits": int,
+        "group_size": int,
+        "dtype": str,
+        "bits_per_part": dict,
+    },
     "mtp": {"included": bool, "path": (str, type(None)), "num_draft": int},
     "max_context": int,
     "prefill_chunk": int,
@@ -108,9 +113,7 @@ def schema_errors(data: dict, schema: dict = SCHEMA, where: str = "") -> list[st
                 errors.append(f"{name}: expected an object")
             else:
                 errors += schema_errors(data[key], kind, name + ".")
-        elif not isinstance(data[key], kind) or (
-            kind is int and isinstance(data[key], bool)
-        ):
+        elif not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
             errors.append(f"{name}: expected {getattr(kind, '__name__', kind)}")
     if not where:
         if data.get("schema_version") not in (None, SCHEMA_VERSION):

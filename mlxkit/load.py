@@ -19,6 +19,7 @@ from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
 MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
 BUNDLE_MANIFEST = "manifest.json"  # an iPhone bundle: model/ and mtp/ side by side
+BUNDLE_MODEL_DIR = "model"
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -31,15 +32,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a local model directory")
-    if (p / BUNDLE_MANIFEST).is_file() and (p / "model").is_dir():
-        return p / "model"
+    if (p / BUNDLE_MANIFEST).is_file() and (p / BUNDLE_MODEL_DIR).is_dir():
+        return p / BUNDLE_MODEL_DIR
     return p
 
 
 def default_drafter_dir(path: str | Path) -> Path:
     """Where the MTP drafter of a converted model lives: <model>/mtp, or a bundle's mtp/."""
     model_dir = resolve_model_dir(path)
-    if model_dir.name == "model" and (model_dir.parent / BUNDLE_MANIFEST).is_file():
+    if model_dir.name == BUNDLE_MODEL_DIR and (model_dir.parent / BUNDLE_MANIFEST).is_file():
         return model_dir.parent / MTP_DIR
     return model_dir / MTP_DIR
 
