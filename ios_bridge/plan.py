@@ -13,11 +13,11 @@ the cache grows + activation peak + runtime reserve + MLX buffer-cache limit.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit.load import load_config, resolve_model_dir
 from mlxkit.models.qwen3_5 import TextConfig
 from mlxkit.presets import HUB_REPOS, sizes, text_config
 
@@ -153,18 +153,16 @@ def resolve_config(size_or_config: str | Path | dict | TextConfig) -> tuple[Text
     if name.lower() in sizes():
         return TextConfig.from_dict(text_config(name.lower())), _label(None, name.lower())
     path = Path(name).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
+    if path.name == "config.json" and path.is_file():
+        path = path.parent
+    if name != "micro" and not path.is_dir():
         raise ConfigError(
-            f"{name!r} is neither a size ({', '.join(sizes())}) nor a model directory "
+            f"{name!r} is neither a size ({', '.join(sizes())}, micro) nor a model directory "
             "with a config.json"
         )
-    try:
-        cfg = TextConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return cfg, _label(cfg, None, path.parent.name)
+    model_dir = resolve_model_dir(name if name == "micro" else path)
+    cfg = load_config(model_dir)
+    return cfg, _label(cfg, None, model_dir.name)
 
 
 def _label(cfg: TextConfig | None, size: str | None, fallback: str = "custom") -> str:
