@@ -382,7 +382,8 @@ def verify_mlx(out_dir: Path, model, held_stream: np.ndarray, n_windows: int) ->
     from mlxkit.load import load_model
 
     mm = load_model(out_dir, dtype=mx.float32)
-    max_diff = 0.0
+    max_diff = nll = 0.0
+    n_nll = 0
     acc = n_acc = 0
     torch_acc = 0
     for w in range(n_windows):
@@ -396,7 +397,11 @@ def verify_mlx(out_dir: Path, model, held_stream: np.ndarray, n_windows: int) ->
         acc += int((dr[:-1].argmax(-1) == lg[1:-1].argmax(-1)).sum())
         torch_acc += int((td[:-1].argmax(-1) == tl[1:-1].argmax(-1)).sum())
         n_acc += len(seq) - 2
+        lse = np.log(np.exp(lg[:-1] - lg[:-1].max(-1, keepdims=True)).sum(-1)) + lg[:-1].max(-1)
+        nll += float((lse - lg[:-1][np.arange(len(seq) - 1), seq[1:]]).sum())
+        n_nll += len(seq) - 1
     return {
+        "loss_mlx": nll / n_nll,
         "max_abs_logit_diff": max_diff,
         "acceptance_mlx": acc / n_acc,
         "acceptance_torch": torch_acc / n_acc,
@@ -444,7 +449,8 @@ Parameters ({total:,} in all):
 - {steps} steps × {batch} sequences × {seq_len} tokens ({seen:,} tokens, {epochs:.1f} epochs),
   AdamW (β 0.9/0.95, weight decay 0.1), lr {lr} with 5% warmup and cosine decay to 10%,
   seed {seed}.
-- Time: {train_min:.1f} min of training ({total_min:.1f} min for the whole script) on {machine},
+- Time: {train_min:.1f} min of training (plus {other_min:.1f} min for tokenizer, evaluation and
+  saving) on {machine},
   torch {torch_ver} with {threads} threads, transformers {tf_ver}.
 
 Loss curve (training loss averaged over each interval; held-out on 6 windows):
@@ -459,7 +465,7 @@ Evaluated on {eval_tokens:,} held-out tokens in windows of {eval_len}:
 
 | | torch (transformers) | mlxkit (MLX, float32 load) |
 |---|---|---|
-| next-token loss (nats) | {loss:.3f} | |
+| next-token loss (nats) | {loss:.3f} | {loss_mlx} |
 | next-token top-1 | {top1:.3f} | |
 | MTP loss vs token t+2 | {mtp_loss:.3f} | |
 | MTP greedy acceptance, 1 draft token | {acceptance:.3f} | {acc_mlx} |
@@ -468,11 +474,16 @@ Acceptance is the fraction of positions i where the MTP draft's argmax from (h_i
 equals the main model's argmax at position i+1 given the true prefix — the draft tokens greedy
 speculative decoding accepts. MLX check: {mlx_line}
 
-Greedy sample from `def fibonacci(n):`
+Greedy sample (48 new tokens, bf16 weights in torch):
 
 ```python
 {sample}
 ```
+
+Limitations: a 2.3M-parameter model trained for 45 minutes on 1.3M tokens. It writes
+indented, mostly well-formed Python but repeats itself under greedy decoding and knows no
+semantics. The training time was measured on a 2-core machine shared with other jobs (an
+uncontended pilot ran at about 2,500 tokens/s, twice the rate achieved here).
 
 ## Reproduce
 
@@ -570,8 +581,11 @@ def main() -> None:
         saved = torch.load(args.load_trained)
         model.load_state_dict(saved["state"])
         result = saved["result"]
+        t_train = 0.0
     else:
+        t0 = time.time()
         result = train(model, train_stream, held_stream, args)
+        t_train = time.time() - t0
         if args.pilot_seconds:
             return
         if args.save_trained:
@@ -585,7 +599,7 @@ def main() -> None:
         f"MTP acceptance {ev['acceptance']:.4f}",
         flush=True,
     )
-    prompt = "def fibonacci(n):"
+    prompt = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
     sample = prompt + tk.decode(greedy(model, tk.encode(prompt).ids, 48))
     print(sample, flush=True)
 
@@ -604,7 +618,7 @@ def main() -> None:
     print(f"saved {out_dir} ({file_mb:.2f} MB safetensors)", flush=True)
 
     try:
-        mlx_check = verify_mlx(out_dir, model, held_stream, min(8, args.eval_windows))
+        mlx_check = verify_mlx(out_dir, model, held_stream, args.eval_windows)
         mlx_line = (
             f"on {mlx_check['tokens']:,} held-out tokens the largest |logit difference| "
             f"(main and MTP) between mlxkit and transformers is "
@@ -612,9 +626,10 @@ def main() -> None:
             f"{mlx_check['acceptance_mlx']:.3f} (MLX) vs {mlx_check['acceptance_torch']:.3f} "
             f"(torch)."
         )
-        acc_mlx = f"{mlx_check['acceptance_mlx']:.3f} (first {mlx_check['tokens']:,} tokens)"
+        acc_mlx = f"{mlx_check['acceptance_mlx']:.3f}"
+        loss_mlx = f"{mlx_check['loss_mlx']:.3f}"
     except ImportError as e:
-        mlx_line, acc_mlx = f"not run (no MLX: {e}).", "not run"
+        mlx_line, acc_mlx, loss_mlx = f"not run (no MLX: {e}).", "not run", "not run"
     print("MLX check:", mlx_line, flush=True)
 
     import transformers
@@ -653,7 +668,7 @@ def main() -> None:
         "lr": args.lr,
         "seed": args.seed,
         "train_min": result["seconds"] / 60,
-        "total_min": (time.time() - t_start) / 60,
+        "other_min": (time.time() - t_start - t_train) / 60,
         "machine": f"{platform.machine()} CPU ({platform.system()}), {args.threads} cores shared",
         "torch_ver": torch.__version__,
         "threads": args.threads,
@@ -666,6 +681,7 @@ def main() -> None:
         "mtp_loss": ev["mtp_loss"],
         "acceptance": ev["acceptance"],
         "acc_mlx": acc_mlx,
+        "loss_mlx": loss_mlx,
         "mlx_line": mlx_line,
         "sample": sample,
         "command": command,
