@@ -22,24 +22,39 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_vlm_mtp import mlx_vlm_mtp_stream
+from mlx_vlm_mtp import mlx_vlm_mtp_generator
 from mlxkit.convert import convert
 
 from mlxkit.load import resolve_model_dir
 
-PROMPT = "def fibonacci(n):\n    "
+PROMPTS = [
+    "def fibonacci(n):\n    ",
+    "import os\nimport sys\n\n\ndef main(argv):\n    ",
+    "class Stack:\n    def __init__(self):\n        ",
+]
 
 
-def timed(stream: Iterable, get_token: Callable) -> tuple[float, int, object]:
-    """tokens/s after the first token, token count, and the last item of the stream."""
+def timed(stream: Iterable) -> tuple[int, float, object]:
+    """Tokens after the first, the seconds they took, and the last item of the stream."""
     n, t_first, last = 0, None, None
     for last in stream:
-        get_token(last)
         n += 1
         if t_first is None:
             t_first = time.perf_counter()
-    elapsed = time.perf_counter() - t_first
-    return (n - 1) / elapsed if n > 1 else 0.0, n, last
+    return n - 1, time.perf_counter() - t_first, last
+
+
+def over_prompts(one: Callable[[str], tuple[int, float, int, int]]):
+    """A run: every prompt once; tokens/s over all of them, total tokens, acceptance."""
+
+    def run():
+        n = seconds = drafted = accepted = 0
+        for prompt in PROMPTS:
+            dn, ds, dd, da = one(prompt)
+            n, seconds, drafted, accepted = n + dn, seconds + ds, drafted + dd, accepted + da
+        return n / seconds, n + len(PROMPTS), accepted / drafted if drafted else None
+
+    return run
 
 
 def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
@@ -47,16 +62,14 @@ def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
 
     model, tokenizer = mlxkit.load(path)
 
-    def run():
-        tps, n, last = timed(
-            mlxkit.stream_generate(
-                model, tokenizer, PROMPT, max_tokens=max_tokens, mtp=mtp, num_draft=k
-            ),
-            lambda r: r.token,
+    def one(prompt: str):
+        stream = mlxkit.stream_generate(
+            model, tokenizer, prompt, max_tokens=max_tokens, mtp=mtp, num_draft=k
         )
-        return tps, n, last.acceptance if mtp else None
+        n, seconds, last = timed(stream)
+        return n, seconds, last.drafted, last.accepted
 
-    return run
+    return over_prompts(one)
 
 
 def bench_mlx_lm(path: str, max_tokens: int):
@@ -64,25 +77,23 @@ def bench_mlx_lm(path: str, max_tokens: int):
 
     model, tokenizer = load(path)
 
-    def run():
-        tps, n, _ = timed(
-            stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens), lambda r: r.token
-        )
-        return tps, n, None
+    def one(prompt: str):
+        n, seconds, _ = timed(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
+        return n, seconds, 0, 0
 
-    return run
+    return over_prompts(one)
 
 
 def bench_mlx_vlm_mtp(path: str, max_tokens: int, k: int):
     """mlx-vlm's speculative path with our converter's MTP drafter (`OUT/mtp`)."""
+    stream = mlx_vlm_mtp_generator(path, max_tokens, k)
 
-    stream, acceptance = mlx_vlm_mtp_stream(path, PROMPT, max_tokens, k)
+    def one(prompt: str):
+        counts = {}
+        n, seconds, _ = timed(stream(prompt, counts))
+        return n, seconds, counts["drafted"], counts["accepted"]
 
-    def run():
-        tps, n, _ = timed(stream(), lambda t: t)
-        return tps, n, acceptance()
-
-    return run
+    return over_prompts(one)
 
 
 def round_breakdown(path: str, k: int, repeats: int = 20) -> list[tuple[str, float]]:
@@ -90,7 +101,7 @@ def round_breakdown(path: str, k: int, repeats: int = 20) -> list[tuple[str, flo
     import mlxkit
 
     model, tokenizer = mlxkit.load(path)
-    tokens = mx.array([tokenizer.encode(PROMPT)])
+    tokens = mx.array([tokenizer.encode(PROMPTS[0])])
 
     def ms(fn) -> float:
         mx.eval(fn())
@@ -169,12 +180,17 @@ def main() -> None:
             engines.append((f"mlxkit MTP k={k}", bench_mlxkit(path, args.max_tokens, True, k)))
         for k in (1, 2):
             engines.append((f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(path, args.max_tokens, k)))
-        rows = []
-        for name, run in engines:
+        for _, run in engines:
             run()  # warm-up: compile caches, first-touch of weights
-            results = [run() for _ in range(args.repeats)]
-            tps = sorted(r[0] for r in results)
-            rows.append((name, tps, results[-1][1], results[-1][2]))
+        # Repeats go round-robin over the engines, so a machine that slows down or speeds up
+        # during the run (shared CPUs do) shifts every engine alike.
+        results = {name: [] for name, _ in engines}
+        for _ in range(args.repeats):
+            for name, run in engines:
+                results[name].append(run())
+        rows = []
+        for name, runs in results.items():
+            rows.append((name, sorted(r[0] for r in runs), runs[-1][1], runs[-1][2]))
         base = statistics.median(rows[0][1])
         weights = "bf16" if args.no_quantize else f"{args.bits}-bit"
         report += [

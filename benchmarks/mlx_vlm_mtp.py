@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 
 
-def mlx_vlm_mtp_stream(
-    converted_dir: str, prompt: str, max_tokens: int, num_draft: int
-) -> tuple[Callable[[], Iterator[int]], Callable[[], float]]:
-    """(a function returning a fresh token stream, the acceptance of the last stream)."""
+def mlx_vlm_mtp_generator(
+    converted_dir: str, max_tokens: int, num_draft: int
+) -> Callable[[str, dict], Iterator[int]]:
+    """A function (prompt, counts) → token stream; it leaves the stream's drafted and accepted
+    totals in `counts`. mlx-vlm stops on its own EOS ids; we also stop on the tokenizer's."""
     import mlx_vlm
     from mlx_vlm.generate.ar import generate_step
     from mlx_vlm.speculative.drafters import load_drafter
@@ -21,29 +22,27 @@ def mlx_vlm_mtp_stream(
 
     model, _ = mlx_vlm.load(converted_dir)
     drafter, kind = load_drafter(f"{converted_dir}/mtp", kind="mtp")
-    ids = mx.array([load_tokenizer(converted_dir).encode(prompt)])
-    eos = set(load_tokenizer(converted_dir).eos_token_ids)
-    counts = {"drafted": 0, "accepted": 0}
+    tokenizer = load_tokenizer(converted_dir)
+    eos = set(tokenizer.eos_token_ids)
 
-    def stream() -> Iterator[int]:
+    def stream(prompt: str, counts: dict) -> Iterator[int]:
         drafter.accept_lens.clear()
         drafter.draft_lens.clear()
+        ids = mx.array([tokenizer.encode(prompt)])
         n = 0
-        for token, _ in generate_step(ids, model, None, None, max_tokens=max_tokens,
-                                      temperature=0.0, draft_model=drafter, draft_kind=kind,
-                                      draft_block_size=num_draft + 1):  # fmt: skip
-            for t in mx.array(token).reshape(-1).tolist():
-                yield t
-                n += 1
-                if t in eos or n >= max_tokens:
-                    counts["drafted"], counts["accepted"] = (
-                        sum(drafter.draft_lens),
-                        sum(drafter.accept_lens),
-                    )
-                    return
-        counts["drafted"], counts["accepted"] = sum(drafter.draft_lens), sum(drafter.accept_lens)
+        try:
+            for token, _ in generate_step(ids, model, None, None, max_tokens=max_tokens,
+                                          temperature=0.0, draft_model=drafter, draft_kind=kind,
+                                          draft_block_size=num_draft + 1):  # fmt: skip
+                for t in mx.array(token).reshape(-1).tolist():
+                    yield t
+                    n += 1
+                    if t in eos or n >= max_tokens:
+                        return
+        finally:
+            counts["drafted"], counts["accepted"] = (
+                sum(drafter.draft_lens),
+                sum(drafter.accept_lens),
+            )
 
-    def acceptance() -> float:
-        return counts["accepted"] / counts["drafted"] if counts["drafted"] else 0.0
-
-    return stream, acceptance
+    return stream

@@ -36,7 +36,8 @@ def info(path: str) -> None:
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, help='Model directory, or "micro".')
+@click.option("--model", "model_path", help="Model directory (HF or MLX layout) or bundle.")
+@click.option("--size", help='A published size (0.8b, 2b, 4b, 9b: Hugging Face cache) or "micro".')
 @click.option("--prompt", required=True, help="Prompt text (a user message with --chat).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template.")
 @click.option("--no-think", is_flag=True, help="With --chat: disable the <think> block.")
@@ -52,7 +53,13 @@ def info(path: str) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", is_flag=True, help="Also print prompt speed and draft counts.")
 def generate(
-    model_path: str, prompt: str, chat: bool, no_think: bool, verbose: bool, **options
+    model_path: str | None,
+    size: str | None,
+    prompt: str,
+    chat: bool,
+    no_think: bool,
+    verbose: bool,
+    **options,
 ) -> None:
     """Stream a completion, then a stats line (tokens/s, MTP acceptance, peak memory)."""
     import warnings
@@ -61,6 +68,12 @@ def generate(
     from mlxkit.info import human_bytes
     from mlxkit.load import load
 
+    if (model_path is None) == (size is None):
+        raise MlxkitError("pass either --model PATH or --size SIZE")
+    if size is not None:
+        from mlxkit.convert.source import resolve_size
+
+        model_path = resolve_size(size).directory
     model, tokenizer = load(model_path)
     messages = [{"role": "user", "content": prompt}] if chat else prompt
     last = None

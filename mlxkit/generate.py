@@ -215,7 +215,7 @@ def stream_generate(
     detok = tokenizer.detokenizer()
     produced: list[int] = []
     held = ""  # decoded text not handed out yet: it may be the start of a stop string
-    drafted = accepted = 0
+    counts = _DraftCounts()
     t_gen = time.perf_counter()
 
     def emit(token: int) -> GenerationResponse:
@@ -241,63 +241,81 @@ def stream_generate(
         elapsed = max(time.perf_counter() - t_gen, 1e-9)
         return GenerationResponse(
             piece, token, len(tokens), len(tokens) - n_new, prompt_tps, len(produced), len(produced) / elapsed,
-            mx.get_peak_memory(), drafted, accepted, finish,
+            mx.get_peak_memory(), counts.drafted, counts.accepted, finish,
         )  # fmt: skip
 
     if not mtp:
         yield from _plain_decode(model, cache, y, tokens, produced, params, key, emit)
         return
 
-    pending_next = cache.tokens[len(cache.tokens) - cache.mtp_pending.shape[1] + 1 :]
-    y_int = y.item()
-    while True:
-        if not params.greedy:  # greedy rounds draw nothing
-            key, k_draft, k_accept = mx.random.split(key, 3)
-            draft_keys = mx.random.split(k_draft, num_draft)
-        history = tokens + produced
-        n_drafts = num_draft
-        # 1. draft
+    yield from _mtp_decode(model, cache, y.item(), tokens, produced, params, key, emit, counts,
+                           num_draft, eos, max_tokens)  # fmt: skip
+
+
+@dataclass
+class _DraftCounts:
+    drafted: int = 0
+    accepted: int = 0
+
+
+def _mtp_decode(
+    model, cache, y, tokens, produced, params, key, emit, counts, num_draft, eos, max_tokens
+) -> Iterator[GenerationResponse]:
+    """Speculative rounds (see the module docstring). The next round's drafts are queued
+    (async_eval) before this round's tokens are handed out, so the caller's time between
+    tokens overlaps with drafting."""
+    k = num_draft
+
+    def draft(y: int, pending_next: list[int], key: mx.array | None):
         logits_q, h = model.mtp_forward(
-            cache.mtp_pending, mx.array([pending_next + [y_int]]), cache.mtp
+            cache.mtp_pending, mx.array([pending_next + [y]]), cache.mtp
         )
+        keys = None if params.greedy else mx.random.split(key, k)
         drafts, qs = [], []
-        for j in range(n_drafts):
+        for j in range(k):
             lq = logits_q[0, -1]
             if params.greedy:
                 d = lq.argmax(-1)
             else:
-                q = probs(lq, params)
-                qs.append(q)
-                d = sample(q, draft_keys[j])
+                qs.append(probs(lq, params))
+                d = sample(qs[-1], keys[j])
             drafts.append(d)
-            if j + 1 < n_drafts:
+            if j + 1 < k:
                 logits_q, h = model.mtp_forward(h[:, -1:], d.reshape(1, 1), cache.mtp)
-        drafts_arr = mx.stack(drafts)
-        # 2. verify
+        drafts = mx.stack(drafts)
+        mx.async_eval(drafts)
+        return drafts, qs
+
+    def split_key():
+        nonlocal key
+        if params.greedy:  # greedy rounds draw nothing
+            return None, None
+        key, k_draft, k_accept = mx.random.split(key, 3)
+        return k_draft, k_accept
+
+    k_draft, k_accept = split_key()
+    pending = cache.tokens[len(cache.tokens) - cache.mtp_pending.shape[1] + 1 :]
+    drafts, qs = draft(y, pending, k_draft)
+    while True:
         for c in cache.main:
             c.begin_verify()
-        verify_in = mx.concatenate([mx.array([y_int]), drafts_arr])[None]
-        logits_p, hidden = model(verify_in, cache.main, return_hidden=True)
-        # 3. accept
+        logits_p, hidden = model(mx.concatenate([mx.array([y]), drafts])[None], cache.main,
+                                 return_hidden=True)  # fmt: skip
         if params.repetition_penalty != 1.0:
-            mx.eval(drafts_arr)
-            seq = [y_int] + drafts_arr.tolist()
-            logits_p = mx.stack(
-                [
-                    apply_repetition_penalty(logits_p[0, j], history + seq[: j + 1], params)
-                    for j in range(n_drafts + 1)
-                ]
-            )[None]
+            seq = [y, *drafts.tolist()]
+            history = tokens + produced
+            logits_p = mx.stack([apply_repetition_penalty(logits_p[0, j], history + seq[: j + 1], params)
+                                 for j in range(k + 1)])[None]  # fmt: skip
         if params.greedy:
-            n_acc, nxt = greedy_accept(logits_p, drafts_arr[None])
+            n_acc, nxt = greedy_accept(logits_p, drafts[None])
         else:
-            target = probs(logits_p, params)
-            n_acc, nxt = speculative_accept(target, mx.stack(qs)[None], drafts_arr[None], k_accept)
-        mx.eval(n_acc, nxt, drafts_arr)
+            n_acc, nxt = speculative_accept(probs(logits_p, params), mx.stack(qs)[None],
+                                            drafts[None], k_accept)  # fmt: skip
+        mx.eval(n_acc, nxt, drafts)
         a = n_acc.item()
-        new = [y_int] + drafts_arr.tolist()[:a]
-        drafted += n_drafts
-        accepted += a
+        new = [y, *drafts.tolist()[:a]]
+        counts.drafted += k
+        counts.accepted += a
         # Stop inside the accepted run: commit only what is emitted.
         keep = len(new)
         for i, t in enumerate(new):
@@ -305,19 +323,25 @@ def stream_generate(
                 keep = i + 1
                 break
         for c in cache.main:
-            c.accept(keep, n_drafts + 1)
+            c.accept(keep, k + 1)
         for c in cache.mtp:
-            c.trim(n_drafts - 1)  # entries built from draft hidden states
+            c.trim(k - 1)  # entries built from draft hidden states
         cache.tokens += new[:keep]
         cache.mtp_pending = hidden[:, :keep]
-        pending_next = new[1:keep]
+        responses = []
         for t in new[:keep]:
             produced.append(t)
-            response = emit(t)
-            yield response
-            if response.finish_reason is not None:
-                return
-        y_int = nxt.item()
+            responses.append(emit(t))
+            if responses[-1].finish_reason is not None:
+                break
+        finished = responses[-1].finish_reason is not None
+        if not finished:
+            y = nxt.item()
+            k_draft, k_accept = split_key()
+            drafts, qs = draft(y, new[1:keep], k_draft)
+        yield from responses
+        if finished:
+            return
 
 
 def _plain_decode(

@@ -204,3 +204,19 @@ def test_cli_streams_and_reports_stats():
     result = CliRunner().invoke(main, args + ["--max-tokens", "6", "--verbose"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output and "MTP acceptance" in result.output
+
+
+def test_cli_generate_size_micro_is_the_embedded_model():
+    args = ["generate", "--size", "micro", "--prompt", "def f(x):", "--max-tokens", "8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "8 tokens" in result.output
+
+
+@pytest.mark.parametrize(
+    "source", [[], ["--size", "micro", "--model", str(FIXTURES / "tiny_tied")], ["--size", "7b"]]
+)
+def test_cli_generate_needs_one_known_source(source):
+    result = CliRunner().invoke(main, ["generate", *source, "--prompt", "hi", "--max-tokens", "2"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
