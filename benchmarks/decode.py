@@ -188,25 +188,29 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, run in engines:
                 results[name].append(run())
-        rows = []
-        for name, runs in results.items():
-            rows.append((name, sorted(r[0] for r in runs), runs[-1][1], runs[-1][2]))
-        base = statistics.median(rows[0][1])
+        base, plain = results["mlx-lm stream_generate"], results["mlxkit plain"]
+
+        def ratio(runs: list, to: list) -> float:
+            """Median over repeats of the ratio within each repeat (robust to drift)."""
+            return statistics.median(r[0] / b[0] for r, b in zip(runs, to))
+
         weights = "bf16" if args.no_quantize else f"{args.bits}-bit"
         report += [
             (
-                f"### {source}, converted to {weights} ({args.max_tokens} new tokens max, "
-                f"{args.repeats} repeats, greedy)"
+                f"### {source}, converted to {weights} ({len(PROMPTS)} prompts × {args.max_tokens} "
+                f"new tokens max, {args.repeats} repeats, greedy)"
             ),
             "",
-            "| engine | tokens/s min | median | max | tokens | acceptance | × mlx-lm |",
-            "|---|---|---|---|---|---|---|",
+            "| engine | tokens/s min | median | max | tokens | acceptance | × mlx-lm | × mlxkit plain |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for name, tps, n, acc in rows:
-            med = statistics.median(tps)
+        for name, runs in results.items():
+            tps = sorted(r[0] for r in runs)
+            n, acc = runs[-1][1], runs[-1][2]
             acc_s = f"{acc:.1%}" if acc is not None else "–"
             report.append(
-                f"| {name} | {tps[0]:.1f} | {med:.1f} | {tps[-1]:.1f} | {n} | {acc_s} | {med / base:.2f} |"
+                f"| {name} | {tps[0]:.1f} | {statistics.median(tps):.1f} | {tps[-1]:.1f} | {n} "
+                f"| {acc_s} | {ratio(runs, base):.2f} | {ratio(runs, plain):.2f} |"
             )
         report += ["", "Where the time of an MTP round (k=2) goes, ms per piece:", ""]
         report += [f"- {label}: {value:.2f} ms" for label, value in round_breakdown(path, 2)]
