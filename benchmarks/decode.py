@@ -164,7 +164,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--no-quantize", action="store_true", help="convert to bf16 instead")
+    ap.add_argument("--no-quantize", action="store_true", help="keep every weight in --dtype")
+    ap.add_argument("--dtype", default="bfloat16", help="what is not quantized (convert --dtype)")
     ap.add_argument("--out", help="write the markdown report here too")
     args = ap.parse_args()
 
@@ -172,7 +173,7 @@ def main() -> None:
     for source in args.model:
         tmp = tempfile.TemporaryDirectory()
         path = str(Path(tmp.name) / "converted")
-        convert(resolve_model_dir(source), path, bits=args.bits, quantize=not args.no_quantize,
+        convert(resolve_model_dir(source), path, bits=args.bits, quantize=not args.no_quantize, dtype=args.dtype,
                 quiet=True)  # fmt: skip
         engines = [("mlx-lm stream_generate", bench_mlx_lm(path, args.max_tokens))]
         engines.append(("mlxkit plain", bench_mlxkit(path, args.max_tokens, False, 1)))
@@ -194,7 +195,7 @@ def main() -> None:
             """Median over repeats of the ratio within each repeat (robust to drift)."""
             return statistics.median(r[0] / b[0] for r, b in zip(runs, to))
 
-        weights = "bf16" if args.no_quantize else f"{args.bits}-bit"
+        weights = args.dtype if args.no_quantize else f"{args.bits}-bit"
         report += [
             (
                 f"### {source}, converted to {weights} ({len(PROMPTS)} prompts × {args.max_tokens} "
