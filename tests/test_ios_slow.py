@@ -23,8 +23,6 @@ MAKER = ROOT / "benchmarks" / "make_checkpoint.py"
 
 @pytest.mark.slow
 def test_08b_bundle_for_iphone12(tmp_path):
-    if not MAKER.is_file():
-        pytest.skip("benchmarks/make_checkpoint.py is not there")
     src, out = tmp_path / "qwen35-0.8b", tmp_path / "Qwen3.5-0.8B-iphone12"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(MAKER), "--size", "0.8b", "--no-vision", str(src)],

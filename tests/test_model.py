@@ -13,19 +13,25 @@ from mlx.utils import tree_flatten
 from tests.helpers import TINY, load_f32, reference
 
 
+def prompt_then_steps(step, n: int, prompt_len: int) -> list[np.ndarray]:
+    """Calls step(positions) on the first prompt_len positions at once, then on each later one
+    alone (a cached model must carry its state across); each of step's outputs [1, L, ...] is
+    concatenated over positions, as float64."""
+    spans = [slice(0, prompt_len)] + [slice(i, i + 1) for i in range(prompt_len, n)]
+    outs = [step(span) for span in spans]
+    return [
+        np.array(mx.concatenate([o[j][0] for o in outs]), dtype=np.float64)
+        for j in range(len(outs[0]))
+    ]
+
+
 def run_incremental(model, tokens: np.ndarray, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Logits and hidden states for the prompt in one pass, then one token at a time."""
-    cache = model.make_cache()
-    logits, hidden = model(mx.array(tokens[None, :prompt_len]), cache, return_hidden=True)
-    all_logits, all_hidden = [logits[0]], [hidden[0]]
-    for t in tokens[prompt_len:]:
-        logits, hidden = model(mx.array([[int(t)]]), cache, return_hidden=True)
-        all_logits.append(logits[0])
-        all_hidden.append(hidden[0])
-    return (
-        np.array(mx.concatenate(all_logits), dtype=np.float64),
-        np.array(mx.concatenate(all_hidden), dtype=np.float64),
+    cache, ids = model.make_cache(), mx.array(tokens[None])
+    logits, hidden = prompt_then_steps(
+        lambda span: model(ids[:, span], cache, return_hidden=True), len(tokens), prompt_len
     )
+    return logits, hidden
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -50,12 +56,11 @@ def test_mtp_head_matches_reference(name):
     h = mx.array(hidden[None, :-1].astype(np.float32))
     nxt = mx.array(tokens[None, 1:])
     cache = model.make_mtp_cache()
-    first, _ = model.mtp_forward(h[:, : prompt_len - 1], nxt[:, : prompt_len - 1], cache)
-    steps = [first[0]]
-    for i in range(prompt_len - 1, h.shape[1]):
-        logits, _ = model.mtp_forward(h[:, i : i + 1], nxt[:, i : i + 1], cache)
-        steps.append(logits[0])
-    logits = np.array(mx.concatenate(steps), dtype=np.float64)
+    (logits,) = prompt_then_steps(
+        lambda span: model.mtp_forward(h[:, span], nxt[:, span], cache)[:1],
+        h.shape[1],
+        prompt_len - 1,
+    )
     assert logits.shape == ref["mtp_logits_f64"].shape
     err = np.abs(logits - ref["mtp_logits_f64"]).max()
     assert err <= 2 * float(ref["err_mtp_f32"]), (err, float(ref["err_mtp_f32"]))
@@ -78,10 +83,10 @@ def test_matches_mlx_lm_on_same_weights(name):
     other.load_weights(ours, strict=True)
     tokens, prompt_len = ref["tokens"], int(ref["prompt_len"])
     a, _ = run_incremental(model, tokens, prompt_len)
-    cache = other.make_cache()
-    b = [other(mx.array(tokens[None, :prompt_len]), cache=cache)[0]]
-    b += [other(mx.array([[int(t)]]), cache=cache)[0] for t in tokens[prompt_len:]]
-    b = np.array(mx.concatenate(b), dtype=np.float64)
+    cache, ids = other.make_cache(), mx.array(tokens[None])
+    (b,) = prompt_then_steps(
+        lambda span: (other(ids[:, span], cache=cache),), len(tokens), prompt_len
+    )
     assert np.abs(a - b).max() <= float(ref["err_f32"])
     assert (a.argmax(-1) == b.argmax(-1)).all()
 
