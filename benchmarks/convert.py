@@ -16,8 +16,6 @@ Results go to benchmarks/results/convert.md (and stdout).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from machine import machine
 
 RESULTS = Path(__file__).parent / "results" / "convert.md"
 
@@ -93,26 +93,6 @@ def same_tensors(a: Path, b: Path) -> bool:
     """In a child process, so that this (measuring) process stays small."""
     proc = subprocess.run([sys.executable, "-c", SAME_TENSORS, str(a), str(b)], check=False)
     return proc.returncode == 0
-
-
-def machine() -> dict[str, str]:
-    import mlx.core as mx
-    import mlx_lm
-
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal"))
-    return {
-        "CPU": f"{cpu}, {os.cpu_count()} cores",
-        "RAM": f"{mem / 2**30:.1f} GiB",
-        "OS": f"{platform.system()} {platform.release()}",
-        "Python": platform.python_version(),
-        "mlx": f"{mx.__version__} ({'Metal' if mx.metal.is_available() else 'CPU build'})",
-        "mlx-lm": mlx_lm.__version__,
-        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def run_size(size: str, work: Path, repeats: int, tools: list[str]) -> tuple[list[Run], bool]:
@@ -193,7 +173,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
     ap.add_argument("--no-write", action="store_true", help="do not update results/convert.md")
     args = ap.parse_args()
-    info = machine()
+    info = machine()  # before the work, so the load average is the starting one
     work = Path(tempfile.mkdtemp(prefix="mlxkit-bench-", dir=args.work))
     runs, identical = [], {}
     try:

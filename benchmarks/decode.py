@@ -14,7 +14,6 @@ last, so prompt processing is excluded. Greedy decoding throughout.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import mlx.core as mx
+from machine import machine
 from mlx_vlm_mtp import mlx_vlm_mtp_generator
 from mlxkit.convert import convert
 
@@ -140,20 +140,6 @@ def round_breakdown(path: str, k: int, repeats: int = 20) -> list[tuple[str, flo
     ]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, mlx {mx.__version__}, device {mx.default_device()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,7 +155,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the markdown report here too")
     args = ap.parse_args()
 
-    report = [f"Machine: {machine()}", ""]
+    report = ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items()), ""]
     for source in args.model:
         tmp = tempfile.TemporaryDirectory()
         path = str(Path(tmp.name) / "converted")
