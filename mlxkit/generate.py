@@ -347,22 +347,26 @@ def _mtp_decode(
 def _plain_decode(
     model, cache, y, tokens, produced, params, key, emit
 ) -> Iterator[GenerationResponse]:
-    """One token per step; the next step's graph is queued (async_eval) before the current token
-    is handed out, so Python overhead overlaps with compute."""
+    """One token per step. The next step's graph is built and queued (async_eval) on the
+    still-lazy current token before waiting for its value, so building a graph and handing out a
+    token both overlap with compute."""
 
-    def step(y: mx.array, history: list[int], key: mx.array) -> mx.array:
+    def step(y: mx.array, history: list[int], key: mx.array | None) -> mx.array:
         logits = model(y.reshape(1, 1), cache.main)[0, -1]
         return _pick(logits, history, params, key)
 
     pipelined = params.repetition_penalty == 1.0  # the penalty needs the token's value first
     while True:
+        sub = None
         if not params.greedy:
             key, sub = mx.random.split(key)
-        token = y.item()
-        history = tokens + produced + [token]
-        nxt = step(y, history, None if params.greedy else sub)
         if pipelined:
+            nxt = step(y, [], sub)
             mx.async_eval(nxt)
+            token = y.item()
+        else:
+            token = y.item()
+            nxt = step(y, tokens + produced + [token], sub)
         cache.tokens.append(token)
         produced.append(token)
         response = emit(token)
