@@ -1,6 +1,7 @@
 """Decode speed: mlxkit plain and MTP (k = 1, 2, 3) against mlx-lm and mlx-vlm's MTP path, on
 the same checkpoint in one run. Prints a markdown table (min / median / max tokens/s over the
-repeats, MTP acceptance, ratio of medians to mlx-lm) and a breakdown of one MTP round.
+repeats, MTP acceptance, ratios to mlx-lm and to plain mlxkit decoding) and what the pieces of
+an MTP round cost, with the best speedup they allow.
 
     python benchmarks/decode.py --model tests/fixtures/tiny_untied --model micro
 
@@ -96,48 +97,71 @@ def bench_mlx_vlm_mtp(path: str, max_tokens: int, k: int):
     return over_prompts(one)
 
 
-def round_breakdown(path: str, k: int, repeats: int = 20) -> list[tuple[str, float]]:
-    """Milliseconds per piece of one MTP round, each timed alone with a forced eval."""
+def round_costs(path: str, repeats: int = 60) -> dict:
+    """Milliseconds of the pieces of an MTP round: main-model passes over 1..4 tokens (1 = a
+    plain decode step), one draft step, the lm_head. Each call is timed alone with a forced
+    eval; the pieces take turns and the median is kept, as the machine's speed drifts."""
     import mlxkit
 
     model, tokenizer = mlxkit.load(path)
     tokens = mx.array([tokenizer.encode(PROMPTS[0])])
-
-    def ms(fn) -> float:
-        mx.eval(fn())
-        t = time.perf_counter()
-        for _ in range(repeats):
-            mx.eval(fn())
-        return (time.perf_counter() - t) / repeats * 1e3
-
     cache = model.make_cache()
     hidden = model.hidden(tokens, cache)
     mx.eval(hidden)
-    h1 = hidden[:, -1:]
-    one = tokens[:, -1:]
-    kp1 = mx.concatenate([one] * (k + 1), axis=1)
+    h1, one = hidden[:, -1:], tokens[:, -1:]
 
-    def main_step(x):
+    def main_pass(n: int):
         def f():
-            c = [type(ci)() for ci in cache]  # fresh caches: same work as a decode step at offset 0
-            return model(x, c)
+            c = [type(ci)() for ci in cache]  # fresh caches: same work as a step at offset 0
+            for ci in c if n > 1 else []:
+                ci.begin_verify()  # a verify pass records the linear states
+            return model(mx.concatenate([one] * n, axis=1), c)
 
         return f
 
-    return [
-        ("main model, 1 token (a plain decode step)", ms(main_step(one))),
-        (f"main model, {k + 1} tokens (verify pass)", ms(main_step(kp1))),
+    pieces = {n: main_pass(n) for n in (1, 2, 3, 4)}
+    pieces["draft"] = lambda: model.mtp_forward(h1, one, model.make_mtp_cache())[0].argmax(-1)
+    pieces["lm_head"] = lambda: model.logits(h1)
+    times = {name: [] for name in pieces}
+    for i in range(repeats + 3):
+        for name, fn in pieces.items():
+            t = time.perf_counter()
+            mx.eval(fn())
+            if i >= 3:  # the first calls compile
+                times[name].append((time.perf_counter() - t) * 1e3)
+    ms = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "pass": {n: ms[n] for n in (1, 2, 3, 4)},
+        "draft": ms["draft"],
+        "lm_head": ms["lm_head"],
+    }
+
+
+def round_report(costs: dict) -> list[str]:
+    """The pieces, and the speedup MTP could reach if every draft were accepted and accepting
+    cost nothing: (k+1) tokens for one (k+1)-token pass plus k draft steps, against k+1 steps."""
+    step = costs["pass"][1]
+    lines = [
         (
-            "MTP draft step incl. lm_head",
-            ms(lambda: model.mtp_forward(h1, one, model.make_mtp_cache())[0]),
+            f"Pieces of an MTP round, timed alone: a plain decode step (1 token) {step:.2f} ms; "
+            f"one draft step (MTP layer, lm_head, argmax) {costs['draft']:.2f} ms, of which the "
+            f"lm_head {costs['lm_head']:.2f} ms."
         ),
+        "",
         (
-            "MTP draft step without lm_head",
-            ms(lambda: model.mtp_hidden(h1, one, model.make_mtp_cache())),
+            "| k | verify pass over k+1 tokens | × a decode step | + k draft steps | "
+            "best possible MTP ÷ plain (all drafts accepted) |"
         ),
-        ("lm_head alone (1 position)", ms(lambda: model.logits(h1))),
-        ("argmax over the vocabulary", ms(lambda: model.logits(h1).argmax(-1))),
+        "|---|---|---|---|---|",
     ]
+    for k in (1, 2, 3):
+        verify = costs["pass"][k + 1]
+        round_ms = verify + k * costs["draft"]
+        lines.append(
+            f"| {k} | {verify:.2f} ms | {verify / step:.2f} | {round_ms:.2f} ms "
+            f"| {(k + 1) * step / round_ms:.2f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -199,9 +223,7 @@ def main() -> None:
                 f"| {name} | {tps[0]:.1f} | {statistics.median(tps):.1f} | {tps[-1]:.1f} | {n} "
                 f"| {acc_s} | {ratio(runs, base):.2f} | {ratio(runs, plain):.2f} |"
             )
-        report += ["", "Where the time of an MTP round (k=2) goes, ms per piece:", ""]
-        report += [f"- {label}: {value:.2f} ms" for label, value in round_breakdown(path, 2)]
-        report.append("")
+        report += ["", *round_report(round_costs(path)), ""]
         tmp.cleanup()
     text = "\n".join(report)
     print(text)

@@ -455,8 +455,9 @@ def mtp_forward(hidden, next_tokens, weights: dict, tc: dict, tied: bool, dtype)
 
 
 def make_tokenizer(out_dir: Path) -> dict:
-    from mlxkit.tokenizer import train_bpe_tokenizer
     from tokenizers import Tokenizer
+
+    from mlxkit.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(CORPUS, vocab_size=BPE_VOCAB, out_dir=out_dir)
     tk = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
