@@ -56,7 +56,11 @@ def text_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hk, hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
-    dk, dv, k = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"]
+    dk, dv, k = (
+        cfg["linear_key_head_dim"],
+        cfg["linear_value_head_dim"],
+        cfg["linear_conv_kernel_dim"],
+    )
     conv = 2 * hk * dk + hv * dv
 
     def mlp(p):
@@ -196,7 +200,11 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple]], values: Values) ->
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
         n = nbytes(name, shape)
-        header[name] = {"dtype": dtype_of(name), "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": dtype_of(name),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

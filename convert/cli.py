@@ -10,26 +10,42 @@ from mlxkit.errors import MlxkitError
 
 @click.command("convert")
 @click.option("--hf-path", type=click.Path(), help="A local checkpoint in the Hugging Face layout.")
-@click.option("--size", help='A published size fetched from the Hub: 0.8b, 2b, 4b, 9b (or "micro").')
-@click.option("-o", "--output", type=click.Path(),
-              help="Output directory (default: e.g. ./Qwen3.5-2B-4bit).")
+@click.option(
+    "--size", help='A published size fetched from the Hub: 0.8b, 2b, 4b, 9b (or "micro").'
+)
+@click.option(
+    "-o", "--output", type=click.Path(), help="Output directory (default: e.g. ./Qwen3.5-2B-4bit)."
+)
 @click.option("--bits", type=int, help="Bits of quantized weights: 2, 3, 4, 5, 6 or 8 (default 4).")
 @click.option("--group-size", type=int, help="Quantization group size: 32, 64 or 128 (default 64).")
-@click.option("--recipe", default="uniform", show_default=True,
-              help="Named recipe in convert/recipes/ (uniform, quality).")
-@click.option("--dtype", default="bfloat16", show_default=True,
-              help="bfloat16, float16 or float32: everything not quantized (with --no-quantize, "
-                   "everything).")
+@click.option(
+    "--recipe",
+    default="uniform",
+    show_default=True,
+    help="Named recipe in convert/recipes/ (uniform, quality).",
+)
+@click.option(
+    "--dtype",
+    default="bfloat16",
+    show_default=True,
+    help="bfloat16, float16 or float32: everything not quantized (with --no-quantize, everything).",
+)
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
 @click.option("--no-mtp", is_flag=True, help="Do not write the MTP drafter to OUT/mtp/.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
-@click.option("--target", help="Build an iPhone bundle for this device or tier (mlxkit tiers): "
-              "plans first and refuses what does not fit (see mlxkit.ios_bridge).")
+@click.option(
+    "--target",
+    help="Build an iPhone bundle for this device or tier (mlxkit tiers): "
+    "plans first and refuses what does not fit (see mlxkit.ios_bridge).",
+)
 @click.option("--memory-budget", help="With --target, or alone: usable memory, e.g. 3.5GB.")
 @click.option("--context", type=int, help="With --target: the context to plan for.")
-@click.option("--entitlement/--no-entitlement", default=True,
-              help="With --target: allow the increased-memory-limit entitlement.")
+@click.option(
+    "--entitlement/--no-entitlement",
+    default=True,
+    help="With --target: allow the increased-memory-limit entitlement.",
+)
 @click.pass_context
 def convert(
     ctx: click.Context,

@@ -163,9 +163,7 @@ def quantized_shapes(
     return (rows, cols * bits // 32), (rows, cols // group_size)
 
 
-def quantize(
-    weight: mx.array, bits: int, group_size: int
-) -> tuple[mx.array, mx.array, mx.array]:
+def quantize(weight: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
     """Affine quantization of a block of rows. Rows are independent (groups run along the
     last axis), so quantizing a matrix in row chunks gives exactly the bytes of quantizing
     it whole — which is what lets the writer stream a 248,320-row embedding."""

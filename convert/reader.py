@@ -74,8 +74,7 @@ class SourceCheckpoint:
             shape = _sanitized_shape(name, info, cfg)
             if shape != expected[path]:
                 raise CheckpointError(
-                    f"{where} has shape {info.shape}, expected {expected[path]} "
-                    "from config.json"
+                    f"{where} has shape {info.shape}, expected {expected[path]} from config.json"
                 )
             tensors[path] = info
         for path in expected:
@@ -126,9 +125,7 @@ def read_raw_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
     offset = info.start + start * row_bytes(info)
     # The map is unreferenced (hence unmapped) as soon as this statement is done.
     return mx.array(
-        np.memmap(info.file, dtype=np_dtype, mode="r", offset=offset, shape=(count,)).reshape(
-            shape
-        )
+        np.memmap(info.file, dtype=np_dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
     )
 
 

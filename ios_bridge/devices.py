@@ -212,9 +212,7 @@ def _tier_target(catalog: Catalog, tier: Tier) -> Target:
         bandwidth=min(d.bandwidth for d in members),
         metal_buffer_limit=tier.metal_buffer_limit,
         min_ios=catalog.min_ios,
-        unconfirmed=tuple(
-            sorted(set(tier.unconfirmed).union(*(d.unconfirmed for d in members)))
-        ),
+        unconfirmed=tuple(sorted(set(tier.unconfirmed).union(*(d.unconfirmed for d in members)))),
     )
 
 

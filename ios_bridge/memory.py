@@ -54,8 +54,8 @@ def kv_allocated_tokens(tokens: int) -> int:
 
 def kv_cache_bytes(cfg: TextConfig, tokens: int, b: int, mtp: bool) -> int:
     """What the KV caches allocate (buffers, not only the filled part) holding `tokens`."""
-    return n_kv_layers(cfg, mtp) * kv_allocated_tokens(tokens) * kv_bytes_per_token_per_layer(
-        cfg, b
+    return (
+        n_kv_layers(cfg, mtp) * kv_allocated_tokens(tokens) * kv_bytes_per_token_per_layer(cfg, b)
     )
 
 
@@ -103,8 +103,10 @@ def _linear_layer_peak(cfg: TextConfig, C: int, b: int) -> int:
     g and β [C,Hv] float32, the conv input window [K-1+C, Dc], the conv output [C, Dc]
     (q, k, v are views of it), the normalised q and k [C, 2·Hk·Dk], the output y [C, V] and
     the new recurrent state [Hv, Dv, Dk] float32."""
-    H, V, Dc = cfg.hidden_size, cfg.linear_num_value_heads * cfg.linear_value_head_dim, (
-        cfg.linear_conv_dim
+    H, V, Dc = (
+        cfg.hidden_size,
+        cfg.linear_num_value_heads * cfg.linear_value_head_dim,
+        cfg.linear_conv_dim,
     )
     qk = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
     return (
@@ -122,8 +124,11 @@ def _attention_layer_peak(cfg: TextConfig, C: int, T: int, b: int) -> int:
     and the probabilities (2 arrays) plus the bool causal mask [C, T]. Around them:
     residual [C,H], q_proj's output [C, 2·nh·hd] (the gate is a view of it), the roped and
     the scaled query [C, nh·hd] each, new keys and values [C, 2·nkv·hd], and the output."""
-    H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, (
-        cfg.head_dim
+    H, nh, nkv, hd = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
     )
     around = C * (H + 2 * nh * hd + 2 * nh * hd + 2 * nkv * hd + nh * hd) * b
     if C <= 8:  # MLX's vector kernel: no score matrix

@@ -213,8 +213,10 @@ def weight_plan(cfg: TextConfig, settings: Settings) -> _Weights:
         if len(shape) == 2:
             rule = recipe.rule_for(path, shape)
             bits[part_of(path)].add(rule[0] if rule else settings.dtype)
-    head = "language_model.model.embed_tokens." if cfg.tie_word_embeddings else (
-        "language_model.lm_head."
+    head = (
+        "language_model.model.embed_tokens."
+        if cfg.tie_word_embeddings
+        else "language_model.lm_head."
     )
     reads = WeightReads(
         layers=by_part["layers"],
@@ -315,7 +317,9 @@ def _evaluate(
 ) -> Plan:  # fmt: skip
     w = weight_plan(cfg, s)
     best = largest_context(cfg, target, s, w)
-    ctx = context if context is not None else max(best, min(MIN_CONTEXT, cfg.max_position_embeddings))
+    ctx = (
+        context if context is not None else max(best, min(MIN_CONTEXT, cfg.max_position_embeddings))
+    )
     p = _at_context(cfg, label, size, target, s, w, ctx)
     p.max_context = best
     guaranteed = load_catalog().metal_buffer_guaranteed

@@ -34,7 +34,9 @@ def _alternatives(p: Plan, context: int | None) -> list[str]:
     s = p.settings
     found: list[str] = []
     if context is not None and p.max_context >= min(MIN_CONTEXT, context):
-        found.append(f"a shorter context: up to {p.max_context:,} tokens (--context {p.max_context})")
+        found.append(
+            f"a shorter context: up to {p.max_context:,} tokens (--context {p.max_context})"
+        )
     if not s.entitlement:
         n = _max_ctx(p, p.size, entitlement=True)
         if n >= need:

@@ -16,8 +16,10 @@ def format_tiers(catalog: Catalog | None = None) -> str:
     """One block per tier, one line per device; (u) marks an unconfirmed number."""
     catalog = catalog or load_catalog()
     lines = [
-        (f"iPhone tiers for MLX (iOS {catalog.min_ios}+, A14 or newer; GB = 10^9 bytes; "
-        "(u) = unconfirmed)"),
+        (
+            f"iPhone tiers for MLX (iOS {catalog.min_ios}+, A14 or newer; GB = 10^9 bytes; "
+            "(u) = unconfirmed)"
+        ),
         "usable = memory an app may use without / with the increased-memory-limit entitlement",
         "",
     ]
@@ -36,8 +38,10 @@ def format_tiers(catalog: Catalog | None = None) -> str:
         lines.append(header)
         for d in catalog.devices_in(tier.id):
             du = d.unconfirmed
-            usable = (f"{_u(f'{d.usable_bytes / GB:.1f}', 'usable_gb', du + u)} / "
-                      f"{_u(f'{d.usable_bytes_entitled / GB:.1f}', 'usable_gb_entitled', du + u)}")
+            usable = (
+                f"{_u(f'{d.usable_bytes / GB:.1f}', 'usable_gb', du + u)} / "
+                f"{_u(f'{d.usable_bytes_entitled / GB:.1f}', 'usable_gb_entitled', du + u)}"
+            )
             lines.append(
                 f"  {d.id:<16}{d.name:<19}{d.soc:<22}{d.gpu_cores:>4}"
                 f"{_u(str(d.ram_gb), 'ram_gb', du):>6}"

@@ -49,8 +49,10 @@ def step_bytes(cfg: TextConfig, w: WeightReads, position: int, b: int) -> int:
 def draft_step_bytes(cfg: TextConfig, w: WeightReads, position: int, b: int) -> int:
     """One MTP draft step: the MTP head, the shared lm_head (the largest single tensor of the
     small models, which is why drafting is not free), and the MTP layer's own KV cache."""
-    return w.mtp + w.lm_head + cfg.mtp_num_hidden_layers * position * kv_bytes_per_token_per_layer(
-        cfg, b
+    return (
+        w.mtp
+        + w.lm_head
+        + cfg.mtp_num_hidden_layers * position * kv_bytes_per_token_per_layer(cfg, b)
     )
 
 

@@ -171,11 +171,24 @@ def test_quality_recipe_puts_more_bits_where_it_says():
     recipe = load_recipe("quality")
     assert recipe.rule_for("language_model.model.embed_tokens.weight", (248320, 1024)) == (8, 64)
     assert recipe.rule_for("language_model.lm_head.weight", (248320, 4096)) == (8, 64)
-    assert recipe.rule_for("language_model.model.layers.0.linear_attn.in_proj_a", (16, 1024)) == (8, 64)
-    assert recipe.rule_for("language_model.model.layers.3.mlp.down_proj.weight", (1024, 3584)) == (6, 64)
-    assert recipe.rule_for("language_model.model.layers.3.self_attn.v_proj.weight", (512, 1024)) == (6, 64)
-    assert recipe.rule_for("language_model.model.layers.3.self_attn.q_proj.weight", (4096, 1024)) == (4, 64)
-    assert recipe.rule_for("language_model.model.layers.0.linear_attn.conv1d.weight", (6144, 4, 1)) is None
+    assert recipe.rule_for("language_model.model.layers.0.linear_attn.in_proj_a", (16, 1024)) == (
+        8,
+        64,
+    )
+    assert recipe.rule_for("language_model.model.layers.3.mlp.down_proj.weight", (1024, 3584)) == (
+        6,
+        64,
+    )
+    assert recipe.rule_for(
+        "language_model.model.layers.3.self_attn.v_proj.weight", (512, 1024)
+    ) == (6, 64)
+    assert recipe.rule_for(
+        "language_model.model.layers.3.self_attn.q_proj.weight", (4096, 1024)
+    ) == (4, 64)
+    assert (
+        recipe.rule_for("language_model.model.layers.0.linear_attn.conv1d.weight", (6144, 4, 1))
+        is None
+    )
     assert recipe.rule_for("language_model.model.norm.weight", (1024,)) is None
     assert load_recipe("quality", bits=3).rule_for("mtp.fc.weight", (1024, 2048)) == (3, 64)
     assert load_recipe("uniform", group_size=128).rule_for("mtp.fc.weight", (64, 96)) is None  # fmt: skip
@@ -297,7 +310,9 @@ def copying_mtp_checkpoint(tmp_path: Path) -> Path:
                 w[k] = mx.zeros_like(w[k])
         if "mtp.fc.weight" in w:
             H = w["mtp.fc.weight"].shape[0]
-            w["mtp.fc.weight"] = mx.concatenate([mx.eye(H), mx.zeros((H, H))], 1).astype(mx.bfloat16)
+            w["mtp.fc.weight"] = mx.concatenate([mx.eye(H), mx.zeros((H, H))], 1).astype(
+                mx.bfloat16
+            )
             w["mtp.pre_fc_norm_embedding.weight"] = mx.zeros((H,), mx.bfloat16)  # scale 1
             for k in ("mtp.layers.0.self_attn.o_proj.weight", "mtp.layers.0.mlp.down_proj.weight"):
                 w[k] = mx.zeros_like(w[k])

@@ -58,7 +58,9 @@ def tensor_past_the_end(src: Path) -> None:
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    name = max(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
+    )
     header[name]["shape"] = [header[name]["shape"][0] * 2, *header[name]["shape"][1:]]
     start, end = header[name]["data_offsets"]
     header[name]["data_offsets"] = [start, start + 2 * (end - start)]
@@ -157,7 +159,9 @@ def test_existing_output_without_force(tmp_path):
     assert_one_line_error(result, "already exists; pass --force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert_nothing_left(tmp_path, {"out"})
-    result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--force", "--quiet"])
+    result = run_cli(
+        ["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--force", "--quiet"]
+    )
     assert result.exit_code == 0 and not (out / "keep.txt").exists()
     assert (out / "config.json").is_file()
     assert_nothing_left(tmp_path, {"out"})
