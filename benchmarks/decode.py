@@ -98,8 +98,8 @@ def bench_mlx_vlm_mtp(path: str, max_tokens: int, k: int):
 
 
 def round_costs(path: str, repeats: int = 60) -> dict:
-    """Milliseconds of the pieces of an MTP round: main-model passes over 1..4 tokens (1 = a
-    plain decode step), one draft step, the lm_head. Each call is timed alone with a forced
+    """Milliseconds of the pieces of an MTP round: main-model passes over 1..4 tokens (keys 1..4;
+    1 = a plain decode step), one draft step ("draft"), the lm_head ("lm_head"). Each call is timed alone with a forced
     eval; the pieces take turns and the median is kept, as the machine's speed drifts."""
     import mlxkit
 
@@ -129,18 +129,13 @@ def round_costs(path: str, repeats: int = 60) -> dict:
             mx.eval(fn())
             if i >= 3:  # the first calls compile
                 times[name].append((time.perf_counter() - t) * 1e3)
-    ms = {name: statistics.median(ts) for name, ts in times.items()}
-    return {
-        "pass": {n: ms[n] for n in (1, 2, 3, 4)},
-        "draft": ms["draft"],
-        "lm_head": ms["lm_head"],
-    }
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def round_report(costs: dict) -> list[str]:
     """The pieces, and the speedup MTP could reach if every draft were accepted and accepting
     cost nothing: (k+1) tokens for one (k+1)-token pass plus k draft steps, against k+1 steps."""
-    step = costs["pass"][1]
+    step = costs[1]
     lines = [
         (
             f"Pieces of an MTP round, timed alone: a plain decode step (1 token) {step:.2f} ms; "
@@ -155,7 +150,7 @@ def round_report(costs: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for k in (1, 2, 3):
-        verify = costs["pass"][k + 1]
+        verify = costs[k + 1]
         round_ms = verify + k * costs["draft"]
         lines.append(
             f"| {k} | {verify:.2f} ms | {verify / step:.2f} | {round_ms:.2f} ms "
