@@ -6,8 +6,9 @@ conversion writes (the contract the iPhone planner budgets with); `load_recipe` 
 quantization recipes in `recipes/`.
 """
 
+from mlxkit.layout import PlannedTensor, planned_tensors
+
 from .converter import ConvertResult, convert
-from .layout import PlannedTensor, planned_tensors
 from .quantize import Recipe, load_recipe
 
 __all__ = ["ConvertResult", "PlannedTensor", "Recipe", "convert", "load_recipe", "planned_tensors"]

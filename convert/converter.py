@@ -32,10 +32,7 @@ import mlx.core as mx
 
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.info import human_bytes
-from mlxkit.load import MTP_DIR
-from mlxkit.models.qwen3_5 import sanitize_tensor
-
-from .layout import (
+from mlxkit.layout import (
     OUTPUT_DTYPES,
     PlannedTensor,
     bytes_by_part,
@@ -43,6 +40,9 @@ from .layout import (
     model_parameters,
     planned_tensors,
 )
+from mlxkit.load import MTP_DIR
+from mlxkit.models.qwen3_5 import sanitize_tensor
+
 from .quantize import Recipe, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
 from .source import Size, Source, resolve_source

@@ -2,7 +2,7 @@
 
 A recipe is data (`recipes/<name>.toml`): default bits and group size plus an ordered list
 of rules matched against module paths. `Recipe.rule_for` is the one decision point — the
-layout planner (and through it the iPhone planner) and the writer both call it, so the
+layout (`mlxkit.layout.planned_tensors`, and through it the iPhone planner) and the writer both call it, so the
 bytes planned are the bytes written.
 """
 
@@ -153,14 +153,6 @@ def load_recipe(
         rules=tuple(rules),
         description=data.get("description", ""),
     )
-
-
-def quantized_shapes(
-    shape: tuple[int, ...], bits: int, group_size: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of (packed uint32 weight, scales/biases) that `mx.quantize` returns."""
-    rows, cols = shape
-    return (rows, cols * bits // 32), (rows, cols // group_size)
 
 
 def quantize(weight: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:

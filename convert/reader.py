@@ -20,9 +20,8 @@ import numpy as np
 
 from mlxkit.checkpoint import TensorInfo, read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError
+from mlxkit.layout import model_parameters
 from mlxkit.models.qwen3_5 import TextConfig, hf_name_to_mlx, sanitize_tensor
-
-from .layout import model_parameters
 
 # safetensors dtype -> (numpy dtype holding the bytes, mlx dtype they mean)
 SOURCE_DTYPES = {

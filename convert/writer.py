@@ -1,7 +1,7 @@
 """Sharded safetensors written incrementally, in row chunks, from a plan.
 
 Because every output tensor's shape and dtype are known before conversion starts
-(`layout.planned_tensors`), each shard's header — and so every tensor's byte offset — is
+(`mlxkit.layout.planned_tensors`), each shard's header — and so every tensor's byte offset — is
 fixed up front. The header is written first and each chunk of rows is then written with
 `pwrite` straight to its place: no tensor is ever held whole, and the three outputs of a
 quantized weight (packed weight, scales, biases) fill in side by side.
@@ -18,9 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .layout import PlannedTensor
+from mlxkit.layout import PlannedTensor
 
-MAX_SHARD_BYTES = 2_000_000_000  # the issue's "≤ 2 GB", header included
+# Per shard, header included: the README promises ≤ 2 GB shards (mlx-lm writes up to 5 GiB).
+MAX_SHARD_BYTES = 2_000_000_000
 _HEADER_ROOM = 16 << 20  # kept free per shard for the JSON header
 
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32"}

@@ -202,8 +202,9 @@ class _Weights:
 
 def weight_plan(cfg: TextConfig, settings: Settings) -> _Weights:
     """Bytes per part, straight from the converter's `planned_tensors` (no formula here)."""
-    from mlxkit.convert.layout import bytes_by_part, model_parameters, part_of, planned_tensors
     from mlxkit.convert.quantize import load_recipe
+
+    from mlxkit.layout import bytes_by_part, model_parameters, part_of, planned_tensors
 
     recipe = load_recipe(settings.recipe, settings.bits, settings.group_size)
     tensors = planned_tensors(cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype)

@@ -140,18 +140,12 @@ def _check_plan(root: Path, manifest: dict, target: str | None) -> tuple[list[st
 
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
     """Tensor bytes per part, read from the safetensors headers of model/ and mtp/."""
-    from mlxkit.convert.layout import bytes_by_part, part_of
+    from mlxkit.layout import bytes_by_part_on_disk
 
-    from mlxkit.checkpoint import read_headers, weight_files
-
-    totals = bytes_by_part([])
-    dirs = [(root / manifest["model"]["path"], None)]
-    if manifest["model"].get("mtp_path"):
-        dirs.append((root / manifest["model"]["mtp_path"], "mtp"))
-    for directory, part in dirs:
-        for name, info in read_headers(weight_files(directory)).items():
-            totals[part or part_of(name)] += info.nbytes
-    return totals
+    mtp_path = manifest["model"].get("mtp_path")
+    return bytes_by_part_on_disk(
+        root / manifest["model"]["path"], root / mtp_path if mtp_path else None
+    )
 
 
 def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:

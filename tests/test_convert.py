@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from mlxkit.convert import convert, load_recipe, planned_tensors
 from mlxkit.convert import converter as converter_module
-from mlxkit.convert.layout import drafter_key
 
 from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.generate import stream_generate
+from mlxkit.layout import drafter_key
 from mlxkit.load import load, load_model
 from mlxkit.models.qwen3_5 import TextConfig, sanitize_tensor
 from tests.helpers import FIXTURES, TINY, reference

@@ -8,15 +8,14 @@ import math
 import mlx.core as mx
 import pytest
 from mlxkit.convert.converter import convert
-from mlxkit.convert.layout import part_of
 from mlxkit.ios_bridge import PlanRefused, evaluate, plan, resolve_target
 from mlxkit.ios_bridge import memory as mem
 from mlxkit.ios_bridge.devices import load_catalog, parse_bytes
 from mlxkit.ios_bridge.roofline import expected_tokens_per_round
 
 from mlxkit.cache import KVCache, LinearAttentionCache
-from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.errors import ConfigError
+from mlxkit.layout import bytes_by_part_on_disk
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5 import TextConfig
 from mlxkit.presets import text_config
@@ -26,23 +25,12 @@ SIX_GB_AND_LESS = ["iphone12", "iphone13", "iphone12pro", "iphone13pro", "iphone
                    "iphone14pro", "iphone15", "iphone15plus", "tier-4gb", "tier-6gb-lpddr5"]  # fmt: skip
 
 
-def written_bytes_by_part(out) -> dict[str, int]:
-    """Tensor bytes as the safetensors headers of the written files say, by part."""
-    totals = {"embeddings": 0, "layers": 0, "mtp": 0, "vision": 0}
-    for name, info in read_headers(weight_files(out)).items():
-        totals[part_of(name)] += info.nbytes
-    if (out / "mtp").is_dir():
-        for info in read_headers(weight_files(out / "mtp")).values():
-            totals["mtp"] += info.nbytes
-    return totals
-
-
 @pytest.mark.parametrize("fixture", ["tiny_tied", "tiny_untied"])
 @pytest.mark.parametrize(("recipe", "bits"), [("uniform", 4), ("quality", 4), ("uniform", 3)])
 def test_planned_weight_bytes_equal_written_bytes(tmp_path, fixture, recipe, bits):
     p = plan(FIXTURES / fixture, "iphone15pro", recipe=recipe, bits=bits)
     result = convert(FIXTURES / fixture, tmp_path / "out", recipe=recipe, bits=bits, quiet=True)
-    written = written_bytes_by_part(tmp_path / "out")
+    written = bytes_by_part_on_disk(tmp_path / "out", tmp_path / "out" / "mtp")
     assert p.weights == written == result.bytes_by_part
     assert p.weights["mtp"] > 0 and p.weights["embeddings"] > 0
 
@@ -50,8 +38,8 @@ def test_planned_weight_bytes_equal_written_bytes(tmp_path, fixture, recipe, bit
 def test_planned_weights_without_mtp(tmp_path):
     p = plan(FIXTURES / "tiny_tied", "iphone12", mtp=False)
     convert(FIXTURES / "tiny_tied", tmp_path / "out", mtp=False, quiet=True)
-    assert p.weights == written_bytes_by_part(tmp_path / "out")
-    assert p.weights["mtp"] == 0
+    assert p.weights == bytes_by_part_on_disk(tmp_path / "out")
+    assert p.weights["mtp"] == 0 and not (tmp_path / "out" / "mtp").exists()
 
 
 @pytest.mark.parametrize("n_tokens", [5, 256, 300])
