@@ -1,11 +1,20 @@
 """`mlxkit convert`. Kept free of heavy imports: it is loaded whenever the `mlxkit` command
-starts, and the converter is imported only when the command runs."""
+starts, and the converter is imported only when the command runs.
+
+The quantization options and the planning options of `--target` are the planner's knobs
+(ios_bridge/settings.py, through `plan_options`), so `mlxkit plan`, `convert --target` and
+`bundle build` take the same flags with the same meaning.
+"""
 
 from __future__ import annotations
 
 import click
+from mlxkit.ios_bridge.cli import plan_options
 
 from mlxkit.errors import MlxkitError
+
+# Options that only a plan reads: given without --target / --memory-budget they do nothing.
+PLAN_ONLY = ("context", "entitlement", "num_draft", "prefill_chunk", "acceptance")
 
 
 @click.command("convert")
@@ -16,85 +25,53 @@ from mlxkit.errors import MlxkitError
 @click.option(
     "-o", "--output", type=click.Path(), help="Output directory (default: e.g. ./Qwen3.5-2B-4bit)."
 )
-@click.option("--bits", type=int, help="Bits of quantized weights: 2, 3, 4, 5, 6 or 8 (default 4).")
-@click.option("--group-size", type=int, help="Quantization group size: 32, 64 or 128 (default 64).")
-@click.option(
-    "--recipe",
-    default="uniform",
-    show_default=True,
-    help="Named recipe in convert/recipes/ (uniform, quality).",
-)
-@click.option(
-    "--dtype",
-    default="bfloat16",
-    show_default=True,
-    help="bfloat16, float16 or float32: everything not quantized (with --no-quantize, everything).",
-)
+@plan_options
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
-@click.option("--no-mtp", is_flag=True, help="Do not write the MTP drafter to OUT/mtp/.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
-@click.option(
-    "--target",
-    help="Build an iPhone bundle for this device or tier (mlxkit tiers): "
-    "plans first and refuses what does not fit (see mlxkit.ios_bridge).",
-)
-@click.option("--memory-budget", help="With --target, or alone: usable memory, e.g. 3.5GB.")
-@click.option("--context", type=int, help="With --target: the context to plan for.")
-@click.option(
-    "--entitlement/--no-entitlement",
-    default=True,
-    help="With --target: allow the increased-memory-limit entitlement.",
-)
 @click.pass_context
 def convert(
     ctx: click.Context,
     hf_path: str | None,
     size: str | None,
     output: str | None,
-    bits: int | None,
-    group_size: int | None,
-    recipe: str,
-    dtype: str,
     no_quantize: bool,
-    no_mtp: bool,
     force: bool,
     quiet: bool,
-    target: str | None,
-    memory_budget: str | None,
-    context: int | None,
-    entitlement: bool,
+    **options,
 ) -> None:
     """Convert a Qwen 3.5 checkpoint to an MLX model directory (4-bit by default), in
-    bounded memory, keeping the MTP head as a drafter in OUT/mtp/."""
+    bounded memory, keeping the MTP head as a drafter in OUT/mtp/. With --target (an iPhone
+    or tier), plan first and build a bundle for that phone."""
     from mlxkit.convert.converter import convert as run
     from mlxkit.convert.source import Size, resolve_local
 
     if (hf_path is None) == (size is None):
         raise MlxkitError("pass exactly one of --hf-path DIR or --size SIZE")
-    if no_quantize and (bits is not None or group_size is not None):
+    if no_quantize and (options["bits"] is not None or options["group_size"] is not None):
         raise MlxkitError("--bits / --group-size have no effect with --no-quantize")
     # --size is resolved (downloaded, if need be) inside convert(), after every other check
     source = resolve_local(hf_path) if hf_path is not None else Size(size)
-    if target is not None or memory_budget is not None:
+    if options["target"] is not None or options["memory_budget"] is not None:
+        if no_quantize:
+            raise MlxkitError("--target plans quantized bundles; drop --no-quantize")
         from mlxkit.ios_bridge.cli import convert_to_bundle
 
-        recipe_given = ctx.get_parameter_source("recipe") != click.core.ParameterSource.DEFAULT
-        convert_to_bundle(source, output, target=target, memory_budget=memory_budget,
-                          context=context, entitlement=entitlement, bits=bits,
-                          group_size=group_size, recipe=recipe if recipe_given else None,
-                          dtype=dtype, mtp=False if no_mtp else None, force=force, quiet=quiet,
-                          no_quantize=no_quantize)  # fmt: skip
+        convert_to_bundle(source, output, force=force, quiet=quiet, **options)
         return
+    given = [n for n in PLAN_ONLY if ctx.get_parameter_source(n).name != "DEFAULT"]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise MlxkitError(f"{flags}: only with --target or --memory-budget (they plan a bundle)")
     run(
         source,
         output,
-        bits=bits,
-        group_size=group_size,
-        recipe=recipe,
-        dtype=dtype,
+        bits=options["bits"],
+        group_size=options["group_size"],
+        recipe=options["recipe"] or "uniform",
+        dtype=options["dtype"],
         quantize=not no_quantize,
-        mtp=not no_mtp,
+        mtp=options["mtp"] is not False,
         force=force,
         quiet=quiet,
     )

@@ -7,9 +7,8 @@
       xcode/          Entitlements.plist, Info-BackgroundAssets.plist, MLXKitBundle.swift, README
 
 The plan comes first, so a model that cannot fit is refused before a byte is converted.
-Without explicit choices the recipe and MTP inclusion are picked by the planner: the first
-of (quality recipe + MTP, uniform + MTP, uniform without MTP) that leaves room for
-DEFAULT_CONTEXT tokens (or the requested context). The converter writes the drafter inside
+Without explicit choices the recipe, MTP inclusion and memory limit are picked by
+`choose_plan` (choose.py), as `mlxkit plan` picks them. The converter writes the drafter inside
 its output (`model/mtp/`, where mlxkit.load looks for it); the bundle moves it beside
 `model/` so that each directory is a plain, self-contained model directory.
 """
@@ -19,62 +18,25 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlxkit import __version__
-from mlxkit.errors import MlxkitError
+from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
-from mlxkit.models.qwen3_5 import TextConfig
 
+if TYPE_CHECKING:
+    from mlxkit.convert.source import Source
+
+from .choose import choose_plan
 from .devices import ENTITLEMENT, Target, resolve_target
 from .manifest import FORMAT, MANIFEST, SCHEMA_VERSION, file_entries
-from .plan import MIN_CONTEXT, Plan, PlanRefused, evaluate, plan
+from .plan import Plan, PlanRefused
 from .serialize import memory_to_dict, plan_to_dict, target_to_dict
 from .xcode import write_xcode
 
-DEFAULT_CONTEXT = 4096  # what an automatic choice must leave room for, when it can
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
 MANIFEST_ALLOWANCE = 1 << 20  # bytes counted for manifest.json in the download sizes
-
-
-def _candidates(recipe: str | None, mtp: bool | None, has_mtp: bool) -> list[tuple[str, bool]]:
-    recipes = [recipe] if recipe else ["quality", "uniform"]
-    mtps = [mtp and has_mtp] if mtp is not None else ([True, False] if has_mtp else [False])
-    out = []
-    for m in mtps:
-        for r in recipes if m else recipes[-1:]:
-            out.append((r, m))
-    return out
-
-
-def choose_plan(
-    cfg: TextConfig, tgt: Target, *, recipe: str | None, bits: int | None, mtp: bool | None,
-    has_mtp: bool, context: int | None, name: str | None = None, **settings,
-) -> Plan:  # fmt: skip
-    """The first candidate (recipe, MTP) whose largest context reaches the requested one, or
-    DEFAULT_CONTEXT, or at least MIN_CONTEXT; PlanRefused (naming what fits) otherwise.
-    Without a requested context the bundle gets the largest context that fits, within the
-    default memory limit when that still reaches DEFAULT_CONTEXT (so the app needs no
-    entitlement), else within the increased limit."""
-    candidates = _candidates(recipe, mtp, has_mtp)
-    limit = cfg.max_position_embeddings
-    needs = [context] if context else [min(DEFAULT_CONTEXT, limit), min(MIN_CONTEXT, limit)]
-    for need in needs:
-        for r, m in candidates:
-            p = evaluate(cfg, tgt, None, name, recipe=r, bits=bits, mtp=m, **settings)
-            if p.fits and p.max_context >= need:
-                if context is None and settings.get("entitlement", True):
-                    # Ask for no capability the app does not need: when the default limit
-                    # leaves room for `need` tokens, plan the bundle within it.
-                    lean = {**settings, "entitlement": False}
-                    q = evaluate(cfg, tgt, None, name, recipe=r, bits=bits, mtp=m, **lean)
-                    if q.fits and q.max_context >= need:
-                        return plan(cfg, tgt, recipe=r, bits=bits, mtp=m, name=name, **lean)
-                return plan(cfg, tgt, context=context, recipe=r, bits=bits, mtp=m, name=name,
-                            **settings)  # fmt: skip
-    r, m = candidates[0]
-    return plan(cfg, tgt, context=context, recipe=r, bits=bits, mtp=m, name=name,
-                **settings)  # refuses  # fmt: skip
 
 
 def _source_info(directory: Path) -> dict:
@@ -110,13 +72,13 @@ def make_manifest(p: Plan, source: dict, has_mtp_dir: bool) -> dict:
         "entitlement_required": p.entitlement_required,
         "entitlements": [ENTITLEMENT] if p.entitlement_required else [],
         "quantization": d["quantization"],
-        "mtp": {
+        "mtp": {  # num_draft: what the phone's runtime drafts per round (runtimes.py)
             "included": has_mtp_dir,
             "path": MTP_DIR if has_mtp_dir else None,
-            "num_draft": p.settings.num_draft,
+            "num_draft": p.num_draft,
         },
-        "max_context": p.context,
-        "largest_context_that_fits": p.max_context,
+        "max_context": p.max_context,
+        "largest_context_that_fits": p.largest_context_that_fits,
         "prefill_chunk": p.settings.prefill_chunk,
         "memory": memory,
         "mlx": {"cache_limit_bytes": p.settings.cache_limit},
@@ -126,44 +88,52 @@ def make_manifest(p: Plan, source: dict, has_mtp_dir: bool) -> dict:
     }
 
 
+def plan_for_source(
+    src: str | Path,
+    target: str | Target | None,
+    memory_budget: int | str | None,
+    context: int | None,
+    settings: dict,
+) -> tuple[Source, Plan]:
+    """The checkpoint and the plan `choose_plan` makes for it on an iPhone target (from the
+    checkpoint's headers and config alone: no weight is read)."""
+    from mlxkit.convert.reader import SourceCheckpoint
+    from mlxkit.convert.source import resolve_source
+
+    tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
+    if tgt.kind == "mac":
+        raise ConfigError(
+            f"{tgt.name} is a Mac: bundles are for iPhones. `mlxkit plan --target {tgt.name}` "
+            "plans for it, and `mlxkit convert` without --target writes the model it loads"
+        )
+    source = resolve_source(src)
+    ckpt = SourceCheckpoint.open(source.directory, include_mtp=settings.get("mtp") is not False)
+    name, has_mtp = source.name, ckpt.has_mtp
+    return source, choose_plan(ckpt.cfg, tgt, context, name=name, has_mtp=has_mtp, **settings)
+
+
 def build_bundle(
     src: str | Path,
     out: str | Path,
     target: str | Target | None = None,
     *,
     memory_budget: int | str | None = None,
-    bits: int | None = None,
-    recipe: str | None = None,
-    group_size: int | None = None,
-    dtype: str = "bfloat16",
     context: int | None = None,
-    entitlement: bool = True,
-    mtp: bool | None = None,
-    num_draft: int = 2,
-    prefill_chunk: int = 512,
-    acceptance: float = 0.7,
     force: bool = False,
     quiet: bool = True,
+    **settings,
 ) -> dict:
     """Plans, converts `src` (a Hugging Face layout checkpoint directory, or a size name)
-    into `out`, and writes manifest.json and xcode/. Returns the manifest."""
+    into `out`, and writes manifest.json and xcode/. Returns the manifest. `settings` are
+    the fields of `Settings`; `recipe` and `mtp` left out (or None) are chosen."""
     import json
 
     from mlxkit.convert.converter import convert
-    from mlxkit.convert.reader import SourceCheckpoint
-    from mlxkit.convert.source import resolve_source
 
     out = Path(out).expanduser().absolute()
     if (out.exists() or out.is_symlink()) and not force:
         raise MlxkitError(f"{out} already exists; pass --force to replace it")
-    tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
-    source = resolve_source(src)
-    ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp is not False)
-    p = choose_plan(
-        ckpt.cfg, tgt, recipe=recipe, bits=bits, mtp=mtp, has_mtp=ckpt.has_mtp,
-        context=context, name=source.name, group_size=group_size, dtype=dtype, entitlement=entitlement,
-        num_draft=num_draft, prefill_chunk=prefill_chunk, acceptance=acceptance,
-    )  # fmt: skip
+    source, p = plan_for_source(src, target, memory_budget, context, settings)
 
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -201,4 +171,4 @@ def build_bundle(
     return manifest
 
 
-__all__ = ["DEFAULT_CONTEXT", "PlanRefused", "build_bundle", "choose_plan", "make_manifest"]
+__all__ = ["PlanRefused", "build_bundle", "make_manifest"]

@@ -1,4 +1,5 @@
-"""iPhone tiers as data: `devices.toml` → `Device`, `Tier`, and the `Target` a plan is made for.
+"""Devices as data: `devices.toml` → iPhone `Device`s and `Tier`s, Apple-silicon `Mac`s, and
+the `Target` a plan is made for.
 
 The numbers live in the TOML file, not here, so that correcting a device (a new report of
 its usable memory, a confirmed bandwidth) is a one-line data change that every planner
@@ -58,12 +59,27 @@ class Device:
 
 
 @dataclass(frozen=True)
+class Mac:
+    """One memory option of an Apple-silicon chip: `m4pro-24gb`."""
+
+    id: str
+    chip: str  # "M4 Pro", or "M4 Max (14-core CPU, 32-core GPU)" for a bin
+    family: str  # the id without the memory: "m4pro"
+    ram_gb: int
+    bandwidth: float  # bytes per second (peak)
+    usable_bytes: int  # Metal's recommended GPU working set
+    source: dict[str, str]
+    unconfirmed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Catalog:
     min_ios: str
     metal_buffer_guaranteed: int
     sources: dict[str, str]
     tiers: dict[str, Tier]
     devices: dict[str, Device]
+    macs: dict[str, Mac]
 
     def devices_in(self, tier_id: str) -> list[Device]:
         return [d for d in self.devices.values() if d.tier == tier_id]
@@ -76,14 +92,14 @@ class Target:
 
     name: str
     label: str  # for people: "iPhone 15 (6 GB LPDDR5)"
-    kind: str  # "device", "tier" or "budget"
+    kind: str  # "device", "tier", "budget" (an iPhone of that much memory) or "mac"
     tier: Tier | None
     devices: tuple[Device, ...]
     usable_bytes: int
     usable_bytes_entitled: int
     bandwidth: float | None
     metal_buffer_limit: int
-    min_ios: str
+    min_ios: str | None  # None for a Mac
     unconfirmed: tuple[str, ...] = field(default=())
 
     def usable(self, entitlement: bool) -> int:
@@ -103,6 +119,28 @@ def _gb(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{where}: expected a positive number of GB, got {value!r}")
     return round(value * GB)
+
+
+def _parse_macs(data: dict) -> dict[str, Mac]:
+    """One Mac per memory option; usable memory from the working-set fractions."""
+    share = data["mac_memory"]
+    macs = {}
+    for m in data.get("macs", []):
+        for ram in m["memory_gb"]:
+            small = ram <= share["small_ram_gb"]
+            fraction = share["small_working_set_fraction" if small else "working_set_fraction"]
+            mac = Mac(
+                id=f"{m['id']}-{ram}gb",
+                chip=m["chip"],
+                family=m["id"],
+                ram_gb=ram,
+                bandwidth=float(m["bandwidth_gbs"]) * GB,
+                usable_bytes=round(ram * fraction * GB),
+                source=dict(m.get("source", {})),
+                unconfirmed=(*m.get("unconfirmed", ()), "usable_gb"),
+            )
+            macs[mac.id] = mac
+    return macs
 
 
 def _parse(data: dict) -> Catalog:
@@ -149,6 +187,7 @@ def _parse(data: dict) -> Catalog:
         sources=dict(data["sources"]),
         tiers=tiers,
         devices=devices,
+        macs=_parse_macs(data),
     )
 
 
@@ -173,12 +212,15 @@ def _aliases(catalog: Catalog) -> dict[str, tuple[str, str]]:
     for t in catalog.tiers.values():
         for name in (t.id, f"tier-{t.id}", f"tier{t.id}"):
             table[normalize(name)] = ("tier", t.id)
+    for mac in sorted(catalog.macs.values(), key=lambda m: -m.ram_gb):  # smallest wins
+        for name in (mac.id, mac.family, f"mac-{mac.id}", f"mac-{mac.family}"):
+            table[normalize(name)] = ("mac", mac.id)
     return table
 
 
 def target_names(catalog: Catalog | None = None) -> list[str]:
     catalog = catalog or load_catalog()
-    return [*catalog.devices, *(f"tier-{t}" for t in catalog.tiers)]
+    return [*catalog.devices, *(f"tier-{t}" for t in catalog.tiers), *catalog.macs]
 
 
 def _device_target(catalog: Catalog, device: Device) -> Target:
@@ -216,6 +258,24 @@ def _tier_target(catalog: Catalog, tier: Tier) -> Target:
     )
 
 
+def _mac_target(catalog: Catalog, mac: Mac) -> Target:
+    """A Mac plans within Metal's recommended working set; no single array is capped below
+    it (a Mac's maxBufferLength is a large share of its RAM)."""
+    return Target(
+        name=mac.id,
+        label=f"a Mac with {mac.chip}, {mac.ram_gb} GB",
+        kind="mac",
+        tier=None,
+        devices=(),
+        usable_bytes=mac.usable_bytes,
+        usable_bytes_entitled=mac.usable_bytes,
+        bandwidth=mac.bandwidth,
+        metal_buffer_limit=mac.usable_bytes,
+        min_ios=None,
+        unconfirmed=mac.unconfirmed,
+    )
+
+
 def resolve_target(
     name: str | None = None,
     memory_budget: int | str | None = None,
@@ -242,13 +302,17 @@ def resolve_target(
         )
     hit = _aliases(catalog).get(normalize(name))
     if hit is None:
+        iphones = [*catalog.devices, *(f"tier-{t}" for t in catalog.tiers)]
         raise ConfigError(
-            f"unknown target {name!r}; choose one of {', '.join(target_names(catalog))} "
-            "(or give --memory-budget, e.g. 3.5GB, for any other device)"
+            f"unknown target {name!r}; choose an iPhone or tier ({', '.join(iphones)}), a Mac "
+            "such as m4pro-24gb (mlxkit tiers --mac), or give --memory-budget, e.g. 3.5GB, for "
+            "any other device"
         )
     kind, ident = hit
     if kind == "device":
         target = _device_target(catalog, catalog.devices[ident])
+    elif kind == "mac":
+        target = _mac_target(catalog, catalog.macs[ident])
     else:
         target = _tier_target(catalog, catalog.tiers[ident])
     if budget is not None:
@@ -261,11 +325,9 @@ def resolve_target(
     return target
 
 
-_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 10**3, "m": 10**6, "g": 10**9,
-}  # fmt: skip
+_UNITS = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_UNITS.update({f"{p}b": n for p, n in (("k", 10**3), ("m", 10**6), ("g", 10**9), ("t", 10**12))})
+_UNITS.update({f"{p}ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)})
 
 
 def parse_bytes(value: int | str) -> int:

@@ -1,5 +1,5 @@
 """Writes the README's iPhone section (between its `ios-section` markers) from the planner,
-so the memory table can never disagree with `mlxkit plan`.
+so the table can never disagree with `mlxkit plan`.
 
     python ios_bridge/make_readme_table.py          # rewrite the section
     python ios_bridge/make_readme_table.py --check  # exit 1 if it is out of date
@@ -11,57 +11,45 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlxkit.ios_bridge.choose import choose_plan
 from mlxkit.ios_bridge.devices import GB, load_catalog
-from mlxkit.ios_bridge.plan import (
+from mlxkit.ios_bridge.plan import PlanRefused, evaluate
+from mlxkit.ios_bridge.roofline import SHORT_CONTEXT, speed_model
+from mlxkit.ios_bridge.runtimes import MLX_SWIFT_LM
+from mlxkit.ios_bridge.settings import (
     DEFAULT_CACHE_LIMIT,
+    DEFAULT_CONTEXT,
     DEFAULT_RESERVE,
     MIN_CONTEXT,
-    PlanRefused,
-    evaluate,
-    plan,
+    Settings,
 )
-from mlxkit.ios_bridge.roofline import EFFICIENCY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- ios-section:begin -->\n", "<!-- ios-section:end -->\n"
 SIZES = ("0.8b", "2b", "4b", "9b")
 TARGETS = ("iphone12", "iphone13pro", "iphone15", "iphone15pro", "iphone16pro", "iphone17pro")
 REFERENCE_CONTEXT = 4096
+MTP_COLUMN = f"tok/s MTP ({MLX_SWIFT_LM.name}: 1 draft, greedy only)"
 
-
-def _row(size: str, target: str) -> str:
-    try:
-        p = plan(size, target)
-    except PlanRefused as e:
-        w = e.plan
-        return (f"| {w.model} | {w.target.label} | {w.weight_bytes / GB:.2f} | refused: "
-                f"{w.total / GB:.2f} GB > {w.usable / GB:.1f} GB usable | | | | |")  # fmt: skip
-    ref = evaluate(size, target, min(REFERENCE_CONTEXT, p.max_context))
-    ent = "needed" if ref.entitlement_required else "no"
-    return (
-        f"| {p.model} | {p.target.label} | {p.weight_bytes / GB:.2f} | {p.max_context:,} | "
-        f"{ref.total / GB:.2f} @ {ref.context:,} | {ent} | {ref.decode_tps:.0f} | "
-        f"{ref.mtp_tps:.0f} |"
-    )
-
-
-def render() -> str:
-    catalog = load_catalog()
-    rows = [_row(s, t) for s in SIZES for t in TARGETS]
-    return f"""## iPhones: plan, bundle, Xcode
+SECTION = """## iPhones (and Macs): plan, bundle, Xcode
 
 `mlxkit tiers` lists every iPhone from the 12 to the 17 (25 models, 5 memory tiers) with its
 SoC, GPU cores, RAM, bandwidth, the memory an app may use without / with the
 `increased-memory-limit` entitlement, and the source of each number ((u) marks unconfirmed
-ones; Apple publishes neither RAM nor app limits). `mlxkit plan` says, from a config alone,
-whether a model fits a phone, at which context and speed; when nothing fits it refuses and
-names what would (a smaller size, fewer bits, a shorter context, the entitlement, a bigger
-phone):
+ones; Apple publishes neither RAM nor app limits); `mlxkit tiers --mac` lists the
+Apple-silicon Macs of the speed calibration (M1 to M5 families, {macs} targets: one per
+memory option). `mlxkit plan` says, from a config alone, whether a model fits, at which
+context and speed; when nothing fits it refuses and names what would (a smaller size, fewer
+bits, a shorter context, the entitlement, a bigger phone). It picks the recipe, the MTP head
+and the memory limit exactly as `convert --target` does: the first of quality + MTP,
+uniform + MTP, uniform without MTP that leaves room for {default_context:,} tokens, within
+the default memory limit when that is enough (the entitlement only when it is needed):
 
 ```sh
-mlxkit tiers
+mlxkit tiers                                             # or: mlxkit tiers --mac
 mlxkit plan --size 2b --target iphone15                  # or --model DIR, --memory-budget 3.5GB
 mlxkit plan --size 9b --target iphone15                  # refused, with what fits instead
+mlxkit plan --size 9b --target m4pro-24gb                # a Mac: mlxkit's own decode loop
 mlxkit convert --hf-path ./Qwen3.5-2B --target iphone15  # plan, convert, package: a bundle
 mlxkit bundle verify Qwen3.5-2B-iphone15                 # sizes, sha256, paths, loads, fits
 ```
@@ -69,29 +57,32 @@ mlxkit bundle verify Qwen3.5-2B-iphone15                 # sizes, sha256, paths,
 A bundle is one folder: `model/` (an MLX model directory, loadable on its own by mlx-lm, MLX
 Swift and mlxkit), `mtp/` (the MTP drafter), `manifest.json` (source and revision, target
 and devices, recipe and bits per part, max context, peak memory and its breakdown, MLX
-cache limit, entitlement, minimum iOS, size and sha256 of every file) and `xcode/`
-(`Entitlements.plist`, an `Info.plist` fragment for Background Assets, `MLXKitBundle.swift`
-that checks the device and `os_proc_available_memory()` before loading `model/` with
-mlx-swift-lm, and a README for adding it to an Xcode project). `examples/ios_app/`
-describes the app side.
+cache limit, entitlement, minimum iOS, the drafts per round the phone's runtime makes,
+predicted speeds, size and sha256 of every file) and `xcode/` (`Entitlements.plist`, an
+`Info.plist` fragment for Background Assets, `MLXKitBundle.swift` that checks the device and
+`os_proc_available_memory()` before loading `model/` with mlx-swift-lm, and a README for
+adding it to an Xcode project). `examples/ios_app/` describes the app side.
 
-### Memory table (generated by `python ios_bridge/make_readme_table.py`)
+### Memory and speed table (generated by `python ios_bridge/make_readme_table.py`)
 
-4-bit `uniform` recipe with the MTP head (2 drafts), prefill chunk 512, entitlement
-allowed. *Max context* is the largest that fits; *peak* is the planned peak at
-{REFERENCE_CONTEXT:,} tokens (or at the max context when that is smaller); tokens/s are
-roofline predictions ({EFFICIENCY:.0%} of peak bandwidth) at 1k tokens of context, with MTP
-at 70 % per-draft acceptance — upper bounds, not measurements.
+What `mlxkit plan` (and `convert --target`) picks for each phone, with the MTP head when it
+fits, prefill chunk {prefill_chunk}. *Max context* is the largest that fits within the
+planned limit; *peak* is the planned peak at {reference_context:,} tokens (or at the max
+context when that is smaller). Speeds are predictions of the calibrated model below at
+{short_context:,} tokens of context, for the runtime that runs a bundle on the phone:
+mlx-swift-lm, whose MTP drafter makes 1 draft per round and only under greedy sampling (with
+temperature > 0 the phone decodes at the plain speed), at {acceptance:.0%} acceptance.
+`mlxkit plan` also prints what mlxkit's own loop ({num_draft} drafts, sampling too) would do.
 
-| model | target | weights GB | max context | peak GB @ context | entitlement | tok/s | tok/s MTP |
-|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+| model | target | recipe | weights GB | max context | peak GB @ context | entitlement | tok/s | {mtp_column} |
+|---|---|---|---|---|---|---|---|---|
+{rows}
 
 ### How the plan is computed
 
-- **Weights**: the converter's own `planned_tensors` (the exact list of tensors it writes),
-  so planned bytes equal written bytes, per part (tests check it on fixtures and on a
-  0.8B-shaped checkpoint).
+- **Weights**: `mlxkit.layout.planned_tensors` (the exact list of tensors the converter
+  writes), so planned bytes equal written bytes, per part (tests check it on fixtures and on
+  a one-layer checkpoint of the real 0.8B width).
 - **KV cache**: full-attention layers plus the MTP layer, 2 · KV heads · head dim · 2 bytes
   per token and layer, allocated in steps of 256 tokens (what the runtime allocates; a test
   compares with the caches' `.nbytes` after N tokens), at the context plus the draft
@@ -105,28 +96,80 @@ at 70 % per-draft acceptance — upper bounds, not measurements.
   layer keeps from the chunk, plus one float32 logits row (prefill computes logits for the
   last position only). Verification: the per-position recurrent states recorded for
   rollback.
-- **Runtime reserve** {DEFAULT_RESERVE / 2**20:.0f} MiB (app, tokenizer, MLX runtime, margin;
-  an estimate) and the MLX buffer-cache limit {DEFAULT_CACHE_LIMIT / 2**20:.0f} MiB, which the
+- **Runtime reserve** {reserve_mib:.0f} MiB (app, tokenizer, MLX runtime, margin;
+  an estimate) and the MLX buffer-cache limit {cache_limit_mib:.0f} MiB, which the
   Swift loader sets.
 - **Largest array** (weights, a KV buffer, the score matrix) must stay under a planning
-  cap of {min(t.metal_buffer_limit for t in catalog.tiers.values()) / 2**30:.0f} GiB (Metal
-  guarantees only {catalog.metal_buffer_guaranteed / 2**20:.0f} MiB; larger arrays get a
-  warning).
-- **Speed**: decode reads every weight once per token (the tied embedding as the lm_head)
-  plus the KV cache and recurrent state: tokens/s = {EFFICIENCY} · bandwidth / bytes. MTP with
-  k drafts at per-draft acceptance a: speedup = (1 − a^(k+1)) / (1 − a) · step /
-  (verify + k · draft), a draft step costing the MTP layer plus the lm_head.
-- Minimum context for a plan to count as fitting: {MIN_CONTEXT} tokens.
+  cap of {buffer_cap_gib:.0f} GiB on a phone (Metal guarantees only {metal_guaranteed_mib:.0f}
+  MiB; larger arrays get a warning).
+- **Speed**: a decode step reads every weight once (the tied embedding as the lm_head)
+  plus the KV cache and recurrent state; seconds per token = bytes ÷ ({efficiency:.3f} ·
+  bandwidth) + {fixed_ms:.2f} ms, both fitted on {rows_fitted} published Mac measurements of
+  Qwen 3.5 4-bit decoding (`benchmarks/fit_speed_model.py`; rows, errors and fit in
+  `benchmarks/results/speed_model.md`; leave-one-out median error {loo:.1%}). A phone is the
+  same model at its own bandwidth. MTP with k drafts at per-draft acceptance a: speedup =
+  (1 − a^(k+1)) / (1 − a) · step / (verify + k · draft), a verify pass costing a step plus
+  the recorded states, a draft step the MTP layer, the lm_head and its share of the fixed
+  cost.
+- Minimum context for a plan to count as fitting: {min_context} tokens.
 
 ### What could not be checked here
 
 No iPhone, no Xcode and no Swift compiler for iOS were available: `MLXKitBundle.swift` is
 checked for syntax (tree-sitter's Swift grammar) and against the manifest's keys, not
 compiled; the usable-memory figures come from public reports, not measurements; the
-runtime reserve and the roofline efficiency are estimates; the activation formulas follow
-mlxkit's runtime graph, which MLX Swift's Qwen 3.5 port mirrors but which was not measured
-on a device. Confirm with Xcode's memory gauge before shipping.
+runtime reserve is an estimate; the memory formulas follow mlxkit's runtime graph and were
+not checked against mlx-swift-lm's arrays nor measured on a device. The speed model is
+fitted on Macs only: no phone measurement went into it, a phone's fixed cost per token is
+likely higher than a Mac's, and the MTP columns are upper bounds (published Mac MTP
+speedups, 1.04–1.32×, are below this model's). Confirm with Xcode's memory gauge and a
+device run before shipping.
 """
+
+
+def _row(size: str, target: str) -> str:
+    try:
+        p = choose_plan(size, target)
+    except PlanRefused as e:
+        w = e.plan
+        return (
+            f"| {w.model} | {w.target.label} | {w.settings.recipe} | {w.weight_bytes / GB:.2f} | "
+            f"refused: {w.total / GB:.2f} GB > {w.usable / GB:.1f} GB usable | | | | |"
+        )
+    s = p.settings
+    reference = min(REFERENCE_CONTEXT, p.largest_context_that_fits)
+    ref = evaluate(size, target, reference, recipe=s.recipe, mtp=s.mtp, entitlement=s.entitlement)
+    ent = "needed" if ref.entitlement_required else "no"
+    mtp = f"{ref.speed.mtp_tps:.0f}" if ref.speed.mtp_tps else "no MTP"
+    return (
+        f"| {p.model} | {p.target.label} | {s.recipe} | {p.weight_bytes / GB:.2f} | "
+        f"{p.largest_context_that_fits:,} | {ref.total / GB:.2f} @ {ref.max_context:,} | {ent} | "
+        f"{ref.speed.decode_tps:.0f} | {mtp} |"
+    )
+
+
+def render() -> str:
+    catalog, model, defaults = load_catalog(), speed_model(), Settings()
+    return SECTION.format(
+        macs=len(catalog.macs),
+        default_context=DEFAULT_CONTEXT,
+        prefill_chunk=defaults.prefill_chunk,
+        reference_context=REFERENCE_CONTEXT,
+        short_context=SHORT_CONTEXT,
+        acceptance=defaults.acceptance,
+        num_draft=defaults.num_draft,
+        mtp_column=MTP_COLUMN,
+        rows="\n".join(_row(s, t) for s in SIZES for t in TARGETS),
+        reserve_mib=DEFAULT_RESERVE / 2**20,
+        cache_limit_mib=DEFAULT_CACHE_LIMIT / 2**20,
+        buffer_cap_gib=min(t.metal_buffer_limit for t in catalog.tiers.values()) / 2**30,
+        metal_guaranteed_mib=catalog.metal_buffer_guaranteed / 2**20,
+        efficiency=model.efficiency,
+        fixed_ms=model.fixed_seconds * 1e3,
+        rows_fitted=model.rows,
+        loo=model.loo_median_error,
+        min_context=MIN_CONTEXT,
+    )
 
 
 def current_section() -> str:
@@ -145,8 +188,8 @@ def main() -> int:
     current = current_section()
     if args.check:
         if current != text:
-            print(f"{README}'s iPhone section is out of date: run python {Path(__file__).name}",
-                  file=sys.stderr)  # fmt: skip
+            stale = f"{README}'s iPhone section is out of date: run python {Path(__file__).name}"
+            print(stale, file=sys.stderr)
             return 1
         return 0
     README.write_text(README.read_text().replace(BEGIN + current + END, BEGIN + text + END))

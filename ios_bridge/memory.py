@@ -1,14 +1,17 @@
 """Bytes the runtime holds besides the weights, computed from the config alone.
 
 Every formula here follows the arrays mlxkit's runtime (mlxkit/models/qwen3_5.py,
-mlxkit/cache.py, mlxkit/generate.py) really creates; MLX Swift's Qwen 3.5 port builds the
-same graph (same caches, same `concatenate`-then-slice conv window, same attention call),
-so the numbers carry over, but that part is not measured here (there is no iPhone).
+mlxkit/cache.py, mlxkit/generate.py) creates, and tests compare the KV and state formulas
+with that runtime's caches. What was not checked: MLX Swift's Qwen 3.5 port (mlx-swift-lm),
+which runs a bundle on the phone, was neither run nor read array by array against these
+formulas, so its caches, conv windows and attention intermediates may differ; nothing here
+was measured on an iPhone either. Treat the phone figures as mlxkit's graph on a phone.
 
-Notation: B = 1 (one sequence), b = bytes of the activation dtype (bf16/fp16: 2), C = prefill
-chunk, T = keys in the KV cache, H = hidden, I = intermediate, nh / nkv / hd = query heads /
-KV heads / head dim, Hk / Hv / Dk / Dv = Gated-DeltaNet key / value heads and head dims,
-Dc = conv channels = 2·Hk·Dk + Hv·Dv, V = Hv·Dv, K = conv kernel, k = MTP drafts per round.
+Notation (in the docstrings): B = 1 (one sequence), b = bytes of the activation dtype
+(bf16/fp16: 2), C = prefill chunk, T = keys in the KV cache, H = hidden, I = intermediate,
+nh / nkv / hd = query heads / KV heads / head dim, Hk / Hv / Dk / Dv = Gated-DeltaNet key /
+value heads and head dims, Dc = conv channels = 2·Hk·Dk + Hv·Dv, V = Hv·Dv, K = conv kernel,
+k = MTP drafts per round.
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ def n_kv_layers(cfg: TextConfig, mtp: bool) -> int:
     return n_full_layers(cfg) + (cfg.mtp_num_hidden_layers if mtp else 0)
 
 
-def kv_bytes_per_token_per_layer(cfg: TextConfig, b: int) -> int:
+def kv_bytes_per_token_per_layer(cfg: TextConfig, dtype_bytes: int) -> int:
     """keys + values: 2 · nkv · hd · b."""
-    return 2 * cfg.num_key_value_heads * cfg.head_dim * b
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-def kv_bytes_per_token(cfg: TextConfig, b: int, mtp: bool) -> int:
-    return n_kv_layers(cfg, mtp) * kv_bytes_per_token_per_layer(cfg, b)
+def kv_bytes_per_token(cfg: TextConfig, dtype_bytes: int, mtp: bool) -> int:
+    return n_kv_layers(cfg, mtp) * kv_bytes_per_token_per_layer(cfg, dtype_bytes)
 
 
 def kv_allocated_tokens(tokens: int) -> int:
@@ -52,23 +55,25 @@ def kv_allocated_tokens(tokens: int) -> int:
     return 0 if tokens <= 0 else -(-tokens // KV_STEP) * KV_STEP
 
 
-def kv_cache_bytes(cfg: TextConfig, tokens: int, b: int, mtp: bool) -> int:
+def kv_cache_bytes(cfg: TextConfig, tokens: int, dtype_bytes: int, mtp: bool) -> int:
     """What the KV caches allocate (buffers, not only the filled part) holding `tokens`."""
     return (
-        n_kv_layers(cfg, mtp) * kv_allocated_tokens(tokens) * kv_bytes_per_token_per_layer(cfg, b)
+        n_kv_layers(cfg, mtp)
+        * kv_allocated_tokens(tokens)
+        * kv_bytes_per_token_per_layer(cfg, dtype_bytes)
     )
 
 
-def kv_layer_buffer_bytes(cfg: TextConfig, tokens: int, b: int) -> int:
+def kv_layer_buffer_bytes(cfg: TextConfig, tokens: int, dtype_bytes: int) -> int:
     """One layer's keys buffer (values are a second buffer of the same size). When the cache
     grows, the old and the new buffers of that layer coexist while it is copied, so the plan
     adds one layer's keys and values once more ("KV growth")."""
-    return kv_allocated_tokens(tokens) * cfg.num_key_value_heads * cfg.head_dim * b
+    return kv_allocated_tokens(tokens) * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-def conv_state_bytes(cfg: TextConfig, b: int) -> int:
+def conv_state_bytes(cfg: TextConfig, dtype_bytes: int) -> int:
     """Per Gated-DeltaNet layer: the last K-1 conv inputs, [K-1, Dc] in the model dtype."""
-    return (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim * b
+    return (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim * dtype_bytes
 
 
 def recurrent_state_bytes(cfg: TextConfig) -> int:
@@ -78,9 +83,9 @@ def recurrent_state_bytes(cfg: TextConfig) -> int:
     )
 
 
-def linear_state_bytes(cfg: TextConfig, b: int) -> int:
+def linear_state_bytes(cfg: TextConfig, dtype_bytes: int) -> int:
     """Fixed, independent of the context: conv window + recurrent state of every linear layer."""
-    return n_linear_layers(cfg) * (conv_state_bytes(cfg, b) + recurrent_state_bytes(cfg))
+    return n_linear_layers(cfg) * (conv_state_bytes(cfg, dtype_bytes) + recurrent_state_bytes(cfg))
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ class Activations:
         return self.layer_peak + self.retained + self.logits
 
 
-def _linear_layer_peak(cfg: TextConfig, C: int, b: int) -> int:
+def _linear_layer_peak(cfg: TextConfig, chunk: int, dtype_bytes: int) -> int:
     """Gated-DeltaNet at chunk length C, during the recurrence: residual x [C,H], z [C,V],
     g and β [C,Hv] float32, the conv input window [K-1+C, Dc], the conv output [C, Dc]
     (q, k, v are views of it), the normalised q and k [C, 2·Hk·Dk], the output y [C, V] and
@@ -110,14 +115,14 @@ def _linear_layer_peak(cfg: TextConfig, C: int, b: int) -> int:
     )
     qk = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
     return (
-        C * (H + 2 * V + Dc + qk) * b
-        + 2 * C * cfg.linear_num_value_heads * FLOAT32
-        + (cfg.linear_conv_kernel_dim - 1 + C) * Dc * b
+        chunk * (H + 2 * V + Dc + qk) * dtype_bytes
+        + 2 * chunk * cfg.linear_num_value_heads * FLOAT32
+        + (cfg.linear_conv_kernel_dim - 1 + chunk) * Dc * dtype_bytes
         + recurrent_state_bytes(cfg)
     )
 
 
-def _attention_layer_peak(cfg: TextConfig, C: int, T: int, b: int) -> int:
+def _attention_layer_peak(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int) -> int:
     """Full attention over C new queries and T keys. With head_dim 256 MLX has no fused
     prefill kernel (its fused path takes head dims 64/80/128), so for C > 8 it falls back
     to matmul → softmax → matmul, materialising the score matrix [nh, C, T]: the scores
@@ -130,52 +135,53 @@ def _attention_layer_peak(cfg: TextConfig, C: int, T: int, b: int) -> int:
         cfg.num_key_value_heads,
         cfg.head_dim,
     )
-    around = C * (H + 2 * nh * hd + 2 * nh * hd + 2 * nkv * hd + nh * hd) * b
-    if C <= 8:  # MLX's vector kernel: no score matrix
+    around = chunk * (H + 2 * nh * hd + 2 * nh * hd + 2 * nkv * hd + nh * hd) * dtype_bytes
+    if chunk <= 8:  # MLX's vector kernel: no score matrix
         return around
-    return around + 2 * nh * C * T * b + C * T * MASK_BYTES
+    return around + 2 * nh * chunk * keys * dtype_bytes + chunk * keys * MASK_BYTES
 
 
-def score_matrix_bytes(cfg: TextConfig, C: int, T: int, b: int) -> int:
+def score_matrix_bytes(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int) -> int:
     """The largest transient single array of prefill: one [nh, C, T] score matrix."""
-    return cfg.num_attention_heads * C * T * b if C > 8 else 0
+    return cfg.num_attention_heads * chunk * keys * dtype_bytes if chunk > 8 else 0
 
 
-def _mlp_peak(cfg: TextConfig, C: int, b: int) -> int:
+def _mlp_peak(cfg: TextConfig, chunk: int, dtype_bytes: int) -> int:
     """SwiGLU: residual, normed input, output [C, H] each; gate, up, silu(gate)·up [C, I]."""
-    return C * (3 * cfg.hidden_size + 3 * cfg.intermediate_size) * b
+    return chunk * (3 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype_bytes
 
 
 def prefill_activations(
-    cfg: TextConfig, chunk: int, context: int, keys: int, b: int, mtp: bool
+    cfg: TextConfig, chunk: int, context: int, keys: int, dtype_bytes: int, mtp: bool
 ) -> Activations:
     """Peak while prefilling the last chunk of a `context`-token prompt.
 
     layer peak = the largest of one Gated-DeltaNet layer, one attention layer over T = `keys`
     keys (the runtime attends over the KV cache's whole allocated buffer, masking the unused
-    slots, so T is the allocated capacity, not the filled part), one MLP, and (with MTP) the MTP layer, whose input adds the [C, 2H]
-    concatenation of embedding and hidden state.
+    slots, so T is the allocated capacity, not the filled part), one MLP, and (with MTP) the
+    MTP layer, whose input adds the [C, 2H] concatenation of embedding and hidden state.
     retained = the conv windows: each Gated-DeltaNet layer's cache keeps a view of its
     whole [K-1+C, Dc] conv input until the next chunk (the runtime slices, it does not
     copy), i.e. C·Dc·b per layer beyond the fixed K-1 rows; plus the chunk's final hidden
     states [C, H] kept for the MTP head.
     logits = one row of float32 logits: prefill computes logits for the last position only.
     """
-    C = max(1, min(chunk, context))
-    T = max(keys, context)
+    rows = max(1, min(chunk, context))  # C: the queries of the last chunk
+    span = max(keys, context)  # T
     peaks = {
-        "gated-deltanet": _linear_layer_peak(cfg, C, b),
-        "attention": _attention_layer_peak(cfg, C, T, b),
-        "mlp": _mlp_peak(cfg, C, b),
+        "gated-deltanet": _linear_layer_peak(cfg, rows, dtype_bytes),
+        "attention": _attention_layer_peak(cfg, rows, span, dtype_bytes),
+        "mlp": _mlp_peak(cfg, rows, dtype_bytes),
     }
     if mtp and cfg.mtp_num_hidden_layers:
-        peaks["mtp"] = peaks["attention"] + 2 * C * cfg.hidden_size * b
+        peaks["mtp"] = peaks["attention"] + 2 * rows * cfg.hidden_size * dtype_bytes
     kind = max(peaks, key=peaks.get)
-    retained = n_linear_layers(cfg) * C * cfg.linear_conv_dim * b + C * cfg.hidden_size * b
+    windows = n_linear_layers(cfg) * rows * cfg.linear_conv_dim * dtype_bytes
+    retained = windows + rows * cfg.hidden_size * dtype_bytes
     return Activations(peaks[kind], kind, retained, cfg.vocab_size * FLOAT32, "prefill")
 
 
-def verify_activations(cfg: TextConfig, num_draft: int, b: int) -> Activations:
+def verify_activations(cfg: TextConfig, num_draft: int, dtype_bytes: int) -> Activations:
     """Peak of one MTP round: verifying k+1 tokens makes every Gated-DeltaNet layer record
     its state after each position ([k+1, Hv, Dv, Dk] float32) and keep its [K-1+k+1, Dc]
     conv input, until the accepted prefix is committed; logits for the k+1 verified
@@ -183,19 +189,25 @@ def verify_activations(cfg: TextConfig, num_draft: int, b: int) -> Activations:
     L = num_draft + 1
     recorded = n_linear_layers(cfg) * (
         L * recurrent_state_bytes(cfg)
-        + (cfg.linear_conv_kernel_dim - 1 + L) * cfg.linear_conv_dim * b
+        + (cfg.linear_conv_kernel_dim - 1 + L) * cfg.linear_conv_dim * dtype_bytes
     )
-    layer = max(_linear_layer_peak(cfg, L, b), _mlp_peak(cfg, L, b))
+    layer = max(_linear_layer_peak(cfg, L, dtype_bytes), _mlp_peak(cfg, L, dtype_bytes))
     logits = (L + num_draft) * cfg.vocab_size * FLOAT32
     return Activations(layer, "verify", recorded, logits, "verify")
 
 
 def activations(
-    cfg: TextConfig, chunk: int, context: int, keys: int, b: int, mtp: bool, num_draft: int
+    cfg: TextConfig,
+    chunk: int,
+    context: int,
+    keys: int,
+    dtype_bytes: int,
+    mtp: bool,
+    num_draft: int,
 ) -> Activations:
     """Prefill and decoding never overlap, so the peak is the larger of the two phases."""
-    pre = prefill_activations(cfg, chunk, context, keys, b, mtp)
+    pre = prefill_activations(cfg, chunk, context, keys, dtype_bytes, mtp)
     if not mtp:
         return pre
-    ver = verify_activations(cfg, num_draft, b)
+    ver = verify_activations(cfg, num_draft, dtype_bytes)
     return pre if pre.total >= ver.total else ver

@@ -1,15 +1,39 @@
-"""Plain-text renderings for the CLI: the device table and a plan's breakdown."""
+"""Plain-text renderings for the CLI: the device tables, a plan's breakdown, a bundle's line."""
 
 from __future__ import annotations
 
-from .devices import ENTITLEMENT, GB, Catalog, load_catalog
+from .devices import ENTITLEMENT, GB, Catalog, Device, Tier, load_catalog
 from .memory import KV_STEP
-from .plan import Plan
-from .roofline import EFFICIENCY
+from .plan import Plan, gb, usable_label
+from .roofline import SHORT_CONTEXT, Speed, speed_model
 
 
 def _u(value: str, key: str, unconfirmed: tuple[str, ...]) -> str:
     return f"{value}(u)" if key in unconfirmed else value
+
+
+def _tier_line(tier: Tier) -> str:
+    u = tier.unconfirmed
+    name = tier.name if tier.memory in tier.name else f"{tier.name} {tier.memory}"
+    usable = _u(f"{tier.usable_bytes / GB:.1f}", "usable_gb", u)
+    entitled = _u(f"{tier.usable_bytes_entitled / GB:.1f}", "usable_gb_entitled", u)
+    cap = _u(str(tier.metal_buffer_limit // 2**20), "metal_buffer_limit_mb", u)
+    return f"tier-{tier.id}: {name}, usable {usable} / {entitled} GB, Metal buffer cap {cap} MiB"
+
+
+def _device_line(device: Device, tier: Tier) -> str:
+    du, u = device.unconfirmed, device.unconfirmed + tier.unconfirmed
+    usable = (
+        f"{_u(f'{device.usable_bytes / GB:.1f}', 'usable_gb', u)} / "
+        f"{_u(f'{device.usable_bytes_entitled / GB:.1f}', 'usable_gb_entitled', u)}"
+    )
+    ram = _u(str(device.ram_gb), "ram_gb", du)
+    bandwidth = _u(f"{device.bandwidth / GB:.1f}", "bandwidth_gbs", du)
+    ids = _u(", ".join(device.model_ids), "model_ids", du)
+    return (
+        f"  {device.id:<16}{device.name:<19}{device.soc:<22}{device.gpu_cores:>4}{ram:>6}"
+        f"{bandwidth:>9}{usable:>16}  {ids}"
+    )
 
 
 def format_tiers(catalog: Catalog | None = None) -> str:
@@ -23,92 +47,162 @@ def format_tiers(catalog: Catalog | None = None) -> str:
         "usable = memory an app may use without / with the increased-memory-limit entitlement",
         "",
     ]
-    header = (f"  {'target':<16}{'device':<19}{'SoC':<22}{'GPU':>4}{'RAM':>6}"
-              f"{'GB/s':>9}{'usable GB':>16}  model ids")  # fmt: skip
+    header = (
+        f"  {'target':<16}{'device':<19}{'SoC':<22}{'GPU':>4}{'RAM':>6}{'GB/s':>9}"
+        f"{'usable GB':>16}  model ids"
+    )
     for tier in catalog.tiers.values():
-        u = tier.unconfirmed
-        lines.append(
-            f"tier-{tier.id}: {tier.name if tier.memory in tier.name else tier.name + ' ' + tier.memory}"
-            ", usable "
-            f"{_u(f'{tier.usable_bytes / GB:.1f}', 'usable_gb', u)} / "
-            f"{_u(f'{tier.usable_bytes_entitled / GB:.1f}', 'usable_gb_entitled', u)} GB, "
-            f"Metal buffer cap {_u(str(tier.metal_buffer_limit // 2**20), 'metal_buffer_limit_mb', u)}"
-            " MiB"
-        )
-        lines.append(header)
-        for d in catalog.devices_in(tier.id):
-            du = d.unconfirmed
-            usable = (
-                f"{_u(f'{d.usable_bytes / GB:.1f}', 'usable_gb', du + u)} / "
-                f"{_u(f'{d.usable_bytes_entitled / GB:.1f}', 'usable_gb_entitled', du + u)}"
-            )
-            lines.append(
-                f"  {d.id:<16}{d.name:<19}{d.soc:<22}{d.gpu_cores:>4}"
-                f"{_u(str(d.ram_gb), 'ram_gb', du):>6}"
-                f"{_u(f'{d.bandwidth / GB:.1f}', 'bandwidth_gbs', du):>9}"
-                f"{usable:>16}  {_u(', '.join(d.model_ids), 'model_ids', du)}"
-            )  # fmt: skip
+        lines += [_tier_line(tier), header]
+        lines += [_device_line(d, tier) for d in catalog.devices_in(tier.id)]
         lines.append("")
     lines.append("sources:")
-    lines += [f"  {k}: {v}" for k, v in catalog.sources.items()]
+    lines += [f"  {k}: {v}" for k, v in catalog.sources.items() if not k.startswith("mac-")]
     lines.append("Any other device: --memory-budget 3.5GB (check os_proc_available_memory()).")
+    lines.append("Macs: mlxkit tiers --mac.")
     return "\n".join(lines)
 
 
-def _gb(n: float) -> str:
-    return f"{n / GB:7.3f} GB"
+def format_macs(catalog: Catalog | None = None) -> str:
+    """One line per Mac target (chip and memory option)."""
+    catalog = catalog or load_catalog()
+    lines = [
+        "Apple-silicon Macs (GB = 10^9 bytes; (u) = unconfirmed). usable = Metal's recommended",
+        "GPU working set, about 2/3 of RAM up to 36 GB and 3/4 above; a bare chip name (m4pro)",
+        "is its smallest memory option. A Mac runs mlxkit's own decode loop.",
+        "",
+        f"  {'target':<14}{'chip':<36}{'GB/s':>8}{'RAM GB':>8}{'usable GB':>11}",
+    ]
+    for mac in catalog.macs.values():
+        bandwidth = _u(f"{mac.bandwidth / GB:.0f}", "bandwidth_gbs", mac.unconfirmed)
+        ram = _u(str(mac.ram_gb), "memory_gb", mac.unconfirmed)
+        usable = _u(f"{mac.usable_bytes / GB:.1f}", "usable_gb", mac.unconfirmed)
+        lines.append(f"  {mac.id:<14}{mac.chip:<36}{bandwidth:>8}{ram:>8}{usable:>11}")
+    lines += ["", "sources:"]
+    lines += [
+        f"  {k}: {v}" for k, v in catalog.sources.items() if k.startswith(("mac-", "metal-w"))
+    ]
+    return "\n".join(lines)
 
 
 def _row(label: str, value: int, indent: int = 4) -> str:
-    return f"{' ' * indent}{label:<{46 - indent}}{_gb(value)}"
+    return f"{' ' * indent}{label:<{46 - indent}}{value / GB:7.3f} GB"
 
 
-def format_plan(p: Plan) -> str:
-    s = p.settings
-    cfg = p.cfg
-    bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in p.bits_per_part.items())
+def _memory_lines(p: Plan) -> list[str]:
     a = p.activations
-    lines = [
-        f"{p.model} on {p.target.label}",
-        f"  quantization: {s.recipe} recipe, {s.bits}-bit default ({bits}); dtype {s.dtype}",
-        (f"  MTP: {f'on, {s.num_draft} drafts per round' if s.mtp else 'off'}; "
-        f"prefill chunk {s.prefill_chunk}"),
-        f"  context: {p.context:,} tokens planned; the largest that fits: {p.max_context:,}",
-        "",
+    kv = f"KV cache ({p.kv_bytes_per_token:,} B/token, {KV_STEP}-token steps)"
+    return [
         _row("weights", p.weight_bytes, 2),
         *(_row(part, n, 6) for part, n in p.weights.items() if n),
-        _row(f"KV cache ({p.kv_bytes_per_token:,} B/token, {KV_STEP}-token steps)",
-             p.kv_cache_bytes, 2),
+        _row(kv, p.kv_cache_bytes, 2),
         _row("KV growth copy (one layer's buffers)", p.kv_growth_bytes, 2),
         _row("Gated-DeltaNet conv + recurrent state", p.state_bytes, 2),
         _row(f"activations ({a.phase} peak)", a.total, 2),
         _row(f"largest layer ({a.layer_kind})", a.layer_peak, 6),
         _row("retained buffers", a.retained, 6),
         _row("logits", a.logits, 6),
-        _row("runtime reserve", s.reserve, 2),
-        _row("MLX buffer cache limit", s.cache_limit, 2),
+        _row("runtime reserve", p.settings.reserve, 2),
+        _row("MLX buffer cache limit", p.settings.cache_limit, 2),
         _row("total", p.total, 2),
-        _row(f"usable ({'with' if s.entitlement else 'without'} the entitlement)", p.usable, 2),
+        _row(usable_label(p), p.usable, 2),
         _row("headroom", p.usable - p.total, 2),
-        "",
-        (f"  fits: {'yes' if p.fits else 'NO'}; {ENTITLEMENT}: "
-        f"{'required' if p.entitlement_required else 'not required'}"
-        f"{'' if s.entitlement else ' (not allowed by --no-entitlement)'}"),
-        (f"  largest array: {p.largest_array[0]}, {p.largest_array[1] / 2**20:,.1f} MiB "
-        f"(Metal cap {p.metal_buffer_limit / 2**20:,.0f} MiB)"),
-    ]  # fmt: skip
-    if p.decode_tps is not None:
-        lines.append(
-            f"  decode (roofline, {EFFICIENCY:.0%} of {p.target.bandwidth / GB:.1f} GB/s): "
-            f"{p.decode_tps:.1f} tokens/s at 1k context, {p.decode_tps_at_context:.1f} at "
-            f"{p.context:,}"
+    ]
+
+
+def _fit_line(p: Plan) -> str:
+    line = f"  fits: {'yes' if p.fits else 'NO'}"
+    if p.target.kind == "mac":
+        return line
+    required = "required" if p.entitlement_required else "not required"
+    line += f"; {ENTITLEMENT}: {required}"
+    if not p.settings.entitlement and p.usable_without_entitlement != p.target.usable(True):
+        line += f" (planned without it; with it {gb(p.target.usable(True))} usable)"
+    return line
+
+
+def _mtp_line(speed: Speed, acceptance: float, phone: bool) -> str:
+    runtime = speed.runtime
+    where = "on the phone" if phone else "on the Mac"
+    detail = runtime.summary
+    if runtime.name == "mlxkit":
+        detail = f"{speed.num_draft} drafts per round, greedy or sampled"
+    return (
+        f"  MTP {where} in {runtime.name} ({detail}), acceptance {acceptance:.0%}: "
+        f"x{speed.mtp_speedup:.2f} -> {speed.mtp_tps:.1f} tokens/s (upper bound)"
+    )
+
+
+def _speed_lines(p: Plan) -> list[str]:
+    if p.speed is None:
+        return []
+    model = speed_model()
+    speed = p.speed
+    lines = [
+        (
+            f"  decode ({model.efficiency:.0%} of {p.target.bandwidth / GB:.1f} GB/s + "
+            f"{model.fixed_seconds * 1e3:.2f} ms per token, fitted on Macs): "
+            f"{speed.decode_tps:.1f} tokens/s at {min(SHORT_CONTEXT, p.max_context):,} tokens of "
+            f"context, {speed.decode_tps_at_context:.1f} at {p.max_context:,}"
         )
-        if p.mtp_speedup is not None:
-            lines.append(
-                f"  with MTP ({s.num_draft} drafts, acceptance {s.acceptance:.0%}): "
-                f"x{p.mtp_speedup:.2f} -> {p.mtp_tps:.1f} tokens/s (upper bound)"
-            )
-    lines.append(f"  model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                 f"vocab {cfg.vocab_size:,}")  # fmt: skip
+    ]
+    phone = p.target.kind != "mac"
+    if speed.mtp_speedup is not None:
+        lines.append(_mtp_line(speed, p.settings.acceptance, phone))
+    if p.mlxkit_speed is not None and p.mlxkit_speed.mtp_speedup is not None:
+        mlxkit = p.mlxkit_speed
+        lines.append(
+            f"  MTP in mlxkit's own loop ({mlxkit.num_draft} drafts per round, greedy or "
+            f"sampled; what a Mac runs, not this phone): x{mlxkit.mtp_speedup:.2f} -> "
+            f"{mlxkit.mtp_tps:.1f} tokens/s"
+        )
+    return lines
+
+
+def format_plan(p: Plan) -> str:
+    s, cfg = p.settings, p.cfg
+    bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in p.bits_per_part.items())
+    chosen = f" (chosen: {p.choice})" if p.choice else ""
+    mtp = f"on, {p.num_draft} draft{'s' * (p.num_draft != 1)} per round in {p.runtime.name}"
+    lines = [
+        f"{p.model} on {p.target.label}",
+        (
+            f"  quantization: {s.recipe} recipe{chosen}, {s.bits}-bit default ({bits}); dtype "
+            f"{s.dtype}"
+        ),
+        f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk}",
+        (
+            f"  context: {p.max_context:,} tokens planned; the largest that fits: "
+            f"{p.largest_context_that_fits:,}"
+        ),
+        "",
+        *_memory_lines(p),
+        "",
+        _fit_line(p),
+        (
+            f"  largest array: {p.largest_array[0]}, {p.largest_array[1] / 2**20:,.1f} MiB "
+            f"(Metal cap {p.metal_buffer_limit / 2**20:,.0f} MiB)"
+        ),
+        *_speed_lines(p),
+        (
+            f"  model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"vocab {cfg.vocab_size:,}"
+        ),
+    ]
     lines += [f"  warning: {w}" for w in p.warnings]
     return "\n".join(lines)
+
+
+def bundle_line(out: str, manifest: dict) -> str:
+    """The one line `convert --target` and `bundle build` print: the plan's own figures."""
+    m, mtp = manifest["memory"], manifest["mtp"]
+    ent = "without" if m["usable_bytes"] == m["usable_bytes_without_entitlement"] else "with"
+    drafter = "MTP left out"
+    if mtp["included"]:
+        drafter = f"MTP included ({mtp['num_draft']} draft per round on the phone)"
+    return (
+        f"bundle {out}: {manifest['model']['name']} for {manifest['target']['label']}; "
+        f"{manifest['quantization']['recipe']} recipe, {drafter}; max context "
+        f"{manifest['max_context']:,}; peak {m['peak_bytes'] / GB:.2f} GB of "
+        f"{m['usable_bytes'] / GB:.2f} GB usable {ent} the entitlement "
+        f"({'required' if manifest['entitlement_required'] else 'not required'})"
+    )

@@ -1,30 +1,65 @@
-"""Predicted decode speed: a memory-bandwidth roofline, and the expected gain of MTP drafting.
+"""Predicted decode speed: bytes read per token, a speed model fitted on published Mac
+measurements, and the expected gain of MTP drafting.
 
 Decoding one token at batch 1 reads every weight of the main model once, plus the KV cache
-and the recurrent state; the arithmetic is negligible next to that, so
+and the recurrent state; the time per token is modelled as
 
-    tokens/s = EFFICIENCY × bandwidth / bytes read per token.
+    seconds = bytes read / (efficiency × bandwidth) + a fixed cost per forward pass
 
-EFFICIENCY = 0.6 is an assumption, not a measurement: quantized mat-vec kernels reach
-roughly 60-80 % of peak DRAM bandwidth on Apple GPUs, and a phone GPU also pays fixed
-per-kernel launch costs that a small model does not amortise. Treat the result as an upper
-bound to be calibrated on a real device (none is available to this project).
+with `efficiency` and the fixed cost fitted by benchmarks/fit_speed_model.py on the
+published decode speeds of Qwen 3.5 4-bit models on Apple-silicon Macs
+(../shared/calibration/mac_decode_speeds.md). Small models are far from their bandwidth
+bound because the fixed cost (kernel launches, sampling, synchronisation) is a large share
+of their step. The fit, its error per row and its leave-one-out error are in
+benchmarks/results/speed_model.md; the parameters in speed_model.toml. An iPhone is
+predicted by the same model with its own bandwidth: an extrapolation (no phone measurement
+went into the fit, and a phone's slower CPU and GPU clocks likely make its fixed cost
+higher than a Mac's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from mlxkit.models.qwen3_5 import TextConfig
 
+from .devices import tomllib
 from .memory import (
     kv_bytes_per_token_per_layer,
     n_full_layers,
     n_linear_layers,
     recurrent_state_bytes,
 )
+from .runtimes import DecodeRuntime
 
-EFFICIENCY = 0.6
+SPEED_MODEL_FILE = Path(__file__).parent / "speed_model.toml"
+SHORT_CONTEXT = 1024  # the context the headline speeds are given at
+
+
+@dataclass(frozen=True)
+class SpeedModel:
+    efficiency: float  # share of the peak bandwidth the weight reads reach
+    fixed_seconds: float  # per forward pass of the whole model
+    rows: int  # measurements it was fitted on
+    loo_median_error: float  # leave-one-out median absolute relative error of tokens/s
+
+    def seconds(self, nbytes: int, bandwidth: float, fixed_share: float = 1.0) -> float:
+        """One forward pass reading `nbytes`; `fixed_share` scales the fixed cost for a pass
+        that runs only part of the model (an MTP draft step runs one layer of 24-32)."""
+        return nbytes / (self.efficiency * bandwidth) + fixed_share * self.fixed_seconds
+
+
+@lru_cache(maxsize=2)
+def speed_model(path: Path = SPEED_MODEL_FILE) -> SpeedModel:
+    data = tomllib.loads(Path(path).read_text())
+    return SpeedModel(
+        efficiency=data["efficiency"],
+        fixed_seconds=data["fixed_ms_per_token"] / 1000,
+        rows=data["rows"],
+        loo_median_error=data["loo_median_abs_error"],
+    )
 
 
 @dataclass(frozen=True)
@@ -36,28 +71,21 @@ class WeightReads:
     mtp: int  # the MTP head (fc, its decoder layer, norms)
 
 
-def step_bytes(cfg: TextConfig, w: WeightReads, position: int, b: int) -> int:
+def step_bytes(cfg: TextConfig, reads: WeightReads, position: int, dtype_bytes: int) -> int:
     """One plain decode step at `position` tokens of context: the layers and the lm_head,
     the full-attention KV cache read (position · 2·nkv·hd·b per layer), and each recurrent
     state read and written once (the conv window is negligible). The embedding lookup reads
     one row and is ignored."""
-    kv = n_full_layers(cfg) * position * kv_bytes_per_token_per_layer(cfg, b)
+    kv = n_full_layers(cfg) * position * kv_bytes_per_token_per_layer(cfg, dtype_bytes)
     state = n_linear_layers(cfg) * 2 * recurrent_state_bytes(cfg)
-    return w.layers + w.lm_head + kv + state
+    return reads.layers + reads.lm_head + kv + state
 
 
-def draft_step_bytes(cfg: TextConfig, w: WeightReads, position: int, b: int) -> int:
+def draft_step_bytes(cfg: TextConfig, reads: WeightReads, position: int, dtype_bytes: int) -> int:
     """One MTP draft step: the MTP head, the shared lm_head (the largest single tensor of the
     small models, which is why drafting is not free), and the MTP layer's own KV cache."""
-    return (
-        w.mtp
-        + w.lm_head
-        + cfg.mtp_num_hidden_layers * position * kv_bytes_per_token_per_layer(cfg, b)
-    )
-
-
-def tokens_per_second(bandwidth: float, nbytes: int, efficiency: float = EFFICIENCY) -> float:
-    return efficiency * bandwidth / nbytes
+    kv_per_token = kv_bytes_per_token_per_layer(cfg, dtype_bytes)
+    return reads.mtp + reads.lm_head + cfg.mtp_num_hidden_layers * position * kv_per_token
 
 
 def expected_tokens_per_round(acceptance: float, num_draft: int) -> float:
@@ -70,19 +98,68 @@ def expected_tokens_per_round(acceptance: float, num_draft: int) -> float:
 
 
 def mtp_speedup(
-    cfg: TextConfig, w: WeightReads, position: int, b: int, acceptance: float, num_draft: int
+    cfg: TextConfig,
+    reads: WeightReads,
+    position: int,
+    dtype_bytes: int,
+    acceptance: float,
+    num_draft: int,
+    bandwidth: float,
+    model: SpeedModel,
 ) -> float:
-    """Expected speedup of MTP drafting over plain decoding in the bandwidth roofline:
+    """Expected speedup of MTP drafting over plain decoding:
 
         speedup = E(a, k) · step / (verify + k · draft)
 
-    where step is one plain decode step, verify ≈ step (k+1 tokens read the same weights;
-    recording each Gated-DeltaNet state adds (k+1) state writes) and draft is one MTP draft
-    step. With draft cost r = draft/step and k = 1 this is (1 + a) / (1 + r); the shared
-    notes' (1 + a) / (2 − a) is a cruder model in which a rejected draft costs a full extra
-    step. Reported for Qwen3.5-4B 4-bit on a Mac: 1.32× at 73.5 % acceptance of 2 drafts,
-    below this bound (verification and Python overheads are not bandwidth)."""
-    step = step_bytes(cfg, w, position, b)
-    verify = step + n_linear_layers(cfg) * (num_draft + 1) * recurrent_state_bytes(cfg)
-    draft = draft_step_bytes(cfg, w, position, b)
+    in seconds from the speed model: a verify pass reads what a step reads plus (k+1)
+    recorded Gated-DeltaNet states and pays the full fixed cost; a draft step reads the MTP
+    head and the lm_head and pays the fixed cost of the layers it runs. Reported for
+    Qwen3.5-4B 4-bit on a Mac: 1.32× at 73.5 % acceptance of 2 drafts (mlx-vlm)."""
+    plain = step_bytes(cfg, reads, position, dtype_bytes)
+    recorded = n_linear_layers(cfg) * (num_draft + 1) * recurrent_state_bytes(cfg)
+    step = model.seconds(plain, bandwidth)
+    verify = model.seconds(plain + recorded, bandwidth)
+    share = cfg.mtp_num_hidden_layers / cfg.num_hidden_layers
+    draft = model.seconds(draft_step_bytes(cfg, reads, position, dtype_bytes), bandwidth, share)
     return expected_tokens_per_round(acceptance, num_draft) * step / (verify + num_draft * draft)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Predicted decode speed in one runtime."""
+
+    runtime: DecodeRuntime
+    num_draft: int  # drafts per MTP round (0: no MTP)
+    acceptance: float
+    context: int
+    decode_tps: float  # at SHORT_CONTEXT tokens (or the context, when shorter)
+    decode_tps_at_context: float
+    mtp_speedup: float | None
+
+    @property
+    def mtp_tps(self) -> float | None:
+        return None if self.mtp_speedup is None else self.decode_tps * self.mtp_speedup
+
+
+def predict_speed(
+    cfg: TextConfig,
+    reads: WeightReads,
+    dtype_bytes: int,
+    bandwidth: float,
+    context: int,
+    runtime: DecodeRuntime,
+    num_draft: int,
+    acceptance: float,
+) -> Speed:
+    model = speed_model()
+    short = min(SHORT_CONTEXT, context)
+
+    def tps(position: int) -> float:
+        return 1 / model.seconds(step_bytes(cfg, reads, position, dtype_bytes), bandwidth)
+
+    speedup = None
+    if num_draft:
+        speedup = mtp_speedup(
+            cfg, reads, short, dtype_bytes, acceptance, num_draft, bandwidth, model
+        )
+    return Speed(runtime, num_draft, acceptance, context, tps(short), tps(context), speedup)

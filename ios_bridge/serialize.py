@@ -3,8 +3,10 @@ manifest.json embeds, so both always show the same numbers."""
 
 from __future__ import annotations
 
+from mlxkit.convert.quantize import load_recipe
+
 from .plan import Plan
-from .roofline import EFFICIENCY
+from .roofline import Speed, speed_model
 
 
 def target_to_dict(p: Plan) -> dict:
@@ -45,9 +47,37 @@ def memory_to_dict(p: Plan) -> dict:
     }
 
 
-def plan_to_dict(p: Plan) -> dict:
-    from mlxkit.convert.quantize import load_recipe
+def speed_to_dict(speed: Speed | None) -> dict:
+    return {
+        "runtime": speed.runtime.name if speed else None,
+        "num_draft": speed.num_draft if speed else None,
+        "mtp_greedy_only": speed.runtime.greedy_only if speed else None,
+        "decode_tokens_per_s_1k": speed.decode_tps if speed else None,
+        "decode_tokens_per_s_at_context": speed.decode_tps_at_context if speed else None,
+        "mtp_speedup": speed.mtp_speedup if speed else None,
+        "mtp_tokens_per_s_1k": speed.mtp_tps if speed else None,
+    }
 
+
+def performance_to_dict(p: Plan) -> dict:
+    """Predicted speed in the runtime that runs the model, and (where that is not mlxkit)
+    in mlxkit's own loop; None where the target's bandwidth is unknown."""
+    model = speed_model()
+    return {
+        "speed_model": {
+            "efficiency": model.efficiency,
+            "fixed_seconds_per_token": model.fixed_seconds,
+            "leave_one_out_median_error": model.loo_median_error,
+            "fitted_on": "../shared/calibration/mac_decode_speeds.md "
+            "(benchmarks/fit_speed_model.py)",
+        },
+        "mtp_acceptance": p.settings.acceptance,
+        **speed_to_dict(p.speed),
+        "mlxkit_loop": speed_to_dict(p.mlxkit_speed) if p.mlxkit_speed else None,
+    }
+
+
+def plan_to_dict(p: Plan) -> dict:
     s = p.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
     return {
@@ -55,8 +85,9 @@ def plan_to_dict(p: Plan) -> dict:
         "size": p.size,
         "target": target_to_dict(p),
         "fits": p.fits,
-        "context": p.context,
         "max_context": p.max_context,
+        "largest_context_that_fits": p.largest_context_that_fits,
+        "choice": p.choice,
         "entitlement_allowed": s.entitlement,
         "entitlement_required": p.entitlement_required,
         "quantization": {
@@ -66,16 +97,9 @@ def plan_to_dict(p: Plan) -> dict:
             "dtype": s.dtype,
             "bits_per_part": p.bits_per_part,
         },
-        "mtp": {"included": s.mtp, "num_draft": s.num_draft},
+        "mtp": {"included": s.mtp, "num_draft": p.num_draft, "runtime": p.runtime.name},
         "prefill_chunk": s.prefill_chunk,
         "memory": memory_to_dict(p),
-        "performance": {
-            "roofline_efficiency": EFFICIENCY,
-            "decode_tokens_per_s_1k": p.decode_tps,
-            "decode_tokens_per_s_at_context": p.decode_tps_at_context,
-            "mtp_acceptance": s.acceptance,
-            "mtp_speedup": p.mtp_speedup,
-            "mtp_tokens_per_s_1k": p.mtp_tps,
-        },
+        "performance": performance_to_dict(p),
         "warnings": p.warnings,
     }

@@ -130,11 +130,11 @@ def _check_plan(root: Path, manifest: dict, target: str | None) -> tuple[list[st
     if not p.fits:
         problems.append(
             f"does not fit {tgt.label}: peak {p.total / 1e9:.2f} GB at "
-            f"{p.context:,} tokens, {p.usable / 1e9:.2f} GB usable"
+            f"{p.max_context:,} tokens, {p.usable / 1e9:.2f} GB usable"
         )
     ent = "with" if manifest["entitlement_required"] else "without"
     detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
-              f"({ent} the entitlement) at {p.context:,} tokens")  # fmt: skip
+              f"usable {ent} the entitlement at {p.max_context:,} tokens")  # fmt: skip
     return problems, detail
 
 

@@ -18,3 +18,15 @@ def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("qwen_tokenizer")
     build_qwen_tokenizer(out_dir)
     return out_dir
+
+
+# ------------------------------------------------------------------- real-width checkpoints
+
+
+@pytest.fixture(scope="session")
+def small_real_width(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """0.8B shapes, one text layer, no vision: 0.59 GB on disk, a 508 MB embedding. Built
+    once per session (the conversion-memory and the real-width bundle tests share it)."""
+    from benchmarks.make_checkpoint import make_checkpoint
+
+    return make_checkpoint("0.8b", tmp_path_factory.mktemp("ckpt") / "src", layers=1, vision=False)

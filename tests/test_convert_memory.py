@@ -35,12 +35,6 @@ def peak_rss_of_conversion(src: Path, out: Path, **options) -> int:
     return int(proc.stdout.split()[-1])
 
 
-@pytest.fixture(scope="module")
-def small_real_width(tmp_path_factory) -> Path:
-    """0.8B shapes, one text layer, no vision: 0.59 GB on disk, a 508 MB embedding."""
-    return make_checkpoint("0.8b", tmp_path_factory.mktemp("ckpt") / "src", layers=1, vision=False)
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("options", [{}, {"quantize": False}], ids=["4bit", "bf16"])
 def test_peak_memory_is_below_largest_tensor_plus_300mb(small_real_width, tmp_path, options):

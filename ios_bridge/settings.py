@@ -1,0 +1,97 @@
+"""The planner's knobs, defined once.
+
+`Settings` is what a plan is made with. Each field's metadata is also its command-line
+option: `mlxkit plan`, `mlxkit convert` and `mlxkit bundle build` build their options from
+these fields (ios_bridge/cli.py), and `plan()`, `evaluate()`, `choose_plan()` and
+`build_bundle()` take the same names as keyword arguments. Adding a knob means adding a
+field here and nowhere else.
+
+This module imports nothing heavy: the `mlxkit` command reads it at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import Field, dataclass, field, fields
+
+# Runtime reserve: what the app process holds besides MLX arrays. Not measurable here
+# (no iPhone); an itemised estimate, overridable with `reserve=`:
+#   ~40 MB  app binary, Swift runtime, UIKit/SwiftUI dirty memory of a small app
+#   ~100 MB tokenizer: swift-transformers parses the 11 MB tokenizer.json (248k vocab and
+#           merges) into Swift strings and dictionaries
+#   ~60 MB  MLX runtime: Metal library and compiled pipelines, command buffers, residency
+#   ~56 MB  margin for allocator fragmentation and the app's own UI/data
+DEFAULT_RESERVE = 256 * 2**20
+# MLX keeps freed buffers for reuse up to this limit; on a phone they count against the
+# jetsam limit, so the limit is set small (what the MLX Swift example apps use) and counted.
+DEFAULT_CACHE_LIMIT = 20 * 2**20
+MIN_CONTEXT = 512  # a plan with less room than this is refused: not a useful chat
+DEFAULT_CONTEXT = 4096  # what an automatic choice (choose_plan) leaves room for, when it can
+
+
+def _knob(default: object, help: str, flag: str | None = None, **option: object) -> Field:
+    """A field with its command-line option: `flag` (None: not on the command line) and
+    extra `click.option` arguments. `cli_default` (when given) replaces the field's default
+    on the command line; None there means "the planner chooses" (see choose_plan)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "option": option})
+
+
+@dataclass(frozen=True)
+class Settings:
+    recipe: str = _knob(
+        "uniform",
+        "Quantization recipe in convert/recipes/: uniform or quality "
+        "[plan, --target: the first that leaves room for 4,096 tokens; convert: uniform].",
+        "--recipe",
+        cli_default=None,
+    )
+    bits: int | None = _knob(
+        None,
+        "Default bits of quantized weights: 2, 3, 4, 5, 6 or 8 [the recipe's: 4].",
+        "--bits",
+        type=int,
+    )
+    group_size: int | None = _knob(
+        None,
+        "Quantization group size: 32, 64 or 128 [the recipe's: 64].",
+        "--group-size",
+        type=int,
+    )
+    dtype: str = _knob(
+        "bfloat16",
+        "bfloat16, float16 or float32: everything not quantized (with --no-quantize, all).",
+        "--dtype",
+    )
+    mtp: bool = _knob(
+        True,
+        "Keep the MTP head (the drafter) [convert: yes; plan, --target: if it fits].",
+        "--mtp/--no-mtp",
+        cli_default=None,
+    )
+    entitlement: bool = _knob(
+        True,
+        "Allow the increased-memory-limit entitlement (iPhones); it is asked for only when "
+        "the plan needs it.",
+        "--entitlement/--no-entitlement",
+    )
+    num_draft: int = _knob(
+        2,
+        "Drafts per MTP round in mlxkit's decode loop (what a Mac runs); the phone's "
+        "mlx-swift-lm drafts 1 per round whatever this says.",
+        "--num-draft",
+        type=int,
+    )
+    prefill_chunk: int = _knob(512, "Prompt tokens per prefill step.", "--prefill-chunk", type=int)
+    acceptance: float = _knob(
+        0.7, "MTP per-draft acceptance for the speed estimate.", "--acceptance", type=float
+    )
+    reserve: int = _knob(DEFAULT_RESERVE, "Runtime reserve in bytes (app, tokenizer, MLX).")
+    cache_limit: int = _knob(DEFAULT_CACHE_LIMIT, "MLX buffer-cache limit in bytes.")
+
+
+def knobs() -> tuple[Field, ...]:
+    """The fields of Settings, in order (each with `.metadata` for its option)."""
+    return fields(Settings)
+
+
+def knob_names() -> frozenset[str]:
+    return frozenset(f.name for f in fields(Settings))
