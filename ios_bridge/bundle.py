@@ -50,40 +50,40 @@ def _source_info(directory: Path) -> dict:
     return {"path": str(directory.resolve()), "repo": repo, "revision": revision}
 
 
-def make_manifest(p: Plan, source: dict, has_mtp_dir: bool) -> dict:
+def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool) -> dict:
     """The manifest without `files` (they are hashed once everything is written)."""
-    d = plan_to_dict(p)
-    memory = memory_to_dict(p)
-    memory["check_available_bytes"] = max(0, p.total - APP_BASELINE)
+    d = plan_to_dict(plan)
+    memory = memory_to_dict(plan)
+    memory["check_available_bytes"] = max(0, plan.total - APP_BASELINE)
     return {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT,
         "created_by": f"mlxkit {__version__}",
         "model": {
-            "name": p.model,
-            "size": p.size,
+            "name": plan.model,
+            "size": plan.size,
             "model_type": "qwen3_5",
             "path": MODEL_DIR,
             "mtp_path": MTP_DIR if has_mtp_dir else None,
         },
         "source": source,
-        "target": target_to_dict(p),
-        "min_ios": p.target.min_ios,
-        "entitlement_required": p.entitlement_required,
-        "entitlements": [ENTITLEMENT] if p.entitlement_required else [],
+        "target": target_to_dict(plan),
+        "min_ios": plan.target.min_ios,
+        "entitlement_required": plan.entitlement_required,
+        "entitlements": [ENTITLEMENT] if plan.entitlement_required else [],
         "quantization": d["quantization"],
         "mtp": {  # num_draft: what the phone's runtime drafts per round (runtimes.py)
             "included": has_mtp_dir,
             "path": MTP_DIR if has_mtp_dir else None,
-            "num_draft": p.num_draft,
+            "num_draft": plan.num_draft,
         },
-        "max_context": p.max_context,
-        "largest_context_that_fits": p.largest_context_that_fits,
-        "prefill_chunk": p.settings.prefill_chunk,
+        "max_context": plan.max_context,
+        "largest_context_that_fits": plan.largest_context_that_fits,
+        "prefill_chunk": plan.settings.prefill_chunk,
         "memory": memory,
-        "mlx": {"cache_limit_bytes": p.settings.cache_limit},
+        "mlx": {"cache_limit_bytes": plan.settings.cache_limit},
         "performance": d["performance"],
-        "warnings": p.warnings,
+        "warnings": plan.warnings,
         "files": [],
     }
 

@@ -36,6 +36,10 @@ def _device_line(device: Device, tier: Tier) -> str:
     )
 
 
+def _mac_sources(catalog: Catalog) -> set[str]:
+    return {key for mac in catalog.macs.values() for key in mac.source.values()}
+
+
 def format_tiers(catalog: Catalog | None = None) -> str:
     """One block per tier, one line per device; (u) marks an unconfirmed number."""
     catalog = catalog or load_catalog()
@@ -56,7 +60,7 @@ def format_tiers(catalog: Catalog | None = None) -> str:
         lines += [_device_line(d, tier) for d in catalog.devices_in(tier.id)]
         lines.append("")
     lines.append("sources:")
-    lines += [f"  {k}: {v}" for k, v in catalog.sources.items() if not k.startswith("mac-")]
+    lines += [f"  {k}: {v}" for k, v in catalog.sources.items() if k not in _mac_sources(catalog)]
     lines.append("Any other device: --memory-budget 3.5GB (check os_proc_available_memory()).")
     lines.append("Macs: mlxkit tiers --mac.")
     return "\n".join(lines)
@@ -88,35 +92,37 @@ def _row(label: str, value: int, indent: int = 4) -> str:
     return f"{' ' * indent}{label:<{46 - indent}}{value / GB:7.3f} GB"
 
 
-def _memory_lines(p: Plan) -> list[str]:
-    a = p.activations
-    kv = f"KV cache ({p.kv_bytes_per_token:,} B/token, {KV_STEP}-token steps)"
+def _memory_lines(plan: Plan) -> list[str]:
+    a = plan.activations
+    kv = f"KV cache ({plan.kv_bytes_per_token:,} B/token, {KV_STEP}-token steps)"
     return [
-        _row("weights", p.weight_bytes, 2),
-        *(_row(part, n, 6) for part, n in p.weights.items() if n),
-        _row(kv, p.kv_cache_bytes, 2),
-        _row("KV growth copy (one layer's buffers)", p.kv_growth_bytes, 2),
-        _row("Gated-DeltaNet conv + recurrent state", p.state_bytes, 2),
+        _row("weights", plan.weight_bytes, 2),
+        *(_row(part, n, 6) for part, n in plan.weights.items() if n),
+        _row(kv, plan.kv_cache_bytes, 2),
+        _row("KV growth copy (one layer's buffers)", plan.kv_growth_bytes, 2),
+        _row("Gated-DeltaNet conv + recurrent state", plan.state_bytes, 2),
         _row(f"activations ({a.phase} peak)", a.total, 2),
         _row(f"largest layer ({a.layer_kind})", a.layer_peak, 6),
         _row("retained buffers", a.retained, 6),
         _row("logits", a.logits, 6),
-        _row("runtime reserve", p.settings.reserve, 2),
-        _row("MLX buffer cache limit", p.settings.cache_limit, 2),
-        _row("total", p.total, 2),
-        _row(usable_label(p), p.usable, 2),
-        _row("headroom", p.usable - p.total, 2),
+        _row("runtime reserve", plan.settings.reserve, 2),
+        _row("MLX buffer cache limit", plan.settings.cache_limit, 2),
+        _row("total", plan.total, 2),
+        _row(usable_label(plan), plan.usable, 2),
+        _row("headroom", plan.usable - plan.total, 2),
     ]
 
 
-def _fit_line(p: Plan) -> str:
-    line = f"  fits: {'yes' if p.fits else 'NO'}"
-    if p.target.kind == "mac":
+def _fit_line(plan: Plan) -> str:
+    line = f"  fits: {'yes' if plan.fits else 'NO'}"
+    if plan.target.kind == "mac":
         return line
-    required = "required" if p.entitlement_required else "not required"
+    required = "required" if plan.entitlement_required else "not required"
     line += f"; {ENTITLEMENT}: {required}"
-    if not p.settings.entitlement and p.usable_without_entitlement != p.target.usable(True):
-        line += f" (planned without it; with it {gb(p.target.usable(True))} usable)"
+    if not plan.settings.entitlement and plan.usable_without_entitlement != plan.target.usable(
+        True
+    ):
+        line += f" (planned without it; with it {gb(plan.target.usable(True))} usable)"
     return line
 
 
@@ -132,24 +138,24 @@ def _mtp_line(speed: Speed, acceptance: float, phone: bool) -> str:
     )
 
 
-def _speed_lines(p: Plan) -> list[str]:
-    if p.speed is None:
+def _speed_lines(plan: Plan) -> list[str]:
+    if plan.speed is None:
         return []
     model = speed_model()
-    speed = p.speed
+    speed = plan.speed
     lines = [
         (
-            f"  decode ({model.efficiency:.0%} of {p.target.bandwidth / GB:.1f} GB/s + "
+            f"  decode ({model.efficiency:.0%} of {plan.target.bandwidth / GB:.1f} GB/s + "
             f"{model.fixed_seconds * 1e3:.2f} ms per token, fitted on Macs): "
-            f"{speed.decode_tps:.1f} tokens/s at {min(SHORT_CONTEXT, p.max_context):,} tokens of "
-            f"context, {speed.decode_tps_at_context:.1f} at {p.max_context:,}"
+            f"{speed.decode_tps:.1f} tokens/s at {min(SHORT_CONTEXT, plan.max_context):,} tokens of "
+            f"context, {speed.decode_tps_at_context:.1f} at {plan.max_context:,}"
         )
     ]
-    phone = p.target.kind != "mac"
+    phone = plan.target.kind != "mac"
     if speed.mtp_speedup is not None:
-        lines.append(_mtp_line(speed, p.settings.acceptance, phone))
-    if p.mlxkit_speed is not None and p.mlxkit_speed.mtp_speedup is not None:
-        mlxkit = p.mlxkit_speed
+        lines.append(_mtp_line(speed, plan.settings.acceptance, phone))
+    if plan.mlxkit_speed is not None and plan.mlxkit_speed.mtp_speedup is not None:
+        mlxkit = plan.mlxkit_speed
         lines.append(
             f"  MTP in mlxkit's own loop ({mlxkit.num_draft} drafts per round, greedy or "
             f"sampled; what a Mac runs, not this phone): x{mlxkit.mtp_speedup:.2f} -> "
@@ -158,37 +164,39 @@ def _speed_lines(p: Plan) -> list[str]:
     return lines
 
 
-def format_plan(p: Plan) -> str:
-    s, cfg = p.settings, p.cfg
-    bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in p.bits_per_part.items())
-    chosen = f" (chosen: {p.choice})" if p.choice else ""
-    mtp = f"on, {p.num_draft} draft{'s' * (p.num_draft != 1)} per round in {p.runtime.name}"
+def format_plan(plan: Plan) -> str:
+    s, cfg = plan.settings, plan.cfg
+    bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
+    chosen = f" (chosen: {plan.choice})" if plan.choice else ""
+    mtp = (
+        f"on, {plan.num_draft} draft{'s' * (plan.num_draft != 1)} per round in {plan.runtime.name}"
+    )
     lines = [
-        f"{p.model} on {p.target.label}",
+        f"{plan.model} on {plan.target.label}",
         (
             f"  quantization: {s.recipe} recipe{chosen}, {s.bits}-bit default ({bits}); dtype "
             f"{s.dtype}"
         ),
         f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk}",
         (
-            f"  context: {p.max_context:,} tokens planned; the largest that fits: "
-            f"{p.largest_context_that_fits:,}"
+            f"  context: {plan.max_context:,} tokens planned; the largest that fits: "
+            f"{plan.largest_context_that_fits:,}"
         ),
         "",
-        *_memory_lines(p),
+        *_memory_lines(plan),
         "",
-        _fit_line(p),
+        _fit_line(plan),
         (
-            f"  largest array: {p.largest_array[0]}, {p.largest_array[1] / 2**20:,.1f} MiB "
-            f"(Metal cap {p.metal_buffer_limit / 2**20:,.0f} MiB)"
+            f"  largest array: {plan.largest_array[0]}, {plan.largest_array[1] / 2**20:,.1f} MiB "
+            f"(Metal cap {plan.metal_buffer_limit / 2**20:,.0f} MiB)"
         ),
-        *_speed_lines(p),
+        *_speed_lines(plan),
         (
             f"  model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
             f"vocab {cfg.vocab_size:,}"
         ),
     ]
-    lines += [f"  warning: {w}" for w in p.warnings]
+    lines += [f"  warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 

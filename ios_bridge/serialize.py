@@ -9,8 +9,8 @@ from .plan import Plan
 from .roofline import Speed, speed_model
 
 
-def target_to_dict(p: Plan) -> dict:
-    t = p.target
+def target_to_dict(plan: Plan) -> dict:
+    t = plan.target
     return {
         "name": t.name,
         "label": t.label,
@@ -26,16 +26,16 @@ def target_to_dict(p: Plan) -> dict:
     }
 
 
-def memory_to_dict(p: Plan) -> dict:
-    a = p.activations
+def memory_to_dict(plan: Plan) -> dict:
+    a = plan.activations
     return {
-        "peak_bytes": p.total,
-        "usable_bytes": p.usable,
-        "usable_bytes_without_entitlement": p.usable_without_entitlement,
-        "headroom_bytes": p.usable - p.total,
-        "breakdown": p.breakdown,
-        "weights_by_part": p.weights,
-        "kv_bytes_per_token": p.kv_bytes_per_token,
+        "peak_bytes": plan.total,
+        "usable_bytes": plan.usable,
+        "usable_bytes_without_entitlement": plan.usable_without_entitlement,
+        "headroom_bytes": plan.usable - plan.total,
+        "breakdown": plan.breakdown,
+        "weights_by_part": plan.weights,
+        "kv_bytes_per_token": plan.kv_bytes_per_token,
         "activations": {
             "phase": a.phase,
             "largest_layer": a.layer_kind,
@@ -43,7 +43,7 @@ def memory_to_dict(p: Plan) -> dict:
             "retained_bytes": a.retained,
             "logits_bytes": a.logits,
         },
-        "largest_array": {"name": p.largest_array[0], "bytes": p.largest_array[1]},
+        "largest_array": {"name": plan.largest_array[0], "bytes": plan.largest_array[1]},
     }
 
 
@@ -59,7 +59,7 @@ def speed_to_dict(speed: Speed | None) -> dict:
     }
 
 
-def performance_to_dict(p: Plan) -> dict:
+def performance_to_dict(plan: Plan) -> dict:
     """Predicted speed in the runtime that runs the model, and (where that is not mlxkit)
     in mlxkit's own loop; None where the target's bandwidth is unknown."""
     model = speed_model()
@@ -71,35 +71,35 @@ def performance_to_dict(p: Plan) -> dict:
             "fitted_on": "../shared/calibration/mac_decode_speeds.md "
             "(benchmarks/fit_speed_model.py)",
         },
-        "mtp_acceptance": p.settings.acceptance,
-        **speed_to_dict(p.speed),
-        "mlxkit_loop": speed_to_dict(p.mlxkit_speed) if p.mlxkit_speed else None,
+        "mtp_acceptance": plan.settings.acceptance,
+        **speed_to_dict(plan.speed),
+        "mlxkit_loop": speed_to_dict(plan.mlxkit_speed) if plan.mlxkit_speed else None,
     }
 
 
-def plan_to_dict(p: Plan) -> dict:
-    s = p.settings
+def plan_to_dict(plan: Plan) -> dict:
+    s = plan.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
     return {
-        "model": p.model,
-        "size": p.size,
-        "target": target_to_dict(p),
-        "fits": p.fits,
-        "max_context": p.max_context,
-        "largest_context_that_fits": p.largest_context_that_fits,
-        "choice": p.choice,
+        "model": plan.model,
+        "size": plan.size,
+        "target": target_to_dict(plan),
+        "fits": plan.fits,
+        "max_context": plan.max_context,
+        "largest_context_that_fits": plan.largest_context_that_fits,
+        "choice": plan.choice,
         "entitlement_allowed": s.entitlement,
-        "entitlement_required": p.entitlement_required,
+        "entitlement_required": plan.entitlement_required,
         "quantization": {
             "recipe": s.recipe,
             "bits": recipe.bits,
             "group_size": recipe.group_size,
             "dtype": s.dtype,
-            "bits_per_part": p.bits_per_part,
+            "bits_per_part": plan.bits_per_part,
         },
-        "mtp": {"included": s.mtp, "num_draft": p.num_draft, "runtime": p.runtime.name},
+        "mtp": {"included": s.mtp, "num_draft": plan.num_draft, "runtime": plan.runtime.name},
         "prefill_chunk": s.prefill_chunk,
-        "memory": memory_to_dict(p),
-        "performance": performance_to_dict(p),
-        "warnings": p.warnings,
+        "memory": memory_to_dict(plan),
+        "performance": performance_to_dict(plan),
+        "warnings": plan.warnings,
     }

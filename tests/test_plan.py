@@ -1,5 +1,5 @@
 """The iPhone planner against the real thing: the bytes `convert` writes, the caches the
-runtime allocates, and the refusals the issue asks for."""
+runtime allocates, and refusals that name what fits instead."""
 
 from __future__ import annotations
 
