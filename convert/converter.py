@@ -66,8 +66,18 @@ TOKENIZER_FILES = (
 )
 # What mlx-vlm's drafter splitter copies into a drafter directory.
 DRAFTER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-# The norm convention MLX Swift reads from a drafter's safetensors metadata.
-SWIFT_NORM_KEY = "mlx_swift_lm.qwen_mtp.norm_convention"
+# How the MTP head is stored in <dst>/mtp/ (see _write_drafter_config for the configs):
+# - "mlx-vlm": the drafter mlx-vlm's `split_mtp` writes: names without the `mtp.` prefix,
+#   norms converted (1 + w), safetensors `format: mlx`. mlx-vlm's qwen3_5_mtp `sanitize`
+#   adds 1 to the norms of `mtp.`-prefixed names only, and no tensor under OUT is named
+#   `mtp.*` (an mlx-swift-lm that gathers a model directory's safetensors recursively would
+#   otherwise see them and re-shift the main model's norms).
+# - "checkpoint": the head as the Hugging Face checkpoint stores it (names `mtp.*`, norms w
+#   for x·(1 + w), `format: pt`), quantized, in a directory whose config says qwen3_5. That
+#   is what mlx-swift-lm's text drafter registered for qwen3_5 reads (it keeps only `mtp.`
+#   names and adds 1 to the norms), and mlx-vlm reads it through its native-checkpoint
+#   splitter (same rule). iPhone bundles ship this one.
+DRAFTER_LAYOUTS = ("mlx-vlm", "checkpoint")
 
 
 @dataclass
@@ -96,6 +106,7 @@ def convert(
     dtype: str = "bfloat16",
     quantize: bool = True,
     mtp: bool = True,
+    drafter_layout: str = "mlx-vlm",
     force: bool = False,
     quiet: bool = False,
 ) -> ConvertResult:
@@ -105,10 +116,15 @@ def convert(
 
     bits / group_size default to the recipe's (4 / 64 for the shipped recipes); `dtype` is
     the dtype of everything not quantized. With `mtp`, the MTP head is written as a drafter
-    in `dst/mtp/`. Raises MlxkitError for every problem a user can cause."""
+    in `dst/mtp/`, in one of DRAFTER_LAYOUTS. Raises MlxkitError for every problem a user
+    can cause."""
     t0 = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    if drafter_layout not in DRAFTER_LAYOUTS:
+        raise ConfigError(
+            f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
+        )
     the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
     if dst is not None:  # before a --size download, not after it
         _check_existing(Path(dst).expanduser().absolute(), force)
@@ -128,8 +144,9 @@ def convert(
     tmp.mkdir(parents=True)
     try:
         with _progress(planned, quiet) as advance:
-            rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance)
-        quantization = _write_metadata(ckpt, tmp, the_recipe, rules)
+            rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance,
+                                   drafter_layout)  # fmt: skip
+        quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
@@ -207,9 +224,11 @@ def _write_weights(
     dtype: str,
     out: Path,
     advance,
+    drafter_layout: str,
 ) -> dict[str, tuple[int, int] | None]:
     """Streams every tensor through read → sanitize → quantize → write; returns the rule
-    applied to each weight, by module path.
+    applied to each weight, by module path. In the "checkpoint" drafter layout the MTP
+    head's tensors keep their checkpoint names and values (only cast and quantized).
 
     Three stages overlap: a reader thread copies the next chunks out of the memory map
     while this thread quantizes (MLX releases the GIL while it evaluates) and a writer
@@ -220,10 +239,14 @@ def _write_weights(
     writers = {
         "main": ShardedWriter(out, main, index_metadata={"total_parameters": _weight_count(ckpt)})
     }
+    as_checkpoint = drafter_layout == "checkpoint"
     if drafter:
         (out / MTP_DIR).mkdir()
         writers["mtp"] = ShardedWriter(
-            out / MTP_DIR, drafter, key=drafter_key, metadata={SWIFT_NORM_KEY: "scale"}
+            out / MTP_DIR,
+            drafter,
+            key=lambda p: _drafter_name(p, drafter_layout),
+            metadata={"format": "pt"} if as_checkpoint else None,
         )
     rules: dict[str, tuple[int, int] | None] = {}
     chunks = []  # (path, rule, writer, last chunk of its tensor, source info, start, stop)
@@ -249,7 +272,11 @@ def _write_weights(
             rows = as_stored_dtype(info, reads.popleft().result())
             if i + READ_AHEAD < len(chunks):
                 reads.append(reader.submit(read_raw_rows, *chunks[i + READ_AHEAD][4:]))
-            _, value = sanitize_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings, out_dtype)
+            if as_checkpoint and path.startswith("mtp."):
+                value = rows.astype(out_dtype)  # MTP tensors are all floating, none A_log
+            else:
+                _, value = sanitize_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings,
+                                           out_dtype)  # fmt: skip
             if rule is None:
                 pieces = [(path, value)]
             else:
@@ -281,6 +308,11 @@ def _write_weights(
     return rules
 
 
+def _drafter_name(path: str, drafter_layout: str) -> str:
+    """A tensor's (or a module's) name in <dst>/mtp/: the checkpoint layout keeps `mtp.`."""
+    return path if drafter_layout == "checkpoint" else drafter_key(path)
+
+
 def _weight_count(ckpt: SourceCheckpoint) -> int:
     """Weights of the main model (embeddings + layers), counted before quantization."""
     return sum(math.prod(s) for _, s in model_parameters(ckpt.cfg, include_mtp=False))
@@ -298,6 +330,7 @@ def _write_metadata(
     out: Path,
     recipe: Recipe | None,
     rules: dict[str, tuple[int, int] | None],
+    drafter_layout: str,
 ) -> dict | None:
     """config.json as mlx-lm's converter writes it, plus the tokenizer and generation files,
     and the drafter's config and tokenizer files; returns the main `quantization` block."""
@@ -307,7 +340,7 @@ def _write_metadata(
             {m: r for m, r in rules.items() if not m.startswith("mtp.")}
         )
         drafter_quantization = recipe.quantization_config(
-            {drafter_key(m): r for m, r in rules.items() if m.startswith("mtp.")}
+            {_drafter_name(m, drafter_layout): r for m, r in rules.items() if m.startswith("mtp.")}
         )
     config = dict(ckpt.config)
     generation = _read_json(ckpt.directory / "generation_config.json")
@@ -328,24 +361,29 @@ def _write_metadata(
         if isinstance(template, str):  # transformers 5 / mlx-lm write it out as a file
             (out / "chat_template.jinja").write_text(template)
     if ckpt.has_mtp:
-        _write_drafter_config(ckpt, out / MTP_DIR, drafter_quantization)
+        _write_drafter_config(ckpt, out / MTP_DIR, drafter_quantization, drafter_layout)
         for name in DRAFTER_TOKENIZER_FILES:
             if (ckpt.directory / name).is_file():
                 shutil.copyfile(ckpt.directory / name, out / MTP_DIR / name)
     return quantization
 
 
-def _write_drafter_config(ckpt: SourceCheckpoint, directory: Path, quantization: dict | None):
-    """The config mlx-vlm's `qwen3_5_mtp` splitter writes (and MLX Swift reads): the model
-    type, the target's text config, a block size of depth + 2 tokens, and the drafter's
-    own quantization block with module paths relative to the head."""
+def _write_drafter_config(
+    ckpt: SourceCheckpoint, directory: Path, quantization: dict | None, drafter_layout: str
+):
+    """The drafter's config.json: the target's text config and the drafter's own
+    quantization block, whose module paths are the drafter's tensor names less `.weight`.
+    "mlx-vlm": what mlx-vlm's `qwen3_5_mtp` splitter writes (model type qwen3_5_mtp, a
+    block size of depth + 2 tokens). "checkpoint": model type qwen3_5 with `text_config` and
+    no `vision_config`, the configuration mlx-swift-lm's Qwen35TextMTPRegistration decodes
+    as Qwen35Configuration for its text drafter, and a native checkpoint to mlx-vlm."""
     text = dict(ckpt.config.get("text_config") or ckpt.config)
-    config = {
-        "model_type": "qwen3_5_mtp",
-        "text_config": text,
-        "block_size": ckpt.cfg.mtp_num_hidden_layers + 2,
-        "tie_word_embeddings": ckpt.cfg.tie_word_embeddings,
-    }
+    config: dict = {"text_config": text, "tie_word_embeddings": ckpt.cfg.tie_word_embeddings}
+    if drafter_layout == "checkpoint":
+        config["model_type"] = "qwen3_5"
+    else:
+        config["model_type"] = "qwen3_5_mtp"
+        config["block_size"] = ckpt.cfg.mtp_num_hidden_layers + 2
     if quantization is not None:
         config["quantization"] = quantization
         config["quantization_config"] = quantization

@@ -2,15 +2,16 @@
 
     OUT/
       model/          the MLX model directory (loads by itself in mlx-lm, MLX Swift, mlxkit)
-      mtp/            the MTP drafter (qwen3_5_mtp), when included
+      mtp/            the MTP drafter (the head in the checkpoint's layout), when included
       manifest.json   what is inside, what it needs, sha256 of every file
       xcode/          Entitlements.plist, Info-BackgroundAssets.plist, MLXKitBundle.swift, README
 
 The plan comes first, so a model that cannot fit is refused before a byte is converted.
 Without explicit choices the recipe, MTP inclusion and memory limit are picked by
 `choose_plan` (choose.py), as `mlxkit plan` picks them. The converter writes the drafter inside
-its output (`model/mtp/`, where mlxkit.load looks for it); the bundle moves it beside
-`model/` so that each directory is a plain, self-contained model directory.
+its output (`model/mtp/`, where mlxkit.load looks for it), in the "checkpoint" layout that
+mlx-swift-lm's Qwen 3.5 text drafter reads (convert.converter.DRAFTER_LAYOUTS); the bundle
+moves it beside `model/` so that each directory is a plain, self-contained model directory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .devices import ENTITLEMENT, Target, resolve_target
 from .manifest import FORMAT, MANIFEST, SCHEMA_VERSION, file_entries
 from .plan import Plan, PlanRefused
 from .serialize import memory_to_dict, plan_to_dict, target_to_dict
-from .xcode import write_xcode
+from .xcode import RUNTIME, write_xcode
 
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
 MANIFEST_ALLOWANCE = 1 << 20  # bytes counted for manifest.json in the download sizes
@@ -67,6 +68,7 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool) -> dict:
             "mtp_path": MTP_DIR if has_mtp_dir else None,
         },
         "source": source,
+        "runtime": dict(RUNTIME),
         "target": target_to_dict(plan),
         "min_ios": plan.target.min_ios,
         "entitlement_required": plan.entitlement_required,
@@ -142,7 +144,7 @@ def build_bundle(
         s = p.settings
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
-                         force=False, quiet=True)  # fmt: skip
+                         drafter_layout="checkpoint", force=False, quiet=True)  # fmt: skip
         if (tmp / MODEL_DIR / MTP_DIR).is_dir():
             os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
         if result.bytes_by_part != p.weights:  # one source of truth: this is a bug if it fires

@@ -26,6 +26,7 @@ SCHEMA: dict = {
     "created_by": str,
     "model": {"name": str, "size": (str, type(None)), "path": str, "mtp_path": (str, type(None))},
     "source": {"path": str, "repo": (str, type(None)), "revision": (str, type(None))},
+    "runtime": {"name": str, "min_version": str},
     "target": {
         "name": str,
         "label": str,

@@ -15,6 +15,22 @@ from .devices import ENTITLEMENT
 from .manifest import SCHEMA_VERSION
 
 TEMPLATES = Path(__file__).parent / "templates"
+# The Swift runtime the generated code is written against, recorded in the manifest. Its
+# `GenerateParameters.prefill.stepSize` (PrefillParameters, mlx-swift-lm PR #470) first
+# shipped in 3.32.3; 3.31.4 has only `prefillStepSize`. tests/swift_api.toml lists every
+# mlx-swift-lm name the Swift uses, read from its source.
+RUNTIME = {"name": "mlx-swift-lm", "min_version": "3.32.3"}
+# What an app adds in Xcode: (package URL, version rule, products). The swift-transformers
+# floor is the one mlx-swift-lm's Package.swift declares; mlx-swift is the minor release
+# mlx-swift-lm 3.32.3 picked up (its release notes), added only for `import MLX`.
+_MAJOR = f"Up to Next Major from {RUNTIME['min_version']}"
+SWIFT_PACKAGES = [
+    ("https://github.com/ml-explore/mlx-swift-lm", _MAJOR,
+     ["MLXLLM", "MLXLMCommon", "MLXHuggingFace"]),
+    ("https://github.com/huggingface/swift-transformers", "Up to Next Major from 1.3.0",
+     ["Tokenizers"]),
+    ("https://github.com/ml-explore/mlx-swift", "Up to Next Minor from 0.32.3", ["MLX"]),
+]  # fmt: skip
 SWIFT_FILE = "MLXKitBundle.swift"
 ENTITLEMENTS_FILE = "Entitlements.plist"
 INFO_FRAGMENT_FILE = "Info-BackgroundAssets.plist"
@@ -75,6 +91,8 @@ def write_xcode(out: Path, bundle_name: str, manifest: dict, download_bytes: int
         "entitlement_required": manifest["entitlement_required"],
         "min_ios": manifest["min_ios"],
         "download_gb": f"{download_bytes / 1e9:.2f}",
+        "runtime": RUNTIME,
+        "packages": SWIFT_PACKAGES,
     }
     env = _env()
     files[SWIFT_FILE] = env.get_template(SWIFT_FILE).render(values).encode()

@@ -77,16 +77,25 @@ def _read_weights(
 
 
 def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, dict, dict]:
-    """A separate MTP drafter directory (converter output): tensors named `mtp.*`, or without
-    the prefix as mlx-vlm's splitter writes them; norms already converted."""
+    """A separate MTP drafter directory (converter output) in either layout the converter
+    writes: names without the `mtp.` prefix and norms converted (mlx-vlm's split drafter, as
+    OUT/mtp/), or the checkpoint's own `mtp.*` names with norms stored as w (iPhone bundles).
+    As in mlx-vlm and mlx-swift-lm, `mtp.` names in a file not marked `format: mlx` are in
+    the checkpoint's convention, and their norms get the 1 added here."""
     config = read_config(drafter_dir)
     weights, origin = {}, {}
     for f in weight_files(drafter_dir):
         read_headers([f])
-        for name, value in mx.load(str(f)).items():
-            path = name if name.startswith("mtp.") else "mtp." + name
-            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
-                value = value.astype(dtype)
+        arrays, metadata = mx.load(str(f), return_metadata=True)
+        as_checkpoint = metadata.get("format") != "mlx"
+        for name, value in arrays.items():
+            if as_checkpoint and name.startswith("mtp."):
+                # the checkpoint's own names: only lm_head depends on the tie flag
+                path, value = sanitize_tensor(name, value, True, dtype)
+            else:
+                path = name if name.startswith("mtp.") else "mtp." + name
+                if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                    value = value.astype(dtype)
             weights[path] = value
             origin[path] = f"{f}: tensor {name}"
     quant = config.get("quantization") or {}
