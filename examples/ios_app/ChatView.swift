@@ -1,11 +1,16 @@
 // ChatView.swift: a minimal SwiftUI screen on top of the generated MLXKitBundle.swift.
-// A sketch for the README in this folder: not compiled here (no iOS toolchain). Uses
-// mlx-swift-lm 3.x: ModelContainer.perform, UserInput, generate(input:parameters:context:).
+// Not compiled here (no iOS toolchain): checked for syntax, and its mlx-swift-lm names against
+// the table read from mlx-swift-lm's source (tests/swift_api.toml). Needs mlx-swift-lm 3.32.3
+// or later: ModelContainer.perform, UserInput, generate(input:parameters:context:). Decodes
+// without the MTP drafter, so any temperature works (mlx-swift-lm's Qwen 3.5 drafter is
+// greedy-only).
 
+import MLX  // MLXArray.size
 import MLXHuggingFace
 import MLXLLM
 import MLXLMCommon
 import SwiftUI
+import Tokenizers  // #huggingFaceTokenizerLoader() expands to Tokenizers.AutoTokenizer
 
 @MainActor
 @Observable

@@ -3,14 +3,15 @@
 //
 // Finds the bundle, checks this device against manifest.json BEFORE loading anything
 // (iOS version, Simulator, device model, os_proc_available_memory()), sets MLX's buffer-cache
-// limit, and loads model/ with mlx-swift-lm (and, with the MLXKIT_MTP compilation condition,
-// the MTP drafter in mtp/).
+// limit, and loads model/ with mlx-swift-lm; `loadDrafter` loads the MTP drafter in mtp/.
 //
-// Written against mlx-swift-lm 3.x: `LLMModelFactory.shared.loadContainer(from:using:)`
-// with a `TokenizerLoader` (e.g. `#huggingFaceTokenizerLoader()` from MLXHuggingFace), and
-// mlx-swift's `Memory.cacheLimit` (older releases: `MLX.GPU.set(cacheLimit:)`). mlxkit
-// generates this file on Linux/macOS without a Swift toolchain for iOS: it has been checked
-// for syntax only, not compiled. See README.md beside it.
+// Written against {{ runtime.name }} {{ runtime.min_version }} or later (manifest.json → runtime):
+// `LLMModelFactory.shared.loadContainer(from:using:)` with a `TokenizerLoader` (e.g.
+// `#huggingFaceTokenizerLoader()` from MLXHuggingFace), `GenerateParameters.prefill.stepSize`,
+// `Qwen35TextMTPRegistration` with `MTPDrafterModelFactory`, and mlx-swift's
+// `Memory.cacheLimit`. mlxkit generates this file without a Swift toolchain: it is checked
+// for syntax, and every mlx-swift-lm name in it against a table read from mlx-swift-lm's
+// source; it has not been compiled. See README.md beside it.
 
 import Foundation
 import MLX
@@ -95,11 +96,9 @@ public struct MLXKitManifest: Decodable, Sendable {
     public struct MTP: Decodable, Sendable {
         // mlxkit-manifest-path: mtp
         public let included: Bool
-        public let numDraft: Int
 
         enum CodingKeys: String, CodingKey {
             case included
-            case numDraft = "num_draft"
         }
     }
 }
@@ -253,7 +252,7 @@ public enum MLXKitBundle {
 
         var parameters = GenerateParameters()
         // The activation peak in the plan assumes prompts are processed in chunks of this size.
-        parameters.prefillStepSize = manifest.prefillChunk
+        parameters.prefill.stepSize = manifest.prefillChunk
 
         var mtpURL: URL? = nil
         if manifest.mtp.included, let path = manifest.model.mtpPath {
@@ -264,16 +263,21 @@ public enum MLXKitBundle {
             parameters: parameters, mtpURL: mtpURL)
     }
 
-    #if MLXKIT_MTP
-        /// The MTP drafter (mtp/): needs an mlx-swift-lm that registers the `qwen3_5_mtp`
-        /// drafter type (main branch at the time of writing); define MLXKIT_MTP to build it.
-        public static func loadDrafter(
-            _ loaded: MLXKitLoaded,
-            using tokenizerLoader: any TokenizerLoader
-        ) async throws -> MTPDrafterContainer? {
-            guard let url = loaded.mtpURL else { return nil }
-            return try await MTPDrafterModelFactory.shared.loadContainer(
-                from: url, using: tokenizerLoader)
-        }
-    #endif
+    /// The MTP drafter in mtp/, or nil when the bundle has none. The directory holds the
+    /// head as the Qwen 3.5 checkpoint stores it (config `model_type` "qwen3_5", tensors
+    /// `mtp.*`), which mlx-swift-lm loads through the drafter types that
+    /// `Qwen35TextMTPRegistration` adds to `MTPDrafterModelFactory`.
+    ///
+    /// What mlx-swift-lm's Qwen 3.5 drafter supports: one drafted token per round (its
+    /// `maximumBlockSize` is 2) and greedy decoding only (`requiresGreedySampling`): use it
+    /// with `temperature` 0, and decode without it when sampling.
+    public static func loadDrafter(
+        _ loaded: MLXKitLoaded,
+        using tokenizerLoader: any TokenizerLoader
+    ) async throws -> MTPDrafterContainer? {
+        guard let url = loaded.mtpURL else { return nil }
+        await Qwen35TextMTPRegistration.register()
+        return try await MTPDrafterModelFactory.shared.loadContainer(
+            from: url, using: tokenizerLoader)
+    }
 }
