@@ -10,6 +10,7 @@ Types are not checked: a name is matched by spelling, whatever it is called on."
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,6 +295,7 @@ def swift_sources(tmp_path_factory) -> dict[str, str]:
         "MLXKitBundle.swift": (out / "xcode" / "MLXKitBundle.swift").read_text(),
         "ChatView.swift": CHAT_VIEW.read_text(),
         "README.md": (out / "xcode" / "README.md").read_text(),
+        "manifest.json": (out / "manifest.json").read_text(),
     }
 
 
@@ -385,6 +387,7 @@ def test_the_bundle_readme_lists_the_packages_and_their_versions(swift_sources):
         assert rule in row and all(f"`{n}`" in row for n in names), row
         assert set(names) <= products
     assert f"{RUNTIME['name']} {RUNTIME['min_version']}" in readme
+    assert json.loads(swift_sources["manifest.json"])["runtime"] == TABLE["runtime"]
     snippet = readme.split("```swift")[1].split("```")[0]
     assert "import Tokenizers" in snippet and "#huggingFaceTokenizerLoader()" in snippet
     assert "MLXKIT_MTP" not in readme and "main branch" not in readme
