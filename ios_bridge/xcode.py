@@ -23,14 +23,19 @@ RUNTIME = {"name": "mlx-swift-lm", "min_version": "3.32.3"}
 # What an app adds in Xcode: (package URL, version rule, products). The swift-transformers
 # floor is the one mlx-swift-lm's Package.swift declares; mlx-swift is the minor release
 # mlx-swift-lm 3.32.3 picked up (its release notes), added only for `import MLX`.
-_MAJOR = f"Up to Next Major from {RUNTIME['min_version']}"
-SWIFT_PACKAGES = [
-    ("https://github.com/ml-explore/mlx-swift-lm", _MAJOR,
-     ["MLXLLM", "MLXLMCommon", "MLXHuggingFace"]),
-    ("https://github.com/huggingface/swift-transformers", "Up to Next Major from 1.3.0",
-     ["Tokenizers"]),
+SWIFT_PACKAGES: list[tuple[str, str, list[str]]] = [
+    (
+        "https://github.com/ml-explore/mlx-swift-lm",
+        "Up to Next Major from " + RUNTIME["min_version"],
+        ["MLXLLM", "MLXLMCommon", "MLXHuggingFace"],
+    ),
+    (
+        "https://github.com/huggingface/swift-transformers",
+        "Up to Next Major from 1.3.0",
+        ["Tokenizers"],
+    ),
     ("https://github.com/ml-explore/mlx-swift", "Up to Next Minor from 0.32.3", ["MLX"]),
-]  # fmt: skip
+]
 SWIFT_FILE = "MLXKitBundle.swift"
 ENTITLEMENTS_FILE = "Entitlements.plist"
 INFO_FRAGMENT_FILE = "Info-BackgroundAssets.plist"
