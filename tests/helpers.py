@@ -1,4 +1,5 @@
-"""Small shared pieces for tests: fixture paths and a float32 model loader."""
+"""Small shared pieces for tests: fixture paths, a float32 model loader, and mlx-vlm's MTP
+drafter run on a fixture's reference."""
 
 from __future__ import annotations
 
@@ -23,3 +24,15 @@ def reference(name: str) -> dict[str, np.ndarray]:
 
 def load_f32(name: str) -> Model:
     return load_model(FIXTURES / name, dtype=mx.float32)
+
+
+def mlx_vlm_mtp_logits(target, drafter, name: str) -> np.ndarray:
+    """Logits of mlx-vlm's MTP drafter, bound to its `target`, on fixture `name`'s tokens
+    and float64 main-model hidden states: to compare with the reference's mtp_logits_f64."""
+    ref = reference(name)
+    drafter.bind(target)
+    tokens = mx.array(ref["tokens"])[None]
+    hidden = mx.array(ref["hidden_f64"][:-1], dtype=mx.float32)[None]
+    h = drafter._forward_hidden(drafter._input_embed(tokens[:, 1:]), hidden, None,
+                                mx.arange(tokens.shape[1] - 1)[None])  # fmt: skip
+    return np.array(drafter._lm_head_fn(h)[0].astype(mx.float32))

@@ -18,7 +18,7 @@ from mlxkit.generate import stream_generate
 from mlxkit.layout import drafter_key
 from mlxkit.load import load, load_model
 from mlxkit.models.qwen3_5 import TextConfig, sanitize_tensor
-from tests.helpers import FIXTURES, TINY, reference
+from tests.helpers import FIXTURES, TINY, mlx_vlm_mtp_logits, reference
 
 DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "U32": "uint32"}
 
@@ -274,12 +274,7 @@ def test_mlx_vlm_mtp_drafter_reads_the_drafter_directory(converted, name):
     target, _ = mlx_vlm.load(str(out))
     drafter, kind = load_drafter(str(out / "mtp"), kind="mtp")
     assert kind == "mtp"
-    drafter.bind(target)
-    tokens = mx.array(ref["tokens"])[None]
-    hidden = mx.array(ref["hidden_f64"][:-1], dtype=mx.float32)[None]
-    h = drafter._forward_hidden(drafter._input_embed(tokens[:, 1:]), hidden, None,
-                                mx.arange(tokens.shape[1] - 1)[None])  # fmt: skip
-    logits = np.array(drafter._lm_head_fn(h)[0].astype(mx.float32))
+    logits = mlx_vlm_mtp_logits(target, drafter, name)
     assert np.abs(logits - ref["mtp_logits_f64"]).max() <= 1e-4
 
     # 4-bit, float32 activations: in bf16, mlx-vlm's own multi-token verify pass rounds

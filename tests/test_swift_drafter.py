@@ -29,7 +29,7 @@ from mlxkit import load, stream_generate
 from mlxkit.checkpoint import weight_files
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5 import Model, TextConfig
-from tests.helpers import FIXTURES, reference
+from tests.helpers import FIXTURES, mlx_vlm_mtp_logits, reference
 from tests.test_convert import greedy_mlx_vlm
 
 # --- mlx-swift-lm's rules, reproduced from its source -------------------------------------------
@@ -238,12 +238,7 @@ def test_mlx_vlm_reads_the_bundle_drafter_and_reproduces_the_reference(drafters)
     target, _ = mlx_vlm.load(str(drafters["f32"]))
     drafter, kind = load_drafter(str(drafters["f32"] / "mtp"), kind="mtp")
     assert kind == "mtp" and drafter.config.model_type == "qwen3_5_mtp"
-    drafter.bind(target)
-    tokens = mx.array(ref["tokens"])[None]
-    hidden = mx.array(ref["hidden_f64"][:-1], dtype=mx.float32)[None]
-    h = drafter._forward_hidden(drafter._input_embed(tokens[:, 1:]), hidden, None,
-                                mx.arange(tokens.shape[1] - 1)[None])  # fmt: skip
-    logits = np.array(drafter._lm_head_fn(h)[0].astype(mx.float32))
+    logits = mlx_vlm_mtp_logits(target, drafter, "tiny_untied")
     assert np.abs(logits - ref["mtp_logits_f64"]).max() <= 1e-4
 
 
