@@ -13,13 +13,14 @@ from mlxkit import __version__
 
 from .devices import ENTITLEMENT
 from .manifest import SCHEMA_VERSION
+from .runtimes import MLX_SWIFT_LM
 
 TEMPLATES = Path(__file__).parent / "templates"
 # The Swift runtime the generated code is written against, recorded in the manifest. Its
 # `GenerateParameters.prefill.stepSize` (PrefillParameters, mlx-swift-lm PR #470) first
 # shipped in 3.32.3; 3.31.4 has only `prefillStepSize`. tests/swift_api.toml lists every
 # mlx-swift-lm name the Swift uses, read from its source.
-RUNTIME = {"name": "mlx-swift-lm", "min_version": "3.32.3"}
+RUNTIME = {"name": MLX_SWIFT_LM.name, "min_version": "3.32.3"}
 # What an app adds in Xcode: (package URL, version rule, products). The swift-transformers
 # floor is the one mlx-swift-lm's Package.swift declares; mlx-swift is the minor release
 # mlx-swift-lm 3.32.3 picked up (its release notes), added only for `import MLX`.
