@@ -80,8 +80,9 @@ def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, 
     """A separate MTP drafter directory (converter output) in either layout the converter
     writes: names without the `mtp.` prefix and norms converted (mlx-vlm's split drafter, as
     OUT/mtp/), or the checkpoint's own `mtp.*` names with norms stored as w (iPhone bundles).
-    As in mlx-vlm and mlx-swift-lm, `mtp.` names in a file not marked `format: mlx` are in
-    the checkpoint's convention, and their norms get the 1 added here."""
+    As mlx-vlm's native-checkpoint splitter and mlx-swift-lm decide it, `mtp.` names in a
+    file not marked `format: mlx` are in the checkpoint's convention: their norms get the 1
+    added here."""
     config = read_config(drafter_dir)
     weights, origin = {}, {}
     for f in weight_files(drafter_dir):
