@@ -115,9 +115,12 @@ temperature > 0 the phone decodes at the plain speed), at {acceptance:.0%} accep
 
 ### What could not be checked here
 
-No iPhone, no Xcode and no Swift compiler for iOS were available: `MLXKitBundle.swift` is
-checked for syntax (tree-sitter's Swift grammar) and against the manifest's keys, not
-compiled; the usable-memory figures come from public reports, not measurements; the
+No iPhone, no Xcode and no Swift compiler for iOS were available: `MLXKitBundle.swift` and
+`examples/ios_app` are checked for syntax (tree-sitter's Swift grammar), against the
+manifest's keys, and name by name (types, members, argument labels, imports) against a table
+of mlx-swift-lm's public API read from its source (`tests/swift_api.toml`), not compiled; the
+`mtp/` drafter is checked against mlx-swift-lm's key rules reproduced in a test, not loaded
+by it; the usable-memory figures come from public reports, not measurements; the
 runtime reserve is an estimate; the memory formulas follow mlxkit's runtime graph and were
 not checked against mlx-swift-lm's arrays nor measured on a device. The speed model is
 fitted on Macs only: no phone measurement went into it, a phone's fixed cost per token is
