@@ -30,6 +30,7 @@ op produced a tensor in a lower precision.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -244,7 +245,7 @@ def random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
     raise ValueError(f"no init rule for {name} {shape}")
 
 
-def make_weights(model, tc: dict, spec: dict) -> dict[str, torch.Tensor]:
+def make_weights(model, tc: dict, spec: dict, init=random_tensor) -> dict[str, torch.Tensor]:
     """Stored tensors (bf16 / float32), in transformers' state-dict order, then mtp.*."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if spec["tie"]:
@@ -253,7 +254,7 @@ def make_weights(model, tc: dict, spec: dict) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(spec["seed"])
     out = {}
     for name in sorted(shapes):  # sorted: independent of module registration order
-        values = torch.from_numpy(random_tensor(name, shapes[name], rng))
+        values = torch.from_numpy(init(name, shapes[name], rng))
         if any(name.endswith(s) for s in FLOAT32_TENSORS):
             out[name] = values.to(torch.float32)
         else:
@@ -324,6 +325,13 @@ def load_hf(out_dir: Path, dtype: torch.dtype):
         inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         rot.inv_freq = inv
         rot.original_inv_freq = inv.clone()
+        vrot = model.model.visual.rotary_pos_emb  # the same for the vision tower's 2D rotary
+        vc = model.config.vision_config
+        half = vc.hidden_size // vc.num_heads // 2
+        vtheta = vc.rope_parameters["rope_theta"]
+        vinv = 1.0 / (vtheta ** (torch.arange(0, half, 2, dtype=torch.float64) / half))
+        vrot.inv_freq = vinv
+        vrot.original_inv_freq = vinv.clone()
     return model
 
 
@@ -477,6 +485,342 @@ def make_tokenizer(out_dir: Path) -> dict:
     return tok
 
 
+# --------------------------------------------------------------------------- vision fixtures
+
+# Two tiny vision checkpoints that differ in every vision shape: patch size, temporal patch,
+# spatial merge, position grid, head count. The text model is tiny_tied's.
+VISION_SPECS = {
+    "tiny_vision_p4": {
+        "num_hidden_layers": 4,
+        "tie": True,
+        "shards": 1,
+        "seed": SEED + 11,
+        "vision": {
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 16,
+        },
+        "image_pixels": (256, 2048),  # [shortest_edge, longest_edge]: 4 to 32 merged tokens
+        "video_pixels": (256, 8192),
+        "images": [(23, 37), (45, 18)],  # (height, width) of image0.png, image1.png
+        "video": {"frames": 5, "height": 16, "width": 24, "fps": 2.0},
+    },
+    "tiny_vision_p6": {
+        "num_hidden_layers": 4,
+        "tie": True,
+        "shards": 1,
+        "seed": SEED + 12,
+        "vision": {
+            "depth": 2,
+            "hidden_size": 48,
+            "num_heads": 4,
+            "intermediate_size": 96,
+            "patch_size": 6,
+            "temporal_patch_size": 3,
+            "spatial_merge_size": 3,
+            "num_position_embeddings": 25,
+        },
+        "image_pixels": (648, 5184),
+        "video_pixels": (648, 15552),
+        "images": [(41, 19), (30, 47)],
+        "video": {"frames": 5, "height": 18, "width": 36, "fps": 3.0},
+    },
+}
+VIDEO_SAMPLING = {"fps": 2, "min_frames": 4, "max_frames": 768}  # Qwen3VLVideoProcessor's
+
+
+def vision_configs(spec: dict, tok: dict) -> tuple[dict, dict, dict]:
+    """config.json, preprocessor_config.json and video_preprocessor_config.json."""
+    config = full_config(spec, tok)
+    config["vision_config"].update(spec["vision"])
+    v = spec["vision"]
+    common = {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "merge_size": v["spatial_merge_size"],
+        "patch_size": v["patch_size"],
+        "temporal_patch_size": v["temporal_patch_size"],
+        "processor_class": "Qwen3VLProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+    }
+    lo, hi = spec["image_pixels"]
+    image = {
+        **common,
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "size": {"longest_edge": hi, "shortest_edge": lo},
+    }
+    lo, hi = spec["video_pixels"]
+    video = {
+        **common,
+        **VIDEO_SAMPLING,
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "do_sample_frames": True,
+        "size": {"longest_edge": hi, "shortest_edge": lo},
+    }
+    return config, image, video
+
+
+def random_vision_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator):
+    """As random_tensor, with position embeddings large enough that a wrong interpolation or
+    ordering shows in the output."""
+    if name == "model.visual.pos_embed.weight":
+        return rng.normal(0.0, 0.5, size=shape)
+    return random_tensor(name, shape, rng)
+
+
+def image_patches(image_path: Path, image_cfg: dict) -> tuple[np.ndarray, list[int]]:
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    kw = {
+        k: image_cfg[k]
+        for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+    }
+    proc = Qwen2VLImageProcessorPil(size=dict(image_cfg["size"]), **kw)
+    out = proc(Image.open(image_path), return_tensors="np")
+    return out["pixel_values"], [int(g) for g in out["image_grid_thw"][0]]
+
+
+def video_patches(frames: np.ndarray, fps: float, video_cfg: dict):
+    """Transformers' Qwen3-VL video pipeline for frames already at a valid size (so no resize,
+    which would need torchvision): frame sampling, fused rescale+normalize, temporal padding,
+    patchify, and the timestamps of the processor."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+        smart_resize,
+    )
+    from transformers.video_utils import VideoMetadata
+
+    sampler = SimpleNamespace(**VIDEO_SAMPLING)
+    indices = Qwen3VLVideoProcessor.sample_frames(sampler, VideoMetadata(len(frames), fps=fps))
+    video = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2)[None]  # [1, F, C, H, W]
+    p, tp, m = video_cfg["patch_size"], video_cfg["temporal_patch_size"], video_cfg["merge_size"]
+    lo, hi = video_cfg["size"]["shortest_edge"], video_cfg["size"]["longest_edge"]
+    size = smart_resize(len(indices), *video.shape[-2:], tp, p * m, lo, hi)
+    assert size == tuple(video.shape[-2:]), ("fixture frames must need no resize", size)
+    mean = torch.tensor(video_cfg["image_mean"]) * (1.0 / video_cfg["rescale_factor"])
+    std = torch.tensor(video_cfg["image_std"]) * (1.0 / video_cfg["rescale_factor"])
+    video = (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+    rows, t, h, w = Qwen3VLVideoProcessor.patchify(None, video, p, m, tp)
+    stamps = Qwen3VLProcessor._calculate_timestamps(None, indices, fps, tp)
+    return rows[0].numpy(), [t, h, w], indices, stamps
+
+
+def vision_prompts(tok_file: Path, tok: dict, grids: dict, stamps: list[float], merge: int):
+    """Token ids of the four model-level cases, written as Qwen's processor expands a chat:
+    each image part → vision_start, one image pad per merged patch, vision_end; a video → per
+    temporal group `<t.t seconds>` + vision_start + video pads + vision_end (the wrapped
+    `<|vision_start|><|video_pad|><|vision_end|>` of the template replaced as a whole)."""
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(tok_file))
+
+    def image(g):
+        return (
+            "<|vision_start|>"
+            + "<|image_pad|>" * (g[0] * g[1] * g[2] // merge**2)
+            + ("<|vision_end|>")
+        )
+
+    _, h, w = grids["video"]
+    video = "".join(
+        f"<{s:.1f} seconds><|vision_start|>"
+        + "<|video_pad|>" * (h * w // merge**2)
+        + "<|vision_end|>"
+        for s in stamps
+    )
+    user = "<|im_start|>user\n"
+    reply = "<|im_end|>\n<|im_start|>assistant\n"
+    texts = {
+        "one_image": user + image(grids["image0"]) + "What is in the picture?" + reply,
+        "two_images": user
+        + image(grids["image0"])
+        + "and"
+        + image(grids["image1"])
+        + "Compare the two pictures."
+        + reply,
+        "second_turn": user
+        + image(grids["image0"])
+        + "Describe it."
+        + reply
+        + "A small box.<|im_end|>\n"
+        + user
+        + "And this one? "
+        + image(grids["image1"])
+        + reply,
+        "video": user + video + "What happens in the video?" + reply,
+    }
+    uses = {
+        "one_image": ["image0"],
+        "two_images": ["image0", "image1"],
+        "second_turn": ["image0", "image1"],
+        "video": ["video"],
+    }
+    ids = {k: np.array(tk.encode(v).ids, dtype=np.int64) for k, v in texts.items()}
+    for k, v in ids.items():
+        n_img = sum(np.prod(grids[u]) // merge**2 for u in uses[k] if u != "video")
+        n_vid = np.prod(grids["video"]) // merge**2 if "video" in uses[k] else 0
+        assert (v == tok["image_pad"]).sum() == n_img and (v == tok["video_pad"]).sum() == n_vid
+    return ids, uses
+
+
+def hf_vision_inputs(uses: list[str], pixels: dict, grids: dict, dtype) -> dict:
+    """Keyword arguments of a transformers forward for the images / video a prompt uses."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    kw = {}
+    images = [u for u in uses if u != "video"]
+    if images:
+        values = np.concatenate([pixels[u] for u in images]).astype(np_dtype)
+        kw["pixel_values"] = torch.from_numpy(values)
+        kw["image_grid_thw"] = torch.tensor([grids[u] for u in images])
+    if "video" in uses:
+        kw["pixel_values_videos"] = torch.from_numpy(pixels["video"].astype(np_dtype))
+        kw["video_grid_thw"] = torch.tensor([grids["video"]])
+    return kw
+
+
+def hf_rope_index(model, ids: np.ndarray, uses: list[str], grids: dict, tok: dict) -> np.ndarray:
+    """transformers' M-RoPE position ids [3, L] for one prompt (outside the float64 mode: they
+    are integers, computed with a float32 multiply by time_interval = 1)."""
+    input_ids = torch.from_numpy(ids)[None]
+    mm_types = (input_ids == tok["image_pad"]).int() + 2 * (input_ids == tok["video_pad"]).int()
+    images = [grids[u] for u in uses if u != "video"]
+    image_grid = torch.tensor(images) if images else None
+    video_grid = torch.tensor([grids["video"]]) if "video" in uses else None
+    positions, _ = model.model.get_rope_index(input_ids, mm_types, image_grid, video_grid)
+    return positions[:, 0].numpy()
+
+
+@torch.no_grad()
+def run_hf_vision(model, ids: np.ndarray, positions: np.ndarray, kw: dict):
+    """Post-final-norm hidden states and logits of a no-cache pass over one multimodal prompt."""
+    captured = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda m, i, o: captured.append(o))
+    out = model(
+        input_ids=torch.from_numpy(ids)[None],
+        position_ids=torch.from_numpy(positions)[:, None],
+        use_cache=False,
+        **kw,
+    )
+    hook.remove()
+    return captured[0][0].numpy(), out.logits[0].numpy()
+
+
+def build_vision(name: str, spec: dict) -> dict:
+    from PIL import Image
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    out_dir = FIXTURES / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    tok = make_tokenizer(out_dir)
+    config, image_cfg, video_cfg = vision_configs(spec, tok)
+    for fname, data in (
+        ("config.json", config),
+        ("preprocessor_config.json", image_cfg),
+        ("video_preprocessor_config.json", video_cfg),
+    ):
+        (out_dir / fname).write_text(json.dumps(data, indent=2) + "\n")
+    tc, merge = config["text_config"], spec["vision"]["spatial_merge_size"]
+
+    with torch.device("meta"):
+        skeleton = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**config))
+    weights = make_weights(skeleton, tc, spec, init=random_vision_tensor)
+    del skeleton
+    write_safetensors(weights, out_dir, spec["shards"])
+
+    # inputs: two PNG images through transformers' processor, one video through its pipeline
+    rng = np.random.default_rng(spec["seed"] + 2000)
+    pixels, grids = {}, {}
+    for i, (h, w) in enumerate(spec["images"]):
+        path = out_dir / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+        pixels[f"image{i}"], grids[f"image{i}"] = image_patches(path, image_cfg)
+    v = spec["video"]
+    frames = rng.integers(0, 256, size=(v["frames"], v["height"], v["width"], 3), dtype=np.uint8)
+    pixels["video"], grids["video"], frame_indices, stamps = video_patches(
+        frames, v["fps"], video_cfg
+    )
+    assert grids["video"][0] >= 2, "the video must have at least two temporal groups"
+
+    # the vision tower on all three at once (attention must stay within each image / group)
+    order = ["image0", "image1", "video"]
+    tower_in = np.concatenate([pixels[k] for k in order])
+    tower_grids = torch.tensor([grids[k] for k in order])
+    ids, uses = vision_prompts(out_dir / "tokenizer.json", tok, grids, stamps, merge)
+
+    results, positions = {}, {}
+    for dtype in (torch.float64, torch.float32):
+        model = load_hf(out_dir, dtype)
+        if not positions:
+            positions = {c: hf_rope_index(model, ids[c], uses[c], grids, tok) for c in ids}
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        kws = {c: hf_vision_inputs(uses[c], pixels, grids, dtype) for c in ids}
+        mode = Float64Everywhere() if dtype == torch.float64 else contextlib.nullcontext()
+        with mode, torch.no_grad():
+            tower = model.model.visual(
+                torch.from_numpy(tower_in.astype(np_dtype)), grid_thw=tower_grids
+            )
+            results[dtype] = {"tower": tower.pooler_output.numpy()}
+            for c in ids:
+                results[dtype][c] = run_hf_vision(model, ids[c], positions[c], kws[c])
+        if dtype == torch.float64:
+            assert not mode.low_precision_ops, mode.low_precision_ops
+        del model
+    r64, r32 = results[torch.float64], results[torch.float32]
+    head = weights["model.language_model.embed_tokens.weight"].to(torch.float64).numpy()
+
+    arrays = {
+        "tower_grids": np.array([grids[k] for k in order]),
+        "tower_f64": r64["tower"],
+        "tower_f32": r32["tower"],
+        "err_tower_f32": np.float64(np.abs(r32["tower"] - r64["tower"]).max()),
+        "video_frames": frames,
+        "video_fps": np.float64(v["fps"]),
+        "video_frame_indices": np.asarray(frame_indices),
+        "video_timestamps": np.array(stamps),
+    }
+    stats = {
+        "tower_std": float(r64["tower"].std()),
+        "err_tower_f32": float(arrays["err_tower_f32"]),
+    }
+    for k in ("image0", "image1", "video"):
+        arrays[f"{k}_patches"], arrays[f"{k}_grid"] = pixels[k], np.array(grids[k])
+    for case in ids:
+        (hidden64, logits64), pos = r64[case], positions[case]
+        np.testing.assert_allclose(hidden64 @ head.T, logits64, rtol=0, atol=1e-12)
+        err = float(np.abs(r32[case][1].astype(np.float64) - logits64).max())
+        arrays.update(
+            {
+                f"{case}_ids": ids[case],
+                f"{case}_positions": pos,
+                f"{case}_hidden_f64": hidden64,
+                f"{case}_err_f32": np.float64(err),
+            }
+        )
+        stats[f"{case}_err_f32"] = err
+        stats[f"{case}_tokens"] = len(ids[case])
+    np.savez(out_dir / "reference.npz", **arrays)
+    assert 0.1 < stats["tower_std"] < 10, stats
+    return stats
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -594,12 +938,19 @@ def build(name: str, spec: dict) -> dict:
     return stats
 
 
-def main() -> None:
-    torch.manual_seed(SEED)
-    for name, spec in SPECS.items():
-        stats = build(name, spec)
+def main(names: list[str]) -> None:
+    """Builds the fixtures named on the command line (all of them without arguments)."""
+    builders = {**{n: (build, s) for n, s in SPECS.items()},
+                **{n: (build_vision, s) for n, s in VISION_SPECS.items()}}  # fmt: skip
+    unknown = sorted(set(names) - set(builders))
+    if unknown:
+        raise SystemExit(f"unknown fixtures {unknown}; choose from {sorted(builders)}")
+    for name in names or builders:
+        torch.manual_seed(SEED)
+        fn, spec = builders[name]
+        stats = fn(name, spec)
         print(name, json.dumps(stats))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
