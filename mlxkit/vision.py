@@ -1,0 +1,544 @@
+"""Images and video for Qwen 3.5: pixels → patches, the prompt's vision pads, M-RoPE positions.
+
+Everything follows transformers' reference semantics so that the same picture gives the same
+tokens as there:
+
+* images — `Qwen2VLImageProcessor` (its Pillow backend): convert to RGB (transparency composited
+  onto white), resize with bicubic so both sides are multiples of patch·merge and the pixel count
+  lies within [min_pixels, max_pixels] (`smart_resize`), rescale by 1/255, normalize, repeat the
+  still image to `temporal_patch_size` frames, flatten into patches;
+* video — `Qwen3VLVideoProcessor`: frames sampled to the processor's fps, the same resize with the
+  frame count in the budget, fused rescale+normalize, the last frame repeated to fill the final
+  temporal group, the same flattening; timestamps as `Qwen3VLProcessor` computes them;
+* the prompt — each `<|image_pad|>` the chat template wrote becomes one pad per merged patch; each
+  video becomes, per temporal group, `<t.t seconds>` + vision_start + pads + vision_end;
+* positions — `get_rope_index` of Qwen 3.5: (t, row, col) offsets from where each image starts,
+  text resuming after it at start + max(rows, cols).
+
+By default an image is capped at DEFAULT_MAX_IMAGE_TOKENS vision tokens (as MLX Swift does):
+attention over one image costs N² in its patch count, and an uncapped screenshot would ask for
+tens of GB. A per-call `max_pixels` overrides the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit.models.qwen3_5_vision import Grid, VisionConfig
+
+DEFAULT_MAX_IMAGE_TOKENS = 1280  # vision tokens per image unless max_pixels says otherwise
+DEFAULT_VIDEO_FPS = 2.0  # the rate of a list of frames when the caller gives none
+
+# What the chat template writes for an image or a video part, and what the processor expands.
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+class VisionInputError(MlxkitError):
+    """An image, a video or a prompt that the vision path cannot use."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class VisionTokens:
+    """The four token ids of the vision path, always from config.json: mlx-vlm and MLX Swift
+    fall back to wrong vision_start/end ids when they are missing, which shifts every position."""
+
+    image: int
+    video: int
+    start: int
+    end: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> VisionTokens:
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        missing = [k for k in keys if not isinstance(config.get(k), int)]
+        if missing:
+            raise ConfigError(f"config.json lacks the vision token id(s) {', '.join(missing)}")
+        return cls(*(config[k] for k in keys))
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """preprocessor_config.json and video_preprocessor_config.json, with Qwen 3.5's values where
+    a file or key is absent. Pixel bounds are totals: per image, or over all frames of a video."""
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    min_pixels: int = 65_536
+    max_pixels: int = 16_777_216
+    video_min_pixels: int = 4_096
+    video_max_pixels: int = 25_165_824
+    video_fps: float = 2.0  # frames per second the video processor keeps
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+
+    @property
+    def factor(self) -> int:
+        """Both resized sides are multiples of this: one merged patch."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, vision: VisionConfig) -> Preprocessor:
+        model_dir = Path(model_dir)
+        image = _read_json(model_dir / "preprocessor_config.json")
+        video = _read_json(model_dir / "video_preprocessor_config.json")
+        fields: dict = {
+            "patch_size": vision.patch_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+            "merge_size": vision.spatial_merge_size,
+        }
+        for key, value in fields.items():
+            for name, cfg in (
+                ("preprocessor_config.json", image),
+                ("video_preprocessor_config.json", video),
+            ):
+                if key in cfg and cfg[key] != value:
+                    raise ConfigError(
+                        f"{model_dir / name}: {key} {cfg[key]} differs from the vision tower's "
+                        f"{value} in config.json"
+                    )
+        for key in ("image_mean", "image_std"):
+            if key in image:
+                fields[key] = tuple(float(v) for v in image[key])
+        if "rescale_factor" in image:
+            fields["rescale_factor"] = float(image["rescale_factor"])
+        for prefix, cfg in (("", image), ("video_", video)):
+            size = cfg.get("size") or {}
+            lo = cfg.get("min_pixels", size.get("shortest_edge"))
+            hi = cfg.get("max_pixels", size.get("longest_edge"))
+            if lo is not None:
+                fields[prefix + "min_pixels"] = lo
+            if hi is not None:
+                fields[prefix + "max_pixels"] = hi
+        for key, name in (
+            ("fps", "video_fps"),
+            ("min_frames", "video_min_frames"),
+            ("max_frames", "video_max_frames"),
+        ):
+            if key in video:
+                fields[name] = video[key]
+        pre = cls(**fields)
+        pre._check(model_dir)
+        return pre
+
+    def _check(self, model_dir: Path) -> None:
+        for key in (
+            "min_pixels",
+            "max_pixels",
+            "video_min_pixels",
+            "video_max_pixels",
+            "video_min_frames",
+            "video_max_frames",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{model_dir}: preprocessor {key} must be a positive integer")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
+            raise ConfigError(f"{model_dir}: preprocessor image_mean/std need 3 values, std ≠ 0")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+@dataclass(frozen=True)
+class VisionInput:
+    """One preprocessed image or video, ready for the vision tower."""
+
+    kind: Literal["image", "video"]
+    pixel_values: np.ndarray  # [t·h·w, C·T·P·P] float32, merge blocks consecutive
+    grid: Grid  # (t, h, w) in patches
+    merge_size: int
+    source_size: tuple[int, int]  # (height, width) as given
+    size: tuple[int, int]  # (height, width) after resizing
+    timestamps: tuple[float, ...] = ()  # video: seconds of each temporal group
+
+    @property
+    def num_tokens(self) -> int:
+        """Vision pads this input takes in the prompt."""
+        t, h, w = self.grid
+        return t * h * w // self.merge_size**2
+
+    @property
+    def downscaled(self) -> bool:
+        return self.size[0] * self.size[1] < self.source_size[0] * self.source_size[1]
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """A path, a PIL image, or a uint8 array (H×W, H×W×3 or H×W×4) as a PIL image."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return _array_image(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise VisionInputError(
+            f"an image must be a path, a PIL.Image or an H×W×3 uint8 array, not {type(image).__name__}"
+        )
+    path = Path(image)
+    if not path.is_file():
+        raise VisionInputError(f"{path}: no such image file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise VisionInputError(
+            f"{path}: too large to decode safely ({e}); downscale it first"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VisionInputError(f"{path}: not a readable image ({e})") from None
+    return img
+
+
+def _array_image(a: np.ndarray) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise VisionInputError(f"an image array must be uint8 (got {a.dtype})")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        raise VisionInputError(f"an image array must be H×W, H×W×3 or H×W×4 (got {a.shape})")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency (alpha band or palette transparency) composited onto white."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """Sides that are multiples of `factor`, near the original aspect ratio, with a pixel count
+    in [min_pixels, max_pixels] (transformers' `smart_resize`; a side never drops below factor)."""
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def smart_resize_video(
+    num_frames: int, height: int, width: int, pre: Preprocessor, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """`smart_resize` for a clip: the budget counts every frame (Qwen3VLVideoProcessor)."""
+    factor, tf = pre.factor, pre.temporal_patch_size
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    t = round(num_frames / tf) * tf
+    if t * h * w > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def patchify(frames: np.ndarray, pre: Preprocessor) -> tuple[np.ndarray, Grid]:
+    """[F, C, H, W] normalized frames → patch rows [t·h·w, C·T·P·P] and the grid (t, h, w).
+
+    The last frame is repeated to fill the final temporal group (a still image becomes T
+    identical frames). Rows go temporal group, merge-block row, merge-block column, row and column
+    within the block; each row holds channel, frame, pixel row, pixel column."""
+    T, P, m = pre.temporal_patch_size, pre.patch_size, pre.merge_size
+    if pad := -len(frames) % T:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    F, C, H, W = frames.shape
+    t, h, w = F // T, H // P, W // P
+    x = frames.reshape(t, T, C, h // m, m, P, w // m, m, P)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, bh, bw, mh, mw, C, T, P, P
+    return np.ascontiguousarray(x.reshape(t * h * w, C * T * P * P), dtype=np.float32), (t, h, w)
+
+
+def _pixel_bounds(
+    pre: Preprocessor, min_pixels: int | None, max_pixels: int | None, video: bool
+) -> tuple[int, int]:
+    if video:
+        lo, hi = pre.video_min_pixels, pre.video_max_pixels
+    else:
+        lo = pre.min_pixels
+        hi = min(pre.max_pixels, DEFAULT_MAX_IMAGE_TOKENS * pre.factor**2)
+    lo = lo if min_pixels is None else min_pixels
+    hi = hi if max_pixels is None else max_pixels
+    for name, v in (("min_pixels", lo), ("max_pixels", hi)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise VisionInputError(f"{name} must be a positive integer (got {v!r})")
+    if lo > hi:
+        raise VisionInputError(f"min_pixels {lo} is larger than max_pixels {hi}")
+    return lo, hi
+
+
+def _check_shape(name: str, height: int, width: int, pre: Preprocessor) -> None:
+    if min(height, width) < pre.patch_size:
+        raise VisionInputError(
+            f"{name} is {width}×{height} pixels; the vision tower needs at least "
+            f"{pre.patch_size}×{pre.patch_size} (one patch)"
+        )
+    if max(height, width) / min(height, width) > 200:
+        raise VisionInputError(
+            f"{name} is {width}×{height} pixels: an aspect ratio over 200 is not supported"
+        )
+
+
+def _describe(image: ImageLike) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else "the image"
+
+
+def preprocess_image(
+    image: ImageLike,
+    pre: Preprocessor,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> VisionInput:
+    """One image → patches. `max_pixels` defaults to DEFAULT_MAX_IMAGE_TOKENS vision tokens (or
+    the preprocessor's own bound, when smaller); `downscaled` on the result says a cap applied."""
+    lo, hi = _pixel_bounds(pre, min_pixels, max_pixels, video=False)
+    rgb = to_rgb(load_image(image))
+    width, height = rgb.size
+    _check_shape(_describe(image), height, width, pre)
+    h, w = smart_resize(height, width, pre.factor, lo, hi)
+    resized = np.asarray(rgb.resize((w, h), resample=Image.Resampling.BICUBIC))
+    x = (resized.astype(np.float64) * pre.rescale_factor).astype(np.float32)
+    x = (x - np.float32(pre.image_mean)) / np.float32(pre.image_std)
+    rows, grid = patchify(x.transpose(2, 0, 1)[None], pre)
+    return VisionInput("image", rows, grid, pre.merge_size, (height, width), (h, w))
+
+
+def sample_frame_indices(num_frames: int, fps: float, pre: Preprocessor) -> np.ndarray:
+    """Which of `num_frames` frames given at `fps` the processor keeps: its own rate, at least
+    min_frames and at most max_frames (never more than given), evenly spread."""
+    keep = int(num_frames / fps * pre.video_fps)
+    keep = min(max(keep, pre.video_min_frames), pre.video_max_frames, num_frames)
+    return np.linspace(0, num_frames - 1, keep).round().astype(int)
+
+
+def group_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal group: the mean of its first and last frame's time (the last
+    frame repeated to fill the final group, as the pixels are)."""
+    indices = list(indices)
+    indices += indices[-1:] * (-len(indices) % temporal_patch_size)
+    times = [int(i) / fps for i in indices]
+    return [
+        (times[i] + times[i + temporal_patch_size - 1]) / 2
+        for i in range(0, len(times), temporal_patch_size)
+    ]
+
+
+def preprocess_video(
+    frames: Sequence[ImageLike] | np.ndarray,
+    pre: Preprocessor,
+    *,
+    fps: float = DEFAULT_VIDEO_FPS,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> VisionInput:
+    """Video frames (images, or an F×H×W×3 uint8 array) shown at `fps` → patches + timestamps.
+
+    Frames are resized with Pillow's bicubic filter as images are; transformers resizes video
+    frames with torchvision, so resized frames can differ from its output by a rounding step."""
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise VisionInputError(f"video fps must be a positive number (got {fps!r})")
+    if len(frames) < pre.temporal_patch_size:
+        raise VisionInputError(
+            f"a video needs at least {pre.temporal_patch_size} frames (got {len(frames)}); "
+            "pass a single frame as an image instead"
+        )
+    indices = sample_frame_indices(len(frames), fps, pre)
+    rgb = [to_rgb(load_image(frames[i])) for i in indices]
+    sizes = {im.size for im in rgb}
+    if len(sizes) > 1:
+        raise VisionInputError(f"video frames differ in size: {sorted(sizes)}")
+    width, height = rgb[0].size
+    _check_shape("a video frame", height, width, pre)
+    lo, hi = _pixel_bounds(pre, min_pixels, max_pixels, video=True)
+    h, w = smart_resize_video(len(indices), height, width, pre, lo, hi)
+    x = np.stack([np.asarray(im.resize((w, h), resample=Image.Resampling.BICUBIC)) for im in rgb])
+    scale = 1.0 / pre.rescale_factor  # transformers fuses rescale into normalize for video
+    mean = np.float32(np.float32(pre.image_mean) * scale)
+    std = np.float32(np.float32(pre.image_std) * scale)
+    x = (x.astype(np.float32) - mean) / std
+    rows, grid = patchify(x.transpose(0, 3, 1, 2), pre)
+    stamps = group_timestamps(indices, fps, pre.temporal_patch_size)
+    return VisionInput("video", rows, grid, pre.merge_size, (height, width), (h, w), tuple(stamps))
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+_PAD = re.compile(
+    re.escape(VISION_START + VIDEO_PAD + VISION_END)
+    + "|"
+    + re.escape(VIDEO_PAD)
+    + "|"
+    + re.escape(IMAGE_PAD)
+)
+
+
+def video_placeholder(video: VisionInput) -> str:
+    """Per temporal group: its timestamp, then vision_start, one pad per merged patch, vision_end."""
+    per_group = video.num_tokens // video.grid[0]
+    return "".join(
+        f"<{s:.1f} seconds>" + VISION_START + VIDEO_PAD * per_group + VISION_END
+        for s in video.timestamps
+    )
+
+
+def expand_prompt(
+    text: str, images: Sequence[VisionInput] = (), videos: Sequence[VisionInput] = ()
+) -> str:
+    """The rendered chat prompt with each image / video part expanded to its vision pads.
+
+    The i-th `<|image_pad|>` takes images[i]. A video part the template wrote as
+    `<|vision_start|><|video_pad|><|vision_end|>` is replaced as a whole by its per-group blocks,
+    as Qwen's processor (and transformers 4.x, mlx-vlm) do; a bare `<|video_pad|>` is replaced by
+    them alone (transformers 5.x replaces only the pad, leaving an outer vision_start/end)."""
+    counts = {"image": 0, "video": 0}
+    for m in _PAD.finditer(text):
+        counts["image" if m.group() == IMAGE_PAD else "video"] += 1
+    for kind, given in (("image", images), ("video", videos)):
+        if counts[kind] != len(given):
+            raise VisionInputError(
+                f"the prompt has {counts[kind]} {kind} part(s) but {len(given)} {kind}(s) were given"
+            )
+    it = {"image": iter(images), "video": iter(videos)}
+
+    def replace(m: re.Match) -> str:
+        if m.group() == IMAGE_PAD:
+            return IMAGE_PAD * next(it["image"]).num_tokens
+        return video_placeholder(next(it["video"]))
+
+    return _PAD.sub(replace, text)
+
+
+# --------------------------------------------------------------------------- M-RoPE
+
+
+def mrope_positions(
+    input_ids: Sequence[int] | np.ndarray,
+    image_grids: Sequence[Grid],
+    video_grids: Sequence[Grid],
+    merge_size: int,
+    tokens: VisionTokens,
+    start: int = 0,
+) -> tuple[np.ndarray, int]:
+    """M-RoPE position ids [3, L] (temporal, row, column) of a prompt, and the position the next
+    token takes. Text counts up on all three axes; the pads of an image (or of one temporal group
+    of a video) take start + (0, row, col) of their merged patch, and the text after them resumes
+    at start + max(rows, cols). `start` continues a prompt already in the cache."""
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    kind = np.where(ids == tokens.image, 1, np.where(ids == tokens.video, 2, 0))
+    # a video is positioned as one image per temporal group (they are separated by timestamps)
+    grids = {1: list(image_grids), 2: [(1, h, w) for t, h, w in video_grids for _ in range(t)]}
+    used = {1: 0, 2: 0}
+    out, pos, i = [], start, 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and kind[j] == kind[i]:
+            j += 1
+        if kind[i] == 0:
+            out.append(np.broadcast_to(np.arange(pos, pos + j - i), (3, j - i)))
+            pos += j - i
+        else:
+            k, covered = kind[i], 0
+            while covered < j - i:
+                if used[k] == len(grids[k]):
+                    raise VisionInputError(f"the prompt has more {_NAMES[k]} pads than its grids")
+                t, h, w = grids[k][used[k]]
+                used[k] += 1
+                gh, gw = h // merge_size, w // merge_size
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+                out.append(np.stack([tt, hh, ww]).reshape(3, -1) + pos)
+                covered += t * gh * gw
+                pos += max(gh, gw)
+            if covered != j - i:
+                raise VisionInputError(f"{_NAMES[k]} pads do not match the grids given")
+        i = j
+    for k in (1, 2):
+        if used[k] != len(grids[k]):
+            raise VisionInputError(f"the prompt has fewer {_NAMES[k]} pads than its grids need")
+    positions = np.concatenate(out, axis=1) if out else np.zeros((3, 0), dtype=np.int64)
+    return positions.astype(np.int64), pos
+
+
+_NAMES = {1: "image", 2: "video"}
+
+
+def mrope_section(config: dict) -> tuple[int, int, int]:
+    """rope_parameters.mrope_section of the text config: how many rotary frequencies follow the
+    temporal, row and column positions (interleaved)."""
+    text = config.get("text_config", config)
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    section = rope.get("mrope_section", [11, 11, 10])
+    if len(section) != 3 or not all(isinstance(s, int) and s >= 0 for s in section):
+        raise ConfigError(f"config.json: mrope_section must be three counts (got {section!r})")
+    return tuple(section)
+
+
+def mrope_cos_sin(
+    positions: mx.array, rotary_dim: int, theta: float, section: Sequence[int]
+) -> tuple[mx.array, mx.array]:
+    """Rotate-half cos and sin [..., L, rotary_dim] for M-RoPE position ids [3, ..., L].
+
+    Frequency j (of rotary_dim / 2) turns with the row position when j % 3 == 1 and
+    j < 3·section[1], with the column when j % 3 == 2 and j < 3·section[2], else with the
+    temporal one. For text, where the three positions agree, this is plain RoPE."""
+    half = rotary_dim // 2
+    if sum(section) != half:
+        raise ConfigError(
+            f"mrope_section {list(section)} does not add up to rotary_dim / 2 = {half}"
+        )
+    axis = np.zeros(half, dtype=np.int64)
+    axis[1 : 3 * section[1] : 3] = 1
+    axis[2 : 3 * section[2] : 3] = 2
+    inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    pos = positions.astype(mx.float32)[mx.array(axis)]  # [half, ..., L]: each frequency's axis
+    angles = mx.moveaxis(pos, 0, -1) * mx.array(inv_freq, dtype=mx.float32)  # [..., L, half]
+    angles = mx.concatenate([angles, angles], axis=-1)
+    return mx.cos(angles), mx.sin(angles)
