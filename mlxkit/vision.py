@@ -522,9 +522,10 @@ def mrope_section(config: dict) -> tuple[int, int, int]:
 
 
 def mrope_cos_sin(
-    positions: mx.array, rotary_dim: int, theta: float, section: Sequence[int]
+    positions: np.ndarray, rotary_dim: int, theta: float, section: Sequence[int]
 ) -> tuple[mx.array, mx.array]:
-    """Rotate-half cos and sin [..., L, rotary_dim] for M-RoPE position ids [3, ..., L].
+    """Rotate-half cos and sin [..., L, rotary_dim] (float32) for M-RoPE position ids
+    [3, ..., L], the angles formed in float64 on the host (the positions are known there).
 
     Frequency j (of rotary_dim / 2) turns with the row position when j % 3 == 1 and
     j < 3·section[1], with the column when j % 3 == 2 and j < 3·section[2], else with the
@@ -538,7 +539,6 @@ def mrope_cos_sin(
     axis[1 : 3 * section[1] : 3] = 1
     axis[2 : 3 * section[2] : 3] = 2
     inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-    pos = positions.astype(mx.float32)[mx.array(axis)]  # [half, ..., L]: each frequency's axis
-    angles = mx.moveaxis(pos, 0, -1) * mx.array(inv_freq, dtype=mx.float32)  # [..., L, half]
-    angles = mx.concatenate([angles, angles], axis=-1)
-    return mx.cos(angles), mx.sin(angles)
+    pos = np.moveaxis(np.asarray(positions, dtype=np.float64)[axis], 0, -1)  # [..., L, half]
+    angles = np.concatenate([pos * inv_freq, pos * inv_freq], axis=-1)
+    return mx.array(np.cos(angles), dtype=mx.float32), mx.array(np.sin(angles), dtype=mx.float32)

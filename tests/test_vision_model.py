@@ -2,52 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from functools import cache
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlxkit.errors import ConfigError
-from mlxkit.models.qwen3_5_vision import (
-    PREFIX,
-    VisionConfig,
-    VisionModel,
-    sanitize_vision_tensor,
-)
+from mlxkit.models.qwen3_5_vision import PREFIX, VisionConfig, sanitize_vision_tensor
 from tests.helpers import FIXTURES, reference
-
-VISION = ("tiny_vision_p4", "tiny_vision_p6")
-PARTS = ("image0", "image1", "video")
-
-
-def config(name: str) -> dict:
-    return json.loads((FIXTURES / name / "config.json").read_text())
-
-
-@cache
-def tower_weights(name: str) -> dict[str, mx.array]:
-    """The checkpoint's vision tensors as `sanitize_vision_tensor` gives them (float32)."""
-    out = {}
-    for key, value in mx.load(str(FIXTURES / name / "model.safetensors")).items():
-        item = sanitize_vision_tensor(key, value, mx.float32)
-        if item is not None:
-            out[item[0]] = item[1]
-    return out
-
-
-def load_tower(name: str) -> VisionModel:
-    model = VisionModel(VisionConfig.from_dict(config(name)))
-    weights = [(k[len(PREFIX) :], v) for k, v in tower_weights(name).items()]
-    model.load_weights(weights, strict=True)
-    return model
-
-
-def tower_inputs(name: str, parts=PARTS) -> tuple[mx.array, list[tuple[int, int, int]]]:
-    ref = reference(name)
-    patches = np.concatenate([ref[f"{p}_patches"] for p in parts])
-    return mx.array(patches), [tuple(int(v) for v in ref[f"{p}_grid"]) for p in parts]
+from tests.vision_helpers import PARTS, VISION, config, load_tower, tower_inputs, tower_weights
 
 
 @pytest.mark.parametrize("name", VISION)

@@ -41,16 +41,16 @@ from mlxkit.vision import (
     smart_resize_video,
 )
 from tests.helpers import FIXTURES, reference
+from tests.vision_helpers import VISION, config
 
-VISION = ("tiny_vision_p4", "tiny_vision_p6")
 # Qwen 3.5's vision tower shapes (all four sizes): patch 16, temporal 2, merge 2
-QWEN35 = VisionConfig(depth=1, hidden_size=64, intermediate_size=64, num_heads=4,
-                      out_hidden_size=64)  # fmt: skip
+QWEN35 = VisionConfig(
+    depth=1, hidden_size=64, intermediate_size=64, num_heads=4, out_hidden_size=64
+)
 
 
 def preprocessor(name: str) -> Preprocessor:
-    config = json.loads((FIXTURES / name / "config.json").read_text())
-    return Preprocessor.from_dir(FIXTURES / name, VisionConfig.from_dict(config))
+    return Preprocessor.from_dir(FIXTURES / name, VisionConfig.from_dict(config(name)))
 
 
 def hf_processor(pre: Preprocessor, max_pixels: int, min_pixels: int | None = None):

@@ -3,7 +3,6 @@ processor's replacement code, the text rotary embedding) and mlx-vlm's video pla
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from types import SimpleNamespace
 
@@ -41,14 +40,10 @@ from mlxkit.vision import (
     preprocess_video,
 )
 from tests.helpers import FIXTURES, reference
+from tests.vision_helpers import VISION, config
 
-VISION = ("tiny_vision_p4", "tiny_vision_p6")
 CASES = ("one_image", "two_images", "second_turn", "video")
 USER, REPLY = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
-
-
-def config(name: str) -> dict:
-    return json.loads((FIXTURES / name / "config.json").read_text())
 
 
 def hf_rope_index(ids, image_grids, video_grids, merge: int, tokens: VisionTokens):
@@ -174,7 +169,7 @@ def test_vision_token_ids_come_from_config_json():
 def test_mrope_of_text_positions_is_plain_rope():
     """Where the three positions agree, M-RoPE is the text model's mx.fast.rope."""
     x = mx.random.normal((1, 4, 37, 256), key=mx.random.key(0))
-    pos = mx.broadcast_to(mx.arange(5, 42)[None], (3, 37))
+    pos = np.broadcast_to(np.arange(5, 42), (3, 37))
     cos, sin = mrope_cos_sin(pos, 64, 1e7, (11, 11, 10))
     ours = apply_rotary(x, cos, sin)
     theirs = mx.fast.rope(x, 64, traditional=False, base=1e7, scale=1.0, offset=5)
@@ -189,8 +184,8 @@ def test_mrope_cos_sin_equal_transformers(name):
     ref, cfg = reference(name), config(name)
     tc = dict(cfg["text_config"])
     positions = np.concatenate([ref[f"{c}_positions"] for c in CASES], axis=1) * 37
-    for rope in (tc["rope_parameters"], {**tc["rope_parameters"], "mrope_section": [11, 11, 10],
-                                         "rope_theta": 1e7}):  # fmt: skip
+    real = {**tc["rope_parameters"], "mrope_section": [11, 11, 10], "rope_theta": 1e7}
+    for rope in (tc["rope_parameters"], real):
         section = mrope_section({"text_config": {**tc, "rope_parameters": rope}})
         head_dim = 256 if section == (11, 11, 10) else tc["head_dim"]
         rotary = Qwen3_5TextRotaryEmbedding(
@@ -199,7 +194,7 @@ def test_mrope_cos_sin_equal_transformers(name):
         x = torch.zeros(1, dtype=torch.float32)
         cos, sin = rotary(x, torch.from_numpy(positions)[:, None])
         rd = int(head_dim * rope["partial_rotary_factor"])
-        ours = mrope_cos_sin(mx.array(positions), rd, rope["rope_theta"], section)
+        ours = mrope_cos_sin(positions, rd, rope["rope_theta"], section)
         np.testing.assert_allclose(np.array(ours[0]), cos[0].numpy(), rtol=0, atol=2e-4)
         np.testing.assert_allclose(np.array(ours[1]), sin[0].numpy(), rtol=0, atol=2e-4)
 
@@ -211,7 +206,7 @@ def test_mrope_section_is_read_and_checked():
     with pytest.raises(ConfigError, match="three counts"):
         mrope_section(bad)
     with pytest.raises(ConfigError, match="does not add up to rotary_dim / 2 = 32"):
-        mrope_cos_sin(mx.zeros((3, 4)), 64, 1e7, (11, 11, 11))
+        mrope_cos_sin(np.zeros((3, 4)), 64, 1e7, (11, 11, 11))
 
 
 # --------------------------------------------------------------------------- expansion
@@ -237,12 +232,19 @@ TEMPLATES = {  # the fixture prompts as a chat template renders them, before exp
         ["image0", "image1"],
     ),
     "second_turn": (
-        USER + part("image") + "Describe it." + REPLY + "A small box.<|im_end|>\n" + USER
-        + "And this one? " + part("image") + REPLY,
+        USER
+        + part("image")
+        + "Describe it."
+        + REPLY
+        + "A small box.<|im_end|>\n"
+        + USER
+        + "And this one? "
+        + part("image")
+        + REPLY,
         ["image0", "image1"],
     ),
     "video": (USER + part("video") + "What happens in the video?" + REPLY, ["video"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", VISION)
@@ -313,8 +315,9 @@ def test_video_part_expands_as_mlx_vlm(name):
         float(ref["video_fps"]),
         {"frames_indices": ref["video_frame_indices"], "fps": float(ref["video_fps"])},
     )
-    block = _timestamped_video_placeholder(stamps, h * w // pre.merge_size**2, VISION_START,
-                                           VISION_END).replace("<|placeholder|>", VIDEO_PAD)  # fmt: skip
+    per_group = h * w // pre.merge_size**2
+    block = _timestamped_video_placeholder(stamps, per_group, VISION_START, VISION_END)
+    block = block.replace("<|placeholder|>", VIDEO_PAD)
     text = USER + part("video") + "What?" + REPLY
     assert expand_prompt(text, [], [video]) == USER + block + "What?" + REPLY
     assert block.count(VISION_START) == t >= 2

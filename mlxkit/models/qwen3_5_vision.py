@@ -365,3 +365,21 @@ class VisionModel(nn.Module):
                 f"patches of shape {tuple(patches.shape)} do not match the grids "
                 f"({n} patches of {self.config.patch_dim} values)"
             )
+
+
+# --- the merge into the text model ------------------------------------------------------------
+
+
+def place_vision_embeddings(
+    embeddings: mx.array, ids: np.ndarray, pad_id: int, features: mx.array
+) -> mx.array:
+    """Text embeddings [1, L, H] with the `pad_id` positions of ids [L] replaced, in order, by
+    the tower's features [n, H] (the images', or the videos', concatenated in prompt order)."""
+    where = np.flatnonzero(np.asarray(ids).reshape(-1) == pad_id)
+    if len(where) != features.shape[0]:
+        raise ValueError(f"{len(where)} vision pads in the prompt, {features.shape[0]} features")
+    if len(where) == 0:
+        return embeddings
+    flat = embeddings.reshape(-1, embeddings.shape[-1])
+    flat[mx.array(where)] = features.astype(flat.dtype)
+    return flat.reshape(embeddings.shape)
