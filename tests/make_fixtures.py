@@ -462,6 +462,15 @@ def mtp_forward(hidden, next_tokens, weights: dict, tc: dict, tied: bool, dtype)
 # --------------------------------------------------------------------------- tokenizer
 
 
+def fresh_dir(name: str) -> Path:
+    """tests/fixtures/<name>, emptied."""
+    out_dir = FIXTURES / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    return out_dir
+
+
 def make_tokenizer(out_dir: Path) -> dict:
     from tokenizers import Tokenizer
 
@@ -739,10 +748,7 @@ def build_vision(name: str, spec: dict) -> dict:
     from PIL import Image
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    out_dir = FIXTURES / name
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    out_dir = fresh_dir(name)
     tok = make_tokenizer(out_dir)
     config, image_cfg, video_cfg = vision_configs(spec, tok)
     for fname, data in (
@@ -865,11 +871,7 @@ def layer_weights(weights_f64: dict, prefix: str) -> dict:
 def build(name: str, spec: dict) -> dict:
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    out_dir = FIXTURES / name
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-
+    out_dir = fresh_dir(name)
     tok = make_tokenizer(out_dir)
     config = full_config(spec, tok)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

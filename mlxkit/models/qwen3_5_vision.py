@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -52,7 +52,6 @@ class VisionConfig:
     in_channels: int = 3
     num_position_embeddings: int = 2304
     rope_theta: float = 10_000.0
-    deepstack_visual_indexes: list[int] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, config: dict) -> VisionConfig:
