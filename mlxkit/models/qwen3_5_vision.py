@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from mlxkit.errors import ConfigError
+from mlxkit.errors import CheckpointError, ConfigError
 
 HF_PREFIX = "model.visual."
 PREFIX = "vision_tower."
@@ -151,7 +151,7 @@ def sanitize_vision_tensor(
         value = value.astype(dtype)
     if name.endswith("patch_embed.proj.weight"):
         if value.ndim != 5:
-            raise ConfigError(f"{name}: expected a 5-D Conv3d weight, got shape {value.shape}")
+            raise CheckpointError(f"{name}: expected a 5-D Conv3d weight, got {value.shape}")
         value = value.transpose(0, 2, 3, 4, 1)
     return path, value
 
