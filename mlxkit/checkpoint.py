@@ -1,22 +1,43 @@
 """Reading a model directory's files without trusting them: config.json, the list of
-safetensors shards, and each shard's header checked against the file's real size, so a bad
-download fails with a message naming the file and tensor instead of deep inside MLX."""
+safetensors shards, and each shard's header checked against the safetensors format and
+the file's real size, so a bad download — or a hostile file — fails with a message naming
+the file and tensor instead of deep inside MLX, a hang, or a read from the wrong bytes.
+
+Rules, all checked before a weight byte is read:
+- JSON files are regular files of bounded size, UTF-8, without NaN; nesting deeper than
+  Python's recursion limit is an error, not a crash.
+- Shards are plain `*.safetensors` file names inside the model directory (no `..`, no
+  absolute paths, no symlinks that leave it — except into the Hugging Face cache's blob
+  store, where every snapshot file points), and regular files (a FIFO would block a read).
+- A header is a JSON object of tensors with a known dtype, non-negative integer shapes, and
+  offsets that tile the data area exactly: in order, without gaps or overlaps, each
+  `product(shape) × itemsize` long, the last ending at the end of the file (the rules of
+  the safetensors reference implementation).
+"""
 
 from __future__ import annotations
 
 import json
-import struct
+import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxkit.errors import CheckpointError
+from mlxkit.errors import CheckpointError, MlxkitError
+from mlxkit.fields import integer, mapping, string
 
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's limit
+MAX_JSON_BYTES = 64 << 20  # a 9B index is ~100 KB, a config a few KB
+MAX_DIM = 2**31 - 1  # MLX shapes are int32
 
 
 @dataclass(frozen=True)
@@ -33,70 +54,277 @@ class TensorInfo:
         return self.end - self.start
 
 
+def short(name: str, limit: int = 80) -> str:
+    """A name from a file, quoted and cut to one short line for an error message."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def regular_file_size(
+    path: Path, what: str = "file", error: type[MlxkitError] = CheckpointError
+) -> int:
+    """The size of `path`, which must be (or link to) a regular file: a directory, FIFO or
+    device in its place is an error, never opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except (OSError, ValueError) as e:  # a symlink loop, a name too long, a NUL byte
+        raise error(f"{path}: cannot read this {what} ({_reason(e)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise error(f"{path}: {kind}; expected a {what}")
+    return st.st_size
+
+
+def read_json(
+    path: Path,
+    what: str = "JSON file",
+    error: type[MlxkitError] = CheckpointError,
+    limit: int = MAX_JSON_BYTES,
+) -> object:
+    """A JSON file, refusing what would hang, exhaust memory or crash the parser."""
+    size = regular_file_size(path, what, error)
+    if size > limit:
+        raise error(f"{path}: {size:,} bytes is too large for a {what}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; expected a {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({_reason(e)})") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply; expected a {what}") from None
+    except ValueError as e:  # JSONDecodeError, NaN, or an integer of thousands of digits
+        raise error(f"{path}: not valid JSON ({_reason(e)})") from None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise CheckpointError(f"{model_dir}: no config.json here; is this a model directory?")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object; expected a model config")
+    return config
+
+
+def quantization_block(config: dict, where: str) -> dict:
+    """config.json's `quantization` (mlx-lm's layout: defaults plus per-module overrides,
+    a module set to false stays unquantized), checked; {} when there is none."""
+    q = config.get("quantization")
+    if q is None:
+        return {}
+    q = mapping(q, f"{where}: quantization", CheckpointError)
+
+    def settings(block: dict, at: str) -> None:
+        for key in ("bits", "group_size"):
+            if key in block:
+                integer(block[key], f"{at}.{key}", 1, 1024, CheckpointError)
+        if "mode" in block:
+            string(block["mode"], f"{at}.mode", error=CheckpointError)
+
+    settings(q, f"{where}: quantization")
+    for module, value in q.items():
+        if isinstance(value, dict):
+            settings(value, f"{where}: quantization[{short(module)}]")
+    return q
+
+
+# --- shards ------------------------------------------------------------------------------------
+
+
+def _allowed_roots(model_dir: Path) -> list[str]:
+    """Where a shard may really live: the model directory, and for a Hugging Face cache
+    snapshot (…/models--Org--Name/snapshots/<rev>/) the repo's blob store beside it."""
+    real = os.path.realpath(model_dir)
+    roots = [real]
+    parent = Path(real).parent
+    if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+        roots.append(str(parent.parent / "blobs"))
+    return roots
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def shard_path(model_dir: Path, name: object, where: str) -> Path:
+    """`model_dir / name` after checking that `name` is a plain `*.safetensors` file name
+    whose file really lies in the model directory and is a regular file."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"{where}: shard names must be strings, got {type(name).__name__}")
+    if (
+        not name.endswith(".safetensors")
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or len(name) > 255
+    ):
+        raise CheckpointError(
+            f"{where}: {short(name)} is not a plain *.safetensors file name in the model directory"
+        )
+    path = model_dir / name
+    if path.is_symlink():
+        try:
+            real = os.path.realpath(path, strict=True)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path}: a broken symlink or symlink loop ({_reason(e)})"
+            ) from None
+        if not any(_inside(real, root) for root in _allowed_roots(model_dir)):
+            raise CheckpointError(
+                f"{path}: a symlink to {real}, outside the model directory; copy the file in"
+            )
+    elif not path.exists():
+        raise CheckpointError(f"{where}: names {name}, which is missing")
+    regular_file_size(path, "safetensors file")
+    return path
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """Shards named by model.safetensors.index.json if present, else every *.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{index} names {f.name}, which is missing")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
+    index = model_dir / INDEX
+    if index.exists() or index.is_symlink():
+        data = read_json(index, "safetensors index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a safetensors index (no weight_map object)")
+        names = set()
+        for tensor, name in weight_map.items():
+            if not isinstance(name, str):
+                raise CheckpointError(
+                    f"{index}: weight_map[{short(tensor)}] is {type(name).__name__}, not a "
+                    "file name"
+                )
+            names.add(name)
+        if not names:
+            raise CheckpointError(f"{index}: weight_map is empty")
+        return [shard_path(model_dir, name, str(index)) for name in sorted(names)]
+    try:
+        found = sorted(model_dir.glob("*.safetensors"))
+    except OSError as e:
+        raise CheckpointError(f"{model_dir}: cannot list ({_reason(e)})") from None
+    if not found:
         raise CheckpointError(f"{model_dir}: no *.safetensors weight files")
-    return files
+    return [shard_path(model_dir, p.name, str(model_dir)) for p in found]
+
+
+# --- headers -----------------------------------------------------------------------------------
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the name {short(key)} appears twice")
+        out[key] = value
+    return out
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parses and validates one safetensors header; every tensor must lie inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: header length {n} exceeds the file; truncated?")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
-    base = 8 + n
-    tensors = {}
+    """Parses and validates one safetensors header (see the module docstring)."""
+    size = regular_file_size(path, "safetensors file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path}: header length {n} exceeds the file; truncated download?"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header of {n:,} bytes is larger than allowed")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({_reason(e)})") from None
+    bad = f"{path}: not a safetensors file:"
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{bad} the header is not a JSON object")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique,
+                            parse_constant=_no_constants)  # fmt: skip
+    except RecursionError:
+        raise CheckpointError(f"{bad} the header is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{bad} the header is not valid JSON ({_reason(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{bad} __metadata__ must map strings to strings")
+
+    base, data_bytes = 8 + n, size - 8 - n
+    entries = []
     for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name}") from None
-        count = 1
-        for d in shape:
-            count *= d
-        if dtype not in _DTYPE_BYTES or end - start != count * _DTYPE_BYTES[dtype]:
-            raise CheckpointError(f"{path}: tensor {name} has inconsistent dtype/shape/offsets")
-        if base + end > size:
+        where = f"{path}: tensor {short(name)}"
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{where}: unknown dtype {short(str(dtype), 30)}")
+        if not isinstance(shape, list) or not all(_is_int(d, MAX_DIM) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+        ):
+            raise CheckpointError(f"{where}: data_offsets must be two non-negative integers")
+        start, end = offsets
+        if start > end or end > data_bytes:
             raise CheckpointError(
-                f"{path}: tensor {name} ends at byte {base + end} but the file has {size} bytes "
-                "(truncated download?)"
+                f"{where}: data_offsets [{start}, {end}] lie outside the {data_bytes} data "
+                "bytes of the file (truncated download?)"
             )
-        tensors[name] = TensorInfo(name, dtype, shape, base + start, base + end, path)
-    return tensors
+        if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{where}: {end - start} bytes for a {dtype} tensor of shape {tuple(shape)}"
+            )
+        entries.append((start, end, name, dtype, tuple(shape)))
+
+    expected = 0
+    for start, end, name, _, _ in sorted(entries):
+        if start != expected:
+            how = "overlaps the tensor before it" if start < expected else "leaves a gap"
+            raise CheckpointError(f"{path}: tensor {short(name)} {how} (at byte {start})")
+        expected = end
+    if expected != data_bytes:
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {expected} of {data_bytes} data bytes "
+            "(trailing bytes: not a safetensors file)"
+        )
+    return {
+        name: TensorInfo(name, dtype, shape, base + start, base + end, path)
+        for start, end, name, dtype, shape in entries
+    }
+
+
+def _is_int(value: object, hi: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= 0
+        and (hi is None or value <= hi)
+    )
 
 
 def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
@@ -105,6 +333,8 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     for f in files:
         for name, info in read_header(f).items():
             if name in tensors:
-                raise CheckpointError(f"tensor {name} appears in both {tensors[name].file} and {f}")
+                raise CheckpointError(
+                    f"tensor {short(name)} appears in both {tensors[name].file} and {f}"
+                )
             tensors[name] = info
     return tensors

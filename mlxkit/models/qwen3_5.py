@@ -20,10 +20,32 @@ from typing import Any
 import mlx.core as mx
 from mlx import nn
 
+from mlxkit import fields
 from mlxkit.cache import KVCache, LinearAttentionCache
 from mlxkit.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+LAYER_TYPES = ("linear_attention", "full_attention")
+# Upper bounds of config.json sizes, far above any Qwen 3.5 (9B: hidden 4096, 32 layers,
+# 248,320 tokens, 262,144 positions) and low enough that nothing sized from them can ask
+# for more memory than a machine has before a weight is read.
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "linear_num_key_heads": 1024,
+    "linear_num_value_heads": 1024,
+    "linear_key_head_dim": 4096,
+    "linear_value_head_dim": 4096,
+    "linear_conv_kernel_dim": 64,
+    "max_position_embeddings": 1 << 24,
+    "mtp_num_hidden_layers": 16,
+}
+_REQUIRED = object()
 
 
 @dataclass
@@ -51,58 +73,102 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> TextConfig:
-        """Accepts the outer `qwen3_5` config (with `text_config`) or a bare `qwen3_5_text` one."""
+        """Accepts the outer `qwen3_5` config (with `text_config`) or a bare `qwen3_5_text` one.
+
+        A config.json is untrusted input: every field is type- and range-checked here, and
+        the bounds (`LIMITS`) before anything is sized from them, so that a zero, a string
+        or 10⁹ layers is one ConfigError instead of a ZeroDivisionError or an allocation
+        that runs the machine out of memory."""
+        config = fields.mapping(config, "the config")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"model_type {model_type!r} is not a Qwen 3.5 dense model "
+                f"model_type {fields.shown(model_type)} is not a Qwen 3.5 dense model "
                 f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        text = config.get("text_config", config)
+        text = fields.mapping(config.get("text_config", config), "text_config")
         if text.get("num_experts", 0):
             raise ConfigError("Qwen 3.5 mixture-of-experts checkpoints are not supported")
-        try:
-            rope = text.get("rope_parameters") or {}
-            n_layers = text["num_hidden_layers"]
-            interval = text.get("full_attention_interval", 4)
-            layer_types = text.get("layer_types") or [
+
+        def get(key: str, default: object = _REQUIRED) -> object:
+            if key in text and text[key] is not None:
+                return text[key]
+            if default is _REQUIRED:
+                raise ConfigError(f"config.json lacks the text-model field {key!r}")
+            return default
+
+        def size(key: str, default: object = _REQUIRED, lo: int = 1) -> int:
+            return fields.integer(get(key, default), key, lo, LIMITS.get(key))
+
+        def fraction(key: str, value: object) -> float:
+            return fields.number(value, key, lo=0, hi=1, lo_open=True)
+
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        n_layers = size("num_hidden_layers")
+        if text.get("head_dim") is None and hidden % heads:
+            raise ConfigError("hidden_size must be a multiple of num_attention_heads")
+        layer_types = text.get("layer_types")
+        if layer_types is None:
+            interval = fields.integer(
+                text.get("full_attention_interval", 4), "full_attention_interval", 1, n_layers
+            )
+            layer_types = [
                 "full_attention" if (i + 1) % interval == 0 else "linear_attention"
                 for i in range(n_layers)
             ]
-            eos = text.get("eos_token_id", config.get("eos_token_id"))
-            cfg = cls(
-                vocab_size=text["vocab_size"],
-                hidden_size=text["hidden_size"],
-                intermediate_size=text["intermediate_size"],
-                num_hidden_layers=n_layers,
-                num_attention_heads=text["num_attention_heads"],
-                num_key_value_heads=text["num_key_value_heads"],
-                head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
-                linear_num_key_heads=text["linear_num_key_heads"],
-                linear_num_value_heads=text["linear_num_value_heads"],
-                linear_key_head_dim=text["linear_key_head_dim"],
-                linear_value_head_dim=text["linear_value_head_dim"],
-                linear_conv_kernel_dim=text.get("linear_conv_kernel_dim", 4),
-                layer_types=list(layer_types),
-                rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-                rope_theta=rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)),
-                partial_rotary_factor=rope.get(
-                    "partial_rotary_factor", text.get("partial_rotary_factor", 0.25)
-                ),
-                max_position_embeddings=text.get("max_position_embeddings", 262144),
-                tie_word_embeddings=text.get(
-                    "tie_word_embeddings", config.get("tie_word_embeddings", True)
-                ),
-                mtp_num_hidden_layers=text.get("mtp_num_hidden_layers", 0),
-                eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else eos),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the text-model field {e.args[0]!r}") from None
-        if len(cfg.layer_types) != cfg.num_hidden_layers:
-            raise ConfigError("config.json: layer_types does not have num_hidden_layers entries")
-        if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+        layer_types = fields.sequence(layer_types, "layer_types")
+        if len(layer_types) != n_layers:
             raise ConfigError(
-                "config.json: linear_num_value_heads must be a multiple of the key heads"
+                f"layer_types has {len(layer_types)} entries, num_hidden_layers is {n_layers}"
+            )
+        for i, kind in enumerate(layer_types):
+            fields.string(kind, f"layer_types[{i}]", LAYER_TYPES)
+        rope = fields.mapping(text.get("rope_parameters") or {}, "rope_parameters")
+        vocab = size("vocab_size")
+        eos = text.get("eos_token_id", config.get("eos_token_id"))
+        eos = [] if eos is None else [eos] if not isinstance(eos, list) else eos
+        cfg = cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=size("intermediate_size"),
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=size("num_key_value_heads"),
+            head_dim=size("head_dim", hidden // heads),
+            linear_num_key_heads=size("linear_num_key_heads"),
+            linear_num_value_heads=size("linear_num_value_heads"),
+            linear_key_head_dim=size("linear_key_head_dim"),
+            linear_value_head_dim=size("linear_value_head_dim"),
+            linear_conv_kernel_dim=size("linear_conv_kernel_dim", 4),
+            layer_types=list(layer_types),
+            rms_norm_eps=fraction("rms_norm_eps", get("rms_norm_eps", 1e-6)),
+            rope_theta=fields.number(
+                rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)),
+                "rope_theta",
+                lo=0,
+                hi=1e12,
+                lo_open=True,
+            ),
+            partial_rotary_factor=fraction(
+                "partial_rotary_factor",
+                rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)),
+            ),
+            max_position_embeddings=size("max_position_embeddings", 262144),
+            tie_word_embeddings=fields.boolean(
+                text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)),
+                "tie_word_embeddings",
+            ),
+            mtp_num_hidden_layers=size("mtp_num_hidden_layers", 0, lo=0),
+            eos_token_id=[fields.integer(e, "eos_token_id", 0, vocab - 1) for e in eos],
+        )
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+            raise ConfigError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        if cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
+            raise ConfigError(
+                f"head_dim × partial_rotary_factor = {cfg.rotary_dim} rotary "
+                "dimensions; must be a positive even number"
             )
         return cfg
 
