@@ -129,8 +129,12 @@ def bundle_verify(path: str, target: str | None, no_load: bool) -> None:
     report = verify_bundle(path, target=target, load=not no_load)
     for check in report.checks:
         click.echo(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
-    click.echo("bundle OK" if report.ok else "bundle FAILED")
-    sys.exit(0 if report.ok else 1)
+    if report.ok:
+        click.echo("bundle OK")
+        return
+    failed = [c.name for c in report.checks if not c.ok]
+    click.echo(f"bundle FAILED: {', '.join(failed)}", err=True)
+    sys.exit(1)
 
 
 def convert_to_bundle(source, output: str | None, *, quiet: bool, **options) -> None:

@@ -9,11 +9,12 @@ against `files`. `SCHEMA` below is the one description of its required shape; th
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-from mlxkit.errors import MlxkitError
+from mlxkit.bundle_files import file_entries as listed_files
+from mlxkit.bundle_files import read_manifest, sha256_file
+from mlxkit.errors import ManifestError
+from mlxkit.fields import shown
 from mlxkit.load import BUNDLE_MANIFEST as MANIFEST
 
 SCHEMA_VERSION = 1
@@ -64,18 +65,6 @@ SCHEMA: dict = {
 }
 
 
-class ManifestError(MlxkitError):
-    """manifest.json is missing or not JSON: the input is bad, not the bundle's contents."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_entries(root: Path) -> list[dict]:
     """Every regular file under `root` except the manifest, sorted, with size and sha256."""
     entries = []
@@ -85,21 +74,6 @@ def file_entries(root: Path) -> list[dict]:
             continue
         entries.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     return entries
-
-
-def read_manifest(bundle: Path) -> dict:
-    path = bundle / MANIFEST
-    if not bundle.is_dir():
-        raise ManifestError(f"{bundle}: not a directory; pass a bundle folder")
-    if not path.is_file():
-        raise ManifestError(f"{bundle}: no {MANIFEST}; is this a bundle made by mlxkit?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e}); rebuild the bundle") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: not a JSON object; rebuild the bundle")
-    return data
 
 
 def schema_errors(data: dict, schema: dict = SCHEMA, where: str = "") -> list[str]:
@@ -118,12 +92,17 @@ def schema_errors(data: dict, schema: dict = SCHEMA, where: str = "") -> list[st
             errors.append(f"{name}: expected {getattr(kind, '__name__', kind)}")
     if not where:
         if data.get("schema_version") not in (None, SCHEMA_VERSION):
-            errors.append(f"schema_version: {data['schema_version']} is not {SCHEMA_VERSION}")
+            errors.append(
+                f"schema_version: {shown(data['schema_version'])} is not {SCHEMA_VERSION}"
+            )
         if "format" in data and data["format"] != FORMAT:
             errors.append(f"format: expected {FORMAT!r}")
-        for i, entry in enumerate(data.get("files") or []):
-            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-                    and isinstance(entry.get("bytes"), int)
-                    and isinstance(entry.get("sha256"), str)):  # fmt: skip
-                errors.append(f"files[{i}]: needs path (str), bytes (int), sha256 (str)")
+        if isinstance(data.get("files"), list):
+            errors += listed_files(data)[1]
     return errors
+
+
+__all__ = [
+    "FORMAT", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "ManifestError", "file_entries",
+    "read_manifest", "schema_errors", "sha256_file",
+]  # fmt: skip

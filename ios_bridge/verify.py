@@ -1,5 +1,14 @@
 """`verify_bundle`: is this folder still exactly what was built, safe to ship, and does it fit?
 
+The manifest is not trusted: the app's Swift loader takes its device list, minimum iOS,
+memory check and cache limit from it, so every field is re-derived — the plan is made
+again from model/config.json with the manifest's settings on the manifest's target (from
+the device table), the expected manifest is rebuilt with the same `make_manifest` that
+`bundle build` writes it with, and the two are compared field by field. A field added to
+`make_manifest` later is covered without a change here. Only `files` (checked against the
+disk), `source` and `created_by` (where and by what it was built: informational, read by
+no app) are not re-derived.
+
 Each check is independent and reported on its own line, so one broken file does not hide
 the others. Input that is not a bundle at all (no folder, no manifest, manifest not JSON)
 raises ManifestError instead: the CLI exits 2 for bad input and 1 for a bundle that fails.
@@ -7,12 +16,29 @@ raises ManifestError instead: the CLI exits 2 for bad input and 1 for a bundle t
 
 from __future__ import annotations
 
+import json
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from mlxkit.bundle_files import (
+    FileEntry,
+    bad_path,
+    bundle_files,
+    check_files,
+    file_entries,
+    read_manifest,
+    resolves_inside,
+)
+from mlxkit.checkpoint import short
 from mlxkit.errors import MlxkitError
+from mlxkit.fields import number, shown
+from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
+from mlxkit.load import MTP_DIR
 
-from .manifest import MANIFEST, read_manifest, schema_errors, sha256_file
+from .manifest import MANIFEST, schema_errors
+
+NOT_DERIVED = ("files", "source", "created_by")
 
 
 @dataclass
@@ -37,67 +63,187 @@ class Report:
         self.checks.append(Check(name, not problems, shown if problems else passed))
 
 
-def _bad_path(root: Path, rel: str) -> str | None:
-    """Why `rel` may not be used as a bundle path, or None. Rejects absolute paths, `..`
-    components, and paths that resolve (through symlinks) outside the bundle."""
-    pure = PurePosixPath(rel)
-    if not rel or pure.is_absolute() or rel.startswith(("/", "\\")) or ":" in pure.parts[0]:
-        return f"{rel!r} is absolute"
-    if ".." in pure.parts or "\\" in rel:
-        return f"{rel!r} leaves the bundle"
-    if not (root / rel).resolve().is_relative_to(root.resolve()):
-        return f"{rel!r} resolves outside the bundle (symlink)"
-    return None
+# --- the manifest against a re-plan ------------------------------------------------------------
 
 
-def _check_paths(root: Path, entries: list) -> tuple[list[str], list[dict]]:
+def _manifest_target(t: dict):
+    """The target the manifest names, from the device table: a bare budget, a device or
+    tier, or a device or tier whose usable memory was replaced (`--memory-budget`)."""
+    from .devices import resolve_target
+
+    if t.get("kind") == "budget":
+        return resolve_target(None, t["usable_bytes"])
+    tgt = resolve_target(t["name"])
+    if (t["usable_bytes"], t["usable_bytes_entitled"]) != (
+        tgt.usable_bytes, tgt.usable_bytes_entitled,
+    ):  # fmt: skip
+        tgt = resolve_target(t["name"], t["usable_bytes"])
+    return tgt
+
+
+def replan(root: Path, manifest: dict, target=None):
+    """The plan `bundle build` made, made again from model/config.json with the manifest's
+    settings at its max context; on `target` instead when given (a Target), within the
+    memory limit the manifest declares it needs."""
+    from .plan import evaluate
+
+    q, m, t = manifest["quantization"], manifest["mtp"], manifest["target"]
+    tgt = target or _manifest_target(t)
+    if target is None:
+        # Whether the build allowed the entitlement shows only in the limit it planned in.
+        entitlement = manifest["memory"]["usable_bytes"] != tgt.usable(False)
+    else:
+        entitlement = manifest["entitlement_required"]
+    acceptance = manifest["performance"].get("mtp_acceptance", 0.7)
+    return evaluate(
+        root / MODEL_DIR, tgt, manifest["max_context"], name=manifest["model"]["name"],
+        recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
+        mtp=m["included"], num_draft=m["num_draft"], prefill_chunk=manifest["prefill_chunk"],
+        entitlement=entitlement, acceptance=number(acceptance, "performance.mtp_acceptance"),
+    )  # fmt: skip
+
+
+def expected_manifest(p, manifest: dict) -> dict:
+    """What `bundle build` writes for plan `p`, as JSON reads it back."""
+    from .bundle import make_manifest
+
+    expected = make_manifest(p, manifest["source"], p.settings.mtp)
+    return json.loads(json.dumps(expected))
+
+
+def differences(got: object, want: object, where: str = "") -> list[str]:
+    """Field-by-field differences, as readable paths."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = []
+        for key in want:
+            if key not in got:
+                out.append(f"{where}{key}: missing")
+            else:
+                out += differences(got[key], want[key], f"{where}{key}.")
+        out += [f"{where}{short(k, 40)}: not a field mlxkit writes" for k in got if k not in want]
+        return out
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in differences(g, w,
+                                                                               f"{where}{i}.")]  # fmt: skip
+    if type(got) is type(want) and got == want:
+        return []
+    return [f"{where.rstrip('.')}: manifest says {shown(got)}, re-derived {shown(want)}"]
+
+
+def _check_manifest(root: Path, manifest: dict) -> tuple[list[str], object]:
+    """(problems, the re-derived plan or None)."""
+    try:
+        p = replan(root, manifest)
+    except MlxkitError as e:
+        return [f"cannot re-plan from the manifest's settings: {e}"], None
+    want = expected_manifest(p, manifest)
+    got = {k: v for k, v in manifest.items() if k not in NOT_DERIVED}
+    return differences(got, {k: v for k, v in want.items() if k not in NOT_DERIVED}), p
+
+
+# --- files and paths ---------------------------------------------------------------------------
+
+
+def _check_paths(root: Path, manifest: dict) -> tuple[list[str], list[FileEntry]]:
+    """Listed paths and the manifest's model/drafter paths stay inside the bundle; so does
+    every symlink in it. Returns the problems and the entries that are safe to open."""
+    entries, _ = file_entries(manifest)  # malformed entries failed the schema check
     problems, usable = [], []
-    for entry in entries:
-        why = _bad_path(root, entry["path"])
+    for e in entries:
+        why = bad_path(e.path)
+        if why is None and not resolves_inside(root, e.path):
+            why = f"{short(e.path, 40)} resolves outside the bundle (symlink)"
         if why:
             problems.append(why)
         else:
-            usable.append(entry)
-    for path in root.rglob("*"):
-        if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
-            problems.append(f"{path.relative_to(root).as_posix()} links outside the bundle")
+            usable.append(e)
+    for key, rel in (("model.path", manifest["model"]["path"]),
+                     ("model.mtp_path", manifest["model"]["mtp_path"]),
+                     ("mtp.path", manifest["mtp"]["path"])):  # fmt: skip
+        if rel is not None and (bad_path(rel) or not resolves_inside(root, rel)):
+            problems.append(f"{key} {short(rel, 40)} does not lie inside the bundle")
+    for rel, st in bundle_files(root):
+        if stat.S_ISLNK(st.st_mode) and not resolves_inside(root, rel):
+            problems.append(f"{short(rel, 40)} links outside the bundle")
     return problems, usable
 
 
-def _check_files(root: Path, entries: list[dict]) -> list[str]:
-    problems = []
-    listed = {e["path"] for e in entries}
-    for e in entries:
-        path = root / e["path"]
-        if not path.is_file():
-            problems.append(f"{e['path']} is missing")
-        elif path.stat().st_size != e["bytes"]:
-            problems.append(
-                f"{e['path']} has {path.stat().st_size} bytes, manifest says {e['bytes']}"
-            )
-        elif sha256_file(path) != e["sha256"]:
-            problems.append(f"{e['path']}: sha256 differs (corrupted or modified)")
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel != MANIFEST and rel not in listed:
-            problems.append(f"{rel} is not listed in the manifest")
+def _links_out_of_model(root: Path) -> bool:
+    """model/ or mtp/, or something in them, is a symlink that leaves the bundle."""
+    inside = [d for d in (MODEL_DIR, MTP_DIR) if not resolves_inside(root, d)]
+    return bool(inside) or any(
+        stat.S_ISLNK(st.st_mode) and not resolves_inside(root, rel)
+        for rel, st in bundle_files(root)
+        if rel.split("/")[0] in (MODEL_DIR, MTP_DIR)
+    )
+
+
+def _check_files(root: Path, entries: list[FileEntry]) -> list[str]:
+    problems = check_files(root, entries)
+    listed = {e.path for e in entries}
+    for rel, st in bundle_files(root):
+        if rel == MANIFEST or rel in listed:
+            continue
+        what = "file" if stat.S_ISREG(st.st_mode) else "entry that is not a regular file"
+        problems.append(f"{short(rel, 60)}: an {what} not listed in the manifest")
     return problems
 
 
-def _check_load(root: Path, manifest: dict) -> tuple[list[str], str]:
-    """model/ alone, then model/ with the bundle's drafter."""
-    from mlxkit.load import MTP_DIR, load_model
+# --- tensors, loading, fitting -----------------------------------------------------------------
 
-    model_dir = root / manifest["model"]["path"]
+
+def _check_tensors(root: Path, p) -> list[str]:
+    """Every tensor on disk has the name, dtype and shape the plan says the converter
+    writes; none is missing and none is extra."""
+    from mlxkit.convert.layout import drafter_key, planned_tensors
+    from mlxkit.convert.quantize import load_recipe
+    from mlxkit.convert.writer import SAFETENSORS_DTYPES
+
+    from mlxkit.checkpoint import read_headers, weight_files
+
+    s = p.settings
+    recipe = load_recipe(s.recipe, s.bits, s.group_size)
+    planned = planned_tensors(p.cfg, recipe, include_mtp=s.mtp, dtype=s.dtype)
+    problems = []
+    for directory, in_dir in ((MODEL_DIR, lambda t: t.part != "mtp"),
+                              (MTP_DIR, lambda t: t.part == "mtp")):  # fmt: skip
+        want = {
+            (drafter_key(t.path) if t.part == "mtp" else t.path): t for t in planned if in_dir(t)
+        }
+        if not want:
+            continue
+        try:
+            have = read_headers(weight_files(root / directory))
+        except MlxkitError as e:
+            problems.append(str(e))
+            continue
+        for name, t in want.items():
+            info = have.get(name)
+            if info is None:
+                problems.append(f"{directory}/: tensor {name} is missing")
+            elif (info.dtype, info.shape) != (SAFETENSORS_DTYPES[t.dtype], t.shape):
+                problems.append(
+                    f"{directory}/: tensor {name} is {info.dtype} {list(info.shape)}, planned "
+                    f"{SAFETENSORS_DTYPES[t.dtype]} {list(t.shape)}"
+                )
+        problems += [f"{directory}/: tensor {short(n)} is not planned" for n in have
+                     if n not in want]  # fmt: skip
+    return problems
+
+
+def _check_load(root: Path, mtp: bool) -> tuple[list[str], str]:
+    """model/ alone, then model/ with the bundle's drafter."""
+    from mlxkit.load import load_model
+
+    model_dir = root / MODEL_DIR
     try:
         model = load_model(model_dir, drafter=model_dir / MTP_DIR)  # as a bare copy of model/
         detail = (f"model/ loads ({'with' if model.has_mtp else 'without'} MTP; names, shapes "
                   "and dtypes checked, weights memory-mapped)")  # fmt: skip
-        mtp_path = manifest["model"].get("mtp_path")
-        if mtp_path:
-            if not load_model(model_dir, drafter=root / mtp_path).has_mtp:
-                return [f"{mtp_path}/ did not provide the MTP head"], ""
-            detail += f"; with {mtp_path}/ it loads with the MTP head"
+        if mtp:
+            if not load_model(model_dir, drafter=root / MTP_DIR).has_mtp:
+                return [f"{MTP_DIR}/ did not provide the MTP head"], ""
+            detail += f"; with {MTP_DIR}/ it loads with the MTP head"
         return [], detail
     except MlxkitError as e:
         return [str(e)], ""
@@ -105,71 +251,71 @@ def _check_load(root: Path, manifest: dict) -> tuple[list[str], str]:
         return [f"{type(e).__name__}: {e}"], ""
 
 
-def _check_plan(root: Path, manifest: dict, target: str | None) -> tuple[list[str], str]:
-    """Re-plans from model/config.json with the manifest's settings at its max context, on
-    `target` (default: the manifest's), within the memory limit the manifest asks for (the
-    increased one only if it declares the entitlement required), and compares the weight bytes with what is on disk."""
-    from .devices import resolve_target
-    from .plan import evaluate
-
-    q, t = manifest["quantization"], manifest["target"]
-    if target is None and t.get("kind") == "budget":
-        tgt = resolve_target(None, t["usable_bytes"])
-    else:
-        tgt = resolve_target(target or t["name"])
-    p = evaluate(
-        root / manifest["model"]["path"], tgt, manifest["max_context"],
-        recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
-        mtp=manifest["mtp"]["included"], num_draft=manifest["mtp"]["num_draft"],
-        prefill_chunk=manifest["prefill_chunk"], entitlement=manifest["entitlement_required"],
-    )  # fmt: skip
+def _check_fit(p, entitlement_required: bool) -> tuple[list[str], str]:
+    tgt = p.target
     problems = []
-    on_disk = weight_bytes_on_disk(root, manifest)
-    if on_disk != p.weights:
-        problems.append(f"weights on disk {on_disk} differ from the plan's {p.weights}")
     if not p.fits:
         problems.append(
             f"does not fit {tgt.label}: peak {p.total / 1e9:.2f} GB at "
-            f"{p.max_context:,} tokens, {p.usable / 1e9:.2f} GB usable"
+            f"{p.context:,} tokens, {p.usable / 1e9:.2f} GB usable"
         )
-    ent = "with" if manifest["entitlement_required"] else "without"
+    ent = "with" if entitlement_required else "without"
     detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
-              f"usable {ent} the entitlement at {p.max_context:,} tokens")  # fmt: skip
+              f"({ent} the entitlement) at {p.context:,} tokens")  # fmt: skip
     return problems, detail
 
 
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
     """Tensor bytes per part, read from the safetensors headers of model/ and mtp/."""
-    from mlxkit.layout import bytes_by_part_on_disk
+    from mlxkit.convert.layout import bytes_by_part, part_of
 
-    mtp_path = manifest["model"].get("mtp_path")
-    return bytes_by_part_on_disk(
-        root / manifest["model"]["path"], root / mtp_path if mtp_path else None
-    )
+    from mlxkit.checkpoint import read_headers, weight_files
+
+    totals = bytes_by_part([])
+    dirs = [(root / MODEL_DIR, None)]
+    if manifest["mtp"]["included"]:
+        dirs.append((root / MTP_DIR, "mtp"))
+    for directory, part in dirs:
+        for name, info in read_headers(weight_files(directory)).items():
+            totals[part or part_of(name)] += info.nbytes
+    return totals
 
 
 def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:
+    from .devices import resolve_target
+
     root = Path(path).expanduser()
     manifest = read_manifest(root)  # raises ManifestError on bad input
+    other = resolve_target(target) if target is not None else None  # bad --target: exit 2
     report = Report(root)
     errors = schema_errors(manifest)
     report.add("manifest schema", errors, f"schema {manifest.get('schema_version')} complete")
     if errors:
         return report  # the other checks read the fields the schema check found missing
-    path_problems, entries = _check_paths(root, manifest["files"])
+    path_problems, entries = _check_paths(root, manifest)
     report.add("paths stay inside the bundle", path_problems, f"{len(entries)} paths")
     file_problems = _check_files(root, entries)
-    total = sum(e["bytes"] for e in entries)
+    total = sum(e.bytes for e in entries)
     report.add("file sizes and sha256", file_problems,
                f"{len(entries)} files, {total / 1e9:.3f} GB")  # fmt: skip
+    later = ["manifest matches a re-plan", "tensors as planned", "model loads",
+             "plan fits the target"]  # fmt: skip
+    if _links_out_of_model(root):  # nothing is read through a link that leaves the bundle
+        for name in later if load else [n for n in later if n != "model loads"]:
+            report.add(name, [f"not run: {MODEL_DIR}/ or {MTP_DIR}/ links outside the bundle"], "")
+        return report
+    problems, p = _check_manifest(root, manifest)
+    report.add(later[0], problems, "every field re-derived from the device table and a re-plan")
+    if p is not None:
+        report.add(later[1], _check_tensors(root, p),
+                   "every tensor's name, dtype and shape is the plan's")  # fmt: skip
     if load:
-        problems, detail = _check_load(root, manifest)
-        report.add("model loads", problems, detail)
+        problems, detail = _check_load(root, manifest["mtp"]["included"] is True)
+        report.add(later[2], problems, detail)
     try:
-        problems, detail = _check_plan(root, manifest, target)
+        fit = replan(root, manifest, other) if other is not None or p is None else p
+        problems, detail = _check_fit(fit, manifest["entitlement_required"])
     except MlxkitError as e:
-        if target is not None:
-            raise  # an unknown --target is bad input: exit 2
         problems, detail = [str(e)], ""
-    report.add("plan fits the target", problems, detail)
+    report.add(later[3], problems, detail)
     return report

@@ -11,3 +11,7 @@ class CheckpointError(MlxkitError):
 
 class ConfigError(MlxkitError):
     """A config.json (or a user-given setting) that mlxkit cannot use."""
+
+
+class ManifestError(MlxkitError):
+    """A bundle's manifest.json is missing or unreadable: the input is not a bundle."""

@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxkit.checkpoint import TensorInfo, read_config, read_headers, weight_files
+from mlxkit.checkpoint import (
+    TensorInfo,
+    quantization_block,
+    read_config,
+    read_headers,
+    weight_files,
+)
 from mlxkit.load import MTP_DIR, load_config, resolve_model_dir
 
 PARTS = ("text", "mtp", "vision")
@@ -73,7 +79,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     config = read_config(model_dir)
     cfg = load_config(model_dir)
     tensors = read_headers(weight_files(model_dir))
-    quant = config.get("quantization") or {}
+    quant = quantization_block(config, str(model_dir / "config.json"))
     n_linear = sum(cfg.is_linear(i) for i in range(cfg.num_hidden_layers))
     info = CheckpointInfo(
         path=model_dir,
@@ -101,7 +107,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     _add(info, tensors, quant)
     drafter = model_dir / MTP_DIR
     if drafter.is_dir():
-        mtp_quant = read_config(drafter).get("quantization") or {}
+        mtp_quant = quantization_block(read_config(drafter), str(drafter / "config.json"))
         _add(info, read_headers(weight_files(drafter)), mtp_quant, prefix=MTP_DIR + "/")
     return info
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from mlxkit.checkpoint import read_config, read_headers, weight_files
+from mlxkit.checkpoint import quantization_block, read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError
 from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
@@ -32,9 +32,34 @@ def resolve_model_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a local model directory")
+    bundle = bundle_root(p)
+    return bundle / BUNDLE_MODEL_DIR if bundle is not None else p
+
+
+def bundle_root(path: str | Path) -> Path | None:
+    """`path` itself when it is an iPhone bundle (manifest.json beside model/), else None."""
+    p = Path(path).expanduser()
     if (p / BUNDLE_MANIFEST).is_file() and (p / BUNDLE_MODEL_DIR).is_dir():
-        return p / BUNDLE_MODEL_DIR
-    return p
+        return p
+    return None
+
+
+def check_bundle_files(bundle: Path, hashes: bool = False) -> None:
+    """The bundle's model/ and mtp/ files are the ones its manifest lists: same sizes (and
+    sha256 with `hashes`). xcode/ is not looked at: it goes into the app project."""
+    from mlxkit.bundle_files import check_files, file_entries, read_manifest
+
+    entries, problems = file_entries(read_manifest(bundle))
+    wanted = [e for e in entries if e.path.split("/")[0] in (BUNDLE_MODEL_DIR, MTP_DIR)]
+    problems += check_files(bundle, wanted, hashes=hashes)
+    if not wanted and not problems:
+        problems = ["manifest.json lists no model files"]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"{bundle}: does not match its manifest.json: {problems[0]}{more}; "
+            f"run `mlxkit bundle verify {bundle}`"
+        )
 
 
 def default_drafter_dir(path: str | Path) -> Path:
@@ -99,7 +124,7 @@ def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, 
                     value = value.astype(dtype)
             weights[path] = value
             origin[path] = f"{f}: tensor {name}"
-    quant = config.get("quantization") or {}
+    quant = quantization_block(config, str(drafter_dir / "config.json"))
     quant = {(k if k.startswith("mtp.") or k in ("group_size", "bits", "mode") else "mtp." + k): v
              for k, v in quant.items()}  # fmt: skip
     return weights, origin, quant
@@ -122,7 +147,10 @@ def _quantize(model: Model, weights: dict[str, mx.array], quant: dict) -> None:
             )
         return params
 
-    nn.quantize(model, class_predicate=predicate)
+    try:
+        nn.quantize(model, class_predicate=predicate)
+    except ValueError as e:  # MLX's word on bits / group sizes / modes it does not support
+        raise CheckpointError(f"config.json quantization cannot be used: {e}") from None
 
 
 def _check_against_model(
@@ -140,18 +168,33 @@ def _check_against_model(
                 f"{origin[path]} has shape {tuple(weights[path].shape)}, "
                 f"expected {tuple(param.shape)} from config.json"
             )
+        # Packed quantized weights are uint32; every other weight must be floating point.
+        got, packed = weights[path].dtype, param.dtype == mx.uint32
+        if (got == mx.uint32) != packed or not (packed or mx.issubdtype(got, mx.floating)):
+            raise CheckpointError(
+                f"{origin[path]} has dtype {got}, expected "
+                f"{'uint32 (quantized)' if packed else 'a floating-point dtype'}"
+            )
 
 
 def load_model(
-    path: str | Path, dtype: mx.Dtype | None = None, drafter: str | Path | None = None
+    path: str | Path,
+    dtype: mx.Dtype | None = None,
+    drafter: str | Path | None = None,
+    verify: bool = False,
 ) -> Model:
     """The model alone. `dtype` (e.g. mx.float32) casts floating weights; A_log stays float32.
-    `drafter` overrides where a converted model's MTP drafter is looked for."""
+    `drafter` overrides where a converted model's MTP drafter is looked for. For an iPhone
+    bundle the files of model/ and mtp/ are checked against manifest.json first: their
+    sizes always, their sha256 with `verify` (a full read)."""
     model_dir = resolve_model_dir(path)
+    bundle = bundle_root(path) if str(path) != "micro" else None
+    if bundle is not None:
+        check_bundle_files(bundle, hashes=verify)
     config = read_config(model_dir)
     cfg = load_config(model_dir)
     weights, origin = _read_weights(model_dir, cfg, dtype)
-    quant = dict(config.get("quantization") or {})
+    quant = dict(quantization_block(config, str(model_dir / "config.json")))
     drafter_dir = Path(drafter) if drafter is not None else default_drafter_dir(path)
     if drafter_dir.is_dir() and not any(p.startswith("mtp.") for p in weights):
         mtp_weights, mtp_origin, mtp_quant = _read_mtp_drafter(drafter_dir, dtype)
@@ -172,9 +215,10 @@ def load_model(
     return model
 
 
-def load(path: str | Path, dtype: mx.Dtype | None = None):
-    """(model, tokenizer) from a local model directory (or "micro")."""
+def load(path: str | Path, dtype: mx.Dtype | None = None, verify: bool = False):
+    """(model, tokenizer) from a local model directory, an iPhone bundle (see `load_model`
+    for `verify`), or "micro"."""
     from mlxkit.tokenizer import load_tokenizer
 
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, verify=verify)
     return model, load_tokenizer(resolve_model_dir(path))
