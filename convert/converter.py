@@ -6,16 +6,17 @@ quantized by the recipe's rule, and written to their planned place in the output
 Each chunk is evaluated and dropped before the next, so peak memory is a few chunks plus
 the interpreter, whatever the model size.
 
-OUT is assembled in a hidden sibling directory and renamed into place only when
-complete; on any error or Ctrl-C the sibling is removed.
+OUT is assembled in a hidden sibling directory and swapped into place only when complete;
+on any error or Ctrl-C the sibling is removed (`output.py` has the rules for what may be
+replaced, and what a kill leaves). Every chunk is checked for NaN and infinity on its way
+through: a corrupt checkpoint stops the run instead of becoming a model that prints noise.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
+import re
 import resource
 import shutil
 import sys
@@ -30,7 +31,9 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
-from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit import __version__
+from mlxkit.checkpoint import INDEX, read_json
+from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.info import human_bytes
 from mlxkit.layout import (
     OUTPUT_DTYPES,
@@ -43,14 +46,24 @@ from mlxkit.layout import (
 from mlxkit.load import MTP_DIR
 from mlxkit.models.qwen3_5 import sanitize_tensor
 
+from .output import (
+    check_apart_from_source,
+    check_destination,
+    remove_leftovers,
+    replace_dir,
+    temp_dir,
+    write_error,
+)
 from .quantize import Recipe, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
-from .source import Size, Source, resolve_source
+from .source import Size, Source, local_source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 
 CHUNK_BYTES = 32 << 20  # source bytes per chunk: large enough for fast I/O, small for RSS
 READ_AHEAD = 2  # chunks read ahead of, and waiting to be written behind, the one quantized
 DISK_MARGIN = 64 << 20
+CONFIG = "config.json"
+SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 # Copied verbatim when present: what tokenizers and generation need.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -126,33 +139,37 @@ def convert(
             f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
         )
     the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
+    local = local_source(src)
     if dst is not None:  # before a --size download, not after it
-        _check_existing(Path(dst).expanduser().absolute(), force)
-    source = resolve_source(src)
+        if local is not None:
+            check_apart_from_source(_absolute(dst), local.directory)
+        check_destination(_absolute(dst), force, written_by_convert, "model directory")
+    source = local or resolve_source(src)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp)
     planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype)
-    out = Path(dst) if dst is not None else Path(default_output_name(source.name, the_recipe,
+    out = _absolute(dst if dst is not None else default_output_name(source.name, the_recipe,
                                                                      dtype))  # fmt: skip
-    out = out.expanduser().absolute()
-    _check_output(out, source.directory, force)
+    check_destination(out, force, written_by_convert, "model directory")
+    check_apart_from_source(out, source.directory)
     _check_disk(out, planned, source.directory)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_leftovers(out)
+    tmp = temp_dir(out, "partial")
     created = next((p for p in reversed(out.parents) if not p.exists()), None)
-    tmp.mkdir(parents=True)
     try:
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise write_error(e, out.parent) from None
         with _progress(planned, quiet) as advance:
             rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance,
                                    drafter_layout)  # fmt: skip
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MlxkitError(f"{out.parent}: disk full while writing; nothing was left "
-                              "behind — free some space and run again") from None  # fmt: skip
+        if isinstance(e, OSError):
+            raise write_error(e, out.parent) from None
         raise
 
     by_part = bytes_by_part(planned)
@@ -181,19 +198,36 @@ def default_output_name(source_name: str, recipe: Recipe | None, dtype: str) -> 
 # --- checks before writing -------------------------------------------------------------------
 
 
-def _check_output(out: Path, source_dir: Path, force: bool) -> None:
-    src = source_dir.resolve()
-    if out.resolve() == src or src.is_relative_to(out.resolve()):
-        raise MlxkitError(f"{out}: the output would replace the source checkpoint")
-    _check_existing(out, force)
+def _absolute(path: str | Path) -> Path:
+    return Path(path).expanduser().absolute()
 
 
-def _check_existing(out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise MlxkitError(f"{out} already exists; pass --force to replace it")
-        if not out.is_dir() or out.is_symlink():
-            raise MlxkitError(f"{out} exists and is not a directory; not replacing it")
+def written_by_convert(directory: Path) -> bool:
+    """A model directory this converter wrote: its index carries the mark `_write_weights`
+    puts there, and it holds only files a conversion writes (so no file of the user's is
+    lost with it)."""
+    index = directory / INDEX
+    try:
+        data = read_json(index, "safetensors index")
+    except MlxkitError:
+        return False
+    mark = data.get("metadata", {}).get("created_by") if isinstance(data, dict) else None
+    if not (isinstance(mark, str) and mark.startswith("mlxkit")):
+        return False
+    for entry in directory.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.name == MTP_DIR and entry.is_dir():
+            if not all(p.is_file() and not p.is_symlink() and _converter_file(p.name)
+                       for p in entry.iterdir()):  # fmt: skip
+                return False
+        elif not (entry.is_file() and _converter_file(entry.name)):
+            return False
+    return True
+
+
+def _converter_file(name: str) -> bool:
+    return name in (CONFIG, INDEX, *TOKENIZER_FILES) or bool(SHARD_NAME.fullmatch(name))
 
 
 def _check_disk(out: Path, planned: list[PlannedTensor], source_dir: Path) -> None:
@@ -236,9 +270,8 @@ def _write_weights(
     memory stays bounded."""
     main = [t for t in planned if t.part != "mtp"]
     drafter = [t for t in planned if t.part == "mtp"]
-    writers = {
-        "main": ShardedWriter(out, main, index_metadata={"total_parameters": _weight_count(ckpt)})
-    }
+    mark = {"total_parameters": _weight_count(ckpt), "created_by": f"mlxkit {__version__}"}
+    writers = {"main": ShardedWriter(out, main, index_metadata=mark)}
     as_checkpoint = drafter_layout == "checkpoint"
     if drafter:
         (out / MTP_DIR).mkdir()
@@ -268,7 +301,7 @@ def _write_weights(
     try:
         for job in chunks[:READ_AHEAD]:
             reads.append(reader.submit(read_raw_rows, *job[4:]))
-        for i, (path, rule, writer, last, info, start, _stop) in enumerate(chunks):
+        for i, (path, rule, writer, last, info, start, stop) in enumerate(chunks):
             rows = as_stored_dtype(info, reads.popleft().result())
             if i + READ_AHEAD < len(chunks):
                 reads.append(reader.submit(read_raw_rows, *chunks[i + READ_AHEAD][4:]))
@@ -283,7 +316,11 @@ def _write_weights(
                 module = path.removesuffix(".weight")
                 w, scales, biases = quantize(value, *rule)
                 pieces = [(path, w), (f"{module}.scales", scales), (f"{module}.biases", biases)]
-            mx.eval([a for _, a in pieces])
+            floats = [value, *(a for _, a in pieces[1:])]  # with a quantized weight's scales
+            finite = mx.all(mx.stack([mx.isfinite(a).all() for a in floats]))
+            mx.eval([a for _, a in pieces], finite)
+            if not finite.item():
+                _non_finite(info, rows, start, stop, dtype)
             writes.append((writer_pool.submit(_write_pieces, writer, start, pieces), last))
             del rows, value, pieces
             while len(writes) > READ_AHEAD:
@@ -311,6 +348,18 @@ def _write_weights(
 def _drafter_name(path: str, drafter_layout: str) -> str:
     """A tensor's (or a module's) name in <dst>/mtp/: the checkpoint layout keeps `mtp.`."""
     return path if drafter_layout == "checkpoint" else drafter_key(path)
+
+
+def _non_finite(info, rows: mx.array, start: int, stop: int, dtype: str) -> None:
+    """Stops the run at the first chunk with a NaN or infinity: in the source (a corrupt
+    checkpoint) or only once cast (a value beyond the range of --dtype)."""
+    where = f"{info.file}: tensor {info.name} (rows {start}-{stop - 1})"
+    if not mx.isfinite(rows).all().item():
+        raise CheckpointError(f"{where} holds NaN or infinite values; the checkpoint is corrupt")
+    raise ConfigError(
+        f"{where} has values beyond the range of {dtype} (they would become infinite); "
+        "convert with --dtype bfloat16 or float32"
+    )
 
 
 def _weight_count(ckpt: SourceCheckpoint) -> int:
@@ -400,23 +449,6 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=4) + "\n")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Moves the finished directory into place; an existing OUT (allowed by --force) is
-    moved aside first and removed only after the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- progress and summary --------------------------------------------------------------------

@@ -59,6 +59,15 @@ def resolve_source(src: str | Path | Source | Size) -> Source:
     )
 
 
+def local_source(src: str | Path | Source | Size) -> Source | None:
+    """`src` as a Source when it is one or names an existing directory (no download)."""
+    if isinstance(src, Source):
+        return src
+    if isinstance(src, Size) or not Path(src).expanduser().is_dir():
+        return None
+    return resolve_local(src)
+
+
 def resolve_local(path: str | Path) -> Source:
     """--hf-path: a directory, never a size name."""
     path = Path(path).expanduser()

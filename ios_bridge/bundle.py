@@ -18,10 +18,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlxkit.convert.output import (
+    check_apart_from_source,
+    check_destination,
+    remove_leftovers,
+    replace_dir,
+    temp_dir,
+    write_error,
+)
+
 from mlxkit import __version__
+from mlxkit.bundle_files import bundle_files, read_manifest
+from mlxkit.bundle_files import file_entries as listed_files
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
@@ -131,16 +143,24 @@ def build_bundle(
     import json
 
     from mlxkit.convert.converter import convert
+    from mlxkit.convert.source import local_source
 
     out = Path(out).expanduser().absolute()
-    if (out.exists() or out.is_symlink()) and not force:
-        raise MlxkitError(f"{out} already exists; pass --force to replace it")
+    local = local_source(src)
+    if local is not None:
+        check_apart_from_source(out, local.directory)
+    check_destination(out, force, written_by_bundle, "bundle")
     source, p = plan_for_source(src, target, memory_budget, context, settings)
+    check_apart_from_source(out, source.directory)
 
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remove_leftovers(out)
+    tmp = temp_dir(out, "building")
+    created = next((d for d in reversed(out.parents) if not d.exists()), None)
     try:
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise write_error(e, out.parent) from None
         s = p.settings
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
@@ -162,15 +182,27 @@ def build_bundle(
         write_xcode(tmp / "xcode", out.name, manifest, download)
         manifest["files"] = file_entries(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists() or out.is_symlink():
-            if out.is_symlink() or not out.is_dir():
-                raise MlxkitError(f"{out} exists and is not a directory; not replacing it")
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
+        if isinstance(e, OSError):
+            raise write_error(e, out.parent) from None
         raise
     return manifest
+
+
+def written_by_bundle(directory: Path) -> bool:
+    """A bundle `build_bundle` wrote: its manifest lists every file in it (so replacing it
+    loses no file of the user's)."""
+    try:
+        manifest = read_manifest(directory)
+    except MlxkitError:
+        return False
+    entries, problems = listed_files(manifest)
+    if manifest.get("format") != FORMAT or problems:
+        return False
+    listed = {e.path for e in entries} | {MANIFEST}
+    return all(rel in listed and stat.S_ISREG(st.st_mode) for rel, st in bundle_files(directory))
 
 
 __all__ = ["PlanRefused", "build_bundle", "make_manifest"]

@@ -153,17 +153,27 @@ def test_hf_path_must_be_a_directory(tmp_path):
 
 def test_existing_output_without_force(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out)])
+    assert convert(FIXTURES / "tiny_tied", out, quiet=True).output == out
+    result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--bits", "8"])
     assert_one_line_error(result, "already exists; pass --force")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--force",
+                      "--quiet", "--bits", "8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     assert_nothing_left(tmp_path, {"out"})
-    result = run_cli(
-        ["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--force", "--quiet"]
-    )
-    assert result.exit_code == 0 and not (out / "keep.txt").exists()
-    assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("user_file", ["keep.txt", "mtp/notes.md"])
+def test_force_never_replaces_a_folder_holding_files_mlxkit_did_not_write(tmp_path, user_file):
+    out = tmp_path / "out"
+    convert(FIXTURES / "tiny_tied", out, quiet=True)
+    (out / user_file).write_text("mine")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--force"])
+    assert_one_line_error(result, "was not written by mlxkit")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / user_file).read_text() == "mine"
     assert_nothing_left(tmp_path, {"out"})
 
 
