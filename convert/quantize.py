@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxkit import fields
 from mlxkit.errors import ConfigError
 
 try:  # Python >= 3.11
@@ -33,7 +34,8 @@ MODE = "affine"  # what mlx-lm, mlx-vlm and MLX Swift all read for these bit wid
 def _check_bits(bits: object, where: str) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
         raise ConfigError(
-            f"{where}: bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}"
+            f"{where}: bits must be one of {', '.join(map(str, VALID_BITS))}, "
+            f"got {fields.shown(bits)}"
         )
     return bits
 
@@ -46,7 +48,7 @@ def _check_group_size(group_size: object, where: str) -> int:
     ):
         raise ConfigError(
             f"{where}: group size must be one of {', '.join(map(str, VALID_GROUP_SIZES))}, "
-            f"got {group_size!r}"
+            f"got {fields.shown(group_size)}"
         )
     return group_size
 
@@ -120,18 +122,22 @@ def load_recipe(
     if tomllib is None:  # pragma: no cover
         raise ConfigError("reading recipes on Python 3.10 needs the `tomli` package")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable TOML recipe ({e})") from None
     where = f"recipe {name}"
+    unknown = set(data) - {"description", "bits", "group_size", "rules"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     rules = []
-    for i, raw in enumerate(data.get("rules", [])):
+    for i, raw in enumerate(fields.sequence(data.get("rules", []), f"{where}: rules")):
         rule_where = f"{where}, rule {i + 1}"
+        raw = fields.mapping(raw, rule_where)
         unknown = set(raw) - {"match", "bits", "group_size", "quantize"}
         if unknown or "match" not in raw:
             raise ConfigError(f"{rule_where}: needs `match`; unknown keys {sorted(unknown)}")
         try:
-            pattern = re.compile(raw["match"])
+            pattern = re.compile(fields.string(raw["match"], f"{rule_where}: match"))
         except re.error as e:
             raise ConfigError(f"{rule_where}: bad regular expression ({e})") from None
         rules.append(
@@ -141,7 +147,7 @@ def load_recipe(
                 None
                 if "group_size" not in raw
                 else _check_group_size(raw["group_size"], rule_where),
-                bool(raw.get("quantize", True)),
+                fields.boolean(raw.get("quantize", True), f"{rule_where}: quantize"),
             )
         )
     return Recipe(
@@ -151,7 +157,7 @@ def load_recipe(
             data.get("group_size", 64) if group_size is None else group_size, "--group-size"
         ),
         rules=tuple(rules),
-        description=data.get("description", ""),
+        description=fields.string(data.get("description", ""), f"{where}: description"),
     )
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
 from mlxkit.errors import ConfigError
+from mlxkit.fields import shown
 
 try:  # Python >= 3.11
     import tomllib
@@ -325,6 +327,7 @@ def resolve_target(
     return target
 
 
+MAX_BUDGET = 10 * 10**12  # far above any device's memory; bounds what is planned from it
 _UNITS = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 _UNITS.update({f"{p}b": n for p, n in (("k", 10**3), ("m", 10**6), ("g", 10**9), ("t", 10**12))})
 _UNITS.update({f"{p}ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)})
@@ -340,8 +343,8 @@ def parse_bytes(value: int | str) -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = m.group(2).lower() if m else ""
         if not m or unit not in _UNITS and unit != "":
-            raise ConfigError(f"not a memory size: {value!r} (write e.g. 3.5GB or 3000MiB)")
-        n = int(float(m.group(1)) * _UNITS.get(unit, 1))
-    if n <= 0:
-        raise ConfigError(f"a memory budget must be positive, got {value!r}")
+            raise ConfigError(f"not a memory size: {shown(value)} (write e.g. 3.5GB or 3000MiB)")
+        n = int(Decimal(m.group(1)) * _UNITS.get(unit, 1))  # exact: no float overflow
+    if n <= 0 or n > MAX_BUDGET:
+        raise ConfigError(f"a memory budget must be positive and at most 10 TB, got {shown(value)}")
     return n

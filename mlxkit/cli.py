@@ -10,14 +10,39 @@ import click
 from mlxkit import __version__
 from mlxkit.errors import MlxkitError
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
 
 class _Group(click.Group):
+    """Bad input of any kind — an MlxkitError, or an option click cannot parse — ends as one
+    line on stderr and exit code 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as e:  # a bare `mlxkit` or `mlxkit bundle`: the help text
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            hint = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
+            _fail(
+                f"{e.format_message()}{hint}", 2 if isinstance(e, click.UsageError) else e.exit_code
+            )
+        except click.Abort:
+            _fail("aborted", 1)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MlxkitError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e), 2)
+
+
+def _fail(message: str, code: int):
+    click.echo(f"error: {' '.join(message.splitlines())}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
