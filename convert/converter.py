@@ -34,6 +34,7 @@ import mlx.core as mx
 from mlxkit import __version__
 from mlxkit.checkpoint import INDEX, read_json
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
+from mlxkit.fields import local_path
 from mlxkit.info import human_bytes
 from mlxkit.layout import (
     OUTPUT_DTYPES,
@@ -47,6 +48,7 @@ from mlxkit.load import MTP_DIR
 from mlxkit.models.qwen3_5 import sanitize_tensor
 
 from .output import (
+    OutputError,
     check_apart_from_source,
     check_destination,
     remove_leftovers,
@@ -199,7 +201,7 @@ def default_output_name(source_name: str, recipe: Recipe | None, dtype: str) -> 
 
 
 def _absolute(path: str | Path) -> Path:
-    return Path(path).expanduser().absolute()
+    return local_path(path, "output", OutputError).absolute()
 
 
 def written_by_convert(directory: Path) -> bool:

@@ -72,8 +72,6 @@ def _protected(out: Path) -> str | None:
 
 def check_destination(out: Path, force: bool, is_ours: Callable[[Path], bool], what: str) -> None:
     """May `what` be written to `out`? Checked before anything is read or downloaded."""
-    if "\0" in str(out) or any(len(os.fsencode(p)) > 255 for p in out.parts):
-        raise OutputError(f"{str(out)[:80]!r}: not a usable output path")
     why = _protected(out)
     if why:
         raise OutputError(f"{out} is {why}; choose a new folder for the {what}")

@@ -116,6 +116,7 @@ def load_recipe(
 ) -> Recipe:
     """The recipe `convert/recipes/<name>.toml`; `bits` / `group_size` replace its defaults
     (rules that name their own bits keep them)."""
+    name = fields.string(name, "recipe")
     path = RECIPES_DIR / f"{name}.toml"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
+from mlxkit.fields import local_path
 from mlxkit.presets import HUB_REPOS
 
 MICRO = "micro"
@@ -46,7 +47,7 @@ def resolve_source(src: str | Path | Source | Size) -> Source:
         return src
     if isinstance(src, Size):
         return resolve_size(src.size)
-    path = Path(src).expanduser()
+    path = local_path(src, "source", CheckpointError)
     if path.is_dir():
         return resolve_local(path)
     key = str(src).lower()
@@ -63,14 +64,14 @@ def local_source(src: str | Path | Source | Size) -> Source | None:
     """`src` as a Source when it is one or names an existing directory (no download)."""
     if isinstance(src, Source):
         return src
-    if isinstance(src, Size) or not Path(src).expanduser().is_dir():
+    if isinstance(src, Size) or not local_path(src, "source", CheckpointError).is_dir():
         return None
     return resolve_local(src)
 
 
 def resolve_local(path: str | Path) -> Source:
     """--hf-path: a directory, never a size name."""
-    path = Path(path).expanduser()
+    path = local_path(path, "--hf-path", CheckpointError)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a local checkpoint directory")
     return Source(path, path.resolve().name)

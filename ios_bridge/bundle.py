@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxkit.convert.output import (
+    OutputError,
     check_apart_from_source,
     check_destination,
     remove_leftovers,
@@ -35,6 +36,7 @@ from mlxkit import __version__
 from mlxkit.bundle_files import bundle_files, read_manifest
 from mlxkit.bundle_files import file_entries as listed_files
 from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit.fields import local_path
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
 
@@ -145,7 +147,7 @@ def build_bundle(
     from mlxkit.convert.converter import convert
     from mlxkit.convert.source import local_source
 
-    out = Path(out).expanduser().absolute()
+    out = local_path(out, "output", OutputError).absolute()
     local = local_source(src)
     if local is not None:
         check_apart_from_source(out, local.directory)

@@ -21,6 +21,7 @@ from pathlib import Path
 from mlxkit.convert.quantize import load_recipe
 
 from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit.fields import local_path
 from mlxkit.generate import MAX_DRAFT
 from mlxkit.layout import (
     DTYPE_BYTES,
@@ -167,7 +168,7 @@ def resolve_config(size_or_config: str | Path | dict | TextConfig) -> tuple[Text
     name = str(size_or_config)
     if name.lower() in sizes():
         return TextConfig.from_dict(text_config(name.lower())), _label(name.lower())
-    path = Path(name).expanduser()
+    path = local_path(name, "model")
     if path.name == "config.json" and path.is_file():
         path = path.parent
     if name != "micro" and not path.is_dir():

@@ -31,8 +31,8 @@ from mlxkit.bundle_files import (
     resolves_inside,
 )
 from mlxkit.checkpoint import short
-from mlxkit.errors import MlxkitError
-from mlxkit.fields import number, shown
+from mlxkit.errors import ManifestError, MlxkitError
+from mlxkit.fields import local_path, number, shown
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
 
@@ -284,7 +284,7 @@ def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
 def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:
     from .devices import resolve_target
 
-    root = Path(path).expanduser()
+    root = local_path(path, "bundle", ManifestError)
     manifest = read_manifest(root)  # raises ManifestError on bad input
     other = resolve_target(target) if target is not None else None  # bad --target: exit 2
     report = Report(root)

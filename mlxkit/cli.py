@@ -38,6 +38,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except MlxkitError as e:
             _fail(str(e), 2)
+        except OSError as e:  # what the file system says (permissions, a vanished file)
+            _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), 2)
 
 
 def _fail(message: str, code: int):

@@ -6,6 +6,8 @@ bounds, so nothing downstream is sized from a number that was never checked."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from mlxkit.errors import ConfigError, MlxkitError
 
@@ -100,3 +102,17 @@ def sequence(value: object, where: str, error: type[MlxkitError] = ConfigError) 
     if not isinstance(value, list):
         raise _fail(error, where, "a list", value)
     return value
+
+
+def local_path(value: object, what: str = "path", error: type[MlxkitError] = ConfigError) -> Path:
+    """`value` as a Path the OS can look up. Beyond these limits (a NUL byte, a name of
+    more than 255 bytes, more than 4,096 bytes in all) `os.stat` raises instead of
+    answering, so `Path.exists()` and friends would too."""
+    try:
+        text = os.fsdecode(os.fspath(value))
+    except TypeError:
+        raise _fail(error, what, "a path", value) from None
+    encoded = os.fsencode(text)
+    if b"\0" in encoded or len(encoded) > 4096 or any(len(p) > 255 for p in encoded.split(b"/")):
+        raise error(f"{what} {shown(text)}: not a usable path (NUL byte or name too long)")
+    return Path(text).expanduser()

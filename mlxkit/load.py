@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlxkit.checkpoint import quantization_block, read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError
+from mlxkit.fields import local_path
 from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
 MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
@@ -29,7 +30,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         from mlxkit.micro import micro_dir
 
         return micro_dir()
-    p = Path(path).expanduser()
+    p = local_path(path, "model path", CheckpointError)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a local model directory")
     bundle = bundle_root(p)
@@ -38,7 +39,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def bundle_root(path: str | Path) -> Path | None:
     """`path` itself when it is an iPhone bundle (manifest.json beside model/), else None."""
-    p = Path(path).expanduser()
+    p = local_path(path, "model path", CheckpointError)
     if (p / BUNDLE_MANIFEST).is_file() and (p / BUNDLE_MODEL_DIR).is_dir():
         return p
     return None
