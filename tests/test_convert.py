@@ -4,10 +4,10 @@ and mlx-vlm (with the MTP drafter) load and decode identically."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_vlm  # a dev dependency: the interoperability tests must run, not skip
 import numpy as np
 import pytest
 from mlxkit.convert import convert, load_recipe, planned_tensors
@@ -143,11 +143,16 @@ def test_quantized_weights_equal_mx_quantize_of_the_same_weights(converted, reci
         assert mx.array_equal(got[path], w).item(), path
         assert mx.array_equal(got[f"{module}.scales"], s).item(), path
         assert mx.array_equal(got[f"{module}.biases"], b).item(), path
-        # what a loader reconstructs is exactly the round trip of the source weights
-        assert mx.array_equal(
-            mx.dequantize(got[path], got[f"{module}.scales"], got[f"{module}.biases"], group, bits),
-            mx.dequantize(w, s, b, group, bits),
-        ).item()
+        # what a loader reconstructs is within one quantization step of the source (MLX
+        # keeps zero exact, which costs up to a step), plus the bf16 rounding of the
+        # stored values and biases
+        scales, biases = (got[f"{module}.{k}"].astype(mx.float32) for k in ("scales", "biases"))
+        restored = mx.dequantize(got[path], got[f"{module}.scales"], got[f"{module}.biases"],
+                                 group, bits).astype(mx.float32)  # fmt: skip
+        w32 = weight.astype(mx.float32)
+        step, offset = (mx.repeat(mx.abs(a), group, axis=-1) for a in (scales, biases))
+        bound = step + (offset + mx.abs(w32)) * 2**-7
+        assert (mx.abs(restored - w32) <= bound).all().item(), path
         if not path.startswith("mtp.") and rule != (rules.bits, rules.group_size):
             assert config["quantization"][module] == {"group_size": group, "bits": bits,
                                                       "mode": "affine"}  # fmt: skip
@@ -266,7 +271,6 @@ def test_mlx_vlm_mtp_drafter_reads_the_drafter_directory(converted, name):
     """mlx-vlm's `qwen3_5_mtp` drafter on OUT/mtp reproduces the fixture's MTP reference
     (so no norm is converted twice), and its speculative decoding (what `--draft-model
     OUT/mtp --draft-kind mtp` runs) gives the greedy tokens of plain decoding."""
-    mlx_vlm = pytest.importorskip("mlx_vlm")
     from mlx_vlm.speculative.drafters import load_drafter
 
     ref = reference(name)
@@ -321,7 +325,6 @@ def copying_mtp_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_mlx_vlm_accepts_the_drafts_of_a_copying_mtp_head(tmp_path):
-    mlx_vlm = pytest.importorskip("mlx_vlm")
     from mlx_vlm.speculative.drafters import load_drafter
 
     out = tmp_path / "out"
@@ -354,10 +357,10 @@ def test_default_output_name_and_force(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = convert(FIXTURES / "tiny_tied", quiet=True)
     assert result.output == tmp_path / "tiny_tied-4bit"
-    before = (result.output / "config.json").stat().st_mtime_ns
+    before = (result.output / "model.safetensors").read_bytes()
     again = convert(FIXTURES / "tiny_tied", result.output, force=True, quiet=True, bits=8)
     assert json.loads((again.output / "config.json").read_text())["quantization"]["bits"] == 8
-    assert (again.output / "config.json").stat().st_mtime_ns >= before
+    assert len((again.output / "model.safetensors").read_bytes()) > len(before)  # 8-bit weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_tied-4bit"]  # nothing left over
     assert convert(FIXTURES / "tiny_tied", None, quantize=False, quiet=True).output.name == (
         "tiny_tied-bfloat16"
@@ -366,13 +369,15 @@ def test_default_output_name_and_force(tmp_path, monkeypatch):
 
 def test_result_reports_bytes_bits_time_and_memory(converted, tmp_path):
     result = convert(FIXTURES / "tiny_tied", tmp_path / "o", quiet=True)
-    plan = planned_tensors(config_of("tiny_tied"), load_recipe())
-    assert result.bytes_by_part["mtp"] == sum(t.nbytes for t in plan if t.part == "mtp")
-    assert result.total_bytes == sum(t.nbytes for t in plan)
+    # the reported bytes are the bytes in the written files, read back from their headers
+    mtp = sum(i.nbytes for i in read_headers(weight_files(tmp_path / "o" / "mtp")).values())
+    main = sum(i.nbytes for i in read_headers(weight_files(tmp_path / "o")).values())
+    assert result.bytes_by_part["mtp"] == mtp > 0
+    assert result.bytes_by_part["embeddings"] + result.bytes_by_part["layers"] == main
+    assert result.total_bytes == main + mtp
     assert 4.0 < result.bits_per_weight < 5.5
     assert result.seconds > 0 and result.peak_memory > 10e6
     assert result.mtp_dir == tmp_path / "o" / "mtp"
-    assert math.isclose(sum(result.bytes_by_part.values()), result.total_bytes)
 
 
 def test_size_resolves_through_the_hub_cache_and_names_the_output(tmp_path, monkeypatch):

@@ -91,12 +91,20 @@ def test_symlink_out_of_the_bundle_fails(bundle, tmp_path):
     assert "paths stay inside the bundle" in failed(verify_bundle(bundle, load=False))
 
 
-def test_plan_against_a_smaller_target(bundle):
-    """The tiny model fits anything; a too-small budget bundle is caught by the plan check."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["max_context"] = 10**6  # beyond the fixture's 4096 positions: cannot be planned
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    assert "plan fits the target" in failed(verify_bundle(bundle, load=False))
+def test_plan_against_a_smaller_target(tmp_path):
+    """A bundle that fits its iPhone 16 Pro Max only at a long context (the tiny model with
+    4M positions: 250,000 tokens of KV cache) verifies on its own target and fails the plan
+    check, and only that check, against the iPhone 12 (whose largest context is ~222k)."""
+    src = tmp_path / "long"
+    shutil.copytree(FIXTURES / "tiny_tied", src)
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 1 << 22
+    (src / "config.json").write_text(json.dumps(config))
+    build_bundle(src, tmp_path / "b", "iphone16promax", context=250_000)
+    assert verify_bundle(tmp_path / "b", load=False).ok
+    report = verify_bundle(tmp_path / "b", target="iphone12", load=False)
+    assert failed(report) == {"plan fits the target"}
+    assert "does not fit iPhone 12" in next(c.detail for c in report.checks if not c.ok)
 
 
 def test_corrupted_manifest_is_bad_input(bundle):
@@ -194,17 +202,17 @@ def test_swift_file_is_syntactically_plausible(built):
         ["plan", "--size", "9b", "--target", "iphone15"],
         ["plan", "--size", "3b", "--target", "iphone15"],
         ["plan", "--size", "2b"],
-        ["bundle", "build", str(FIXTURES / "tiny_tied"), "/tmp/never", "--target", "nokia"],
-        ["bundle", "build", str(FIXTURES / "tiny_tied"), "/tmp/never", "--memory-budget", "1MB"],
+        ["bundle", "build", str(FIXTURES / "tiny_tied"), "{out}", "--target", "nokia"],
+        ["bundle", "build", str(FIXTURES / "tiny_tied"), "{out}", "--memory-budget", "1MB"],
         ["convert", "--hf-path", str(FIXTURES / "tiny_tied"), "--target", "iphone15",
-         "--context", "0", "-o", "/tmp/never"],
+         "--context", "0", "-o", "{out}"],
     ],
 )  # fmt: skip
-def test_bad_input_exits_2(args):
-    result = run(*args)
+def test_bad_input_exits_2(args, tmp_path):
+    result = run(*(a.format(out=tmp_path / "out") for a in args))
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: ") or "Error" in result.output
-    assert not Path("/tmp/never").exists()
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plan_and_tiers_commands():

@@ -155,7 +155,6 @@ def test_greedy_generation_is_python(micro):
         ids = tokenizer.encode(prompt)
         text = prompt + tokenizer.decode(_greedy(model, ids, NEW_TOKENS))
         code = _complete_lines(text)
-        assert code.startswith(prompt)
         try:
             ast.parse(code)
             parsed.append(True)
