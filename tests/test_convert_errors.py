@@ -262,3 +262,27 @@ def test_offline_size_says_to_pass_hf_path(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "Qwen/Qwen3.5-0.8B" in lines[0] and "--hf-path DIR" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", [[], ["--target", "iphone12"]], ids=["plain", "--target"])
+@pytest.mark.parametrize("where", ["source", "parent of source", "cwd"])
+def test_serious_finding_1_force_never_deletes_the_source_or_the_current_directory(
+    tmp_path, monkeypatch, target, where
+):
+    """Issue 10, finding 1: `convert --target PHONE -o DIR --force` deleted the source
+    checkpoint (and the files beside it) when DIR was the source or held it, and
+    `convert --size micro -o . --force` wiped the current directory."""
+    src = copy_fixture(tmp_path)
+    (tmp_path / "beside.txt").write_text("mine")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    out = {"source": str(src), "parent of source": str(tmp_path), "cwd": "."}[where]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    result = run_cli(["--hf-path", str(src), "-o", out, "--force", *target])
+    assert_one_line_error(result, "current directory" if where == "cwd" else "replace the source")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    result = run_cli(["--size", "micro", "-o", ".", "--force", *target])
+    assert_one_line_error(result, "the current directory")
+    assert (cwd / "notes.txt").read_text() == "mine"

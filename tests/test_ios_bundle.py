@@ -230,3 +230,40 @@ def test_convert_target_builds_a_bundle(tmp_path):
                  "-o", out, "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert verify_bundle(out).ok
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("min_ios", "12.0"),
+        ("target.device_model_ids", ["iPhone1,1"]),
+        ("memory.check_available_bytes", 1),
+        ("mlx.cache_limit_bytes", 10**12),
+        ("target.kind", "budget"),
+        ("target.usable_bytes", 10**15),
+        ("model.path", "../other"),
+        ("mtp.path", "../other"),
+        ("entitlement_required", True),
+        ("max_context", 8),
+        ("mtp.num_draft", 5),
+    ],
+)
+def test_serious_finding_2_verify_fails_an_edited_manifest(bundle, tmp_path, field, value):
+    """Issue 10, finding 2: `bundle verify` passed a manifest.json edited in the fields the
+    app's Swift loader trusts for its device and memory checks (and one whose model.path
+    pointed outside the bundle, which it then loaded and planned)."""
+    other = tmp_path / "other"
+    shutil.copytree(bundle / "model", other)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    *parents, key = field.split(".")
+    node = manifest
+    for p in parents:
+        node = node[p]
+    assert node[key] != value
+    node[key] = value
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_bundle(bundle, load=True)
+    assert not report.ok
+    assert failed(report) & {"manifest matches a re-plan", "paths stay inside the bundle"}
+    result = run("bundle", "verify", bundle)
+    assert result.exit_code == 1 and "bundle FAILED" in result.stderr
