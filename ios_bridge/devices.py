@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from mlxkit.errors import ConfigError
-from mlxkit.fields import shown
+from mlxkit.fields import shown, string
 
 try:  # Python >= 3.11
     import tomllib
@@ -302,7 +302,7 @@ def resolve_target(
             metal_buffer_limit=min(t.metal_buffer_limit for t in catalog.tiers.values()),
             min_ios=catalog.min_ios,
         )
-    hit = _aliases(catalog).get(normalize(name))
+    hit = _aliases(catalog).get(normalize(string(name, "target")))
     if hit is None:
         iphones = [*catalog.devices, *(f"tier-{t}" for t in catalog.tiers)]
         raise ConfigError(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from mlxkit.convert.quantize import load_recipe
 
+from mlxkit import fields
 from mlxkit.errors import ConfigError, MlxkitError
-from mlxkit.fields import local_path
 from mlxkit.generate import MAX_DRAFT
 from mlxkit.layout import (
     DTYPE_BYTES,
@@ -168,7 +168,7 @@ def resolve_config(size_or_config: str | Path | dict | TextConfig) -> tuple[Text
     name = str(size_or_config)
     if name.lower() in sizes():
         return TextConfig.from_dict(text_config(name.lower())), _label(name.lower())
-    path = local_path(name, "model")
+    path = fields.local_path(name, "model")
     if path.name == "config.json" and path.is_file():
         path = path.parent
     if name != "micro" and not path.is_dir():
@@ -196,6 +196,13 @@ def make_settings(**values) -> Settings:
 
 
 def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
+    for name in ("num_draft", "prefill_chunk", "reserve", "cache_limit"):
+        fields.integer(getattr(settings, name), name)
+    fields.number(settings.acceptance, "acceptance")
+    fields.boolean(settings.mtp, "mtp")
+    fields.boolean(settings.entitlement, "entitlement")
+    if context is not None:
+        fields.integer(context, "context")
     if context is not None and context <= 0:
         raise ConfigError(f"context must be a positive number of tokens, got {context}")
     if context is not None and context > cfg.max_position_embeddings:
