@@ -32,7 +32,7 @@ from mlxkit.bundle_files import (
 )
 from mlxkit.checkpoint import short
 from mlxkit.errors import ManifestError, MlxkitError
-from mlxkit.fields import local_path, number, shown
+from mlxkit.fields import local_path, shown
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
 
@@ -74,6 +74,8 @@ def _manifest_target(t: dict):
     if t.get("kind") == "budget":
         return resolve_target(None, t["usable_bytes"])
     tgt = resolve_target(t["name"])
+    if tgt.kind == "mac":
+        raise MlxkitError(f"target {tgt.name} is a Mac; bundles are for iPhones")
     if (t["usable_bytes"], t["usable_bytes_entitled"]) != (
         tgt.usable_bytes, tgt.usable_bytes_entitled,
     ):  # fmt: skip
@@ -82,24 +84,32 @@ def _manifest_target(t: dict):
 
 
 def replan(root: Path, manifest: dict, target=None):
-    """The plan `bundle build` made, made again from model/config.json with the manifest's
-    settings at its max context; on `target` instead when given (a Target), within the
-    memory limit the manifest declares it needs."""
+    """The plan `bundle build` made, made again from model/config.json with the settings
+    the manifest records, at its max context; on `target` instead when given (a Target),
+    within the memory limit the manifest declares it needs.
+
+    Settings the manifest holds only through their effect are read back from it: whether
+    the entitlement was allowed (the limit planned in), mlxkit's own drafts per round (its
+    loop's speed, where the target has one), the runtime reserve and MLX cache limit (the
+    memory breakdown). Each is then checked like every other field, through what it
+    implies."""
     from .plan import evaluate
 
-    q, m, t = manifest["quantization"], manifest["mtp"], manifest["target"]
+    q, m, t, memory = (manifest[k] for k in ("quantization", "mtp", "target", "memory"))
     tgt = target or _manifest_target(t)
     if target is None:
-        # Whether the build allowed the entitlement shows only in the limit it planned in.
-        entitlement = manifest["memory"]["usable_bytes"] != tgt.usable(False)
+        entitlement = memory["usable_bytes"] != tgt.usable(False)
     else:
         entitlement = manifest["entitlement_required"]
-    acceptance = manifest["performance"].get("mtp_acceptance", 0.7)
+    performance, breakdown = manifest["performance"], memory["breakdown"]
+    loop = performance.get("mlxkit_loop")
+    num_draft = (loop.get("num_draft") if isinstance(loop, dict) else None) or m["num_draft"] or 2
     return evaluate(
         root / MODEL_DIR, tgt, manifest["max_context"], name=manifest["model"]["name"],
         recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
-        mtp=m["included"], num_draft=m["num_draft"], prefill_chunk=manifest["prefill_chunk"],
-        entitlement=entitlement, acceptance=number(acceptance, "performance.mtp_acceptance"),
+        mtp=m["included"], num_draft=num_draft, prefill_chunk=manifest["prefill_chunk"],
+        entitlement=entitlement, acceptance=performance.get("mtp_acceptance", 0.7),
+        reserve=breakdown.get("runtime_reserve"), cache_limit=breakdown.get("mlx_cache_limit"),
     )  # fmt: skip
 
 
@@ -194,12 +204,13 @@ def _check_files(root: Path, entries: list[FileEntry]) -> list[str]:
 
 def _check_tensors(root: Path, p) -> list[str]:
     """Every tensor on disk has the name, dtype and shape the plan says the converter
-    writes; none is missing and none is extra."""
-    from mlxkit.convert.layout import drafter_key, planned_tensors
+    writes; none is missing and none is extra. (A bundle's drafter keeps the checkpoint's
+    `mtp.` names: the layout mlx-swift-lm reads.)"""
     from mlxkit.convert.quantize import load_recipe
     from mlxkit.convert.writer import SAFETENSORS_DTYPES
 
     from mlxkit.checkpoint import read_headers, weight_files
+    from mlxkit.layout import planned_tensors
 
     s = p.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
@@ -207,9 +218,7 @@ def _check_tensors(root: Path, p) -> list[str]:
     problems = []
     for directory, in_dir in ((MODEL_DIR, lambda t: t.part != "mtp"),
                               (MTP_DIR, lambda t: t.part == "mtp")):  # fmt: skip
-        want = {
-            (drafter_key(t.path) if t.part == "mtp" else t.path): t for t in planned if in_dir(t)
-        }
+        want = {t.path: t for t in planned if in_dir(t)}
         if not want:
             continue
         try:
@@ -257,28 +266,20 @@ def _check_fit(p, entitlement_required: bool) -> tuple[list[str], str]:
     if not p.fits:
         problems.append(
             f"does not fit {tgt.label}: peak {p.total / 1e9:.2f} GB at "
-            f"{p.context:,} tokens, {p.usable / 1e9:.2f} GB usable"
+            f"{p.max_context:,} tokens, {p.usable / 1e9:.2f} GB usable"
         )
     ent = "with" if entitlement_required else "without"
     detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
-              f"({ent} the entitlement) at {p.context:,} tokens")  # fmt: skip
+              f"usable {ent} the entitlement at {p.max_context:,} tokens")  # fmt: skip
     return problems, detail
 
 
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
     """Tensor bytes per part, read from the safetensors headers of model/ and mtp/."""
-    from mlxkit.convert.layout import bytes_by_part, part_of
+    from mlxkit.layout import bytes_by_part_on_disk
 
-    from mlxkit.checkpoint import read_headers, weight_files
-
-    totals = bytes_by_part([])
-    dirs = [(root / MODEL_DIR, None)]
-    if manifest["mtp"]["included"]:
-        dirs.append((root / MTP_DIR, "mtp"))
-    for directory, part in dirs:
-        for name, info in read_headers(weight_files(directory)).items():
-            totals[part or part_of(name)] += info.nbytes
-    return totals
+    return bytes_by_part_on_disk(root / MODEL_DIR, root / MTP_DIR if manifest["mtp"]["included"]
+                                 is True else None)  # fmt: skip
 
 
 def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:

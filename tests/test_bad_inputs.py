@@ -694,7 +694,7 @@ VERIFY_ROWS = [
     verify("verify: dtype edited", edit_manifest(
         lambda m: m["quantization"].update(dtype="float16")), "tensors as planned"),
     verify("verify: acceptance a string", edit_manifest(
-        lambda m: m["performance"].update(mtp_acceptance="high")), "mtp_acceptance"),
+        lambda m: m["performance"].update(mtp_acceptance="high")), "acceptance"),
     verify("verify: a speed edited", edit_manifest(
         lambda m: m["performance"].update(roofline_efficiency=1.0)), "roofline_efficiency"),
     verify("verify: warnings edited", edit_manifest(lambda m: m.update(warnings=["ok"])),

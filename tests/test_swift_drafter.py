@@ -24,6 +24,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlxkit.convert.converter import convert
 from mlxkit.ios_bridge import build_bundle
+from mlxkit.ios_bridge.manifest import file_entries
 
 from mlxkit import load, stream_generate
 from mlxkit.checkpoint import weight_files
@@ -287,5 +288,8 @@ def test_mlxkit_loads_both_layouts_and_old_bundles_identically(drafters, tmp_pat
     old = Path(shutil.copytree(drafters["bundle"], tmp_path / "old"))
     shutil.rmtree(old / "mtp")
     shutil.copytree(drafters["mlx-vlm"] / "mtp", old / "mtp")
+    manifest = json.loads((old / "manifest.json").read_text())  # as that bundle listed them
+    manifest["files"] = file_entries(old)
+    (old / "manifest.json").write_text(json.dumps(manifest))
     plain = greedy(drafters["bundle"], mtp=False)
     assert greedy(drafters["bundle"], mtp=True) == plain == greedy(old, mtp=True)
