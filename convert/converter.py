@@ -32,9 +32,9 @@ import click
 import mlx.core as mx
 
 from mlxkit import __version__
-from mlxkit.checkpoint import INDEX, read_json
+from mlxkit.checkpoint import INDEX, model_file, read_json
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
-from mlxkit.fields import local_path
+from mlxkit.fields import integer, local_path
 from mlxkit.info import human_bytes
 from mlxkit.layout import (
     OUTPUT_DTYPES,
@@ -148,6 +148,7 @@ def convert(
         check_destination(_absolute(dst), force, written_by_convert, "model directory")
     source = local or resolve_source(src)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp)
+    _check_side_files(source.directory)
     planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype)
     out = _absolute(dst if dst is not None else default_output_name(source.name, the_recipe,
                                                                      dtype))  # fmt: skip
@@ -230,6 +231,20 @@ def written_by_convert(directory: Path) -> bool:
 
 def _converter_file(name: str) -> bool:
     return name in (CONFIG, INDEX, *TOKENIZER_FILES) or bool(SHARD_NAME.fullmatch(name))
+
+
+def _check_side_files(directory: Path) -> None:
+    """The tokenizer and generation files that are there are read like the weights: regular
+    files inside the model directory; the two JSON ones the converter reads must parse."""
+    files = {n: p for n in TOKENIZER_FILES if (p := model_file(directory, n)) is not None}
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        if name in files:
+            data = read_json(files[name], name)
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{files[name]}: not a JSON object")
+            eos = data.get("eos_token_id") if name == "generation_config.json" else None
+            for token in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+                integer(token, f"{files[name]}: eos_token_id", 0, error=CheckpointError)
 
 
 def _check_disk(out: Path, planned: list[PlannedTensor], source_dir: Path) -> None:

@@ -22,15 +22,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlxkit.convert.output import (
-    OutputError,
-    check_apart_from_source,
-    check_destination,
-    remove_leftovers,
-    replace_dir,
-    temp_dir,
-    write_error,
-)
+from mlxkit.convert import output
 
 from mlxkit import __version__
 from mlxkit.bundle_files import bundle_files, read_manifest
@@ -147,22 +139,22 @@ def build_bundle(
     from mlxkit.convert.converter import convert
     from mlxkit.convert.source import local_source
 
-    out = local_path(out, "output", OutputError).absolute()
+    out = local_path(out, "output", output.OutputError).absolute()
     local = local_source(src)
     if local is not None:
-        check_apart_from_source(out, local.directory)
-    check_destination(out, force, written_by_bundle, "bundle")
+        output.check_apart_from_source(out, local.directory)
+    output.check_destination(out, force, written_by_bundle, "bundle")
     source, p = plan_for_source(src, target, memory_budget, context, settings)
-    check_apart_from_source(out, source.directory)
+    output.check_apart_from_source(out, source.directory)
 
-    remove_leftovers(out)
-    tmp = temp_dir(out, "building")
+    output.remove_leftovers(out)
+    tmp = output.temp_dir(out, "building")
     created = next((d for d in reversed(out.parents) if not d.exists()), None)
     try:
         try:
             tmp.mkdir(parents=True)
         except OSError as e:
-            raise write_error(e, out.parent) from None
+            raise output.write_error(e, out.parent) from None
         s = p.settings
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
@@ -184,11 +176,11 @@ def build_bundle(
         write_xcode(tmp / "xcode", out.name, manifest, download)
         manifest["files"] = file_entries(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
+        output.replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
         if isinstance(e, OSError):
-            raise write_error(e, out.parent) from None
+            raise output.write_error(e, out.parent) from None
         raise
     return manifest
 

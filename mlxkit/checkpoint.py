@@ -111,8 +111,8 @@ def _reason(e: BaseException) -> str:
 
 
 def read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not (path.exists() or path.is_symlink()):
+    path = model_file(model_dir, "config.json", "config.json")
+    if path is None:
         raise CheckpointError(f"{model_dir}: no config.json here; is this a model directory?")
     config = read_json(path, "config.json")
     if not isinstance(config, dict):
@@ -160,6 +160,26 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def model_file(model_dir: Path, name: str, what: str = "file") -> Path | None:
+    """`model_dir / name`, or None when there is none: a regular file (never a FIFO or a
+    directory) that really lies in the model directory — a symlink may point only into the
+    Hugging Face blob store of a cache snapshot."""
+    path = model_dir / name
+    if path.is_symlink():
+        try:
+            real = os.path.realpath(path, strict=True)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: a broken symlink or symlink loop ({_reason(e)})") from None
+        if not any(_inside(real, root) for root in _allowed_roots(model_dir)):
+            raise CheckpointError(
+                f"{path}: a symlink to {real}, outside the model directory; copy the file in"
+            )
+    elif not path.exists():
+        return None
+    regular_file_size(path, what)
+    return path
+
+
 def shard_path(model_dir: Path, name: object, where: str) -> Path:
     """`model_dir / name` after checking that `name` is a plain `*.safetensors` file name
     whose file really lies in the model directory and is a regular file."""
@@ -174,30 +194,19 @@ def shard_path(model_dir: Path, name: object, where: str) -> Path:
         or len(name) > 255
     ):
         raise CheckpointError(
-            f"{where}: {short(name)} is not a plain *.safetensors file name in the model directory"
+            f"{where}: {short(name)} is not a plain *.safetensors file name in the model "
+            "directory"
         )
-    path = model_dir / name
-    if path.is_symlink():
-        try:
-            real = os.path.realpath(path, strict=True)
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{path}: a broken symlink or symlink loop ({_reason(e)})"
-            ) from None
-        if not any(_inside(real, root) for root in _allowed_roots(model_dir)):
-            raise CheckpointError(
-                f"{path}: a symlink to {real}, outside the model directory; copy the file in"
-            )
-    elif not path.exists():
+    path = model_file(model_dir, name, "safetensors file")
+    if path is None:
         raise CheckpointError(f"{where}: names {name}, which is missing")
-    regular_file_size(path, "safetensors file")
     return path
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """Shards named by model.safetensors.index.json if present, else every *.safetensors."""
-    index = model_dir / INDEX
-    if index.exists() or index.is_symlink():
+    index = model_file(model_dir, INDEX, "safetensors index")
+    if index is not None:
         data = read_json(index, "safetensors index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):

@@ -476,6 +476,25 @@ WEIGHT_ROWS = [
         setup=edit_header(lambda i: i.converted / "mtp" / "model.safetensors", overlap_second)),
     cli("an MLX model as source", "convert", "--hf-path", "{converted}", "-o", "{out}",
         needs=("converted",), message="already converted"),
+    convert("side files: generation_config.json a FIFO",
+            setup=fifo(lambda i: i.src / "generation_config.json"), message="not a regular file",
+            subprocess=True),
+    convert("side files: generation_config.json not JSON",
+            setup=write_bytes(lambda i: i.src / "generation_config.json", "{"),
+            message="not valid JSON"),
+    convert("side files: eos_token_id a string", setup=edit_json(
+        lambda i: i.src / "generation_config.json", lambda g: g.update(eos_token_id="x")),
+        message="eos_token_id"),
+    convert("side files: tokenizer_config.json a list",
+            setup=write_bytes(lambda i: i.src / "tokenizer_config.json", "[]"),
+            message="not a JSON object"),
+    convert("side files: tokenizer.json a symlink out of the model", setup=lambda i: (
+        shutil.copy(i.src / "tokenizer.json", i.root / "t.json"),
+        (i.src / "tokenizer.json").unlink(), (i.src / "tokenizer.json").symlink_to(
+            i.root / "t.json")), message="outside the model directory"),
+    info("config: a symlink out of the model", lambda i: (
+        shutil.copy(config(i), i.root / "c.json"), config(i).unlink(),
+        config(i).symlink_to(i.root / "c.json")), "outside the model directory"),
 ]
 
 OUTPUT_ROWS = [

@@ -21,7 +21,7 @@ from tests.helpers import FIXTURES
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 KILLS = 10  # real kills (of a process still running) per test, at least
-ATTEMPTS = 40
+ATTEMPTS = 60
 SRC = FIXTURES / "tiny_untied"
 
 
@@ -51,58 +51,67 @@ def temporaries(parent: Path, out: Path) -> list[str]:
 
 
 def kill_at_random(args: list[str], cwd: Path, out: Path, rng: random.Random,
-                   writing_s: float) -> tuple[str, bool]:  # fmt: skip
-    """Starts the command and kills it with SIGKILL: half the time at a random moment of the
-    whole run, half the time at a random moment after its temporary folder appears (when it
-    is writing or swapping). Returns when (for failure messages) and whether it was still
-    running."""
+                   timing: tuple[float, float]) -> tuple[str, bool]:  # fmt: skip
+    """Starts the command and kills it with SIGKILL at a random moment: half the time of the
+    whole run, half the time of the part after its temporary folder appears (writing, then
+    swapping). Returns when (for failure messages) and whether it was still running."""
+    total, writing_from = timing
     proc = mlxkit(*args, cwd=cwd)
     t0 = time.monotonic()
     if rng.random() < 0.5:
-        time.sleep(rng.uniform(0, 3 * writing_s))
-    else:
+        time.sleep(rng.uniform(0, total))
+    else:  # from the moment the temporary folder appears
         while proc.poll() is None and not temporaries(out.parent, out):
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, writing_s))
-    when = f"{time.monotonic() - t0:.3f} s"
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, max(total - writing_from, 0.01)))
+    delay = time.monotonic() - t0
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return when, proc.returncode == -signal.SIGKILL
+    return f"{delay:.3f} s", proc.returncode == -signal.SIGKILL
 
 
-def writing_time(args: list[str], cwd: Path, out: Path) -> float:
-    """Seconds from the temporary folder's appearance to the end of a run."""
+def run_timing(args: list[str], cwd: Path, out: Path) -> tuple[float, float]:
+    """(seconds of a whole run, seconds until its temporary folder appears)."""
+    t0 = time.monotonic()
     proc = mlxkit(*args, cwd=cwd)
     while proc.poll() is None and not temporaries(out.parent, out):
         time.sleep(0.002)
-    t0 = time.monotonic()
+    writing_from = time.monotonic() - t0
     proc.wait()
-    return max(0.05, time.monotonic() - t0)
+    return time.monotonic() - t0, writing_from
+
+
+def kills_leave_old_or_new(tmp_path: Path, out: Path, args: list[str], old: Path | None,
+                           new: Path, seed: int) -> None:  # fmt: skip
+    """Runs `args` over `old` (None: no OUT yet) and kills it at random, again and again
+    until KILLS kills landed while it ran: each time OUT is the old or the new output,
+    complete, and a full rerun leaves the new one and no temporary folder."""
+    rerun = args if "--force" in args else [*args, "--force"]
+    timing = run_timing(rerun, tmp_path, out)
+    rng, kills, left = random.Random(seed), 0, 0
+    for i in range(ATTEMPTS):
+        if kills == KILLS:
+            break
+        _restore(old, out)
+        when, killed = kill_at_random(args, tmp_path, out, rng, timing)
+        kills += killed
+        left += bool(temporaries(out.parent, out))  # what the next run must clean up
+        before = same_tree(out, old) if old is not None else not out.exists()
+        assert before or same_tree(out, new), f"kill {i} at {when}"
+        run(*rerun, cwd=tmp_path)
+        assert same_tree(out, new) and temporaries(tmp_path, out) == [], f"kill {i} at {when}"
+    print(f"{kills} kills in {i + 1} runs; {left} left a temporary folder for the next run")
+    assert kills == KILLS and left > 0  # the cleanup was put to the test
 
 
 def test_kill_during_convert_leaves_no_output_or_the_new_one(tmp_path):
     out = tmp_path / "out"
     args = ["convert", "--hf-path", str(SRC), "-o", str(out)]
     run(*args, cwd=tmp_path)
-    reference = tmp_path / "reference"
-    out.rename(reference)
-    writing_s = writing_time(args, tmp_path, out)
-    shutil.rmtree(out)
-    rng, kills, left = random.Random(10), 0, 0
-    for i in range(ATTEMPTS):
-        if kills == KILLS:
-            break
-        when, killed = kill_at_random(args, tmp_path, out, rng, writing_s)
-        kills += killed
-        left += bool(temporaries(out.parent, out))  # what the next run must clean up
-        assert not out.exists() or same_tree(out, reference), f"kill {i} at {when}"
-        run(*args, "--force", cwd=tmp_path)
-        assert same_tree(out, reference), f"rerun after kill {i} at {when}"
-        assert temporaries(tmp_path, out) == [], f"kill {i} at {when}"
-        shutil.rmtree(out)
-    print(f"{kills} kills in {i + 1} runs; {left} left a temporary folder for the next run")
-    assert kills == KILLS and left > 0  # the cleanup was put to the test
+    new = tmp_path / "new"
+    out.rename(new)
+    kills_leave_old_or_new(tmp_path, out, args, None, new, seed=10)
 
 
 def test_kill_during_convert_force_leaves_the_old_output_or_the_new_one(tmp_path):
@@ -110,20 +119,7 @@ def test_kill_during_convert_force_leaves_the_old_output_or_the_new_one(tmp_path
     old_args = ["convert", "--hf-path", str(SRC), "-o", str(out), "--bits", "8"]
     new_args = ["convert", "--hf-path", str(SRC), "-o", str(out), "--force"]
     old, new = _references(tmp_path, out, old_args, new_args)
-    writing_s = writing_time(new_args, tmp_path, out)
-    rng, kills, left = random.Random(11), 0, 0
-    for i in range(ATTEMPTS):
-        if kills == KILLS:
-            break
-        _restore(old, out)
-        when, killed = kill_at_random(new_args, tmp_path, out, rng, writing_s)
-        kills += killed
-        left += bool(temporaries(out.parent, out))  # what the next run must clean up
-        assert same_tree(out, old) or same_tree(out, new), f"kill {i} at {when}"
-        run(*new_args, cwd=tmp_path)
-        assert same_tree(out, new) and temporaries(tmp_path, out) == [], f"kill {i} at {when}"
-    print(f"{kills} kills in {i + 1} runs; {left} left a temporary folder for the next run")
-    assert kills == KILLS and left > 0  # the cleanup was put to the test
+    kills_leave_old_or_new(tmp_path, out, new_args, old, new, seed=11)
 
 
 def test_kill_during_convert_target_force_over_a_bundle(tmp_path):
@@ -134,20 +130,7 @@ def test_kill_during_convert_target_force_over_a_bundle(tmp_path):
                 "--force"]  # fmt: skip
     old, new = _references(tmp_path, out, old_args, new_args)
     assert not same_tree(old, new)
-    writing_s = writing_time(new_args, tmp_path, out)
-    rng, kills, left = random.Random(12), 0, 0
-    for i in range(ATTEMPTS):
-        if kills == KILLS:
-            break
-        _restore(old, out)
-        when, killed = kill_at_random(new_args, tmp_path, out, rng, writing_s)
-        kills += killed
-        left += bool(temporaries(out.parent, out))  # what the next run must clean up
-        assert same_tree(out, old) or same_tree(out, new), f"kill {i} at {when}"
-        run(*new_args, cwd=tmp_path)
-        assert same_tree(out, new) and temporaries(tmp_path, out) == [], f"kill {i} at {when}"
-    print(f"{kills} kills in {i + 1} runs; {left} left a temporary folder for the next run")
-    assert kills == KILLS and left > 0  # the cleanup was put to the test
+    kills_leave_old_or_new(tmp_path, out, new_args, old, new, seed=12)
 
 
 def _references(tmp_path: Path, out: Path, old_args, new_args) -> tuple[Path, Path]:
@@ -161,7 +144,8 @@ def _references(tmp_path: Path, out: Path, old_args, new_args) -> tuple[Path, Pa
     return refs / "old", refs / "new"
 
 
-def _restore(old: Path, out: Path) -> None:
+def _restore(old: Path | None, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(old, out)
+    if old is not None:
+        shutil.copytree(old, out)
