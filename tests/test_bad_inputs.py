@@ -831,6 +831,20 @@ API_ROWS = [
     api("convert: a read-only output folder", lambda i: _read_only(i, _api_convert),
         message="Permission denied"),
     api("bundle: num_draft 0", lambda i: _api_build(i, num_draft=0), message="num_draft"),
+    *(api(f"recipe: {what}", lambda i, text=text: _recipe(i, text), message=message)
+      for what, text, message in [
+          ("rules not a list", "rules = 3", "rules: expected a list"),
+          ("a rule not a table", "rules = [1]", "rule 1: expected a JSON object"),
+          ("match a number", "[[rules]]\nmatch = 5", "match: expected a string"),
+          ("a bad regular expression", "[[rules]]\nmatch = '('", "bad regular expression"),
+          ("quantize a string", "[[rules]]\nmatch = 'x'\nquantize = 'no'", "quantize"),
+          ("bits a string", "bits = '4'", "bits must be one of"),
+          ("a rule's group size 7", "[[rules]]\nmatch = 'x'\ngroup_size = 7", "group size"),
+          ("description a number", "description = 5", "description: expected a string"),
+          ("an unknown key", "bitz = 4", "unknown keys ['bitz']"),
+          ("not TOML", "bits = = 4", "not a readable TOML recipe"),
+          ("not UTF-8", b"bits = 4 # \xff", "not a readable TOML recipe"),
+      ]),
     api("bundle: a read-only output folder", lambda i: _read_only(i, _api_build),
         message="Permission denied"),
     api("verify: missing", lambda i: _verify(i.root / "nope"), message="not a directory"),
@@ -843,6 +857,21 @@ API_ROWS = [
         message="hidden_size"),
 ]
 # fmt: on
+
+
+def _recipe(i: Inputs, text: str | bytes):
+    """A recipe file with `text` in a recipe folder of the inputs, loaded by name."""
+    from mlxkit.convert import quantize
+
+    folder, real = i.root / "recipes", quantize.RECIPES_DIR
+    folder.mkdir()
+    quantize.RECIPES_DIR = folder
+    try:
+        (folder / "mine.toml").write_bytes(text.encode() if isinstance(text, str) else text)
+        return quantize.load_recipe("mine")
+    finally:
+        quantize.RECIPES_DIR = real
+        shutil.rmtree(folder)
 
 
 def _read_only(i: Inputs, call):
