@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import TextConfig
 from tests.badinput import (
     Inputs,
@@ -950,3 +951,23 @@ def test_float_weights_are_not_flagged(tmp_path):
         ].astype(mx.float32)
     )
     assert np.isfinite(got).all() and np.abs(got).max() > 100
+
+
+def test_hub_cache_snapshot_symlinks_are_allowed(tmp_path):
+    """A Hugging Face cache snapshot is all symlinks into the repo's blob store: they leave
+    the model directory, and that one place outside it is allowed (and no other)."""
+    from mlxkit.info import checkpoint_info
+    from tests.helpers import FIXTURES
+
+    repo = tmp_path / "models--Qwen--Qwen3.5-Tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in (FIXTURES / "tiny_tied").iterdir():
+        shutil.copy(f, blobs / f"blob-{f.name}")
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"blob-{f.name}")
+    assert checkpoint_info(snapshot).params["text"] > 0
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(FIXTURES / "tiny_tied" / "model.safetensors")
+    with pytest.raises(MlxkitError, match="outside the model directory"):
+        checkpoint_info(snapshot)
