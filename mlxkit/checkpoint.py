@@ -169,7 +169,9 @@ def model_file(model_dir: Path, name: str, what: str = "file") -> Path | None:
         try:
             real = os.path.realpath(path, strict=True)
         except (OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: a broken symlink or symlink loop ({_reason(e)})") from None
+            raise CheckpointError(
+                f"{path}: a broken symlink or symlink loop ({_reason(e)})"
+            ) from None
         if not any(_inside(real, root) for root in _allowed_roots(model_dir)):
             raise CheckpointError(
                 f"{path}: a symlink to {real}, outside the model directory; copy the file in"
@@ -194,8 +196,7 @@ def shard_path(model_dir: Path, name: object, where: str) -> Path:
         or len(name) > 255
     ):
         raise CheckpointError(
-            f"{where}: {short(name)} is not a plain *.safetensors file name in the model "
-            "directory"
+            f"{where}: {short(name)} is not a plain *.safetensors file name in the model directory"
         )
     path = model_file(model_dir, name, "safetensors file")
     if path is None:
