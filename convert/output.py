@@ -56,18 +56,20 @@ def _reason(e: BaseException) -> str:
 def _protected(out: Path) -> str | None:
     """Why `out` must never be replaced, or None: it is (or holds) the current, home or
     root directory."""
-    real = out.resolve()
+    real = _real(out)
     for name, place in (("the current directory", Path.cwd()), ("your home directory",
                                                                 Path.home())):  # fmt: skip
-        try:
-            place = place.resolve()
-        except (OSError, RuntimeError):
-            continue
+        place = _real(place)
         if real == place:
             return name
         if place.is_relative_to(real):
             return f"a folder holding {name}"
     return "the root directory" if real == Path(real.anchor) else None
+
+
+def _real(path: Path) -> Path:
+    """`path` with its symlinks followed as far as they go (a loop stays as it is)."""
+    return Path(os.path.realpath(path))
 
 
 def check_destination(out: Path, force: bool, is_ours: Callable[[Path], bool], what: str) -> None:
@@ -80,7 +82,13 @@ def check_destination(out: Path, force: bool, is_ours: Callable[[Path], bool], w
             raise OutputError(f"{out} already exists; pass --force to replace it")
         if out.is_symlink() or not out.is_dir():
             raise OutputError(f"{out} exists and is not a directory; not replacing it")
-        if any(out.iterdir()) and not is_ours(out):
+        try:
+            empty = not any(out.iterdir())
+        except OSError as e:
+            raise OutputError(
+                f"{out}: cannot look inside ({_reason(e)}); not replacing it"
+            ) from None
+        if not empty and not is_ours(out):
             raise OutputError(
                 f"{out} was not written by mlxkit (it holds files a {what} does not have); "
                 "not replacing it — choose a new folder or remove it yourself"
@@ -94,7 +102,7 @@ def check_destination(out: Path, force: bool, is_ours: Callable[[Path], bool], w
 
 def check_apart_from_source(out: Path, source: Path) -> None:
     """OUT is neither the source checkpoint, nor holds it, nor lies inside it."""
-    out, src = out.resolve(), source.resolve()
+    out, src = _real(out), _real(source)
     if out == src or src.is_relative_to(out):
         raise OutputError(f"{out}: the output would replace the source checkpoint {src}")
     if out.is_relative_to(src):
