@@ -290,7 +290,7 @@ def manifests(draw) -> bytes:
     return json.dumps(manifest).encode()
 
 
-@fuzz(manifests(), examples=150)
+@fuzz(manifests(), examples=200)
 def _manifest(blob: bytes) -> None:
     from mlxkit.ios_bridge import verify_bundle
 
