@@ -127,9 +127,10 @@ def generate(
 def _register_subcommands() -> None:
     """Subcommands that live beside the code they drive (imported here, after `main` exists)."""
     from mlxkit.convert.cli import convert
+    from mlxkit.convert.coreml import export_coreml
     from mlxkit.ios_bridge.cli import bundle, plan_command, tiers
 
-    for command in (convert, tiers, plan_command, bundle):
+    for command in (convert, export_coreml, tiers, plan_command, bundle):
         main.add_command(command)
 
 

@@ -1,0 +1,478 @@
+"""`mlxkit export-coreml`: the Qwen 3.5 vision encoder as a Core ML package, so an iPhone app
+can encode images on the Neural Engine while MLX generates on the GPU (the split Apple's
+FastVLM app uses: a Core ML vision encoder feeding an MLX language model).
+
+The package is an ML Program for iOS 18 (float16 compute, meant for CPU_AND_NE) holding one
+function per patch grid, `grid_{rows}x{cols}`, all sharing one weight file. A function
+takes the flattened patches of one image (or one temporal group of a video) in
+transformers' order, [rows*cols, C*T*P*P] float32, and returns the merged embeddings that
+replace the image pads, [rows*cols / merge^2, out_hidden_size] float32. Fixed shapes
+per function are what lets the Neural Engine run every grid (a flexible shape runs there
+only at its default).
+
+The default grids are what `smart_resize` gives a large square, 3:4 (portrait) and 4:3
+(landscape) photo under caps of 256, 576 and 1,024 vision tokens; an app resizes a picture
+to the grid nearest its aspect ratio. torch and coremltools (the `coreml` extra) are
+imported only when an export runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from mlxkit.checkpoint import read_config, read_headers, weight_files
+from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
+from mlxkit.info import human_bytes
+
+INPUT_NAME = "patches"
+OUTPUT_NAME = "embeddings"
+PRECISIONS = ("float16", "float32")
+TOKEN_BUDGETS = (256, 576, 1024)
+ASPECTS = ((1, 1), (3, 4), (4, 3))  # width : height
+# Attention is over all patches of a grid: 4,096 vision tokens are 16,384 patches at merge 2,
+# and their float16 scores alone are heads x 512 MB. Nothing larger fits a phone.
+MAX_VISION_TOKENS = 4096
+COMPUTE_UNITS = "CPU_AND_NE"
+SPEC_FILE = "Data/com.apple.CoreML/model.mlmodel"  # inside the package, as coremltools writes it
+WEIGHT_FILE = "Data/com.apple.CoreML/weights/weight.bin"  # one file, shared by all functions
+INSTALL_HINT = "pip install 'mlxkit[coreml]'"
+
+Grid = tuple[int, int]  # (rows, cols) of patches, as image_grid_thw's h and w
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The `vision_config` fields the export reads, checked."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    num_position_embeddings: int
+    rope_theta: float
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def grid_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> VisionConfig:
+        """From a model's config.json (outer `qwen3_5`, as published and as converted)."""
+        vc = config.get("vision_config")
+        if not isinstance(vc, dict):
+            raise CheckpointError(f"{where}: no vision_config; this model has no vision tower")
+        defaults = {"in_channels": 3}
+        values = {}
+        for name in (f for f in cls.__dataclass_fields__ if f != "rope_theta"):
+            value = vc.get(name, defaults.get(name))
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}: vision_config.{name} must be a positive integer")
+            values[name] = value
+        rope = vc.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"{where}: vision rope_type {rope['rope_type']!r} is not axial")
+        act = vc.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ConfigError(
+                f"{where}: vision hidden_act {act!r}; Qwen 3.5 uses gelu_pytorch_tanh"
+            )
+        if vc.get("deepstack_visual_indexes"):
+            raise ConfigError(f"{where}: deepstack_visual_indexes is not empty (not Qwen 3.5)")
+        cfg = cls(**values, rope_theta=float(rope.get("rope_theta", 10000.0)))
+        if cfg.grid_side**2 != cfg.num_position_embeddings:
+            raise ConfigError(f"{where}: vision num_position_embeddings is not a square")
+        head_dim, rest = divmod(cfg.hidden_size, cfg.num_heads)
+        if rest or head_dim % 4:
+            raise ConfigError(
+                f"{where}: vision hidden_size / num_heads must be a multiple of 4 (2D rotary)"
+            )
+        return cfg
+
+
+# --- grids -----------------------------------------------------------------------------------
+
+
+def function_name(grid: Grid) -> str:
+    return f"grid_{grid[0]}x{grid[1]}"
+
+
+def vision_tokens(grid: Grid, merge: int) -> int:
+    return grid[0] * grid[1] // merge**2
+
+
+def default_grids(merge: int) -> list[Grid]:
+    """For each token budget and aspect (w:h), the largest grid of that shape within the budget:
+    merged sides floor(sqrt(T*h/w)) x floor(sqrt(T*w/h)), as smart_resize caps a large photo."""
+    grids = []
+    for budget in TOKEN_BUDGETS:
+        for w, h in ASPECTS:
+            rows, cols = math.isqrt(budget * h // w), math.isqrt(budget * w // h)
+            grids.append((rows * merge, cols * merge))
+    return grids
+
+
+def parse_grids(specs: list[str] | tuple[str, ...], merge: int) -> list[Grid]:
+    """ "32x32,36x26" (rows x cols of patches), one or more such lists, checked."""
+    grids: list[Grid] = []
+    for spec in specs:
+        for item in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+            if match is None:
+                raise ConfigError(f"grid {item.strip()!r}: write ROWSxCOLS in patches, e.g. 32x32")
+            grids.append((int(match[1]), int(match[2])))
+    return check_grids(grids, merge)
+
+
+def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
+    if not grids:
+        raise ConfigError("no grids to export")
+    for rows, cols in grids:
+        name = f"{rows}x{cols}"
+        if rows <= 0 or cols <= 0 or rows % merge or cols % merge:
+            raise ConfigError(
+                f"grid {name}: rows and cols must be positive multiples of the spatial merge "
+                f"size {merge} (patches merge {merge}x{merge} into one token)"
+            )
+        if vision_tokens((rows, cols), merge) > MAX_VISION_TOKENS:
+            raise ConfigError(
+                f"grid {name}: {vision_tokens((rows, cols), merge)} vision tokens; at most "
+                f"{MAX_VISION_TOKENS} are supported (attention over all patches grows as N^2)"
+            )
+    if len(set(grids)) != len(grids):
+        raise ConfigError("a grid is listed twice")
+    return list(grids)
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+# safetensors dtypes the vision weights may have
+_FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def vision_key(name: str) -> tuple[str, bool] | None:
+    """A checkpoint tensor's name inside the vision tower, in transformers' spelling, and
+    whether its patch embedding is channels-last; None outside the tower.
+
+    Two layouts: transformers' `model.visual.*` as published, and mlx-vlm's `vision_tower.*`
+    (what a converted MLX directory holds), whose Conv3d patch-embedding weight is
+    [hidden, T, P, P, C] instead of [hidden, C, T, P, P]."""
+    for prefix, channels_last in (("model.visual.", False), ("vision_tower.", True)):
+        if name.startswith(prefix):
+            key = name[len(prefix) :]
+            return key, channels_last and key == "patch_embed.proj.weight"
+    return None
+
+
+def read_vision_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    """The vision tower's tensors as float32, by transformers' name (without `model.visual.`)."""
+    import mlx.core as mx
+
+    from .reader import read_rows
+
+    headers = read_headers(weight_files(model_dir))
+    found = {}
+    prefixes = set()
+    for name, info in headers.items():
+        key = vision_key(name)
+        if key is None:
+            continue
+        prefixes.add(name.split(".")[0])
+        if name.endswith((".scales", ".biases")):
+            raise CheckpointError(
+                f"{info.file}: {name}: the vision tower is quantized; export from a checkpoint "
+                "whose vision weights are float (the original, or a conversion without "
+                "--vision-bits)"
+            )
+        if info.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}; expected a float")
+        if key[1] and len(info.shape) != 5:
+            raise CheckpointError(f"{info.file}: {name} has shape {info.shape}; expected 5 axes")
+        found[name] = (key, info)
+    if not found:
+        raise CheckpointError(
+            f"{model_dir}: no vision tower weights (model.visual.* or vision_tower.*); "
+            "was it converted without vision?"
+        )
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{model_dir}: vision weights in two layouts ({', '.join(prefixes)})")
+    weights = {}
+    for name, ((key, channels_last), info) in found.items():
+        rows = info.shape[0] if info.shape else 1
+        value = np.array(read_rows(info, 0, rows).astype(mx.float32))
+        weights[key] = value.transpose(0, 4, 1, 2, 3) if channels_last else value
+    return weights
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    grids: list[Grid]
+    precision: str
+    parameters: int  # of the vision tower
+    weight_bytes: int  # the shared weight file
+    files: dict[str, str]  # package-relative path -> sha256
+    bytes: int  # the whole package
+    seconds: float
+    peak_memory: int  # peak resident memory of this process
+
+    @property
+    def functions(self) -> list[str]:
+        return [function_name(g) for g in self.grids]
+
+    @property
+    def sha256(self) -> str:
+        """One digest of the package: of its files' paths and digests, sorted."""
+        listing = "".join(f"{path}\0{digest}\n" for path, digest in sorted(self.files.items()))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def export_vision_encoder(
+    model: str | Path,
+    output: str | Path,
+    grids: list[Grid] | None = None,
+    *,
+    precision: str = "float16",
+    force: bool = False,
+    quiet: bool = False,
+) -> ExportResult:
+    """Writes the vision tower of `model` (a directory in the Hugging Face or the converted
+    MLX layout) to the package `output` (`*.mlpackage`), one function per grid (default:
+    `default_grids`). Everything is checked before anything is written; the package is
+    assembled beside `output` and renamed into place only when complete."""
+    from .converter import _check_existing, _peak_rss, _replace
+
+    t0 = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    out = Path(output).expanduser().absolute()
+    if out.suffix != ".mlpackage":
+        raise ConfigError(f"{out}: the output must be a .mlpackage path")
+    ct, torch = _import_coreml()
+    model_dir = Path(model).expanduser()
+    cfg = VisionConfig.from_config(read_config(model_dir), str(model_dir / "config.json"))
+    grids = default_grids(cfg.spatial_merge_size) if grids is None else grids
+    grids = check_grids(grids, cfg.spatial_merge_size)
+    _check_existing(out, force)
+    weights = read_vision_weights(model_dir)
+
+    from .coreml_encoder import GridEncoder, VisionTower
+
+    tower = VisionTower.from_weights(cfg, weights)
+    parameters = sum(v.size for v in weights.values())
+    del weights
+    # each grid is converted to its own package first, then merged into one
+    _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
+    say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        packages = []
+        for i, grid in enumerate(grids):
+            t1 = time.perf_counter()
+            tokens = vision_tokens(grid, cfg.spatial_merge_size)
+            say(f"[{i + 1}/{len(grids)}] {function_name(grid)}, {tokens} vision tokens: ", nl=False)
+            path = work / f"{function_name(grid)}.mlpackage"
+            _convert_grid(ct, torch, GridEncoder(tower, *grid), cfg, grid, precision, path)
+            packages.append(path)
+            say(f"converted in {time.perf_counter() - t1:.1f} s")
+        say(f"writing {len(grids)} functions with shared weights")
+        package = work / out.name
+        _save_multifunction(ct, packages, grids, package)
+        _describe(ct, package, cfg, grids, precision)
+        files = package_files(package)
+        _replace(package, out)
+    except BaseException:
+        shutil.rmtree(created or work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    result = ExportResult(
+        output=out,
+        grids=grids,
+        precision=precision,
+        parameters=parameters,
+        weight_bytes=(out / WEIGHT_FILE).stat().st_size,
+        files=files,
+        bytes=sum((out / p).stat().st_size for p in files),
+        seconds=time.perf_counter() - t0,
+        peak_memory=_peak_rss(),
+    )
+    say(format_summary(result))
+    return result
+
+
+def _check_disk(out: Path, need: int) -> None:
+    from .converter import DISK_MARGIN
+
+    parent = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < need + DISK_MARGIN:
+        raise MlxkitError(
+            f"not enough disk space at {parent}: the export needs about "
+            f"{human_bytes(need + DISK_MARGIN)}, {human_bytes(free)} is free"
+        )
+
+
+def _import_coreml():
+    """coremltools and torch, or one line saying how to get them. coremltools' import-time
+    notices (an untested torch version; no prediction on Linux) are not the user's business:
+    the export is verified by reading the package back, not by coremltools' test matrix."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import coremltools as ct
+        import torch
+    except ImportError as e:
+        raise MlxkitError(
+            f"Core ML export needs torch and coremltools ({e}): {INSTALL_HINT}"
+        ) from None
+    finally:
+        logger.setLevel(level)
+    return ct, torch
+
+
+def _convert_grid(ct, torch, module, cfg: VisionConfig, grid: Grid, precision: str, path: Path):
+    n = grid[0] * grid[1]
+    # torch.jit.trace, deprecated by torch, is still coremltools' mature path: its torch.export
+    # path converts gelu(approximate="tanh") as the exact gelu (coremltools PR #2863, open).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)
+        traced = torch.jit.trace(module, torch.zeros(n, cfg.patch_dim))
+    # coremltools draws four progress bars per conversion on stderr; ours is one line a grid
+    with contextlib.redirect_stderr(io.StringIO()):
+        ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=(n, cfg.patch_dim), dtype=np.float32)],
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=(
+                ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32
+            ),
+            compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS),
+            package_dir=str(path),
+            skip_model_load=True,
+        )
+
+
+def _save_multifunction(ct, packages: list[Path], grids: list[Grid], out: Path) -> None:
+    from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
+
+    desc = MultiFunctionDescriptor()
+    for package, grid in zip(packages, grids):
+        desc.add_function(str(package), "main", function_name(grid))
+    desc.default_function_name = function_name(grids[0])
+    with contextlib.redirect_stderr(io.StringIO()):
+        save_multifunction(desc, str(out))
+
+
+def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision: str) -> None:
+    """What an app needs to know, in the spec Xcode shows: inputs, outputs, grids.
+    `save_multifunction` writes a bare description, so it is filled in here."""
+    spec = ct.utils.load_spec(str(package))
+    m = cfg.spatial_merge_size
+    meta = spec.description.metadata
+    meta.shortDescription = (
+        "Qwen 3.5 vision encoder: flattened image patches -> merged embeddings for the "
+        "language model's image pads; one function per patch grid"
+    )
+    meta.userDefined.update({
+        "mlxkit.grids": ",".join(f"{r}x{c}" for r, c in grids),
+        "mlxkit.precision": precision,
+        "mlxkit.compute_units": COMPUTE_UNITS,
+        "mlxkit.patch_size": str(cfg.patch_size),
+        "mlxkit.temporal_patch_size": str(cfg.temporal_patch_size),
+        "mlxkit.spatial_merge_size": str(m),
+    })  # fmt: skip
+    for function in spec.description.functions:
+        (inp,), (outp,) = function.input, function.output
+        inp.shortDescription = (
+            f"[rows*cols, {cfg.patch_dim}] patches of one image (C*T*P*P each), in the order "
+            "of transformers' Qwen2VLImageProcessor"
+        )
+        outp.shortDescription = (
+            f"[rows*cols/{m * m}, {cfg.out_hidden_size}] embeddings, one per vision token"
+        )
+    (package / SPEC_FILE).write_bytes(spec.SerializeToString())
+
+
+def package_files(package: Path) -> dict[str, str]:
+    files = {}
+    for path in sorted(p for p in package.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        files[path.relative_to(package).as_posix()] = digest.hexdigest()
+    return files
+
+
+def format_summary(result: ExportResult) -> str:
+    functions = ", ".join(result.functions)
+    per_parameter = result.weight_bytes / result.parameters
+    return "\n".join([
+        f"wrote {result.output} ({human_bytes(result.bytes)}): {len(result.grids)} functions "
+        + f"({functions}), {result.precision} compute, {COMPUTE_UNITS}",
+        f"weights {human_bytes(result.weight_bytes)}, shared by all functions "
+        + f"({per_parameter:.2f} bytes per parameter)",
+        f"{result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}",
+    ])  # fmt: skip
+
+
+# --- command ---------------------------------------------------------------------------------
+
+
+@click.command("export-coreml")
+@click.argument("model", type=click.Path())
+@click.option(
+    "-o", "--output", required=True, type=click.Path(), help="The package to write (*.mlpackage)."
+)
+@click.option(
+    "--grids",
+    multiple=True,
+    help="Patch grids ROWSxCOLS, comma-separated (default: square, 3:4 and 4:3 at about 256, "
+    "576 and 1,024 vision tokens).",
+)
+@click.option("--precision", default="float16", show_default=True, type=click.Choice(PRECISIONS),
+              help="Compute precision (the Neural Engine runs float16).")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress, no summary.")
+def export_coreml(model: str, output: str, grids: tuple[str, ...], precision: str, force: bool,
+                  quiet: bool) -> None:  # fmt: skip
+    """Export MODEL's vision encoder as a Core ML multifunction package (one function per
+    grid, shared weights) for the Neural Engine. Needs the coreml extra."""
+    parsed = None
+    if grids:
+        model_dir = Path(model).expanduser()
+        cfg = VisionConfig.from_config(read_config(model_dir), str(model_dir / "config.json"))
+        parsed = parse_grids(grids, cfg.spatial_merge_size)
+    export_vision_encoder(model, output, parsed, precision=precision, force=force, quiet=quiet)

@@ -1,0 +1,300 @@
+"""Core ML export of the vision encoder, checked without a Mac: the saved package is read back
+with coremltools' own loader and run by tests/mil_interpreter.py, against transformers'
+Qwen 3.5 vision model in float64.
+
+Two towers with different patch sizes, position grids, widths and rotary bases: the vision
+tower of tests/fixtures/tiny_untied (patch 4, 4x4 positions, 2 heads) and one written here
+(patch 2, 6x6 positions, 3 heads, depth 2, theta 1000). Their grids include sides below,
+equal to and above the position grid, so the position table is both shrunk and stretched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import coremltools as ct
+import numpy as np
+import pytest
+from coremltools.converters.mil.mil import types
+from coremltools.converters.mil.mil.types.symbolic import any_symbolic
+from mlxkit.convert.coreml import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    WEIGHT_FILE,
+    VisionConfig,
+    check_grids,
+    default_grids,
+    export_vision_encoder,
+    function_name,
+    parse_grids,
+)
+
+from mlxkit.errors import MlxkitError
+from tests import mil_interpreter
+from tests.coreml_models import (
+    Reference,
+    errors,
+    random_patches,
+    write_converted_layout,
+    write_vision_checkpoint,
+)
+from tests.helpers import FIXTURES
+from tests.mil_interpreter import Package, UnsupportedOp
+
+SECOND_TOWER = {
+    "depth": 2, "hidden_size": 48, "num_heads": 3, "intermediate_size": 96,
+    "out_hidden_size": 40, "in_channels": 3, "patch_size": 2, "temporal_patch_size": 2,
+    "spatial_merge_size": 2, "num_position_embeddings": 36, "hidden_act": "gelu_pytorch_tanh",
+    "deepstack_visual_indexes": [], "rope_parameters": {"rope_type": "axial", "rope_theta": 1000.0},
+}  # fmt: skip
+GRIDS = {"tiny_untied": [(2, 6), (6, 4), (8, 8)], "second": [(4, 10), (6, 6), (12, 8)]}
+OPS_FLOAT32 = {
+    "const", "linear", "reshape", "transpose", "upsample_bilinear", "add", "sub", "mul",
+    "layer_norm", "slice_by_index", "split", "concat", "scaled_dot_product_attention", "gelu",
+}  # fmt: skip
+OPS_FLOAT16 = OPS_FLOAT32 | {"cast"}  # the float32 input and output, at the edges only
+ROTARY_TABLES = ("cos_rows", "sin_rows", "cos_cols", "sin_cols")
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """name -> model directory"""
+    second = write_vision_checkpoint(tmp_path_factory.mktemp("second") / "model", SECOND_TOWER, 7)
+    return {"tiny_untied": FIXTURES / "tiny_untied", "second": second}
+
+
+@pytest.fixture(scope="module")
+def exports(towers, tmp_path_factory):
+    """(tower, precision) -> ExportResult, three grids each."""
+    out = tmp_path_factory.mktemp("exports")
+    return {
+        (name, precision): export_vision_encoder(
+            model_dir, out / f"{name}-{precision}.mlpackage", GRIDS[name], precision=precision,
+            quiet=True,
+        )
+        for name, model_dir in towers.items()
+        for precision in ("float32", "float16")
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def references(towers):
+    return {name: Reference(model_dir) for name, model_dir in towers.items()}
+
+
+def config_of(model_dir) -> VisionConfig:
+    return VisionConfig.from_config(json.loads((model_dir / "config.json").read_text()), "test")
+
+
+def run_all(result, towers, references, name):
+    """(grid, output, reference) for every function of a package."""
+    cfg = config_of(towers[name])
+    package = Package(result.output)
+    for i, grid in enumerate(result.grids):
+        patches = random_patches(grid, cfg.patch_dim, seed=i)
+        out = package.run(function_name(grid), {INPUT_NAME: patches})[OUTPUT_NAME]
+        yield grid, out, references[name](patches, grid)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_float32_program_matches_transformers_float64(exports, towers, references, name):
+    for grid, out, ref in run_all(exports[name, "float32"], towers, references, name):
+        rel, _ = errors(out, ref)
+        assert out.dtype == np.float32 and out.shape == ref.shape
+        assert rel <= 1e-5, (grid, rel)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_float16_program_cosine_per_token(exports, towers, references, name, capsys):
+    for grid, out, ref in run_all(exports[name, "float16"], towers, references, name):
+        rel, cos = errors(out, ref)
+        with capsys.disabled():
+            print(f"\n{name} float16 {function_name(grid)}: max rel error {rel:.2e}, "
+                  f"min cosine {cos:.7f}", end="")  # fmt: skip
+        assert cos >= 0.9999, (grid, cos)
+        assert rel <= 5e-3, (grid, rel)  # float16 has 11 bits; ~1e-3 is its scale here
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+@pytest.mark.parametrize("name", GRIDS)
+def test_spec_names_dtypes_and_shapes(exports, towers, name, precision):
+    result = exports[name, precision]
+    cfg = config_of(towers[name])
+    spec = ct.models.MLModel(str(result.output), skip_model_load=True).get_spec()
+    assert spec.specificationVersion == 9  # iOS 18: multifunction, scaled_dot_product_attention
+    functions = {f.name: f for f in spec.description.functions}
+    assert list(functions) == [function_name(g) for g in GRIDS[name]] == result.functions
+    assert spec.description.defaultFunctionName == function_name(GRIDS[name][0])
+    for grid in GRIDS[name]:
+        f = functions[function_name(grid)]
+        (inp,), (out,) = f.input, f.output
+        n = grid[0] * grid[1]
+        for feature, name_, shape in ((inp, INPUT_NAME, [n, cfg.patch_dim]),
+                                      (out, OUTPUT_NAME, [n // 4, cfg.out_hidden_size])):  # fmt: skip
+            array = feature.type.multiArrayType
+            assert feature.name == name_ and list(array.shape) == shape
+            assert array.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+            assert array.WhichOneof("ShapeFlexibility") is None  # a fixed shape, not a range
+    meta = spec.description.metadata.userDefined
+    assert meta["mlxkit.grids"] == ",".join(f"{r}x{c}" for r, c in GRIDS[name])
+    assert meta["mlxkit.precision"] == precision
+    assert meta["mlxkit.compute_units"] == "CPU_AND_NE"
+    assert meta["mlxkit.spatial_merge_size"] == "2"
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_op_set_and_static_shapes(exports, precision):
+    package = Package(exports["second", precision].output)
+    for grid in GRIDS["second"]:
+        function = function_name(grid)
+        expected = OPS_FLOAT16 if precision == "float16" else OPS_FLOAT32
+        if grid == (6, 6):  # the position grid itself: no resampling left after optimization
+            expected = expected - {"upsample_bilinear"}
+        assert package.op_types(function) == expected
+        compute = "fp16" if precision == "float16" else "fp32"
+        for op in package.program.functions[function].operations:
+            for var in op.outputs:
+                assert not any_symbolic(var.shape), (op.name, var.shape)
+                if op.op_type not in ("const", "cast") and types.is_tensor(var.sym_type):
+                    assert types.builtin_to_string(var.dtype) == compute, op.name
+
+
+def blob_consts(spec) -> dict[str, dict[str, tuple[str, int, int, int]]]:
+    """function -> const name -> (file, offset, elements, bytes per element) of every const
+    stored in the weight file."""
+    itemsize = {ct.proto.MIL_pb2.FLOAT16: 2, ct.proto.MIL_pb2.FLOAT32: 4}
+    out = {}
+    for fname, f in spec.mlProgram.functions.items():
+        (block,) = f.block_specializations.values()
+        out[fname] = {}
+        for op in block.operations:
+            if op.type != "const" or op.attributes["val"].WhichOneof("value") != "blobFileValue":
+                continue
+            blob = op.attributes["val"].blobFileValue
+            tensor = op.outputs[0].type.tensorType
+            count = math.prod(d.constant.size for d in tensor.dimensions)
+            out[fname][op.outputs[0].name] = (blob.fileName, blob.offset, count,
+                                              itemsize[tensor.dataType])  # fmt: skip
+    return out
+
+
+def file_end(consts) -> int:
+    """Where the last blob ends: each blob is 64 bytes of metadata at its offset, then data
+    (blobs start on 64-byte boundaries after a 64-byte file header)."""
+    return max(offset + 64 + n * size for c in consts.values() for _, offset, n, size in c.values())
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_one_weight_file_shared_by_every_function(exports, name):
+    result = exports[name, "float16"]
+    weights_dir = result.output / WEIGHT_FILE.rsplit("/", 1)[0]
+    assert [p.name for p in weights_dir.iterdir()] == ["weight.bin"]
+    consts = blob_consts(ct.utils.load_spec(str(result.output)))
+    assert {f for c in consts.values() for f, _, _, _ in c.values()} == {
+        "@model_path/weights/weight.bin"
+    }
+    # apart from the rotary tables (rows or cols x head_dim/4 each; inline when under ten
+    # values), every function refers to the same constants at the same offsets
+    tower = [
+        {n: v for n, v in c.items() if not n.startswith(ROTARY_TABLES)} for c in consts.values()
+    ]
+    assert all(t == tower[0] for t in tower)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_weights_are_two_bytes_per_parameter_and_do_not_grow_with_grids(
+    exports, towers, name, tmp_path
+):
+    three = exports[name, "float16"]
+    one = export_vision_encoder(towers[name], tmp_path / "one.mlpackage", GRIDS[name][:1],
+                                quiet=True)  # fmt: skip
+    consts = blob_consts(ct.utils.load_spec(str(three.output)))
+    consts_one = blob_consts(ct.utils.load_spec(str(one.output)))
+    assert three.weight_bytes == file_end(consts) and one.weight_bytes == file_end(consts_one)
+    first = consts[function_name(GRIDS[name][0])]
+    tower = {k: v for k, v in first.items() if not k.startswith(ROTARY_TABLES)}
+    # the tower's parameters, each stored once as float16
+    assert sum(n for _, _, n, _ in tower.values()) == three.parameters == one.parameters
+    assert {size for _, _, _, size in tower.values()} == {2}
+    # what more grids add is their rotary tables, nothing else
+    first_blobs = {offset for _, offset, _, _ in first.values()}
+    extra = {(k, offset, n) for c in consts.values() for k, (_, offset, n, _) in c.items()
+             if offset not in first_blobs}  # fmt: skip
+    assert all(k.startswith(ROTARY_TABLES) for k, _, _ in extra)
+    growth = three.weight_bytes - one.weight_bytes
+    tables = {(offset, n) for _, offset, n in extra}
+    # (the file's last blob is not padded to 64 bytes: one blob's padding either way)
+    assert 0 <= growth <= sum(64 + -(-2 * n // 64) * 64 for _, n in tables) + 64
+
+
+def test_converted_layout_exports_the_same_encoder(exports, towers, tmp_path):
+    converted = write_converted_layout(towers["tiny_untied"], tmp_path / "converted")
+    grid = GRIDS["tiny_untied"][1]
+    result = export_vision_encoder(converted, tmp_path / "c.mlpackage", [grid], quiet=True)
+    patches = random_patches(grid, config_of(converted).patch_dim, seed=3)
+    ours = Package(result.output).run(function_name(grid), {INPUT_NAME: patches})
+    hf = Package(exports["tiny_untied", "float16"].output).run(
+        function_name(grid), {INPUT_NAME: patches}
+    )
+    np.testing.assert_array_equal(ours[OUTPUT_NAME], hf[OUTPUT_NAME])
+
+
+def test_default_grids_are_smart_resize_caps_of_square_and_3_4_photos():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    assert default_grids(2) == [(32, 32), (36, 26), (26, 36), (48, 48), (54, 40), (40, 54),
+                                (64, 64), (72, 54), (54, 72)]  # fmt: skip
+    patch, merge = 16, 2
+    expected = []
+    for tokens in (256, 576, 1024):
+        for width, height in ((3024, 3024), (3024, 4032), (4032, 3024)):
+            h, w = smart_resize(height, width, factor=patch * merge, min_pixels=1,
+                                max_pixels=tokens * (patch * merge) ** 2)  # fmt: skip
+            expected.append((h // patch, w // patch))
+    assert default_grids(merge) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("3x4", "grid 3x4: rows and cols must be positive multiples of the spatial merge size 2"),
+        ("0x4", "grid 0x4: rows and cols must be positive multiples"),
+        ("32by32", "grid '32by32': write ROWSxCOLS in patches"),
+        ("130x130", "grid 130x130: 4225 vision tokens; at most 4096"),
+        ("32x32,32x32", "a grid is listed twice"),
+    ],
+)
+def test_unsupported_grids(spec, message):
+    with pytest.raises(MlxkitError, match=message):
+        parse_grids([spec], 2)
+
+
+def test_grids_parse_from_several_options():
+    assert parse_grids(["32x32, 36x26", "26X36"], 2) == [(32, 32), (36, 26), (26, 36)]
+    assert check_grids([(2, 2)], 1) == [(2, 2)]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.pop("vision_config"), "no vision_config; this model has no vision tower"),
+        (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]), "deepstack"),
+        (lambda c: c["vision_config"].update(num_position_embeddings=15), "not a square"),
+        (lambda c: c["vision_config"].update(num_heads=16), "multiple of 4"),
+        (lambda c: c["vision_config"].update(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (lambda c: c["vision_config"].update(depth="2"), "vision_config.depth must be a positive"),
+    ],
+)
+def test_vision_config_checks(edit, message):
+    config = json.loads((FIXTURES / "tiny_untied" / "config.json").read_text())
+    edit(config)
+    with pytest.raises(MlxkitError, match=message):
+        VisionConfig.from_config(config, "config.json")
+
+
+def test_interpreter_refuses_an_op_it_does_not_know(exports, monkeypatch):
+    package = Package(exports["second", "float32"].output)
+    monkeypatch.delitem(mil_interpreter.OPS, "gelu")  # as if the exporter had changed the graph
+    with pytest.raises(UnsupportedOp, match="op gelu"):
+        package.run("grid_6x6", {INPUT_NAME: random_patches((6, 6), 24, 0)})
