@@ -1,0 +1,151 @@
+"""`mlxkit export-coreml`: progress and summary, and every bad input as one line, exit 2,
+nothing left on disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import coremltools as ct
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from mlxkit.convert import coreml
+
+from mlxkit.cli import main
+from tests.helpers import FIXTURES
+
+TOWER = FIXTURES / "tiny_tied"  # 4x4 position grid, spatial merge 2
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["export-coreml", *args])
+
+
+def assert_one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in result.output
+
+
+def copy_tower(tmp_path, edit_config=None):
+    src = tmp_path / "src"
+    shutil.copytree(TOWER, src)
+    if edit_config is not None:
+        config = json.loads((src / "config.json").read_text())
+        edit_config(config)
+        (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+def test_export_prints_progress_and_a_summary(tmp_path):
+    out = tmp_path / "VisionEncoder.mlpackage"
+    result = run(str(TOWER), "-o", str(out), "--grids", "4x4", "--grids", "2x8")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("[1/2] grid_4x4, 4 vision tokens: converted in ")
+    assert lines[1].startswith("[2/2] grid_2x8, 4 vision tokens: converted in ")
+    assert lines[2] == "writing 2 functions with shared weights"
+    assert lines[3].startswith(f"wrote {out} (") and "2 functions (grid_4x4, grid_2x8)" in lines[3]
+    assert "float16 compute, CPU_AND_NE" in lines[3]
+    assert "shared by all functions (2.0" in lines[4]  # bytes per parameter
+    spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
+    assert [f.name for f in spec.description.functions] == ["grid_4x4", "grid_2x8"]
+    assert {p.name for p in tmp_path.iterdir()} == {out.name}
+
+
+def test_force_replaces_an_existing_package(tmp_path):
+    out = tmp_path / "e.mlpackage"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run(str(TOWER), "-o", str(out), "--grids", "4x4"), "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = run(str(TOWER), "-o", str(out), "--grids", "4x4", "--force", "--quiet")
+    assert result.exit_code == 0 and result.output == ""
+    assert not (out / "keep.txt").exists() and (out / coreml.WEIGHT_FILE).is_file()
+    assert {p.name for p in tmp_path.iterdir()} == {out.name}
+
+
+OUT = "e.mlpackage"
+CASES = {  # output name, extra arguments, config edit, message
+    "grid not a multiple of the merge size": (OUT, ["--grids", "4x3"], None,
+        "grid 4x3: rows and cols must be positive multiples of the spatial merge size 2"),
+    "grid too large": (OUT, ["--grids", "200x200"], None, "10000 vision tokens; at most 4096"),
+    "malformed grid": (OUT, ["--grids", "4by4"], None, "write ROWSxCOLS in patches"),
+    "grid listed twice": (OUT, ["--grids", "4x4,4x4"], None, "a grid is listed twice"),
+    "no vision_config": (OUT, [], lambda c: c.pop("vision_config"),
+                         "this model has no vision tower"),
+    "no vision_config, with --grids": (OUT, ["--grids", "4x4"], lambda c: c.pop("vision_config"),
+                                       "this model has no vision tower"),
+    "not a square position grid": (OUT, [], lambda c: c["vision_config"].update(
+        num_position_embeddings=12), "num_position_embeddings is not a square"),
+    "weights unlike the config": (OUT, [], lambda c: c["vision_config"].update(
+        intermediate_size=48), "has shape (64, 32), expected (48, 32) from vision_config"),
+    "not a .mlpackage": ("e.mlmodel", [], None, "must be a .mlpackage path"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, case):
+    out, args, edit, message = CASES[case]
+    src = copy_tower(tmp_path, edit)
+    assert_one_line_error(run(str(src), "-o", str(tmp_path / out), *args), message)
+    assert {p.name for p in tmp_path.iterdir()} == {"src"}
+
+
+def test_a_model_without_vision_weights(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(TOWER / "config.json", src)
+    weights = mx.load(str(TOWER / "model.safetensors"))
+    text = {k: v for k, v in weights.items() if not k.startswith("model.visual.")}
+    mx.save_safetensors(str(src / "model.safetensors"), text)
+    assert_one_line_error(run(str(src), "-o", str(tmp_path / "e.mlpackage")),
+                          "no vision tower weights (model.visual.* or vision_tower.*)")  # fmt: skip
+    assert {p.name for p in tmp_path.iterdir()} == {"src"}
+
+
+def test_quantized_vision_weights_are_refused(tmp_path):
+    src = copy_tower(tmp_path)
+    weights = mx.load(str(src / "model.safetensors"))
+    weights["model.visual.blocks.0.attn.qkv.scales"] = mx.ones((96, 1))
+    mx.save_safetensors(str(src / "model.safetensors"), weights)
+    assert_one_line_error(run(str(src), "-o", str(tmp_path / "e.mlpackage")), "is quantized")
+
+
+def test_coremltools_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
+    out = tmp_path / "e.mlpackage"
+    assert_one_line_error(run(str(TOWER), "-o", str(out)),
+                          "Core ML export needs torch and coremltools")  # fmt: skip
+    assert "pip install 'mlxkit[coreml]'" in run(str(TOWER), "-o", str(out)).stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_interrupted_export_leaves_nothing_and_keeps_the_old_package(tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b" / "e.mlpackage"
+    assert run(str(TOWER), "-o", str(out), "--grids", "4x4", "--quiet").exit_code == 0
+    before = coreml.package_files(out)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coreml, "_save_multifunction", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        coreml.export_vision_encoder(TOWER, out, [(2, 8)], force=True, quiet=True)
+    assert coreml.package_files(out) == before
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    with pytest.raises(KeyboardInterrupt):
+        coreml.export_vision_encoder(TOWER, tmp_path / "x" / "y.mlpackage", [(4, 4)], quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # x/ was made for it, and went
+
+
+def test_not_enough_disk(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=100_000))
+    assert_one_line_error(run(str(TOWER), "-o", str(tmp_path / "e.mlpackage")),
+                          "not enough disk space")  # fmt: skip
+    assert not any(tmp_path.iterdir())
