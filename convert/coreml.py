@@ -34,6 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from mlxkit import __version__
 from mlxkit.checkpoint import read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.info import human_bytes
@@ -134,8 +135,8 @@ def default_grids(merge: int) -> list[Grid]:
     return grids
 
 
-def parse_grids(specs: list[str] | tuple[str, ...], merge: int) -> list[Grid]:
-    """ "32x32,36x26" (rows x cols of patches), one or more such lists, checked."""
+def parse_grids(specs: list[str] | tuple[str, ...]) -> list[Grid]:
+    """["32x32,36x26", ...]: rows x cols of patches (checked against a config by check_grids)."""
     grids: list[Grid] = []
     for spec in specs:
         for item in spec.split(","):
@@ -143,7 +144,7 @@ def parse_grids(specs: list[str] | tuple[str, ...], merge: int) -> list[Grid]:
             if match is None:
                 raise ConfigError(f"grid {item.strip()!r}: write ROWSxCOLS in patches, e.g. 32x32")
             grids.append((int(match[1]), int(match[2])))
-    return check_grids(grids, merge)
+    return grids
 
 
 def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
@@ -366,7 +367,9 @@ def _convert_grid(ct, torch, module, cfg: VisionConfig, grid: Grid, precision: s
     # path converts gelu(approximate="tanh") as the exact gelu (coremltools PR #2863, open).
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)
-        traced = torch.jit.trace(module, torch.zeros(n, cfg.patch_dim))
+        # check_trace would run the tower twice more to compare (minutes on a 1,024-token grid);
+        # the tests compare the converted program with transformers instead
+        traced = torch.jit.trace(module, torch.zeros(n, cfg.patch_dim), check_trace=False)
     # coremltools draws four progress bars per conversion on stderr; ours is one line a grid
     with contextlib.redirect_stderr(io.StringIO()):
         ct.convert(
@@ -406,6 +409,7 @@ def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision
         "language model's image pads; one function per patch grid"
     )
     meta.userDefined.update({
+        "mlxkit.version": __version__,
         "mlxkit.grids": ",".join(f"{r}x{c}" for r, c in grids),
         "mlxkit.precision": precision,
         "mlxkit.compute_units": COMPUTE_UNITS,
@@ -434,6 +438,18 @@ def package_files(package: Path) -> dict[str, str]:
                 digest.update(block)
         files[path.relative_to(package).as_posix()] = digest.hexdigest()
     return files
+
+
+def package_grids(package: Path) -> list[Grid]:
+    """The grids of an exported package, from its function names (the spec alone is read)."""
+    ct, _ = _import_coreml()
+    grids = []
+    for function in ct.utils.load_spec(str(package)).description.functions:
+        match = re.fullmatch(r"grid_(\d+)x(\d+)", function.name)
+        if match is None:
+            raise MlxkitError(f"{package}: function {function.name!r} is not an export-coreml grid")
+        grids.append((int(match[1]), int(match[2])))
+    return grids
 
 
 def format_summary(result: ExportResult) -> str:
@@ -470,9 +486,5 @@ def export_coreml(model: str, output: str, grids: tuple[str, ...], precision: st
                   quiet: bool) -> None:  # fmt: skip
     """Export MODEL's vision encoder as a Core ML multifunction package (one function per
     grid, shared weights) for the Neural Engine. Needs the coreml extra."""
-    parsed = None
-    if grids:
-        model_dir = Path(model).expanduser()
-        cfg = VisionConfig.from_config(read_config(model_dir), str(model_dir / "config.json"))
-        parsed = parse_grids(grids, cfg.spatial_merge_size)
+    parsed = parse_grids(grids) if grids else None
     export_vision_encoder(model, output, parsed, precision=precision, force=force, quiet=quiet)

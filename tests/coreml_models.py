@@ -4,14 +4,19 @@ layouts, and transformers' Qwen 3.5 vision model run in float64 as the reference
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from mlxkit.checkpoint import read_headers, weight_files
 from tests.make_fixtures import Float64Everywhere
+
+# the per-grid constants of an exported function (GridEncoder's buffers)
+ROTARY_TABLES = ("cos_rows", "sin_rows", "cos_cols", "sin_cols")
 
 
 def write_vision_checkpoint(out: Path, vision_config: dict, seed: int) -> Path:
@@ -22,13 +27,10 @@ def write_vision_checkpoint(out: Path, vision_config: dict, seed: int) -> Path:
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
 
     rng = np.random.default_rng(seed)
+    vision_config = {k: v for k, v in vision_config.items() if k != "model_type"}
     with torch.device("meta"):
-        shapes = {
-            k: tuple(v.shape)
-            for k, v in Qwen3_5VisionModel(Qwen3_5VisionConfig(**vision_config))
-            .state_dict()
-            .items()
-        }
+        model = Qwen3_5VisionModel(Qwen3_5VisionConfig(**vision_config))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {}
     for name, shape in shapes.items():
         if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
@@ -118,3 +120,28 @@ def errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     rel = float(np.abs(out - ref).max() / np.abs(ref).max())
     cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
     return rel, float(cos.min())
+
+
+def blob_consts(spec) -> dict[str, dict[str, tuple[str, int, int, int]]]:
+    """function -> const name -> (file, offset, elements, bytes per element) of every const
+    stored in the weight file."""
+    itemsize = {ct.proto.MIL_pb2.FLOAT16: 2, ct.proto.MIL_pb2.FLOAT32: 4}
+    out = {}
+    for fname, f in spec.mlProgram.functions.items():
+        (block,) = f.block_specializations.values()
+        out[fname] = {}
+        for op in block.operations:
+            if op.type != "const" or op.attributes["val"].WhichOneof("value") != "blobFileValue":
+                continue
+            blob = op.attributes["val"].blobFileValue
+            tensor = op.outputs[0].type.tensorType
+            count = math.prod(d.constant.size for d in tensor.dimensions)
+            out[fname][op.outputs[0].name] = (blob.fileName, blob.offset, count,
+                                              itemsize[tensor.dataType])  # fmt: skip
+    return out
+
+
+def file_end(consts) -> int:
+    """Where the last blob ends: each blob is 64 bytes of metadata at its offset, then data
+    (blobs start on 64-byte boundaries after a 64-byte file header)."""
+    return max(offset + 64 + n * size for c in consts.values() for _, offset, n, size in c.values())

@@ -11,7 +11,6 @@ equal to and above the position grid, so the position table is both shrunk and s
 from __future__ import annotations
 
 import json
-import math
 
 import coremltools as ct
 import numpy as np
@@ -30,11 +29,15 @@ from mlxkit.convert.coreml import (
     parse_grids,
 )
 
+import mlxkit
 from mlxkit.errors import MlxkitError
 from tests import mil_interpreter
 from tests.coreml_models import (
+    ROTARY_TABLES,
     Reference,
+    blob_consts,
     errors,
+    file_end,
     random_patches,
     write_converted_layout,
     write_vision_checkpoint,
@@ -54,7 +57,6 @@ OPS_FLOAT32 = {
     "layer_norm", "slice_by_index", "split", "concat", "scaled_dot_product_attention", "gelu",
 }  # fmt: skip
 OPS_FLOAT16 = OPS_FLOAT32 | {"cast"}  # the float32 input and output, at the edges only
-ROTARY_TABLES = ("cos_rows", "sin_rows", "cos_cols", "sin_cols")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,7 @@ def test_spec_names_dtypes_and_shapes(exports, towers, name, precision):
             assert array.WhichOneof("ShapeFlexibility") is None  # a fixed shape, not a range
     meta = spec.description.metadata.userDefined
     assert meta["mlxkit.grids"] == ",".join(f"{r}x{c}" for r, c in GRIDS[name])
-    assert meta["mlxkit.precision"] == precision
+    assert meta["mlxkit.precision"] == precision and meta["mlxkit.version"] == mlxkit.__version__
     assert meta["mlxkit.compute_units"] == "CPU_AND_NE"
     assert meta["mlxkit.spatial_merge_size"] == "2"
 
@@ -167,31 +169,6 @@ def test_op_set_and_static_shapes(exports, precision):
                 assert not any_symbolic(var.shape), (op.name, var.shape)
                 if op.op_type not in ("const", "cast") and types.is_tensor(var.sym_type):
                     assert types.builtin_to_string(var.dtype) == compute, op.name
-
-
-def blob_consts(spec) -> dict[str, dict[str, tuple[str, int, int, int]]]:
-    """function -> const name -> (file, offset, elements, bytes per element) of every const
-    stored in the weight file."""
-    itemsize = {ct.proto.MIL_pb2.FLOAT16: 2, ct.proto.MIL_pb2.FLOAT32: 4}
-    out = {}
-    for fname, f in spec.mlProgram.functions.items():
-        (block,) = f.block_specializations.values()
-        out[fname] = {}
-        for op in block.operations:
-            if op.type != "const" or op.attributes["val"].WhichOneof("value") != "blobFileValue":
-                continue
-            blob = op.attributes["val"].blobFileValue
-            tensor = op.outputs[0].type.tensorType
-            count = math.prod(d.constant.size for d in tensor.dimensions)
-            out[fname][op.outputs[0].name] = (blob.fileName, blob.offset, count,
-                                              itemsize[tensor.dataType])  # fmt: skip
-    return out
-
-
-def file_end(consts) -> int:
-    """Where the last blob ends: each blob is 64 bytes of metadata at its offset, then data
-    (blobs start on 64-byte boundaries after a 64-byte file header)."""
-    return max(offset + 64 + n * size for c in consts.values() for _, offset, n, size in c.values())
 
 
 @pytest.mark.parametrize("name", GRIDS)
@@ -272,11 +249,11 @@ def test_default_grids_are_smart_resize_caps_of_square_and_3_4_photos():
 )
 def test_unsupported_grids(spec, message):
     with pytest.raises(MlxkitError, match=message):
-        parse_grids([spec], 2)
+        check_grids(parse_grids([spec]), 2)
 
 
 def test_grids_parse_from_several_options():
-    assert parse_grids(["32x32, 36x26", "26X36"], 2) == [(32, 32), (36, 26), (26, 36)]
+    assert parse_grids(["32x32, 36x26", "26X36"]) == [(32, 32), (36, 26), (26, 36)]
     assert check_grids([(2, 2)], 1) == [(2, 2)]
 
 
@@ -296,6 +273,20 @@ def test_vision_config_checks(edit, message):
     edit(config)
     with pytest.raises(MlxkitError, match=message):
         VisionConfig.from_config(config, "config.json")
+
+
+def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(exports, towers, capsys):
+    from benchmarks.coreml_vision import MIN_PSNR, compare, torch_reference
+
+    cfg, package = config_of(towers["second"]), exports["second", "float16"].output
+    interpreter = Package(package)
+    rows = compare(package, cfg, lambda f, x: interpreter.run(f, {INPUT_NAME: x})[OUTPUT_NAME],
+                   torch_reference(towers["second"], cfg))  # fmt: skip
+    assert [r.function for r in rows] == [function_name(g) for g in GRIDS["second"]]
+    with capsys.disabled():
+        print("\nemulated float16 against the torch reference: "
+              + ", ".join(f"{r.function} {r.psnr:.1f} dB" for r in rows), end="")  # fmt: skip
+    assert all(r.psnr >= MIN_PSNR and r.min_cosine >= 0.9999 for r in rows)
 
 
 def test_interpreter_refuses_an_op_it_does_not_know(exports, monkeypatch):
