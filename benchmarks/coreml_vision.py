@@ -1,4 +1,4 @@
-"""On a Mac: the exported Core ML vision encoder against mlxkit's reference, function by
+"""On a Mac: the exported Core ML vision encoder against mlxkit's MLX vision tower, function by
 function, with Core ML's own rounding on the compute units it is given, and its speed.
 
     mlxkit export-coreml MODEL -o VisionEncoder.mlpackage
@@ -6,15 +6,13 @@ function, with Core ML's own rounding on the compute units it is given, and its 
     python benchmarks/coreml_vision.py MODEL VisionEncoder.mlpackage --compute-units ALL
 
 For each function (grid) the same seeded patches (normalized pixels in [-1, 1]) go through
-Core ML and through the reference. It prints the PSNR of Core ML's output against the
-reference (ml-stable-diffusion's definition, 20 log10(max|ref| / RMS error); it accepts
-35 dB), the largest error relative to max|ref|, the smallest cosine between an output token
-and its reference, and the median time of a Core ML call after a warm-up call (the first
-call of a function also compiles it for the device). Exits 1 if a function is below 35 dB.
+Core ML and through mlxkit's vision tower (`mlxkit.models.qwen3_5_vision`, float32, on the
+same weights). It prints the PSNR of Core ML's output against mlxkit's (ml-stable-diffusion's
+definition, 20 log10(max|ref| / RMS error); it accepts 35 dB), the largest error relative
+to max|ref|, the smallest cosine between an output token and mlxkit's, and the median time
+of a Core ML call after a warm-up call (the first call of a function also compiles it for
+the device). Exits 1 if a function is below 35 dB.
 
-The reference is, until mlxkit's MLX vision tower lands, the float32 torch module that
-`export-coreml` traced (convert/coreml_encoder.py, run on the CPU): the Linux tests hold it,
-and the saved program run by their interpreter, to 1e-5 of transformers in float64.
 Core ML prediction needs macOS; everything else here also runs on Linux (the tests drive
 `compare` with their interpreter in place of Core ML).
 """
@@ -34,11 +32,13 @@ from mlxkit.convert.coreml import (
     COMPUTE_UNITS,
     INPUT_NAME,
     OUTPUT_NAME,
-    VisionConfig,
     function_name,
     package_grids,
     read_vision_weights,
+    vision_config,
 )
+
+from mlxkit.models.qwen3_5_vision import VisionConfig, VisionModel
 
 MIN_PSNR = 35.0  # dB, what ml-stable-diffusion accepts for a converted model
 
@@ -78,16 +78,17 @@ def coreml_predictor(package: Path, compute_units: str) -> Predict:
     return predict
 
 
-def torch_reference(model_dir: Path, cfg: VisionConfig) -> Predict:
-    import torch
-    from mlxkit.convert.coreml_encoder import GridEncoder, VisionTower
+def mlx_reference(model_dir: Path, cfg: VisionConfig) -> Predict:
+    """mlxkit's MLX vision tower (float32) on the same weights, one image per call."""
+    import mlx.core as mx
 
-    tower = VisionTower.from_weights(cfg, read_vision_weights(model_dir))
+    tower = VisionModel(cfg)
+    weights = read_vision_weights(model_dir, cfg)
+    tower.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
 
     def predict(function: str, patches: np.ndarray) -> np.ndarray:
         rows, cols = (int(s) for s in function.removeprefix("grid_").split("x"))
-        with torch.no_grad():
-            return GridEncoder(tower, rows, cols)(torch.from_numpy(patches)).numpy()
+        return np.array(tower(mx.array(patches), [(1, rows, cols)]))
 
     return predict
 
@@ -137,11 +138,9 @@ def main() -> None:
                     choices=["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"])  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per function")
     args = ap.parse_args()
-    from mlxkit.checkpoint import read_config
-
-    cfg = VisionConfig.from_config(read_config(args.model), str(args.model / "config.json"))
+    cfg = vision_config(args.model)
     rows = compare(args.package, cfg, coreml_predictor(args.package, args.compute_units),
-                   torch_reference(args.model, cfg), args.repeats)  # fmt: skip
+                   mlx_reference(args.model, cfg), args.repeats)  # fmt: skip
     print(format_table(rows, args.compute_units))
     low = [r.function for r in rows if r.psnr < MIN_PSNR]
     if low:

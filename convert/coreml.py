@@ -38,6 +38,13 @@ from mlxkit import __version__
 from mlxkit.checkpoint import read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.info import human_bytes
+from mlxkit.models.qwen3_5_vision import (
+    HF_PREFIX,
+    PREFIX,
+    VisionConfig,
+    VisionModel,
+    sanitize_vision_tensor,
+)
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "embeddings"
@@ -55,62 +62,14 @@ INSTALL_HINT = "pip install 'mlxkit[coreml]'"
 Grid = tuple[int, int]  # (rows, cols) of patches, as image_grid_thw's h and w
 
 
-@dataclass(frozen=True)
-class VisionConfig:
-    """The `vision_config` fields the export reads, checked."""
-
-    depth: int
-    hidden_size: int
-    num_heads: int
-    intermediate_size: int
-    out_hidden_size: int
-    in_channels: int
-    patch_size: int
-    temporal_patch_size: int
-    spatial_merge_size: int
-    num_position_embeddings: int
-    rope_theta: float
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def grid_side(self) -> int:
-        return math.isqrt(self.num_position_embeddings)
-
-    @classmethod
-    def from_config(cls, config: dict, where: str) -> VisionConfig:
-        """From a model's config.json (outer `qwen3_5`, as published and as converted)."""
-        vc = config.get("vision_config")
-        if not isinstance(vc, dict):
-            raise CheckpointError(f"{where}: no vision_config; this model has no vision tower")
-        defaults = {"in_channels": 3}
-        values = {}
-        for name in (f for f in cls.__dataclass_fields__ if f != "rope_theta"):
-            value = vc.get(name, defaults.get(name))
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{where}: vision_config.{name} must be a positive integer")
-            values[name] = value
-        rope = vc.get("rope_parameters") or {}
-        if rope.get("rope_type", "axial") != "axial":
-            raise ConfigError(f"{where}: vision rope_type {rope['rope_type']!r} is not axial")
-        act = vc.get("hidden_act", "gelu_pytorch_tanh")
-        if act != "gelu_pytorch_tanh":
-            raise ConfigError(
-                f"{where}: vision hidden_act {act!r}; Qwen 3.5 uses gelu_pytorch_tanh"
-            )
-        if vc.get("deepstack_visual_indexes"):
-            raise ConfigError(f"{where}: deepstack_visual_indexes is not empty (not Qwen 3.5)")
-        cfg = cls(**values, rope_theta=float(rope.get("rope_theta", 10000.0)))
-        if cfg.grid_side**2 != cfg.num_position_embeddings:
-            raise ConfigError(f"{where}: vision num_position_embeddings is not a square")
-        head_dim, rest = divmod(cfg.hidden_size, cfg.num_heads)
-        if rest or head_dim % 4:
-            raise ConfigError(
-                f"{where}: vision hidden_size / num_heads must be a multiple of 4 (2D rotary)"
-            )
-        return cfg
+def vision_config(model_dir: Path) -> VisionConfig:
+    """The checked vision config of a model directory (either layout), or why there is none."""
+    config = read_config(model_dir)
+    if not isinstance(config.get("vision_config"), dict):
+        raise CheckpointError(
+            f"{model_dir / 'config.json'}: no vision_config; this model has no vision tower"
+        )
+    return VisionConfig.from_dict(config)
 
 
 # --- grids -----------------------------------------------------------------------------------
@@ -169,61 +128,54 @@ def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
 
 # --- weights ---------------------------------------------------------------------------------
 
-# safetensors dtypes the vision weights may have
-_FLOAT_DTYPES = ("BF16", "F16", "F32")
+_FLOAT_DTYPES = ("BF16", "F16", "F32")  # safetensors dtypes the vision weights may have
 
 
-def vision_key(name: str) -> tuple[str, bool] | None:
-    """A checkpoint tensor's name inside the vision tower, in transformers' spelling, and
-    whether its patch embedding is channels-last; None outside the tower.
-
-    Two layouts: transformers' `model.visual.*` as published, and mlx-vlm's `vision_tower.*`
-    (what a converted MLX directory holds), whose Conv3d patch-embedding weight is
-    [hidden, T, P, P, C] instead of [hidden, C, T, P, P]."""
-    for prefix, channels_last in (("model.visual.", False), ("vision_tower.", True)):
-        if name.startswith(prefix):
-            key = name[len(prefix) :]
-            return key, channels_last and key == "patch_embed.proj.weight"
-    return None
-
-
-def read_vision_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    """The vision tower's tensors as float32, by transformers' name (without `model.visual.`)."""
+def read_vision_weights(model_dir: Path, cfg: VisionConfig) -> dict[str, np.ndarray]:
+    """The vision tower's tensors in mlxkit's layout (`VisionModel`'s parameter names, the
+    patch embedding channels-last), as float32, from either checkpoint layout: transformers'
+    `model.visual.*` goes through `sanitize_vision_tensor`, `vision_tower.*` is already it.
+    Every tensor is checked against `VisionModel(cfg)`, whose parameters are lazy (free)."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from .reader import read_rows
 
-    headers = read_headers(weight_files(model_dir))
-    found = {}
-    prefixes = set()
-    for name, info in headers.items():
-        key = vision_key(name)
-        if key is None:
-            continue
-        prefixes.add(name.split(".")[0])
-        if name.endswith((".scales", ".biases")):
-            raise CheckpointError(
-                f"{info.file}: {name}: the vision tower is quantized; export from a checkpoint "
-                "whose vision weights are float (the original, or a conversion without "
-                "--vision-bits)"
-            )
-        if info.dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}; expected a float")
-        if key[1] and len(info.shape) != 5:
-            raise CheckpointError(f"{info.file}: {name} has shape {info.shape}; expected 5 axes")
-        found[name] = (key, info)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(VisionModel(cfg).parameters())}
+    found = {n: i for n, i in read_headers(weight_files(model_dir)).items()
+             if n.startswith((HF_PREFIX, PREFIX))}  # fmt: skip
     if not found:
         raise CheckpointError(
-            f"{model_dir}: no vision tower weights (model.visual.* or vision_tower.*); "
+            f"{model_dir}: no vision tower weights ({HF_PREFIX}* or {PREFIX}*); "
             "was it converted without vision?"
         )
-    if len(prefixes) > 1:
-        raise CheckpointError(f"{model_dir}: vision weights in two layouts ({', '.join(prefixes)})")
+    if len({n.startswith(HF_PREFIX) for n in found}) > 1:
+        raise CheckpointError(f"{model_dir}: vision weights in both {HF_PREFIX}* and {PREFIX}*")
     weights = {}
-    for name, ((key, channels_last), info) in found.items():
-        rows = info.shape[0] if info.shape else 1
-        value = np.array(read_rows(info, 0, rows).astype(mx.float32))
-        weights[key] = value.transpose(0, 4, 1, 2, 3) if channels_last else value
+    for name, info in found.items():
+        where = f"{info.file}: {name}"
+        if name.endswith((".scales", ".biases")):
+            raise CheckpointError(
+                f"{where}: the vision tower is quantized; export from a checkpoint whose vision "
+                "weights are float (the original, or a conversion without --vision-bits)"
+            )
+        if info.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{where} has dtype {info.dtype}; expected a float")
+        value = read_rows(info, 0, info.shape[0] if info.shape else 1)
+        if name.startswith(HF_PREFIX):
+            name, value = sanitize_vision_tensor(name, value)
+        key = name[len(PREFIX) :]
+        if key not in expected:
+            raise CheckpointError(f"{where} is not a Qwen 3.5 vision-tower tensor")
+        if tuple(value.shape) != expected[key]:
+            raise CheckpointError(
+                f"{where} has shape {tuple(value.shape)} in mlxkit's layout, expected "
+                f"{expected[key]} from vision_config"
+            )
+        weights[key] = np.array(value.astype(mx.float32))
+    for key in expected:
+        if key not in weights:
+            raise CheckpointError(f"{model_dir}: missing tensor {PREFIX}{key}")
     return weights
 
 
@@ -276,11 +228,11 @@ def export_vision_encoder(
         raise ConfigError(f"{out}: the output must be a .mlpackage path")
     ct, torch = _import_coreml()
     model_dir = Path(model).expanduser()
-    cfg = VisionConfig.from_config(read_config(model_dir), str(model_dir / "config.json"))
+    cfg = vision_config(model_dir)
     grids = default_grids(cfg.spatial_merge_size) if grids is None else grids
     grids = check_grids(grids, cfg.spatial_merge_size)
     _check_existing(out, force)
-    weights = read_vision_weights(model_dir)
+    weights = read_vision_weights(model_dir, cfg)
 
     from .coreml_encoder import GridEncoder, VisionTower
 

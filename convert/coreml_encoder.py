@@ -16,8 +16,8 @@ identical across its functions:
   the merger is per token or attention over all tokens, so the order is free; the input
   arrives in transformers' merge-block order and is put back in it for the merger.
 
-Parameter names are transformers' (`model.visual.` removed), so a state dict in the Hugging
-Face layout loads as it is, apart from the two reshapes in `export_layout`.
+Parameter names are those of mlxkit's `VisionModel` (transformers' below `model.visual.`), so
+its weights load as they are, apart from the two reshapes in `export_layout`.
 """
 
 from __future__ import annotations
@@ -27,20 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlxkit.errors import CheckpointError
-
-from .coreml import VisionConfig
-
-LAYER_NORM_EPS = 1e-6  # transformers' Qwen 3.5 vision LayerNorms (not in config.json)
+from mlxkit.models.qwen3_5_vision import LAYER_NORM_EPS, VisionConfig
 
 
 def export_layout(weights: dict[str, np.ndarray], cfg: VisionConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face vision weights -> this module's state dict: the Conv3d patch embedding
-    (kernel = stride, so a Linear over the flattened patch) as [hidden, C*T*P*P], and the
-    position table as an image [1, hidden, side, side] for `F.interpolate`."""
+    """mlxkit's vision weights (`read_vision_weights`) -> this module's state dict: the Conv3d
+    patch embedding (kernel = stride, so a Linear over the flattened patch) as [hidden,
+    C*T*P*P] in the input's (C, T, P, P) order, and the position table as an image [1, hidden,
+    side, side] for `F.interpolate`."""
     out = {name: torch.from_numpy(value) for name, value in weights.items()}
-    out["patch_embed.proj.weight"] = out["patch_embed.proj.weight"].reshape(cfg.hidden_size, -1)
-    side = cfg.grid_side
+    patch = out["patch_embed.proj.weight"]  # [hidden, T, P, P, C]
+    out["patch_embed.proj.weight"] = patch.permute(0, 4, 1, 2, 3).reshape(cfg.hidden_size, -1)
+    side = cfg.position_grid_side
     out["pos_embed"] = out.pop("pos_embed.weight").T.reshape(1, cfg.hidden_size, side, side)
     return out
 
@@ -68,7 +66,9 @@ class VisionTower(nn.Module):
         dim, merged = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size**2
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Linear(cfg.patch_dim, dim)
-        self.register_buffer("pos_embed", torch.zeros(1, dim, cfg.grid_side, cfg.grid_side))
+        self.register_buffer(
+            "pos_embed", torch.zeros(1, dim, cfg.position_grid_side, cfg.position_grid_side)
+        )
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = nn.Module()
         self.merger.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -77,28 +77,9 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_weights(cls, cfg: VisionConfig, weights: dict[str, np.ndarray]) -> VisionTower:
-        """The tower holding `weights` (transformers' names and layout, float32 arrays, which
-        it shares rather than copies); a missing, extra or misshapen tensor is a
-        CheckpointError naming it."""
-        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialized
+        """The tower holding `weights` (checked by `read_vision_weights`), shared, not copied."""
+        with torch.device("meta"):  # nothing allocated, nothing initialized
             tower = cls(cfg)
-        expected = {name: tuple(t.shape) for name, t in tower.state_dict().items()}
-        del expected["pos_embed"]
-        expected["pos_embed.weight"] = (cfg.num_position_embeddings, cfg.hidden_size)
-        expected["patch_embed.proj.weight"] = (
-            cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
-            cfg.patch_size,
-        )  # fmt: skip
-        for name in sorted(expected.keys() - weights.keys()):
-            raise CheckpointError(f"vision tower: missing tensor {name}")
-        for name in sorted(weights.keys() - expected.keys()):
-            raise CheckpointError(f"vision tower: unexpected tensor {name}")
-        for name, shape in expected.items():
-            if weights[name].shape != shape:
-                raise CheckpointError(
-                    f"vision tower: {name} has shape {weights[name].shape}, expected {shape} "
-                    "from vision_config"
-                )
         tower.load_state_dict(export_layout(weights, cfg), strict=True, assign=True)
         return tower.eval()
 

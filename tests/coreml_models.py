@@ -52,15 +52,20 @@ def write_vision_checkpoint(out: Path, vision_config: dict, seed: int) -> Path:
 
 def write_converted_layout(src: Path, out: Path) -> Path:
     """The same tower as mlx-vlm (and mlxkit's converter) store it: `vision_tower.*`, the
-    patch-embedding weight channels-last [hidden, T, P, P, C]."""
+    patch-embedding weight channels-last, by mlxkit's own `sanitize_vision_tensor`."""
+    import mlx.core as mx
+
+    from mlxkit.models.qwen3_5_vision import sanitize_vision_tensor
+
     tensors = {}
-    for name, value in hf_vision_weights(src, torch.bfloat16).items():
-        if name == "patch_embed.proj.weight":
-            value = value.permute(0, 2, 3, 4, 1).contiguous()
-        tensors[f"vision_tower.{name}"] = value
+    for file in weight_files(src):
+        for name, value in mx.load(str(file)).items():
+            item = sanitize_vision_tensor(name, value)
+            if item is not None:
+                tensors[item[0]] = item[1]
     out.mkdir(parents=True)
     (out / "config.json").write_text((src / "config.json").read_text())
-    save_file(tensors, out / "model.safetensors")
+    mx.save_safetensors(str(out / "model.safetensors"), tensors)
     return out
 
 

@@ -1,16 +1,17 @@
 """Core ML export of the vision encoder, checked without a Mac: the saved package is read back
 with coremltools' own loader and run by tests/mil_interpreter.py, against transformers'
-Qwen 3.5 vision model in float64.
+Qwen 3.5 vision model in float64 and against mlxkit's MLX tower.
 
-Two towers with different patch sizes, position grids, widths and rotary bases: the vision
-tower of tests/fixtures/tiny_untied (patch 4, 4x4 positions, 2 heads) and one written here
-(patch 2, 6x6 positions, 3 heads, depth 2, theta 1000). Their grids include sides below,
-equal to and above the position grid, so the position table is both shrunk and stretched.
+The two vision fixtures differ in every vision shape: tiny_vision_p4 (patch 4, temporal 2,
+merge 2, 4x4 positions, 2 heads) and tiny_vision_p6 (patch 6, temporal 3, merge 3, 5x5
+positions, 4 heads). Each is exported with three grids: the grids of its two fixture images
+(and of p6's video, one call per temporal group), whose committed float64 references the
+outputs are held to, and sides below, equal to and above the position table, so the table
+is shrunk, kept and stretched. Random patches on every grid are checked against transformers
+run here in float64.
 """
 
 from __future__ import annotations
-
-import json
 
 import coremltools as ct
 import numpy as np
@@ -21,12 +22,12 @@ from mlxkit.convert.coreml import (
     INPUT_NAME,
     OUTPUT_NAME,
     WEIGHT_FILE,
-    VisionConfig,
     check_grids,
     default_grids,
     export_vision_encoder,
     function_name,
     parse_grids,
+    vision_config,
 )
 
 import mlxkit
@@ -40,18 +41,14 @@ from tests.coreml_models import (
     file_end,
     random_patches,
     write_converted_layout,
-    write_vision_checkpoint,
 )
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, reference
 from tests.mil_interpreter import Package, UnsupportedOp
+from tests.vision_helpers import VISION
 
-SECOND_TOWER = {
-    "depth": 2, "hidden_size": 48, "num_heads": 3, "intermediate_size": 96,
-    "out_hidden_size": 40, "in_channels": 3, "patch_size": 2, "temporal_patch_size": 2,
-    "spatial_merge_size": 2, "num_position_embeddings": 36, "hidden_act": "gelu_pytorch_tanh",
-    "deepstack_visual_indexes": [], "rope_parameters": {"rope_type": "axial", "rope_theta": 1000.0},
-}  # fmt: skip
-GRIDS = {"tiny_untied": [(2, 6), (6, 4), (8, 8)], "second": [(4, 10), (6, 6)]}
+# p4: image0 6x10, image1 12x4, and the 4x4 position table itself; p6: image0 6x3, image1 6x9,
+# the video's 3x6 (3 rows, fewer than the table's 5)
+GRIDS = {"tiny_vision_p4": [(6, 10), (12, 4), (4, 4)], "tiny_vision_p6": [(6, 3), (6, 9), (3, 6)]}
 OPS_FLOAT32 = {
     "const", "linear", "reshape", "transpose", "upsample_bilinear", "add", "sub", "mul",
     "layer_norm", "slice_by_index", "split", "concat", "scaled_dot_product_attention", "gelu",
@@ -60,47 +57,36 @@ OPS_FLOAT16 = OPS_FLOAT32 | {"cast"}  # the float32 input and output, at the edg
 
 
 @pytest.fixture(scope="module")
-def towers(tmp_path_factory):
-    """name -> model directory"""
-    second = write_vision_checkpoint(tmp_path_factory.mktemp("second") / "model", SECOND_TOWER, 7)
-    return {"tiny_untied": FIXTURES / "tiny_untied", "second": second}
-
-
-@pytest.fixture(scope="module")
-def exports(towers, tmp_path_factory):
+def exports(tmp_path_factory):
     """(tower, precision) -> ExportResult, with the grids of GRIDS."""
     out = tmp_path_factory.mktemp("exports")
     return {
         (name, precision): export_vision_encoder(
-            model_dir, out / f"{name}-{precision}.mlpackage", GRIDS[name], precision=precision,
-            quiet=True,
+            FIXTURES / name, out / f"{name}-{precision}.mlpackage", GRIDS[name],
+            precision=precision, quiet=True,
         )
-        for name, model_dir in towers.items()
+        for name in VISION
         for precision in ("float32", "float16")
     }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def converted_one_grid(towers, tmp_path_factory):
-    """tiny_untied's tower in the converted (mlx-vlm) layout, exported for its first grid."""
+def converted_one_grid(tmp_path_factory):
+    """tiny_vision_p4's tower in the converted (mlx-vlm) layout, exported for its first grid."""
     out = tmp_path_factory.mktemp("converted")
-    converted = write_converted_layout(towers["tiny_untied"], out / "model")
-    grids = GRIDS["tiny_untied"][:1]
+    converted = write_converted_layout(FIXTURES / "tiny_vision_p4", out / "model")
+    grids = GRIDS["tiny_vision_p4"][:1]
     return export_vision_encoder(converted, out / "one.mlpackage", grids, quiet=True)
 
 
 @pytest.fixture(scope="module")
-def references(towers):
-    return {name: Reference(model_dir) for name, model_dir in towers.items()}
+def references():
+    return {name: Reference(FIXTURES / name) for name in VISION}
 
 
-def config_of(model_dir) -> VisionConfig:
-    return VisionConfig.from_config(json.loads((model_dir / "config.json").read_text()), "test")
-
-
-def run_all(result, towers, references, name):
-    """(grid, output, reference) for every function of a package."""
-    cfg = config_of(towers[name])
+def run_all(result, references, name):
+    """(grid, output, reference) for every function of a package, on random patches."""
+    cfg = vision_config(FIXTURES / name)
     package = Package(result.output)
     for i, grid in enumerate(result.grids):
         patches = random_patches(grid, cfg.patch_dim, seed=i)
@@ -108,17 +94,17 @@ def run_all(result, towers, references, name):
         yield grid, out, references[name](patches, grid)
 
 
-@pytest.mark.parametrize("name", GRIDS)
-def test_float32_program_matches_transformers_float64(exports, towers, references, name):
-    for grid, out, ref in run_all(exports[name, "float32"], towers, references, name):
+@pytest.mark.parametrize("name", VISION)
+def test_float32_program_matches_transformers_float64(exports, references, name):
+    for grid, out, ref in run_all(exports[name, "float32"], references, name):
         rel, _ = errors(out, ref)
         assert out.dtype == np.float32 and out.shape == ref.shape
         assert rel <= 1e-5, (grid, rel)
 
 
-@pytest.mark.parametrize("name", GRIDS)
-def test_float16_program_cosine_per_token(exports, towers, references, name, capsys):
-    for grid, out, ref in run_all(exports[name, "float16"], towers, references, name):
+@pytest.mark.parametrize("name", VISION)
+def test_float16_program_cosine_per_token(exports, references, name, capsys):
+    for grid, out, ref in run_all(exports[name, "float16"], references, name):
         rel, cos = errors(out, ref)
         with capsys.disabled():
             print(f"\n{name} float16 {function_name(grid)}: max rel error {rel:.2e}, "
@@ -128,10 +114,37 @@ def test_float16_program_cosine_per_token(exports, towers, references, name, cap
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-@pytest.mark.parametrize("name", GRIDS)
-def test_spec_names_dtypes_and_shapes(exports, towers, name, precision):
+@pytest.mark.parametrize("name", VISION)
+def test_fixture_images_and_video_match_their_float64_references(exports, name, precision):
+    """The fixture's preprocessed images (and p6's video, one temporal group per call) through
+    their grids' functions, against the tower output transformers gave in float64."""
+    ref, m = reference(name), vision_config(FIXTURES / name).spatial_merge_size
+    package = Package(exports[name, precision].output)
+    start = 0
+    for part in ("image0", "image1", "video"):
+        t, h, w = (int(v) for v in ref[f"{part}_grid"])
+        tokens = t * h * w // m**2
+        expected = ref["tower_f64"][start : start + tokens]
+        start += tokens
+        if (h, w) not in GRIDS[name]:
+            continue  # p4's video grid is not exported
+        groups = np.split(ref[f"{part}_patches"], t)  # each temporal group attends on its own
+        out = np.concatenate([package.run(function_name((h, w)), {INPUT_NAME: g})[OUTPUT_NAME]
+                              for g in groups])  # fmt: skip
+        rel, cos = errors(out, expected)
+        if precision == "float32":
+            assert rel <= 1e-5, (part, rel)
+        else:
+            assert cos >= 0.9999, (part, cos)
+    assert start == len(ref["tower_f64"])
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+@pytest.mark.parametrize("name", VISION)
+def test_spec_names_dtypes_and_shapes(exports, name, precision):
     result = exports[name, precision]
-    cfg = config_of(towers[name])
+    cfg = vision_config(FIXTURES / name)
+    m = cfg.spatial_merge_size
     spec = ct.models.MLModel(str(result.output), skip_model_load=True).get_spec()
     assert spec.specificationVersion == 9  # iOS 18: multifunction, scaled_dot_product_attention
     functions = {f.name: f for f in spec.description.functions}
@@ -142,7 +155,7 @@ def test_spec_names_dtypes_and_shapes(exports, towers, name, precision):
         (inp,), (out,) = f.input, f.output
         n = grid[0] * grid[1]
         for feature, name_, shape in ((inp, INPUT_NAME, [n, cfg.patch_dim]),
-                                      (out, OUTPUT_NAME, [n // 4, cfg.out_hidden_size])):  # fmt: skip
+                                      (out, OUTPUT_NAME, [n // m**2, cfg.out_hidden_size])):  # fmt: skip
             array = feature.type.multiArrayType
             assert feature.name == name_ and list(array.shape) == shape
             assert array.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
@@ -151,16 +164,18 @@ def test_spec_names_dtypes_and_shapes(exports, towers, name, precision):
     assert meta["mlxkit.grids"] == ",".join(f"{r}x{c}" for r, c in GRIDS[name])
     assert meta["mlxkit.precision"] == precision and meta["mlxkit.version"] == mlxkit.__version__
     assert meta["mlxkit.compute_units"] == "CPU_AND_NE"
-    assert meta["mlxkit.spatial_merge_size"] == "2"
+    assert meta["mlxkit.spatial_merge_size"] == str(m)
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_op_set_and_static_shapes(exports, precision):
-    package = Package(exports["second", precision].output)
-    for grid in GRIDS["second"]:
+@pytest.mark.parametrize("name", VISION)
+def test_op_set_and_static_shapes(exports, name, precision):
+    package = Package(exports[name, precision].output)
+    side = vision_config(FIXTURES / name).position_grid_side
+    for grid in GRIDS[name]:
         function = function_name(grid)
         expected = OPS_FLOAT16 if precision == "float16" else OPS_FLOAT32
-        if grid == (6, 6):  # the position grid itself: no resampling left after optimization
+        if grid == (side, side):  # the position table itself: no resampling left to do
             expected = expected - {"upsample_bilinear"}
         assert package.op_types(function) == expected
         compute = "fp16" if precision == "float16" else "fp32"
@@ -171,7 +186,7 @@ def test_op_set_and_static_shapes(exports, precision):
                     assert types.builtin_to_string(var.dtype) == compute, op.name
 
 
-@pytest.mark.parametrize("name", GRIDS)
+@pytest.mark.parametrize("name", VISION)
 def test_one_weight_file_shared_by_every_function(exports, name):
     result = exports[name, "float16"]
     weights_dir = result.output / WEIGHT_FILE.rsplit("/", 1)[0]
@@ -191,7 +206,7 @@ def test_one_weight_file_shared_by_every_function(exports, name):
 def test_weights_are_two_bytes_per_parameter_and_do_not_grow_with_grids(
     exports, converted_one_grid
 ):
-    name = "tiny_untied"
+    name = "tiny_vision_p4"
     three, one = exports[name, "float16"], converted_one_grid
     consts = blob_consts(ct.utils.load_spec(str(three.output)))
     consts_one = blob_consts(ct.utils.load_spec(str(one.output)))
@@ -212,11 +227,11 @@ def test_weights_are_two_bytes_per_parameter_and_do_not_grow_with_grids(
     assert 0 <= growth <= sum(64 + -(-2 * n // 64) * 64 for _, n in tables) + 64
 
 
-def test_converted_layout_exports_the_same_encoder(exports, towers, converted_one_grid):
-    grid = GRIDS["tiny_untied"][0]
-    patches = random_patches(grid, config_of(towers["tiny_untied"]).patch_dim, seed=3)
+def test_converted_layout_exports_the_same_encoder(exports, converted_one_grid):
+    grid = GRIDS["tiny_vision_p4"][0]
+    patches = random_patches(grid, vision_config(FIXTURES / "tiny_vision_p4").patch_dim, seed=3)
     ours = Package(converted_one_grid.output).run(function_name(grid), {INPUT_NAME: patches})
-    hf = Package(exports["tiny_untied", "float16"].output).run(
+    hf = Package(exports["tiny_vision_p4", "float16"].output).run(
         function_name(grid), {INPUT_NAME: patches}
     )
     np.testing.assert_array_equal(ours[OUTPUT_NAME], hf[OUTPUT_NAME])
@@ -257,40 +272,28 @@ def test_grids_parse_from_several_options():
     assert check_grids([(2, 2)], 1) == [(2, 2)]
 
 
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda c: c.pop("vision_config"), "no vision_config; this model has no vision tower"),
-        (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]), "deepstack"),
-        (lambda c: c["vision_config"].update(num_position_embeddings=15), "not a square"),
-        (lambda c: c["vision_config"].update(num_heads=16), "multiple of 4"),
-        (lambda c: c["vision_config"].update(hidden_act="gelu"), "hidden_act 'gelu'"),
-        (lambda c: c["vision_config"].update(depth="2"), "vision_config.depth must be a positive"),
-    ],
-)
-def test_vision_config_checks(edit, message):
-    config = json.loads((FIXTURES / "tiny_untied" / "config.json").read_text())
-    edit(config)
-    with pytest.raises(MlxkitError, match=message):
-        VisionConfig.from_config(config, "config.json")
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(exports, precision,
+                                                                         capsys):  # fmt: skip
+    """benchmarks/coreml_vision.py's comparison with mlxkit's MLX tower, Core ML emulated."""
+    from benchmarks.coreml_vision import MIN_PSNR, compare, mlx_reference
 
-
-def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(exports, towers, capsys):
-    from benchmarks.coreml_vision import MIN_PSNR, compare, torch_reference
-
-    cfg, package = config_of(towers["second"]), exports["second", "float16"].output
+    name = "tiny_vision_p6"
+    cfg, package = vision_config(FIXTURES / name), exports[name, precision].output
     interpreter = Package(package)
     rows = compare(package, cfg, lambda f, x: interpreter.run(f, {INPUT_NAME: x})[OUTPUT_NAME],
-                   torch_reference(towers["second"], cfg))  # fmt: skip
-    assert [r.function for r in rows] == [function_name(g) for g in GRIDS["second"]]
+                   mlx_reference(FIXTURES / name, cfg))  # fmt: skip
+    assert [r.function for r in rows] == [function_name(g) for g in GRIDS[name]]
     with capsys.disabled():
-        print("\nemulated float16 against the torch reference: "
+        print(f"\nemulated {precision} against mlxkit's tower: "
               + ", ".join(f"{r.function} {r.psnr:.1f} dB" for r in rows), end="")  # fmt: skip
     assert all(r.psnr >= MIN_PSNR and r.min_cosine >= 0.9999 for r in rows)
+    if precision == "float32":  # both are float32: only rounding apart
+        assert all(r.max_rel_error <= 1e-5 for r in rows)
 
 
 def test_interpreter_refuses_an_op_it_does_not_know(exports, monkeypatch):
-    package = Package(exports["second", "float32"].output)
+    package = Package(exports["tiny_vision_p4", "float32"].output)
     monkeypatch.delitem(mil_interpreter.OPS, "gelu")  # as if the exporter had changed the graph
     with pytest.raises(UnsupportedOp, match="op gelu"):
-        package.run("grid_6x6", {INPUT_NAME: random_patches((6, 6), 24, 0)})
+        package.run("grid_4x4", {INPUT_NAME: random_patches((4, 4), 96, 0)})

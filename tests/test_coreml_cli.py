@@ -16,7 +16,7 @@ from mlxkit.convert import coreml
 from mlxkit.cli import main
 from tests.helpers import FIXTURES
 
-TOWER = FIXTURES / "tiny_tied"  # 4x4 position grid, spatial merge 2
+TOWER = FIXTURES / "tiny_vision_p4"  # 4x4 position grid, spatial merge 2
 
 
 def run(*args: str):
@@ -81,9 +81,11 @@ CASES = {  # output name, extra arguments, config edit, message
     "no vision_config, with --grids": (OUT, ["--grids", "4x4"], lambda c: c.pop("vision_config"),
                                        "this model has no vision tower"),
     "not a square position grid": (OUT, [], lambda c: c["vision_config"].update(
-        num_position_embeddings=12), "num_position_embeddings is not a square"),
+        num_position_embeddings=12), "num_position_embeddings must be a square"),
     "weights unlike the config": (OUT, [], lambda c: c["vision_config"].update(
-        intermediate_size=48), "has shape (64, 32), expected (48, 32) from vision_config"),
+        intermediate_size=48), "linear_fc1.bias has shape (64,) in mlxkit's layout, expected (48,) from vision_config"),
+    "deepstack tower": (OUT, [], lambda c: c["vision_config"].update(
+        deepstack_visual_indexes=[1]), "DeepStack vision towers (Qwen3-VL) are not supported"),
     "not a .mlpackage": ("e.mlmodel", [], None, "must be a .mlpackage path"),
 }  # fmt: skip
 
