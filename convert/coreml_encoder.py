@@ -84,7 +84,7 @@ class VisionTower(nn.Module):
         return tower.eval()
 
 
-def rotary_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
+def rotary_tables(positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * inv_freq for positions 0..positions-1: transformers'
     axial rotary uses head_dim/4 frequencies per axis (computed here in float64)."""
     half = head_dim // 2
@@ -138,9 +138,8 @@ class GridEncoder(nn.Module):
     def attention(self, block: VisionBlock, x: torch.Tensor) -> torch.Tensor:
         n, heads, hd = self.rows * self.cols, self.heads, self.head_dim
         qkv = block.attn.qkv(x).reshape(n, 3, heads, hd).permute(1, 2, 0, 3)  # [3, heads, n, hd]
-        qk = self.rotate(qkv[:2].reshape(2, heads, self.rows, self.cols, hd)).reshape(
-            2, heads, n, hd
-        )
+        qk = self.rotate(qkv[:2].reshape(2, heads, self.rows, self.cols, hd))
+        qk = qk.reshape(2, heads, n, hd)
         out = F.scaled_dot_product_attention(qk[0:1], qk[1:2], qkv[2:3])  # scale hd^-0.5
         return block.attn.proj(out.permute(0, 2, 1, 3).reshape(n, self.dim))
 

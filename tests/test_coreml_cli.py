@@ -110,12 +110,29 @@ def test_a_model_without_vision_weights(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"src"}
 
 
-def test_quantized_vision_weights_are_refused(tmp_path):
+WEIGHT_CASES = {  # an edit of the checkpoint's tensors, the message
+    "quantized": (lambda w: w.update({"model.visual.blocks.0.attn.qkv.scales": mx.ones((96, 1))}),
+                  "the vision tower is quantized"),
+    "missing tensor": (lambda w: w.pop("model.visual.merger.norm.bias"),
+                       "missing tensor vision_tower.merger.norm.bias"),
+    "unknown tensor": (lambda w: w.update({"model.visual.extra.weight": mx.ones(2)}),
+                       "model.visual.extra.weight is not a Qwen 3.5 vision-tower tensor"),
+    "integer weights": (lambda w: w.update({"model.visual.merger.norm.bias": mx.ones(32, mx.int32)}),
+                        "merger.norm.bias has dtype I32; expected a float"),
+    "patch weight of the wrong rank": (lambda w: w.update(
+        {"model.visual.patch_embed.proj.weight": mx.ones((32, 96))}), "expected a 5-D Conv3d"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=list(WEIGHT_CASES))
+def test_bad_vision_weights(tmp_path, case):
+    edit, message = WEIGHT_CASES[case]
     src = copy_tower(tmp_path)
     weights = mx.load(str(src / "model.safetensors"))
-    weights["model.visual.blocks.0.attn.qkv.scales"] = mx.ones((96, 1))
+    edit(weights)
     mx.save_safetensors(str(src / "model.safetensors"), weights)
-    assert_one_line_error(run(str(src), "-o", str(tmp_path / "e.mlpackage")), "is quantized")
+    assert_one_line_error(run(str(src), "-o", str(tmp_path / "e.mlpackage")), message)
+    assert {p.name for p in tmp_path.iterdir()} == {"src"}
 
 
 def test_coremltools_missing(tmp_path, monkeypatch):
