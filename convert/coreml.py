@@ -107,9 +107,14 @@ def parse_grids(specs: list[str] | tuple[str, ...]) -> list[Grid]:
 
 
 def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
+    """The grids as (rows, cols) tuples of ints, or a ConfigError for the first bad one."""
     if not grids:
         raise ConfigError("no grids to export")
-    for rows, cols in grids:
+    checked = []
+    for grid in grids:
+        if len(grid) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid):
+            raise ConfigError(f"grid {grid!r}: give (rows, cols) as two integers")
+        rows, cols = grid
         name = f"{rows}x{cols}"
         if rows <= 0 or cols <= 0 or rows % merge or cols % merge:
             raise ConfigError(
@@ -121,9 +126,10 @@ def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
                 f"grid {name}: {vision_tokens((rows, cols), merge)} vision tokens; at most "
                 f"{MAX_VISION_TOKENS} are supported (attention over all patches grows as N^2)"
             )
-    if len(set(grids)) != len(grids):
+        checked.append((rows, cols))
+    if len(set(checked)) != len(checked):
         raise ConfigError("a grid is listed twice")
-    return list(grids)
+    return checked
 
 
 # --- weights ---------------------------------------------------------------------------------

@@ -269,7 +269,11 @@ def test_unsupported_grids(spec, message):
 
 def test_grids_parse_from_several_options():
     assert parse_grids(["32x32, 36x26", "26X36"]) == [(32, 32), (36, 26), (26, 36)]
-    assert check_grids([(2, 2)], 1) == [(2, 2)]
+    assert check_grids([[2, 2]], 1) == [(2, 2)]
+    with pytest.raises(
+        MlxkitError, match=r"grid \(32.0, 32\): give \(rows, cols\) as two integers"
+    ):
+        check_grids([(32.0, 32)], 2)
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
