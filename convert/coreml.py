@@ -23,7 +23,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -224,12 +223,20 @@ def export_vision_encoder(
     MLX layout) to the package `output` (`*.mlpackage`), one function per grid (default:
     `default_grids`). Everything is checked before anything is written; the package is
     assembled beside `output` and renamed into place only when complete."""
-    from .converter import _check_existing, _peak_rss, _replace
+    from .converter import _absolute, _peak_rss
+    from .output import (
+        check_apart_from_source,
+        check_destination,
+        remove_leftovers,
+        replace_dir,
+        temp_dir,
+        write_error,
+    )
 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    out = Path(output).expanduser().absolute()
+    out = _absolute(output)
     if out.suffix != ".mlpackage":
         raise ConfigError(f"{out}: the output must be a .mlpackage path")
     ct, torch = _import_coreml()
@@ -237,7 +244,8 @@ def export_vision_encoder(
     cfg = vision_config(model_dir)
     grids = default_grids(cfg.spatial_merge_size) if grids is None else grids
     grids = check_grids(grids, cfg.spatial_merge_size)
-    _check_existing(out, force)
+    check_destination(out, force, written_by_export, "Core ML package")
+    check_apart_from_source(out, model_dir)
     weights = read_vision_weights(model_dir, cfg)
 
     from .coreml_encoder import GridEncoder, VisionTower
@@ -248,12 +256,11 @@ def export_vision_encoder(
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_leftovers(out)
+    work = temp_dir(out, "partial")
     created = next((p for p in reversed(out.parents) if not p.exists()), None)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     try:
+        work.mkdir(parents=True)
         packages = []
         for i, grid in enumerate(grids):
             t1 = time.perf_counter()
@@ -268,9 +275,11 @@ def export_vision_encoder(
         _save_multifunction(ct, packages, grids, package)
         _describe(ct, package, cfg, grids, precision)
         files = package_files(package)
-        _replace(package, out)
-    except BaseException:
-        shutil.rmtree(created or work, ignore_errors=True)
+        replace_dir(package, out)
+    except BaseException as e:
+        shutil.rmtree(created or work, ignore_errors=True)  # parents made for OUT go too
+        if isinstance(e, OSError):
+            raise write_error(e, out.parent) from None
         raise
     shutil.rmtree(work, ignore_errors=True)
     result = ExportResult(
@@ -286,6 +295,20 @@ def export_vision_encoder(
     )
     say(format_summary(result))
     return result
+
+
+def written_by_export(package: Path) -> bool:
+    """A package this export wrote (so --force may replace it): exactly the files it writes,
+    none a link, and its spec carries mlxkit's metadata."""
+    try:
+        entries = list(package.rglob("*"))
+        if any(p.is_symlink() for p in entries):
+            return False
+        files = {p.relative_to(package).as_posix() for p in entries if p.is_file()}
+        ours = b"mlxkit.grids" in (package / SPEC_FILE).read_bytes()
+    except OSError:
+        return False
+    return files == {"Manifest.json", SPEC_FILE, WEIGHT_FILE} and ours
 
 
 def _check_disk(out: Path, need: int) -> None:
