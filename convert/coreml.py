@@ -223,15 +223,8 @@ def export_vision_encoder(
     MLX layout) to the package `output` (`*.mlpackage`), one function per grid (default:
     `default_grids`). Everything is checked before anything is written; the package is
     assembled beside `output` and renamed into place only when complete."""
+    from . import output as out_rules  # convert/output.py: what may be replaced, and how
     from .converter import _absolute, _peak_rss
-    from .output import (
-        check_apart_from_source,
-        check_destination,
-        remove_leftovers,
-        replace_dir,
-        temp_dir,
-        write_error,
-    )
 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -244,8 +237,8 @@ def export_vision_encoder(
     cfg = vision_config(model_dir)
     grids = default_grids(cfg.spatial_merge_size) if grids is None else grids
     grids = check_grids(grids, cfg.spatial_merge_size)
-    check_destination(out, force, written_by_export, "Core ML package")
-    check_apart_from_source(out, model_dir)
+    out_rules.check_destination(out, force, written_by_export, "Core ML package")
+    out_rules.check_apart_from_source(out, model_dir)
     weights = read_vision_weights(model_dir, cfg)
 
     from .coreml_encoder import GridEncoder, VisionTower
@@ -256,8 +249,8 @@ def export_vision_encoder(
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
-    remove_leftovers(out)
-    work = temp_dir(out, "partial")
+    out_rules.remove_leftovers(out)
+    work = out_rules.temp_dir(out, "partial")
     created = next((p for p in reversed(out.parents) if not p.exists()), None)
     try:
         work.mkdir(parents=True)
@@ -275,11 +268,11 @@ def export_vision_encoder(
         _save_multifunction(ct, packages, grids, package)
         _describe(ct, package, cfg, grids, precision)
         files = package_files(package)
-        replace_dir(package, out)
+        out_rules.replace_dir(package, out)
     except BaseException as e:
         shutil.rmtree(created or work, ignore_errors=True)  # parents made for OUT go too
         if isinstance(e, OSError):
-            raise write_error(e, out.parent) from None
+            raise out_rules.write_error(e, out.parent) from None
         raise
     shutil.rmtree(work, ignore_errors=True)
     result = ExportResult(
