@@ -73,6 +73,21 @@ class PromptCache:
     def new(cls, model: Model) -> PromptCache:
         return cls(model.make_cache(), model.make_mtp_cache() if model.has_mtp else None)
 
+    def copy(self) -> PromptCache:
+        """An independent snapshot (compact copies of the states): decoding on from either one
+        leaves the other as it was. A server keeps such snapshots of shared prefixes."""
+
+        def clone(c):
+            new = type(c)()
+            new.state = {k: mx.contiguous(v) for k, v in c.state.items()}
+            return new
+
+        main = [clone(c) for c in self.main]
+        mtp = None if self.mtp is None else [clone(c) for c in self.mtp]
+        pending = None if self.mtp_pending is None else mx.contiguous(self.mtp_pending)
+        mx.eval([c.state for c in main + (mtp or [])], pending)
+        return PromptCache(main, mtp, list(self.tokens), pending)
+
     def save(self, path: str | Path) -> None:
         arrays = {}
         for name, caches in (("main", self.main), ("mtp", self.mtp or [])):
@@ -142,6 +157,15 @@ def _prefill(model: Model, cache: PromptCache, new_tokens: list[int], chunk: int
         mx.eval(hidden, *[c.state for c in cache.main], *[c.state for c in cache.mtp or []])
     cache.tokens = all_tokens
     return hidden[:, -1:]
+
+
+def prefill(
+    model: Model, prompt_cache: PromptCache, tokens: Sequence[int], prefill_chunk: int = 512
+) -> None:
+    """Processes `tokens` after those `prompt_cache` holds, generating nothing, so that a later
+    `stream_generate` whose prompt extends them starts from there."""
+    if tokens:
+        _prefill(model, prompt_cache, list(tokens), prefill_chunk)
 
 
 def _pick(

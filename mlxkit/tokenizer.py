@@ -333,23 +333,46 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         enable_thinking: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs,
     ) -> str:
-        """The prompt text for a conversation of {"role", "content"} messages."""
+        """The prompt text for a conversation of {"role", "content"} messages; `tools` (OpenAI
+        function schemas) and further template variables go to the template as they are."""
         if self._chat_template is None:
             raise CheckpointError(
                 "this model has no chat template (chat_template.jinja); pass plain text instead"
             )
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            # templates come with downloaded checkpoints: render them sandboxed
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = env.from_string(self._chat_template)
+            self._template = _compile_chat_template(self._chat_template)
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
+            tools=tools,
+            **template_kwargs,
         )
+
+
+def _compile_chat_template(source: str) -> Template:
+    """Compiled the way transformers compiles chat templates (what checkpoints' templates are
+    written for): sandboxed, since templates come with downloaded checkpoints; `tojson` without
+    Jinja's HTML escaping and key sorting; `raise_exception`; loop controls."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)  # fmt: skip
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def _read_json(path: Path) -> dict | None:
