@@ -129,8 +129,9 @@ def _register_subcommands() -> None:
     from mlxkit.convert.cli import convert
     from mlxkit.convert.coreml import export_coreml
     from mlxkit.ios_bridge.cli import bundle, plan_command, tiers
+    from mlxkit.serve.cli import serve
 
-    for command in (convert, export_coreml, tiers, plan_command, bundle):
+    for command in (convert, export_coreml, tiers, plan_command, bundle, serve):
         main.add_command(command)
 
 

@@ -1,0 +1,13 @@
+"""`mlxkit serve`: an OpenAI-compatible HTTP server for one model, with MTP speculative decoding
+and prompt reuse (optional extra: `pip install 'mlxkit[serve]'`).
+
+    protocol.py  request bodies (pydantic), the OpenAI error body, usage
+    chat.py      messages -> the model's chat template -> prompt tokens (+ where to snapshot)
+    parse.py     generated text -> reasoning_content, content, tool_calls (streaming)
+    pool.py      decoding states of earlier prompts, by token prefix, LRU within a byte budget
+    engine.py    the generation loop: one at a time, a bounded queue, cancellation
+    app.py       the Starlette routes
+    cli.py       `mlxkit serve`: uvicorn on a thread, the engine on the main thread
+
+Only cli.py is imported when the `mlxkit` command starts; the rest needs the extra.
+"""

@@ -1,0 +1,122 @@
+"""From an OpenAI chat request to prompt tokens, through the model's own chat template.
+
+Besides the tokens, rendering decides two things the server needs:
+- whether the prompt leaves a `<think>` block open (Qwen 3.5 with thinking on), so the output
+  starts as reasoning;
+- where the next turn of this conversation will stop agreeing with this prompt. Qwen's
+  templates render an earlier assistant turn without the generation prompt's `<think>` opening
+  (and without its reasoning), so the state after this prompt and its answer is not a prefix of
+  the next turn's prompt. The state at the point where they part is: the server keeps a
+  snapshot there. Found by rendering the conversation followed by a placeholder assistant
+  answer and a user message, and comparing tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import jinja2
+
+from mlxkit.serve.protocol import ChatRequest, ImagePart, Message, RequestError
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_PLACEHOLDER = "x"  # any text: it only has to differ from the generation prompt's first token
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    reasoning: bool = False  # the output starts inside a <think> block
+    snapshot_at: int | None = None  # keep the state after this many tokens (see the docstring)
+
+
+def template_messages(messages: list[Message]) -> list[dict]:
+    """Messages as chat templates read them: text parts joined into one string, absent content
+    as "", tool-call arguments as the objects their JSON text holds."""
+    out = []
+    for i, m in enumerate(messages):
+        item: dict = {"role": m.role, "content": _text(m, i)}
+        if m.name is not None:
+            item["name"] = m.name
+        if m.reasoning_content is not None:
+            item["reasoning_content"] = m.reasoning_content
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            item["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]")
+                                  for j, c in enumerate(m.tool_calls)]  # fmt: skip
+        out.append(item)
+    return out
+
+
+def _text(message: Message, index: int) -> str:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    for j, part in enumerate(content):
+        if isinstance(part, ImagePart):
+            # Where image inputs will go once the vision model has landed.
+            raise RequestError(
+                "image_url content parts need a vision model; this server serves text only",
+                param=f"messages[{index}].content[{j}]",
+            )
+    return "".join(part.text for part in content)
+
+
+def _tool_call(call, param: str) -> dict:
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise RequestError(
+            "function.arguments must be a JSON object (as text)",
+            param=f"{param}.function.arguments",
+        )
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": arguments},
+    }
+
+
+def render_chat(tokenizer, request: ChatRequest) -> Prompt:
+    messages = template_messages(request.messages)
+    tools = request.tool_specs
+    thinking = request.enable_thinking
+    kwargs = request.template_kwargs
+
+    def render(msgs: list[dict], generation_prompt: bool, with_tools: list | None) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, generation_prompt, thinking, tools=with_tools, **kwargs
+            )
+        except (jinja2.TemplateError, TypeError, ValueError) as e:
+            raise RequestError(f"the chat template cannot render these messages: {e}") from None
+
+    text = render(messages, True, tools)
+    if tools and text == render(messages, True, None):
+        raise RequestError("this model's chat template does not render tools", param="tools")
+    tokens = tokenizer.encode(text)
+    probe = [*messages, {"role": "assistant", "content": _PLACEHOLDER},
+             {"role": "user", "content": _PLACEHOLDER}]  # fmt: skip
+    try:
+        next_turn = tokenizer.encode(render(probe, False, tools))
+    except RequestError:  # a template with rules the placeholder breaks: no snapshot
+        next_turn = []
+    n = common_prefix(tokens, next_turn)
+    return Prompt(
+        tokens,
+        reasoning=text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE),
+        snapshot_at=n if 0 < n < len(tokens) else None,
+    )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,122 @@
+"""`mlxkit serve`. Kept free of heavy imports: it is loaded whenever the `mlxkit` command starts;
+the server stack and the model are imported only when the command runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from mlxkit.errors import MlxkitError
+
+SERVER_STACK = ("starlette", "uvicorn", "pydantic")
+
+
+def require_server_stack() -> None:
+    missing = [m for m in SERVER_STACK if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MlxkitError(f"mlxkit serve needs {', '.join(missing)}: pip install 'mlxkit[serve]'")
+
+
+@click.command("serve")
+@click.option("--model", "model_path", help="Model directory (HF or MLX layout) or bundle.")
+@click.option("--size", help='A published size (0.8b, 2b, 4b, 9b: Hugging Face cache) or "micro".')
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0: any free one; the one taken is printed).")  # fmt: skip
+@click.option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 endpoints.")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0),
+              help="Requests waiting behind the one generating; more get 503.")  # fmt: skip
+@click.option("--prompt-cache-size", default="1GiB", show_default=True,
+              help="Bytes of decoding states kept for prompt reuse (e.g. 512MB; 0: off).")  # fmt: skip
+@click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(1),
+              help="The most tokens a request may generate (and its default).")  # fmt: skip
+@click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
+@click.option("--num-draft", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Tokens drafted per MTP round.")  # fmt: skip
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+def serve(
+    model_path: str | None,
+    size: str | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int,
+    prompt_cache_size: str,
+    max_tokens: int,
+    mtp: bool,
+    num_draft: int,
+    log_level: str,
+) -> None:
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models,
+    /v1/stats, /health) for one model, with MTP and prompt reuse."""
+    require_server_stack()
+    from mlxkit.ios_bridge.devices import parse_bytes
+
+    if (model_path is None) == (size is None):
+        raise MlxkitError("pass either --model PATH or --size SIZE")
+    cache_bytes = 0 if prompt_cache_size.strip() == "0" else parse_bytes(prompt_cache_size)
+    if size is not None:
+        from mlxkit.convert.source import resolve_size
+
+        source = resolve_size(size)
+        model_path, name = str(source.directory), source.name
+    else:
+        from mlxkit.load import resolve_model_dir
+
+        name = resolve_model_dir(model_path).name
+        if name == "model":  # an iPhone bundle's model/
+            name = Path(model_path).expanduser().resolve().name
+
+    from mlxkit.load import load
+    from mlxkit.serve.app import Settings, create_app
+    from mlxkit.serve.engine import Engine
+
+    model, tokenizer = load(model_path)
+    if mtp and not model.has_mtp:
+        click.echo("warning: this model has no MTP weights; decoding without speculation", err=True)
+    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=cache_bytes,
+                    mtp=mtp, num_draft=num_draft)  # fmt: skip
+    app = create_app(engine, Settings(name, max_tokens, api_key))
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it "
+                   "can use the model", err=True)  # fmt: skip
+    run(engine, app, host, port, log_level, banner=lambda p: (
+        f"mlxkit serve: {name} at http://{host}:{p}/v1 (MTP "
+        + (f"on, {num_draft} drafts" if engine.mtp else "off")
+        + f"; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue})"))  # fmt: skip
+
+
+def run(engine, app, host: str, port: int, log_level: str, banner) -> None:
+    """The HTTP server on a thread of its own, the engine on this (the main) thread, until
+    Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=3)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="mlxkit-serve-http", daemon=True)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise MlxkitError(f"cannot listen on {host}:{port} (see the error above)")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    click.echo(banner(bound), err=True)
+    try:
+        engine.run(stop=lambda: server.should_exit or not thread.is_alive())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)

@@ -1,0 +1,233 @@
+"""The generation loop: one model, one generation at a time, a bounded queue in front.
+
+MLX work stays on the thread that calls `Engine.run` (the main thread: MLX arrays made on a
+worker thread can abort the interpreter at exit), while the HTTP server runs its event loop on
+another. They meet in `Job`: the HTTP side puts it on the queue and reads its events; the loop
+hands back each GenerationResponse (or a `Failed`) through the event loop's thread-safe call,
+and watches `cancelled` between tokens, so a client that goes away stops its generation at the
+next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from mlxkit.errors import MlxkitError
+from mlxkit.generate import GenerationResponse, PromptCache, prefill, stream_generate
+from mlxkit.serve.pool import PromptPool
+
+log = logging.getLogger("mlxkit.serve")
+
+
+@dataclass
+class Failed:
+    status: int  # 400: the runtime refused the request; 500: generation broke
+    message: str
+
+
+@dataclass
+class Job:
+    tokens: list[int]
+    options: dict  # stream_generate keyword arguments
+    loop: asyncio.AbstractEventLoop
+    snapshot_at: int | None = None  # keep a shared snapshot after this many prompt tokens
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cached: int = 0  # prompt tokens taken from the pool (set before the first event)
+
+    def send(self, event: GenerationResponse | Failed) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed: nobody is listening
+            self.cancelled.set()
+
+
+@dataclass
+class Counters:
+    served: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_queue: int,
+        prompt_cache_bytes: int,
+        mtp: bool = True,
+        num_draft: int = 2,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.mtp = mtp and model.has_mtp
+        self.num_draft = num_draft
+        self.max_in_flight = 1 + max_queue
+        self.pool = PromptPool(prompt_cache_bytes)
+        self.counters = Counters()
+        self.in_flight = 0  # admitted and not yet answered: queued or generating
+        self.most_in_flight = 0
+        self.busy = False  # a generation is running
+        self.gauges: dict = {}  # memory and pool figures, refreshed by the loop (MLX thread)
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._seconds_per_job = 1.0  # moving average, for Retry-After
+
+    # ------------------------------------------------------------------ HTTP side (any thread)
+
+    def admit(self) -> bool:
+        """Takes a place in the queue; False when it is full."""
+        with self._lock:
+            if self.in_flight >= self.max_in_flight:
+                self.counters.rejected += 1
+                return False
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely to be free: about one generation."""
+        return max(1, math.ceil(self._seconds_per_job))
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    # ------------------------------------------------------------------ the loop (MLX thread)
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        """Serves jobs until `stop()` is true; frees MLX's buffer cache when idle."""
+        self._refresh()
+        while not stop():
+            try:
+                job = self._jobs.get(timeout=0.1)
+            except queue.Empty:
+                if mx.get_cache_memory():
+                    mx.clear_cache()
+                    self._refresh()
+                continue
+            if job.cancelled.is_set():
+                self.counters.cancelled += 1
+                continue
+            self.busy = True
+            t0 = time.perf_counter()
+            try:
+                self._serve(job)
+            finally:
+                self.busy = False
+                seconds = time.perf_counter() - t0
+                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
+                self._refresh()
+        while not self._jobs.empty():  # shutting down: nobody will serve these
+            self._jobs.get().send(Failed(503, "the server is shutting down"))
+
+    def new_cache(self) -> PromptCache:
+        cache = PromptCache.new(self.model)
+        if not self.mtp:
+            cache.mtp = None
+        return cache
+
+    def _serve(self, job: Job) -> None:
+        cache = self.pool.take(job.tokens) or self.new_cache()
+        job.cached = len(cache.tokens)
+        finished = False
+        try:
+            at = job.snapshot_at
+            context = self.model.config.max_position_embeddings
+            if (
+                at is not None
+                and job.cached < at < len(job.tokens) < context
+                and self.pool.max_bytes
+            ):
+                prefill(self.model, cache, job.tokens[job.cached : at])
+                self.pool.put(cache.copy(), shared=True)
+            stream = stream_generate(self.model, self.tokenizer, job.tokens, prompt_cache=cache,
+                                     mtp=self.mtp, num_draft=self.num_draft, **job.options)  # fmt: skip
+            try:
+                for r in stream:
+                    job.send(r)
+                    if r.finish_reason is not None:
+                        finished = True
+                        self._count(r, job.cached)
+                    elif job.cancelled.is_set():
+                        self.counters.cancelled += 1
+                        break
+            finally:
+                stream.close()
+        except MlxkitError as e:
+            self.counters.failed += 1
+            job.send(Failed(400, str(e)))
+        except Exception as e:  # a broken generation must not take the server down
+            log.exception("generation failed")
+            self.counters.failed += 1
+            job.send(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+        if finished:
+            self.pool.put(cache)
+
+    def _count(self, r: GenerationResponse, cached: int) -> None:
+        c = self.counters
+        c.served += 1
+        c.prompt_tokens += r.prompt_tokens
+        c.cached_tokens += cached
+        c.generated_tokens += r.generation_tokens
+        c.drafted += r.drafted
+        c.accepted += r.accepted
+
+    def _refresh(self) -> None:
+        self.gauges = {
+            "prompt_cache": {
+                "entries": len(self.pool),
+                "bytes": self.pool.nbytes,
+                "max_bytes": self.pool.max_bytes,
+                "hits": self.pool.hits,
+                "misses": self.pool.misses,
+            },
+            "memory": {"active": mx.get_active_memory(), "cache": mx.get_cache_memory()},
+        }
+
+    def stats(self) -> dict:
+        c = self.counters
+        return {
+            "requests": {
+                "served": c.served,
+                "failed": c.failed,
+                "cancelled": c.cancelled,
+                "rejected": c.rejected,
+                "in_flight": self.in_flight,
+                "most_in_flight": self.most_in_flight,
+                "max_in_flight": self.max_in_flight,
+            },
+            "busy": self.busy,
+            "tokens": {
+                "prompt": c.prompt_tokens,
+                "cached": c.cached_tokens,
+                "generated": c.generated_tokens,
+            },
+            "mtp": {
+                "enabled": self.mtp,
+                "num_draft": self.num_draft,
+                "drafted": c.drafted,
+                "accepted": c.accepted,
+                "acceptance": c.accepted / c.drafted if c.drafted else None,
+            },
+            **self.gauges,
+        }

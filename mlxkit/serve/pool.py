@@ -1,0 +1,89 @@
+"""Prompt-cache pool: the decoding states of earlier requests, found again by token prefix,
+least recently used first out, within a byte budget.
+
+Gated-DeltaNet states cannot be rewound, so an entry serves a new prompt only when its tokens
+are a strict prefix of it. Two kinds of entry:
+- a finished generation's state (prompt + completion): the next request of the conversation
+  extends it when the template renders the history as it was generated. It is handed over on
+  use (the generation extends it in place and puts the longer state back) and an extension
+  replaces it;
+- a snapshot (`shared`): the state where a conversation's next turn will part from this
+  prompt (see `mlxkit.serve.chat`). It is copied on use and stays, for every later turn that
+  branches from there.
+A generation that does not finish (client gone, error) does not come back: its state may be
+half a speculative round ahead of its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlxkit.generate import PromptCache
+
+
+def cache_nbytes(cache: PromptCache) -> int:
+    pending = 0 if cache.mtp_pending is None else cache.mtp_pending.nbytes
+    return sum(c.nbytes for c in cache.main + (cache.mtp or [])) + pending
+
+
+@dataclass
+class _Entry:
+    cache: PromptCache
+    nbytes: int
+    shared: bool
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.cache.tokens
+
+
+class PromptPool:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: list[_Entry] = []  # least recently used first
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries)
+
+    def take(self, tokens: list[int]) -> PromptCache | None:
+        """The state of the longest strict prefix of `tokens` held, or None."""
+        best = None
+        for e in self._entries:
+            n = len(e.tokens)
+            if (
+                n < len(tokens)
+                and (best is None or n > len(best.tokens))
+                and tokens[:n] == e.tokens
+            ):
+                best = e
+        if best is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.remove(best)
+        if best.shared:
+            self._entries.append(best)
+            return best.cache.copy()
+        return best.cache
+
+    def put(self, cache: PromptCache, shared: bool = False) -> None:
+        """Keeps a state (one that alone exceeds the budget is not kept)."""
+        nbytes = cache_nbytes(cache)
+        if not cache.tokens or nbytes > self.max_bytes:
+            return
+        n = len(cache.tokens)
+        self._entries = [
+            e for e in self._entries
+            if e.tokens != cache.tokens
+            and (shared or e.shared or len(e.tokens) > n or cache.tokens[: len(e.tokens)] != e.tokens)
+        ]  # fmt: skip
+        self._entries.append(_Entry(cache, nbytes, shared))
+        total = self.nbytes
+        while total > self.max_bytes:
+            total -= self._entries.pop(0).nbytes

@@ -1,0 +1,308 @@
+"""The OpenAI wire format: request bodies as pydantic models, the error body every failure gets,
+and the response objects.
+
+Requests are validated strictly (a string where a number belongs is an error, not coerced);
+fields this server does not know are ignored, as OpenAI-compatible servers do, since clients
+send vendor fields of their own. Fields it knows but cannot honour (n > 1, logprobs, penalties
+other than repetition_penalty, forced tool choice) are refused with a 400 that says so, rather
+than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_STOP_STRINGS = 16
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an OpenAI error body with this status."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.kind = message, status, param, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param)
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def loads(raw: bytes) -> dict:
+    """The request body as a JSON object. NaN and Infinity are not JSON and are refused (Python's
+    json module would accept them)."""
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw, parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict) -> Any:
+    """Validates a body; the first problem becomes a 400 naming the field."""
+    try:
+        request = model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _param_name(err["loc"])
+        raise RequestError(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+    request.check()
+    return request
+
+
+def _param_name(loc: tuple) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'; pydantic's union branch names
+    (e.g. 'str', 'list[int]') are left out."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part.isidentifier():
+            name += f".{part}" if name else part
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    def check(self) -> None:
+        """Rules pydantic's field types cannot say."""
+
+
+# --------------------------------------------------------------------------- chat messages
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's format)
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _Generation(_Strict):
+    """What chat and text completions share: sampling, stop strings, streaming."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # -1 (vLLM's "off") is the same as 0
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+
+    def check(self) -> None:
+        if self.n != 1:
+            raise RequestError("only n=1 is supported", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise RequestError(f"{name} is not supported; use repetition_penalty", param=name)
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self) -> dict:
+        """stream_generate's keyword arguments (max_tokens is the server's to settle)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": max(self.top_k, 0),
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": self.stop_strings,
+        }
+
+
+class ChatRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.logprobs:
+            raise RequestError("logprobs are not supported by this server", param="logprobs")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise RequestError(
+                "only tool_choice 'auto' and 'none' are supported", param="tool_choice"
+            )
+        if self.response_format not in (None, {"type": "text"}):
+            raise RequestError(
+                "only response_format {'type': 'text'} is supported", param="response_format"
+            )
+        thinking = (self.chat_template_kwargs or {}).get("enable_thinking", True)
+        if not isinstance(thinking, bool):
+            raise RequestError(
+                "chat_template_kwargs.enable_thinking must be true or false",
+                param="chat_template_kwargs.enable_thinking",
+            )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def tool_specs(self) -> list[dict] | None:
+        """The tools as the chat template reads them (None when there are none to offer)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """chat_template_kwargs without the names the server passes itself."""
+        reserved = {"messages", "tools", "add_generation_prompt", "enable_thinking"}
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k not in reserved}
+
+    @property
+    def enable_thinking(self) -> bool:
+        return (self.chat_template_kwargs or {}).get("enable_thinking", True)
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        batch = (
+            isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        )
+        if batch and len(self.prompt) != 1:
+            raise RequestError("only one prompt per request is supported", param="prompt")
+        if self.echo:
+            raise RequestError("echo is not supported", param="echo")
+        if self.suffix:
+            raise RequestError("suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise RequestError("only best_of=1 is supported", param="best_of")
+        if self.logprobs:
+            raise RequestError("logprobs are not supported by this server", param="logprobs")
+
+    @property
+    def single_prompt(self) -> str | list[int]:
+        p = self.prompt
+        return p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(
+    prompt_tokens: int, cached: int, completion_tokens: int, drafted: int, accepted: int
+) -> dict:
+    """Token counts; MTP drafts appear as OpenAI's predicted-output counts (accepted and
+    rejected draft tokens)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": drafted - accepted,
+        },
+    }
