@@ -118,5 +118,6 @@ def run(engine, app, host: str, port: int, log_level: str, banner) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        engine.refuse_waiting()
         server.should_exit = True
         thread.join(timeout=5)

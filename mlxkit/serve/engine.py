@@ -137,7 +137,10 @@ class Engine:
                 seconds = time.perf_counter() - t0
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
                 self._refresh()
-        while not self._jobs.empty():  # shutting down: nobody will serve these
+
+    def refuse_waiting(self) -> None:
+        """Shutting down: answers the jobs still queued."""
+        while not self._jobs.empty():
             self._jobs.get().send(Failed(503, "the server is shutting down"))
 
     def new_cache(self) -> PromptCache:
@@ -180,8 +183,8 @@ class Engine:
             log.exception("generation failed")
             self.counters.failed += 1
             job.send(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
-        if finished:
-            self.pool.put(cache)
+        if finished:  # kept compact: the live state may pin buffers of its last verify pass
+            self.pool.put(cache.copy())
 
     def _count(self, r: GenerationResponse, cached: int) -> None:
         c = self.counters

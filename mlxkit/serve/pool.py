@@ -11,7 +11,8 @@ are a strict prefix of it. Two kinds of entry:
   prompt (see `mlxkit.serve.chat`). It is copied on use and stays, for every later turn that
   branches from there.
 A generation that does not finish (client gone, error) does not come back: its state may be
-half a speculative round ahead of its tokens.
+half a speculative round ahead of its tokens. States are put in as compact copies
+(`PromptCache.copy`), so that `nbytes` is what they hold.
 """
 
 from __future__ import annotations
