@@ -69,14 +69,17 @@ class Server:
     def stats(self) -> dict:
         return self.request("GET", "/v1/stats")[2]
 
-    def wait_idle(self, timeout: float = 30.0) -> dict:
-        """Stats once nothing is queued or generating."""
+    def wait_idle(self, timeout: float = 30.0, prepared_after: int | None = None) -> dict:
+        """Stats once nothing is queued, generating or being prepared (and, with
+        `prepared_after`, once more than that many next-turn tokens have been prepared)."""
         deadline = time.monotonic() + timeout
         while True:
             stats = self.stats()
-            if (not stats["busy"] and stats["requests"]["in_flight"] == 0) or (
-                time.monotonic() > deadline
-            ):
+            idle = not stats["busy"] and not stats["preparing"]
+            idle = idle and stats["requests"]["in_flight"] == 0
+            if prepared_after is not None:
+                idle = idle and stats["tokens"]["prepared"] > prepared_after
+            if idle or time.monotonic() > deadline:
                 return stats
             time.sleep(0.05)
 

@@ -192,16 +192,21 @@ def test_sampled_chat_matches_the_runtime_with_the_same_seed(client, micro):
 
 
 @pytest.mark.parametrize("thinking", [False, True])
-def test_second_chat_turn_reuses_the_first(client, micro, thinking):
-    """The second turn reports as cached exactly the tokens it shares with the first turn's
-    prompt + completion (micro's template drops the generation prompt's <think> block from the
-    history, so they part there), whatever request came between."""
+def test_second_chat_turn_reuses_the_first(server, client, micro, thinking):
+    """While idle after the first turn, the server prefills what the next request will start
+    with (the history with the answer as the template renders it back), so the second turn
+    processes only its new message and the generation prompt, whatever request came between.
+    That is more than the first turn's prompt + completion minus what micro's template rewrites
+    (it drops the generation prompt's <think> block from the history)."""
+    _, tok = micro
     extra = {"chat_template_kwargs": {"enable_thinking": thinking}}
     first = [{"role": "system", "content": f"thinking={thinking}"},
              {"role": "user", "content": "def tokenize(source):\n    "}]  # fmt: skip
+    prepared = server.stats()["tokens"]["prepared"]
     r1 = client.chat.completions.create(model="m", messages=first, max_tokens=20,
                                         extra_body=extra)  # fmt: skip
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
+    server.wait_idle(prepared_after=prepared)
     client.completions.create(model="m", prompt="import re\n", max_tokens=8)  # in between
     answer = r1.choices[0].message
     assistant = {"role": "assistant", "content": answer.content}
@@ -210,13 +215,14 @@ def test_second_chat_turn_reuses_the_first(client, micro, thinking):
     second = [*first, assistant, {"role": "user", "content": "class Token:\n    "}]
     r2 = client.chat.completions.create(model="m", messages=second, max_tokens=20,
                                         extra_body=extra)  # fmt: skip
-    p1 = chat_ids(micro, first, thinking)
+    p1, p2 = chat_ids(micro, first, thinking), chat_ids(micro, second, thinking)
     completion = reference(micro, first, max_tokens=20, enable_thinking=thinking)[1]
-    p2 = chat_ids(micro, second, thinking)
-    expected = common_prefix(p1 + completion, p2)
-    assert expected >= len(p1) - 6  # all but the rewritten tail of the generation prompt
+    cached = r2.usage.prompt_tokens_details.cached_tokens
     assert r2.usage.prompt_tokens == len(p2)
-    assert r2.usage.prompt_tokens_details.cached_tokens == expected
+    opening = "<think>\n" if thinking else "<think>\n\n</think>\n\n"
+    assert tok.decode(p2[cached:]) == ("\nclass Token:\n    <|im_end|>\n<|im_start|>assistant\n"
+                                       + opening)  # fmt: skip
+    assert cached > common_prefix(p1 + completion, p2) >= len(p1) - 6
     # the answer is the runtime's for the whole prompt: reuse changes nothing
     text = reference(micro, second, max_tokens=20, enable_thinking=thinking)[0]
     got = r2.choices[0].message

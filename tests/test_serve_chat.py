@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mlxkit.micro import micro_dir
-from mlxkit.serve.chat import common_prefix, render_chat, template_messages
+from mlxkit.serve.chat import common_prefix, next_turn_prefix, render_chat, template_messages
 from mlxkit.serve.protocol import ChatRequest, RequestError, parse
 from mlxkit.tokenizer import load_tokenizer
 from tests.helpers import FIXTURES
@@ -141,3 +141,39 @@ def test_tools_reach_the_prompt(qwen_dir):
     text = tok.decode(prompt.tokens)
     assert json.dumps(TOOLS[0], ensure_ascii=False) in text
     assert text.endswith("<|im_start|>assistant\n<think>\n")
+
+
+@pytest.mark.parametrize("template", ["micro", "qwen"])
+def test_next_turn_prefix_starts_the_next_request(qwen_dir, template):
+    """What the server prepares after answering is a strict prefix of the next request,
+    whatever the next message says, and leaves only that message and the generation prompt to
+    process."""
+    tok = load_tokenizer(micro_dir() if template == "micro" else qwen_dir)
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = {"role": "assistant", "content": "Sunny."}
+    prefix = next_turn_prefix(tok, request(messages=question), reply)
+    for follow_up in ("Thanks!", "\n\nindented\n", "<think>odd</think>"):
+        turn = [*question, reply, {"role": "user", "content": follow_up}]
+        following = render_chat(tok, request(messages=turn)).tokens
+        assert following[: len(prefix)] == prefix and len(following) > len(prefix)
+        rest = tok.decode(following[len(prefix) :])
+        assert rest.startswith("\n") and "<|im_start|>user" not in rest
+
+
+def test_next_turn_prefix_after_tool_calls(qwen_dir):
+    """After tool calls the next message is a tool result: the prefix reaches into its
+    <tool_response> opening."""
+    tok = load_tokenizer(qwen_dir)
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    assistant = {"role": "assistant", "content": "", "reasoning_content": "Look it up.",
+                 "tool_calls": [call]}  # fmt: skip
+    reply = template_messages(request(messages=[assistant]).messages)[0]
+    prefix = next_turn_prefix(tok, request(messages=question, tools=TOOLS), reply)
+    turn = [*question, assistant, {"role": "tool", "tool_call_id": "c1", "content": "21°C"}]
+    following = render_chat(tok, request(messages=turn, tools=TOOLS)).tokens
+    assert following[: len(prefix)] == prefix
+    assert tok.decode(following[len(prefix) :]) == (
+        "\n21°C\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlxkit.generate import GenerationResponse
-from mlxkit.serve.chat import render_chat
+from mlxkit.serve.chat import next_turn_prefix, render_chat
 from mlxkit.serve.engine import Engine, Failed, Job
 from mlxkit.serve.parse import Delta, OutputParser
 from mlxkit.serve.protocol import (
@@ -154,6 +154,25 @@ class Api:
                 raise too_large
         return loads(bytes(body))
 
+    def _prepare_next_turn(self, req: ChatRequest, parser: OutputParser, content: str,
+                           reasoning: str) -> None:  # fmt: skip
+        """Has the engine prefill, while idle, what the conversation's next request will start
+        with (runs on a worker thread after the answer is out)."""
+        reply: dict = {"role": "assistant", "content": content}
+        if reasoning:
+            reply["reasoning_content"] = reasoning
+        if parser.calls:
+            reply["tool_calls"] = [c.template() for c in parser.calls]
+        tokens = next_turn_prefix(self.engine.tokenizer, req, reply)
+        if tokens:
+            self.engine.prepare(tokens)
+
+    def _after_answer(self, req, parser, content: str, reasoning: str) -> None:
+        if self.engine.pool.max_bytes:
+            asyncio.get_running_loop().run_in_executor(
+                None, self._prepare_next_turn, req, parser, content, reasoning
+            )
+
     def _max_tokens(self, requested: int | None, param: str) -> int:
         cap = self.settings.max_tokens
         if requested is not None and requested > cap:
@@ -211,7 +230,7 @@ class Api:
             return Response(status_code=499)
         meta = {"id": new_id("chatcmpl"), "created": now(), "model": self.settings.model_name}
         if req.stream:
-            chunks = self._chat_chunks(session, responses, parser, meta, req.include_usage)
+            chunks = self._chat_chunks(session, responses, parser, meta, req)
             return _EventStream(chunks, session)
         try:
             deltas = []
@@ -231,12 +250,13 @@ class Api:
         reasoning = "".join(d.reasoning for d in deltas)
         if reasoning:
             message["reasoning_content"] = reasoning
+        self._after_answer(req, parser, message["content"] or "", reasoning)
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": _finish(session.last, parser)}  # fmt: skip
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
                              "usage": _usage(session)})  # fmt: skip
 
-    async def _chat_chunks(self, session, responses, parser, meta, include_usage):
+    async def _chat_chunks(self, session, responses, parser, meta, req: ChatRequest):
         def chunk(delta: dict, finish: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return _sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
@@ -248,17 +268,21 @@ class Api:
             return {"reasoning_content": d.reasoning} if d.reasoning else {"content": d.content}
 
         yield chunk({"role": "assistant", "content": ""})
+        content = reasoning = ""
         try:
             async for r in responses:
                 for d in parser.feed(r.text):
+                    content, reasoning = content + d.content, reasoning + d.reasoning
                     yield chunk(wire(d))
             for d in parser.finish():
+                content, reasoning = content + d.content, reasoning + d.reasoning
                 yield chunk(wire(d))
         except RequestError as e:
             yield _sse(e.body())
             return
+        self._after_answer(req, parser, content, reasoning)
         yield chunk({}, _finish(session.last, parser))
-        if include_usage:
+        if req.include_usage:
             yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
                         "usage": _usage(session)})  # fmt: skip
         yield _sse("[DONE]")

@@ -1,6 +1,6 @@
 """From an OpenAI chat request to prompt tokens, through the model's own chat template.
 
-Besides the tokens, rendering decides two things the server needs:
+Besides the tokens, rendering decides what the server needs to reuse work across turns:
 - whether the prompt leaves a `<think>` block open (Qwen 3.5 with thinking on), so the output
   starts as reasoning;
 - where the next turn of this conversation will stop agreeing with this prompt. Qwen's
@@ -8,7 +8,10 @@ Besides the tokens, rendering decides two things the server needs:
   (and without its reasoning), so the state after this prompt and its answer is not a prefix of
   the next turn's prompt. The state at the point where they part is: the server keeps a
   snapshot there. Found by rendering the conversation followed by a placeholder assistant
-  answer and a user message, and comparing tokens.
+  answer and a user message, and comparing tokens;
+- once answered, what the next turn's prompt will start with: the conversation, the answer as
+  the template will render it back, and the next message's opening (two renderings with
+  different placeholder messages agree up to there). The server prefills that while idle.
 """
 
 from __future__ import annotations
@@ -81,20 +84,21 @@ def _tool_call(call, param: str) -> dict:
     }
 
 
-def render_chat(tokenizer, request: ChatRequest) -> Prompt:
-    messages = template_messages(request.messages)
-    tools = request.tool_specs
-    thinking = request.enable_thinking
-    kwargs = request.template_kwargs
-
+def _renderer(tokenizer, request: ChatRequest):
     def render(msgs: list[dict], generation_prompt: bool, with_tools: list | None) -> str:
         try:
-            return tokenizer.apply_chat_template(
-                msgs, generation_prompt, thinking, tools=with_tools, **kwargs
-            )
+            return tokenizer.apply_chat_template(msgs, generation_prompt, request.enable_thinking,
+                                                 tools=with_tools, **request.template_kwargs)  # fmt: skip
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise RequestError(f"the chat template cannot render these messages: {e}") from None
 
+    return render
+
+
+def render_chat(tokenizer, request: ChatRequest) -> Prompt:
+    messages = template_messages(request.messages)
+    tools = request.tool_specs
+    render = _renderer(tokenizer, request)
     text = render(messages, True, tools)
     if tools and text == render(messages, True, None):
         raise RequestError("this model's chat template does not render tools", param="tools")
@@ -111,6 +115,24 @@ def render_chat(tokenizer, request: ChatRequest) -> Prompt:
         reasoning=text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE),
         snapshot_at=n if 0 < n < len(tokens) else None,
     )
+
+
+def next_turn_prefix(tokenizer, request: ChatRequest, reply: dict) -> list[int] | None:
+    """The tokens the next request of this conversation will start with, `reply` being the
+    answer just given (as the client will send it back): followed by a tool result when it
+    called tools, else by a user message. The last token the two renderings share is left out:
+    BPE may merge it with the start of the real message (a newline with a leading newline).
+    None if the template will not render it."""
+    render = _renderer(tokenizer, request)
+    messages = [*template_messages(request.messages), reply]
+    role = "tool" if reply.get("tool_calls") else "user"
+    try:
+        a, b = (tokenizer.encode(render([*messages, {"role": role, "content": text}], False,
+                                        request.tool_specs)) for text in ("a", "b"))  # fmt: skip
+    except RequestError:
+        return None
+    n = common_prefix(a, b) - 1
+    return a[:n] if n > 0 else None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

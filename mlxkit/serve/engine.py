@@ -6,11 +6,16 @@ another. They meet in `Job`: the HTTP side puts it on the queue and reads its ev
 hands back each GenerationResponse (or a `Failed`) through the event loop's thread-safe call,
 and watches `cancelled` between tokens, so a client that goes away stops its generation at the
 next token.
+
+When no request is waiting, the loop prepares states for the next turns of the conversations
+it has just answered (`prepare`): the prefix the next request will start with, prefilled from
+the pool in small chunks and given up at a chunk boundary as soon as a request arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import queue
@@ -26,6 +31,7 @@ from mlxkit.generate import GenerationResponse, PromptCache, prefill, stream_gen
 from mlxkit.serve.pool import PromptPool
 
 log = logging.getLogger("mlxkit.serve")
+PREPARE_CHUNK = 32  # tokens prefilled between looks at the queue while preparing a next turn
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Counters:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    prepared_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
 
@@ -84,8 +91,10 @@ class Engine:
         self.in_flight = 0  # admitted and not yet answered: queued or generating
         self.most_in_flight = 0
         self.busy = False  # a generation is running
+        self.preparing = False  # a next turn's state is being prefilled
         self.gauges: dict = {}  # memory and pool figures, refreshed by the loop (MLX thread)
         self._jobs: queue.Queue[Job] = queue.Queue()
+        self._next_turns: collections.deque[list[int]] = collections.deque(maxlen=8)
         self._lock = threading.Lock()
         self._seconds_per_job = 1.0  # moving average, for Retry-After
 
@@ -112,6 +121,11 @@ class Engine:
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
+    def prepare(self, tokens: list[int]) -> None:
+        """Asks for the state of `tokens` (a conversation's next prompt starts with them) to be
+        computed when the server is idle."""
+        self._next_turns.append(tokens)
+
     # ------------------------------------------------------------------ the loop (MLX thread)
 
     def run(self, stop: Callable[[], bool]) -> None:
@@ -119,9 +133,11 @@ class Engine:
         self._refresh()
         while not stop():
             try:
-                job = self._jobs.get(timeout=0.1)
+                job = self._jobs.get(timeout=0 if self._next_turns else 0.1)
             except queue.Empty:
-                if mx.get_cache_memory():
+                if self._next_turns:
+                    self._prepare(self._next_turns.popleft())
+                elif mx.get_cache_memory():
                     mx.clear_cache()
                     self._refresh()
                 continue
@@ -167,11 +183,11 @@ class Engine:
                                      mtp=self.mtp, num_draft=self.num_draft, **job.options)  # fmt: skip
             try:
                 for r in stream:
-                    job.send(r)
-                    if r.finish_reason is not None:
+                    if r.finish_reason is not None:  # counted before the client can see it
                         finished = True
                         self._count(r, job.cached)
-                    elif job.cancelled.is_set():
+                    job.send(r)
+                    if not finished and job.cancelled.is_set():
                         self.counters.cancelled += 1
                         break
             finally:
@@ -185,6 +201,27 @@ class Engine:
             job.send(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
         if finished:  # kept compact: the live state may pin buffers of its last verify pass
             self.pool.put(cache.copy())
+
+    def _prepare(self, tokens: list[int]) -> None:
+        if not self.pool.max_bytes or len(tokens) >= self.model.config.max_position_embeddings:
+            return
+        cache = self.pool.take(tokens, count=False)
+        if cache is None:
+            return
+        self.preparing = True
+        try:
+            for start in range(len(cache.tokens), len(tokens), PREPARE_CHUNK):
+                piece = tokens[start : start + PREPARE_CHUNK]
+                prefill(self.model, cache, piece)
+                self.counters.prepared_tokens += len(piece)
+                if not self._jobs.empty():  # a request is waiting: keep what is done
+                    break
+            self.pool.put(cache.copy(), shared=True)
+        except Exception:  # the state is only an optimisation: lose it, keep serving
+            log.exception("preparing a next turn failed")
+        finally:
+            self.preparing = False
+            self._refresh()
 
     def _count(self, r: GenerationResponse, cached: int) -> None:
         c = self.counters
@@ -220,10 +257,12 @@ class Engine:
                 "max_in_flight": self.max_in_flight,
             },
             "busy": self.busy,
+            "preparing": self.preparing or bool(self._next_turns),
             "tokens": {
                 "prompt": c.prompt_tokens,
                 "cached": c.cached_tokens,
                 "generated": c.generated_tokens,
+                "prepared": c.prepared_tokens,
             },
             "mtp": {
                 "enabled": self.mtp,

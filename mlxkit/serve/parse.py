@@ -43,6 +43,11 @@ class ToolCall:
     def __post_init__(self) -> None:
         self.id = self.id or f"call_{uuid.uuid4().hex[:24]}"
 
+    def template(self) -> dict:
+        """The call as chat templates read it back (arguments as an object)."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}  # fmt: skip
+
     def openai(self, index: int | None = None) -> dict:
         call = {
             "id": self.id,

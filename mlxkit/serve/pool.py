@@ -8,7 +8,8 @@ are a strict prefix of it. Two kinds of entry:
   use (the generation extends it in place and puts the longer state back) and an extension
   replaces it;
 - a snapshot (`shared`): the state where a conversation's next turn will part from this
-  prompt (see `mlxkit.serve.chat`). It is copied on use and stays, for every later turn that
+  prompt, or the state of the next turn's predicted prefix, computed while the server is idle
+  (see `mlxkit.serve.chat`). It is copied on use and stays, for every later turn that
   branches from there.
 A generation that does not finish (client gone, error) does not come back: its state may be
 half a speculative round ahead of its tokens. States are put in as compact copies
@@ -52,8 +53,9 @@ class PromptPool:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries)
 
-    def take(self, tokens: list[int]) -> PromptCache | None:
-        """The state of the longest strict prefix of `tokens` held, or None."""
+    def take(self, tokens: list[int], count: bool = True) -> PromptCache | None:
+        """The state of the longest strict prefix of `tokens` held, or None; `count`: a
+        request's look-up (counted in hits and misses), not the server's own."""
         best = None
         for e in self._entries:
             n = len(e.tokens)
@@ -63,10 +65,10 @@ class PromptPool:
                 and tokens[:n] == e.tokens
             ):
                 best = e
+        if count:
+            self.hits, self.misses = self.hits + (best is not None), self.misses + (best is None)
         if best is None:
-            self.misses += 1
             return None
-        self.hits += 1
         self._entries.remove(best)
         if best.shared:
             self._entries.append(best)
