@@ -3,9 +3,11 @@ directory in one run, over HTTP as clients see it. Prints a markdown table of me
 repeats with ratios to mlx_lm.server:
 
 - second-turn time to first token: a chat with a long system prompt; the second turn sends the
-  first turn's answer back with a new question (each server gets its own first answer), and the
-  clock runs from sending the request to the first generated text;
-- single-client tokens/s: one streamed chat answer, from its first token to its last;
+  first turn's answer back with a new question (each server gets its own first answer) after
+  `--pause` seconds (the user reading and typing), and the clock runs from sending the request
+  to the first generated text;
+- single-client tokens/s: streamed chat answers to three questions, one after another, from
+  each answer's first token to its last;
 - aggregate tokens/s with 8 clients at once: all tokens over the wall time (mlx_lm.server
   batches them; mlxkit serves one at a time).
 
@@ -115,17 +117,19 @@ class Engine:
             self.proc.kill()
 
 
-def second_turn_ttft(engine: Engine, question: str, tokens: int) -> float:
+def second_turn_ttft(engine: Engine, question: str, tokens: int, pause: float) -> float:
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     answer = engine.chat(first, tokens)["text"]
+    time.sleep(pause)
     second = [*first, {"role": "assistant", "content": answer},
               {"role": "user", "content": "def test():\n    "}]  # fmt: skip
     return engine.chat(second, 8)["ttft"]
 
 
-def single_tps(engine: Engine, question: str, tokens: int) -> float:
-    r = engine.chat([{"role": "user", "content": question}], tokens)
-    return (r["tokens"] - 1) / r["decode_s"]
+def single_tps(engine: Engine, tag: str, tokens: int) -> float:
+    """Over one answer to each question: tokens after the first / the time they took."""
+    runs = [engine.chat([{"role": "user", "content": f"{tag}{q}"}], tokens) for q in QUESTIONS]
+    return sum(r["tokens"] - 1 for r in runs) / sum(r["decode_s"] for r in runs)
 
 
 def aggregate_tps(engine: Engine, clients: int, tokens: int) -> float:
@@ -151,6 +155,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128, help="Tokens per answer.")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--pause", type=float, default=2.0, help="Seconds between the two turns.")
     ap.add_argument("--out", type=Path, help="Also write the table to this markdown file.")
     args = ap.parse_args()
 
@@ -174,13 +179,15 @@ def main() -> None:
                 engines.append(Engine(name, [*cmd, "--port", str(port)], port))
             runs = {e.name: {"ttft": [], "tps": [], "agg": []} for e in engines}
             for e in engines:  # warm-up: first use compiles and allocates
-                single_tps(e, QUESTIONS[0], 16)
+                single_tps(e, "# warm-up\n", 16)
                 aggregate_tps(e, 2, 8)
             for rep in range(args.repeats):
                 question = f"# repeat {rep}\n{QUESTIONS[rep % len(QUESTIONS)]}"
                 for e in engines:
-                    runs[e.name]["ttft"].append(second_turn_ttft(e, question, args.tokens))
-                    runs[e.name]["tps"].append(single_tps(e, question, args.tokens))
+                    runs[e.name]["ttft"].append(
+                        second_turn_ttft(e, question, args.tokens, args.pause)
+                    )
+                    runs[e.name]["tps"].append(single_tps(e, f"# repeat {rep}\n", args.tokens))
                     runs[e.name]["agg"].append(aggregate_tps(e, args.clients, args.tokens))
                 print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         finally:
@@ -197,8 +204,9 @@ def main() -> None:
     lines = [
         (
             f"Model: {args.model} ({'bf16' if args.no_quantize else '4-bit'}), {args.tokens} "
-            f"tokens per answer, greedy, thinking off; medians of {args.repeats} repeats, engines "
-            "interleaved; ratios are medians of the per-repeat ratios to mlx_lm.server."
+            f"tokens per answer, greedy, thinking off, {args.pause:g} s between the two turns; "
+            f"medians of {args.repeats} repeats, engines interleaved; ratios are medians of the "
+            "per-repeat ratios to mlx_lm.server."
         ),
         "",
         (

@@ -43,17 +43,18 @@ def micro():
     return mlxkit.load("micro")
 
 
-def spec(c: int, i: int) -> dict:
+def spec(c: int, i: int, max_tokens: int = MAX_TOKENS) -> dict:
     """Request i of client c: chat or completion, streamed or not, its own prompt and seed."""
     n = c * PER_CLIENT + i
     text = f"# job {c} {i}\n{STARTS[n % len(STARTS)]}"
-    return {"chat": n % 3 == 0, "stream": n % 2 == 0, "text": text, "seed": 100 + n}
+    return {"chat": n % 3 == 0, "stream": n % 2 == 0, "text": text, "seed": 100 + n,
+            "max_tokens": max_tokens}  # fmt: skip
 
 
 def expected_text(micro, s: dict) -> str:
     """What the runtime writes for the request, prefilled the way the server prefills it."""
     model, tok = micro
-    options = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": s["seed"]}
+    options = {"max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
     if not s["chat"]:
         return "".join(r.text for r in stream_generate(model, tok, s["text"], **options))
     req = parse(ChatRequest, {"messages": [{"role": "user", "content": s["text"]}],
@@ -67,7 +68,7 @@ def expected_text(micro, s: dict) -> str:
 
 def send(client: openai.OpenAI, s: dict) -> str:
     """The whole answer; raises openai.APIStatusError for an error status."""
-    kw = {"model": "micro", "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": s["seed"]}
+    kw = {"model": "micro", "max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
     if s["chat"]:
         kw |= {"messages": [{"role": "user", "content": s["text"]}],
                "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}  # fmt: skip
@@ -100,10 +101,20 @@ def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
     own complete answer (the one the runtime gives for its prompt and seed) or a 503 with
     Retry-After, which the client honours before its next request. The queue never holds more
     than it may, and afterwards the server's memory is back where it was."""
+    load(server, micro, MAX_TOKENS)
+
+
+@pytest.mark.slow
+def test_concurrent_clients_with_long_answers(server, micro):
+    """The same with answers of up to 256 tokens: the prompt-cache pool evicts all along."""
+    load(server, micro, 256)
+
+
+def load(server: Server, micro, max_tokens: int) -> None:
     warm_up(server, micro)
     base = server.wait_idle()
     base_rss = server.rss()
-    specs = {(c, i): spec(c, i) for c in range(CLIENTS) for i in range(PER_CLIENT)}
+    specs = {(c, i): spec(c, i, max_tokens) for c in range(CLIENTS) for i in range(PER_CLIENT)}
     expected = {k: expected_text(micro, s) for k, s in specs.items()}
     assert len(set(expected.values())) >= 0.9 * len(expected)  # answers tell requests apart
 
@@ -150,9 +161,6 @@ def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
     assert abs(extra - base_extra) <= 2**20, (base["memory"], stats["memory"])
     grown = stats["prompt_cache"]["bytes"] - base["prompt_cache"]["bytes"]
     assert server.rss() - base_rss <= max(grown, 0) + 16 * 2**20
-    print(f"\n{len(ok)} answered, {len(busy)} busy; active {base['memory']['active']} -> "
-          f"{stats['memory']['active']}, pool {base['prompt_cache']['bytes']} -> "
-          f"{stats['prompt_cache']['bytes']}, rss {base_rss} -> {server.rss()}")  # fmt: skip
 
 
 MALFORMED = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from mlxkit.serve.protocol import (
     usage,
 )
 
+log = logging.getLogger("mlxkit.serve")
 MAX_BODY_BYTES = 8 * 2**20
 _DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks its client
 
@@ -163,7 +165,11 @@ class Api:
             reply["reasoning_content"] = reasoning
         if parser.calls:
             reply["tool_calls"] = [c.template() for c in parser.calls]
-        tokens = next_turn_prefix(self.engine.tokenizer, req, reply)
+        try:
+            tokens = next_turn_prefix(self.engine.tokenizer, req, reply)
+        except Exception:  # only an optimisation: never let it disturb serving
+            log.exception("rendering the next turn failed")
+            return
         if tokens:
             self.engine.prepare(tokens)
 
