@@ -9,9 +9,10 @@ in float32; conv1d as [C, 1, K]; 15 `mtp.*` tensors; `lm_head.weight` only for t
 9B), the outer `qwen3_5` config.json, and a safetensors index.
 
 What is assumed: the vision tower. Its tensor names follow transformers' Qwen 3.5 vision
-model (`model.visual.*`, as in tests/fixtures); its sizes were inferred from the published
-parameter counts (0.8B 100.6M, 2B 331.4M, 4B 333.5M, 9B 456.0M — these shapes reproduce
-them) and are not checked against the real files. `--no-vision` leaves it out. The shard
+model (`model.visual.*`, as in tests/fixtures); its shapes are `mlxkit.presets.vision_config`,
+inferred from the published parameter counts (0.8B 100.6M, 2B 331.4M, 4B 333.5M, 9B 456.0M —
+these shapes reproduce them) and not checked against the real files. `--no-vision` leaves it
+out. The shard
 split is transformers' `save_pretrained` convention (`model-0000N-of-0000M.safetensors`,
 5 GB per shard by default); the real repos' split points are not known here.
 
@@ -32,8 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mlxkit.convert.converter import preprocessor_configs
 
-from mlxkit.presets import sizes, text_config
+from mlxkit.models.qwen3_5_vision import VisionConfig
+from mlxkit.presets import model_config, sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,14 +44,6 @@ SHARD_BYTES = 5 * 10**9
 CHUNK = 8 << 20  # entries per write
 POOL = 32 << 20
 FLOAT32 = ("linear_attn.A_log", "linear_attn.norm.weight")
-
-# size: (depth, hidden, intermediate, heads); out_hidden is the text hidden size
-VISION = {
-    "0.8b": (12, 768, 3072, 12),
-    "2b": (24, 1024, 4096, 16),
-    "4b": (24, 1024, 4096, 16),
-    "9b": (27, 1152, 4304, 16),
-}
 
 
 def text_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -111,17 +106,6 @@ def text_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     out += attention("mtp.layers.0") + norms("mtp.layers.0") + mlp("mtp.layers.0")
     out.append(("mtp.norm.weight", (h,)))
     return out
-
-
-def vision_config(size: str, out_hidden: int) -> dict:
-    depth, hidden, inter, heads = VISION[size]
-    return {
-        "model_type": "qwen3_5_vision", "depth": depth, "hidden_size": hidden,
-        "intermediate_size": inter, "num_heads": heads, "out_hidden_size": out_hidden,
-        "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
-        "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh",
-        "deepstack_visual_indexes": [], "initializer_range": 0.02,
-    }  # fmt: skip
 
 
 def vision_tensors(vc: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -222,26 +206,23 @@ def make_checkpoint(
     size: str, out: Path, layers: int | None = None, vision: bool = True,
     shard_bytes: int = SHARD_BYTES, seed: int = 0,
 ) -> Path:  # fmt: skip
-    text = text_config(size)
+    config = model_config(size)
+    text = config["text_config"]
     if layers is not None:
         text["num_hidden_layers"] = layers
         text["layer_types"] = text["layer_types"][:layers]
     text["dtype"] = "bfloat16"
+    config["transformers_version"] = "5.0.0"
     tensors = text_tensors(text)
-    config = {
-        "architectures": ["Qwen3_5ForConditionalGeneration"],
-        "model_type": "qwen3_5",
-        "text_config": text,
-        "tie_word_embeddings": text["tie_word_embeddings"],
-        "image_token_id": 248056, "video_token_id": 248057,
-        "vision_start_token_id": 248053, "vision_end_token_id": 248054,
-        "transformers_version": "5.0.0",
-    }  # fmt: skip
     if vision:
-        config["vision_config"] = vision_config(size, text["hidden_size"])
         tensors += vision_tensors(config["vision_config"])
+    else:
+        del config["vision_config"]
     out.mkdir(parents=True, exist_ok=False)
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    if vision:  # as the real repos ship them (here: the values mlxkit assumes when absent)
+        for name, data in preprocessor_configs(VisionConfig.from_dict(config)).items():
+            (out / name).write_text(json.dumps(data, indent=2))
     _tokenizer(out)
     values = Values(seed)
     groups = shard(tensors, shard_bytes)

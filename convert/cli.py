@@ -14,7 +14,9 @@ from mlxkit.ios_bridge.cli import plan_options
 from mlxkit.errors import MlxkitError
 
 # Options that only a plan reads: given without --target / --memory-budget they do nothing.
-PLAN_ONLY = ("context", "entitlement", "num_draft", "prefill_chunk", "acceptance")
+PLAN_ONLY = (
+    "context", "entitlement", "num_draft", "prefill_chunk", "acceptance", "image_tokens",
+)  # fmt: skip
 
 
 @click.command("convert")
@@ -41,8 +43,9 @@ def convert(
     **options,
 ) -> None:
     """Convert a Qwen 3.5 checkpoint to an MLX model directory (4-bit by default), in
-    bounded memory, keeping the MTP head as a drafter in OUT/mtp/. With --target (an iPhone
-    or tier), plan first and build a bundle for that phone."""
+    bounded memory, keeping the MTP head as a drafter in OUT/mtp/ and the vision tower (not
+    quantized unless --vision-bits). With --target (an iPhone or tier), plan first and build
+    a bundle for that phone."""
     from mlxkit.convert.converter import convert as run
     from mlxkit.convert.source import Size, resolve_local
 
@@ -72,6 +75,8 @@ def convert(
         dtype=options["dtype"],
         quantize=not no_quantize,
         mtp=options["mtp"] is not False,
+        vision=options["vision"] is not False,
+        vision_bits=options["vision_bits"],
         force=force,
         quiet=quiet,
     )

@@ -1,8 +1,10 @@
 """`convert()`: one Qwen 3.5 checkpoint in, one MLX model directory out.
 
 The pass is streaming: for each model parameter, in the order of `planned_tensors`, rows
-are read from a memory map in chunks, turned into our layout by `sanitize_tensor`,
+are read from a memory map in chunks, turned into our layout by `checkpoint_tensor`,
 quantized by the recipe's rule, and written to their planned place in the output shards.
+The vision tower goes the same way (kept unless `vision=False`, in the output dtype unless
+`vision_bits` is given), with its config, token ids and preprocessor configs.
 Each chunk is evaluated and dropped before the next, so peak memory is a few chunks plus
 the interpreter, whatever the model size.
 
@@ -40,12 +42,14 @@ from mlxkit.layout import (
     OUTPUT_DTYPES,
     PlannedTensor,
     bytes_by_part,
+    checkpoint_tensor,
     drafter_key,
     model_parameters,
     planned_tensors,
+    weight_rule,
 )
 from mlxkit.load import MTP_DIR
-from mlxkit.models.qwen3_5 import sanitize_tensor
+from mlxkit.models.qwen3_5_vision import VisionConfig
 
 from .output import (
     OutputError,
@@ -56,8 +60,14 @@ from .output import (
     temp_dir,
     write_error,
 )
-from .quantize import Recipe, load_recipe, quantize
-from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
+from .quantize import Recipe, check_vision_bits, load_recipe, quantize
+from .reader import (
+    PREPROCESSOR_FILES,
+    SourceCheckpoint,
+    as_stored_dtype,
+    read_raw_rows,
+    row_chunks,
+)
 from .source import Size, Source, local_source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 
@@ -121,6 +131,8 @@ def convert(
     dtype: str = "bfloat16",
     quantize: bool = True,
     mtp: bool = True,
+    vision: bool = True,
+    vision_bits: int | None = None,
     drafter_layout: str = "mlx-vlm",
     force: bool = False,
     quiet: bool = False,
@@ -131,8 +143,9 @@ def convert(
 
     bits / group_size default to the recipe's (4 / 64 for the shipped recipes); `dtype` is
     the dtype of everything not quantized. With `mtp`, the MTP head is written as a drafter
-    in `dst/mtp/`, in one of DRAFTER_LAYOUTS. Raises MlxkitError for every problem a user
-    can cause."""
+    in `dst/mtp/`, in one of DRAFTER_LAYOUTS. With `vision` the checkpoint's vision tower is
+    kept (in `dtype`; its linear layers quantized to `vision_bits` when given). Raises
+    MlxkitError for every problem a user can cause."""
     t0 = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
@@ -141,15 +154,22 @@ def convert(
             f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
         )
     the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
+    if vision_bits is not None:
+        if not vision:
+            raise ConfigError("--vision-bits quantizes the vision tower; drop it or --no-vision")
+        if not quantize:
+            raise ConfigError("--vision-bits has no effect with --no-quantize")
+        check_vision_bits(vision_bits)
     local = local_source(src)
     if dst is not None:  # before a --size download, not after it
         if local is not None:
             check_apart_from_source(_absolute(dst), local.directory)
         check_destination(_absolute(dst), force, written_by_convert, "model directory")
     source = local or resolve_source(src)
-    ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp)
+    ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp, include_vision=vision)
     _check_side_files(source.directory)
-    planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype)
+    planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype,
+                              vision=ckpt.vision, vision_bits=vision_bits)  # fmt: skip
     out = _absolute(dst if dst is not None else default_output_name(source.name, the_recipe,
                                                                      dtype))  # fmt: skip
     check_destination(out, force, written_by_convert, "model directory")
@@ -166,7 +186,7 @@ def convert(
             raise write_error(e, out.parent) from None
         with _progress(planned, quiet) as advance:
             rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance,
-                                   drafter_layout)  # fmt: skip
+                                   drafter_layout, vision_bits)  # fmt: skip
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
         replace_dir(tmp, out)
     except BaseException as e:
@@ -187,7 +207,7 @@ def convert(
         quantization=quantization,
     )
     if not quiet:
-        click.echo(format_summary(result, mtp_wanted=mtp))
+        click.echo(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
     return result
 
 
@@ -230,13 +250,16 @@ def written_by_convert(directory: Path) -> bool:
 
 
 def _converter_file(name: str) -> bool:
-    return name in (CONFIG, INDEX, *TOKENIZER_FILES) or bool(SHARD_NAME.fullmatch(name))
+    written = (CONFIG, INDEX, *TOKENIZER_FILES, *PREPROCESSOR_FILES)
+    return name in written or bool(SHARD_NAME.fullmatch(name))
 
 
 def _check_side_files(directory: Path) -> None:
-    """The tokenizer and generation files that are there are read like the weights: regular
-    files inside the model directory; the two JSON ones the converter reads must parse."""
-    files = {n: p for n in TOKENIZER_FILES if (p := model_file(directory, n)) is not None}
+    """The tokenizer, generation and preprocessor files that are there are read like the
+    weights: regular files inside the model directory; the two JSON ones the converter reads
+    must parse (the preprocessor configs were parsed by SourceCheckpoint.open)."""
+    names = (*TOKENIZER_FILES, *PREPROCESSOR_FILES)
+    files = {n: p for n in names if (p := model_file(directory, n)) is not None}
     for name in ("generation_config.json", "tokenizer_config.json"):
         if name in files:
             data = read_json(files[name], name)
@@ -276,10 +299,12 @@ def _write_weights(
     out: Path,
     advance,
     drafter_layout: str,
+    vision_bits: int | None = None,
 ) -> dict[str, tuple[int, int] | None]:
     """Streams every tensor through read → sanitize → quantize → write; returns the rule
     applied to each weight, by module path. In the "checkpoint" drafter layout the MTP
-    head's tensors keep their checkpoint names and values (only cast and quantized).
+    head's tensors keep their checkpoint names and values (only cast and quantized). The
+    vision tower's Conv3d weight is split by output channel, so its chunks transpose alone.
 
     Three stages overlap: a reader thread copies the next chunks out of the memory map
     while this thread quantizes (MLX releases the GIL while it evaluates) and a writer
@@ -300,9 +325,9 @@ def _write_weights(
         )
     rules: dict[str, tuple[int, int] | None] = {}
     chunks = []  # (path, rule, writer, last chunk of its tensor, source info, start, stop)
-    for path, shape in model_parameters(ckpt.cfg, include_mtp=ckpt.has_mtp):
+    for path, shape in model_parameters(ckpt.cfg, include_mtp=ckpt.has_mtp, vision=ckpt.vision):
         info = ckpt.tensors[path]
-        rule = recipe.rule_for(path, shape) if recipe is not None else None
+        rule = weight_rule(path, shape, recipe, vision_bits)
         rules[path.removesuffix(".weight")] = rule
         writer = writers["mtp" if path.startswith("mtp.") else "main"]
         ranges = row_chunks(info, CHUNK_BYTES)
@@ -325,8 +350,8 @@ def _write_weights(
             if as_checkpoint and path.startswith("mtp."):
                 value = rows.astype(out_dtype)  # MTP tensors are all floating, none A_log
             else:
-                _, value = sanitize_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings,
-                                           out_dtype)  # fmt: skip
+                _, value = checkpoint_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings,
+                                             out_dtype, ckpt.has_vision)  # fmt: skip
             if rule is None:
                 pieces = [(path, value)]
             else:
@@ -413,7 +438,8 @@ def _write_metadata(
     if generation.get("eos_token_id"):
         config["eos_token_id"] = generation["eos_token_id"]  # mlx_lm.load_config does this
     config.pop("_name_or_path", None)
-    config.pop("vision_config", None)  # the vision tower is not converted
+    if not ckpt.has_vision:
+        config.pop("vision_config", None)  # the tower is left out: a text-only model
     if quantization is not None:
         config["quantization"] = quantization
         config["quantization_config"] = quantization
@@ -422,6 +448,8 @@ def _write_metadata(
     for name in TOKENIZER_FILES:
         if (ckpt.directory / name).is_file():
             shutil.copyfile(ckpt.directory / name, out / name)
+    if ckpt.has_vision:
+        _write_preprocessor_configs(ckpt, out)
     if not (out / "chat_template.jinja").exists():
         template = _read_json(ckpt.directory / "tokenizer_config.json").get("chat_template")
         if isinstance(template, str):  # transformers 5 / mlx-lm write it out as a file
@@ -432,6 +460,48 @@ def _write_metadata(
             if (ckpt.directory / name).is_file():
                 shutil.copyfile(ckpt.directory / name, out / MTP_DIR / name)
     return quantization
+
+
+def preprocessor_configs(vision: VisionConfig) -> dict[str, dict]:
+    """preprocessor_config.json and video_preprocessor_config.json as transformers writes them
+    for Qwen 3.5, with the values mlxkit's `Preprocessor` takes when they are absent (so a
+    model converted from a checkpoint without them preprocesses as the source did): the keys
+    MLX Swift's Qwen3VLProcessorConfiguration requires, `processor_class` for its VLM loader,
+    and the pixel bounds as `size` (transformers 5) and min/max_pixels (MLX Swift)."""
+    from mlxkit.vision import Preprocessor
+
+    pre = Preprocessor(vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)
+    shared = {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": list(pre.image_mean), "image_std": list(pre.image_std),
+        "merge_size": pre.merge_size, "patch_size": pre.patch_size,
+        "temporal_patch_size": pre.temporal_patch_size, "processor_class": "Qwen3VLProcessor",
+        "resample": 3, "rescale_factor": pre.rescale_factor,
+    }  # fmt: skip
+    image = {
+        **shared,
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "size": {"longest_edge": pre.max_pixels, "shortest_edge": pre.min_pixels},
+        "min_pixels": pre.min_pixels,
+        "max_pixels": pre.max_pixels,
+    }
+    video = {
+        **shared,
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "fps": pre.video_fps, "min_frames": pre.video_min_frames,
+        "max_frames": pre.video_max_frames, "do_sample_frames": True,
+        "size": {"longest_edge": pre.video_max_pixels, "shortest_edge": pre.video_min_pixels},
+    }  # fmt: skip
+    return dict(zip(PREPROCESSOR_FILES, (image, video)))
+
+
+def _write_preprocessor_configs(ckpt: SourceCheckpoint, out: Path) -> None:
+    """The checkpoint's own files, copied; Qwen 3.5's defaults for any it lacks."""
+    for name, default in preprocessor_configs(ckpt.vision).items():
+        if (ckpt.directory / name).is_file():
+            shutil.copyfile(ckpt.directory / name, out / name)
+        else:
+            _write_json(out / name, default)
 
 
 def _write_drafter_config(
@@ -500,7 +570,9 @@ def _progress(planned: list[PlannedTensor], quiet: bool) -> Iterator:
         yield advance
 
 
-def format_summary(result: ConvertResult, mtp_wanted: bool = True) -> str:
+def format_summary(
+    result: ConvertResult, mtp_wanted: bool = True, vision_wanted: bool = True
+) -> str:
     parts = ", ".join(f"{part} {human_bytes(n)}" for part, n in result.bytes_by_part.items() if n)
     quant = result.quantization
     how = "not quantized" if quant is None else (
@@ -516,6 +588,8 @@ def format_summary(result: ConvertResult, mtp_wanted: bool = True) -> str:
         lines.append(f"MTP drafter in {result.mtp_dir}")
     elif mtp_wanted:
         lines.append("the checkpoint has no MTP head; no drafter written")
+    if vision_wanted and not result.bytes_by_part["vision"]:
+        lines.append("the checkpoint has no vision tower; a text-only model was written")
     return "\n".join(lines)
 
 

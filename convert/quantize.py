@@ -40,6 +40,11 @@ def _check_bits(bits: object, where: str) -> int:
     return bits
 
 
+def check_vision_bits(bits: object) -> int:
+    """--vision-bits takes the bit widths the recipes take."""
+    return _check_bits(bits, "--vision-bits")
+
+
 def _check_group_size(group_size: object, where: str) -> int:
     if (
         isinstance(group_size, bool)

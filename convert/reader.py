@@ -3,7 +3,9 @@
 `SourceCheckpoint.open` validates everything that can be validated without reading
 weights — config.json, every shard header (via `mlxkit.checkpoint`), that each model
 parameter has exactly one source tensor of a floating dtype, and that its shape after
-`sanitize_tensor` is the model's — so a bad checkpoint fails before a byte is written.
+`checkpoint_tensor` is the model's — so a bad checkpoint fails before a byte is written. The
+vision tower counts as part of the model when config.json declares it, the weights hold it
+and it is wanted; its preprocessor configs are checked against it then too.
 
 `read_rows` maps only the byte range of the rows it is asked for and unmaps it before
 returning, so resident memory stays at one chunk however large the tensor or shard is.
@@ -20,8 +22,11 @@ import numpy as np
 
 from mlxkit.checkpoint import TensorInfo, read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError
-from mlxkit.layout import model_parameters
-from mlxkit.models.qwen3_5 import TextConfig, hf_name_to_mlx, sanitize_tensor
+from mlxkit.layout import ModelConfig, checkpoint_tensor, model_parameters
+from mlxkit.models.qwen3_5 import TextConfig, hf_name_to_mlx
+from mlxkit.models.qwen3_5_vision import HF_PREFIX as VISION_HF_PREFIX
+from mlxkit.models.qwen3_5_vision import PREFIX as VISION_PREFIX
+from mlxkit.models.qwen3_5_vision import VisionConfig
 
 # safetensors dtype -> (numpy dtype holding the bytes, mlx dtype they mean)
 SOURCE_DTYPES = {
@@ -38,14 +43,30 @@ class SourceCheckpoint:
     cfg: TextConfig
     tensors: dict[str, TensorInfo]  # our parameter path -> where its source bytes are
     has_mtp: bool  # the MTP head is present (and wanted)
+    vision: VisionConfig | None = None  # the vision tower, when present (and wanted)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def shapes(self) -> ModelConfig:
+        """What is converted: the text model and the vision tower if kept."""
+        return ModelConfig(self.cfg, self.vision)
 
     @classmethod
-    def open(cls, directory: Path, include_mtp: bool = True) -> SourceCheckpoint:
+    def open(
+        cls, directory: Path, include_mtp: bool = True, include_vision: bool = True
+    ) -> SourceCheckpoint:
         config = read_config(directory)
         try:
-            cfg = TextConfig.from_dict(config)
+            if include_vision:
+                shapes = ModelConfig.from_dict(config)
+            else:
+                shapes = ModelConfig(TextConfig.from_dict(config))
         except ConfigError as e:
             raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+        cfg = shapes.text
         headers = read_headers(weight_files(directory))
         if not any(name.startswith("model.language_model.") for name in headers):
             raise CheckpointError(
@@ -57,12 +78,19 @@ class SourceCheckpoint:
             and cfg.mtp_num_hidden_layers > 0
             and any(n.startswith("mtp.") for n in headers)
         )
-        expected = dict(model_parameters(cfg, include_mtp=has_mtp))
+        vision = shapes.vision
+        if not any(n.startswith(VISION_HF_PREFIX) for n in headers):
+            vision = None  # declared but not shipped: a text-only checkpoint
+        if vision is not None:
+            _check_preprocessor(directory, vision)
+        expected = dict(model_parameters(cfg, include_mtp=has_mtp, vision=vision))
         tensors: dict[str, TensorInfo] = {}
         for name, info in headers.items():
             path = hf_name_to_mlx(name, cfg.tie_word_embeddings)
+            if vision is not None and name.startswith(VISION_HF_PREFIX):
+                path = VISION_PREFIX + name[len(VISION_HF_PREFIX) :]
             if path is None or (path.startswith("mtp.") and not has_mtp):
-                continue  # vision tower, a tied lm_head, or an unwanted MTP head
+                continue  # an unwanted vision tower, a tied lm_head, or an unwanted MTP head
             where = f"{info.file}: tensor {name}"
             if path not in expected:
                 raise CheckpointError(f"{where} is not a Qwen 3.5 text-model tensor")
@@ -70,7 +98,7 @@ class SourceCheckpoint:
                 raise CheckpointError(
                     f"{where} has dtype {info.dtype}; expected bf16, f16 or f32 weights"
                 )
-            shape = _sanitized_shape(name, info, cfg)
+            shape = _sanitized_shape(name, info, cfg, vision is not None)
             if shape != expected[path]:
                 raise CheckpointError(
                     f"{where} has shape {info.shape}, expected {expected[path]} from config.json"
@@ -82,15 +110,28 @@ class SourceCheckpoint:
                     f"{directory}: missing tensor for {path} (the checkpoint has no such "
                     "weight; incomplete download?)"
                 )
-        return cls(directory, config, cfg, tensors, has_mtp)
+        return cls(directory, config, cfg, tensors, has_mtp, vision)
 
 
-def _sanitized_shape(name: str, info: TensorInfo, cfg: TextConfig) -> tuple[int, ...]:
-    """The shape `sanitize_tensor` turns this tensor into, found by running it on a lazy
+# What a vision tower's runtime reads beside config.json: transformers' Qwen2VLImageProcessor
+# and Qwen3VLVideoProcessor settings; mlx-vlm and MLX Swift's VLM loader take the first.
+PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def _check_preprocessor(directory: Path, vision: VisionConfig) -> None:
+    """The checkpoint's preprocessor configs, where present, readable and consistent with the
+    tower (patch, temporal patch and merge sizes); absent ones mean Qwen 3.5's defaults."""
+    from mlxkit.vision import Preprocessor
+
+    Preprocessor.from_dir(directory, vision)
+
+
+def _sanitized_shape(name: str, info: TensorInfo, cfg: TextConfig, vision: bool) -> tuple[int, ...]:
+    """The shape `checkpoint_tensor` turns this tensor into, found by running it on a lazy
     array of the source shape (never evaluated, so nothing is allocated): the conv1d axis
-    swap and any future layout quirk stay defined in one place."""
+    swap, the Conv3d patch weight's and any future layout quirk stay defined in one place."""
     lazy = mx.zeros(info.shape, dtype=SOURCE_DTYPES[info.dtype][1])
-    item = sanitize_tensor(name, lazy, cfg.tie_word_embeddings)
+    item = checkpoint_tensor(name, lazy, cfg.tie_word_embeddings, None, vision)
     return tuple(item[1].shape) if item is not None else info.shape
 
 

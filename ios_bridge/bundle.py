@@ -158,7 +158,8 @@ def build_bundle(
         s = p.settings
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
-                         drafter_layout="checkpoint", force=False, quiet=True)  # fmt: skip
+                         vision=False, drafter_layout="checkpoint", force=False,
+                         quiet=True)  # fmt: skip
         if (tmp / MODEL_DIR / MTP_DIR).is_dir():
             os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
         if result.bytes_by_part != p.weights:  # one source of truth: this is a bug if it fires

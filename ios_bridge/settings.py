@@ -6,12 +6,15 @@ these fields (ios_bridge/cli.py), and `plan()`, `evaluate()`, `choose_plan()` an
 `build_bundle()` take the same names as keyword arguments. Adding a knob means adding a
 field here and nowhere else.
 
-This module imports nothing heavy: the `mlxkit` command reads it at start-up.
+This module imports nothing the `mlxkit` command does not load anyway (it reads it at
+start-up): the image cap comes from the runtime's vision module, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
 from dataclasses import Field, dataclass, field, fields
+
+from mlxkit.vision import DEFAULT_MAX_IMAGE_TOKENS
 
 # Runtime reserve: what the app process holds besides MLX arrays. Not measurable here
 # (no iPhone); an itemised estimate, overridable with `reserve=`:
@@ -66,6 +69,27 @@ class Settings:
         "Keep the MTP head (the drafter) [convert: yes; plan, --target: if it fits].",
         "--mtp/--no-mtp",
         cli_default=None,
+    )
+    vision: bool = _knob(
+        True,
+        "Keep the vision tower (images and video) when the checkpoint has one [convert: yes; "
+        "plan, --target: if it fits, before MTP].",
+        "--vision/--no-vision",
+        cli_default=None,
+    )
+    vision_bits: int | None = _knob(
+        None,
+        "Quantize the vision tower's linear layers to 2, 3, 4, 5, 6 or 8 bits [not quantized: "
+        "--dtype].",
+        "--vision-bits",
+        type=int,
+    )
+    image_tokens: int = _knob(
+        DEFAULT_MAX_IMAGE_TOKENS,
+        "Vision tokens of the largest image the plan leaves room for: the activations of "
+        "encoding it and its tokens in the context (mlxkit and MLX Swift cap images here).",
+        "--image-tokens",
+        type=int,
     )
     entitlement: bool = _knob(
         True,

@@ -7,29 +7,91 @@ weights. The iPhone planner budgets memory with it; the writer lays out its shar
 it; a test checks that a real conversion writes exactly this list. It lives in the core
 package because both the converter and the planner need it, and neither should import the
 other: a recipe comes in as anything with `rule_for` (the converter's `Recipe`).
+
+The vision tower (part "vision") is never quantized by the recipe: it is written in the output
+dtype unless `vision_bits` asks for its linear layers to be quantized (`vision_rule`).
+`ModelConfig` is a checkpoint's shapes — text model and vision tower — as read from config.json,
+with the checks that tie the two together; `checkpoint_tensor` is the one mapping from a Hugging
+Face tensor name to the model's parameter path, shared by the converter and the loader.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxkit.checkpoint import read_headers, weight_files
-from mlxkit.models.qwen3_5 import Model, TextConfig
+from mlxkit.errors import ConfigError
+from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
+from mlxkit.models.qwen3_5_vision import VisionConfig, sanitize_vision_tensor
 
 Part = Literal["embeddings", "layers", "mtp", "vision"]
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint32": 4}
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 KEPT_FLOAT32 = ("A_log",)  # stays float32 whatever --dtype says (mlx-lm does the same)
+VISION_GROUP_SIZE = 64  # of a quantized vision tower when no recipe gives one
+VISION_TOKEN_KEYS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A checkpoint's shapes from its config.json: the text model and the vision tower it
+    declares (None: text only). Whether the weights hold that tower is the loader's and the
+    converter's business; the planner needs only this."""
+
+    text: TextConfig
+    vision: VisionConfig | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> ModelConfig:
+        """Parses both configs; a vision tower must feed the text model's width and come with
+        the four vision token ids, each inside the vocabulary (without them mlx-vlm and MLX
+        Swift fall back to wrong ids and every position after an image shifts)."""
+        text = TextConfig.from_dict(config)
+        if not config.get("vision_config"):
+            return cls(text)
+        vision = VisionConfig.from_dict(config)
+        if vision.out_hidden_size != text.hidden_size:
+            raise ConfigError(
+                f"vision_config.out_hidden_size {vision.out_hidden_size} differs from the text "
+                f"model's hidden_size {text.hidden_size}"
+            )
+        missing = [k for k in VISION_TOKEN_KEYS if k not in config]
+        if missing:
+            raise ConfigError(f"config.json has a vision_config but lacks {', '.join(missing)}")
+        for key in VISION_TOKEN_KEYS:
+            value = config[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not (0 <= value < text.vocab_size)
+            ):
+                raise ConfigError(
+                    f"config.json: {key} must be a token id below the vocabulary size "
+                    f"{text.vocab_size} (got {value!r})"
+                )
+        return cls(text, vision)
+
+    def without_vision(self) -> ModelConfig:
+        return replace(self, vision=None)
 
 
 class QuantizationRules(Protocol):
-    """What the layout needs of a recipe: (bits, group size) per weight, or None."""
+    """What the layout needs of a recipe: (bits, group size) per weight, or None; its default
+    group size (a quantized vision tower takes it)."""
+
+    group_size: int
 
     def rule_for(self, path: str, shape: tuple[int, ...]) -> tuple[int, int] | None: ...
 
@@ -47,6 +109,17 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+
+def checkpoint_tensor(
+    name: str, value: mx.array, tie_word_embeddings: bool, dtype: mx.Dtype | None, vision: bool
+) -> tuple[str, mx.array] | None:
+    """A Hugging Face checkpoint tensor as (parameter path, array in our layout), or None when
+    the model has no such parameter (a tied lm_head; the vision tower when `vision` is off)."""
+    item = sanitize_tensor(name, value, tie_word_embeddings, dtype)
+    if item is None and vision:
+        item = sanitize_vision_tensor(name, value, dtype)
+    return item
 
 
 def part_of(path: str) -> Part:
@@ -78,10 +151,40 @@ def quantized_shapes(
     return (rows, cols * bits // 32), (rows, cols // group_size)
 
 
-def model_parameters(cfg: TextConfig, include_mtp: bool = True) -> list[tuple[str, tuple]]:
-    """(parameter path, shape) of the unquantized model, in the order the writer goes."""
-    model = Model(cfg, has_mtp=include_mtp)
+def model_parameters(
+    cfg: TextConfig, include_mtp: bool = True, vision: VisionConfig | None = None
+) -> list[tuple[str, tuple]]:
+    """(parameter path, shape) of the unquantized model, in the order the writer goes: the
+    text model, the MTP head, then the vision tower."""
+    model = Model(cfg, has_mtp=include_mtp, vision=vision)
     return [(path, tuple(p.shape)) for path, p in tree_flatten(model.parameters())]
+
+
+def vision_rule(
+    path: str, shape: tuple[int, ...], bits: int | None, group_size: int
+) -> tuple[int, int] | None:
+    """(bits, group size) for a vision-tower weight, or None (kept in the output dtype, the
+    default). Only the linear layers are quantized: the Conv3d patch embedding is 5-D, and the
+    position table stays whole because mlx-swift-lm reads `pos_embed.weight`'s dtype to weight
+    its interpolation (Qwen3VL.swift, `positionalEmbeddings`), which a packed table breaks. As
+    for text, an input dimension that is not a multiple of the group size stays unquantized."""
+    if bits is None or len(shape) != 2 or path.removesuffix(".weight").endswith("pos_embed"):
+        return None
+    return None if shape[-1] % group_size else (bits, group_size)
+
+
+def weight_rule(
+    path: str,
+    shape: tuple[int, ...],
+    recipe: QuantizationRules | None,
+    vision_bits: int | None = None,
+) -> tuple[int, int] | None:
+    """The one decision of how a weight is stored, for the layout and the writer alike: the
+    recipe's rule for text and MTP weights, `vision_rule` for the vision tower."""
+    if part_of(path) == "vision":
+        group_size = recipe.group_size if recipe is not None else VISION_GROUP_SIZE
+        return vision_rule(path, shape, vision_bits, group_size)
+    return recipe.rule_for(path, shape) if recipe is not None else None
 
 
 def planned_tensors(
@@ -89,17 +192,21 @@ def planned_tensors(
     recipe: QuantizationRules | None,
     include_mtp: bool = True,
     dtype: str = "bfloat16",
+    vision: VisionConfig | None = None,
+    vision_bits: int | None = None,
 ) -> list[PlannedTensor]:
     """Every tensor the writer will write, in writing order. `recipe` None means no
     quantization; `dtype` is the output dtype of everything not quantized (and of the
     scales and biases of what is). Quantized weights expand to `.weight` (uint32, packed),
-    `.scales` and `.biases`."""
+    `.scales` and `.biases`. `vision` adds the vision tower (quantized only with
+    `vision_bits`)."""
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
     planned = []
-    for path, shape in model_parameters(cfg, include_mtp and cfg.mtp_num_hidden_layers > 0):
+    include_mtp = include_mtp and cfg.mtp_num_hidden_layers > 0
+    for path, shape in model_parameters(cfg, include_mtp, vision):
         part = part_of(path)
-        rule = recipe.rule_for(path, shape) if recipe is not None else None
+        rule = weight_rule(path, shape, recipe, vision_bits)
         if rule is None:
             planned.append(PlannedTensor(path, shape, output_dtype(path, dtype), part))
             continue

@@ -3,6 +3,13 @@
 Weights are memory-mapped by `mx.load` and stay lazy until first used. Every tensor is
 checked against the model before anything is assigned, so a wrong checkpoint fails with one
 line naming the file and tensor.
+
+A checkpoint whose config.json declares a vision tower and whose weights hold it (Hugging Face
+`model.visual.*` or converted `vision_tower.*`) loads with it: `model.has_vision`, the tower
+at `model.vision_tower` (a `VisionModel`: patches and grids in, features for the image pads
+out), the four token ids at `model.vision_tokens` and the image/video preprocessing settings at
+`model.preprocessor`. Its weights are as lazy as the text weights: a text-only prompt never
+reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from mlx.utils import tree_flatten
 from mlxkit.checkpoint import quantization_block, read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError
 from mlxkit.fields import local_path
+from mlxkit.layout import ModelConfig, checkpoint_tensor, part_of
 from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
 MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
@@ -78,10 +86,19 @@ def load_config(model_dir: Path) -> TextConfig:
         raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
 
 
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """The text and vision configs of config.json, or one line naming the file."""
+    try:
+        return ModelConfig.from_dict(read_config(model_dir))
+    except ConfigError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
+
+
 def _read_weights(
-    model_dir: Path, cfg: TextConfig, dtype: mx.Dtype | None
+    model_dir: Path, cfg: TextConfig, dtype: mx.Dtype | None, vision: bool = False
 ) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """Our parameter path → array, and path → "file: original name" for error messages."""
+    """Our parameter path → array, and path → "file: original name" for error messages.
+    `vision`: the config declares a vision tower, so `model.visual.*` tensors are its."""
     files = weight_files(model_dir)
     headers = read_headers(files)
     hf_layout = any(n.startswith("model.language_model.") for n in headers)
@@ -89,7 +106,7 @@ def _read_weights(
     for f in files:
         for name, value in mx.load(str(f)).items():
             if hf_layout:
-                item = sanitize_tensor(name, value, cfg.tie_word_embeddings, dtype)
+                item = checkpoint_tensor(name, value, cfg.tie_word_embeddings, dtype, vision)
                 if item is None:
                     continue
                 path, value = item
@@ -178,6 +195,28 @@ def _check_against_model(
             )
 
 
+def _vision_of(
+    shapes: ModelConfig, weights: dict[str, mx.array], origin: dict[str, str], config_path: Path
+):
+    """The vision tower to build: the declared one when the weights hold it. Tensors of a
+    tower config.json does not declare are an error, not something to drop silently."""
+    has_tower = any(part_of(p) == "vision" for p in weights)
+    if has_tower and shapes.vision is None:
+        first = next(p for p in weights if part_of(p) == "vision")
+        raise CheckpointError(
+            f"{origin[first]} belongs to a vision tower, but {config_path} has no vision_config"
+        )
+    return shapes.vision if has_tower else None
+
+
+def _attach_vision_inputs(model: Model, model_dir: Path, config: dict) -> None:
+    """What the runtime needs beside the tower to turn images into its input."""
+    from mlxkit.vision import Preprocessor, VisionTokens
+
+    model.vision_tokens = VisionTokens.from_config(config)
+    model.preprocessor = Preprocessor.from_dir(model_dir, model.vision_tower.config)
+
+
 def load_model(
     path: str | Path,
     dtype: mx.Dtype | None = None,
@@ -187,14 +226,17 @@ def load_model(
     """The model alone. `dtype` (e.g. mx.float32) casts floating weights; A_log stays float32.
     `drafter` overrides where a converted model's MTP drafter is looked for. For an iPhone
     bundle the files of model/ and mtp/ are checked against manifest.json first: their
-    sizes always, their sha256 with `verify` (a full read)."""
+    sizes always, their sha256 with `verify` (a full read). The vision tower is loaded when
+    the checkpoint has one (see the module docstring)."""
     model_dir = resolve_model_dir(path)
     bundle = bundle_root(path) if str(path) != "micro" else None
     if bundle is not None:
         check_bundle_files(bundle, hashes=verify)
     config = read_config(model_dir)
-    cfg = load_config(model_dir)
-    weights, origin = _read_weights(model_dir, cfg, dtype)
+    shapes = load_model_config(model_dir)
+    cfg = shapes.text
+    weights, origin = _read_weights(model_dir, cfg, dtype, vision=shapes.vision is not None)
+    vision = _vision_of(shapes, weights, origin, model_dir / "config.json")
     quant = dict(quantization_block(config, str(model_dir / "config.json")))
     drafter_dir = Path(drafter) if drafter is not None else default_drafter_dir(path)
     if drafter_dir.is_dir() and not any(p.startswith("mtp.") for p in weights):
@@ -207,12 +249,14 @@ def load_model(
                 {k: mtp_quant[k] for k in ("group_size", "bits", "mode") if k in mtp_quant}
             )
 
-    model = Model(cfg, has_mtp=any(p.startswith("mtp.") for p in weights))
+    model = Model(cfg, has_mtp=any(p.startswith("mtp.") for p in weights), vision=vision)
     if any(p.endswith(".scales") for p in weights):
         _quantize(model, weights, quant)
     _check_against_model(model, weights, origin)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    if model.has_vision:
+        _attach_vision_inputs(model, model_dir, config)
     return model
 
 

@@ -1,5 +1,9 @@
-"""The published Qwen 3.5 small text configs (see ../shared/README.md §1), so that the planner,
-the synthetic-checkpoint maker and `--size` work without downloading anything."""
+"""The published Qwen 3.5 small configs (see ../shared/README.md §1 and §7), so that the
+planner, the synthetic-checkpoint maker and `--size` work without downloading anything.
+
+The vision towers' shapes (depth, hidden, MLP, heads) are inferred from the published parameter
+counts — 0.8B 100.6M, 2B 331.4M, 4B 333.5M, 9B 456.0M, which these shapes reproduce (a test
+checks it) — not read from the released config files."""
 
 from __future__ import annotations
 
@@ -67,6 +71,48 @@ def text_config(size: str) -> dict:
         ],
     )
     return cfg
+
+
+# size: (depth, hidden, intermediate, heads); out_hidden_size is the text hidden size
+_VISION = {
+    "0.8b": (12, 768, 3072, 12),
+    "2b": (24, 1024, 4096, 16),
+    "4b": (24, 1024, 4096, 16),
+    "9b": (27, 1152, 4304, 16),
+}
+# Token ids of the vision path in the published config.json (the real tokenizer's).
+VISION_TOKEN_IDS = {
+    "image_token_id": 248056,
+    "video_token_id": 248057,
+    "vision_start_token_id": 248053,
+    "vision_end_token_id": 248054,
+}
+
+
+def vision_config(size: str) -> dict:
+    """The `vision_config` of a published size, as in that checkpoint's config.json."""
+    text = text_config(size)
+    depth, hidden, inter, heads = _VISION[size]
+    return {
+        "model_type": "qwen3_5_vision", "depth": depth, "hidden_size": hidden,
+        "intermediate_size": inter, "num_heads": heads, "out_hidden_size": text["hidden_size"],
+        "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+        "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh",
+        "deepstack_visual_indexes": [], "initializer_range": 0.02,
+    }  # fmt: skip
+
+
+def model_config(size: str) -> dict:
+    """The outer `qwen3_5` config.json of a published size: text and vision configs, token ids."""
+    text = text_config(size)
+    return {
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text,
+        "vision_config": vision_config(size),
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        **VISION_TOKEN_IDS,
+    }
 
 
 def sizes() -> list[str]:

@@ -1,5 +1,6 @@
-"""The converter: its output is what it planned, what mlx-lm writes, and what mlx-lm, mlxkit
-and mlx-vlm (with the MTP drafter) load and decode identically."""
+"""The converter: its output is what it planned, what mlx-lm writes (text) and mlx-vlm reads
+(vision tower included), and what mlx-lm, mlxkit and mlx-vlm (with the MTP drafter) load and
+decode identically."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from mlxkit.convert import converter as converter_module
 
 from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.generate import stream_generate
-from mlxkit.layout import drafter_key
+from mlxkit.layout import ModelConfig, drafter_key
 from mlxkit.load import load, load_model
 from mlxkit.models.qwen3_5 import TextConfig, sanitize_tensor
 from tests.helpers import FIXTURES, TINY, mlx_vlm_mtp_logits, reference
+from tests.vision_helpers import VISION
 
 DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "U32": "uint32"}
 
@@ -51,6 +53,10 @@ def config_of(name: str) -> TextConfig:
     return TextConfig.from_dict(json.loads((FIXTURES / name / "config.json").read_text()))
 
 
+def shapes_of(name: str) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads((FIXTURES / name / "config.json").read_text()))
+
+
 def source_weights(name: str, dtype=None) -> dict[str, mx.array]:
     """The fixture's tensors under our parameter paths, sanitized as the loader does."""
     cfg = config_of(name)
@@ -66,21 +72,29 @@ def source_weights(name: str, dtype=None) -> dict[str, mx.array]:
 # --- the plan is the output ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [*TINY, VISION[1]])
 @pytest.mark.parametrize(
     "options",
     [{}, {"recipe": "quality"}, {"bits": 8, "group_size": 32}, {"quantize": False, "dtype": "float32"},
-     {"mtp": False}],
-    ids=["uniform", "quality", "8bit-g32", "float32", "no-mtp"],
+     {"mtp": False}, {"vision": False}, {"vision_bits": 4, "group_size": 32}],
+    ids=["uniform", "quality", "8bit-g32", "float32", "no-mtp", "no-vision", "vision-4bit-g32"],
 )  # fmt: skip
 def test_conversion_writes_exactly_the_planned_tensors(converted, name, options):
+    """Every fixture ships a vision tower, kept unless vision=False (in the output dtype
+    unless vision_bits)."""
     out = converted(name, **options)
     recipe = None
     if options.get("quantize", True):
         recipe = load_recipe(options.get("recipe", "uniform"), options.get("bits"),
                              options.get("group_size"))  # fmt: skip
-    plan = planned_tensors(config_of(name), recipe, include_mtp=options.get("mtp", True),
-                           dtype=options.get("dtype", "bfloat16"))  # fmt: skip
+    shapes = shapes_of(name)
+    vision = shapes.vision if options.get("vision", True) else None
+    plan = planned_tensors(shapes.text, recipe, include_mtp=options.get("mtp", True),
+                           dtype=options.get("dtype", "bfloat16"), vision=vision,
+                           vision_bits=options.get("vision_bits"))  # fmt: skip
+    assert any(t.part == "vision" for t in plan) == (vision is not None)
+    if options.get("vision_bits"):
+        assert any(t.part == "vision" and t.dtype == "uint32" for t in plan)
     main = {t.path: (t.shape, t.dtype, t.nbytes) for t in plan if t.part != "mtp"}
     drafter = {drafter_key(t.path): (t.shape, t.dtype, t.nbytes) for t in plan if t.part == "mtp"}
     assert written(out) == main
@@ -95,11 +109,12 @@ def test_conversion_writes_exactly_the_planned_tensors(converted, name, options)
 
 @pytest.mark.parametrize("name", TINY)
 def test_output_is_what_mlx_lm_convert_writes(converted, name, tmp_path):
-    """Same tensor names, dtypes and bytes as `mlx_lm.convert -q`, same config but for the
-    spelling mlx-lm leaves behind in rope_parameters (it renames rope_type to type in place)."""
+    """Without the vision tower (mlx-lm drops it): same tensor names, dtypes and bytes as
+    `mlx_lm.convert -q`, same config but for the spelling mlx-lm leaves behind in
+    rope_parameters (it renames rope_type to type in place)."""
     from mlx_lm.convert import convert as mlx_lm_convert
 
-    ours = converted(name)
+    ours = converted(name, vision=False)
     theirs = tmp_path / "mlx_lm"
     mlx_lm_convert(str(FIXTURES / name), str(theirs), quantize=True)
     a = {k: v for f in weight_files(ours) for k, v in mx.load(str(f)).items()}
@@ -205,7 +220,7 @@ def test_recipe_quantization_block_is_declared_in_both_configs(converted):
     assert config["quantization"] == config["quantization_config"]
     assert config["quantization"]["language_model.lm_head"]["bits"] == 8
     assert config["quantization"]["language_model.model.layers.7.mlp.down_proj"]["bits"] == 6
-    assert "vision_config" not in config
+    assert not any(k.startswith("vision_tower") for k in config["quantization"])  # not quantized
     drafter = json.loads((out / "mtp" / "config.json").read_text())
     assert drafter["quantization"] == drafter["quantization_config"]
     assert drafter["quantization"]["layers.0.mlp.down_proj"]["bits"] == 6  # drafter-relative paths
@@ -372,8 +387,9 @@ def test_result_reports_bytes_bits_time_and_memory(converted, tmp_path):
     # the reported bytes are the bytes in the written files, read back from their headers
     mtp = sum(i.nbytes for i in read_headers(weight_files(tmp_path / "o" / "mtp")).values())
     main = sum(i.nbytes for i in read_headers(weight_files(tmp_path / "o")).values())
-    assert result.bytes_by_part["mtp"] == mtp > 0
-    assert result.bytes_by_part["embeddings"] + result.bytes_by_part["layers"] == main
+    assert result.bytes_by_part["mtp"] == mtp > 0 and result.bytes_by_part["vision"] > 0
+    text_and_vision = ("embeddings", "layers", "vision")
+    assert sum(result.bytes_by_part[k] for k in text_and_vision) == main
     assert result.total_bytes == main + mtp
     assert 4.0 < result.bits_per_weight < 5.5
     assert result.seconds > 0 and result.peak_memory > 10e6

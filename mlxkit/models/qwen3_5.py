@@ -23,6 +23,7 @@ from mlx import nn
 from mlxkit import fields
 from mlxkit.cache import KVCache, LinearAttentionCache
 from mlxkit.errors import ConfigError
+from mlxkit.models.qwen3_5_vision import VisionConfig, VisionModel
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -604,18 +605,28 @@ class MTPHead(nn.Module):
 
 
 class Model(nn.Module):
-    """The whole Qwen 3.5 text model. `has_mtp` is decided by the loader from the weights found."""
+    """The whole Qwen 3.5 model: the text model, its MTP head and (with `vision`) the vision
+    tower at `vision_tower` (models/qwen3_5_vision.py). `has_mtp` and `has_vision` are decided
+    by the loader from the weights found; it also sets `vision_tokens` and `preprocessor`
+    (mlxkit/vision.py) for a model with a tower."""
 
-    def __init__(self, cfg: TextConfig, has_mtp: bool = True):
+    def __init__(self, cfg: TextConfig, has_mtp: bool = True, vision: VisionConfig | None = None):
         super().__init__()
         self.config = cfg
         self.language_model = TextModel(cfg)
         if has_mtp and cfg.mtp_num_hidden_layers > 0:
             self.mtp = MTPHead(cfg)
+        if vision is not None:
+            self.vision_tower = VisionModel(vision)
+        self.vision_tokens = self.preprocessor = None
 
     @property
     def has_mtp(self) -> bool:
         return "mtp" in self
+
+    @property
+    def has_vision(self) -> bool:
+        return "vision_tower" in self
 
     @property
     def layers(self) -> list[DecoderLayer]:
