@@ -50,6 +50,7 @@ from mlxkit.layout import (
 )
 from mlxkit.load import MTP_DIR
 from mlxkit.models.qwen3_5_vision import VisionConfig
+from mlxkit.vision import PREPROCESSOR_FILES
 
 from .output import (
     OutputError,
@@ -61,13 +62,7 @@ from .output import (
     write_error,
 )
 from .quantize import Recipe, check_vision_bits, load_recipe, quantize
-from .reader import (
-    PREPROCESSOR_FILES,
-    SourceCheckpoint,
-    as_stored_dtype,
-    read_raw_rows,
-    row_chunks,
-)
+from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
 from .source import Size, Source, local_source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 

@@ -113,11 +113,6 @@ class SourceCheckpoint:
         return cls(directory, config, cfg, tensors, has_mtp, vision)
 
 
-# What a vision tower's runtime reads beside config.json: transformers' Qwen2VLImageProcessor
-# and Qwen3VLVideoProcessor settings; mlx-vlm and MLX Swift's VLM loader take the first.
-PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
-
-
 def _check_preprocessor(directory: Path, vision: VisionConfig) -> None:
     """The checkpoint's preprocessor configs, where present, readable and consistent with the
     tower (patch, temporal patch and merge sizes); absent ones mean Qwen 3.5's defaults."""

@@ -1,7 +1,8 @@
 """`build_bundle`: plan for a phone, convert, and package — one folder an app can ship.
 
     OUT/
-      model/          the MLX model directory (loads by itself in mlx-lm, MLX Swift, mlxkit)
+      model/          the MLX model directory (loads by itself in mlx-lm, MLX Swift, mlxkit),
+                      with the vision tower and its preprocessor configs when planned
       mtp/            the MTP drafter (the head in the checkpoint's layout), when included
       manifest.json   what is inside, what it needs, sha256 of every file
       xcode/          Entitlements.plist, Info-BackgroundAssets.plist, MLXKitBundle.swift, README
@@ -12,6 +13,9 @@ Without explicit choices the recipe, MTP inclusion and memory limit are picked b
 its output (`model/mtp/`, where mlxkit.load looks for it), in the "checkpoint" layout that
 mlx-swift-lm's Qwen 3.5 text drafter reads (convert.converter.DRAFTER_LAYOUTS); the bundle
 moves it beside `model/` so that each directory is a plain, self-contained model directory.
+The vision tower stays inside model/ (`vision_tower.*`, config.json's `vision_config` and token
+ids, preprocessor_config.json and video_preprocessor_config.json), where MLX Swift's VLM loader
+(`VLMModelFactory`, model type qwen3_5) reads it; its text loader ignores it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.fields import local_path
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
+from mlxkit.vision import PREPROCESSOR_FILES
 
 if TYPE_CHECKING:
     from mlxkit.convert.source import Source
@@ -39,7 +44,7 @@ from .choose import choose_plan
 from .devices import ENTITLEMENT, Target, resolve_target
 from .manifest import FORMAT, MANIFEST, SCHEMA_VERSION, file_entries
 from .plan import Plan, PlanRefused
-from .serialize import memory_to_dict, plan_to_dict, target_to_dict
+from .serialize import memory_to_dict, plan_to_dict, target_to_dict, vision_to_dict
 from .xcode import RUNTIME, write_xcode
 
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
@@ -85,6 +90,10 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool) -> dict:
             "path": MTP_DIR if has_mtp_dir else None,
             "num_draft": plan.num_draft,
         },
+        "vision": {  # in model/: VLMModelFactory reads it, LLMModelFactory ignores it
+            **vision_to_dict(plan),
+            "preprocessor": list(PREPROCESSOR_FILES) if plan.vision is not None else [],
+        },
         "max_context": plan.max_context,
         "largest_context_that_fits": plan.largest_context_that_fits,
         "prefill_chunk": plan.settings.prefill_chunk,
@@ -115,9 +124,10 @@ def plan_for_source(
             "plans for it, and `mlxkit convert` without --target writes the model it loads"
         )
     source = resolve_source(src)
-    ckpt = SourceCheckpoint.open(source.directory, include_mtp=settings.get("mtp") is not False)
+    ckpt = SourceCheckpoint.open(source.directory, include_mtp=settings.get("mtp") is not False,
+                                 include_vision=settings.get("vision") is not False)  # fmt: skip
     name, has_mtp = source.name, ckpt.has_mtp
-    return source, choose_plan(ckpt.cfg, tgt, context, name=name, has_mtp=has_mtp, **settings)
+    return source, choose_plan(ckpt.shapes, tgt, context, name=name, has_mtp=has_mtp, **settings)
 
 
 def build_bundle(
@@ -155,11 +165,11 @@ def build_bundle(
             tmp.mkdir(parents=True)
         except OSError as e:
             raise output.write_error(e, out.parent) from None
-        s = p.settings
+        s, vision = p.settings, p.vision is not None
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
-                         vision=False, drafter_layout="checkpoint", force=False,
-                         quiet=True)  # fmt: skip
+                         vision=vision, vision_bits=s.vision_bits if vision else None,
+                         drafter_layout="checkpoint", force=False, quiet=True)  # fmt: skip
         if (tmp / MODEL_DIR / MTP_DIR).is_dir():
             os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
         if result.bytes_by_part != p.weights:  # one source of truth: this is a bug if it fires

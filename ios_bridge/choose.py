@@ -3,21 +3,21 @@ way for both so that the plan a user reads is the bundle they get.
 
 Without an explicit recipe or MTP choice, the candidates are tried in order — quality recipe
 with MTP, uniform with MTP, uniform without MTP — and the first whose largest context
-reaches the requested context (or DEFAULT_CONTEXT, or at least MIN_CONTEXT) wins. The
-entitlement is asked for only when the plan needs it: a plan that fits within the default
-limit is made within it, so the usable memory it reports is the limit the app will run
-under.
+reaches the requested context (or DEFAULT_CONTEXT, or at least MIN_CONTEXT) wins. A checkpoint
+with a vision tower is tried with it first (images are what the model is picked for; MTP is
+only a speedup), then, unless `vision=True` insists, without it. With the tower, the context
+to reach includes one image of `image_tokens`. The entitlement is asked for only when the plan
+needs it: a plan that fits within the default limit is made within it, so the usable memory it
+reports is the limit the app will run under.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mlxkit.models.qwen3_5 import TextConfig
+from mlxkit.layout import ModelConfig
 
 from .devices import Target, resolve_target
-from .plan import Plan, evaluate, plan, resolve_config
-from .settings import DEFAULT_CONTEXT, MIN_CONTEXT
+from .plan import ModelLike, Plan, evaluate, min_context, plan, resolve_config
+from .settings import DEFAULT_CONTEXT, Settings
 
 RECIPES = ("quality", "uniform")  # best first
 
@@ -29,16 +29,30 @@ def candidates(recipe: str | None, mtp: bool | None, has_mtp: bool) -> list[tupl
     return [(r, m) for m in with_mtp for r in (recipes if m else recipes[-1:])]
 
 
-def _describe(recipe: str | None, mtp: bool | None, need: int) -> str | None:
-    if recipe and mtp is not None:
+def vision_candidates(vision: bool | None, has_vision: bool) -> list[bool]:
+    """With the vision tower, then without, unless the caller decided (or there is none)."""
+    if not has_vision:
+        return [False]
+    return [vision] if vision is not None else [True, False]
+
+
+def _describe(
+    recipe: str | None, mtp: bool | None, vision: list[bool], need: int, image_tokens: int
+) -> str | None:
+    if recipe and mtp is not None and len(vision) == 1:
         return None
     pairs = candidates(recipe, mtp, True)
     tried = ", ".join(f"{r}{' + MTP' if m else ' without MTP'}" for r, m in pairs)
-    return f"the first of {tried} that leaves room for {need:,} tokens"
+    if len(vision) > 1:
+        tried += " — with the vision tower, then without —"
+    room = f"{need:,} tokens"
+    if vision[0]:
+        room += f" (one image of up to {image_tokens:,} of them)"
+    return f"the first of {tried} that leaves room for {room}"
 
 
 def choose_plan(
-    size_or_config: str | Path | dict | TextConfig,
+    size_or_config: ModelLike,
     target: str | Target | None = None,
     context: int | None = None,
     *,
@@ -47,43 +61,53 @@ def choose_plan(
     has_mtp: bool = True,
     recipe: str | None = None,
     mtp: bool | None = None,
+    vision: bool | None = None,
     **settings,
 ) -> Plan:
     """The plan of the first candidate that leaves room for the context (see the module
-    docstring); PlanRefused for the least demanding candidate when none does. `recipe` / `mtp` None
-    mean "choose"; the other `settings` are Settings fields, as for `plan`."""
-    cfg, label = resolve_config(size_or_config)
+    docstring); PlanRefused for the least demanding candidate when none does. `recipe` /
+    `mtp` / `vision` None mean "choose"; the other `settings` are Settings fields, as for
+    `plan`."""
+    shapes, label = resolve_config(size_or_config)
+    cfg = shapes.text
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     options = {"name": name or label, **settings}
-    limit = cfg.max_position_embeddings
-    needs = [context] if context else [min(DEFAULT_CONTEXT, limit), min(MIN_CONTEXT, limit)]
+    image_tokens = settings.get("image_tokens", Settings.image_tokens)
     pairs = candidates(recipe, mtp, has_mtp and cfg.mtp_num_hidden_layers > 0)
-    for need in needs:
-        for r, m in pairs:
-            chosen = _within_the_default_limit(cfg, tgt, context, need, r, m, options)
-            if chosen is not None:
-                chosen.choice = _describe(recipe, mtp, need)
-                return chosen
+    visions = vision_candidates(vision, shapes.vision is not None)
+    last = None
+    for v in visions:
+        floor = min_context(cfg, image_tokens if v else 0)
+        preferred = max(min(DEFAULT_CONTEXT, cfg.max_position_embeddings), floor)
+        needs = [context] if context else [preferred, floor]
+        for need in needs:
+            for r, m in pairs:
+                chosen = _within_the_default_limit(shapes, tgt, context, need, r, m, v, options)
+                if chosen is not None:
+                    chosen.choice = _describe(recipe, mtp, visions, need, image_tokens)
+                    return chosen
+        last = v
     r, m = pairs[-1]  # the least demanding candidate: what fits instead is measured from it
-    return plan(cfg, tgt, context, recipe=r, mtp=m, **options)  # refuses
+    return plan(shapes, tgt, context, recipe=r, mtp=m, vision=last, **options)  # refuses
 
 
 def _within_the_default_limit(
-    cfg: TextConfig,
+    shapes: ModelConfig,
     target: Target,
     context: int | None,
     need: int,
     recipe: str,
     mtp: bool,
+    vision: bool,
     options: dict,
 ) -> Plan | None:
-    """The plan for (recipe, mtp) if it leaves room for `need` tokens: within the default
-    memory limit when that is enough (ask for no capability the app does not need), else
-    within the increased one when it is allowed; None if neither."""
+    """The plan for (recipe, mtp, vision) if it leaves room for `need` tokens: within the
+    default memory limit when that is enough (ask for no capability the app does not need),
+    else within the increased one when it is allowed; None if neither."""
     allowed = options.get("entitlement", True)
     for entitlement in dict.fromkeys([False, allowed]):
         lean = {**options, "entitlement": entitlement}
-        p = evaluate(cfg, target, None, recipe=recipe, mtp=mtp, **lean)
+        p = evaluate(shapes, target, None, recipe=recipe, mtp=mtp, vision=vision, **lean)
         if p.fits and p.largest_context_that_fits >= need:
-            return plan(cfg, target, context, recipe=recipe, mtp=mtp, **lean)
+            return plan(shapes, target, context, recipe=recipe, mtp=mtp, vision=vision, **lean)
     return None

@@ -48,6 +48,7 @@ SCHEMA: dict = {
         "bits_per_part": dict,
     },
     "mtp": {"included": bool, "path": (str, type(None)), "num_draft": int},
+    "vision": {"included": bool, "image_tokens": (int, type(None)), "preprocessor": list},
     "max_context": int,
     "prefill_chunk": int,
     "memory": {

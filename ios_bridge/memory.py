@@ -11,7 +11,14 @@ Notation (in the docstrings): B = 1 (one sequence), b = bytes of the activation 
 (bf16/fp16: 2), C = prefill chunk, T = keys in the KV cache, H = hidden, I = intermediate,
 nh / nkv / hd = query heads / KV heads / head dim, Hk / Hv / Dk / Dv = Gated-DeltaNet key /
 value heads and head dims, Dc = conv channels = 2·Hk·Dk + Hv·Dv, V = Hv·Dv, K = conv kernel,
-k = MTP drafts per round.
+k = MTP drafts per round. Vision tower (models/qwen3_5_vision.py): N = patches of one image
+(its vision tokens · m², m = spatial merge), D / Iv / h / hv = vision hidden, MLP, heads, head
+dim, P = values per patch (C·T·P·P).
+
+Encoding an image is the one step whose memory grows with the square of its size (attention
+over all of its patches), so the vision tower's activations are planned for the largest
+image the runtime takes (`image_tokens`, by default the 1,280-token cap mlxkit and MLX Swift
+apply), beside prefill and verification: they never run at the same time.
 """
 
 from __future__ import annotations
@@ -20,10 +27,22 @@ from dataclasses import dataclass
 
 from mlxkit.cache import KVCache
 from mlxkit.models.qwen3_5 import TextConfig
+from mlxkit.models.qwen3_5_vision import VisionConfig
 
 KV_STEP = KVCache.step  # the runtime grows KV buffers in steps of this many tokens
 FLOAT32 = 4
 MASK_BYTES = 1  # the causal mask of the unfused attention path is bool
+# Head dims of MLX's fused full-attention (prefill) kernel on Metal, `sdpa_full`, in the MLX
+# the runtimes were written against (0.31: mlx/backend/metal/scaled_dot_product_attention.cpp
+# takes 64, 80 and 128). Any other head dim falls back to matmul → softmax → matmul, which
+# materialises the [heads, queries, keys] scores. MLX PR #4330 (merged 2026-08) adds 72, the
+# 9B vision tower's head dim; the mlx-swift a bundle runs was not checked for it, so the plan
+# keeps counting those scores (an over- rather than an under-estimate).
+FUSED_ATTENTION_HEAD_DIMS = (64, 80, 128)
+
+
+def fused_attention(head_dim: int) -> bool:
+    return head_dim in FUSED_ATTENTION_HEAD_DIMS
 
 
 def n_linear_layers(cfg: TextConfig) -> int:
@@ -136,14 +155,16 @@ def _attention_layer_peak(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: i
         cfg.head_dim,
     )
     around = chunk * (H + 2 * nh * hd + 2 * nh * hd + 2 * nkv * hd + nh * hd) * dtype_bytes
-    if chunk <= 8:  # MLX's vector kernel: no score matrix
+    if chunk <= 8 or fused_attention(hd):  # MLX's vector or fused kernel: no score matrix
         return around
     return around + 2 * nh * chunk * keys * dtype_bytes + chunk * keys * MASK_BYTES
 
 
 def score_matrix_bytes(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int) -> int:
     """The largest transient single array of prefill: one [nh, C, T] score matrix."""
-    return cfg.num_attention_heads * chunk * keys * dtype_bytes if chunk > 8 else 0
+    if chunk <= 8 or fused_attention(cfg.head_dim):
+        return 0
+    return cfg.num_attention_heads * chunk * keys * dtype_bytes
 
 
 def _mlp_peak(cfg: TextConfig, chunk: int, dtype_bytes: int) -> int:
@@ -152,7 +173,13 @@ def _mlp_peak(cfg: TextConfig, chunk: int, dtype_bytes: int) -> int:
 
 
 def prefill_activations(
-    cfg: TextConfig, chunk: int, context: int, keys: int, dtype_bytes: int, mtp: bool
+    cfg: TextConfig,
+    chunk: int,
+    context: int,
+    keys: int,
+    dtype_bytes: int,
+    mtp: bool,
+    image_tokens: int = 0,
 ) -> Activations:
     """Peak while prefilling the last chunk of a `context`-token prompt.
 
@@ -163,7 +190,8 @@ def prefill_activations(
     retained = the conv windows: each Gated-DeltaNet layer's cache keeps a view of its
     whole [K-1+C, Dc] conv input until the next chunk (the runtime slices, it does not
     copy), i.e. C·Dc·b per layer beyond the fixed K-1 rows; plus the chunk's final hidden
-    states [C, H] kept for the MTP head.
+    states [C, H] kept for the MTP head; with an image in the prompt, its features and the
+    prompt embeddings they are merged into, [image_tokens, H] each, until they are prefilled.
     logits = one row of float32 logits: prefill computes logits for the last position only.
     """
     rows = max(1, min(chunk, context))  # C: the queries of the last chunk
@@ -177,7 +205,8 @@ def prefill_activations(
         peaks["mtp"] = peaks["attention"] + 2 * rows * cfg.hidden_size * dtype_bytes
     kind = max(peaks, key=peaks.get)
     windows = n_linear_layers(cfg) * rows * cfg.linear_conv_dim * dtype_bytes
-    retained = windows + rows * cfg.hidden_size * dtype_bytes
+    image = 2 * image_tokens * cfg.hidden_size * dtype_bytes
+    retained = windows + rows * cfg.hidden_size * dtype_bytes + image
     return Activations(peaks[kind], kind, retained, cfg.vocab_size * FLOAT32, "prefill")
 
 
@@ -196,6 +225,71 @@ def verify_activations(cfg: TextConfig, num_draft: int, dtype_bytes: int) -> Act
     return Activations(layer, "verify", recorded, logits, "verify")
 
 
+def vision_patches(vision: VisionConfig, image_tokens: int) -> int:
+    """N: the patches of an image of `image_tokens` vision tokens (each merges m² patches)."""
+    return image_tokens * vision.spatial_merge_size**2
+
+
+def vision_score_bytes(vision: VisionConfig, image_tokens: int, dtype_bytes: int) -> int:
+    """The tower's [h, N, N] attention scores, 0 where MLX's fused kernel takes its head dim:
+    the largest single array of encoding an image when they exist."""
+    if fused_attention(vision.head_dim):
+        return 0
+    return vision.num_heads * vision_patches(vision, image_tokens) ** 2 * dtype_bytes
+
+
+def vision_mask_bytes(vision: VisionConfig, image_tokens: int, dtype_bytes: int) -> int:
+    """The [1, N, N] additive mask mlx-swift-lm's Qwen 3 VL tower builds for every block
+    (Qwen3VL.swift, `Attention`: ones · -1e9 with zeros over each image), in the activation
+    dtype; mlxkit's tower attends image by image and builds none."""
+    return vision_patches(vision, image_tokens) ** 2 * dtype_bytes
+
+
+def vision_activations(
+    vision: VisionConfig, image_tokens: int, dtype_bytes: int, mask: bool
+) -> Activations:
+    """Peak while the tower encodes one image of `image_tokens` vision tokens.
+
+    retained = what lives through every block: the caller's float32 patches [N, P], the
+    residual stream [N, D], the rotary cos and sin [N, hv] (float32).
+    layer peak = the largest of
+      - patch embedding: the patches cast to the tower's dtype [N, P] and its output [N, D];
+      - position embedding: the four bilinear taps gathered [N, 4, D] in the tower's dtype and
+        as float32, their weighted sum [N, D] float32 and its cast back [N, D];
+      - attention: the normed input [N, D], qkv [N, 3D], the rotary of q and of k in float32
+        (five [N, D] arrays each: the input, its negated half, the rotated halves, the two
+        products), their casts back [N, 2D], q, k and v made contiguous for the attention
+        [N, 3D], its output and the projection [N, D] each; plus, when MLX has no fused
+        kernel for hv, the [h, N, N] scores and probabilities (2 · h·N²·b, as for the text
+        attention; the CPU build was seen holding between one and two), and, with `mask`
+        (mlx-swift-lm), its [N, N] mask;
+      - MLP: normed input and output [N, D], the first linear, its tanh-approximated GELU and
+        that GELU's two intermediates [N, Iv] each;
+      - merger: its exact (erf) GELU over [N/m², m²·D] with the norm, the first linear and the
+        intermediates around it, ten [N, D]-sized arrays, and the output [N/m², out].
+    These are the arrays mlxkit's tower holds at each peak, phase by phase, as measured on the
+    CPU build (tests/test_plan_vision.py holds the whole estimate against measured peaks: it
+    came to 0.9–1.6× of them, below 1× only for images of a few hundred patches); MLX on Metal runs the same graph, and mlx-swift-lm's tower
+    (Qwen3VL.swift) a similar one with the mask added; neither was measured.
+    """
+    N, D, Iv = vision_patches(vision, image_tokens), vision.hidden_size, vision.intermediate_size
+    b = dtype_bytes
+    retained = N * vision.patch_dim * FLOAT32 + N * D * b + 2 * N * vision.head_dim * FLOAT32
+    attention = N * (D + 3 * D + 2 * D + 3 * D + 2 * D) * b + 2 * 5 * N * D * FLOAT32
+    attention += 2 * vision_score_bytes(vision, image_tokens, b)
+    if mask:
+        attention += vision_mask_bytes(vision, image_tokens, b)
+    peaks = {
+        "vision patch embedding": N * (vision.patch_dim + D) * b,
+        "vision position embedding": N * 4 * D * (b + FLOAT32) + N * D * (FLOAT32 + b),
+        "vision attention": attention,
+        "vision MLP": N * (2 * D + 4 * Iv) * b,
+        "vision merger": (10 * N * D + image_tokens * vision.out_hidden_size) * b,
+    }
+    kind = max(peaks, key=peaks.get)
+    return Activations(peaks[kind], kind, retained, 0, "image encoding")
+
+
 def activations(
     cfg: TextConfig,
     chunk: int,
@@ -204,9 +298,11 @@ def activations(
     dtype_bytes: int,
     mtp: bool,
     num_draft: int,
+    image_tokens: int = 0,
 ) -> Activations:
-    """Prefill and decoding never overlap, so the peak is the larger of the two phases."""
-    pre = prefill_activations(cfg, chunk, context, keys, dtype_bytes, mtp)
+    """Prefill and decoding never overlap, so the peak is the larger of the two phases (with
+    `image_tokens` of an image prefilled; its encoding is `vision_activations`)."""
+    pre = prefill_activations(cfg, chunk, context, keys, dtype_bytes, mtp, image_tokens)
     if not mtp:
         return pre
     ver = verify_activations(cfg, num_draft, dtype_bytes)

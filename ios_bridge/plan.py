@@ -11,6 +11,11 @@ would fit instead.
 Total = weights + Gated-DeltaNet state (fixed) + KV cache (as allocated, at the planned
 context plus the draft positions verification appends) + one layer's old KV buffers while
 the cache grows + activation peak + runtime reserve + MLX buffer-cache limit.
+
+With the vision tower (a checkpoint that has one, `vision` on): its weights are a part of
+their own; the activation peak is the larger of prefill / verification and encoding one
+image of `image_tokens` vision tokens (memory.vision_activations: attention over all of its
+patches); and the context must hold that image's tokens besides MIN_CONTEXT of text.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mlxkit.convert.quantize import load_recipe
+from mlxkit.convert.quantize import check_vision_bits, load_recipe
 
 from mlxkit import fields
 from mlxkit.errors import ConfigError, MlxkitError
@@ -26,14 +31,17 @@ from mlxkit.generate import MAX_DRAFT
 from mlxkit.layout import (
     DTYPE_BYTES,
     OUTPUT_DTYPES,
+    ModelConfig,
     bytes_by_part,
     model_parameters,
     part_of,
     planned_tensors,
+    weight_rule,
 )
-from mlxkit.load import load_config, resolve_model_dir
+from mlxkit.load import load_model_config, resolve_model_dir
 from mlxkit.models.qwen3_5 import TextConfig
-from mlxkit.presets import HUB_REPOS, sizes, text_config
+from mlxkit.models.qwen3_5_vision import VisionConfig
+from mlxkit.presets import HUB_REPOS, model_config, sizes, text_config
 
 from . import memory as mem
 from .devices import GB, Target, load_catalog, resolve_target
@@ -47,6 +55,7 @@ class Plan:
     model: str  # "Qwen3.5-2B", or the model directory's name
     size: str | None  # preset size when the config is one of them
     cfg: TextConfig = field(repr=False)
+    checkpoint: ModelConfig = field(repr=False)  # what the checkpoint has (vision or not)
     target: Target = field(repr=False)
     settings: Settings
     runtime: DecodeRuntime  # what runs the model on the target
@@ -59,7 +68,8 @@ class Plan:
     max_context: int  # the context the totals are computed at: prompt + generated tokens
     kv_cache_bytes: int  # as allocated at max_context + num_draft
     kv_growth_bytes: int
-    activations: mem.Activations
+    activations: mem.Activations  # the peak: prefill, verification or image encoding
+    vision_encoding: mem.Activations | None  # encoding one image (None: no vision tower)
     usable: int  # with the entitlement if allowed
     usable_without_entitlement: int
     largest_context_that_fits: int  # 0: none
@@ -72,6 +82,16 @@ class Plan:
     @property
     def weight_bytes(self) -> int:
         return sum(self.weights.values())
+
+    @property
+    def vision(self) -> VisionConfig | None:
+        """The vision tower the plan includes (None: a text-only plan)."""
+        return self.checkpoint.vision if self.settings.vision else None
+
+    @property
+    def image_tokens(self) -> int:
+        """Vision tokens of the largest image the plan leaves room for (0: no vision)."""
+        return self.settings.image_tokens if self.vision is not None else 0
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -94,8 +114,17 @@ class Plan:
         return self.target.metal_buffer_limit
 
     @property
-    def fits(self) -> bool:
+    def fits_in_memory(self) -> bool:
         return self.total <= self.usable and self.largest_array[1] <= self.metal_buffer_limit
+
+    @property
+    def holds_an_image(self) -> bool:
+        """The context has room for one image at the cap (trivially so without vision)."""
+        return self.max_context >= self.image_tokens
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_in_memory and self.holds_an_image
 
     @property
     def entitlement_required(self) -> bool:
@@ -128,8 +157,16 @@ def usable_label(plan: Plan) -> str:
 def shortfall(plan: Plan) -> str:
     """Why a plan does not fit, in one sentence."""
     s = plan.settings
-    what = f"{plan.model} at {s.bits}-bit ({s.recipe} recipe{', with MTP' if s.mtp else ''})"
+    extras = [", with MTP" if s.mtp else ""]
+    if plan.vision is not None:
+        extras.append(f", with the vision tower at {plan.image_tokens:,} tokens per image")
+    what = f"{plan.model} at {s.bits}-bit ({s.recipe} recipe{''.join(extras)})"
     reasons = []
+    if not plan.holds_an_image:
+        reasons.append(
+            f"has {plan.max_context:,} tokens of context, which cannot hold one image of "
+            f"{plan.image_tokens:,} vision tokens"
+        )
     if plan.total > plan.usable:
         parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in plan.breakdown.items() if v)
         reasons.append(
@@ -158,16 +195,22 @@ def preset_size_of(cfg: TextConfig) -> str | None:
     return None
 
 
-def resolve_config(size_or_config: str | Path | dict | TextConfig) -> tuple[TextConfig, str]:
-    """(config, label) from a preset size ("2b"), a model directory or config.json, a config
-    dict, or a TextConfig."""
-    if isinstance(size_or_config, (TextConfig, dict)):
-        cfg = size_or_config
-        cfg = cfg if isinstance(cfg, TextConfig) else TextConfig.from_dict(cfg)
-        return cfg, _label(preset_size_of(cfg))
+ModelLike = str | Path | dict | TextConfig | ModelConfig
+
+
+def resolve_config(size_or_config: ModelLike) -> tuple[ModelConfig, str]:
+    """(config, label) from a preset size ("2b", with its vision tower), a model directory or
+    config.json, a config dict, a ModelConfig, or a TextConfig (a text-only model)."""
+    if isinstance(size_or_config, (TextConfig, ModelConfig, dict)):
+        shapes = size_or_config
+        if isinstance(shapes, TextConfig):
+            shapes = ModelConfig(shapes)
+        elif isinstance(shapes, dict):
+            shapes = ModelConfig.from_dict(shapes)
+        return shapes, _label(preset_size_of(shapes.text))
     name = str(size_or_config)
     if name.lower() in sizes():
-        return TextConfig.from_dict(text_config(name.lower())), _label(name.lower())
+        return ModelConfig.from_dict(model_config(name.lower())), _label(name.lower())
     path = fields.local_path(name, "model")
     if path.name == "config.json" and path.is_file():
         path = path.parent
@@ -177,8 +220,8 @@ def resolve_config(size_or_config: str | Path | dict | TextConfig) -> tuple[Text
             "with a config.json"
         )
     model_dir = resolve_model_dir(name if name == "micro" else path)
-    cfg = load_config(model_dir)
-    return cfg, _label(preset_size_of(cfg), model_dir.name)
+    shapes = load_model_config(model_dir)
+    return shapes, _label(preset_size_of(shapes.text), model_dir.name)
 
 
 def _label(size: str | None, fallback: str = "custom") -> str:
@@ -219,6 +262,19 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
         raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {settings.dtype}")
     if settings.reserve < 0 or settings.cache_limit < 0:
         raise ConfigError("reserve and cache limit must not be negative")
+    tokens = settings.image_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ConfigError(f"image tokens must be a positive number of tokens, got {tokens!r}")
+    if settings.vision_bits is not None:
+        check_vision_bits(settings.vision_bits)
+    if not isinstance(settings.vision, bool):
+        raise ConfigError(f"vision must be true or false, got {settings.vision!r}")
+
+
+def min_context(cfg: TextConfig, image_tokens: int) -> int:
+    """The least context a plan must leave: MIN_CONTEXT tokens of text, plus one image's
+    tokens when it plans for images (within the model's positions)."""
+    return min(MIN_CONTEXT + image_tokens, cfg.max_position_embeddings)
 
 
 # ------------------------------------------------------------------------------ weights
@@ -232,15 +288,21 @@ class WeightPlan:
     largest: tuple[str, int]  # (parameter path, bytes) of the largest tensor
 
 
-def weight_plan(cfg: TextConfig, settings: Settings) -> WeightPlan:
-    """Bytes per part, straight from `planned_tensors` (no formula here)."""
+def weight_plan(
+    cfg: TextConfig, settings: Settings, vision: VisionConfig | None = None
+) -> WeightPlan:
+    """Bytes per part, straight from `planned_tensors` (no formula here); `vision` is the
+    tower the plan includes."""
     recipe = load_recipe(settings.recipe, settings.bits, settings.group_size)
-    tensors = planned_tensors(cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype)
+    vb = settings.vision_bits
+    tensors = planned_tensors(cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype,
+                              vision=vision, vision_bits=vb)  # fmt: skip
     by_part = bytes_by_part(tensors)
     bits: dict[str, set] = {part: set() for part in by_part}
-    for path, shape in model_parameters(cfg, settings.mtp and cfg.mtp_num_hidden_layers > 0):
+    mtp = settings.mtp and cfg.mtp_num_hidden_layers > 0
+    for path, shape in model_parameters(cfg, mtp, vision):
         if len(shape) == 2:
-            rule = recipe.rule_for(path, shape)
+            rule = weight_rule(path, shape, recipe, vb)
             bits[part_of(path)].add(rule[0] if rule else settings.dtype)
     tied = cfg.tie_word_embeddings
     head = "language_model.model.embed_tokens." if tied else "language_model.lm_head."
@@ -262,12 +324,31 @@ def weight_plan(cfg: TextConfig, settings: Settings) -> WeightPlan:
 class _Inputs:
     """What every context of one plan shares: resolved once, evaluated many times."""
 
-    cfg: TextConfig
+    checkpoint: ModelConfig
     model: str
     size: str | None
     target: Target
     settings: Settings
     weights: WeightPlan
+
+    @property
+    def cfg(self) -> TextConfig:
+        return self.checkpoint.text
+
+    @property
+    def vision(self) -> VisionConfig | None:
+        return self.checkpoint.vision if self.settings.vision else None
+
+    @property
+    def image_tokens(self) -> int:
+        return self.settings.image_tokens if self.vision is not None else 0
+
+    @property
+    def vision_encoding(self) -> mem.Activations | None:
+        if self.vision is None:
+            return None
+        mask = self.runtime.builds_vision_mask
+        return mem.vision_activations(self.vision, self.image_tokens, self.dtype_bytes, mask)
 
     @property
     def runtime(self) -> DecodeRuntime:
@@ -294,6 +375,13 @@ def _largest_array(inputs: _Inputs, held: int, kv_buffer: int, context: int) -> 
         ("KV cache buffer of one layer", kv_buffer),
         ("attention score matrix (prefill)", scores),
     ]
+    if inputs.vision is not None:
+        n, b = inputs.image_tokens, inputs.dtype_bytes
+        candidates.append(("vision attention scores (one image)",
+                           mem.vision_score_bytes(inputs.vision, n, b)))  # fmt: skip
+        if inputs.runtime.builds_vision_mask:
+            candidates.append(("vision attention mask (one image)",
+                               mem.vision_mask_bytes(inputs.vision, n, b)))  # fmt: skip
     return max(candidates, key=lambda c: c[1])
 
 
@@ -323,10 +411,15 @@ def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
     kv_buffer = mem.kv_layer_buffer_bytes(cfg, held, b)
     keys = mem.kv_allocated_tokens(held)
     speed, mlxkit_speed = _speeds(inputs, context) if with_speed else (None, None)
+    text = mem.activations(cfg, s.prefill_chunk, context, keys, b, s.mtp, max(k, 1),
+                           inputs.image_tokens)  # fmt: skip
+    encoding = inputs.vision_encoding
+    peak = text if encoding is None or text.total >= encoding.total else encoding
     return Plan(
         model=inputs.model,
         size=inputs.size,
         cfg=cfg,
+        checkpoint=inputs.checkpoint,
         target=inputs.target,
         settings=s,
         runtime=inputs.runtime,
@@ -339,7 +432,8 @@ def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
         max_context=context,
         kv_cache_bytes=mem.kv_cache_bytes(cfg, held, b, s.mtp),
         kv_growth_bytes=2 * kv_buffer,
-        activations=mem.activations(cfg, s.prefill_chunk, context, keys, b, s.mtp, max(k, 1)),
+        activations=peak,
+        vision_encoding=encoding,
         usable=inputs.target.usable(s.entitlement),
         usable_without_entitlement=inputs.target.usable(False),
         largest_context_that_fits=0,
@@ -350,12 +444,13 @@ def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
 
 
 def largest_context_that_fits(inputs: _Inputs) -> int:
-    """The largest context whose plan fits (0 if not even one token does). Memory grows
+    """The largest context whose plan fits in memory (0 if not even one token does; whether
+    it holds an image is the caller's floor, `min_context`). Memory grows
     monotonically with the context, in 256-token steps for the KV cache, so a bisection
     over [1, max_position_embeddings] finds the exact boundary."""
 
     def fits(context: int) -> bool:
-        return plan_at(inputs, context, with_speed=False).fits
+        return plan_at(inputs, context, with_speed=False).fits_in_memory
 
     low, high = 0, inputs.cfg.max_position_embeddings
     if fits(high):
@@ -384,7 +479,7 @@ def _warnings(plan: Plan) -> list[str]:
 
 
 def evaluate(
-    size_or_config: str | Path | dict | TextConfig,
+    size_or_config: ModelLike,
     target: str | Target | None,
     context: int | None = None,
     *,
@@ -395,8 +490,10 @@ def evaluate(
     """The plan of `size_or_config` on `target` (a device, tier or Mac name, see `mlxkit
     tiers`; or None with `memory_budget`) at `context` tokens, or at the largest context
     that fits when `context` is None. Never refuses: the plan says whether it `fits`.
-    `settings` are the fields of `Settings`."""
-    cfg, label = resolve_config(size_or_config)
+    `settings` are the fields of `Settings` (`vision`: include the checkpoint's tower, if it
+    has one)."""
+    shapes, label = resolve_config(size_or_config)
+    cfg = shapes.text
     if isinstance(size_or_config, str) and size_or_config.lower() in sizes():
         size = size_or_config.lower()
     else:
@@ -404,9 +501,10 @@ def evaluate(
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     s = make_settings(**settings)
     validate(s, context, cfg)
-    inputs = _Inputs(cfg, name or label, size, tgt, s, weight_plan(cfg, s))
+    vision = shapes.vision if s.vision else None
+    inputs = _Inputs(shapes, name or label, size, tgt, s, weight_plan(cfg, s, vision))
     best = largest_context_that_fits(inputs)
-    floor = min(MIN_CONTEXT, cfg.max_position_embeddings)
+    floor = min_context(cfg, inputs.image_tokens)
     planned = context if context is not None else max(best, floor)
     p = plan_at(inputs, planned)
     p.largest_context_that_fits = best
@@ -415,7 +513,7 @@ def evaluate(
 
 
 def plan(
-    size_or_config: str | Path | dict | TextConfig,
+    size_or_config: ModelLike,
     target: str | Target | None = None,
     context: int | None = None,
     **options,

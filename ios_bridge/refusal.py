@@ -16,17 +16,73 @@ from mlxkit.convert.quantize import VALID_BITS
 from mlxkit.presets import sizes
 
 from .devices import load_catalog, resolve_target
-from .plan import Plan, PlanRefused, evaluate
-from .settings import MIN_CONTEXT
+from .plan import Plan, PlanRefused, evaluate, min_context
+
+VISION_BITS_TRIED = (8, 4)  # a quantized vision tower, the gentlest first
 
 
 def _largest_context(refused: Plan, size: str | None = None, target=None, **changes) -> int:
     """The largest context that fits with `changes` to the refused plan's settings."""
     settings = {**asdict(refused.settings), **changes}
-    model = size if size else refused.cfg
+    model = size if size else refused.checkpoint
     name = None if size else refused.model
     p = evaluate(model, target or refused.target, None, name=name, **settings)
     return p.largest_context_that_fits
+
+
+def _need(refused: PlanRefused, image_tokens: int) -> int:
+    """The context a change must leave room for: the one asked for, or at least MIN_CONTEXT
+    of text and one image of `image_tokens`."""
+    context = refused.requested_context
+    return context if context is not None else min_context(refused.plan.cfg, image_tokens)
+
+
+def _smaller_image_cap(refused: PlanRefused) -> tuple[int, int] | None:
+    """(cap, largest context) of the largest image cap below the refused one that fits:
+    memory grows with the cap (N² attention, and the image's tokens in the context), so a
+    bisection finds the boundary."""
+    p = refused.plan
+
+    def context_at(cap: int) -> int | None:
+        if refused.requested_context is not None and refused.requested_context < cap:
+            return None
+        n = _largest_context(p, p.size, image_tokens=cap)
+        return n if n >= _need(refused, cap) else None
+
+    low, high = 0, p.image_tokens  # invariant: low fits (or is 0), high does not
+    if context_at(1) is None:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if context_at(middle) is not None:
+            low = middle
+        else:
+            high = middle
+    return low, context_at(low)
+
+
+def _vision_changes(refused: PlanRefused) -> list[str]:
+    """What to change about the vision tower of a refused plan that includes one."""
+    p, found = refused.plan, []
+    cap = _smaller_image_cap(refused)
+    if cap is not None:
+        found.append(
+            f"images of up to {cap[0]:,} vision tokens (--image-tokens {cap[0]}): up to "
+            f"{cap[1]:,} tokens of context"
+        )
+    bits = p.settings.vision_bits
+    for fewer in (b for b in VISION_BITS_TRIED if bits is None or b < bits):
+        n = _largest_context(p, p.size, vision_bits=fewer)
+        if n >= _need(refused, p.image_tokens):
+            article = "an" if fewer == 8 else "a"
+            found.append(
+                f"{article} {fewer}-bit vision tower (--vision-bits {fewer}): up to {n:,} tokens"
+            )
+            break
+    n = _largest_context(p, p.size, vision=False)
+    if n >= _need(refused, 0):
+        found.append(f"no vision tower (--no-vision, text only): up to {n:,} tokens")
+    return found
 
 
 def _bigger_phone(refused: Plan, need: int) -> str | None:
@@ -48,11 +104,11 @@ def _bigger_phone(refused: Plan, need: int) -> str | None:
 
 def what_fits_instead(refused: PlanRefused) -> list[str]:
     p, context = refused.plan, refused.requested_context
-    need = context if context is not None else min(MIN_CONTEXT, p.cfg.max_position_embeddings)
+    need = _need(refused, p.image_tokens)
     s = p.settings
     found: list[str] = []
     best = p.largest_context_that_fits
-    if context is not None and best >= min(MIN_CONTEXT, context):
+    if context is not None and best >= min(min_context(p.cfg, p.image_tokens), context):
         found.append(f"a shorter context: up to {best:,} tokens (--context {best})")
     if not s.entitlement and p.target.kind != "mac":
         n = _largest_context(p, p.size, entitlement=True)
@@ -64,6 +120,8 @@ def what_fits_instead(refused: PlanRefused) -> list[str]:
         n = _largest_context(p, p.size, mtp=False)
         if n >= need:
             found.append(f"no MTP head (--no-mtp): up to {n:,} tokens")
+    if p.vision is not None:
+        found += _vision_changes(refused)
     for fewer in sorted((b for b in VALID_BITS if b < s.bits), reverse=True):
         n = _largest_context(p, p.size, bits=fewer)
         if n >= need:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .devices import ENTITLEMENT, GB, Catalog, Device, Tier, load_catalog
-from .memory import KV_STEP
+from .memory import KV_STEP, fused_attention, vision_patches
 from .plan import Plan, gb, usable_label
 from .roofline import SHORT_CONTEXT, Speed, speed_model
 
@@ -164,6 +164,25 @@ def _speed_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _vision_line(plan: Plan) -> str:
+    """Whether the plan includes the vision tower, and what encoding one image costs."""
+    if plan.checkpoint.vision is None:
+        return "  vision: none (the checkpoint has no vision tower)"
+    if plan.vision is None:
+        return "  vision: off (text only; with --vision the plan keeps the tower or says what fits)"
+    v, enc = plan.vision, plan.vision_encoding
+    bits = f"{plan.settings.vision_bits}-bit" if plan.settings.vision_bits else plan.settings.dtype
+    attention = (
+        "fused attention" if fused_attention(v.head_dim)
+        else f"head dim {v.head_dim} has no fused MLX kernel: scores materialised"
+    )  # fmt: skip
+    return (
+        f"  vision: on ({bits}), images up to {plan.image_tokens:,} vision tokens "
+        f"({vision_patches(v, plan.image_tokens):,} patches, --image-tokens); encoding one "
+        f"peaks at {gb(enc.total)} ({enc.layer_kind}; {attention})"
+    )
+
+
 def format_plan(plan: Plan) -> str:
     s, cfg = plan.settings, plan.cfg
     bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
@@ -178,6 +197,7 @@ def format_plan(plan: Plan) -> str:
             f"{s.dtype}"
         ),
         f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk}",
+        _vision_line(plan),
         (
             f"  context: {plan.max_context:,} tokens planned; the largest that fits: "
             f"{plan.largest_context_that_fits:,}"

@@ -23,6 +23,8 @@ class DecodeRuntime:
     greedy_only: bool  # MTP only with temperature 0 (sampled requests decode without drafts)
     summary: str  # for people: what it does with the MTP head
     source: str  # where that was read
+    # Its vision tower builds an [N, N] attention mask per image (memory.vision_mask_bytes).
+    builds_vision_mask: bool = False
 
 
 # What mlx-swift-lm does with the Qwen 3.5 MTP head, read through the search tool in stored,
@@ -44,7 +46,10 @@ MLX_SWIFT_LM = DecodeRuntime(
     greedy_only=True,
     summary="1 draft per round, greedy sampling only: temperature > 0 decodes without drafts",
     source="mlx-swift-lm 3.31.4: Qwen35MTPDraftModel.maximumBlockSize = 2, "
-    "requiresGreedySampling = true (Libraries/MLXLLM/Models/Qwen35MTP.swift)",
+    "requiresGreedySampling = true (Libraries/MLXLLM/Models/Qwen35MTP.swift); the vision "
+    "tower's mask: Libraries/MLXVLM/Models/Qwen3VL.swift, Qwen3VLVision.Attention (read at "
+    "snapshot 0155147), which Qwen35.swift's tower is",
+    builds_vision_mask=True,
 )
 MLXKIT = DecodeRuntime(
     name="mlxkit",

@@ -26,6 +26,22 @@ def target_to_dict(plan: Plan) -> dict:
     }
 
 
+def vision_to_dict(plan: Plan) -> dict:
+    """The vision tower in the plan: whether the model has one (as far as the plan looked:
+    not with --no-vision) and it is included, its image cap and bits, and the activations of
+    encoding one image (what the plan made room for)."""
+    enc = plan.vision_encoding
+    return {
+        "available": plan.checkpoint.vision is not None,
+        "included": plan.vision is not None,
+        "image_tokens": plan.image_tokens or None,
+        "bits": plan.settings.vision_bits if plan.vision is not None else None,
+        "weights_bytes": plan.weights["vision"],
+        "encoding_peak_bytes": enc.total if enc else None,
+        "encoding_largest_layer": enc.layer_kind if enc else None,
+    }
+
+
 def memory_to_dict(plan: Plan) -> dict:
     a = plan.activations
     return {
@@ -98,6 +114,7 @@ def plan_to_dict(plan: Plan) -> dict:
             "bits_per_part": plan.bits_per_part,
         },
         "mtp": {"included": s.mtp, "num_draft": plan.num_draft, "runtime": plan.runtime.name},
+        "vision": vision_to_dict(plan),
         "prefill_chunk": s.prefill_chunk,
         "memory": memory_to_dict(plan),
         "performance": performance_to_dict(plan),

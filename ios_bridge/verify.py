@@ -40,6 +40,21 @@ from .manifest import MANIFEST, schema_errors
 
 NOT_DERIVED = ("files", "source", "created_by")
 
+# What MLX Swift's VLM loader needs of preprocessor_config.json: `processor_class` picks the
+# processor (mlx-swift-lm Libraries/MLXVLM/VLMModelFactory.swift, VLMProcessorTypeRegistry),
+# and Qwen3VLProcessorConfiguration (Libraries/MLXVLM/Models/Qwen3VL.swift) decodes the rest
+# as non-optional keys.
+SWIFT_PROCESSOR_CLASS = "Qwen3VLProcessor"
+SWIFT_PREPROCESSOR_KEYS = (
+    "processor_class",
+    "image_mean",
+    "image_std",
+    "merge_size",
+    "patch_size",
+    "temporal_patch_size",
+    "image_processor_type",
+)
+
 
 @dataclass
 class Check:
@@ -91,8 +106,9 @@ def replan(root: Path, manifest: dict, target=None):
     Settings the manifest holds only through their effect are read back from it: whether
     the entitlement was allowed (the limit planned in), mlxkit's own drafts per round (its
     loop's speed, where the target has one), the runtime reserve and MLX cache limit (the
-    memory breakdown). Each is then checked like every other field, through what it
-    implies."""
+    memory breakdown). The vision tower's settings are its section's: whether it is in, its
+    bits, and the image cap planned for (absent when it is not in). Each is then checked like
+    every other field, through what it implies."""
     from .plan import evaluate
 
     q, m, t, memory = (manifest[k] for k in ("quantization", "mtp", "target", "memory"))
@@ -102,6 +118,10 @@ def replan(root: Path, manifest: dict, target=None):
     else:
         entitlement = manifest["entitlement_required"]
     performance, breakdown = manifest["performance"], memory["breakdown"]
+    v = manifest["vision"]
+    vision = {"vision": v["included"], "vision_bits": v.get("bits")}
+    if v["image_tokens"] is not None:
+        vision["image_tokens"] = v["image_tokens"]
     loop = performance.get("mlxkit_loop")
     num_draft = (loop.get("num_draft") if isinstance(loop, dict) else None) or m["num_draft"] or 2
     return evaluate(
@@ -110,6 +130,7 @@ def replan(root: Path, manifest: dict, target=None):
         mtp=m["included"], num_draft=num_draft, prefill_chunk=manifest["prefill_chunk"],
         entitlement=entitlement, acceptance=performance.get("mtp_acceptance", 0.7),
         reserve=breakdown.get("runtime_reserve"), cache_limit=breakdown.get("mlx_cache_limit"),
+        **vision,
     )  # fmt: skip
 
 
@@ -214,7 +235,8 @@ def _check_tensors(root: Path, p) -> list[str]:
 
     s = p.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
-    planned = planned_tensors(p.cfg, recipe, include_mtp=s.mtp, dtype=s.dtype)
+    planned = planned_tensors(p.cfg, recipe, include_mtp=s.mtp, dtype=s.dtype, vision=p.vision,
+                              vision_bits=s.vision_bits)  # fmt: skip
     problems = []
     for directory, in_dir in ((MODEL_DIR, lambda t: t.part != "mtp"),
                               (MTP_DIR, lambda t: t.part == "mtp")):  # fmt: skip
@@ -247,8 +269,10 @@ def _check_load(root: Path, mtp: bool) -> tuple[list[str], str]:
     model_dir = root / MODEL_DIR
     try:
         model = load_model(model_dir, drafter=model_dir / MTP_DIR)  # as a bare copy of model/
-        detail = (f"model/ loads ({'with' if model.has_mtp else 'without'} MTP; names, shapes "
-                  "and dtypes checked, weights memory-mapped)")  # fmt: skip
+        parts = f"{'with' if model.has_mtp else 'without'} MTP, "
+        parts += f"{'with' if model.has_vision else 'without'} the vision tower"
+        detail = (f"model/ loads ({parts}; names, shapes and dtypes checked, weights "
+                  "memory-mapped)")  # fmt: skip
         if mtp:
             if not load_model(model_dir, drafter=root / MTP_DIR).has_mtp:
                 return [f"{MTP_DIR}/ did not provide the MTP head"], ""
@@ -272,6 +296,59 @@ def _check_fit(p, entitlement_required: bool) -> tuple[list[str], str]:
     detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
               f"usable {ent} the entitlement at {p.max_context:,} tokens")  # fmt: skip
     return problems, detail
+
+
+def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
+    """model/ holds the vision tower exactly when the manifest says so, and then everything
+    MLX Swift's VLM loader reads: the tensors, config.json's vision_config and four token ids,
+    and the preprocessor configs it decodes."""
+    import json
+
+    from mlxkit.checkpoint import read_config, read_headers, weight_files
+    from mlxkit.layout import ModelConfig, part_of
+    from mlxkit.vision import PREPROCESSOR_FILES, Preprocessor
+
+    model_dir = root / MODEL_DIR
+    try:
+        config = read_config(model_dir)
+        tower = sum(part_of(n) == "vision" for n in read_headers(weight_files(model_dir)))
+        shapes = ModelConfig.from_dict(config)
+    except MlxkitError as e:
+        return [str(e)], ""
+    if not manifest["vision"]["included"]:
+        if tower or shapes.vision is not None:
+            return ["the manifest says text only, but model/ has a vision tower"], ""
+        return [], "text only, as the manifest says"
+    problems = []
+    if shapes.vision is None:
+        problems.append("model/config.json has no vision_config")
+    if not tower:
+        problems.append("model/ holds no vision_tower.* tensors")
+    for name in PREPROCESSOR_FILES:
+        path = model_dir / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            problems.append(f"{MODEL_DIR}/{name} is not readable JSON ({e})")
+            continue
+        if name == PREPROCESSOR_FILES[0] and isinstance(data, dict):
+            missing = [k for k in SWIFT_PREPROCESSOR_KEYS if k not in data]
+            if missing:
+                problems.append(f"{name} lacks {', '.join(missing)} (MLX Swift requires them)")
+            elif data["processor_class"] != SWIFT_PROCESSOR_CLASS:
+                problems.append(f"{name}: processor_class is not {SWIFT_PROCESSOR_CLASS}")
+    if not problems:
+        try:
+            Preprocessor.from_dir(model_dir, shapes.vision)
+        except MlxkitError as e:
+            problems.append(str(e))
+    ids = ", ".join(f"{k.removesuffix('_token_id')} {config[k]}" for k in (
+        "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"
+    ) if k in config)  # fmt: skip
+    return problems, (
+        f"{tower} vision_tower.* tensors, vision_config and token ids ({ids}), "
+        f"{' and '.join(PREPROCESSOR_FILES)} for MLX Swift's {SWIFT_PROCESSOR_CLASS}"
+    )
 
 
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
@@ -299,7 +376,7 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     total = sum(e.bytes for e in entries)
     report.add("file sizes and sha256", file_problems,
                f"{len(entries)} files, {total / 1e9:.3f} GB")  # fmt: skip
-    later = ["manifest matches a re-plan", "tensors as planned", "model loads",
+    later = ["manifest matches a re-plan", "tensors as planned", "vision tower", "model loads",
              "plan fits the target"]  # fmt: skip
     if _links_out_of_model(root):  # nothing is read through a link that leaves the bundle
         for name in later if load else [n for n in later if n != "model loads"]:
@@ -310,13 +387,15 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     if p is not None:
         report.add(later[1], _check_tensors(root, p),
                    "every tensor's name, dtype and shape is the plan's")  # fmt: skip
+    problems, detail = _check_vision(root, manifest)
+    report.add(later[2], problems, detail)
     if load:
         problems, detail = _check_load(root, manifest["mtp"]["included"] is True)
-        report.add(later[2], problems, detail)
+        report.add(later[3], problems, detail)
     try:
         fit = replan(root, manifest, other) if other is not None or p is None else p
         problems, detail = _check_fit(fit, manifest["entitlement_required"])
     except MlxkitError as e:
         problems, detail = [str(e)], ""
-    report.add(later[3], problems, detail)
+    report.add(later[4], problems, detail)
     return report

@@ -13,7 +13,7 @@ from mlxkit.checkpoint import (
     read_headers,
     weight_files,
 )
-from mlxkit.load import MTP_DIR, load_config, resolve_model_dir
+from mlxkit.load import MTP_DIR, load_config, load_model_config, resolve_model_dir
 
 PARTS = ("text", "mtp", "vision")
 
@@ -104,12 +104,29 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
         quantization={k: v for k, v in quant.items() if k in ("bits", "group_size", "mode")}
         or None,
     )
+    vision = _vision_summary(model_dir, config)
+    if vision:
+        info.summary["vision tower"] = vision
     _add(info, tensors, quant)
     drafter = model_dir / MTP_DIR
     if drafter.is_dir():
         mtp_quant = quantization_block(read_config(drafter), str(drafter / "config.json"))
         _add(info, read_headers(weight_files(drafter)), mtp_quant, prefix=MTP_DIR + "/")
     return info
+
+
+def _vision_summary(model_dir: Path, config: dict) -> str | None:
+    """The vision tower config.json declares, in one line (None when it declares none)."""
+    v = load_model_config(model_dir).vision
+    if v is None:
+        return None
+    ids = "/".join(str(config[k]) for k in (
+        "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))  # fmt: skip
+    return (
+        f"depth {v.depth}, hidden {v.hidden_size}, {v.num_heads} heads (head dim {v.head_dim}), "
+        f"patch {v.patch_size}, merge {v.spatial_merge_size}, out {v.out_hidden_size}; "
+        f"image/video/start/end token ids {ids}"
+    )
 
 
 def human_bytes(n: int) -> str:

@@ -41,6 +41,9 @@ from mlxkit.models.qwen3_5_vision import Grid, VisionConfig
 DEFAULT_MAX_IMAGE_TOKENS = 1280  # vision tokens per image unless max_pixels says otherwise
 DEFAULT_VIDEO_FPS = 2.0  # the rate of a list of frames when the caller gives none
 
+# transformers' Qwen2VLImageProcessor and Qwen3VLVideoProcessor settings beside config.json;
+# mlx-vlm and MLX Swift's VLM loader read the first (its `processor_class` picks the processor).
+PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 # What the chat template writes for an image or a video part, and what the processor expands.
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -101,18 +104,14 @@ class Preprocessor:
     @classmethod
     def from_dir(cls, model_dir: str | Path, vision: VisionConfig) -> Preprocessor:
         model_dir = Path(model_dir)
-        image = _read_json(model_dir / "preprocessor_config.json")
-        video = _read_json(model_dir / "video_preprocessor_config.json")
+        image, video = (_read_json(model_dir / name) for name in PREPROCESSOR_FILES)
         fields: dict = {
             "patch_size": vision.patch_size,
             "temporal_patch_size": vision.temporal_patch_size,
             "merge_size": vision.spatial_merge_size,
         }
         for key, value in fields.items():
-            for name, cfg in (
-                ("preprocessor_config.json", image),
-                ("video_preprocessor_config.json", video),
-            ):
+            for name, cfg in zip(PREPROCESSOR_FILES, (image, video)):
                 if key in cfg and cfg[key] != value:
                     raise ConfigError(
                         f"{model_dir / name}: {key} {cfg[key]} differs from the vision tower's "

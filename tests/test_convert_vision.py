@@ -20,7 +20,7 @@ from mlxkit.checkpoint import weight_files
 from mlxkit.layout import VISION_TOKEN_KEYS, ModelConfig
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5_vision import PREFIX, VisionConfig, sanitize_vision_tensor
-from mlxkit.vision import Preprocessor
+from mlxkit.vision import PREPROCESSOR_FILES, Preprocessor
 from tests.helpers import FIXTURES, reference
 from tests.test_convert_errors import (
     assert_nothing_left,
@@ -31,8 +31,6 @@ from tests.test_convert_errors import (
     run_cli,
 )
 from tests.vision_helpers import VISION, config, tower_inputs
-
-PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 
 
 @pytest.fixture(scope="module")

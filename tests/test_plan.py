@@ -96,15 +96,16 @@ def test_kv_bytes_after_generation_within_plan():
         pass
     context = len(prompt) + last.generation_tokens
     held = sum(c.nbytes for c in pc.main + pc.mtp if isinstance(c, KVCache))
-    p = evaluate(FIXTURES / "tiny_tied", "m4-16gb", context, num_draft=2)  # mlxkit's loop
+    p = evaluate(FIXTURES / "tiny_tied", "m4-16gb", context, num_draft=2, vision=False)  # mlxkit
     assert p.num_draft == 2 and held <= p.kv_cache_bytes
     assert held >= mem.kv_cache_bytes(model.config, context - 1, 2, mtp=False)
 
 
 @pytest.mark.parametrize("target", SIX_GB_AND_LESS)
 def test_9b_refused_on_4_and_6_gb_phones_naming_what_fits(target):
+    """Text only (with the vision tower even the 4B and 2B do not fit the 4 GB phones)."""
     with pytest.raises(PlanRefused) as e:
-        plan("9b", target)
+        plan("9b", target, vision=False)
     msg = refusal_message(e.value)
     assert "Qwen3.5-9B" in msg and "does not fit" in msg and "What fits instead" in msg
     assert "--size 4b" in msg or "--size 2b" in msg
@@ -113,10 +114,11 @@ def test_9b_refused_on_4_and_6_gb_phones_naming_what_fits(target):
 
 
 def test_9b_fits_8_gb_phones_with_the_entitlement_only():
-    p = plan("9b", "iphone15pro")
+    """Text only: with its vision tower the 9B fits no phone (see test_plan_vision.py)."""
+    p = plan("9b", "iphone15pro", vision=False)
     assert p.fits and p.entitlement_required and p.largest_context_that_fits >= 512
     with pytest.raises(PlanRefused) as e:
-        plan("9b", "iphone15pro", entitlement=False)
+        plan("9b", "iphone15pro", entitlement=False, vision=False)
     assert "--entitlement" in refusal_message(e.value)
 
 
@@ -127,10 +129,11 @@ def test_refusal_names_a_shorter_context():
     assert f"--context {p.largest_context_that_fits}" in refusal_message(e.value)
 
 
-def test_max_context_is_the_exact_boundary():
-    p = plan("2b", "iphone12")
-    assert evaluate("2b", "iphone12", p.largest_context_that_fits).fits
-    assert not evaluate("2b", "iphone12", p.largest_context_that_fits + 1).fits
+@pytest.mark.parametrize(("size", "vision"), [("2b", False), ("0.8b", True)])
+def test_max_context_is_the_exact_boundary(size, vision):
+    p = plan(size, "iphone12", vision=vision)
+    assert evaluate(size, "iphone12", p.largest_context_that_fits, vision=vision).fits
+    assert not evaluate(size, "iphone12", p.largest_context_that_fits + 1, vision=vision).fits
 
 
 def test_plan_kv_cache_and_state_match_the_formulas():
@@ -145,7 +148,7 @@ def test_plan_kv_cache_and_state_match_the_formulas():
 
 def test_budget_smaller_than_weights_is_refused():
     with pytest.raises(PlanRefused, match="does not fit"):
-        plan("2b", None, memory_budget="1GB")
+        plan("2b", None, memory_budget="1GB", vision=False)
     assert plan("0.8b", None, memory_budget="3.5GB").fits
 
 

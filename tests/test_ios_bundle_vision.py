@@ -1,0 +1,165 @@
+"""Bundles with the vision tower: what MLX Swift's VLM loader reads is in model/, the manifest
+says whether the tower is in, `bundle verify` checks it, and --no-vision makes text-only
+bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlxkit.ios_bridge import build_bundle, plan, verify_bundle
+from mlxkit.ios_bridge.verify import SWIFT_PREPROCESSOR_KEYS, weight_bytes_on_disk
+
+from mlxkit.checkpoint import read_headers, weight_files
+from mlxkit.layout import VISION_TOKEN_KEYS
+from mlxkit.load import load_model
+from mlxkit.models.qwen3_5_vision import VisionConfig
+from mlxkit.vision import PREPROCESSOR_FILES
+from tests.helpers import FIXTURES
+from tests.vision_helpers import VISION, config
+
+NAME = VISION[1]  # patch 6, merge 3, 5×5 position grid, the tiny tokenizer's token ids
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vision-bundles")
+    return {
+        "vision": _built(root / "vision", {}),
+        "text": _built(root / "text", {"vision": False}),
+    }
+
+
+def _built(out: Path, options: dict) -> Path:
+    build_bundle(FIXTURES / NAME, out, "iphone15", **options)
+    return out
+
+
+def manifest_of(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def swift_vision_keys(vc: VisionConfig) -> set[str]:
+    """The parameter paths mlx-swift-lm's Qwen 3.5 VLM gives its tower (Qwen35.swift keeps
+    `vision_tower`, a Qwen3VLVision.VisionModel; Libraries/MLXVLM/Models/Qwen3VL.swift, read at
+    snapshot 0155147: @ModuleInfo keys patch_embed.proj (Conv3d with bias), pos_embed
+    (Embedding), blocks[i].{norm1, norm2 (LayerNorm), attn.{qkv, proj}, mlp.{linear_fc1,
+    linear_fc2}} (Linear with bias), merger.{norm, linear_fc1, linear_fc2}, and one
+    deepstack merger per deepstack index (none in Qwen 3.5)). Files marked `format: mlx` are
+    loaded under these names as they are (Qwen35.sanitize), so the patch weight must already
+    be MLX's Conv3d layout [D, T, P, P, C]."""
+    affine = ("weight", "bias")
+    keys = {f"patch_embed.proj.{p}" for p in affine} | {"pos_embed.weight"}
+    for i in range(vc.depth):
+        for module in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1",
+                       "mlp.linear_fc2"):  # fmt: skip
+            keys |= {f"blocks.{i}.{module}.{p}" for p in affine}
+    keys |= {f"merger.{m}.{p}" for m in ("norm", "linear_fc1", "linear_fc2") for p in affine}
+    return {"vision_tower." + k for k in keys}
+
+
+def test_a_vision_bundle_holds_what_the_swift_vlm_loader_reads(bundles):
+    b = bundles["vision"]
+    manifest, model = manifest_of(b), b / "model"
+    assert manifest["vision"]["included"] and manifest["vision"]["image_tokens"] == 1280
+    assert manifest["vision"]["preprocessor"] == list(PREPROCESSOR_FILES)
+    source, written = config(NAME), json.loads((model / "config.json").read_text())
+    assert (
+        written["model_type"] == "qwen3_5" and written["vision_config"] == source["vision_config"]
+    )
+    assert all(written[k] == source[k] for k in VISION_TOKEN_KEYS)
+    vc = VisionConfig.from_dict(written)
+    headers = read_headers(weight_files(model))
+    tower = {n: i for n, i in headers.items() if n.startswith("vision_tower.")}
+    assert set(tower) == swift_vision_keys(vc)
+    assert tower["vision_tower.patch_embed.proj.weight"].shape == (48, 3, 6, 6, 3)
+    assert all(i.dtype == "BF16" for i in tower.values())  # not quantized by default
+    assert {i.file.name for i in tower.values()} <= {f.name for f in weight_files(model)}
+    pre = json.loads((model / PREPROCESSOR_FILES[0]).read_text())
+    assert set(SWIFT_PREPROCESSOR_KEYS) <= set(pre) and pre["processor_class"] == "Qwen3VLProcessor"
+    for f in PREPROCESSOR_FILES:
+        assert (model / f).read_bytes() == (FIXTURES / NAME / f).read_bytes()
+    listed = {f["path"] for f in manifest["files"]}
+    assert {f"model/{f}" for f in PREPROCESSOR_FILES} <= listed
+
+
+def test_vision_bundle_verifies_loads_and_is_what_was_planned(bundles):
+    b = bundles["vision"]
+    report = verify_bundle(b)
+    assert report.ok, [(c.name, c.detail) for c in report.checks]
+    checks = {c.name: c.detail for c in report.checks}
+    assert (
+        "token ids (image 452, video 453, vision_start 449, vision_end 450)"
+        in checks["vision tower"]
+    )
+    assert "with the vision tower" in checks["model loads"]
+    model = load_model(b)
+    assert model.has_vision and model.vision_tokens.image == 452
+    manifest = manifest_of(b)
+    q = manifest["quantization"]
+    p = plan(b / "model", "iphone15", manifest["max_context"], recipe=q["recipe"],
+             bits=q["bits"], mtp=manifest["mtp"]["included"])  # fmt: skip
+    assert weight_bytes_on_disk(b, manifest) == p.weights and p.weights["vision"] > 0
+    assert (
+        manifest["memory"]["breakdown"]["activations"] >= manifest["vision"]["encoding_peak_bytes"]
+    )
+
+
+def test_no_vision_makes_a_text_only_bundle(bundles):
+    b = bundles["text"]
+    manifest = manifest_of(b)
+    assert not manifest["vision"]["included"] and manifest["vision"]["image_tokens"] is None
+    assert not any(n.startswith("vision_tower.") for n in read_headers(weight_files(b / "model")))
+    assert "vision_config" not in json.loads((b / "model" / "config.json").read_text())
+    assert not any((b / "model" / f).exists() for f in PREPROCESSOR_FILES)
+    report = verify_bundle(b)
+    assert report.ok and "text only" in {c.name: c.detail for c in report.checks}["vision tower"]
+    assert not load_model(b).has_vision
+
+
+def _tampered(bundle: Path, tmp_path: Path, edit) -> Path:
+    copy = Path(shutil.copytree(bundle, tmp_path / bundle.name))
+    edit(copy)
+    return copy
+
+
+def _failed(bundle: Path) -> dict[str, str]:
+    return {c.name: c.detail for c in verify_bundle(bundle, load=False).checks if not c.ok}
+
+
+def test_verify_catches_a_vision_bundle_that_lost_its_preprocessor(bundles, tmp_path):
+    b = _tampered(
+        bundles["vision"], tmp_path, lambda d: (d / "model" / PREPROCESSOR_FILES[0]).unlink()
+    )
+    failed = _failed(b)
+    assert "preprocessor_config.json is not readable JSON" in failed["vision tower"]
+    assert "model/preprocessor_config.json is missing" in failed["file sizes and sha256"]
+
+
+def test_verify_catches_a_preprocessor_swift_cannot_decode(bundles, tmp_path):
+    def edit(d: Path) -> None:
+        path = d / "model" / PREPROCESSOR_FILES[0]
+        data = json.loads(path.read_text())
+        del data["image_processor_type"]
+        path.write_text(json.dumps(data))
+
+    failed = _failed(_tampered(bundles["vision"], tmp_path, edit))
+    assert "lacks image_processor_type (MLX Swift requires them)" in failed["vision tower"]
+
+
+def test_verify_catches_a_manifest_that_disagrees_about_vision(bundles, tmp_path):
+    def claim_text_only(d: Path) -> None:
+        manifest = manifest_of(d)
+        manifest["vision"]["included"] = False
+        (d / "manifest.json").write_text(json.dumps(manifest))
+
+    failed = _failed(_tampered(bundles["vision"], tmp_path, claim_text_only))
+    assert failed["vision tower"] == "the manifest says text only, but model/ has a vision tower"
+    # re-planned without the tower, the manifest's other fields and the tensors disagree too
+    assert (
+        "tensor 'vision_tower.patch_embed.proj.weight' is not planned"
+        in failed["tensors as planned"]
+    )
+    assert "vision.image_tokens" in failed["manifest matches a re-plan"]

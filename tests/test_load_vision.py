@@ -1,0 +1,193 @@
+"""mlxkit.load with the vision tower: every layout (Hugging Face, converted, quantized, bundle)
+loads it, lazily, under the loader's strict checks; a text-only checkpoint loads as before;
+`mlxkit info` shows the tower; broken vision inputs are one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from mlxkit.convert import convert
+
+from mlxkit.checkpoint import read_headers, weight_files
+from mlxkit.cli import main
+from mlxkit.errors import CheckpointError, MlxkitError
+from mlxkit.generate import stream_generate
+from mlxkit.load import load, load_model
+from mlxkit.models.qwen3_5_vision import PREFIX, VisionModel
+from mlxkit.vision import Preprocessor, VisionTokens
+from tests.helpers import FIXTURES, reference
+from tests.vision_helpers import VISION, config, load_tower, tower_inputs, tower_weights
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    made = {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("load-vision") / "out"
+            convert(FIXTURES / name, made[key], quiet=True, **options)
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("name", VISION)
+def test_every_layout_loads_the_tower(converted, name):
+    """Hugging Face layout, converted float32, converted 4-bit with an 8-bit tower: the tower is
+    `model.vision_tower` with the checkpoint's weights, the token ids and preprocessor are
+    config.json's and preprocessor_config.json's; its output equals the reference tower's."""
+    src = FIXTURES / name
+    ref = reference(name)
+    for path, dtype in (
+        (src, mx.float32),
+        (converted(name, quantize=False, dtype="float32"), None),
+    ):
+        model = load_model(path, dtype=dtype)
+        assert model.has_vision and isinstance(model.vision_tower, VisionModel)
+        params = dict(tree_flatten(model.vision_tower.parameters()))
+        assert {PREFIX + k for k in params} == set(tower_weights(name))
+        for key, value in params.items():
+            assert mx.array_equal(value, tower_weights(name)[PREFIX + key]).item(), key
+        assert model.vision_tokens == VisionTokens.from_config(config(name))
+        assert model.preprocessor == Preprocessor.from_dir(src, model.vision_tower.config)
+        out = np.array(model.vision_tower(*tower_inputs(name)))
+        assert np.abs(out - ref["tower_f64"]).max() <= 2 * ref["err_tower_f32"]
+    quantized = load_model(converted(name, vision_bits=8, group_size=32))
+    assert quantized.has_vision and quantized.preprocessor is not None
+
+
+def test_a_text_only_checkpoint_loads_as_before(converted):
+    """No tower, no token ids, no preprocessor; its greedy tokens equal those of the same
+    model loaded with its tower (the text weights are the same)."""
+    name = VISION[0]
+    text_only, with_tower = converted(name, vision=False), converted(name)
+    m, tok = load(text_only)
+    assert not m.has_vision and m.vision_tokens is None and m.preprocessor is None
+    assert "vision_tower" not in m
+    prompt = [int(t) for t in reference("tiny_tied")["tokens"][:12]]
+
+    def greedy(model, tokenizer):
+        tokenizer._eos_token_ids = []
+        return [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=16)]
+
+    assert greedy(m, tok) == greedy(*load(with_tower))
+
+
+def test_the_tower_stays_lazy_through_a_text_generation():
+    """Loading maps the weights without reading them, and a text prompt never reads the
+    tower's: evaluating them afterwards allocates at least their bytes (and the HF layout's
+    transposed patch weight once more)."""
+    model, tokenizer = load(FIXTURES / VISION[1])
+    tokenizer._eos_token_ids = []
+    for _ in stream_generate(model, tokenizer, [3, 5, 7, 9], max_tokens=4):
+        pass
+    tower = [p for _, p in tree_flatten(model.vision_tower.parameters())]
+    before = mx.get_active_memory()
+    mx.eval(tower)
+    nbytes = sum(p.nbytes for p in tower)
+    patch = model.vision_tower.patch_embed.proj.weight.nbytes
+    assert nbytes <= mx.get_active_memory() - before <= nbytes + 2 * patch and nbytes > 500_000
+
+
+def _copy(tmp_path, name=VISION[0]):
+    return shutil.copytree(FIXTURES / name, tmp_path / name)
+
+
+def _edit_config(d, edit):
+    c = json.loads((d / "config.json").read_text())
+    edit(c)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+def _edit_weights(d, edit):
+    path = d / "model.safetensors"
+    w = mx.load(str(path))
+    edit(w)
+    mx.save_safetensors(str(path), w)
+
+
+BROKEN = {
+    "out_hidden_size": (
+        lambda d: _edit_config(d, lambda c: c["vision_config"].update(out_hidden_size=32)),
+        "config.json: vision_config.out_hidden_size 32 differs from the text model's hidden_size",
+    ),
+    "missing token id": (
+        lambda d: _edit_config(d, lambda c: c.pop("video_token_id")), "lacks video_token_id"
+    ),
+    "token id is a string": (
+        lambda d: _edit_config(d, lambda c: c.update(image_token_id="452")),
+        "image_token_id must be a token id below the vocabulary size 512 (got '452')",
+    ),
+    "missing tower tensor": (
+        lambda d: _edit_weights(d, lambda w: w.pop("model.visual.merger.norm.bias")),
+        "missing tensor vision_tower.merger.norm.bias",
+    ),
+    "tower tensor shape": (
+        lambda d: _edit_weights(d, lambda w: w.update(
+            {"model.visual.merger.norm.bias": mx.zeros((7,), mx.bfloat16)})),
+        "tensor model.visual.merger.norm.bias has shape (7,), expected (32,)",
+    ),
+    "preprocessor disagrees": (
+        lambda d: (d / "preprocessor_config.json").write_text('{"merge_size": 3}'),
+        "merge_size 3 differs from the vision tower's 2",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_broken_vision_inputs_are_one_line(tmp_path, case):
+    edit, message = BROKEN[case]
+    d = _copy(tmp_path)
+    edit(d)
+    with pytest.raises(MlxkitError) as e:
+        load_model(d)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tower_tensors_without_a_vision_config_are_an_error(converted, tmp_path):
+    d = shutil.copytree(converted(VISION[0], vision=False), tmp_path / "text")
+    first = next(iter(weight_files(d)))
+    w = dict(mx.load(str(first)))
+    w["vision_tower.pos_embed.weight"] = mx.zeros((16, 32))
+    mx.save_safetensors(str(first), w, metadata={"format": "mlx"})
+    with pytest.raises(CheckpointError, match="belongs to a vision tower, but .*no vision_config"):
+        load_model(d)
+
+
+def test_info_shows_the_tower_parameters_and_bytes(converted):
+    """The tower's line and its part: the source's parameter count, unquantized or 8-bit, with
+    the bytes the safetensors headers say."""
+    name = VISION[0]
+    params = sum(math.prod(v.shape) for v in tower_weights(name).values())
+    assert params == sum(math.prod(p.shape) for _, p in tree_flatten(load_tower(name).parameters()))
+    for path in (FIXTURES / name, converted(name, vision_bits=8, group_size=32)):
+        result = CliRunner().invoke(main, ["info", str(path)])
+        assert result.exit_code == 0, result.output
+        assert "vision tower: depth 2, hidden 32, 2 heads (head dim 16), patch 4, merge 2" in (
+            result.output
+        )
+        assert "token ids 452/453/449/450" in result.output
+        nbytes = sum(
+            i.nbytes
+            for n, i in read_headers(weight_files(path)).items()
+            if n.startswith(("model.visual.", "vision_tower."))
+        )
+        line = next(ln for ln in result.output.splitlines() if ln.strip().startswith("vision ")
+                    and "bytes" in ln)  # fmt: skip
+        assert f"{params:,}" in line and f"{nbytes:,} bytes" in line
+
+
+def test_info_on_a_broken_vision_config_exits_2(tmp_path):
+    d = _copy(tmp_path)
+    _edit_config(d, lambda c: c["vision_config"].update(num_heads=5))
+    result = CliRunner().invoke(main, ["info", str(d)])
+    assert result.exit_code == 2 and "vision_config.hidden_size / num_heads" in result.stderr
