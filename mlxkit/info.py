@@ -106,7 +106,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     )
     vision = _vision_summary(model_dir, config)
     if vision:
-        info.summary["vision tower"] = vision
+        info.summary["image encoder (vision tower)"] = vision
     _add(info, tensors, quant)
     drafter = model_dir / MTP_DIR
     if drafter.is_dir():

@@ -172,8 +172,9 @@ def test_info_shows_the_tower_parameters_and_bytes(converted):
     for path in (FIXTURES / name, converted(name, vision_bits=8, group_size=32)):
         result = CliRunner().invoke(main, ["info", str(path)])
         assert result.exit_code == 0, result.output
-        assert "vision tower: depth 2, hidden 32, 2 heads (head dim 16), patch 4, merge 2" in (
-            result.output
+        assert (
+            "image encoder (vision tower): depth 2, hidden 32, 2 heads (head dim 16), patch 4, merge 2"
+            in (result.output)
         )
         assert "token ids 452/453/449/450" in result.output
         nbytes = sum(
