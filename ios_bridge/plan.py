@@ -50,8 +50,25 @@ from .runtimes import MLXKIT, DecodeRuntime, runtime_for
 from .settings import MIN_CONTEXT, Settings
 
 
+class _WithVision:
+    """What a plan's checkpoint and settings say about the vision tower (Plan and _Inputs)."""
+
+    checkpoint: ModelConfig
+    settings: Settings
+
+    @property
+    def vision(self) -> VisionConfig | None:
+        """The vision tower the plan includes (None: a text-only plan)."""
+        return self.checkpoint.vision if self.settings.vision else None
+
+    @property
+    def image_tokens(self) -> int:
+        """Vision tokens of the largest image the plan leaves room for (0: no vision)."""
+        return self.settings.image_tokens if self.vision is not None else 0
+
+
 @dataclass
-class Plan:
+class Plan(_WithVision):
     model: str  # "Qwen3.5-2B", or the model directory's name
     size: str | None  # preset size when the config is one of them
     cfg: TextConfig = field(repr=False)
@@ -82,16 +99,6 @@ class Plan:
     @property
     def weight_bytes(self) -> int:
         return sum(self.weights.values())
-
-    @property
-    def vision(self) -> VisionConfig | None:
-        """The vision tower the plan includes (None: a text-only plan)."""
-        return self.checkpoint.vision if self.settings.vision else None
-
-    @property
-    def image_tokens(self) -> int:
-        """Vision tokens of the largest image the plan leaves room for (0: no vision)."""
-        return self.settings.image_tokens if self.vision is not None else 0
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -321,7 +328,7 @@ def weight_plan(
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class _Inputs(_WithVision):
     """What every context of one plan shares: resolved once, evaluated many times."""
 
     checkpoint: ModelConfig
@@ -334,14 +341,6 @@ class _Inputs:
     @property
     def cfg(self) -> TextConfig:
         return self.checkpoint.text
-
-    @property
-    def vision(self) -> VisionConfig | None:
-        return self.checkpoint.vision if self.settings.vision else None
-
-    @property
-    def image_tokens(self) -> int:
-        return self.settings.image_tokens if self.vision is not None else 0
 
     @property
     def vision_encoding(self) -> mem.Activations | None:

@@ -3,6 +3,7 @@ drafter run on a fixture's reference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -20,6 +21,24 @@ TINY = ("tiny_tied", "tiny_untied")
 def reference(name: str) -> dict[str, np.ndarray]:
     with np.load(FIXTURES / name / "reference.npz") as f:
         return dict(f)
+
+
+def conversions(tmp_path_factory) -> Callable[..., Path]:
+    """(fixture name, **convert options) -> OUT, converting each fixture once per setting: the
+    body of a module-scoped `converted` fixture."""
+    from mlxkit.convert import convert
+
+    made: dict = {}
+
+    def get(name: str, **options) -> Path:
+        key = (name, tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("converted") / f"{name}-out"
+            convert(FIXTURES / name, out, quiet=True, **options)
+            made[key] = out
+        return made[key]
+
+    return get
 
 
 def load_f32(name: str) -> Model:

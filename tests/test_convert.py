@@ -19,7 +19,7 @@ from mlxkit.generate import stream_generate
 from mlxkit.layout import ModelConfig, drafter_key
 from mlxkit.load import load, load_model
 from mlxkit.models.qwen3_5 import TextConfig, sanitize_tensor
-from tests.helpers import FIXTURES, TINY, mlx_vlm_mtp_logits, reference
+from tests.helpers import FIXTURES, TINY, conversions, mlx_vlm_mtp_logits, reference
 from tests.vision_helpers import VISION
 
 DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "U32": "uint32"}
@@ -28,17 +28,7 @@ DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "U32": "u
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Converts each fixture once per setting; returns a function (name, **options) -> OUT."""
-    made: dict = {}
-
-    def get(name: str, **options) -> Path:
-        key = (name, tuple(sorted(options.items())))
-        if key not in made:
-            out = tmp_path_factory.mktemp("converted") / f"{name}-out"
-            convert(FIXTURES / name, out, quiet=True, **options)
-            made[key] = out
-        return made[key]
-
-    return get
+    return conversions(tmp_path_factory)
 
 
 def written(directory: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:

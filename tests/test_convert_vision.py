@@ -21,7 +21,7 @@ from mlxkit.layout import VISION_TOKEN_KEYS, ModelConfig
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5_vision import PREFIX, VisionConfig, sanitize_vision_tensor
 from mlxkit.vision import PREPROCESSOR_FILES, Preprocessor
-from tests.helpers import FIXTURES, reference
+from tests.helpers import FIXTURES, conversions, reference
 from tests.test_convert_errors import (
     assert_nothing_left,
     assert_one_line_error,
@@ -35,17 +35,7 @@ from tests.vision_helpers import VISION, config, tower_inputs
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    made: dict = {}
-
-    def get(name: str, **options) -> Path:
-        key = (name, tuple(sorted(options.items())))
-        if key not in made:
-            out = tmp_path_factory.mktemp("vision") / f"{name}-out"
-            convert(FIXTURES / name, out, quiet=True, **options)
-            made[key] = out
-        return made[key]
-
-    return get
+    return conversions(tmp_path_factory)
 
 
 def tensors(directory: Path) -> dict[str, mx.array]:

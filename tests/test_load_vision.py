@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
-from mlxkit.convert import convert
 
 from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.cli import main
@@ -22,22 +21,13 @@ from mlxkit.generate import stream_generate
 from mlxkit.load import load, load_model
 from mlxkit.models.qwen3_5_vision import PREFIX, VisionModel
 from mlxkit.vision import Preprocessor, VisionTokens
-from tests.helpers import FIXTURES, reference
+from tests.helpers import FIXTURES, conversions, reference
 from tests.vision_helpers import VISION, config, load_tower, tower_inputs, tower_weights
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    made = {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in made:
-            made[key] = tmp_path_factory.mktemp("load-vision") / "out"
-            convert(FIXTURES / name, made[key], quiet=True, **options)
-        return made[key]
-
-    return get
+    return conversions(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", VISION)
