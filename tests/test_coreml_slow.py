@@ -16,7 +16,7 @@ import pytest
 from mlxkit.convert.coreml import INPUT_NAME, OUTPUT_NAME, WEIGHT_FILE, function_name
 
 from benchmarks.coreml_vision import psnr
-from benchmarks.make_checkpoint import vision_config
+from mlxkit.presets import vision_config
 from tests.coreml_models import (
     ROTARY_TABLES,
     Reference,
@@ -56,7 +56,7 @@ def export(src: Path, out: Path, precision: str) -> tuple[float, int, str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_0_8b_shaped_tower_exports_three_grids(tmp_path):
-    config = vision_config("0.8b", 1024)
+    config = vision_config("0.8b")  # out_hidden_size 1024, the 0.8B text width
     assert (config["depth"], config["hidden_size"], config["num_heads"]) == (12, 768, 12)
     src = write_vision_checkpoint(tmp_path / "src", config, seed=8)
     packages = {}
