@@ -388,7 +388,7 @@ def verify_mlx(out_dir: Path, model, held_stream: np.ndarray, n_windows: int) ->
     torch_acc = 0
     for w in range(n_windows):
         seq = held_stream[w * EVAL_LEN : (w + 1) * EVAL_LEN]
-        logits, hidden = mm(mx.array(seq)[None], return_hidden=True)
+        logits, hidden = mm.logits_and_hidden(mx.array(seq)[None])
         draft, _ = mm.mtp_forward(hidden[:, :-1], mx.array(seq[1:])[None])
         lg, dr = np.array(logits[0]), np.array(draft[0])
         tl, td = forward(model, torch.from_numpy(seq)[None])

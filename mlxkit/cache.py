@@ -9,20 +9,56 @@ afterwards keeps the state as it was after the first `n_kept` of the `n_total` t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 
 
 class KVCache:
-    """Keys/values in buffers grown in steps of 256 positions. Attention writes into them at
-    `offset` and masks what lies beyond, so between growth steps the shapes do not change and
-    the attention block stays compiled; trimming is just moving `offset` back."""
+    """Keys/values in buffers grown in steps of 256 positions, with mlx-lm's `update_and_fetch`.
+
+    New keys/values are written at `offset` and the whole buffers come back with a mask that
+    hides the slots beyond, so between growth steps the shapes do not change and the attention
+    block stays compiled. A compiled function takes arrays, not this object: `run` hands it the
+    buffers and the offset as an array (the graph must not depend on its value), the block
+    writes through a `KVCache` built from them, and `run` keeps the buffers it returns.
+    Trimming is just moving `offset` back.
+    """
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None  # [B, kv_heads, capacity, head_dim]
-        self.values: mx.array | None = None
-        self.offset = 0
+    def __init__(
+        self,
+        keys: mx.array | None = None,
+        values: mx.array | None = None,
+        offset: int | mx.array = 0,
+    ) -> None:
+        self.keys = keys  # [B, kv_heads, capacity, head_dim]
+        self.values = values
+        self.offset = offset
+
+    def update_and_fetch(
+        self, keys: mx.array, values: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Writes keys/values [B, kv_heads, L, head_dim] at `offset` (room made by `reserve`);
+        returns the whole buffers and the mask [L, capacity] of the slots each new query sees
+        (slot j is visible to query i when j <= offset + i; later slots hold stale data)."""
+        start = mx.array(self.offset) if isinstance(self.offset, int) else self.offset
+        self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), start, axes=(2,))
+        self.values = mx.slice_update(
+            self.values, values.astype(self.values.dtype), start, axes=(2,)
+        )
+        n = keys.shape[2]
+        mask = mx.arange(self.keys.shape[2])[None] <= (start + mx.arange(n))[:, None]
+        self.offset = self.offset + n
+        return self.keys, self.values, mask
+
+    def run(self, block: Callable, x: mx.array, heads: int, head_dim: int) -> mx.array:
+        """block(x, keys, values, offset) -> (out, keys, values) on this cache's buffers."""
+        self.reserve(x.shape[0], heads, x.shape[1], head_dim, x.dtype)
+        out, self.keys, self.values = block(x, self.keys, self.values, mx.array(self.offset))
+        self.offset += x.shape[1]
+        return out
 
     def reserve(self, batch: int, heads: int, n: int, head_dim: int, dtype: mx.Dtype) -> None:
         """Makes room for n more positions."""

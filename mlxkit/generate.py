@@ -323,8 +323,7 @@ def _mtp_decode(
     while True:
         for c in cache.main:
             c.begin_verify()
-        logits_p, hidden = model(mx.concatenate([mx.array([y]), drafts])[None], cache.main,
-                                 return_hidden=True)  # fmt: skip
+        logits_p, hidden = model.logits_and_hidden(mx.concatenate([mx.array([y]), drafts])[None], cache.main)  # fmt: skip
         if params.repetition_penalty != 1.0:
             seq = [y, *drafts.tolist()]
             history = tokens + produced

@@ -166,7 +166,7 @@ def test_greedy_generation_is_python(micro):
 def test_mtp_greedy_acceptance_on_held_out_text(micro):
     model, tokenizer = micro
     tokens = mx.array(tokenizer.encode(SNIPPET))[None]
-    logits, hidden = model(tokens, return_hidden=True)
+    logits, hidden = model.logits_and_hidden(tokens)
     draft, _ = model.mtp_forward(hidden[:, :-1], tokens[:, 1:], model.make_mtp_cache())
     # the draft from (h_i, t_{i+1}) predicts t_{i+2}; the main model's greedy choice for it is
     # the argmax of its logits at i+1

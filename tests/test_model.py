@@ -29,7 +29,7 @@ def run_incremental(model, tokens: np.ndarray, prompt_len: int) -> tuple[np.ndar
     """Logits and hidden states for the prompt in one pass, then one token at a time."""
     cache, ids = model.make_cache(), mx.array(tokens[None])
     logits, hidden = prompt_then_steps(
-        lambda span: model(ids[:, span], cache, return_hidden=True), len(tokens), prompt_len
+        lambda span: model.logits_and_hidden(ids[:, span], cache), len(tokens), prompt_len
     )
     return logits, hidden
 
@@ -126,3 +126,60 @@ def test_verify_rollback_restores_states():
     a = model(tokens[:, 12:13], cache)
     b = model(tokens[:, 12:13], expected)
     assert mx.abs(a - b).max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_metal_branch_calls_mlx_lm_kernel_as_installed(monkeypatch, record):
+    """The Metal kernel cannot run here: the Metal branch is taken with a stand-in that binds
+    the arguments it receives to the installed mlx-lm's `gated_delta_kernel` signature (so an
+    mlx-lm update that changes it fails here) and computes with `gated_delta_ops`."""
+    import inspect
+
+    from mlx_lm.models import gated_delta
+
+    from mlxkit.models import qwen3_5
+
+    kernel_signature = inspect.signature(gated_delta.gated_delta_kernel)
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(kernel_signature.bind(*args, **kwargs))
+        return gated_delta.gated_delta_ops(*args, **kwargs)
+
+    B, T, Hk, Hv, Dk, Dv = 1, 3, 2, 4, 32, 8
+    mx.random.seed(0)
+    q, k = mx.random.normal((2, B, T, Hk, Dk)) * 0.2
+    v = mx.random.normal((B, T, Hv, Dv))
+    g, beta = mx.random.uniform(shape=(2, B, T, Hv))
+    state = mx.random.normal((B, Hv, Dv, Dk))
+    expected = qwen3_5.gated_delta_rule(q, k, v, g, beta, state, record=True)
+    monkeypatch.setattr(qwen3_5, "_use_metal_kernel", lambda q: True)
+    monkeypatch.setattr(gated_delta, "gated_delta_kernel", kernel)
+    y, final, states = qwen3_5.gated_delta_rule(q, k, v, g, beta, state, record=record)
+    assert len(calls) == (T if record else 1)
+    assert mx.array_equal(y, expected[0]).item() and mx.array_equal(final, expected[1]).item()
+    if record:
+        assert mx.array_equal(states, expected[2]).item()
+        assert mx.array_equal(states[:, -1], final).item()
+
+
+def test_recorded_gated_delta_rule_equals_a_float64_recurrence():
+    """y and the per-step states of S ← g·S + β·(v − g·S k) kᵀ, y = S q, from mlx-lm's ops."""
+    from mlxkit.models.qwen3_5 import gated_delta_rule
+
+    B, T, Hk, Hv, Dk, Dv = 1, 4, 1, 2, 8, 4
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, B, T, Hk, Dk)) * 0.3
+    v = rng.normal(size=(B, T, Hv, Dv))
+    g, beta = rng.uniform(size=(2, B, T, Hv))
+    S = rng.normal(size=(B, Hv, Dv, Dk))
+    f32 = [mx.array(a, dtype=mx.float32) for a in (q, k, v, g, beta, S)]
+    y, final, states = gated_delta_rule(*f32, record=True)
+    for t in range(T):
+        qt, kt = np.repeat(q[:, t], Hv // Hk, axis=1), np.repeat(k[:, t], Hv // Hk, axis=1)
+        S = S * g[:, t, :, None, None]
+        delta = (v[:, t] - np.einsum("bhvk,bhk->bhv", S, kt)) * beta[:, t, :, None]
+        S = S + delta[..., None] * kt[:, :, None, :]
+        assert np.abs(np.array(states[:, t]) - S).max() < 1e-5
+        assert np.abs(np.array(y[:, t]) - np.einsum("bhvk,bhk->bhv", S, qt)).max() < 1e-5
+    assert np.abs(np.array(final) - S).max() < 1e-5

@@ -40,7 +40,7 @@ def exact_distributions(model: Model, prompt: list[int]):
     """p1 after the prompt; for every first token y: the draft distribution q(.|y) from the
     MTP head and the main model's p2(.|y). All V continuations run as one batch."""
     tokens = mx.array([prompt] * V)
-    logits, hidden = model(tokens, return_hidden=True)
+    logits, hidden = model.logits_and_hidden(tokens)
     p1 = probs(logits[0, -1], PARAMS)
     ys = mx.arange(V)[:, None]
     q_logits, _ = model.mtp_forward(hidden[:, -1:], ys)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import mlx.core as mx
 from mlx import nn
@@ -242,36 +241,12 @@ def sanitize_tensor(
 # --- layers --------------------------------------------------------------------------------
 
 
-@mx.compile
-def _delta_rule_step(
-    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, S: mx.array
-) -> tuple[mx.array, mx.array]:
-    """One step of the gated delta rule, per value head.
+def _gated_delta():
+    """mlx-lm's public gated-delta helpers, imported on first use: importing mlx_lm loads
+    transformers (seconds), which commands that never run a model (plan, tiers, info) skip."""
+    from mlx_lm.models import gated_delta
 
-    q, k: [B, Hv, Dk]; v: [B, Hv, Dv]; g, beta: [B, Hv]; S: [B, Hv, Dv, Dk] (float32).
-    S ← g·S + β·(v − g·S k) kᵀ ;  y = S q
-    """
-    S = S * g[..., None, None]
-    delta = (v - (S * k[..., None, :]).sum(-1)) * beta[..., None]
-    S = S + delta[..., None] * k[..., None, :]
-    y = (S * q[..., None, :]).sum(-1)
-    return y, S
-
-
-def _delta_rule_loop(q, k, v, g, beta, state, record: bool):
-    """The recurrence as a sequence of steps; see `gated_delta_rule` for shapes."""
-    repeat = v.shape[2] // q.shape[2]
-    if repeat > 1:  # GQA-style sharing of key heads across value heads
-        q = mx.repeat(q, repeat, axis=2)
-        k = mx.repeat(k, repeat, axis=2)
-    ys, states = [], []
-    for t in range(q.shape[1]):
-        y, state = _delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
-        ys.append(y)
-        if record:
-            states.append(state)
-    y = mx.stack(ys, axis=1).astype(v.dtype)
-    return y, state, (mx.stack(states, axis=1) if record else None)
+    return gated_delta
 
 
 # Decode and verify lengths run the Gated-DeltaNet block compiled (see DecoderLayer); longer
@@ -279,8 +254,9 @@ def _delta_rule_loop(q, k, v, g, beta, state, record: bool):
 _COMPILED_MAX_STEPS = 16
 
 
-def _use_metal_kernel() -> bool:
-    return mx.default_device() == mx.gpu and mx.metal.is_available()
+def _use_metal_kernel(q: mx.array) -> bool:
+    """Whether mlx-lm's fused Metal kernel can run the recurrence (it needs Dk % 32 == 0)."""
+    return mx.default_device() == mx.gpu and mx.metal.is_available() and q.shape[-1] % 32 == 0
 
 
 def gated_delta_rule(
@@ -292,40 +268,34 @@ def gated_delta_rule(
     state: mx.array,
     record: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array | None]:
-    """Runs the recurrence over T steps.
+    """The gated delta rule S ← g·S + β·(v − g·S k) kᵀ, y = S q, over T steps, by mlx-lm's
+    `gated_delta_kernel` (Apple GPU) or `gated_delta_ops`.
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta: [B, T, Hv]; state [B, Hv, Dv, Dk].
     Returns y [B, T, Hv, Dv], the final state, and, with `record`, the state after every step
     [B, T, Hv, Dv, Dk] — what speculative verification needs to roll back without recomputing.
-    On Apple GPUs the fused mlx-lm kernel runs the recurrence; recording then calls it one step
-    at a time so the arithmetic is the same as plain decoding's.
+    mlx-lm returns only the final state, so recording runs it one step at a time: the same
+    arithmetic as plain decoding's.
     """
-    T = q.shape[1]
-    if _use_metal_kernel() and q.shape[-1] % 32 == 0:
-        from mlx_lm.models.gated_delta import gated_delta_kernel
-
-        if not record:
-            y, state = gated_delta_kernel(q, k, v, g, beta, state)
-            return y, state, None
-        ys, states = [], []
-        for t in range(T):
-            sl = slice(t, t + 1)
-            y, state = gated_delta_kernel(
-                q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], state
-            )
-            ys.append(y)
-            states.append(state)
-        return mx.concatenate(ys, axis=1), state, mx.stack(states, axis=1)
-
-    return _delta_rule_loop(q, k, v, g, beta, state, record)
+    gd = _gated_delta()
+    run = gd.gated_delta_kernel if _use_metal_kernel(q) else gd.gated_delta_ops
+    if not record:
+        y, state = run(q, k, v, g, beta, state)
+        return y, state, None
+    ys, states = [], []
+    for t in range(q.shape[1]):
+        step = slice(t, t + 1)
+        y, state = run(q[:, step], k[:, step], v[:, step], g[:, step], beta[:, step], state)
+        ys.append(y)
+        states.append(state)
+    return mx.concatenate(ys, axis=1), state, mx.stack(states, axis=1)
 
 
-@partial(mx.compile, shapeless=True)
 def _decay_and_beta(a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array):
-    """Per-head decay g = exp(−exp(A_log)·softplus(a + dt_bias)) and write strength β = σ(b)."""
+    """Per-head decay g = exp(−exp(A_log)·softplus(a + dt_bias)) and write strength β = σ(b),
+    in float32 as the reference computes them."""
     a, b = a.astype(mx.float32), b.astype(mx.float32)
-    g = mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
-    return g, mx.sigmoid(b)
+    return _gated_delta().compute_g(A_log, a, dt_bias), mx.sigmoid(b)
 
 
 @partial(mx.compile, shapeless=True)
@@ -405,22 +375,12 @@ class GatedDeltaNet(nn.Module):
         q = q.reshape(B, T, self.n_k_heads, self.dk)
         k = k.reshape(B, T, self.n_k_heads, self.dk)
         v = v.reshape(B, T, self.n_v_heads, self.dv)
-        q, k = _normalize_qk(q, k)
+        # L2-normalised q and k (eps 1e-6 on the sum of squares), q also scaled by Dk^-0.5
+        q, k = _gated_delta().normalize_qk(q, k, inv_scale=self.dk**-0.5, eps=1e-6)
 
         y, state, states = gated_delta_rule(q, k, v, g, beta, state, record=record)
         y = self.norm(y, z)
         return self.out_proj(y.reshape(B, T, -1)), conv_in, state, states
-
-
-@mx.compile  # not shapeless: the scale depends on the head dim
-def _normalize_qk(q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
-    """L2-normalised q and k, with q also scaled by Dk^-0.5. x / sqrt(sum(x²) + eps) is
-    computed with rms_norm, which adds eps to the mean, hence eps / d."""
-    d = q.shape[-1]
-    eps = 1e-6 / d
-    q = mx.fast.rms_norm(q, None, eps) * (d**-0.5 * d**-0.5)
-    k = mx.fast.rms_norm(k, None, eps) * d**-0.5
-    return q, k
 
 
 class Attention(nn.Module):
@@ -442,18 +402,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
 
-    def __call__(
-        self,
-        x: mx.array,
-        keys: mx.array | None = None,
-        values: mx.array | None = None,
-        offset: mx.array | None = None,
-    ) -> tuple[mx.array, mx.array | None, mx.array | None]:
-        """Without buffers: plain causal attention over x. With the KV cache's buffers
-        [B, kv_heads, capacity, head_dim] and the number of positions already in them, the new
-        keys/values are written at `offset` and the queries attend to everything up to
-        themselves; returns the updated buffers. Shapes stay fixed while the buffers do, so the
-        caller can compile this (offset is an array, not a Python int)."""
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        """Causal attention over x, after what `cache` holds (its `update_and_fetch` writes the
+        new keys/values and says which slots each query sees); no cache: x alone."""
         B, L, _ = x.shape
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
@@ -461,22 +412,18 @@ class Attention(nn.Module):
         q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, heads, L, head_dim]
         k = self.k_norm(k).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
         rope = partial(
             mx.fast.rope, dims=self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0
         )
-        if keys is None:
-            q, k = rope(q, offset=0), rope(k, offset=0)
+        q, k = rope(q, offset=offset), rope(k, offset=offset)
+        if cache is None:
             mask = "causal" if L > 1 else None
         else:
-            q, k = rope(q, offset=offset), rope(k, offset=offset)
-            keys = mx.slice_update(keys, k.astype(keys.dtype), offset, axes=(2,))
-            values = mx.slice_update(values, v.astype(values.dtype), offset, axes=(2,))
-            k, v = keys, values
-            # key j is visible to query i when j <= offset + i; later slots hold stale data
-            mask = mx.arange(keys.shape[2])[None] <= (offset + mx.arange(L))[:, None]
+            k, v, mask = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(_output_gate(out, gate.reshape(B, L, -1))), keys, values
+        return self.o_proj(_output_gate(out, gate.reshape(B, L, -1)))
 
 
 class MLP(nn.Module):
@@ -521,8 +468,9 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def _attention_block(self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array):
-        out, keys, values = self.self_attn(self.input_layernorm(x), keys, values, offset)
-        return self._mlp_residual(x + out), keys, values
+        cache = KVCache(keys, values, offset)  # see KVCache.run
+        out = self.self_attn(self.input_layernorm(x), cache)
+        return self._mlp_residual(x + out), cache.keys, cache.values
 
     def _linear_block(self, x: mx.array, conv_state: mx.array, state: mx.array, record: bool):
         out, conv_in, state, states = self.linear_attn(
@@ -530,17 +478,14 @@ class DecoderLayer(nn.Module):
         )
         return self._mlp_residual(x + out), conv_in, state, states
 
-    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | LinearAttentionCache | None = None
+    ) -> mx.array:
         if not self.is_linear:
             if cache is None:
-                return self._mlp_residual(x + self.self_attn(self.input_layernorm(x))[0])
+                return self._mlp_residual(x + self.self_attn(self.input_layernorm(x)))
             attn = self.self_attn
-            cache.reserve(x.shape[0], attn.n_kv_heads, x.shape[1], attn.head_dim, x.dtype)
-            out, cache.keys, cache.values = self._attention(
-                x, cache.keys, cache.values, mx.array(cache.offset)
-            )
-            cache.offset += x.shape[1]
-            return out
+            return cache.run(self._attention, x, attn.n_kv_heads, attn.head_dim)
         T = x.shape[1]
         conv_state, state = self.linear_attn.initial_state(cache, x.shape[0], x.dtype)
         record = cache is not None and cache.recording
@@ -632,12 +577,16 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.language_model.model.layers
 
-    def __call__(
-        self, tokens: mx.array, cache: list | None = None, return_hidden: bool = False
-    ) -> mx.array | tuple[mx.array, mx.array]:
-        hidden = self.language_model.model(tokens, cache)
-        logits = self.language_model.logits(hidden)
-        return (logits, hidden) if return_hidden else logits
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """Logits [B, L, vocab] of tokens [B, L], continuing from what `cache` holds."""
+        return self.language_model.logits(self.hidden(tokens, cache))
+
+    def logits_and_hidden(
+        self, tokens: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """Logits and the post-final-norm hidden states the MTP head drafts from."""
+        hidden = self.hidden(tokens, cache)
+        return self.language_model.logits(hidden), hidden
 
     def hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """Post-final-norm hidden states, for callers that want logits at only some positions."""
