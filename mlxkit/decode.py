@@ -1,0 +1,243 @@
+"""Prefill, plain decoding and MTP self-speculative decoding over a `PromptCache`.
+
+`run_prompt` is the one place prompt inputs reach the model (chunked prefill into a cache,
+also used alone to prefill a prefix). `Decoder` is the state of one generation: the model,
+the cache it extends, how tokens are picked (sampling parameters and random keys); `plain`
+and `speculative` yield GenerationResponses built by `Responses`.
+
+A speculative round (`MTPRound`), with y the last sampled token (not yet run through the main
+model):
+  1. the MTP head drafts d_1..d_k, recursively, from the main model's hidden states;
+  2. one main-model pass over [y, d_1..d_k] verifies them, every Gated-DeltaNet layer
+     recording its state after each position;
+  3. drafts are accepted greedily (argmax equality) or by the speculative-sampling rule, and
+     every cache is committed at the last accepted position — KV caches trimmed, recurrent and
+     conv states taken from the recorded ones, nothing recomputed.
+The MTP head keeps its own KV cache; its entries made from draft (not verified) hidden states
+are dropped after each round and rebuilt from the verified hidden states at the next round's
+first draft step, so it always equals what an MTP pass over the real sequence would hold.
+
+Non-finite logits end generation with an MlxkitError. The check rides along with the values
+each step already waits for (the token, the accepted count), so it adds no wait of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlxkit.errors import MlxkitError
+from mlxkit.models.qwen3_5 import Model
+from mlxkit.prompt_cache import PromptCache
+from mlxkit.response import GenerationResponse, Responses
+from mlxkit.sample import (
+    SamplingParams,
+    apply_repetition_penalty,
+    greedy_accept,
+    probs,
+    sample,
+    speculative_accept,
+)
+
+MAX_DRAFT = 8  # the most tokens an MTP round may draft (num_draft)
+
+
+class Keys:
+    """The random keys of one generation, split off as they are needed; greedy draws none."""
+
+    def __init__(self, seed: int, greedy: bool) -> None:
+        self._key = None if greedy else mx.random.key(seed)
+
+    def take(self, n: int = 1) -> list[mx.array | None]:
+        if self._key is None:
+            return [None] * n
+        self._key, *keys = mx.random.split(self._key, n + 1)
+        return keys
+
+
+def run_prompt(model: Model, cache: PromptCache, new_tokens: list[int], chunk: int) -> mx.array:
+    """Runs new tokens through the main model in chunks (bounded activations; no logits),
+    feeding the MTP head every position whose next token is known, and adds them to the cache.
+    Returns the last position's hidden state [1, 1, H]."""
+    all_tokens = cache.tokens + new_tokens
+    start = len(cache.tokens)
+    hidden = None
+    for s in range(0, len(new_tokens), chunk):
+        piece = new_tokens[s : s + chunk]
+        hidden = model.hidden(mx.array([piece]), cache.main)
+        if cache.mtp is not None:
+            _feed_mtp(model, cache, hidden, all_tokens[: start + s + len(piece)])
+        mx.eval(hidden, *[c.state for c in cache.main], *[c.state for c in cache.mtp or []])
+    cache.tokens = all_tokens
+    return hidden[:, -1:]
+
+
+def _feed_mtp(model: Model, cache: PromptCache, hidden: mx.array, known: list[int]) -> None:
+    """Runs the MTP head over the pending and new hidden states whose next token is known
+    (`known` ends with the last token now in the main cache); the last stays pending."""
+    if cache.mtp_pending is not None:
+        hidden = mx.concatenate([cache.mtp_pending, hidden], axis=1)
+    n_known = hidden.shape[1] - 1
+    if n_known > 0:
+        nxt = mx.array([known[len(known) - n_known :]])
+        model.mtp_hidden(hidden[:, :-1], nxt, cache.mtp)
+    cache.mtp_pending = hidden[:, -1:]
+
+
+class Decoder:
+    """The decoding state of one generation (see the module docstring)."""
+
+    def __init__(self, model: Model, cache: PromptCache, params: SamplingParams, keys: Keys):
+        self.model, self.cache, self.params, self.keys = model, cache, params, keys
+
+    def pick(
+        self, logits: mx.array, history: list[int], key: mx.array | None
+    ) -> tuple[mx.array, mx.array]:
+        """The next token from logits [V] (lazy), and whether those logits are all finite."""
+        finite = mx.isfinite(logits).all()
+        logits = apply_repetition_penalty(logits, history, self.params)
+        if self.params.greedy:
+            return logits.argmax(-1), finite
+        return sample(probs(logits, self.params), key), finite
+
+    def checked(self, token: mx.array, finite: mx.array) -> int:
+        """The token's value, once the logits it came from are known to be finite."""
+        value = token.item()
+        if not finite.item():
+            raise MlxkitError(
+                f"the model produced non-finite logits (NaN or inf) at position "
+                f"{len(self.cache.tokens)}: its weights are broken (check the checkpoint "
+                "with `mlxkit info`, or convert it again)"
+            )
+        return value
+
+    def prefill(self, new_tokens: list[int], chunk: int) -> int:
+        """Runs the new prompt tokens (`run_prompt`) and returns the first generated token."""
+        hidden = run_prompt(self.model, self.cache, new_tokens, chunk)
+        (key,) = self.keys.take()
+        token, finite = self.pick(self.model.logits(hidden)[0, -1], self.cache.tokens, key)
+        return self.checked(token, finite)
+
+    def _step(
+        self, y: mx.array, history: list[int], key: mx.array | None
+    ) -> tuple[mx.array, mx.array]:
+        logits = self.model(y.reshape(1, 1), self.cache.main)[0, -1]
+        return self.pick(logits, history, key)
+
+    def plain(self, first: int, out: Responses) -> Iterator[GenerationResponse]:
+        """One token per step. The next step's graph is built and queued (async_eval) on the
+        still-lazy current token before waiting for its value, so building a graph and handing
+        out a token both overlap with compute."""
+        y, finite = mx.array(first), mx.array(True)
+        pipelined = self.params.repetition_penalty == 1.0  # the penalty needs the value first
+        while True:
+            (key,) = self.keys.take()
+            if pipelined:
+                nxt = self._step(y, [], key)
+                mx.async_eval(*nxt)
+                token = self.checked(y, finite)
+            else:
+                token = self.checked(y, finite)
+                nxt = self._step(y, self.cache.tokens + [token], key)
+            self.cache.tokens.append(token)
+            response = out.push(token)
+            yield response
+            if response.finish_reason is not None:
+                return
+            y, finite = nxt
+
+    def speculative(self, first: int, k: int, out: Responses) -> Iterator[GenerationResponse]:
+        """MTP rounds of k drafts (see the module docstring). The next round's drafts are
+        queued (async_eval) before this round's tokens are handed out, so the caller's time
+        between tokens overlaps with drafting."""
+        cache = self.cache
+        pending_next = cache.tokens[len(cache.tokens) - cache.mtp_pending.shape[1] + 1 :]
+        round_ = MTPRound.draft(self, first, pending_next, k)
+        while True:
+            new, nxt, hidden = round_.verify(self)
+            keep = out.keep(new)  # stop inside the accepted run: commit only what is emitted
+            self._commit(new[:keep], hidden, k)
+            out.count_drafts(k, len(new) - 1)
+            responses = []
+            for token in new[:keep]:
+                responses.append(out.push(token))
+                if responses[-1].finish_reason is not None:
+                    break
+            finished = responses[-1].finish_reason is not None
+            if not finished:
+                round_ = MTPRound.draft(self, nxt, new[1:keep], k)
+            yield from responses
+            if finished:
+                return
+
+    def _commit(self, kept: list[int], hidden: mx.array, k: int) -> None:
+        """Every cache at the last kept position of a verified round of k drafts."""
+        for c in self.cache.main:
+            c.accept(len(kept), k + 1)
+        for c in self.cache.mtp:
+            c.trim(k - 1)  # entries built from draft hidden states
+        self.cache.tokens += kept
+        self.cache.mtp_pending = hidden[:, : len(kept)]
+
+
+@dataclass
+class MTPRound:
+    """One speculative round: y (sampled, not yet run through the main model), the k drafts
+    the MTP head made after it, the distributions they were drawn from (sampling only) and the
+    key of the acceptance draw."""
+
+    y: int
+    drafts: mx.array  # [k], queued
+    draft_probs: list[mx.array]
+    accept_key: mx.array | None
+
+    @classmethod
+    def draft(cls, dec: Decoder, y: int, pending_next: list[int], k: int) -> MTPRound:
+        """Drafts k tokens after y: the first step consumes the pending hidden states (the
+        tokens after them are `pending_next` and y), later steps the MTP's own output."""
+        params, cache = dec.params, dec.cache
+        draft_key, accept_key = dec.keys.take(2)
+        keys = None if params.greedy else mx.random.split(draft_key, k)
+        logits, h = dec.model.mtp_forward(
+            cache.mtp_pending, mx.array([pending_next + [y]]), cache.mtp
+        )
+        drafts, draft_probs = [], []
+        for j in range(k):
+            if params.greedy:
+                d = logits[0, -1].argmax(-1)
+            else:
+                draft_probs.append(probs(logits[0, -1], params))
+                d = sample(draft_probs[-1], keys[j])
+            drafts.append(d)
+            if j + 1 < k:
+                logits, h = dec.model.mtp_forward(h[:, -1:], d.reshape(1, 1), cache.mtp)
+        drafts = mx.stack(drafts)
+        mx.async_eval(drafts)
+        return cls(y, drafts, draft_probs, accept_key)
+
+    def verify(self, dec: Decoder) -> tuple[list[int], int, mx.array]:
+        """One main-model pass over [y, drafts]: y and the accepted drafts, the token that
+        follows them, and the pass's hidden states."""
+        params, k = dec.params, self.drafts.shape[0]
+        for c in dec.cache.main:
+            c.begin_verify()
+        tokens = mx.concatenate([mx.array([self.y]), self.drafts])
+        logits, hidden = dec.model.logits_and_hidden(tokens[None], dec.cache.main)
+        finite = mx.isfinite(logits).all()
+        if params.repetition_penalty != 1.0:
+            seq, history = [self.y, *self.drafts.tolist()], dec.cache.tokens
+            rows = [
+                apply_repetition_penalty(logits[0, j], history + seq[: j + 1], params)
+                for j in range(k + 1)
+            ]
+            logits = mx.stack(rows)[None]
+        if params.greedy:
+            n_accepted, nxt = greedy_accept(logits, self.drafts[None])
+        else:
+            target, draft = probs(logits, params), mx.stack(self.draft_probs)[None]
+            n_accepted, nxt = speculative_accept(target, draft, self.drafts[None], self.accept_key)
+        mx.eval(n_accepted, nxt, self.drafts, finite)
+        accepted = self.drafts.tolist()[: n_accepted.item()]
+        return [self.y, *accepted], dec.checked(nxt, finite), hidden
