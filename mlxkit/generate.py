@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,8 +42,8 @@ def encode_prompt(
             prompt, add_generation_prompt=True, enable_thinking=enable_thinking
         )
         return tokenizer.encode(_utf8(text))
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
+    if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]
     raise MlxkitError("prompt must be a string, a list of token ids, or a list of chat messages")
 
 
@@ -78,12 +79,12 @@ def _check_prompt(tokens: list[int], model: Model) -> None:
 
 def _int(name: str, value: object, low: int, high: int | None = None) -> int:
     """An int in [low, high] (no bound above when high is None), else one clear error."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise MlxkitError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
         raise MlxkitError(f"{name} must be {bounds}, got {value}")
-    return value
+    return int(value)
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -131,9 +132,9 @@ def stream_generate(
     processed again; it is left holding the prompt and everything generated. Past the model's
     context (max_position_embeddings) generation warns once, or ends with `stop_at_context`."""
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
-    _int("max_tokens", max_tokens, 1)
-    _int("num_draft", num_draft, 1, MAX_DRAFT)
-    _int("prefill_chunk", prefill_chunk, 1)
+    max_tokens = _int("max_tokens", max_tokens, 1)
+    num_draft = _int("num_draft", num_draft, 1, MAX_DRAFT)
+    prefill_chunk = _int("prefill_chunk", prefill_chunk, 1)
     keys = Keys(_seed(seed), params.greedy)
     limits = Limits(
         eos=frozenset(tokenizer.eos_token_ids),

@@ -8,6 +8,8 @@ temperature-0 limit and is handled by argmax everywhere.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -25,6 +27,14 @@ class SamplingParams:
     repetition_context: int = 64
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise MlxkitError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise MlxkitError(f"{name} must be a finite number, got {value}")
+        if not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool):
+            raise MlxkitError(f"top_k must be an integer, got {self.top_k!r}")
         if self.temperature < 0:
             raise MlxkitError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

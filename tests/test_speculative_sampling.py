@@ -1,7 +1,8 @@
 """Speculative sampling is distribution-exact: the first two tokens (the one sampled after the
 prompt and the one the first MTP round produces, drafted by the real MTP head) follow the
 main model's own distribution. The check is a chi-square test over 20k draws on a model with
-a small vocabulary; a wrong acceptance rule must fail the same test."""
+a small vocabulary; a wrong acceptance rule must fail the same test. Then the same through the
+real decode loop (`stream_generate`) with 2 and 3 drafts per round, one run per draw."""
 
 import mlx.core as mx
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 from scipy.stats import chisquare
 
+from mlxkit.generate import stream_generate
 from mlxkit.models.qwen3_5 import Model, TextConfig
 from mlxkit.sample import SamplingParams, probs, sample, speculative_accept
 
@@ -20,12 +22,21 @@ PARAMS = SamplingParams(temperature=1.0)
 def small_vocab_model() -> Model:
     cfg = TextConfig.from_dict(
         {
-            "model_type": "qwen3_5_text", "vocab_size": V, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-            "linear_num_key_heads": 1, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16, "mtp_num_hidden_layers": 1,
+            "model_type": "qwen3_5_text",
+            "vocab_size": V,
+            "mtp_num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "linear_num_key_heads": 1,
+            "linear_num_value_heads": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
         }
-    )  # fmt: skip
+    )
     mx.random.seed(3)
     model = Model(cfg)
     weights = [
@@ -90,3 +101,86 @@ def test_mtp_sampling_matches_plain_sampling():
 @pytest.mark.parametrize("wrong_rule", [always_accept, resample_from_target])
 def test_wrong_acceptance_rule_fails(wrong_rule):
     assert p_value(small_vocab_model(), wrong_rule) < 0.01
+
+
+# --------------------------------------------------------------------------- the real decode loop
+
+PROMPT = [1, 4, 2, 0, 3]
+
+
+class SilentTokenizer:
+    """What stream_generate needs of a tokenizer when the prompt is token ids: no stop tokens
+    (every run makes max_tokens tokens) and no text."""
+
+    eos_token_ids = ()
+
+    class _Detokenizer:
+        def add_token(self, token: int) -> str:
+            return ""
+
+        def finalize(self) -> str:
+            return ""
+
+    def detokenizer(self):
+        return self._Detokenizer()
+
+
+def sequence_probabilities(model: Model, n: int) -> np.ndarray:
+    """The main model's probability of every sequence of n tokens after PROMPT, [V] * n."""
+    joint, prefixes = np.ones(1), [[]]
+    for length in range(1, n + 1):
+        tokens = mx.array([PROMPT + p for p in prefixes])
+        p_next = np.array(probs(model(tokens)[:, -1], PARAMS), dtype=np.float64)
+        joint = (joint.reshape(-1, 1) * p_next).reshape([V] * length)
+        prefixes = [p + [v] for p in prefixes for v in range(V)]
+    return joint
+
+
+def chi_square_p(counts: np.ndarray, expected_p: np.ndarray) -> float:
+    """Chi-square p-value, cells expected to hold fewer than 5 draws pooled into one."""
+    counts, expected = counts.reshape(-1), expected_p.reshape(-1) * counts.sum()
+    small = expected < 5
+    counts = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    if expected[-1] == 0:
+        counts, expected = counts[:-1], expected[:-1]
+    return chisquare(counts, expected * counts.sum() / expected.sum()).pvalue
+
+
+def loop_p_values(model: Model, k: int, runs: int) -> list[float]:
+    """Runs stream_generate (MTP, k drafts) `runs` times for k+1 tokens, each with its own seed,
+    and tests the joint of the first two tokens and the marginal of each later one against
+    the main model's own distribution."""
+    n = k + 1
+    tok, kw = SilentTokenizer(), {"max_tokens": n, "temperature": PARAMS.temperature}
+    seqs = np.array(
+        [
+            [r.token for r in stream_generate(model, tok, PROMPT, num_draft=k, seed=seed, **kw)]
+            for seed in range(runs)
+        ]
+    )
+    joint = sequence_probabilities(model, n)
+    pair = np.bincount(seqs[:, 0] * V + seqs[:, 1], minlength=V * V)
+    p_values = [chi_square_p(pair, joint.sum(axis=tuple(range(2, n))))]
+    for j in range(2, n):
+        marginal = joint.sum(axis=tuple(i for i in range(n) if i != j))
+        p_values.append(chi_square_p(np.bincount(seqs[:, j], minlength=V), marginal))
+    return p_values
+
+
+# A run costs ~10 ms here: the default suite makes 200 per k (both wrong rules below already
+# fail at that count), the slow one 4,000.
+@pytest.mark.parametrize("runs", [200, pytest.param(4000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("k", [2, 3])
+def test_mtp_decode_loop_samples_the_model_distribution(k, runs):
+    p_values = loop_p_values(small_vocab_model(), k, runs)
+    assert min(p_values) > 0.01 / len(p_values), p_values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrong_rule", [always_accept, resample_from_target])
+@pytest.mark.parametrize("k", [2, 3])
+def test_wrong_rule_in_the_decode_loop_fails(monkeypatch, wrong_rule, k):
+    monkeypatch.setattr("mlxkit.decode.speculative_accept", wrong_rule)
+    p_values = loop_p_values(small_vocab_model(), k, runs=200)
+    assert min(p_values) < 0.01 / len(p_values), p_values
