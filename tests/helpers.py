@@ -1,9 +1,10 @@
-"""Small shared pieces for tests: fixture paths, a float32 model loader, and mlx-vlm's MTP
-drafter run on a fixture's reference."""
+"""Small shared pieces for tests: fixture paths and copies, a float32 model loader, mlx-vlm's
+MTP drafter run on a fixture's reference, and the "copying" MTP head."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -55,3 +56,40 @@ def mlx_vlm_mtp_logits(target, drafter, name: str) -> np.ndarray:
     h = drafter._forward_hidden(drafter._input_embed(tokens[:, 1:]), hidden, None,
                                 mx.arange(tokens.shape[1] - 1)[None])  # fmt: skip
     return np.array(drafter._lm_head_fn(h)[0].astype(mx.float32))
+
+
+def copy_fixture(tmp_path: Path, name: str = "tiny_tied", as_name: str | None = None) -> Path:
+    """A copy of a fixture checkpoint to edit, at tmp_path / (as_name or name)."""
+    return Path(shutil.copytree(FIXTURES / name, tmp_path / (as_name or name)))
+
+
+# The projections through which a mixer or an MLP writes into the residual stream.
+_WRITERS = ("o_proj.weight", "out_proj.weight", "down_proj.weight")
+_FINAL_NORM = {True: "model.language_model.norm.weight", False: "language_model.model.norm.weight"}
+
+
+def copying_mtp_head(
+    weights: Mapping[str, mx.array], hf_layout: bool, mixer_scale: float = 0.0
+) -> dict[str, mx.array]:
+    """Replacement tensors that make the MTP head copy the main model. The main model's mixers
+    and MLPs are scaled by `mixer_scale`: at 0 they write nothing, so its prediction depends
+    only on the current token, and the MTP head, passing the embedding of the token it is
+    given straight to the final norm and the shared lm_head, computes that same function one
+    token ahead: every draft is right. A small scale makes drafts right only some of the time.
+
+    `weights` are Hugging Face tensors (norms stored as w for x·(1 + w)) with `hf_layout`, else
+    our parameter paths (1 + w stored); replacements keep each tensor's dtype.
+    """
+    final_norm = _FINAL_NORM[hf_layout]
+    H = weights["mtp.fc.weight"].shape[0]
+    updates = {
+        name: value * mixer_scale
+        for name, value in weights.items()
+        if not name.startswith("mtp.") and name.endswith(_WRITERS)
+    }
+    updates["mtp.fc.weight"] = mx.concatenate([mx.eye(H), mx.zeros((H, H))], axis=1)
+    updates["mtp.pre_fc_norm_embedding.weight"] = mx.full((H,), 0.0 if hf_layout else 1.0)
+    updates["mtp.norm.weight"] = weights[final_norm]
+    for name in ("mtp.layers.0.self_attn.o_proj.weight", "mtp.layers.0.mlp.down_proj.weight"):
+        updates[name] = mx.zeros_like(weights[name])
+    return {name: value.astype(weights[name].dtype) for name, value in updates.items()}

@@ -19,7 +19,15 @@ from mlxkit.generate import stream_generate
 from mlxkit.layout import ModelConfig, drafter_key
 from mlxkit.load import load, load_model
 from mlxkit.models.qwen3_5 import TextConfig, sanitize_tensor
-from tests.helpers import FIXTURES, TINY, conversions, mlx_vlm_mtp_logits, reference
+from tests.helpers import (
+    FIXTURES,
+    TINY,
+    conversions,
+    copy_fixture,
+    copying_mtp_head,
+    mlx_vlm_mtp_logits,
+    reference,
+)
 from tests.vision_helpers import VISION
 
 DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "U32": "uint32"}
@@ -298,34 +306,15 @@ def test_mlx_vlm_mtp_drafter_reads_the_drafter_directory(converted, name):
 
 
 def copying_mtp_checkpoint(tmp_path: Path) -> Path:
-    """tiny_untied rewired (in the HF layout, norms stored as w for x·(1 + w)) so that the
-    main model's prediction depends only on the current token and the MTP head computes the
-    same function one token ahead: every draft is right, so acceptance must be high."""
-    import shutil
-
-    d = tmp_path / "copying"
-    shutil.copytree(FIXTURES / "tiny_untied", d)
-    for f in weight_files(d):
-        w = mx.load(str(f))
-        for k in list(w):
-            if not k.startswith("mtp.") and k.endswith(
-                ("o_proj.weight", "out_proj.weight", "down_proj.weight")
-            ):
-                w[k] = mx.zeros_like(w[k])
-        if "mtp.fc.weight" in w:
-            H = w["mtp.fc.weight"].shape[0]
-            w["mtp.fc.weight"] = mx.concatenate([mx.eye(H), mx.zeros((H, H))], 1).astype(
-                mx.bfloat16
-            )
-            w["mtp.pre_fc_norm_embedding.weight"] = mx.zeros((H,), mx.bfloat16)  # scale 1
-            for k in ("mtp.layers.0.self_attn.o_proj.weight", "mtp.layers.0.mlp.down_proj.weight"):
-                w[k] = mx.zeros_like(w[k])
-        mx.save_safetensors(str(f), w)
-    final = {k: v for f in weight_files(d) for k, v in mx.load(str(f)).items()}
-    f = next(f for f in weight_files(d) if "mtp.norm.weight" in mx.load(str(f)))
-    w = mx.load(str(f))
-    w["mtp.norm.weight"] = final["model.language_model.norm.weight"]
-    mx.save_safetensors(str(f), w)
+    """tiny_untied rewired in the HF layout so that every draft of its MTP head is right (see
+    `copying_mtp_head`): acceptance must be high."""
+    d = copy_fixture(tmp_path, "tiny_untied", "copying")
+    shards = {f: mx.load(str(f)) for f in weight_files(d)}
+    all_weights = {k: v for w in shards.values() for k, v in w.items()}
+    updates = copying_mtp_head(all_weights, hf_layout=True)
+    mx.eval(all_weights, updates)  # before any shard is overwritten
+    for f, w in shards.items():
+        mx.save_safetensors(str(f), {k: updates.get(k, v) for k, v in w.items()})
     return d
 
 

@@ -7,9 +7,9 @@ from mlx.utils import tree_flatten
 
 from mlxkit.cli import main
 from mlxkit.errors import MlxkitError
-from mlxkit.generate import PromptCache, generate, stream_generate
+from mlxkit.generate import PromptCache, encode_prompt, generate, stream_generate
 from mlxkit.load import load
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, copying_mtp_head
 
 PROMPTS = [
     "def add(a, b):",
@@ -22,29 +22,16 @@ PROMPTS = [
 
 def fixture_model(kind: str):
     """The untied fixture with its MTP head rewired so drafts are all rejected, all accepted, or
-    a mix. 'accepting': the main model's mixers and MLPs write nothing, so its prediction
-    depends only on the current token, and the MTP head copies that function exactly."""
+    a mix (see `copying_mtp_head`)."""
     model, tokenizer = load(FIXTURES / "tiny_untied", dtype=mx.float32)
     H = model.config.hidden_size
     if kind == "rejecting":  # MTP output is 0 → every draft is token 0, which the model avoids
         model.load_weights([("mtp.fc.weight", mx.zeros((H, 2 * H)))], strict=False)
         return model, tokenizer
     scale = {"accepting": 0.0, "mixed": 0.02}[kind]
-    updates = [
-        (k, v * scale)
-        for k, v in tree_flatten(model.parameters())
-        if not k.startswith("mtp.")
-        and k.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))
-    ]
-    mtp_layer = model.mtp.layers[0]
-    updates += [
-        ("mtp.fc.weight", mx.concatenate([mx.eye(H), mx.zeros((H, H))], axis=1)),
-        ("mtp.pre_fc_norm_embedding.weight", mx.ones((H,))),
-        ("mtp.norm.weight", model.language_model.model.norm.weight),
-        ("mtp.layers.0.self_attn.o_proj.weight", mx.zeros_like(mtp_layer.self_attn.o_proj.weight)),
-        ("mtp.layers.0.mlp.down_proj.weight", mx.zeros_like(mtp_layer.mlp.down_proj.weight)),
-    ]
-    model.load_weights(updates, strict=False)
+    weights = dict(tree_flatten(model.parameters()))
+    updates = copying_mtp_head(weights, hf_layout=False, mixer_scale=scale)
+    model.load_weights(list(updates.items()), strict=False)
     return model, tokenizer
 
 
@@ -68,7 +55,7 @@ def test_greedy_mtp_equals_plain_greedy(kind):
             for a, b in zip(spec_cache.main, plain_cache.main):
                 for key, value in b.state.items():
                     assert mx.abs(a.state[key] - value).max().item() <= 1e-5, key
-            # the MTP cache equals an MTP pass over the final sequence
+            assert_mtp_cache_is_a_pass_over(model, spec_cache)
             accepted += spec[-1].accepted
             drafted += spec[-1].drafted
     rate = accepted / drafted
@@ -80,19 +67,28 @@ def test_greedy_mtp_equals_plain_greedy(kind):
         assert 0.1 < rate < 0.9, rate
 
 
+def assert_mtp_cache_is_a_pass_over(model, cache: PromptCache) -> None:
+    """The MTP cache holds what one MTP pass over the cached sequence gives, and the pending
+    hidden states are the main model's at the positions after it."""
+    tokens = mx.array([cache.tokens])
+    hidden = model.hidden(tokens)
+    n_pending = cache.mtp_pending.shape[1]
+    expected = model.make_mtp_cache()
+    model.mtp_hidden(
+        hidden[:, :-n_pending], tokens[:, 1 : tokens.shape[1] - n_pending + 1], expected
+    )
+    got, want = cache.mtp[0], expected[0]
+    assert got.offset == want.offset == len(cache.tokens) - n_pending
+    for key in ("keys", "values"):
+        assert mx.abs(got.state[key] - want.state[key]).max().item() <= 1e-5
+    assert mx.abs(cache.mtp_pending - hidden[:, -n_pending:]).max().item() <= 1e-5
+
+
 def test_mtp_cache_matches_a_pass_over_the_sequence():
     model, tokenizer = fixture_model("mixed")
     responses, cache = run(model, tokenizer, PROMPTS[0], max_tokens=20, num_draft=2)
     assert 0 < responses[-1].accepted < responses[-1].drafted
-    tokens = mx.array([cache.tokens])
-    hidden = model.hidden(tokens)
-    expected = model.make_mtp_cache()
-    model.mtp_hidden(hidden[:, :-1], tokens[:, 1:], expected)
-    got, want = cache.mtp[0], expected[0]
-    assert got.offset == want.offset == len(cache.tokens) - 1
-    for key in ("keys", "values"):
-        assert mx.abs(got.state[key] - want.state[key]).max().item() <= 1e-5
-    assert mx.abs(cache.mtp_pending - hidden[:, -1:]).max().item() <= 1e-5
+    assert_mtp_cache_is_a_pass_over(model, cache)
 
 
 def test_sampling_is_reproducible_with_a_seed():
@@ -111,6 +107,7 @@ def test_prompt_cache_two_turn_chat():
     reply = generate(
         model, tokenizer, turn1, max_tokens=12, prompt_cache=cache, enable_thinking=False
     )
+    cache_after_turn1 = list(cache.tokens)
     # The second turn continues the token sequence the cache holds.
     follow = tokenizer.encode(
         "<|im_end|>\n<|im_start|>user\nand g?<|im_end|>\n<|im_start|>assistant\n"
@@ -121,7 +118,12 @@ def test_prompt_cache_two_turn_chat():
     assert [r.token for r in reused] == [r.token for r in fresh]
     assert reused[0].prompt_tokens - reused[0].prompt_cached == len(follow)
     assert fresh[0].prompt_cached == 0
-    assert reply  # the first turn produced text
+    # the first turn's text is what its tokens decode to (up to a stop token)
+    first_turn = encode_prompt(tokenizer, turn1, enable_thinking=False)
+    replied = cache_after_turn1[len(first_turn) :]
+    assert 1 <= len(replied) <= 12
+    eos = set(tokenizer.eos_token_ids)
+    assert reply == tokenizer.decode([t for t in replied if t not in eos])
 
 
 def test_prompt_cache_save_and_load(tmp_path):
