@@ -88,11 +88,11 @@ def generate(
     verbose: bool,
     **options,
 ) -> None:
-    """Stream a completion, then a stats line (tokens/s, MTP acceptance, peak memory)."""
+    """Stream a completion, then a stats line (tokens/s, MTP acceptance, MLX's peak array
+    memory; for a bundle, also the whole-app peak its plan budgets)."""
     import warnings
 
     from mlxkit.generate import stream_generate
-    from mlxkit.info import human_bytes
     from mlxkit.load import load
 
     if (model_path is None) == (size is None):
@@ -113,15 +113,47 @@ def generate(
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     click.echo()
+    click.echo(_generation_stats(last, verbose, _planned_peak(model_path)), err=True)
+
+
+def _generation_stats(last, verbose: bool, planned: tuple[int, int] | None) -> str:
+    """The line after a completion. The peak is MLX's array memory during this run, which is
+    not an app's footprint: a bundle's plan budgets the whole app at its planned context."""
+    from mlxkit.info import human_bytes
+
     stats = f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s"
     if last.drafted:
         stats += f", MTP acceptance {last.acceptance:.0%}"
         if verbose:
             stats += f" ({last.accepted}/{last.drafted} drafts)"
-    stats += f", peak memory {human_bytes(last.peak_memory)}"
+    stats += f", MLX array peak {human_bytes(last.peak_memory)}"
+    if planned is not None:
+        peak, context = planned
+        stats += (
+            f" (the bundle's plan: {peak / 1e9:.2f} GB for the whole app at {context:,} tokens)"
+        )
     if verbose:
         stats += f", prompt {last.prompt_tokens} tokens at {last.prompt_tps:.1f} tokens/s"
-    click.echo(stats, err=True)
+    return stats
+
+
+def _planned_peak(model_path: str) -> tuple[int, int] | None:
+    """(peak bytes, context) from a bundle's manifest.json; None for a plain model directory
+    (or a manifest without them: the bundle's own checks are `mlxkit bundle verify`'s)."""
+    import json
+    from pathlib import Path
+
+    from mlxkit.load import BUNDLE_MANIFEST
+
+    path = Path(model_path).expanduser() / BUNDLE_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        peak, context = manifest["memory"]["peak_bytes"], manifest["max_context"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(peak, int) and isinstance(context, int):
+        return peak, context
+    return None
 
 
 def _register_subcommands() -> None:

@@ -162,6 +162,25 @@ def test_cli_streams_and_reports_stats():
     result = CliRunner().invoke(main, args + ["--max-tokens", "6", "--verbose"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output and "MTP acceptance" in result.output
+    assert "MLX array peak" in result.stderr and "bundle's plan" not in result.stderr
+
+
+def test_cli_on_a_bundle_names_both_peaks(tmp_path):
+    """MLX's array peak of this run beside the whole-app peak the bundle was planned for, in
+    the units `plan` and `convert --target` print it."""
+    import json
+
+    bundle = tmp_path / "b"
+    args = ["convert", "--size", "micro", "--target", "iphone15", "-o", str(bundle)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    args = ["generate", "--model", str(bundle), "--prompt", "def f(x):", "--max-tokens", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    planned = f"{manifest['memory']['peak_bytes'] / 1e9:.2f} GB"
+    context = f"{manifest['max_context']:,} tokens"
+    expected = f"(the bundle's plan: {planned} for the whole app at {context})"
+    assert "MLX array peak " in result.stderr and expected in result.stderr
 
 
 def test_cli_generate_size_micro_is_the_embedded_model():
