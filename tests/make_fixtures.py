@@ -17,7 +17,7 @@ a Qwen 3.5 checkpoint (outer `qwen3_5` config with `text_config` and `vision_con
 * ``tiny_untied`` -- 8 layers, ``lm_head.weight``, two shards plus an index.
 
 Each directory also holds a small byte-level BPE tokenizer (made by
-``mlxkit.tokenizer.train_bpe_tokenizer``) and ``reference.npz`` with logits and
+``mlxkit.tokenizer_build.train_bpe_tokenizer``) and ``reference.npz`` with logits and
 hidden states from transformers (float64 and float32) and from an independent numpy
 implementation of the MTP head.  See tests/fixtures/README.md for the array meanings.
 
@@ -474,7 +474,7 @@ def fresh_dir(name: str) -> Path:
 def make_tokenizer(out_dir: Path) -> dict:
     from tokenizers import Tokenizer
 
-    from mlxkit.tokenizer import train_bpe_tokenizer
+    from mlxkit.tokenizer_build import train_bpe_tokenizer
 
     train_bpe_tokenizer(CORPUS, vocab_size=BPE_VOCAB, out_dir=out_dir)
     tk = Tokenizer.from_file(str(out_dir / "tokenizer.json"))

