@@ -28,10 +28,8 @@ for line in open("/proc/self/status"):
 
 
 def peak_rss_of_conversion(src: Path, out: Path, **options) -> int:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(out), repr(options)],
-        capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
+    args = [sys.executable, "-c", CHILD, str(src), str(out), repr(options)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True)
     return int(proc.stdout.split()[-1])
 
 
@@ -46,24 +44,43 @@ def test_peak_memory_is_below_largest_tensor_plus_300mb(small_real_width, tmp_pa
     assert peak < 400e6  # in fact it does not hold even the largest tensor
 
 
-@pytest.mark.slow
-def test_full_0_8b_conversion_matches_mlx_lm_in_a_fraction_of_its_memory(tmp_path):
-    """The whole 0.8B shape (1.7 GB with vision): the text tensors are mlx_lm.convert -q's, the
-    vision tower comes on top (mlx-lm drops it)."""
+def mlx_lm_convert(src: Path, out: Path) -> None:
+    cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src)]
+    subprocess.run(
+        [*cmd, "--mlx-path", str(out), "-q"], check=True, capture_output=True, timeout=600
+    )
+
+
+def assert_same_text_tensors(ours: Path, theirs: Path) -> None:
+    """Same text tensor names, dtypes and bytes as mlx-lm's (which drops the vision tower, so
+    ours may have it on top); a 4-bit quantization block in our config."""
     import mlx.core as mx
 
-    src = make_checkpoint("0.8b", tmp_path / "src")
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    peak = peak_rss_of_conversion(src, ours)
-    subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
-         str(theirs), "-q"], check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
     a = {k: v for f in weight_files(ours) for k, v in mx.load(str(f)).items()}
     b = {k: v for f in weight_files(theirs) for k, v in mx.load(str(f)).items()}
-    assert any(k.startswith("vision_tower.") for k in a)
     a = {k: v for k, v in a.items() if not k.startswith("vision_tower.")}
     assert a.keys() == b.keys()
     assert all(mx.array_equal(a[k], b[k]).item() and a[k].dtype == b[k].dtype for k in a)
     assert json.loads((ours / "config.json").read_text())["quantization"]["bits"] == 4
+
+
+def test_real_width_conversion_matches_mlx_lm(small_real_width, tmp_path):
+    """The real 0.8B widths (one layer): the same bytes as mlx_lm.convert -q."""
+    from mlxkit.convert import convert
+
+    convert(small_real_width, tmp_path / "ours", quiet=True)
+    mlx_lm_convert(small_real_width, tmp_path / "theirs")
+    assert_same_text_tensors(tmp_path / "ours", tmp_path / "theirs")
+
+
+@pytest.mark.slow
+def test_full_0_8b_conversion_matches_mlx_lm_in_a_fraction_of_its_memory(tmp_path):
+    """The whole 0.8B shape (1.7 GB with vision): the text tensors are mlx_lm.convert -q's, the
+    vision tower comes on top (mlx-lm drops it)."""
+    src = make_checkpoint("0.8b", tmp_path / "src")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    peak = peak_rss_of_conversion(src, ours)
+    mlx_lm_convert(src, theirs)
+    assert any(k.startswith("vision_tower.") for k in read_headers(weight_files(ours)))
+    assert_same_text_tensors(ours, theirs)
     assert peak < 400e6
