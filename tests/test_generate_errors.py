@@ -1,83 +1,141 @@
 """Bad input to generation — API arguments, `mlxkit generate` values, prompt-cache files,
 broken numbers — ends in one MlxkitError (one line on stderr and exit 2 from the CLI), never
-a traceback or text made from NaNs."""
+a traceback or text made from NaNs. The table rows run through the shared bad-input harness
+(tests/badinput.py), which also checks that nothing is left on disk and inputs are untouched."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from click.testing import CliRunner
 
-from mlxkit.cli import main
 from mlxkit.errors import MlxkitError
 from mlxkit.generate import PromptCache, generate, stream_generate
 from mlxkit.load import load
+from tests.badinput import Inputs, api, cli, run_row
 from tests.helpers import FIXTURES
 
 MODEL = FIXTURES / "tiny_tied"
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@cache
+def _tiny():
     return load(MODEL, dtype=mx.float32)
 
 
-API_CASES = [
-    ({"temperature": NAN}, "temperature must be a finite number"),
-    ({"temperature": INF}, "temperature must be a finite number"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
-    ({"temperature": "0.7"}, "temperature must be a number"),
-    ({"top_p": NAN}, "top_p must be a finite number"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.01}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-    ({"min_p": NAN}, "min_p must be a finite number"),
-    ({"min_p": 1.0}, r"min_p must be in \[0, 1\)"),
-    ({"min_p": -0.1}, r"min_p must be in \[0, 1\)"),
-    ({"repetition_penalty": NAN}, "repetition_penalty must be a finite number"),
-    ({"repetition_penalty": INF}, "repetition_penalty must be a finite number"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
-    ({"top_k": -1}, "top_k must be >= 0"),
-    ({"top_k": 2.5}, "top_k must be an integer"),
-    ({"seed": -1}, "seed must be between 0 and 18446744073709551615, got -1"),
-    ({"seed": 2**64}, "seed must be between 0 and"),
-    ({"seed": 2**70}, "seed must be between 0 and"),
-    ({"seed": 1.5}, "seed must be an integer"),
-    ({"seed": "7"}, "seed must be an integer"),
-    ({"prefill_chunk": 0}, "prefill_chunk must be >= 1, got 0"),
-    ({"prefill_chunk": -3}, "prefill_chunk must be >= 1"),
-    ({"prefill_chunk": 1.5}, "prefill_chunk must be an integer"),
-    ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
-    ({"max_tokens": -5}, "max_tokens must be >= 1"),
-    ({"max_tokens": None}, "max_tokens must be an integer"),
-    ({"max_tokens": True}, "max_tokens must be an integer"),
-    ({"num_draft": 0}, "num_draft must be between 1 and 8"),
-    ({"num_draft": 9}, "num_draft must be between 1 and 8"),
-    ({"num_draft": 2.0}, "num_draft must be an integer"),
-    ({"stop": [3]}, "stop must be a string or a list of strings"),
-    ({"prompt_cache": "cache.safetensors"}, "prompt_cache must be a PromptCache"),
-    ({"prompt": ""}, "the prompt is empty"),
-    ({"prompt": []}, "the prompt is empty"),
-    ({"prompt": [1, -1]}, "token id -1 is outside this model's vocabulary of 512"),
-    ({"prompt": [512]}, "token id 512 is outside"),
-    ({"prompt": [1, 2.5]}, "prompt must be a string, a list of token ids"),
-    ({"prompt": "caf\udce9"}, "the prompt is not valid UTF-8"),
-    ({"prompt": [{"role": "user"}]}, 'every chat message needs a "role" and a "content"'),
-    ({"prompt": [{"role": "user", "content": 3}]}, "every chat message needs"),
-    ({"prompt": [{"role": "user", "content": "caf\udce9"}]}, "not valid UTF-8"),
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+def api_generate(kw: dict, message: str):
+    """A row: `generate` on the fixture with one bad argument (prompt "def f(x):", 2 tokens)."""
+    kw = {"prompt": "def f(x):", "max_tokens": 2, **kw}
+
+    def call(inputs: Inputs):
+        model, tokenizer = _tiny()
+        args = dict(kw)
+        return generate(model, tokenizer, args.pop("prompt"), **args)
+
+    shown = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    return api(f"generate({shown})"[:80], call, needs=(), message=message)
+
+
+API_ROWS = [
+    api_generate({"temperature": NAN}, "temperature must be a finite number"),
+    api_generate({"temperature": INF}, "temperature must be a finite number"),
+    api_generate({"temperature": -0.5}, "temperature must be >= 0"),
+    api_generate({"temperature": "0.7"}, "temperature must be a number"),
+    api_generate({"top_p": NAN}, "top_p must be a finite number"),
+    api_generate({"top_p": 0.0}, "top_p must be in (0, 1]"),
+    api_generate({"top_p": 1.01}, "top_p must be in (0, 1]"),
+    api_generate({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    api_generate({"min_p": NAN}, "min_p must be a finite number"),
+    api_generate({"min_p": 1.0}, "min_p must be in [0, 1)"),
+    api_generate({"min_p": -0.1}, "min_p must be in [0, 1)"),
+    api_generate({"repetition_penalty": NAN}, "repetition_penalty must be a finite number"),
+    api_generate({"repetition_penalty": INF}, "repetition_penalty must be a finite number"),
+    api_generate({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+    api_generate({"top_k": -1}, "top_k must be >= 0"),
+    api_generate({"top_k": 2.5}, "top_k must be an integer"),
+    api_generate({"seed": -1}, "seed must be between 0 and 18446744073709551615, got -1"),
+    api_generate({"seed": 2**64}, "seed must be between 0 and"),
+    api_generate({"seed": 2**70}, "seed must be between 0 and"),
+    api_generate({"seed": 1.5}, "seed must be an integer"),
+    api_generate({"seed": "7"}, "seed must be an integer"),
+    api_generate({"prefill_chunk": 0}, "prefill_chunk must be >= 1, got 0"),
+    api_generate({"prefill_chunk": -3}, "prefill_chunk must be >= 1"),
+    api_generate({"prefill_chunk": 1.5}, "prefill_chunk must be an integer"),
+    api_generate({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+    api_generate({"max_tokens": -5}, "max_tokens must be >= 1"),
+    api_generate({"max_tokens": None}, "max_tokens must be an integer"),
+    api_generate({"max_tokens": True}, "max_tokens must be an integer"),
+    api_generate({"num_draft": 0}, "num_draft must be between 1 and 8"),
+    api_generate({"num_draft": 9}, "num_draft must be between 1 and 8"),
+    api_generate({"num_draft": 2.0}, "num_draft must be an integer"),
+    api_generate({"stop": [3]}, "stop must be a string or a list of strings"),
+    api_generate({"prompt_cache": "cache.safetensors"}, "prompt_cache must be a PromptCache"),
+    api_generate({"prompt": ""}, "the prompt is empty"),
+    api_generate({"prompt": []}, "the prompt is empty"),
+    api_generate({"prompt": [1, -1]}, "token id -1 is outside this model's vocabulary of 512"),
+    api_generate({"prompt": [512]}, "token id 512 is outside"),
+    api_generate({"prompt": [1, 2.5]}, "prompt must be a string, a list of token ids"),
+    api_generate({"prompt": "caf\udce9"}, "the prompt is not valid UTF-8"),
+    api_generate(
+        {"prompt": [{"role": "user"}]}, 'every chat message needs a "role" and a "content"'
+    ),
+    api_generate({"prompt": [{"role": "user", "content": 3}]}, "every chat message needs"),
+    api_generate({"prompt": [{"role": "user", "content": "caf\udce9"}]}, "not valid UTF-8"),
 ]
 
 
-@pytest.mark.parametrize("kw, message", API_CASES, ids=[repr(c[0])[:40] for c in API_CASES])
-def test_api_bad_argument(tiny, kw, message):
-    model, tokenizer = tiny
-    kw = {"prompt": "def f(x):", **kw}
-    with pytest.raises(MlxkitError, match=message):
-        generate(model, tokenizer, kw.pop("prompt"), max_tokens=kw.pop("max_tokens", 2), **kw)
+def generate_cli(*args: str, message: str, name: str = "", **kw):
+    """A row: `mlxkit generate` on the fixture, 2 tokens, with bad values appended."""
+    base = ("generate", "--model", "{src}", "--prompt", "hi", "--max-tokens", "2")
+    return cli(f"generate {' '.join(args)}{name}", *base, *args, message=message, **kw)
+
+
+def nan_weights(inputs: Inputs) -> None:
+    """The final norm all NaN: every logit is NaN."""
+    path = inputs.src / "model.safetensors"
+    weights = mx.load(str(path))
+    name = "model.language_model.norm.weight"
+    weights[name] = mx.full(weights[name].shape, NAN, dtype=weights[name].dtype)
+    mx.save_safetensors(str(path), weights)
+
+
+CLI_ROWS = [
+    generate_cli("--temp", "nan", message="temperature must be a finite number"),
+    generate_cli("--temp", "inf", message="temperature must be a finite number"),
+    generate_cli("--temp", "-1", message="temperature must be >= 0"),
+    generate_cli("--top-p", "nan", message="top_p must be a finite number"),
+    generate_cli("--top-p", "2", message="top_p must be in (0, 1]"),
+    generate_cli("--min-p", "nan", message="min_p must be a finite number"),
+    generate_cli(
+        "--repetition-penalty", "nan", message="repetition_penalty must be a finite number"
+    ),
+    generate_cli(
+        "--repetition-penalty", "-inf", message="repetition_penalty must be a finite number"
+    ),
+    generate_cli("--top-k", "-2", message="top_k must be >= 0"),
+    generate_cli("--seed", "-1", message="seed must be between 0 and"),
+    generate_cli("--seed", "1180591620717411303424", message="seed must be between 0 and"),
+    generate_cli("--max-tokens", "0", message="max_tokens must be >= 1"),
+    generate_cli("--num-draft", "0", message="num_draft must be between 1 and 8"),
+    generate_cli("--num-draft", "9", message="num_draft must be between 1 and 8"),
+    generate_cli("--prompt", "", message="the prompt is empty"),
+    generate_cli("--prompt", "caf\udce9", message="the prompt is not valid UTF-8"),
+    generate_cli("--chat", "--prompt", "caf\udce9", message="the prompt is not valid UTF-8"),
+    # Through a real command line: Python hands bytes that are not UTF-8 on as lone
+    # surrogates, which the subprocess gets back as the bytes \xe9 here.
+    generate_cli(
+        "--prompt", "caf\udce9", name=" (a process)", subprocess=True, message="not valid UTF-8"
+    ),
+    generate_cli(name="NaN weights", setup=nan_weights, message="non-finite logits (NaN or inf)"),
+]
 
 
 def test_prompt_longer_than_context():
@@ -95,51 +153,6 @@ def test_numpy_numbers_are_numbers(tiny):
     a = generate(model, tokenizer, "def f(x):", max_tokens=np.int64(4), **kw)
     b = generate(model, tokenizer, "def f(x):", max_tokens=4, temperature=0.5, top_k=5, seed=3)
     assert a == b
-
-
-def assert_one_line_error(stderr: str, exit_code: int, message: str) -> None:
-    assert exit_code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-
-
-CLI_CASES = [
-    (["--temp", "nan"], "temperature must be a finite number"),
-    (["--temp", "inf"], "temperature must be a finite number"),
-    (["--temp", "-1"], "temperature must be >= 0"),
-    (["--top-p", "nan"], "top_p must be a finite number"),
-    (["--top-p", "2"], "top_p must be in (0, 1]"),
-    (["--min-p", "nan"], "min_p must be a finite number"),
-    (["--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
-    (["--repetition-penalty", "-inf"], "repetition_penalty must be a finite number"),
-    (["--top-k", "-2"], "top_k must be >= 0"),
-    (["--seed", "-1"], "seed must be between 0 and"),
-    (["--seed", str(2**70)], "seed must be between 0 and"),
-    (["--max-tokens", "0"], "max_tokens must be >= 1"),
-    (["--num-draft", "0"], "num_draft must be between 1 and 8"),
-    (["--num-draft", "9"], "num_draft must be between 1 and 8"),
-    (["--prompt", ""], "the prompt is empty"),
-    (["--prompt", "caf\udce9"], "the prompt is not valid UTF-8"),
-    (["--chat", "--prompt", "caf\udce9"], "the prompt is not valid UTF-8"),
-]
-
-
-@pytest.mark.parametrize("args, message", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
-def test_cli_bad_value(args, message):
-    base = ["generate", "--model", str(MODEL), "--prompt", "hi", "--max-tokens", "2"]
-    result = CliRunner().invoke(main, base + args)
-    assert_one_line_error(result.stderr, result.exit_code, message)
-    assert result.stdout == ""
-
-
-def test_cli_prompt_bytes_that_are_not_utf8():
-    """Through a real command line: Python hands undecodable bytes on as lone surrogates."""
-    cmd = [sys.executable, "-m", "mlxkit", "generate", "--model", str(MODEL), "--prompt"]
-    proc = subprocess.run(
-        [*cmd, b"def f(\xff\xfe):"], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert_one_line_error(proc.stderr, proc.returncode, "the prompt is not valid UTF-8")
 
 
 # --------------------------------------------------------------------------- broken numbers
@@ -180,20 +193,6 @@ def test_non_finite_logits_mid_generation(tiny, mtp):
     assert len(good) <= 4 and good == clean[: len(good)]
 
 
-def test_cli_nan_weights_one_line(tmp_path):
-    from tests.helpers import copy_fixture
-
-    d = copy_fixture(tmp_path)
-    weights = mx.load(str(d / "model.safetensors"))
-    name = "model.language_model.norm.weight"
-    weights[name] = mx.full(weights[name].shape, NAN, dtype=weights[name].dtype)
-    mx.save_safetensors(str(d / "model.safetensors"), weights)
-    args = ["generate", "--model", str(d), "--prompt", "def f(x):", "--max-tokens", "4"]
-    result = CliRunner().invoke(main, args)
-    assert_one_line_error(result.stderr, result.exit_code, "")
-    assert "!" not in result.stdout
-
-
 # --------------------------------------------------------------------------- the context limit
 
 
@@ -228,15 +227,18 @@ def test_stop_at_context(tiny, mtp):
 # --------------------------------------------------------------------------- prompt-cache files
 
 
-@pytest.fixture(scope="module")
-def saved_cache(tiny, tmp_path_factory):
-    model, tokenizer = tiny
-    cache = PromptCache.new(model)
-    list(stream_generate(model, tokenizer, "def f(x):", max_tokens=6, prompt_cache=cache))
-    path = tmp_path_factory.mktemp("cache") / "cache.safetensors"
-    cache.save(path)
-    arrays, meta = mx.load(str(path), return_metadata=True)
-    return arrays, meta, len(cache.tokens)
+@cache
+def _filled_cache() -> PromptCache:
+    """A cache that `stream_generate` filled on the fixture (prompt and 6 tokens)."""
+    model, tokenizer = _tiny()
+    filled = PromptCache.new(model)
+    list(stream_generate(model, tokenizer, "def f(x):", max_tokens=6, prompt_cache=filled))
+    return filled
+
+
+def _saved(path: Path) -> tuple[dict, dict]:
+    _filled_cache().save(path)
+    return mx.load(str(path), return_metadata=True)
 
 
 CACHE_CASES = {
@@ -284,17 +286,34 @@ CACHE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CACHE_CASES))
-def test_prompt_cache_load_refuses(tiny, saved_cache, tmp_path, case):
-    model, _ = tiny
+def cache_row(case: str):
+    """A row: PromptCache.load of the saved cache with one thing edited."""
     edit, message = CACHE_CASES[case]
-    arrays, meta, _n = saved_cache
-    arrays, meta = edit(dict(arrays), dict(meta))
-    path = tmp_path / "bad.safetensors"
-    mx.save_safetensors(str(path), arrays, metadata=meta)
-    with pytest.raises(MlxkitError, match="not a prompt cache of this model") as e:
-        PromptCache.load(path, model)
-    assert message in str(e.value)
+
+    def setup(inputs: Inputs) -> None:
+        path = inputs.root / "bad.safetensors"
+        arrays, meta = edit(*_saved(path))
+        mx.save_safetensors(str(path), arrays, metadata=meta)
+
+    def call(inputs: Inputs):
+        return PromptCache.load(inputs.root / "bad.safetensors", _tiny()[0])
+
+    return api(f"PromptCache.load: {case}", call, setup=setup, needs=(), message=message)
+
+
+ROWS = API_ROWS + CLI_ROWS + [cache_row(case) for case in sorted(CACHE_CASES)]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_generation_input(row, tmp_path, monkeypatch):
+    run_row(row, tmp_path, monkeypatch, built={})
+
+
+def test_the_saved_cache_loads(tiny, tmp_path):
+    """The rows edit a cache that loads as it is (so each row fails for its own edit)."""
+    _, meta = _saved(tmp_path / "good.safetensors")
+    loaded = PromptCache.load(tmp_path / "good.safetensors", tiny[0])
+    assert loaded.tokens == _filled_cache().tokens and meta["tokens"]
 
 
 def test_prompt_cache_load_refuses_another_models_cache(tiny, tmp_path):
