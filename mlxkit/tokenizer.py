@@ -149,8 +149,8 @@ def _compile_chat_template(source: str) -> Template:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)  # fmt: skip
+        options = {"indent": indent, "separators": separators, "sort_keys": sort_keys}
+        return json.dumps(x, ensure_ascii=ensure_ascii, **options)
 
     def raise_exception(message: str):
         raise jinja2.TemplateError(message)
