@@ -54,12 +54,10 @@ from mlxkit.vision import PREPROCESSOR_FILES
 
 from .output import (
     OutputError,
+    assembling,
     check_apart_from_source,
     check_destination,
-    remove_leftovers,
     replace_dir,
-    temp_dir,
-    write_error,
 )
 from .quantize import Recipe, check_vision_bits, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
@@ -171,24 +169,12 @@ def convert(
     check_apart_from_source(out, source.directory)
     _check_disk(out, planned, source.directory)
 
-    remove_leftovers(out)
-    tmp = temp_dir(out, "partial")
-    created = next((p for p in reversed(out.parents) if not p.exists()), None)
-    try:
-        try:
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            raise write_error(e, out.parent) from None
+    with assembling(out, "partial") as tmp:
         with _progress(planned, quiet) as advance:
             rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance,
                                    drafter_layout, vision_bits)  # fmt: skip
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
         replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
-        if isinstance(e, OSError):
-            raise write_error(e, out.parent) from None
-        raise
 
     by_part = bytes_by_part(planned)
     result = ConvertResult(

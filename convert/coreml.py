@@ -249,11 +249,7 @@ def export_vision_encoder(
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
-    out_rules.remove_leftovers(out)
-    work = out_rules.temp_dir(out, "partial")
-    created = next((p for p in reversed(out.parents) if not p.exists()), None)
-    try:
-        work.mkdir(parents=True)
+    with out_rules.assembling(out, "partial") as work:
         packages = []
         for i, grid in enumerate(grids):
             t1 = time.perf_counter()
@@ -269,12 +265,6 @@ def export_vision_encoder(
         _describe(ct, package, cfg, grids, precision)
         files = package_files(package)
         out_rules.replace_dir(package, out)
-    except BaseException as e:
-        shutil.rmtree(created or work, ignore_errors=True)  # parents made for OUT go too
-        if isinstance(e, OSError):
-            raise out_rules.write_error(e, out.parent) from None
-        raise
-    shutil.rmtree(work, ignore_errors=True)
     result = ExportResult(
         output=out,
         grids=grids,

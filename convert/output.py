@@ -25,7 +25,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlxkit.errors import MlxkitError
@@ -193,6 +194,27 @@ def replace_dir(tmp: Path, out: Path) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def assembling(out: Path, kind: str) -> Iterator[Path]:
+    """The hidden sibling (`temp_dir`) a new `out` is built in, created with any missing
+    parents of `out`, after the leftovers of dead runs are removed. The caller moves its result
+    into place (`replace_dir`) inside the block. On any error or interrupt the sibling goes,
+    with the parents made for it, and an OSError becomes one line (`write_error`); on success
+    whatever is left in the sibling goes."""
+    remove_leftovers(out)
+    tmp = temp_dir(out, kind)
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(created or tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e, out.parent) from None
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_error(e: OSError, where: Path) -> MlxkitError:

@@ -21,7 +21,6 @@ ids, preprocessor_config.json and video_preprocessor_config.json), where MLX Swi
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,14 +156,7 @@ def build_bundle(
     source, p = plan_for_source(src, target, memory_budget, context, settings)
     output.check_apart_from_source(out, source.directory)
 
-    output.remove_leftovers(out)
-    tmp = output.temp_dir(out, "building")
-    created = next((d for d in reversed(out.parents) if not d.exists()), None)
-    try:
-        try:
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            raise output.write_error(e, out.parent) from None
+    with output.assembling(out, "building") as tmp:
         s, vision = p.settings, p.vision is not None
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
@@ -188,11 +180,6 @@ def build_bundle(
         manifest["files"] = file_entries(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         output.replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(created or tmp, ignore_errors=True)  # parents made for OUT go too
-        if isinstance(e, OSError):
-            raise output.write_error(e, out.parent) from None
-        raise
     return manifest
 
 
