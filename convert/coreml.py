@@ -19,8 +19,10 @@ imported only when an export runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import math
 import re
@@ -37,6 +39,7 @@ from mlxkit import __version__
 from mlxkit.checkpoint import read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.info import human_bytes
+from mlxkit.layout import VISION_TOKEN_KEYS
 from mlxkit.models.qwen3_5_vision import (
     HF_PREFIX,
     PREFIX,
@@ -44,6 +47,7 @@ from mlxkit.models.qwen3_5_vision import (
     VisionModel,
     sanitize_vision_tensor,
 )
+from mlxkit.vision import Preprocessor
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "embeddings"
@@ -57,6 +61,18 @@ COMPUTE_UNITS = "CPU_AND_NE"
 SPEC_FILE = "Data/com.apple.CoreML/model.mlmodel"  # inside the package, as coremltools writes it
 WEIGHT_FILE = "Data/com.apple.CoreML/weights/weight.bin"  # one file, shared by all functions
 INSTALL_HINT = "pip install 'mlxkit[coreml]'"
+# How coremltools' blob writer lays out the weight file (milstorage): a 64-byte file header,
+# then each constant of at least MIN_BLOB_VALUES values as a 64-byte header and its data,
+# padded to 64 bytes except the last; smaller constants are stored in the spec itself.
+BLOB_ALIGNMENT = 64
+MIN_BLOB_VALUES = 10
+# Peak memory of an export, fitted to the two 0.8B-shaped exports measured here (100.6M
+# parameters: 1.9 GB with three grids, 2.9 GB with the nine default ones): the tower read as
+# float32 and held by torch, one grid's conversion, and per grid the float16 weights
+# `save_multifunction` loads for every function before it finds them equal and shares them.
+EXPORT_PEAK_FIXED = 500_000_000
+EXPORT_PEAK_PER_PARAMETER = 9.0
+EXPORT_PEAK_PER_PARAMETER_AND_GRID = 1.66
 
 Grid = tuple[int, int]  # (rows, cols) of patches, as image_grid_thw's h and w
 
@@ -129,6 +145,59 @@ def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
     if len(set(checked)) != len(checked):
         raise ConfigError("a grid is listed twice")
     return checked
+
+
+def nearest_grid(grids: list[Grid], width: int, height: int, merge: int,
+                 max_tokens: int | None = None) -> Grid:  # fmt: skip
+    """The grid an app resizes a `width` x `height` picture to: of the grids within
+    `max_tokens` vision tokens (all, if None or none is), the one whose aspect ratio is
+    nearest the picture's (in log ratio, so 2:1 and 1:2 are equally far from 1:1), and of
+    those the one with the most tokens. The generated Swift (MLXKitVisionEncoder.swift) makes
+    the same choice."""
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"a {width}x{height} picture has no aspect ratio")
+    within = [g for g in grids if max_tokens is None or vision_tokens(g, merge) <= max_tokens]
+    target = math.log(width / height)
+    return min(within or grids, key=lambda g: (abs(math.log(g[1] / g[0]) - target),
+                                               -vision_tokens(g, merge)))  # fmt: skip
+
+
+# --- what a package holds and costs ----------------------------------------------------------
+
+
+def weight_file_bytes(cfg: VisionConfig, grids: list[Grid], precision: str = "float16") -> int:
+    """The size of the weight file `export_vision_encoder` writes for `grids`, from the config
+    alone: every parameter once (the functions share them), and each grid's rotary tables (cos
+    and sin per row and per column: rows or cols x head_dim/4 values) that no earlier grid has.
+    The first function is written whole (its last constant is the merger's output bias), each
+    further one adds its new tables, so the last blob, the one left unpadded, is the last new
+    table. Assumes no two parameters hold identical values, as in any trained tower:
+    coremltools stores identical constants once (an untrained tower whose LayerNorm weights
+    are all ones comes out smaller)."""
+    from mlx.utils import tree_flatten
+
+    itemsize = 2 if precision == "float16" else 4
+    values = [math.prod(v.shape) for _, v in tree_flatten(VisionModel(cfg).parameters())]
+    last = cfg.out_hidden_size  # merger.linear_fc2.bias, the first function's last constant
+    quarter = cfg.hidden_size // cfg.num_heads // 4
+    seen: set[tuple[str, int]] = set()
+    for i, (rows, cols) in enumerate(grids):
+        for key in (("cos_rows", rows), ("sin_rows", rows), ("cos_cols", cols),
+                    ("sin_cols", cols)):  # fmt: skip
+            n = key[1] * quarter
+            if key not in seen and n >= MIN_BLOB_VALUES:
+                values.append(n)
+                last = n if i else last
+            seen.add(key)
+    blobs = [n * itemsize for n in values if n >= MIN_BLOB_VALUES]
+    padding = -(last * itemsize) % BLOB_ALIGNMENT
+    return BLOB_ALIGNMENT + sum(BLOB_ALIGNMENT + b + -b % BLOB_ALIGNMENT for b in blobs) - padding
+
+
+def export_peak_estimate(parameters: int, grids: int) -> int:
+    """About how much memory an export of `grids` functions needs (see EXPORT_PEAK_*)."""
+    per_parameter = EXPORT_PEAK_PER_PARAMETER + EXPORT_PEAK_PER_PARAMETER_AND_GRID * grids
+    return int(EXPORT_PEAK_FIXED + parameters * per_parameter)
 
 
 # --- weights ---------------------------------------------------------------------------------
@@ -205,9 +274,7 @@ class ExportResult:
 
     @property
     def sha256(self) -> str:
-        """One digest of the package: of its files' paths and digests, sorted."""
-        listing = "".join(f"{path}\0{digest}\n" for path, digest in sorted(self.files.items()))
-        return hashlib.sha256(listing.encode()).hexdigest()
+        return package_digest(self.files)
 
 
 def export_vision_encoder(
@@ -237,6 +304,9 @@ def export_vision_encoder(
     cfg = vision_config(model_dir)
     grids = default_grids(cfg.spatial_merge_size) if grids is None else grids
     grids = check_grids(grids, cfg.spatial_merge_size)
+    pre = Preprocessor.from_dir(model_dir, cfg)
+    config = read_config(model_dir)
+    token_ids = {k: config[k] for k in VISION_TOKEN_KEYS if isinstance(config.get(k), int)}
     out_rules.check_destination(out, force, written_by_export, "Core ML package")
     out_rules.check_apart_from_source(out, model_dir)
     weights = read_vision_weights(model_dir, cfg)
@@ -249,6 +319,9 @@ def export_vision_encoder(
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
+    say(f"exporting {len(grids)} functions; coremltools holds every function's weights until "
+        f"it shares them: about {human_bytes(export_peak_estimate(parameters, len(grids)))} "
+        "of memory at the peak")  # fmt: skip
     with out_rules.assembling(out, "partial") as work:
         packages = []
         for i, grid in enumerate(grids):
@@ -262,7 +335,7 @@ def export_vision_encoder(
         say(f"writing {len(grids)} functions with shared weights")
         package = work / out.name
         _save_multifunction(ct, packages, grids, package)
-        _describe(ct, package, cfg, grids, precision)
+        _describe(ct, package, cfg, grids, precision, pre, token_ids)
         files = package_files(package)
         out_rules.replace_dir(package, out)
     result = ExportResult(
@@ -362,9 +435,12 @@ def _save_multifunction(ct, packages: list[Path], grids: list[Grid], out: Path) 
         save_multifunction(desc, str(out))
 
 
-def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision: str) -> None:
-    """What an app needs to know, in the spec Xcode shows: inputs, outputs, grids.
-    `save_multifunction` writes a bare description, so it is filled in here."""
+def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision: str,
+              pre: Preprocessor, token_ids: dict[str, int]) -> None:  # fmt: skip
+    """What an app needs to know, in the spec Xcode shows: inputs, outputs, grids, and how to
+    make the input (the preprocessing, the tower's config and the token ids of the source's
+    config.json, as JSON). `save_multifunction` writes a bare description, so it is filled in
+    here."""
     spec = ct.utils.load_spec(str(package))
     m = cfg.spatial_merge_size
     meta = spec.description.metadata
@@ -380,6 +456,9 @@ def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision
         "mlxkit.patch_size": str(cfg.patch_size),
         "mlxkit.temporal_patch_size": str(cfg.temporal_patch_size),
         "mlxkit.spatial_merge_size": str(m),
+        "mlxkit.preprocessing": json.dumps(preprocessing(pre)),
+        "mlxkit.vision_config": json.dumps(dataclasses.asdict(cfg)),
+        "mlxkit.token_ids": json.dumps(token_ids),
     })  # fmt: skip
     for function in spec.description.functions:
         (inp,), (outp,) = function.input, function.output
@@ -402,6 +481,57 @@ def package_files(package: Path) -> dict[str, str]:
                 digest.update(block)
         files[path.relative_to(package).as_posix()] = digest.hexdigest()
     return files
+
+
+def package_digest(files: dict[str, str]) -> str:
+    """One digest of a package: of its files' paths and sha256, sorted."""
+    listing = "".join(f"{path}\0{digest}\n" for path, digest in sorted(files.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def preprocessing(pre: Preprocessor) -> dict:
+    """What an app needs to make a function's input from a picture resized to its grid."""
+    return {
+        "patch_size": pre.patch_size,
+        "temporal_patch_size": pre.temporal_patch_size,
+        "merge_size": pre.merge_size,
+        "rescale_factor": pre.rescale_factor,
+        "image_mean": list(pre.image_mean),
+        "image_std": list(pre.image_std),
+    }
+
+
+@dataclass(frozen=True)
+class PackageSpec:
+    """What a saved package's spec says (read with skip_model_load=True: nothing compiled)."""
+
+    specification_version: int
+    default_function: str
+    functions: list[dict]  # {name, input: [{name, shape, dtype}], output: [...]}
+    metadata: dict[str, str]  # the spec's userDefined metadata
+
+
+def read_package_spec(package: Path) -> PackageSpec:
+    """The spec of `package`, or one line saying why it cannot be read."""
+    ct, _ = _import_coreml()
+    array = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+
+    def feature(f) -> dict:
+        t = f.type.multiArrayType
+        return {"name": f.name, "shape": list(t.shape), "dtype": array.Name(t.dataType).lower()}
+
+    try:
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    except Exception as e:  # noqa: BLE001 - coremltools raises whatever protobuf and IO raise
+        raise MlxkitError(f"{package}: not a readable Core ML package ({e})") from None
+    d = spec.description
+    functions = [
+        {"name": f.name, "input": [feature(i) for i in f.input],
+         "output": [feature(o) for o in f.output]}
+        for f in d.functions
+    ]  # fmt: skip
+    return PackageSpec(spec.specificationVersion, d.defaultFunctionName, functions,
+                       dict(d.metadata.userDefined))  # fmt: skip
 
 
 def package_grids(package: Path) -> list[Grid]:

@@ -26,8 +26,11 @@ from mlxkit.convert.coreml import (
     default_grids,
     export_vision_encoder,
     function_name,
+    nearest_grid,
     parse_grids,
+    read_package_spec,
     vision_config,
+    weight_file_bytes,
 )
 
 import mlxkit
@@ -225,6 +228,48 @@ def test_weights_are_two_bytes_per_parameter_and_do_not_grow_with_grids(
     tables = {(offset, n) for _, offset, n in extra}
     # (the file's last blob is not padded to 64 bytes: one blob's padding either way)
     assert 0 <= growth <= sum(64 + -(-2 * n // 64) * 64 for _, n in tables) + 64
+
+
+def test_the_weight_file_is_planned_to_the_byte(exports, converted_one_grid):
+    """`weight_file_bytes` (what the planner counts) from the config alone, against the file
+    written: three grids that share or do not share rows and cols, and one grid."""
+    for (name, precision), result in exports.items():
+        cfg = vision_config(FIXTURES / name)
+        assert weight_file_bytes(cfg, GRIDS[name], precision) == result.weight_bytes, name
+    cfg = vision_config(FIXTURES / "tiny_vision_p4")
+    assert weight_file_bytes(cfg, converted_one_grid.grids) == converted_one_grid.weight_bytes
+    # a grid adds its tables (4 x 4 values under ten: inline), the same grid twice adds nothing
+    assert weight_file_bytes(cfg, [(6, 10), (2, 2)]) == weight_file_bytes(cfg, [(6, 10)])
+
+
+@pytest.mark.parametrize("name", VISION)
+def test_the_spec_says_how_to_make_the_input(exports, name):
+    """The metadata an app (and bundle verify) reads: preprocessing, tower config, token ids."""
+    import json
+
+    meta = read_package_spec(exports[name, "float16"].output).metadata
+    cfg, config = vision_config(FIXTURES / name), json.loads((FIXTURES / name / "config.json")
+                                                             .read_text())  # fmt: skip
+    pre = json.loads(meta["mlxkit.preprocessing"])
+    assert (pre["patch_size"], pre["temporal_patch_size"], pre["merge_size"]) == (
+        cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size,
+    )  # fmt: skip
+    source = json.loads((FIXTURES / name / "preprocessor_config.json").read_text())
+    assert pre["image_mean"] == source["image_mean"] and pre["image_std"] == source["image_std"]
+    assert json.loads(meta["mlxkit.vision_config"])["depth"] == cfg.depth
+    tokens = json.loads(meta["mlxkit.token_ids"])
+    assert tokens["image_token_id"] == config["image_token_id"] and len(tokens) == 4
+
+
+def test_nearest_grid_by_aspect_then_tokens():
+    grids = default_grids(2)  # square, 3:4 and 4:3 (w:h) at 256, 576 and 1,024 tokens
+    assert nearest_grid(grids, 3024, 4032, 2) == (72, 54)  # portrait: 72 rows of 54 patches
+    assert nearest_grid(grids, 4032, 3024, 2, max_tokens=576) == (40, 54)
+    assert nearest_grid(grids, 1000, 1000, 2, max_tokens=300) == (32, 32)
+    assert nearest_grid(grids, 1000, 2000, 2, max_tokens=256) == (36, 26)  # 1:2 is nearest 3:4
+    assert nearest_grid(grids, 500, 500, 2, max_tokens=10) == (64, 64)  # none within: all
+    with pytest.raises(MlxkitError, match="has no aspect ratio"):
+        nearest_grid(grids, 0, 10, 2)
 
 
 def test_converted_layout_exports_the_same_encoder(exports, converted_one_grid):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mlxkit.convert import coreml
 
 from mlxkit.cli import main
+from mlxkit.info import human_bytes
 from tests.helpers import FIXTURES
 
 TOWER = FIXTURES / "tiny_vision_p4"  # 4x4 position grid, spatial merge 2
@@ -46,12 +47,17 @@ def test_export_prints_progress_and_a_summary(tmp_path):
     result = run(str(TOWER), "-o", str(out), "--grids", "4x4", "--grids", "2x8")
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
-    assert lines[0].startswith("[1/2] grid_4x4, 4 vision tokens: converted in ")
-    assert lines[1].startswith("[2/2] grid_2x8, 4 vision tokens: converted in ")
-    assert lines[2] == "writing 2 functions with shared weights"
-    assert lines[3].startswith(f"wrote {out} (") and "2 functions (grid_4x4, grid_2x8)" in lines[3]
-    assert "float16 compute, CPU_AND_NE" in lines[3]
-    assert "shared by all functions (2.0" in lines[4]  # bytes per parameter
+    peak = coreml.export_peak_estimate(45_536, 2)  # the tower's parameters, two grids
+    assert lines[0] == (
+        "exporting 2 functions; coremltools holds every function's weights until it shares "
+        f"them: about {human_bytes(peak)} of memory at the peak"
+    )
+    assert lines[1].startswith("[1/2] grid_4x4, 4 vision tokens: converted in ")
+    assert lines[2].startswith("[2/2] grid_2x8, 4 vision tokens: converted in ")
+    assert lines[3] == "writing 2 functions with shared weights"
+    assert lines[4].startswith(f"wrote {out} (") and "2 functions (grid_4x4, grid_2x8)" in lines[4]
+    assert "float16 compute, CPU_AND_NE" in lines[4]
+    assert "shared by all functions (2.0" in lines[5]  # bytes per parameter
     spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
     assert [f.name for f in spec.description.functions] == ["grid_4x4", "grid_2x8"]
     assert {p.name for p in tmp_path.iterdir()} == {out.name}
