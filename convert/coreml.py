@@ -174,10 +174,8 @@ def weight_file_bytes(cfg: VisionConfig, grids: list[Grid], precision: str = "fl
     table. Assumes no two parameters hold identical values, as in any trained tower:
     coremltools stores identical constants once (an untrained tower whose LayerNorm weights
     are all ones comes out smaller)."""
-    from mlx.utils import tree_flatten
-
     itemsize = 2 if precision == "float16" else 4
-    values = [math.prod(v.shape) for _, v in tree_flatten(VisionModel(cfg).parameters())]
+    values = parameter_counts(cfg)
     last = cfg.out_hidden_size  # merger.linear_fc2.bias, the first function's last constant
     quarter = cfg.hidden_size // cfg.num_heads // 4
     seen: set[tuple[str, int]] = set()
@@ -192,6 +190,13 @@ def weight_file_bytes(cfg: VisionConfig, grids: list[Grid], precision: str = "fl
     blobs = [n * itemsize for n in values if n >= MIN_BLOB_VALUES]
     padding = -(last * itemsize) % BLOB_ALIGNMENT
     return BLOB_ALIGNMENT + sum(BLOB_ALIGNMENT + b + -b % BLOB_ALIGNMENT for b in blobs) - padding
+
+
+def parameter_counts(cfg: VisionConfig) -> list[int]:
+    """Values per parameter tensor of the tower (`VisionModel`'s parameters are lazy: free)."""
+    from mlx.utils import tree_flatten
+
+    return [math.prod(v.shape) for _, v in tree_flatten(VisionModel(cfg).parameters())]
 
 
 def export_peak_estimate(parameters: int, grids: int) -> int:
@@ -299,7 +304,7 @@ def export_vision_encoder(
     out = _absolute(output)
     if out.suffix != ".mlpackage":
         raise ConfigError(f"{out}: the output must be a .mlpackage path")
-    ct, torch = _import_coreml()
+    ct, torch = import_coreml()
     model_dir = Path(model).expanduser()
     cfg = vision_config(model_dir)
     grids = default_grids(cfg.spatial_merge_size) if grids is None else grids
@@ -379,7 +384,7 @@ def _check_disk(out: Path, need: int) -> None:
         )
 
 
-def _import_coreml():
+def import_coreml():
     """coremltools and torch, or one line saying how to get them. coremltools' import-time
     notices (an untested torch version; no prediction on Linux) are not the user's business:
     the export is verified by reading the package back, not by coremltools' test matrix."""
@@ -513,7 +518,7 @@ class PackageSpec:
 
 def read_package_spec(package: Path) -> PackageSpec:
     """The spec of `package`, or one line saying why it cannot be read."""
-    ct, _ = _import_coreml()
+    ct, _ = import_coreml()
     array = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
 
     def feature(f) -> dict:
@@ -534,9 +539,19 @@ def read_package_spec(package: Path) -> PackageSpec:
                        dict(d.metadata.userDefined))  # fmt: skip
 
 
+def vision_config_of(data: object, where: str) -> VisionConfig:
+    """The tower config an export recorded (`dataclasses.asdict` of it, as JSON), checked."""
+    try:
+        cfg = VisionConfig(**data)  # type: ignore[arg-type]
+        cfg._check()
+    except (TypeError, MlxkitError) as e:
+        raise MlxkitError(f"{where}: not a vision tower config ({e})") from None
+    return cfg
+
+
 def package_grids(package: Path) -> list[Grid]:
     """The grids of an exported package, from its function names (the spec alone is read)."""
-    ct, _ = _import_coreml()
+    ct, _ = import_coreml()
     grids = []
     for function in ct.utils.load_spec(str(package)).description.functions:
         match = re.fullmatch(r"grid_(\d+)x(\d+)", function.name)

@@ -4,8 +4,11 @@
       model/          the MLX model directory (loads by itself in mlx-lm, MLX Swift, mlxkit),
                       with the vision tower and its preprocessor configs when planned
       mtp/            the MTP drafter (the head in the checkpoint's layout), when included
+      vision/         VisionEncoder.mlpackage, with --vision-encoder coreml (model/ then holds
+                      no tower)
       manifest.json   what is inside, what it needs, sha256 of every file
-      xcode/          Entitlements.plist, Info-BackgroundAssets.plist, MLXKitBundle.swift, README
+      xcode/          Entitlements.plist, Info-BackgroundAssets.plist, MLXKitBundle.swift,
+                      MLXKitVisionEncoder.swift (Core ML bundles), README
 
 The plan comes first, so a model that cannot fit is refused before a byte is converted.
 Without explicit choices the recipe, MTP inclusion and memory limit are picked by
@@ -15,17 +18,24 @@ mlx-swift-lm's Qwen 3.5 text drafter reads (convert.converter.DRAFTER_LAYOUTS); 
 moves it beside `model/` so that each directory is a plain, self-contained model directory.
 The vision tower stays inside model/ (`vision_tower.*`, config.json's `vision_config` and token
 ids, preprocessor_config.json and video_preprocessor_config.json), where MLX Swift's VLM loader
-(`VLMModelFactory`, model type qwen3_5) reads it; its text loader ignores it.
+(`VLMModelFactory`, model type qwen3_5) reads it; its text loader ignores it. With
+`vision_encoder="coreml"` the app encodes images with a Core ML package instead, so model/ is
+converted text-only (it loads in every loader, the text one included) and the tower is
+exported from the checkpoint to vision/VisionEncoder.mlpackage (convert/coreml.py), whose
+weight file the plan counts to the byte; the manifest describes its functions, preprocessing
+and token ids, and the package's size and digest.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxkit.convert import output
+from mlxkit.convert.coreml import import_coreml
 
 from mlxkit import __version__
 from mlxkit.bundle_files import bundle_files, read_manifest
@@ -41,8 +51,16 @@ if TYPE_CHECKING:
 
 from .choose import choose_plan
 from .devices import ENTITLEMENT, Target, resolve_target
-from .manifest import FORMAT, MANIFEST, SCHEMA_VERSION, file_entries
-from .plan import Plan, PlanRefused
+from .manifest import (
+    COREML_PATH,
+    COREML_RECORDED,
+    FORMAT,
+    MANIFEST,
+    SCHEMA_VERSION,
+    VISION_DIR,
+    file_entries,
+)
+from .plan import COREML_PRECISION, Plan, PlanRefused
 from .serialize import memory_to_dict, plan_to_dict, target_to_dict, vision_to_dict
 from .xcode import RUNTIME, write_xcode
 
@@ -61,9 +79,41 @@ def _source_info(directory: Path) -> dict:
     return {"path": str(directory.resolve()), "repo": repo, "revision": revision}
 
 
-def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool) -> dict:
-    """The manifest without `files` (they are hashed once everything is written)."""
+def coreml_facts(root: Path, recorded: dict) -> dict:
+    """What the manifest says of the Core ML package beyond the plan: where it is, its size and
+    digest (from the files), and what its spec records (`recorded`: the preprocessing, tower
+    config and token ids an app needs to make its input)."""
+    from mlxkit.convert.coreml import package_digest, package_files
+
+    package = root / COREML_PATH
+    files = package_files(package)
+    return {
+        "path": COREML_PATH,
+        "bytes": sum((package / rel).stat().st_size for rel in files),
+        "sha256": package_digest(files),
+        **{key: recorded[key] for key in COREML_RECORDED},
+    }
+
+
+def recorded_by_export(package: Path) -> dict:
+    """The preprocessing, tower config and token ids the export wrote into the spec."""
+    from mlxkit.convert.coreml import read_package_spec
+
+    meta = read_package_spec(package).metadata
+    return {key: json.loads(meta[f"mlxkit.{key}"]) for key in COREML_RECORDED}
+
+
+def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | None = None) -> dict:
+    """The manifest without `files` (they are hashed once everything is written); `coreml`:
+    `coreml_facts` of the package, with the Core ML encoder."""
     d = plan_to_dict(plan)
+    # the MLX tower is in model/, where VLMModelFactory reads it (LLMModelFactory ignores it)
+    vision = {
+        **vision_to_dict(plan),
+        "preprocessor": list(PREPROCESSOR_FILES) if plan.mlx_vision is not None else [],
+    }
+    if vision["coreml"] is not None:
+        vision["coreml"].update(coreml or {})
     memory = memory_to_dict(plan)
     memory["check_available_bytes"] = max(0, plan.total - APP_BASELINE)
     return {
@@ -89,10 +139,7 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool) -> dict:
             "path": MTP_DIR if has_mtp_dir else None,
             "num_draft": plan.num_draft,
         },
-        "vision": {  # in model/: VLMModelFactory reads it, LLMModelFactory ignores it
-            **vision_to_dict(plan),
-            "preprocessor": list(PREPROCESSOR_FILES) if plan.vision is not None else [],
-        },
+        "vision": vision,
         "max_context": plan.max_context,
         "largest_context_that_fits": plan.largest_context_that_fits,
         "prefill_chunk": plan.settings.prefill_chunk,
@@ -123,8 +170,10 @@ def plan_for_source(
             "plans for it, and `mlxkit convert` without --target writes the model it loads"
         )
     source = resolve_source(src)
+    # the tower is read for the Core ML encoder even with --no-vision, which the plan refuses
+    vision = settings.get("vision") is not False or settings.get("vision_encoder") == "coreml"
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=settings.get("mtp") is not False,
-                                 include_vision=settings.get("vision") is not False)  # fmt: skip
+                                 include_vision=vision)  # fmt: skip
     name, has_mtp = source.name, ckpt.has_mtp
     return source, choose_plan(ckpt.shapes, tgt, context, name=name, has_mtp=has_mtp, **settings)
 
@@ -143,8 +192,6 @@ def build_bundle(
     """Plans, converts `src` (a Hugging Face layout checkpoint directory, or a size name)
     into `out`, and writes manifest.json and xcode/. Returns the manifest. `settings` are
     the fields of `Settings`; `recipe` and `mtp` left out (or None) are chosen."""
-    import json
-
     from mlxkit.convert.converter import convert
     from mlxkit.convert.source import local_source
 
@@ -156,31 +203,57 @@ def build_bundle(
     source, p = plan_for_source(src, target, memory_budget, context, settings)
     output.check_apart_from_source(out, source.directory)
 
+    if p.vision_encoder == "coreml":
+        import_coreml()  # before minutes of conversion, not after
     with output.assembling(out, "building") as tmp:
-        s, vision = p.settings, p.vision is not None
+        s, tower = p.settings, p.mlx_vision is not None
         result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
                          recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
-                         vision=vision, vision_bits=s.vision_bits if vision else None,
+                         vision=tower, vision_bits=s.vision_bits if tower else None,
                          drafter_layout="checkpoint", force=False, quiet=True)  # fmt: skip
         if (tmp / MODEL_DIR / MTP_DIR).is_dir():
             os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
-        if result.bytes_by_part != p.weights:  # one source of truth: this is a bug if it fires
+        written, coreml = dict(result.bytes_by_part), None
+        if p.vision_encoder == "coreml":
+            written["vision"] = _export_encoder(source.directory, tmp, p, quiet)
+            coreml = coreml_facts(tmp, recorded_by_export(tmp / COREML_PATH))
+        if written != p.weights:  # one source of truth: this is a bug if it fires
             raise MlxkitError(
-                f"internal error: the converter wrote {result.bytes_by_part} but the plan "
-                f"expected {p.weights}; please report it"
+                f"internal error: the converter wrote {written} but the plan expected "
+                f"{p.weights}; please report it"
             )
-        manifest = make_manifest(p, _source_info(source.directory), (tmp / MTP_DIR).is_dir())
-        # What an app downloads: model/ and mtp/ plus manifest.json (not yet written: room
-        # for it is reserved); xcode/ goes into the app project, not the download.
+        manifest = make_manifest(p, _source_info(source.directory), (tmp / MTP_DIR).is_dir(),
+                                 coreml)  # fmt: skip
+        # What an app downloads: model/, mtp/ and vision/ plus manifest.json (not yet
+        # written: room for it is reserved); xcode/ goes into the app project.
         download = MANIFEST_ALLOWANCE + sum(
-            f.stat().st_size for d in (MODEL_DIR, MTP_DIR) for f in (tmp / d).rglob("*")
-            if f.is_file()
+            f.stat().st_size for d in (MODEL_DIR, MTP_DIR, VISION_DIR)
+            for f in (tmp / d).rglob("*") if f.is_file()
         )  # fmt: skip
         write_xcode(tmp / "xcode", out.name, manifest, download)
         manifest["files"] = file_entries(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         output.replace_dir(tmp, out)
     return manifest
+
+
+def _export_encoder(checkpoint: Path, tmp: Path, p: Plan, quiet: bool) -> int:
+    """Exports the tower to vision/ and returns its weight file's size, which the plan
+    counted (`weight_file_bytes`); a checkpoint whose tower repeats a tensor exactly (an
+    untrained one) comes out smaller, and is refused rather than shipped unplanned."""
+    from mlxkit.convert.coreml import export_vision_encoder
+
+    grids = p.coreml_grids
+    result = export_vision_encoder(checkpoint, tmp / COREML_PATH, grids,
+                                   precision=COREML_PRECISION, quiet=quiet)  # fmt: skip
+    if result.weight_bytes != p.weights["vision"]:
+        raise MlxkitError(
+            f"{checkpoint}: the Core ML weight file holds {result.weight_bytes:,} bytes, not the "
+            f"{p.weights['vision']:,} planned: coremltools stored identical tensors of this "
+            "vision tower once (an untrained tower, e.g. LayerNorm weights all ones); a "
+            "trained checkpoint has none. Use --vision-encoder mlx for this one"
+        )
+    return result.weight_bytes
 
 
 def written_by_bundle(directory: Path) -> bool:

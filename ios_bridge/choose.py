@@ -13,10 +13,21 @@ reports is the limit the app will run under.
 
 from __future__ import annotations
 
+from mlxkit.convert.coreml import vision_tokens
+
 from mlxkit.layout import ModelConfig
 
 from .devices import Target, resolve_target
-from .plan import ModelLike, Plan, evaluate, min_context, plan, resolve_config
+from .plan import (
+    ModelLike,
+    Plan,
+    coreml_grids,
+    evaluate,
+    make_settings,
+    min_context,
+    plan,
+    resolve_config,
+)
 from .settings import DEFAULT_CONTEXT, Settings
 
 RECIPES = ("quality", "uniform")  # best first
@@ -73,6 +84,10 @@ def choose_plan(
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     options = {"name": name or label, **settings}
     image_tokens = settings.get("image_tokens", Settings.image_tokens)
+    if settings.get("vision_encoder") == "coreml" and shapes.vision is not None:
+        vision = True if vision is None else vision  # Core ML encodes images: keep the tower
+        grids = coreml_grids(make_settings(**settings), shapes.vision)
+        image_tokens = max(vision_tokens(g, shapes.vision.spatial_merge_size) for g in grids)
     pairs = candidates(recipe, mtp, has_mtp and cfg.mtp_num_hidden_layers > 0)
     visions = vision_candidates(vision, shapes.vision is not None)
     last = None

@@ -19,6 +19,11 @@ from mlxkit.load import BUNDLE_MANIFEST as MANIFEST
 
 SCHEMA_VERSION = 1
 FORMAT = "mlxkit-ios-bundle"
+VISION_DIR = "vision"  # the Core ML vision encoder, with --vision-encoder coreml
+COREML_PATH = f"{VISION_DIR}/VisionEncoder.mlpackage"
+# What the manifest copies from the package's spec metadata (mlxkit.<key>, JSON): what an app
+# needs to make a function's input, and the tower the plan is remade with.
+COREML_RECORDED = ("preprocessing", "vision_config", "token_ids")
 
 # Required keys → type, nested dicts for sub-objects. `list` / `dict` are not looked into.
 SCHEMA: dict = {
@@ -48,7 +53,13 @@ SCHEMA: dict = {
         "bits_per_part": dict,
     },
     "mtp": {"included": bool, "path": (str, type(None)), "num_draft": int},
-    "vision": {"included": bool, "image_tokens": (int, type(None)), "preprocessor": list},
+    "vision": {
+        "included": bool,
+        "encoder": (str, type(None)),
+        "image_tokens": (int, type(None)),
+        "preprocessor": list,
+        "coreml": (dict, type(None)),
+    },
     "max_context": int,
     "prefill_chunk": int,
     "memory": {

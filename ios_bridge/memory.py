@@ -230,10 +230,13 @@ def vision_patches(vision: VisionConfig, image_tokens: int) -> int:
     return image_tokens * vision.spatial_merge_size**2
 
 
-def vision_score_bytes(vision: VisionConfig, image_tokens: int, dtype_bytes: int) -> int:
-    """The tower's [h, N, N] attention scores, 0 where MLX's fused kernel takes its head dim:
-    the largest single array of encoding an image when they exist."""
-    if fused_attention(vision.head_dim):
+def vision_score_bytes(
+    vision: VisionConfig, image_tokens: int, dtype_bytes: int, fused: bool | None = None
+) -> int:
+    """The tower's [h, N, N] attention scores, 0 where the attention is fused (`fused`; None:
+    where MLX's fused kernel takes its head dim): the largest single array of encoding an
+    image when they exist."""
+    if fused_attention(vision.head_dim) if fused is None else fused:
         return 0
     return vision.num_heads * vision_patches(vision, image_tokens) ** 2 * dtype_bytes
 
@@ -246,9 +249,11 @@ def vision_mask_bytes(vision: VisionConfig, image_tokens: int, dtype_bytes: int)
 
 
 def vision_activations(
-    vision: VisionConfig, image_tokens: int, dtype_bytes: int, mask: bool
-) -> Activations:
-    """Peak while the tower encodes one image of `image_tokens` vision tokens.
+    vision: VisionConfig, image_tokens: int, dtype_bytes: int, mask: bool,
+    fused: bool | None = None,
+) -> Activations:  # fmt: skip
+    """Peak while the tower encodes one image of `image_tokens` vision tokens (`fused` as for
+    `vision_score_bytes`).
 
     retained = what lives through every block: the caller's float32 patches [N, P], the
     residual stream [N, D], the rotary cos and sin [N, hv] (float32).
@@ -276,7 +281,7 @@ def vision_activations(
     b = dtype_bytes
     retained = N * vision.patch_dim * FLOAT32 + N * D * b + 2 * N * vision.head_dim * FLOAT32
     attention = N * (D + 3 * D + 2 * D + 3 * D + 2 * D) * b + 2 * 5 * N * D * FLOAT32
-    attention += 2 * vision_score_bytes(vision, image_tokens, b)
+    attention += 2 * vision_score_bytes(vision, image_tokens, b, fused)
     if mask:
         attention += vision_mask_bytes(vision, image_tokens, b)
     peaks = {

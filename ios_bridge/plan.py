@@ -16,6 +16,12 @@ With the vision tower (a checkpoint that has one, `vision` on): its weights are 
 their own; the activation peak is the larger of prefill / verification and encoding one
 image of `image_tokens` vision tokens (memory.vision_activations: attention over all of its
 patches); and the context must hold that image's tokens besides MIN_CONTEXT of text.
+With `vision_encoder="coreml"` the app encodes images with the Core ML package instead of the
+tower: the vision part is that package's weight file (convert.coreml.weight_file_bytes, to the
+byte), model/ holds no tower tensors, the image cap is the largest of its grids, and encoding
+one is estimated as the same graph in float16 with its attention scores materialised (Core
+ML's own memory cannot be measured here); those arrays are Core ML's, not MLX's, so they do
+not count against the Metal buffer limit.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlxkit.convert.coreml import (
+    Grid,
+    check_grids,
+    default_grids,
+    parse_grids,
+    vision_tokens,
+    weight_file_bytes,
+)
 from mlxkit.convert.quantize import check_vision_bits, load_recipe
 
 from mlxkit import fields
@@ -47,7 +61,9 @@ from . import memory as mem
 from .devices import GB, Target, load_catalog, resolve_target
 from .roofline import Speed, WeightReads, predict_speed
 from .runtimes import MLXKIT, DecodeRuntime, runtime_for
-from .settings import MIN_CONTEXT, Settings
+from .settings import MIN_CONTEXT, VISION_ENCODERS, Settings
+
+COREML_PRECISION = "float16"  # what a bundle's Core ML encoder computes in (the Neural Engine's)
 
 
 class _WithVision:
@@ -62,9 +78,38 @@ class _WithVision:
         return self.checkpoint.vision if self.settings.vision else None
 
     @property
+    def vision_encoder(self) -> str | None:
+        """What encodes images in the app: "mlx", "coreml", or None without vision."""
+        return self.settings.vision_encoder if self.vision is not None else None
+
+    @property
+    def mlx_vision(self) -> VisionConfig | None:
+        """The tower model/ holds for MLX (None with the Core ML encoder)."""
+        return self.vision if self.vision_encoder == "mlx" else None
+
+    @property
+    def coreml_grids(self) -> list[Grid]:
+        """The Core ML encoder's grids ([] unless it encodes)."""
+        if self.vision_encoder != "coreml":
+            return []
+        return coreml_grids(self.settings, self.vision)
+
+    @property
     def image_tokens(self) -> int:
-        """Vision tokens of the largest image the plan leaves room for (0: no vision)."""
+        """Vision tokens of the largest image the plan leaves room for (0: no vision): the
+        largest Core ML grid, or the cap set for the MLX tower."""
+        if self.vision_encoder == "coreml":
+            return max(vision_tokens(g, self.vision.spatial_merge_size) for g in self.coreml_grids)
         return self.settings.image_tokens if self.vision is not None else 0
+
+
+def coreml_grids(settings: Settings, vision: VisionConfig) -> list[Grid]:
+    """The grids `settings` ask for (`coreml_grids`, "ROWSxCOLS,..."), or the default ones;
+    ConfigError for one the tower cannot take."""
+    merge = vision.spatial_merge_size
+    if settings.coreml_grids is None:
+        return default_grids(merge)
+    return check_grids(parse_grids([settings.coreml_grids]), merge)
 
 
 @dataclass
@@ -166,7 +211,8 @@ def shortfall(plan: Plan) -> str:
     s = plan.settings
     extras = [", with MTP" if s.mtp else ""]
     if plan.vision is not None:
-        extras.append(f", with the vision tower at {plan.image_tokens:,} tokens per image")
+        encoder = "Core ML vision encoder" if plan.vision_encoder == "coreml" else "vision tower"
+        extras.append(f", with the {encoder} at {plan.image_tokens:,} tokens per image")
     what = f"{plan.model} at {s.bits}-bit ({s.recipe} recipe{''.join(extras)})"
     reasons = []
     if not plan.holds_an_image:
@@ -276,6 +322,31 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
         check_vision_bits(settings.vision_bits)
     if not isinstance(settings.vision, bool):
         raise ConfigError(f"vision must be true or false, got {settings.vision!r}")
+    if settings.vision_encoder not in VISION_ENCODERS:
+        raise ConfigError(
+            f"vision encoder must be one of {', '.join(VISION_ENCODERS)}, got "
+            f"{fields.shown(settings.vision_encoder)}"
+        )
+    if settings.vision_encoder != "coreml" and settings.coreml_grids is not None:
+        raise ConfigError("--coreml-grids: only with --vision-encoder coreml")
+
+
+def validate_vision_encoder(settings: Settings, shapes: ModelConfig, label: str) -> None:
+    """The Core ML encoder needs the checkpoint's tower, kept, unquantized, and grids it takes."""
+    if settings.vision_encoder != "coreml":
+        return
+    if shapes.vision is None:
+        raise ConfigError(f"{label} has no vision tower: --vision-encoder coreml needs one")
+    if not settings.vision:
+        raise ConfigError("--vision-encoder coreml encodes images: drop --no-vision")
+    if settings.vision_bits is not None:
+        raise ConfigError(
+            "--vision-bits quantizes the MLX tower, and the Core ML encoder is float16: drop "
+            "--vision-bits"
+        )
+    if not isinstance(settings.coreml_grids, (str, type(None))):
+        raise ConfigError(f"coreml grids must be a string, got {settings.coreml_grids!r}")
+    coreml_grids(settings, shapes.vision)
 
 
 def min_context(cfg: TextConfig, image_tokens: int) -> int:
@@ -296,10 +367,14 @@ class WeightPlan:
 
 
 def weight_plan(
-    cfg: TextConfig, settings: Settings, vision: VisionConfig | None = None
+    cfg: TextConfig,
+    settings: Settings,
+    vision: VisionConfig | None = None,
+    coreml: tuple[VisionConfig, list[Grid]] | None = None,
 ) -> WeightPlan:
     """Bytes per part, straight from `planned_tensors` (no formula here); `vision` is the
-    tower the plan includes."""
+    tower model/ holds. With `coreml` (a tower and its grids) the vision part is the Core ML
+    package's weight file instead, from `weight_file_bytes`."""
     recipe = load_recipe(settings.recipe, settings.bits, settings.group_size)
     vb = settings.vision_bits
     tensors = planned_tensors(cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype,
@@ -311,6 +386,9 @@ def weight_plan(
         if len(shape) == 2:
             rule = weight_rule(path, shape, recipe, vb)
             bits[part_of(path)].add(rule[0] if rule else settings.dtype)
+    if coreml:
+        by_part["vision"] = weight_file_bytes(*coreml, COREML_PRECISION)
+        bits["vision"].add(f"{COREML_PRECISION} (Core ML)")
     tied = cfg.tie_word_embeddings
     head = "language_model.model.embed_tokens." if tied else "language_model.lm_head."
     reads = WeightReads(
@@ -346,6 +424,9 @@ class _Inputs(_WithVision):
     def vision_encoding(self) -> mem.Activations | None:
         if self.vision is None:
             return None
+        if self.vision_encoder == "coreml":
+            b = DTYPE_BYTES[COREML_PRECISION]
+            return mem.vision_activations(self.vision, self.image_tokens, b, False, fused=False)
         mask = self.runtime.builds_vision_mask
         return mem.vision_activations(self.vision, self.image_tokens, self.dtype_bytes, mask)
 
@@ -374,7 +455,7 @@ def _largest_array(inputs: _Inputs, held: int, kv_buffer: int, context: int) -> 
         ("KV cache buffer of one layer", kv_buffer),
         ("attention score matrix (prefill)", scores),
     ]
-    if inputs.vision is not None:
+    if inputs.mlx_vision is not None:  # Core ML's arrays are not Metal buffers
         n, b = inputs.image_tokens, inputs.dtype_bytes
         candidates.append(("vision attention scores (one image)",
                            mem.vision_score_bytes(inputs.vision, n, b)))  # fmt: skip
@@ -500,8 +581,11 @@ def evaluate(
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     s = make_settings(**settings)
     validate(s, context, cfg)
+    validate_vision_encoder(s, shapes, name or label)
     vision = shapes.vision if s.vision else None
-    inputs = _Inputs(shapes, name or label, size, tgt, s, weight_plan(cfg, s, vision))
+    coreml = (vision, coreml_grids(s, vision)) if s.vision_encoder == "coreml" else None
+    tower = None if coreml else vision
+    inputs = _Inputs(shapes, name or label, size, tgt, s, weight_plan(cfg, s, tower, coreml))
     best = largest_context_that_fits(inputs)
     floor = min_context(cfg, inputs.image_tokens)
     planned = context if context is not None else max(best, floor)

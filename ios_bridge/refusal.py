@@ -61,9 +61,35 @@ def _smaller_image_cap(refused: PlanRefused) -> tuple[int, int] | None:
     return low, context_at(low)
 
 
+def _fewer_grids(refused: PlanRefused) -> str | None:
+    """The Core ML encoder with only its grids of fewer tokens than the largest, the most
+    tokens first, if that fits: its largest image is what the plan makes room for."""
+    from mlxkit.convert.coreml import vision_tokens
+
+    p = refused.plan
+    merge = p.vision.spatial_merge_size
+    caps = sorted({vision_tokens(g, merge) for g in p.coreml_grids}, reverse=True)[1:]
+    for cap in caps:
+        grids = [g for g in p.coreml_grids if vision_tokens(g, merge) <= cap]
+        spec = ",".join(f"{r}x{c}" for r, c in grids)
+        n = _largest_context(p, p.size, coreml_grids=spec)
+        if n >= _need(refused, cap):
+            return (
+                f"Core ML grids of up to {cap:,} vision tokens (--coreml-grids {spec}): up "
+                f"to {n:,} tokens of context"
+            )
+    return None
+
+
 def _vision_changes(refused: PlanRefused) -> list[str]:
     """What to change about the vision tower of a refused plan that includes one."""
     p, found = refused.plan, []
+    if p.vision_encoder == "coreml":
+        found += [grids for grids in [_fewer_grids(refused)] if grids]
+        n = _largest_context(p, p.size, vision=False, vision_encoder="mlx", coreml_grids=None)
+        if n >= _need(refused, 0):
+            found.append(f"no vision tower (--no-vision, text only): up to {n:,} tokens")
+        return found
     cap = _smaller_image_cap(refused)
     if cap is not None:
         found.append(

@@ -171,6 +171,8 @@ def _vision_line(plan: Plan) -> str:
     if plan.vision is None:
         return "  vision: off (text only; with --vision the plan keeps the tower or says what fits)"
     v, enc = plan.vision, plan.vision_encoding
+    if plan.vision_encoder == "coreml":
+        return _coreml_line(plan)
     bits = f"{plan.settings.vision_bits}-bit" if plan.settings.vision_bits else plan.settings.dtype
     attention = (
         "fused attention" if fused_attention(v.head_dim)
@@ -180,6 +182,23 @@ def _vision_line(plan: Plan) -> str:
         f"  vision: on ({bits}), images up to {plan.image_tokens:,} vision tokens "
         f"({vision_patches(v, plan.image_tokens):,} patches, --image-tokens); encoding one "
         f"peaks at {gb(enc.total)} ({enc.layer_kind}; {attention})"
+    )
+
+
+def _coreml_line(plan: Plan) -> str:
+    from mlxkit.convert.coreml import export_peak_estimate, function_name, parameter_counts
+
+    grids, enc = plan.coreml_grids, plan.vision_encoding
+    largest = max(grids, key=lambda g: g[0] * g[1])
+    parameters = sum(parameter_counts(plan.vision))
+    return (
+        f"  vision: Core ML encoder (vision/VisionEncoder.mlpackage: {len(grids)} "
+        f"function{'s' * (len(grids) != 1)}, "
+        f"float16, for the Neural Engine; model/ holds no tower), images up to "
+        f"{plan.image_tokens:,} vision tokens ({function_name(largest)}, --coreml-grids); "
+        f"encoding one peaks at about {gb(enc.total)} ({enc.layer_kind}, scores materialised: "
+        "an estimate, Core ML's own memory is not measured here); exporting it takes about "
+        f"{gb(export_peak_estimate(parameters, len(grids)))} on the machine that builds the bundle"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mlxkit.convert.quantize import load_recipe
 
-from .plan import Plan
+from .plan import COREML_PRECISION, Plan
 from .roofline import Speed, speed_model
 
 
@@ -28,17 +28,54 @@ def target_to_dict(plan: Plan) -> dict:
 
 def vision_to_dict(plan: Plan) -> dict:
     """The vision tower in the plan: whether the model has one (as far as the plan looked:
-    not with --no-vision) and it is included, its image cap and bits, and the activations of
+    not with --no-vision) and it is included, what encodes images (the MLX tower in model/, or
+    the Core ML package and its functions), the image cap and bits, and the activations of
     encoding one image (what the plan made room for)."""
     enc = plan.vision_encoding
     return {
         "available": plan.checkpoint.vision is not None,
         "included": plan.vision is not None,
+        "encoder": plan.vision_encoder,
         "image_tokens": plan.image_tokens or None,
         "bits": plan.settings.vision_bits if plan.vision is not None else None,
         "weights_bytes": plan.weights["vision"],
         "encoding_peak_bytes": enc.total if enc else None,
         "encoding_largest_layer": enc.layer_kind if enc else None,
+        "coreml": coreml_to_dict(plan) if plan.vision_encoder == "coreml" else None,
+    }
+
+
+def coreml_to_dict(plan: Plan) -> dict:
+    """The Core ML encoder as planned: one function per grid, with the shapes and dtypes of
+    its input and output (what `bundle verify` holds the package's spec to), and the memory
+    its export takes on the machine that builds the bundle (an estimate)."""
+    from mlxkit.convert.coreml import (
+        COMPUTE_UNITS,
+        INPUT_NAME,
+        OUTPUT_NAME,
+        export_peak_estimate,
+        function_name,
+        parameter_counts,
+        vision_tokens,
+    )
+
+    v, grids = plan.vision, plan.coreml_grids
+    m = v.spatial_merge_size
+    functions = [{
+        "name": function_name(g),
+        "grid": list(g),
+        "tokens": vision_tokens(g, m),
+        "input": {"name": INPUT_NAME, "shape": [g[0] * g[1], v.patch_dim], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": [vision_tokens(g, m), v.out_hidden_size],
+                   "dtype": "float32"},
+    } for g in grids]  # fmt: skip
+    return {
+        "precision": COREML_PRECISION,
+        "compute_units": COMPUTE_UNITS,
+        "functions": functions,
+        "default_function": functions[0]["name"],
+        "weight_bytes": plan.weights["vision"],
+        "export_peak_bytes_estimate": export_peak_estimate(sum(parameter_counts(v)), len(grids)),
     }
 
 

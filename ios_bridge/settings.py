@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import Field, dataclass, field, fields
 
+import click
+
 from mlxkit.vision import DEFAULT_MAX_IMAGE_TOKENS
 
 # Runtime reserve: what the app process holds besides MLX arrays. Not measurable here
@@ -27,6 +29,9 @@ DEFAULT_RESERVE = 256 * 2**20
 # MLX keeps freed buffers for reuse up to this limit; on a phone they count against the
 # jetsam limit, so the limit is set small (what the MLX Swift example apps use) and counted.
 DEFAULT_CACHE_LIMIT = 20 * 2**20
+# What encodes images on the phone: MLX (the tower in model/, mlx-swift-lm's VLM loader) or
+# Core ML (vision/VisionEncoder.mlpackage, meant for the Neural Engine; model/ then has no tower).
+VISION_ENCODERS = ("mlx", "coreml")
 MIN_CONTEXT = 512  # a plan with less room than this is refused: not a useful chat
 DEFAULT_CONTEXT = 4096  # what an automatic choice (choose_plan) leaves room for, when it can
 
@@ -87,9 +92,24 @@ class Settings:
     image_tokens: int = _knob(
         DEFAULT_MAX_IMAGE_TOKENS,
         "Vision tokens of the largest image the plan leaves room for: the activations of "
-        "encoding it and its tokens in the context (mlxkit and MLX Swift cap images here).",
+        "encoding it and its tokens in the context (mlxkit and MLX Swift cap images here; "
+        "with --vision-encoder coreml the largest grid is the cap).",
         "--image-tokens",
         type=int,
+    )
+    vision_encoder: str = _knob(
+        "mlx",
+        "What encodes images in the app: mlx (the tower in model/, read by mlx-swift-lm's VLM "
+        "loader) or coreml (vision/VisionEncoder.mlpackage for the Neural Engine, float16, one "
+        "function per grid; model/ then holds no tower; building needs the coreml extra).",
+        "--vision-encoder",
+        type=click.Choice(VISION_ENCODERS),
+    )
+    coreml_grids: str | None = _knob(
+        None,
+        "With --vision-encoder coreml: the patch grids ROWSxCOLS,... of its functions [square, "
+        "3:4 and 4:3 at about 256, 576 and 1,024 vision tokens].",
+        "--coreml-grids",
     )
     entitlement: bool = _knob(
         True,

@@ -33,12 +33,14 @@ from mlxkit.bundle_files import (
 from mlxkit.checkpoint import short
 from mlxkit.errors import ManifestError, MlxkitError
 from mlxkit.fields import local_path, shown
+from mlxkit.layout import ModelConfig
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
 
-from .manifest import MANIFEST, schema_errors
+from .manifest import COREML_PATH, COREML_RECORDED, MANIFEST, schema_errors
 
 NOT_DERIVED = ("files", "source", "created_by")
+COREML_SPEC_VERSION = 9  # iOS 18: multifunction packages, scaled_dot_product_attention
 
 # What MLX Swift's VLM loader needs of preprocessor_config.json: `processor_class` picks the
 # processor (mlx-swift-lm Libraries/MLXVLM/VLMModelFactory.swift, VLMProcessorTypeRegistry),
@@ -122,10 +124,13 @@ def replan(root: Path, manifest: dict, target=None):
     vision = {"vision": v["included"], "vision_bits": v.get("bits")}
     if v["image_tokens"] is not None:
         vision["image_tokens"] = v["image_tokens"]
+    model: Path | ModelConfig = root / MODEL_DIR
+    if v.get("encoder") == "coreml":  # model/ is text only; the tower is the package's
+        model, vision["vision_encoder"], vision["coreml_grids"] = _coreml_settings(root, v)
     loop = performance.get("mlxkit_loop")
     num_draft = (loop.get("num_draft") if isinstance(loop, dict) else None) or m["num_draft"] or 2
     return evaluate(
-        root / MODEL_DIR, tgt, manifest["max_context"], name=manifest["model"]["name"],
+        model, tgt, manifest["max_context"], name=manifest["model"]["name"],
         recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
         mtp=m["included"], num_draft=num_draft, prefill_chunk=manifest["prefill_chunk"],
         entitlement=entitlement, acceptance=performance.get("mtp_acceptance", 0.7),
@@ -134,11 +139,36 @@ def replan(root: Path, manifest: dict, target=None):
     )  # fmt: skip
 
 
-def expected_manifest(p, manifest: dict) -> dict:
-    """What `bundle build` writes for plan `p`, as JSON reads it back."""
-    from .bundle import make_manifest
+def _coreml_settings(root: Path, v: dict) -> tuple[ModelConfig, str, str]:
+    """The checkpoint shapes and settings a Core ML bundle was planned with: model/'s text
+    model, the tower config and grids the manifest records (`bundle verify` holds the
+    package's spec to them)."""
+    from mlxkit.convert.coreml import vision_config_of
 
-    expected = make_manifest(p, manifest["source"], p.settings.mtp)
+    from mlxkit.load import load_model_config
+
+    coreml = v["coreml"]
+    if not isinstance(coreml, dict) or not isinstance(coreml.get("functions"), list):
+        raise MlxkitError("vision.coreml: the manifest does not describe the Core ML encoder")
+    try:
+        grids = ",".join(f"{f['grid'][0]}x{f['grid'][1]}" for f in coreml["functions"])
+    except (TypeError, KeyError, IndexError):
+        raise MlxkitError("vision.coreml.functions: each needs a grid [rows, cols]") from None
+    tower = vision_config_of(coreml.get("vision_config"), "vision.coreml.vision_config")
+    text = load_model_config(root / MODEL_DIR).text
+    return ModelConfig(text, tower), "coreml", grids
+
+
+def expected_manifest(p, manifest: dict, root: Path | None = None) -> dict:
+    """What `bundle build` writes for plan `p`, as JSON reads it back: the Core ML package's
+    size and digest from the files under `root`, and what it records from the manifest (the
+    Core ML check holds the spec to it)."""
+    from .bundle import coreml_facts, make_manifest
+
+    coreml = None
+    if p.vision_encoder == "coreml" and root is not None:
+        coreml = coreml_facts(root, manifest["vision"]["coreml"])
+    expected = make_manifest(p, manifest["source"], p.settings.mtp, coreml)
     return json.loads(json.dumps(expected))
 
 
@@ -167,7 +197,10 @@ def _check_manifest(root: Path, manifest: dict) -> tuple[list[str], object]:
         p = replan(root, manifest)
     except MlxkitError as e:
         return [f"cannot re-plan from the manifest's settings: {e}"], None
-    want = expected_manifest(p, manifest)
+    try:
+        want = expected_manifest(p, manifest, root)
+    except (OSError, KeyError) as e:
+        return [f"cannot read the Core ML package's files: {e}"], p
     got = {k: v for k, v in manifest.items() if k not in NOT_DERIVED}
     return differences(got, {k: v for k, v in want.items() if k not in NOT_DERIVED}), p
 
@@ -235,8 +268,8 @@ def _check_tensors(root: Path, p) -> list[str]:
 
     s = p.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
-    planned = planned_tensors(p.cfg, recipe, include_mtp=s.mtp, dtype=s.dtype, vision=p.vision,
-                              vision_bits=s.vision_bits)  # fmt: skip
+    planned = planned_tensors(p.cfg, recipe, include_mtp=s.mtp, dtype=s.dtype,
+                              vision=p.mlx_vision, vision_bits=s.vision_bits)  # fmt: skip
     problems = []
     for directory, in_dir in ((MODEL_DIR, lambda t: t.part != "mtp"),
                               (MTP_DIR, lambda t: t.part == "mtp")):  # fmt: skip
@@ -315,9 +348,13 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
         shapes = ModelConfig.from_dict(config)
     except MlxkitError as e:
         return [str(e)], ""
-    if not manifest["vision"]["included"]:
+    coreml = manifest["vision"].get("encoder") == "coreml"
+    if not manifest["vision"]["included"] or coreml:
         if tower or shapes.vision is not None:
-            return ["the manifest says text only, but model/ has a vision tower"], ""
+            said = "the Core ML encoder encodes images" if coreml else "text only"
+            return [f"the manifest says {said}, but model/ has a vision tower"], ""
+        if coreml:
+            return [], f"model/ is text only; images go through {COREML_PATH}"
         return [], "text only, as the manifest says"
     problems = []
     if shapes.vision is None:
@@ -352,11 +389,72 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
 
 
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
-    """Tensor bytes per part, read from the safetensors headers of model/ and mtp/."""
+    """Tensor bytes per part, read from the safetensors headers of model/ and mtp/; the vision
+    part of a Core ML bundle is its package's weight file."""
+    from mlxkit.convert.coreml import WEIGHT_FILE
+
     from mlxkit.layout import bytes_by_part_on_disk
 
-    return bytes_by_part_on_disk(root / MODEL_DIR, root / MTP_DIR if manifest["mtp"]["included"]
-                                 is True else None)  # fmt: skip
+    parts = bytes_by_part_on_disk(root / MODEL_DIR, root / MTP_DIR if manifest["mtp"]["included"]
+                                  is True else None)  # fmt: skip
+    if manifest["vision"].get("encoder") == "coreml":
+        parts["vision"] = (root / COREML_PATH / WEIGHT_FILE).stat().st_size
+    return parts
+
+
+def _check_coreml(root: Path, coreml: dict) -> tuple[list[str], str]:
+    """The package's spec (read with skip_model_load=True: nothing compiled or run) against
+    the manifest: its functions in order, each one's input and output names, shapes and dtypes,
+    what it records (grids, precision, preprocessing, tower config, token ids), and the size
+    of the weight file the plan counted."""
+    from mlxkit.convert.coreml import WEIGHT_FILE, read_package_spec
+
+    package = root / COREML_PATH
+    try:
+        spec = read_package_spec(package)
+    except MlxkitError as e:
+        return [str(e)], ""
+    want = {f["name"]: f for f in coreml["functions"]}
+    have = {f["name"]: f for f in spec.functions}
+    problems = [f"{name} is in the manifest but not in the package" for name in want
+                if name not in have]  # fmt: skip
+    problems += [f"{name} is in the package but not in the manifest" for name in have
+                 if name not in want]  # fmt: skip
+    if not problems and list(have) != list(want):
+        problems.append(f"the package's functions are {list(have)}, the manifest's {list(want)}")
+    if spec.default_function != coreml["default_function"]:
+        problems.append(f"default function {spec.default_function!r}, manifest says "
+                        f"{coreml['default_function']!r}")  # fmt: skip
+    for name in [n for n in want if n in have]:
+        for key in ("input", "output"):
+            if have[name][key] != [want[name][key]]:
+                problems.append(f"{name}: {key} {have[name][key]}, manifest says "
+                                f"{[want[name][key]]}")  # fmt: skip
+    meta = spec.metadata
+    grids = ",".join(f"{f['grid'][0]}x{f['grid'][1]}" for f in coreml["functions"])
+    recorded = {"grids": grids, "precision": coreml["precision"]}
+    for key, value in recorded.items():
+        if meta.get(f"mlxkit.{key}") != value:
+            problems.append(f"the spec records {key} {meta.get(f'mlxkit.{key}')!r}, the "
+                            f"manifest {value!r}")  # fmt: skip
+    for key in COREML_RECORDED:
+        try:
+            value = json.loads(meta[f"mlxkit.{key}"])
+        except (KeyError, ValueError):
+            value = None
+        if value != coreml[key]:
+            problems.append(f"the spec records {key} {value!r}, the manifest {coreml[key]!r}")
+    if spec.specification_version < COREML_SPEC_VERSION:
+        problems.append(f"spec version {spec.specification_version}, not iOS 18's "
+                        f"{COREML_SPEC_VERSION}")  # fmt: skip
+    size = (package / WEIGHT_FILE).stat().st_size if (package / WEIGHT_FILE).is_file() else None
+    if size != coreml["weight_bytes"]:
+        problems.append(f"{WEIGHT_FILE} has {size} bytes, the plan counts {coreml['weight_bytes']}")
+    return problems, (
+        f"{len(have)} functions ({', '.join(have)}): inputs, outputs, grids, preprocessing and "
+        f"token ids as the manifest says; one {size:,}-byte weight file, as planned (spec read "
+        "with skip_model_load)"
+    ) if not problems else ""
 
 
 def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:
@@ -389,6 +487,13 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
                    "every tensor's name, dtype and shape is the plan's")  # fmt: skip
     problems, detail = _check_vision(root, manifest)
     report.add(later[2], problems, detail)
+    if manifest["vision"].get("encoder") == "coreml":
+        coreml = manifest["vision"]["coreml"]
+        try:
+            problems, detail = _check_coreml(root, coreml)
+        except (KeyError, TypeError, IndexError, AttributeError):
+            problems, detail = ["vision.coreml: the manifest does not describe the encoder"], ""
+        report.add("Core ML vision encoder", problems, detail)
     if load:
         problems, detail = _check_load(root, manifest["mtp"]["included"] is True)
         report.add(later[3], problems, detail)
