@@ -162,6 +162,19 @@ def nearest_grid(grids: list[Grid], width: int, height: int, merge: int,
                                                -vision_tokens(g, merge)))  # fmt: skip
 
 
+def grid_patches(image, grid: Grid, pre: Preprocessor) -> np.ndarray:
+    """A function's input for a picture (a path, a PIL image or an HxWx3 uint8 array), made as
+    the bundle's Swift glue (MLXKitVisionEncoder.swift) makes it: the picture as RGB, resized
+    to exactly rows·P x cols·P pixels (its aspect ratio bent to the grid's), then mlxkit.vision's
+    rescaling, normalization and patch order."""
+    from mlxkit.vision import load_image, resized_patches, to_rgb
+
+    rows, cols = grid
+    patches, _ = resized_patches(to_rgb(load_image(image)), (rows * pre.patch_size,
+                                                            cols * pre.patch_size), pre)  # fmt: skip
+    return patches
+
+
 # --- what a package holds and costs ----------------------------------------------------------
 
 

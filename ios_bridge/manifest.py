@@ -57,6 +57,8 @@ SCHEMA: dict = {
         "included": bool,
         "encoder": (str, type(None)),
         "image_tokens": (int, type(None)),
+        "patch_size": (int, type(None)),
+        "spatial_merge_size": (int, type(None)),
         "preprocessor": list,
         "coreml": (dict, type(None)),
     },

@@ -37,6 +37,9 @@ def vision_to_dict(plan: Plan) -> dict:
         "included": plan.vision is not None,
         "encoder": plan.vision_encoder,
         "image_tokens": plan.image_tokens or None,
+        # an app resizes pictures to whole vision tokens of (patch · merge)² pixels
+        "patch_size": plan.vision.patch_size if plan.vision is not None else None,
+        "spatial_merge_size": plan.vision.spatial_merge_size if plan.vision is not None else None,
         "bits": plan.settings.vision_bits if plan.vision is not None else None,
         "weights_bytes": plan.weights["vision"],
         "encoding_peak_bytes": enc.total if enc else None,

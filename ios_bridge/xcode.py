@@ -1,6 +1,7 @@
 """The xcode/ folder of a bundle: Entitlements.plist, an Info.plist fragment for Background
-Assets, the Swift loader, and a README. The plists are written with plistlib (so they are
-valid by construction); the Swift file and README are jinja2 templates in templates/."""
+Assets, the Swift loader (and the Core ML vision encoder's glue, for bundles that have one), and
+a README. The plists are written with plistlib (so they are valid by construction); the Swift
+files and README are jinja2 templates in templates/."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ SWIFT_PACKAGES: list[tuple[str, str, list[str]]] = [
     (
         "https://github.com/ml-explore/mlx-swift-lm",
         "Up to Next Major from " + RUNTIME["min_version"],
-        ["MLXLLM", "MLXLMCommon", "MLXHuggingFace"],
+        ["MLXLLM", "MLXVLM", "MLXLMCommon", "MLXHuggingFace"],
     ),
     (
         "https://github.com/huggingface/swift-transformers",
@@ -38,6 +39,7 @@ SWIFT_PACKAGES: list[tuple[str, str, list[str]]] = [
     ("https://github.com/ml-explore/mlx-swift", "Up to Next Minor from 0.32.3", ["MLX"]),
 ]
 SWIFT_FILE = "MLXKitBundle.swift"
+COREML_SWIFT_FILE = "MLXKitVisionEncoder.swift"  # bundles whose images go through Core ML
 ENTITLEMENTS_FILE = "Entitlements.plist"
 INFO_FRAGMENT_FILE = "Info-BackgroundAssets.plist"
 PLACEHOLDER = "REPLACE-ME"
@@ -100,8 +102,13 @@ def write_xcode(out: Path, bundle_name: str, manifest: dict, download_bytes: int
         "runtime": RUNTIME,
         "packages": SWIFT_PACKAGES,
     }
+    vision = manifest["vision"]
+    values["vision_encoder"] = vision["encoder"]
+    values["coreml_functions"] = [f["name"] for f in (vision["coreml"] or {}).get("functions", [])]
     env = _env()
     files[SWIFT_FILE] = env.get_template(SWIFT_FILE).render(values).encode()
+    if vision["encoder"] == "coreml":
+        files[COREML_SWIFT_FILE] = env.get_template(COREML_SWIFT_FILE).render(values).encode()
     files["README.md"] = env.get_template("README.md").render(values).encode()
     written = []
     for name, data in files.items():

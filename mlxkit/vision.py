@@ -343,11 +343,18 @@ def preprocess_image(
     width, height = rgb.size
     _check_shape(_describe(image), height, width, pre)
     h, w = smart_resize(height, width, pre.factor, lo, hi)
+    rows, grid = resized_patches(rgb, (h, w), pre)
+    return VisionInput("image", rows, grid, pre.merge_size, (height, width), (h, w))
+
+
+def resized_patches(rgb: Image.Image, size: tuple[int, int], pre: Preprocessor):
+    """An RGB picture resized (bicubic) to `size` (height, width), rescaled, normalized and
+    flattened: patch rows and their grid (`patchify`)."""
+    h, w = size
     resized = np.asarray(rgb.resize((w, h), resample=Image.Resampling.BICUBIC))
     x = (resized.astype(np.float64) * pre.rescale_factor).astype(np.float32)
     x = (x - np.float32(pre.image_mean)) / np.float32(pre.image_std)
-    rows, grid = patchify(x.transpose(2, 0, 1)[None], pre)
-    return VisionInput("image", rows, grid, pre.merge_size, (height, width), (h, w))
+    return patchify(x.transpose(2, 0, 1)[None], pre)
 
 
 def sample_frame_indices(num_frames: int, fps: float, pre: Preprocessor) -> np.ndarray:

@@ -26,6 +26,7 @@ from mlxkit.convert.coreml import (
     default_grids,
     export_vision_encoder,
     function_name,
+    grid_patches,
     nearest_grid,
     parse_grids,
     read_package_spec,
@@ -259,6 +260,29 @@ def test_the_spec_says_how_to_make_the_input(exports, name):
     assert json.loads(meta["mlxkit.vision_config"])["depth"] == cfg.depth
     tokens = json.loads(meta["mlxkit.token_ids"])
     assert tokens["image_token_id"] == config["image_token_id"] and len(tokens) == 4
+
+
+@pytest.mark.parametrize("name", VISION)
+def test_grid_patches_are_transformers_patches_at_the_grid(exports, name):
+    """What the Swift glue makes of a picture (grid_patches is its reference) is, at the grid
+    smart_resize gives that picture, exactly the patches transformers' processor made for the
+    fixture; through the package they give the tower output of the float64 reference."""
+    from mlxkit.vision import Preprocessor
+
+    ref, cfg = reference(name), vision_config(FIXTURES / name)
+    pre = Preprocessor.from_dir(FIXTURES / name, cfg)
+    package = Package(exports[name, "float32"].output)
+    _, h, w = (int(v) for v in ref["image1_grid"])
+    patches = grid_patches(FIXTURES / name / "image1.png", (h, w), pre)
+    np.testing.assert_array_equal(patches, ref["image1_patches"])
+    tokens0 = int(np.prod(ref["image0_grid"])) // cfg.spatial_merge_size**2
+    expected = ref["tower_f64"][tokens0 : tokens0 + h * w // cfg.spatial_merge_size**2]
+    out = package.run(function_name((h, w)), {INPUT_NAME: patches})[OUTPUT_NAME]
+    assert errors(out, expected)[0] <= 1e-5
+    # another grid bends the picture to its own shape
+    assert grid_patches(FIXTURES / name / "image1.png", GRIDS[name][0], pre).shape == (
+        GRIDS[name][0][0] * GRIDS[name][0][1], cfg.patch_dim,
+    )  # fmt: skip
 
 
 def test_nearest_grid_by_aspect_then_tokens():

@@ -147,6 +147,25 @@ def test_a_changed_manifest_is_caught_against_the_spec(bundle):
     assert "vision.coreml.functions.0.input.shape" in problems["manifest matches a re-plan"]
 
 
+def test_the_core_ml_swift_reads_keys_the_manifest_has(built):
+    """Each Decodable struct of MLXKitVisionEncoder.swift against the manifest node it reads
+    (a dotted path, list items by index)."""
+    from tests.test_ios_bundle import _swift_structs
+
+    swift = built / "xcode" / "MLXKitVisionEncoder.swift"
+    structs = _swift_structs(swift.read_text())
+    assert set(structs) == {"vision.coreml", "vision.coreml.functions.0",
+                            "vision.coreml.functions.0.input", "vision.coreml.preprocessing",
+                            "vision.coreml.token_ids"}  # fmt: skip
+    manifest = manifest_of(built)
+    for path, keys in structs.items():
+        node = manifest
+        for part in path.split("."):
+            node = node[int(part)] if part.isdigit() else node[part]
+        assert keys <= set(node), f"{path}: Swift reads {keys - set(node)} absent from manifest"
+    assert not (built / "xcode" / "MLXKitVisionEncoder.swift").read_text().count("{{")
+
+
 def test_the_plan_counts_the_package_and_its_largest_grid():
     p = choose_plan("0.8b", "iphone15", vision_encoder="coreml")
     mlx = choose_plan("0.8b", "iphone15")

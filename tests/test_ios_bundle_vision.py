@@ -5,6 +5,7 @@ bundles."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.layout import VISION_TOKEN_KEYS
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5_vision import VisionConfig
-from mlxkit.vision import PREPROCESSOR_FILES
+from mlxkit.vision import PREPROCESSOR_FILES, smart_resize
 from tests.helpers import FIXTURES
 from tests.vision_helpers import VISION, config
 
@@ -163,3 +164,50 @@ def test_verify_catches_a_manifest_that_disagrees_about_vision(bundles, tmp_path
         in failed["tensors as planned"]
     )
     assert "vision.image_tokens" in failed["manifest matches a re-plan"]
+
+
+def test_the_swift_loads_vision_bundles_with_the_vlm_loader(bundles):
+    """MLXKitBundle.load picks mlx-swift-lm's loader from manifest.json → vision.encoder: the
+    VLM one ("mlx": the tower is in model/) or the text one (text-only bundles, null)."""
+    vision, text = manifest_of(bundles["vision"])["vision"], manifest_of(bundles["text"])["vision"]
+    assert (vision["encoder"], text["encoder"]) == ("mlx", None)
+    assert (vision["patch_size"], vision["spatial_merge_size"]) == (6, 3)
+    swift = (bundles["vision"] / "xcode" / "MLXKitBundle.swift").read_text()
+    branch = swift.split('if manifest.vision.encoder == "mlx" {')[1].split("} else {")
+    assert "VLMModelFactory.shared.loadContainer(" in branch[0]
+    assert "LLMModelFactory.shared.loadContainer(" in branch[1].split("}")[0]
+    readme = (bundles["vision"] / "xcode" / "README.md").read_text()
+    assert "`VLMModelFactory.shared.loadContainer(from:using:)` (MLXVLM)" in readme
+    assert ".user(prompt, images: [.ciImage(image)])" in readme
+    assert (
+        "`LLMModelFactory.shared.loadContainer(from:using:)` (MLXLLM)"
+        in (bundles["text"] / "xcode" / "README.md").read_text()
+    )
+    assert not (bundles["vision"] / "xcode" / "MLXKitVisionEncoder.swift").exists()
+
+
+def swift_image_box(width: int, height: int, tokens: int, side: int) -> tuple[float, float]:
+    """MLXKitLoaded.imageProcessing(width:height:) in MLXKitBundle.swift, line for line."""
+    scale = min(1.0, math.sqrt(tokens / (width * height)) * side)
+    cols = max(1, math.floor(width * scale / side))
+    rows = max(1, min(math.floor(height * scale / side), tokens // cols))
+    cols = max(1, min(cols, tokens // rows))
+    return cols * side, rows * side
+
+
+@pytest.mark.parametrize("cap", [256, 1280])
+def test_the_swift_image_box_keeps_pictures_within_the_planned_cap(cap):
+    """mlx-swift-lm scales a picture into `UserInput.Processing.resize` (bestFitScale: the
+    smaller of the two ratios) and then rounds it to whole tokens as smart_resize does
+    (QwenVL.targetSize); through the box no picture comes out above the cap."""
+    side, seen = 32, set()  # patch 16 x merge 2: Qwen 3.5's token side
+    sizes = [(w, h) for w in (1, 31, 33, 100, 640, 1179, 3024, 4032, 20000)
+             for h in (1, 47, 480, 1920, 2556, 4032, 9000)]  # fmt: skip
+    for width, height in sizes:
+        box_w, box_h = swift_image_box(width, height, cap, side)
+        fit = min(box_w / width, box_h / height)
+        h, w = smart_resize(round(height * fit) or 1, round(width * fit) or 1, side, 1, 10**9)
+        tokens = h * w // side**2
+        assert tokens <= cap, (width, height, tokens)
+        seen.add(tokens)
+    assert max(seen) >= 0.9 * cap  # large pictures use most of the cap

@@ -30,23 +30,33 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = tomllib.loads((Path(__file__).parent / "swift_api.toml").read_text())
 CHAT_VIEW = ROOT / "examples" / "ios_app" / "ChatView.swift"
 
-# Apple SDK and Swift standard library names the two files use (Foundation, os, Darwin,
-# SwiftUI, Observation, the standard library). Not label-checked.
-APPLE_MODULES = {"Foundation", "os", "SwiftUI"}
+# Apple SDK and Swift standard library names the files use (Foundation, os, Darwin, SwiftUI,
+# Observation, CoreGraphics, CoreImage, CoreML, the standard library). Not label-checked.
+APPLE_MODULES = {"CoreGraphics", "CoreImage", "CoreML", "Foundation", "os", "SwiftUI"}
 APPLE_TYPES = {
-    "Bool", "Bundle", "Button", "CodingKey", "Data", "Decodable", "Double", "FileManager",
-    "HStack", "Int", "JSONDecoder", "LocalizedError", "MainActor", "Observable",
-    "OperatingSystemVersion", "ProcessInfo", "ScrollView", "Self", "Sendable", "State",
-    "String", "Task", "Text", "TextField", "URL", "UTF8", "VStack", "View",
+    "Bool", "Bundle", "Button", "CGAffineTransform", "CGColorSpace", "CGRect", "CGSize",
+    "CIContext", "CIImage", "CodingKey", "Data", "Decodable", "Double", "FileManager", "Float",
+    "HStack", "Int", "JSONDecoder", "LocalizedError", "MLDictionaryFeatureProvider",
+    "MLFeatureValue", "MLModel", "MLModelConfiguration", "MLMultiArray", "MainActor",
+    "MemoryLayout", "NSNull", "NSNumber", "Observable", "OperatingSystemVersion", "ProcessInfo",
+    "ScrollView", "Self", "Sendable", "State", "String", "Task", "Text", "TextField", "URL",
+    "UTF8", "VStack", "View",
 }  # fmt: skip
 APPLE_MEMBERS = {
-    "append", "appendingPathComponent", "applicationSupportDirectory", "caption", "compactMap",
-    "contains", "count", "decode", "default", "fileExists", "first", "font", "frame", "infinity",
-    "isOperatingSystemAtLeast", "leading", "localizedDescription", "machine", "main",
-    "padding", "path", "prefix", "processInfo", "split", "task", "url", "urls",
-    "userDomainMask",
+    "RGBAf", "append", "appendingPathComponent", "applicationSupportDirectory",
+    "applyingFilter", "caption", "compactMap", "compileModel", "computeUnits", "contains",
+    "count", "cpuAndNeuralEngine", "cropped", "decode", "default", "down", "extent",
+    "featureValue", "fileExists", "filter", "first", "float32", "font", "frame", "functionName",
+    "height", "infinity", "intValue", "isEmpty", "isInfinite", "isOperatingSystemAtLeast",
+    "leading", "localizedDescription", "machine", "main", "map", "min", "multiArrayValue",
+    "origin", "padding", "path", "prediction", "prefix", "processInfo", "render", "rounded",
+    "sRGB", "split", "squareRoot", "strides", "task", "transformed", "url", "urls",
+    "userDomainMask", "width", "withUnsafeBufferPointer", "withUnsafeMutableBufferPointer",
+    "workingColorSpace", "x", "y",
 }  # fmt: skip
-APPLE_FUNCTIONS = {"max", "os_proc_available_memory", "uname", "utsname", "withUnsafeBytes"}
+APPLE_FUNCTIONS = {"abs", "log", "max", "min", "os_proc_available_memory", "uname", "utsname",
+                   "withUnsafeBytes"}  # fmt: skip
+APPLE_CONSTANTS = {"kCIInputAspectRatioKey", "kCIInputScaleKey"}  # CoreImage filter keys
 # `error` is the implicit binding of a `catch`; `simulator` the argument of targetEnvironment
 SWIFT_KEYWORD_IDENTIFIERS = {"$0", "error", "self", "simulator", "targetEnvironment"}
 
@@ -218,13 +228,14 @@ def resolve(use: Use, kinds: tuple[str, ...], by_name: dict, imports: set[str]) 
     live = [e for e in entries if "deprecated" not in e]
     if not live:
         return f"deprecated in mlx-swift-lm ({entries[0]['deprecated']})"
-    callable_ = not any(e["kind"] in ("property", "type") for e in live)
+    # a call binds to a callable entry (a type's name called is its initializer)
+    callables = [e for e in live if e["kind"] in ("function", "init", "case", "macro")]
     if (
         use.labels is not None
-        and callable_
+        and callables
         and not any(
             labels_match(use.labels, use.trailing, e.get("labels", []), e.get("defaulted", []))
-            for e in live
+            for e in callables
         )
     ):
         got = "".join(f"{label}:" for label in use.labels) + ("{…}" if use.trailing else "")
@@ -265,8 +276,8 @@ def check_swift(files: dict[str, SwiftFile], table: dict = TABLE) -> list[str]:
             elif use.kind == "member":
                 if use.name not in (project_members | APPLE_MEMBERS | project_types
                                     | SWIFT_KEYWORD_IDENTIFIERS):  # fmt: skip
-                    error = resolve(use, ("property", "function", "type", "init"), by_name,
-                                    f.imports)  # fmt: skip
+                    error = resolve(use, ("property", "function", "type", "init", "case"),
+                                    by_name, f.imports)  # fmt: skip
             elif use.kind == "call":
                 if use.name[:1].isupper():  # an initializer
                     if use.name not in project_types | APPLE_TYPES:
@@ -280,29 +291,39 @@ def check_swift(files: dict[str, SwiftFile], table: dict = TABLE) -> list[str]:
                 binding = use.name.startswith("$") and use.name[1:2].isalpha()
                 name = use.name[1:] if binding else use.name
                 if name not in (local | project_types | APPLE_TYPES | APPLE_FUNCTIONS
-                                | SWIFT_KEYWORD_IDENTIFIERS | f.imports):  # fmt: skip
+                                | APPLE_CONSTANTS | SWIFT_KEYWORD_IDENTIFIERS
+                                | f.imports):  # fmt: skip
                     error = resolve(use, ("type", "module"), by_name, f.imports)
             if error:
                 problems.append(f"{fname}:{use.line}: `{use.name}`: {error}")
     return problems
 
 
+SWIFT_FILES = ("MLXKitBundle.swift", "ChatView.swift", "MLXKitVisionEncoder.swift")
+
+
 @pytest.fixture(scope="module")
 def swift_sources(tmp_path_factory) -> dict[str, str]:
-    out = tmp_path_factory.mktemp("swift") / "tiny-iphone12"
+    """The Swift of a text bundle, ChatView, and the Core ML glue of a Core ML bundle (the
+    tiny vision fixture, one grid: seconds)."""
+    root = tmp_path_factory.mktemp("swift")
+    out, coreml = root / "tiny-iphone12", root / "tiny-coreml"
     build_bundle(FIXTURES / "tiny_tied", out, "iphone12")
+    build_bundle(FIXTURES / "tiny_vision_p6", coreml, "iphone15", vision_encoder="coreml",
+                 coreml_grids="6x9")  # fmt: skip
     return {
         "MLXKitBundle.swift": (out / "xcode" / "MLXKitBundle.swift").read_text(),
         "ChatView.swift": CHAT_VIEW.read_text(),
+        "MLXKitVisionEncoder.swift": (coreml / "xcode" / "MLXKitVisionEncoder.swift").read_text(),
         "README.md": (out / "xcode" / "README.md").read_text(),
         "manifest.json": (out / "manifest.json").read_text(),
     }
 
 
 def parsed(sources: dict[str, str], **replace: tuple[str, str]) -> dict[str, SwiftFile]:
-    """The two Swift files parsed, with `file=(old, new)` edits applied first."""
+    """The Swift files parsed, with `file=(old, new)` edits applied first."""
     out = {}
-    for name in ("MLXKitBundle.swift", "ChatView.swift"):
+    for name in SWIFT_FILES:
         text = sources[name]
         key = name.split(".")[0]
         if key in replace:
@@ -319,7 +340,8 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
     used = {u.name for f in files.values() for u in f.uses}
     # the names issue 12 is about are used, and resolve to the table
     assert {"Qwen35TextMTPRegistration", "register", "MTPDrafterModelFactory", "prefill",
-            "stepSize", "huggingFaceTokenizerLoader"} <= used  # fmt: skip
+            "stepSize", "huggingFaceTokenizerLoader", "VLMModelFactory", "ciImage",
+            "MLXArray"} <= used  # fmt: skip
     assert "Tokenizers" in files["ChatView.swift"].imports
     imported = set().union(*(f.imports for f in files.values()))
     for e in TABLE["symbol"]:  # the table holds what the Swift uses, nothing more
@@ -344,11 +366,26 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
          "`huggingFaceTokenizerLoader`: its expansion needs `import Tokenizers`"),
         ({"ChatView": ("import MLXLMCommon\n", "")},
          "`UserInput`: needs `import MLXLMCommon`"),
-        ({"ChatView": ("UserInput(chat: [.user(prompt)])", "UserInput(messages: [.user(prompt)])")},
-         "`UserInput`: no declaration takes the arguments (messages:)"),
+        ({"ChatView": ("UserInput(chat: [.user(prompt, images: images)]",
+                       "UserInput(messages: [.user(prompt, images: images)]")},
+         "`UserInput`: no declaration takes the arguments (messages:processing:)"),
+        ({"MLXKitBundle": ("VLMModelFactory.shared.loadContainer",
+                           "VLMModelFactory.common.loadContainer")},
+         "`common`: not in tests/swift_api.toml"),
+        ({"MLXKitBundle": ("import MLXVLM\n", "")}, "`VLMModelFactory`: needs `import MLXVLM`"),
+        ({"MLXKitBundle": ("UserInput.Processing(\n            resize:",
+                           "UserInput.Processing(\n            size:")},
+         "`Processing`: no declaration takes the arguments (size:)"),
+        ({"ChatView": (".ciImage($0)", ".cgImage($0)")}, "`cgImage`: not in tests/swift_api.toml"),
+        ({"MLXKitVisionEncoder": ("MLXArray(values, [tokens, hidden])",
+                                  "MLXArray(values, shape: [tokens, hidden])")},
+         "`MLXArray`: no declaration takes the arguments (_:shape:)"),
+        ({"MLXKitVisionEncoder": ("import MLX\n", "")}, "`MLXArray`: needs `import MLX`"),
     ],
     ids=["deprecated", "unknown-member", "unknown-type", "wrong-label", "no-import-tokenizers",
-         "no-import-module", "wrong-init-label"],
+         "no-import-module", "wrong-init-label", "unknown-vlm-member", "no-import-mlxvlm",
+         "wrong-processing-label", "unknown-image-case", "wrong-mlxarray-label",
+         "no-import-mlx"],
 )  # fmt: skip
 def test_the_check_fails_on_names_the_table_does_not_hold(swift_sources, edit, message):
     problems = check_swift(parsed(swift_sources, **edit))
@@ -369,7 +406,7 @@ def test_table_entries_say_where_they_were_read():
     symbols = TABLE["symbol"]
     assert TABLE["runtime"] == RUNTIME
     for e in symbols:
-        assert e["kind"] in ("type", "property", "function", "init", "macro", "module"), e
+        assert e["kind"] in ("type", "property", "function", "init", "case", "macro", "module"), e
         assert e["repo"] in ("ml-explore/mlx-swift-lm", "ml-explore/mlx-swift"), e
         assert len(e["commit"]) == 40 and int(e["commit"], 16) >= 0, e
         assert e["file"].endswith(".swift") and e["source"], e

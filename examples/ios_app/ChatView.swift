@@ -3,8 +3,10 @@
 // the table read from mlx-swift-lm's source (tests/swift_api.toml). Needs mlx-swift-lm 3.32.3
 // or later: ModelContainer.perform, UserInput, generate(input:parameters:context:). Decodes
 // without the MTP drafter, so any temperature works (mlx-swift-lm's Qwen 3.5 drafter is
-// greedy-only).
+// greedy-only). A picture goes with the prompt when the bundle's container reads images
+// (model/ holds the vision tower), resized to the size the memory plan made room for.
 
+import CoreImage
 import MLX  // MLXArray.size
 import MLXHuggingFace
 import MLXLLM
@@ -36,13 +38,21 @@ final class ChatModel {
         }
     }
 
-    func send(_ prompt: String) async {
+    func send(_ prompt: String, image: CIImage? = nil) async {
         guard let loaded else { return }
         reply = ""
+        // a picture only when the container reads images (model/ holds the vision tower)
+        let picture = loaded.readsImages ? image : nil
+        var processing = UserInput.Processing()
+        if let picture {
+            processing = loaded.imageProcessing(
+                width: Int(picture.extent.width), height: Int(picture.extent.height))
+        }
         do {
             let stream = try await loaded.container.perform { context in
+                let images: [UserInput.Image] = picture.map { [.ciImage($0)] } ?? []
                 let input = try await context.processor.prepare(
-                    input: UserInput(chat: [.user(prompt)]))
+                    input: UserInput(chat: [.user(prompt, images: images)], processing: processing))
                 var parameters = loaded.parameters
                 // stay within the context the memory plan was made for
                 parameters.maxTokens = loaded.maxNewTokens(promptTokens: input.text.tokens.size)

@@ -3,20 +3,26 @@
 //
 // Finds the bundle, checks this device against manifest.json BEFORE loading anything
 // (iOS version, Simulator, device model, os_proc_available_memory()), sets MLX's buffer-cache
-// limit, and loads model/ with mlx-swift-lm; `loadDrafter` loads the MTP drafter in mtp/.
+// limit, and loads model/ with mlx-swift-lm: with its VLM loader when model/ holds the vision
+// tower (manifest.json → vision.encoder "mlx"), else with its text loader (text-only bundles,
+// and bundles whose images go through the Core ML encoder in vision/, see
+// MLXKitVisionEncoder.swift); `loadDrafter` loads the MTP drafter in mtp/.
 //
 // Written against {{ runtime.name }} {{ runtime.min_version }} or later (manifest.json → runtime):
-// `LLMModelFactory.shared.loadContainer(from:using:)` with a `TokenizerLoader` (e.g.
-// `#huggingFaceTokenizerLoader()` from MLXHuggingFace), `GenerateParameters.prefill.stepSize`,
+// `VLMModelFactory.shared` / `LLMModelFactory.shared` `.loadContainer(from:using:)` with a
+// `TokenizerLoader` (e.g. `#huggingFaceTokenizerLoader()` from MLXHuggingFace),
+// `UserInput.Processing(resize:)`, `GenerateParameters.prefill.stepSize`,
 // `Qwen35TextMTPRegistration` with `MTPDrafterModelFactory`, and mlx-swift's
 // `Memory.cacheLimit`. mlxkit generates this file without a Swift toolchain: it is checked
 // for syntax, and every mlx-swift-lm name in it against a table read from mlx-swift-lm's
 // source; it has not been compiled. See README.md beside it.
 
+import CoreGraphics
 import Foundation
 import MLX
 import MLXLLM
 import MLXLMCommon
+import MLXVLM
 import os
 
 /// The part of manifest.json the app reads. Property names are Swift's; the key names in
@@ -33,6 +39,7 @@ public struct MLXKitManifest: Decodable, Sendable {
     public let memory: Memory
     public let mlx: MLXSettings
     public let mtp: MTP
+    public let vision: Vision
 
     enum CodingKeys: String, CodingKey {
         case schemaVersion = "schema_version"
@@ -45,6 +52,7 @@ public struct MLXKitManifest: Decodable, Sendable {
         case memory
         case mlx
         case mtp
+        case vision
     }
 
     public struct Model: Decodable, Sendable {
@@ -101,6 +109,27 @@ public struct MLXKitManifest: Decodable, Sendable {
             case included
         }
     }
+
+    /// Images: `encoder` is "mlx" (the tower is in model/), "coreml" (vision/, see
+    /// MLXKitVisionEncoder.swift) or nil (a text-only bundle). The plan made room for images
+    /// of up to `imageTokens` vision tokens; `patchSize · spatialMergeSize` pixels a side make
+    /// one token.
+    public struct Vision: Decodable, Sendable {
+        // mlxkit-manifest-path: vision
+        public let included: Bool
+        public let encoder: String?
+        public let imageTokens: Int?
+        public let patchSize: Int?
+        public let spatialMergeSize: Int?
+
+        enum CodingKeys: String, CodingKey {
+            case included
+            case encoder
+            case imageTokens = "image_tokens"
+            case patchSize = "patch_size"
+            case spatialMergeSize = "spatial_merge_size"
+        }
+    }
 }
 
 public enum MLXKitBundleError: LocalizedError {
@@ -151,6 +180,29 @@ public struct MLXKitLoaded: Sendable {
     /// New tokens that still fit the planned context after a prompt of `promptTokens`.
     public func maxNewTokens(promptTokens: Int) -> Int {
         max(0, manifest.maxContext - promptTokens)
+    }
+
+    /// Whether `container` reads images itself (the bundle's MLX vision tower, through
+    /// mlx-swift-lm's VLM loader): pass them in `UserInput` (`.user(prompt, images:)`).
+    public var readsImages: Bool { manifest.vision.encoder == "mlx" }
+
+    /// The resizing that keeps a `width` x `height` picture within the image size the memory
+    /// plan was made for (`UserInput(chat:processing:)`). mlx-swift-lm's Qwen 3 VL processor
+    /// bounds a picture only by preprocessor_config.json's pixel limits (millions of pixels,
+    /// thousands of vision tokens, an N² attention); this box is a whole number of tokens on
+    /// each side, at most `vision.imageTokens` in all, and the processor's rounding to whole
+    /// tokens stays inside it.
+    public func imageProcessing(width: Int, height: Int) -> UserInput.Processing {
+        guard let tokens = manifest.vision.imageTokens, let patch = manifest.vision.patchSize,
+            let merge = manifest.vision.spatialMergeSize, width > 0, height > 0
+        else { return UserInput.Processing() }
+        let side = Double(patch * merge)  // pixels a side per vision token
+        let scale = min(1.0, (Double(tokens) / (Double(width) * Double(height))).squareRoot() * side)
+        var cols = max(1, Int((Double(width) * scale / side).rounded(.down)))
+        let rows = max(1, min(Int((Double(height) * scale / side).rounded(.down)), tokens / cols))
+        cols = max(1, min(cols, tokens / rows))  // a side of one token leaves the other the cap
+        return UserInput.Processing(
+            resize: CGSize(width: Double(cols) * side, height: Double(rows) * side))
     }
 }
 
@@ -247,8 +299,17 @@ public enum MLXKitBundle {
         MLX.Memory.cacheLimit = manifest.mlx.cacheLimitBytes
 
         let modelURL = bundleURL.appendingPathComponent(manifest.model.path, isDirectory: true)
-        let container = try await LLMModelFactory.shared.loadContainer(
-            from: modelURL, using: tokenizerLoader)
+        let container: ModelContainer
+        if manifest.vision.encoder == "mlx" {
+            // model/ holds the tower (vision_tower.*, vision_config, preprocessor_config.json):
+            // the VLM loader builds Qwen 3.5 with it (model type qwen3_5, Qwen3VLProcessor);
+            // the text loader would load the same directory without it.
+            container = try await VLMModelFactory.shared.loadContainer(
+                from: modelURL, using: tokenizerLoader)
+        } else {
+            container = try await LLMModelFactory.shared.loadContainer(
+                from: modelURL, using: tokenizerLoader)
+        }
 
         var parameters = GenerateParameters()
         // The activation peak in the plan assumes prompts are processed in chunks of this size.
