@@ -17,7 +17,7 @@ from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.layout import VISION_TOKEN_KEYS
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5_vision import VisionConfig
-from mlxkit.vision import PREPROCESSOR_FILES, smart_resize
+from mlxkit.vision import PREPROCESSOR_FILES
 from tests.helpers import FIXTURES
 from tests.vision_helpers import VISION, config
 
@@ -195,19 +195,41 @@ def swift_image_box(width: int, height: int, tokens: int, side: int) -> tuple[fl
     return cols * side, rows * side
 
 
+def swift_target_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+    """mlx-swift-lm's QwenVL.targetSize (Libraries/MLXVLM/Models/QwenVL.swift, snapshot
+    14a5dcf), which Qwen3VLProcessor resizes with: None where it throws."""
+    if height < factor or width < factor or max(height, width) // min(height, width) > 200:
+        return None
+    h = max(factor, math.floor(height / factor + 0.5) * factor)
+    w = max(factor, math.floor(width / factor + 0.5) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (math.floor(height / beta / factor) * factor,
+                math.floor(width / beta / factor) * factor)  # fmt: skip
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
 @pytest.mark.parametrize("cap", [256, 1280])
 def test_the_swift_image_box_keeps_pictures_within_the_planned_cap(cap):
-    """mlx-swift-lm scales a picture into `UserInput.Processing.resize` (bestFitScale: the
-    smaller of the two ratios) and then rounds it to whole tokens as smart_resize does
-    (QwenVL.targetSize); through the box no picture comes out above the cap."""
-    side, seen = 32, set()  # patch 16 x merge 2: Qwen 3.5's token side
-    sizes = [(w, h) for w in (1, 31, 33, 100, 640, 1179, 3024, 4032, 20000)
-             for h in (1, 47, 480, 1920, 2556, 4032, 9000)]  # fmt: skip
+    """mlx-swift-lm scales a picture into `UserInput.Processing.resize` (MediaProcessing.apply:
+    bestFitScale, the smaller of the two ratios), then Qwen3VLProcessor resizes it with
+    targetSize within preprocessor_config.json's pixel bounds (Qwen 3.5's: 65,536 to
+    16,777,216); through the box no picture it accepts comes out above the cap."""
+    side, seen = 32, []  # patch 16 x merge 2: Qwen 3.5's token side
+    sizes = [(w, h) for w in (31, 33, 100, 640, 1179, 3024, 4032, 20000)
+             for h in (47, 480, 1920, 2556, 4032, 9000)]  # fmt: skip
     for width, height in sizes:
         box_w, box_h = swift_image_box(width, height, cap, side)
         fit = min(box_w / width, box_h / height)
-        h, w = smart_resize(round(height * fit) or 1, round(width * fit) or 1, side, 1, 10**9)
-        tokens = h * w // side**2
-        assert tokens <= cap, (width, height, tokens)
-        seen.add(tokens)
-    assert max(seen) >= 0.9 * cap  # large pictures use most of the cap
+        size = swift_target_size(int(height * fit), int(width * fit), side, 65_536, 16_777_216)
+        unboxed = swift_target_size(height, width, side, 65_536, 16_777_216)
+        if size is None:
+            continue  # a picture mlx-swift-lm refuses (a side under 32 px, or over 200:1)
+        seen.append(size[0] * size[1] // side**2)
+        assert seen[-1] <= cap, (width, height, seen[-1])
+        if unboxed is not None and width * height > 4 * cap * side**2:
+            assert unboxed[0] * unboxed[1] // side**2 > cap  # what the box prevents
+    assert len(seen) > 30 and max(seen) >= 0.9 * cap
