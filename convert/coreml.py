@@ -397,20 +397,23 @@ def _check_disk(out: Path, need: int) -> None:
         )
 
 
-def import_coreml():
-    """coremltools and torch, or one line saying how to get them. coremltools' import-time
-    notices (an untested torch version; no prediction on Linux) are not the user's business:
-    the export is verified by reading the package back, not by coremltools' test matrix."""
+def import_coreml(purpose: str = "Core ML export", need_torch: bool = True):
+    """coremltools and torch (None unless `need_torch`: reading a spec needs only
+    coremltools), or one line saying how to get them. coremltools' import-time notices (an
+    untested torch version; no prediction on Linux) are not the user's business: the export
+    is verified by reading the package back, not by coremltools' test matrix."""
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    torch = None
     try:
         import coremltools as ct
-        import torch
+
+        if need_torch:
+            import torch
     except ImportError as e:
-        raise MlxkitError(
-            f"Core ML export needs torch and coremltools ({e}): {INSTALL_HINT}"
-        ) from None
+        needs = "torch and coremltools" if need_torch else "coremltools"
+        raise MlxkitError(f"{purpose} needs {needs} ({e}): {INSTALL_HINT}") from None
     finally:
         logger.setLevel(level)
     return ct, torch
@@ -531,7 +534,7 @@ class PackageSpec:
 
 def read_package_spec(package: Path) -> PackageSpec:
     """The spec of `package`, or one line saying why it cannot be read."""
-    ct, _ = import_coreml()
+    ct, _ = import_coreml("reading a Core ML package", need_torch=False)
     array = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
 
     def feature(f) -> dict:
@@ -564,7 +567,7 @@ def vision_config_of(data: object, where: str) -> VisionConfig:
 
 def package_grids(package: Path) -> list[Grid]:
     """The grids of an exported package, from its function names (the spec alone is read)."""
-    ct, _ = import_coreml()
+    ct, _ = import_coreml("reading a Core ML package", need_torch=False)
     grids = []
     for function in ct.utils.load_spec(str(package)).description.functions:
         match = re.fullmatch(r"grid_(\d+)x(\d+)", function.name)

@@ -246,6 +246,9 @@ def bundle_line(out: str, manifest: dict) -> str:
     drafter = "MTP left out"
     if mtp["included"]:
         drafter = f"MTP included ({mtp['num_draft']} draft per round on the phone)"
+    coreml = manifest["vision"]["coreml"]
+    if coreml is not None:
+        drafter += f", a Core ML vision encoder ({len(coreml['functions'])} grids) in vision/"
     return (
         f"bundle {out}: {manifest['model']['name']} for {manifest['target']['label']}; "
         f"{manifest['quantization']['recipe']} recipe, {drafter}; max context "

@@ -13,9 +13,16 @@ from pathlib import Path
 
 import coremltools as ct
 import pytest
-from mlxkit.convert.coreml import INPUT_NAME, OUTPUT_NAME, WEIGHT_FILE, function_name
+from mlxkit.convert.coreml import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    WEIGHT_FILE,
+    function_name,
+    weight_file_bytes,
+)
 
 from benchmarks.coreml_vision import psnr
+from mlxkit.models.qwen3_5_vision import VisionConfig
 from mlxkit.presets import vision_config
 from tests.coreml_models import (
     ROTARY_TABLES,
@@ -83,6 +90,10 @@ def test_0_8b_shaped_tower_exports_three_grids(tmp_path):
     report(f"weight file {weight_bytes:,} bytes = {weight_bytes / params:.4f} bytes per "
            f"parameter; the two further grids add {extra:,} bytes of rotary tables")  # fmt: skip
     assert 2.0 <= weight_bytes / params < 2.001
+    tower = VisionConfig.from_dict({"vision_config": config})
+    for precision, path in packages.items():  # what the planner counts, to the byte
+        size = (path / WEIGHT_FILE).stat().st_size
+        assert size == weight_file_bytes(tower, GRIDS, precision), precision
 
     reference = Reference(src)
     interpreters = {precision: Package(path) for precision, path in packages.items()}

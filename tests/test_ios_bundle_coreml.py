@@ -102,6 +102,26 @@ def test_planner_bytes_equal_the_bytes_written(built):
     }
 
 
+def test_the_download_counts_the_package(built):
+    import plistlib
+
+    from mlxkit.ios_bridge.bundle import MANIFEST_ALLOWANCE
+
+    info = plistlib.loads((built / "xcode" / "Info-BackgroundAssets.plist").read_bytes())
+    files = [f for d in ("model", "mtp", "vision") for f in (built / d).rglob("*") if f.is_file()]
+    assert info["BAMaxInstallSize"] == MANIFEST_ALLOWANCE + sum(f.stat().st_size for f in files)
+
+
+def test_verify_without_coremltools_fails_only_the_spec_check(built, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)
+    problems = {c.name: c.detail for c in verify_bundle(built, load=False).checks if not c.ok}
+    assert list(problems) == ["Core ML vision encoder"]
+    assert (
+        problems["Core ML vision encoder"].startswith("reading a Core ML package needs coremltools")
+        and "pip install 'mlxkit[coreml]'" in problems["Core ML vision encoder"]
+    )
+
+
 def test_verify_passes_and_reads_the_spec(built):
     report = verify_bundle(built)
     assert report.ok, [(c.name, c.detail) for c in report.checks]
