@@ -34,9 +34,9 @@ import click
 import mlx.core as mx
 
 from mlxkit import __version__
-from mlxkit.checkpoint import INDEX, model_file, read_json
+from mlxkit.checkpoint import INDEX, model_file, read_json, read_tokenizer_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
-from mlxkit.fields import integer, local_path
+from mlxkit.fields import local_path
 from mlxkit.info import human_bytes
 from mlxkit.layout import (
     OUTPUT_DTYPES,
@@ -237,18 +237,12 @@ def _converter_file(name: str) -> bool:
 
 def _check_side_files(directory: Path) -> None:
     """The tokenizer, generation and preprocessor files that are there are read like the
-    weights: regular files inside the model directory; the two JSON ones the converter reads
-    must parse (the preprocessor configs were parsed by SourceCheckpoint.open)."""
-    names = (*TOKENIZER_FILES, *PREPROCESSOR_FILES)
-    files = {n: p for n in names if (p := model_file(directory, n)) is not None}
-    for name in ("generation_config.json", "tokenizer_config.json"):
-        if name in files:
-            data = read_json(files[name], name)
-            if not isinstance(data, dict):
-                raise CheckpointError(f"{files[name]}: not a JSON object")
-            eos = data.get("eos_token_id") if name == "generation_config.json" else None
-            for token in eos if isinstance(eos, list) else [] if eos is None else [eos]:
-                integer(token, f"{files[name]}: eos_token_id", 0, error=CheckpointError)
+    weights: regular files inside the model directory; those `mlxkit.load` reads are
+    checked as it reads them, so that what is converted also loads (the preprocessor
+    configs were parsed by SourceCheckpoint.open)."""
+    for name in (*TOKENIZER_FILES, *PREPROCESSOR_FILES):
+        model_file(directory, name)
+    read_tokenizer_files(directory)
 
 
 def _check_disk(out: Path, planned: list[PlannedTensor], source_dir: Path) -> None:

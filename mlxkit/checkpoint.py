@@ -6,6 +6,8 @@ the file and tensor instead of deep inside MLX, a hang, or a read from the wrong
 Rules, all checked before a weight byte is read:
 - JSON files are regular files of bounded size, UTF-8, without NaN; nesting deeper than
   Python's recursion limit is an error, not a crash.
+- The tokenizer, generation and chat-template files are read the same way (the fields
+  mlxkit reads from them typed), by `mlxkit.load` and, before converting, by the converter.
 - Shards are plain `*.safetensors` file names inside the model directory (no `..`, no
   absolute paths, no symlinks that leave it — except into the Hugging Face cache's blob
   store, where every snapshot file points), and regular files (a FIFO would block a read).
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxkit.errors import CheckpointError, MlxkitError
-from mlxkit.fields import integer, mapping, string
+from mlxkit.fields import integer, mapping, shown, string
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -118,6 +120,93 @@ def read_config(model_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object; expected a model config")
     return config
+
+
+# --- tokenizer and generation files -----------------------------------------------------------
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 1 << 20  # Qwen's chat template is ~7 KB
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What a model directory holds for its tokenizer, read by the rules above: regular files
+    inside the directory; the JSON ones objects whose fields mlxkit reads have the right
+    types. The converter checks a source with it, so what it converts also loads."""
+
+    tokenizer: Path | None  # tokenizer.json (parsed by the `tokenizers` library)
+    config: dict  # tokenizer_config.json, {} when absent
+    generation: dict  # generation_config.json, {} when absent
+    chat_template: str | None  # chat_template.jinja, else tokenizer_config's default one
+
+    @property
+    def eos_token_ids(self) -> list[int] | None:
+        """generation_config.json's eos_token_id (checked), None when it has none."""
+        ids = self.generation.get("eos_token_id")
+        return None if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+    @property
+    def eos_token(self) -> str | None:
+        """tokenizer_config.json's eos_token (a string, or an AddedToken's content)."""
+        eos = self.config.get("eos_token")
+        return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def read_json_object(model_dir: Path, name: str) -> dict | None:
+    """`model_dir / name` as a JSON object, None when there is no such file."""
+    path = model_file(model_dir, name, name)
+    if path is None:
+        return None
+    data = read_json(path, name)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object; expected a {name}")
+    return data
+
+
+def read_tokenizer_files(model_dir: Path) -> TokenizerFiles:
+    config = read_json_object(model_dir, "tokenizer_config.json") or {}
+    generation = read_json_object(model_dir, "generation_config.json") or {}
+    where = model_dir / "generation_config.json"
+    ids = generation.get("eos_token_id")
+    for token in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+        integer(token, f"{where}: eos_token_id", 0, MAX_DIM, CheckpointError)
+    where = model_dir / "tokenizer_config.json"
+    eos = config.get("eos_token")
+    content = eos.get("content") if isinstance(eos, dict) else eos
+    if content is not None and not isinstance(content, str):
+        raise CheckpointError(f"{where}: eos_token must be a token string, got {shown(eos)}")
+    path = model_file(model_dir, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_FILE)
+    if path is not None:
+        size = regular_file_size(path, CHAT_TEMPLATE_FILE)
+        if size > MAX_TEMPLATE_BYTES:
+            raise CheckpointError(f"{path}: {size:,} bytes is too large for a chat template")
+        try:
+            template = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path}: not UTF-8 text; expected a Jinja template") from None
+    else:
+        template = _inline_template(config.get("chat_template"), where)
+    return TokenizerFiles(model_file(model_dir, "tokenizer.json", "tokenizer.json"), config,
+                          generation, template)  # fmt: skip
+
+
+def _inline_template(value: object, where: Path) -> str | None:
+    """tokenizer_config.json's chat_template (older layout): a string, or named templates of
+    which the one named "default" is used."""
+    if value is None or isinstance(value, str):
+        return value
+    named = value if isinstance(value, list) else []
+    if not named or not all(
+        isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and isinstance(t.get("template"), str)
+        for t in named
+    ):
+        raise CheckpointError(
+            f"{where}: chat_template must be a string or a list of {{name, template}} strings, "
+            f"got {shown(value)}"
+        )
+    return next((t["template"] for t in named if t["name"] == "default"), None)
 
 
 def quantization_block(config: dict, where: str) -> dict:

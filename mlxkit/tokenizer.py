@@ -8,7 +8,6 @@ template, stop tokens and a streaming detokenizer. Writing those files is build-
 from __future__ import annotations
 
 import codecs
-import json
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from tokenizers import decoders
 from mlxkit.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from jinja2 import Template
+    from mlxkit.chat_template import ChatTemplate
 
 __all__ = ["StreamingDetokenizer", "Tokenizer", "load_tokenizer"]
 
@@ -72,7 +71,7 @@ class Tokenizer:
         self._tokenizer = tokenizer
         self._eos_token_ids = eos_token_ids
         self._chat_template = chat_template
-        self._template: Template | None = None  # compiled on first use
+        self._template: ChatTemplate | None = None  # compiled on first use
 
     @property
     def vocab_size(self) -> int:
@@ -131,7 +130,10 @@ class Tokenizer:
                 "this model has no chat template (chat_template.jinja); pass plain text instead"
             )
         if self._template is None:
-            self._template = _compile_chat_template(self._chat_template)
+            from mlxkit.chat_template import ChatTemplate
+
+            # templates come with downloaded checkpoints: rendered sandboxed and bounded
+            self._template = ChatTemplate(self._chat_template)
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -141,70 +143,27 @@ class Tokenizer:
         )
 
 
-def _compile_chat_template(source: str) -> Template:
-    """Compiled the way transformers compiles chat templates (what checkpoints' templates are
-    written for): sandboxed, since templates come with downloaded checkpoints; `tojson` without
-    Jinja's HTML escaping and key sorting; `raise_exception`; loop controls."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        options = {"indent": indent, "separators": separators, "sort_keys": sort_keys}
-        return json.dumps(x, ensure_ascii=ensure_ascii, **options)
-
-    def raise_exception(message: str):
-        raise jinja2.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
-def _read_json(path: Path) -> dict | None:
-    """A JSON file's object, None if the file is absent."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-
-
 def _eos_ids(
-    tokenizer: tokenizers.Tokenizer, generation: dict | None, config: dict | None
+    tokenizer: tokenizers.Tokenizer, generation: list[int] | None, eos_token: str | None
 ) -> list[int]:
     """generation_config.json's eos_token_id (what generation stops on), else the tokenizer's
     eos token."""
-    if generation and generation.get("eos_token_id") is not None:
-        ids = generation["eos_token_id"]
-        return [ids] if isinstance(ids, int) else list(ids)
-    eos = (config or {}).get("eos_token")
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+    if generation is not None:
+        return generation
+    token_id = tokenizer.token_to_id(eos_token) if eos_token else None
     return [] if token_id is None else [token_id]
-
-
-def _chat_template(model_dir: Path, config: dict | None) -> str | None:
-    """chat_template.jinja, else the template inlined in tokenizer_config.json (older layout)."""
-    path = model_dir / "chat_template.jinja"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    template = (config or {}).get("chat_template")
-    if isinstance(template, list):  # named templates: use the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The tokenizer of a model directory (tokenizer.json, plus the optional
-    tokenizer_config.json, chat_template.jinja and generation_config.json)."""
+    tokenizer_config.json, chat_template.jinja and generation_config.json), its files read
+    as untrusted input (`mlxkit.checkpoint.read_tokenizer_files`)."""
+    from mlxkit.checkpoint import read_tokenizer_files
+
     model_dir = Path(model_dir)
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
+    files = read_tokenizer_files(model_dir)
+    path = files.tokenizer
+    if path is None:
         raise CheckpointError(f"{model_dir}: tokenizer.json is missing")
     try:
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
@@ -212,8 +171,5 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         raise CheckpointError(f"{path}: cannot read it ({str(e).splitlines()[0]})") from e
     if not isinstance(tokenizer.decoder, decoders.ByteLevel):
         raise CheckpointError(f"{path}: not a byte-level BPE tokenizer, as Qwen 3.5's is")
-    config = _read_json(model_dir / "tokenizer_config.json")
-    generation = _read_json(model_dir / "generation_config.json")
-    return Tokenizer(
-        tokenizer, _eos_ids(tokenizer, generation, config), _chat_template(model_dir, config)
-    )
+    eos = _eos_ids(tokenizer, files.eos_token_ids, files.eos_token)
+    return Tokenizer(tokenizer, eos, files.chat_template)

@@ -7,8 +7,9 @@ To add a case, append a row to a table in tests/test_bad_inputs.py (or any test 
 `cli(id, *args, setup=..., message=...)` or `api(id, call, setup=..., message=...)`, then
 `run_row(row, tmp_path, monkeypatch)`. Inputs are fresh copies per row, laid out in
 `Inputs` (the row's current directory); `setup` breaks them before the run. Rows that could
-hang if the code regressed (FIFOs) set `subprocess=True` and run `python -m mlxkit` under a
-timeout instead of in-process.
+hang if the code regressed (FIFOs, runaway chat templates) set `subprocess=True`: a CLI row
+then runs `python -m mlxkit`, an API row a forked child, under a timeout instead of
+in-process.
 """
 
 from __future__ import annotations
@@ -190,11 +191,44 @@ def _run_subprocess(row: Row, inputs: Inputs, env: dict[str, str]) -> None:
 
 
 def _run_api(row: Row, inputs: Inputs) -> None:
-    with pytest.raises(MlxkitError) as caught:
-        row.call(inputs)
-    message = str(caught.value)
+    if row.subprocess:
+        message = _call_in_child(row, inputs)
+    else:
+        with pytest.raises(MlxkitError) as caught:
+            row.call(inputs)
+        message = str(caught.value)
     assert len(message.splitlines()) == 1, message
     assert row.message in message, f"{row.message!r} not in {message!r}"
+
+
+def _call_in_child(row: Row, inputs: Inputs) -> str:
+    """An API row run in a forked child under the timeout: the MlxkitError's message, or a
+    failure saying what the child did instead (a hang is killed)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            row.call(inputs)
+            send.send(("returned", "DID NOT RAISE MlxkitError"))
+        except MlxkitError as e:
+            send.send(("raised", str(e)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent as the failure
+            send.send(("crashed", "".join(traceback.format_exception(e))))
+
+    process = ctx.Process(target=child)
+    process.start()
+    if not receive.poll(TIMEOUT_S):
+        process.kill()
+        process.join()
+        pytest.fail(f"the call hung (killed after {TIMEOUT_S} s)")
+    how, text = receive.recv()
+    process.join()
+    if how != "raised":
+        pytest.fail(text)
+    return text
 
 
 # --- ways to break inputs ----------------------------------------------------------------------

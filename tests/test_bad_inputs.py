@@ -897,6 +897,106 @@ def _read_only(i: Inputs, call):
         Path.mkdir = real_mkdir
 
 
+def side(name: str):
+    """A tokenizer or generation file of src/."""
+    return lambda i: i.src / name
+
+
+def _chat(i: Inputs):
+    """Renders src/'s chat template for one user message (the tokenizer alone: these rows
+    run in a forked child, see badinput.py)."""
+    from mlxkit.tokenizer import load_tokenizer
+
+    return load_tokenizer(i.src).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def template(text: str) -> object:
+    return write_bytes(side("chat_template.jinja"), text)
+
+
+def inline_template(value: object) -> object:
+    """tokenizer_config.json's chat_template (the older layout: no chat_template.jinja)."""
+    return steps(
+        lambda i: (i.src / "chat_template.jinja").unlink(),
+        edit_json(side("tokenizer_config.json"), lambda c: c.update(chat_template=value)),
+    )
+
+
+TEMPLATE = "chat template failed"
+
+# fmt: off
+TOKENIZER_ROWS = [
+    api("tokenizer.json: a symlink out of the model", _api_load, setup=lambda i: (
+        shutil.copy(i.src / "tokenizer.json", i.root / "t.json"),
+        (i.src / "tokenizer.json").unlink(), (i.src / "tokenizer.json").symlink_to(
+            i.root / "t.json")), message="outside the model directory"),
+    api("tokenizer_config.json: a list", _api_load,
+        setup=write_bytes(side("tokenizer_config.json"), "[1]"), message="not a JSON object"),
+    api("tokenizer_config.json: nested 100,000 deep", _api_load,
+        setup=write_bytes(side("tokenizer_config.json"), "[" * 100_000), message="nested"),
+    api("tokenizer_config.json: NaN", _api_load,
+        setup=write_bytes(side("tokenizer_config.json"), '{"x": NaN}'), message="not valid JSON"),
+    api("tokenizer_config.json: a directory", _api_load, setup=lambda i: (
+        (i.src / "tokenizer_config.json").unlink(), (i.src / "tokenizer_config.json").mkdir()),
+        message="a directory"),
+    api("tokenizer_config.json: eos_token a number", _api_load, setup=edit_json(
+        side("tokenizer_config.json"), lambda c: c.update(eos_token={"content": 5})),
+        message="eos_token"),
+    api("tokenizer_config.json: chat_template a list of numbers", _api_load,
+        setup=inline_template([1, 2]), message="chat_template must be"),
+    api("tokenizer_config.json: named template without its text", _api_load,
+        setup=inline_template([{"name": "default"}]), message="chat_template must be"),
+    api("tokenizer_config.json: chat_template a number", _api_load,
+        setup=inline_template(5), message="chat_template must be"),
+    api("generation_config.json: a list", _api_load,
+        setup=write_bytes(side("generation_config.json"), "[1]"), message="not a JSON object"),
+    api("generation_config.json: nested 100,000 deep", _api_load,
+        setup=write_bytes(side("generation_config.json"), "[" * 100_000), message="nested"),
+    *(api(f"generation_config.json: eos_token_id {what}", _api_load, setup=edit_json(
+        side("generation_config.json"), lambda g, v=value: g.update(eos_token_id=v)),
+        message="eos_token_id") for what, value in [
+            ("a string", "x"), ("a float", [1.5]), ("-1", -1), ("an object", {"a": 1}),
+            ("10^30", 10**30), ("true", True)]),
+    api("generation_config.json: a FIFO", _api_load, setup=fifo(side("generation_config.json")),
+        message="not a regular file"),
+    api("chat_template.jinja: not UTF-8", _api_load, setup=template(b"{{ '\xff' }}"),
+        message="not UTF-8"),
+    api("chat_template.jinja: a directory", _api_load, setup=lambda i: (
+        (i.src / "chat_template.jinja").unlink(), (i.src / "chat_template.jinja").mkdir()),
+        message="a directory"),
+    api("chat_template.jinja: 2 MB", _api_load, setup=lambda i: os.truncate(
+        i.src / "chat_template.jinja", 2 << 20), message="too large"),
+    api("chat template: a syntax error", _chat, setup=template("{% for %}"),
+        message=TEMPLATE + " (line 1)"),
+    api("chat template: raise_exception", _chat, setup=template(
+        "{{ raise_exception('System message must come first') }}"),
+        message="System message must come first"),
+    api("chat template: an undefined call", _chat, setup=template("{{ nope() }}"),
+        message="'nope' is undefined"),
+    api("chat template: a sandbox escape", _chat, setup=template(
+        "{{ cycler.__init__.__globals__.os.system('true') }}"), message=TEMPLATE),
+    api("chat template: division by zero", _chat, setup=template("{{ 1 / 0 }}"),
+        message="division by zero"),
+    api("chat template: endless recursion", _chat, setup=template(
+        "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"), message="recursion"),
+    api("chat template: 10^10 steps of nested loops", _chat, setup=template(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"),
+        message="steps", subprocess=True),
+    api("chat template: a number of 10^10 digits", _chat, setup=template(
+        "{{ 7 ** (10 ** 10) }}"), message="digits", subprocess=True),
+    api("chat template: a string of 10^11 characters", _chat, setup=template(
+        "{{ 'x' * 10 ** 11 }}"), message="items"),
+    api("chat template: a string doubled 60 times", _chat, setup=template(
+        "{% set ns = namespace(s='ab') %}{% for i in range(60) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"), message="characters", subprocess=True),
+    convert("tokenizer_config.json through convert: chat_template a number",
+            setup=inline_template(5), message="chat_template must be"),
+    convert("chat_template.jinja through convert: not UTF-8", setup=template(b"\xff"),
+            message="not UTF-8"),
+]
+# fmt: on
+
+
 ROWS = (
     CONFIG_ROWS
     + HEADER_ROWS
@@ -906,6 +1006,7 @@ ROWS = (
     + PLAN_INFO_GENERATE_ROWS
     + VERIFY_ROWS
     + API_ROWS
+    + TOKENIZER_ROWS
 )
 
 
@@ -976,3 +1077,15 @@ def test_hub_cache_snapshot_symlinks_are_allowed(tmp_path):
     (snapshot / "model.safetensors").symlink_to(FIXTURES / "tiny_tied" / "model.safetensors")
     with pytest.raises(MlxkitError, match="outside the model directory"):
         checkpoint_info(snapshot)
+
+
+def test_the_harness_kills_a_hang(tmp_path, monkeypatch, built):
+    """A row that could hang runs in a child the harness kills after its timeout."""
+    import time
+
+    from tests import badinput
+
+    monkeypatch.setattr(badinput, "TIMEOUT_S", 1)
+    row = api("hangs", lambda i: time.sleep(60), subprocess=True)
+    with pytest.raises(pytest.fail.Exception, match="hung"):
+        run_row(row, tmp_path, monkeypatch, built)
