@@ -31,7 +31,7 @@ from mlxkit.bundle_files import (
     resolves_inside,
 )
 from mlxkit.checkpoint import short
-from mlxkit.errors import ManifestError, MlxkitError
+from mlxkit.errors import ConfigError, ManifestError, MlxkitError
 from mlxkit.fields import local_path, shown
 from mlxkit.layout import ModelConfig
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
@@ -296,16 +296,18 @@ def _check_tensors(root: Path, p) -> list[str]:
 
 
 def _check_load(root: Path, mtp: bool) -> tuple[list[str], str]:
-    """model/ alone, then model/ with the bundle's drafter."""
+    """model/ alone with its tokenizer, then model/ with the bundle's drafter."""
     from mlxkit.load import load_model
+    from mlxkit.tokenizer import load_tokenizer
 
     model_dir = root / MODEL_DIR
     try:
-        model = load_model(model_dir, drafter=model_dir / MTP_DIR)  # as a bare copy of model/
+        model = load_model(model_dir, drafter=False)  # as a bare copy of model/
+        load_tokenizer(model_dir)
         parts = f"{'with' if model.has_mtp else 'without'} MTP, "
         parts += f"{'with' if model.has_vision else 'without'} the vision tower"
         detail = (f"model/ loads ({parts}; names, shapes and dtypes checked, weights "
-                  "memory-mapped)")  # fmt: skip
+                  "memory-mapped), and its tokenizer")  # fmt: skip
         if mtp:
             if not load_model(model_dir, drafter=root / MTP_DIR).has_mtp:
                 return [f"{MTP_DIR}/ did not provide the MTP head"], ""
@@ -463,6 +465,8 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     root = local_path(path, "bundle", ManifestError)
     manifest = read_manifest(root)  # raises ManifestError on bad input
     other = resolve_target(target) if target is not None else None  # bad --target: exit 2
+    if other is not None and other.kind == "mac":
+        raise ConfigError(f"--target {other.name} is a Mac; bundles are checked against iPhones")
     report = Report(root)
     errors = schema_errors(manifest)
     report.add("manifest schema", errors, f"schema {manifest.get('schema_version')} complete")

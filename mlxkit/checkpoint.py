@@ -226,8 +226,11 @@ def quantization_block(config: dict, where: str) -> dict:
 
     settings(q, f"{where}: quantization")
     for module, value in q.items():
+        at = f"{where}: quantization[{short(module)}]"
         if isinstance(value, dict):
-            settings(value, f"{where}: quantization[{short(module)}]")
+            settings(value, at)
+        elif module not in ("bits", "group_size", "mode") and not isinstance(value, bool):
+            raise CheckpointError(f"{at}: expected settings (an object) or true/false")
     return q
 
 
@@ -237,11 +240,14 @@ def quantization_block(config: dict, where: str) -> dict:
 def _allowed_roots(model_dir: Path) -> list[str]:
     """Where a shard may really live: the model directory, and for a Hugging Face cache
     snapshot (…/models--Org--Name/snapshots/<rev>/) the repo's blob store beside it."""
-    real = os.path.realpath(model_dir)
-    roots = [real]
-    parent = Path(real).parent
-    if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
-        roots.append(str(parent.parent / "blobs"))
+    real = Path(os.path.realpath(model_dir))
+    roots = [str(real)]
+    for snapshot in (real, *real.parents):  # a converted model's mtp/ is a folder of one
+        if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith(
+            "models--"
+        ):
+            roots.append(str(snapshot.parent.parent / "blobs"))
+            break
     return roots
 
 
@@ -255,20 +261,31 @@ def model_file(model_dir: Path, name: str, what: str = "file") -> Path | None:
     Hugging Face blob store of a cache snapshot."""
     path = model_dir / name
     if path.is_symlink():
-        try:
-            real = os.path.realpath(path, strict=True)
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{path}: a broken symlink or symlink loop ({_reason(e)})"
-            ) from None
-        if not any(_inside(real, root) for root in _allowed_roots(model_dir)):
-            raise CheckpointError(
-                f"{path}: a symlink to {real}, outside the model directory; copy the file in"
-            )
+        _check_link(model_dir, path)
     elif not path.exists():
         return None
     regular_file_size(path, what)
     return path
+
+
+def model_subdir(model_dir: Path, name: str) -> Path | None:
+    """`model_dir / name` when it is a directory that really lies in the model directory
+    (a converted model's mtp/), else None."""
+    path = model_dir / name
+    if path.is_symlink():
+        _check_link(model_dir, path)
+    return path if path.is_dir() else None
+
+
+def _check_link(model_dir: Path, path: Path) -> None:
+    try:
+        real = os.path.realpath(path, strict=True)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: a broken symlink or symlink loop ({_reason(e)})") from None
+    if not any(_inside(real, root) for root in _allowed_roots(model_dir)):
+        raise CheckpointError(
+            f"{path}: a symlink to {real}, outside the model directory; copy it in"
+        )
 
 
 def shard_path(model_dir: Path, name: object, where: str) -> Path:

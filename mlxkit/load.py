@@ -20,15 +20,25 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from mlxkit.checkpoint import quantization_block, read_config, read_headers, weight_files
+from mlxkit.checkpoint import (
+    TensorInfo,
+    model_subdir,
+    quantization_block,
+    read_config,
+    read_headers,
+    short,
+    weight_files,
+)
 from mlxkit.errors import CheckpointError, ConfigError
-from mlxkit.fields import local_path
+from mlxkit.fields import local_path, shown
 from mlxkit.layout import ModelConfig, checkpoint_tensor, part_of
 from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
 MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
 BUNDLE_MANIFEST = "manifest.json"  # an iPhone bundle: model/ and mtp/ side by side
 BUNDLE_MODEL_DIR = "model"
+LOADABLE_DTYPES = ("BF16", "F16", "F32", "U32")
+CAST_DTYPES = (mx.bfloat16, mx.float16, mx.float32)  # what `dtype=` may cast weights to
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -79,6 +89,20 @@ def default_drafter_dir(path: str | Path) -> Path:
     return model_dir / MTP_DIR
 
 
+def _drafter_dir(path: str | Path, drafter: str | Path | bool | None) -> Path | None:
+    """The drafter directory to read, None for none: one given must exist; the default one
+    (mtp/ of a converted model, a bundle's mtp/) is used when there, and must lie inside."""
+    if drafter is False:
+        return None
+    if drafter is not None:
+        given = local_path(drafter, "drafter", CheckpointError)
+        if not given.is_dir():
+            raise CheckpointError(f"drafter {given}: not a directory; pass the drafter's folder")
+        return given
+    default = default_drafter_dir(path)
+    return model_subdir(default.parent, default.name)
+
+
 def load_config(model_dir: Path) -> TextConfig:
     try:
         return TextConfig.from_dict(read_config(model_dir))
@@ -101,6 +125,7 @@ def _read_weights(
     `vision`: the config declares a vision tower, so `model.visual.*` tensors are its."""
     files = weight_files(model_dir)
     headers = read_headers(files)
+    _check_dtypes(headers)
     hf_layout = any(n.startswith("model.language_model.") for n in headers)
     weights, origin = {}, {}
     for f in files:
@@ -115,8 +140,19 @@ def _read_weights(
                 if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                     value = value if name.endswith("A_log") else value.astype(dtype)
             weights[path] = value
-            origin[path] = f"{f}: tensor {name}"
+            origin[path] = f"{f}: tensor {short(name)}"
     return weights, origin
+
+
+def _check_dtypes(headers: dict[str, TensorInfo]) -> None:
+    """Before MLX reads a byte (it cannot read F64 or F8_E5M2 at all): weights are floating
+    point, or uint32 words of packed quantized weights."""
+    for t in headers.values():
+        if t.dtype not in LOADABLE_DTYPES:
+            raise CheckpointError(
+                f"{t.file}: tensor {short(t.name)} has dtype {t.dtype}; expected a "
+                "floating-point dtype (BF16, F16, F32) or U32 (packed quantized weights)"
+            )
 
 
 def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, dict, dict]:
@@ -129,7 +165,7 @@ def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, 
     config = read_config(drafter_dir)
     weights, origin = {}, {}
     for f in weight_files(drafter_dir):
-        read_headers([f])
+        _check_dtypes(read_headers([f]))
         arrays, metadata = mx.load(str(f), return_metadata=True)
         as_checkpoint = metadata.get("format") != "mlx"
         for name, value in arrays.items():
@@ -141,7 +177,7 @@ def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, 
                 if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                     value = value.astype(dtype)
             weights[path] = value
-            origin[path] = f"{f}: tensor {name}"
+            origin[path] = f"{f}: tensor {short(name)}"
     quant = quantization_block(config, str(drafter_dir / "config.json"))
     quant = {(k if k.startswith("mtp.") or k in ("group_size", "bits", "mode") else "mtp." + k): v
              for k, v in quant.items()}  # fmt: skip
@@ -220,14 +256,19 @@ def _attach_vision_inputs(model: Model, model_dir: Path, config: dict) -> None:
 def load_model(
     path: str | Path,
     dtype: mx.Dtype | None = None,
-    drafter: str | Path | None = None,
+    drafter: str | Path | bool | None = None,
     verify: bool = False,
 ) -> Model:
     """The model alone. `dtype` (e.g. mx.float32) casts floating weights; A_log stays float32.
     `drafter` overrides where a converted model's MTP drafter is looked for. For an iPhone
     bundle the files of model/ and mtp/ are checked against manifest.json first: their
-    sizes always, their sha256 with `verify` (a full read). The vision tower is loaded when
-    the checkpoint has one (see the module docstring)."""
+    sizes always, their sha256 with `verify` (a full read). `drafter=False` loads no
+    drafter. The vision tower is loaded when the checkpoint has one (see the module
+    docstring)."""
+    if dtype is not None and not (isinstance(dtype, mx.Dtype) and dtype in CAST_DTYPES):
+        raise ConfigError(
+            f"dtype must be None, mx.bfloat16, mx.float16 or mx.float32, got {shown(dtype)}"
+        )
     model_dir = resolve_model_dir(path)
     bundle = bundle_root(path) if str(path) != "micro" else None
     if bundle is not None:
@@ -238,8 +279,8 @@ def load_model(
     weights, origin = _read_weights(model_dir, cfg, dtype, vision=shapes.vision is not None)
     vision = _vision_of(shapes, weights, origin, model_dir / "config.json")
     quant = dict(quantization_block(config, str(model_dir / "config.json")))
-    drafter_dir = Path(drafter) if drafter is not None else default_drafter_dir(path)
-    if drafter_dir.is_dir() and not any(p.startswith("mtp.") for p in weights):
+    drafter_dir = _drafter_dir(path, drafter)
+    if drafter_dir is not None and not any(p.startswith("mtp.") for p in weights):
         mtp_weights, mtp_origin, mtp_quant = _read_mtp_drafter(drafter_dir, dtype)
         weights.update(mtp_weights)
         origin.update(mtp_origin)
