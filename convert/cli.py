@@ -21,12 +21,12 @@ PLAN_ONLY = (
 
 
 @click.command("convert")
-@click.option("--hf-path", type=click.Path(), help="A local checkpoint in the Hugging Face layout.")
+@click.option("--hf-path", metavar="DIR", help="A local checkpoint in the Hugging Face layout.")
 @click.option(
     "--size", help='A published size fetched from the Hub: 0.8b, 2b, 4b, 9b (or "micro").'
 )
 @click.option(
-    "-o", "--output", type=click.Path(), help="Output directory (default: e.g. ./Qwen3.5-2B-4bit)."
+    "-o", "--output", metavar="OUT", help="Output directory (default: e.g. ./Qwen3.5-2B-4bit)."
 )
 @plan_options
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
@@ -52,8 +52,6 @@ def convert(
 
     if (hf_path is None) == (size is None):
         raise MlxkitError("pass exactly one of --hf-path DIR or --size SIZE")
-    if no_quantize and (options["bits"] is not None or options["group_size"] is not None):
-        raise MlxkitError("--bits / --group-size have no effect with --no-quantize")
     # --size is resolved (downloaded, if need be) inside convert(), after every other check
     source = resolve_local(hf_path) if hf_path is not None else Size(size)
     if options["target"] is not None or options["memory_budget"] is not None:
@@ -72,7 +70,7 @@ def convert(
         output,
         bits=options["bits"],
         group_size=options["group_size"],
-        recipe=options["recipe"] or "uniform",
+        recipe="uniform" if options["recipe"] is None else options["recipe"],
         dtype=options["dtype"],
         quantize=not no_quantize,
         mtp=options["mtp"] is not False,

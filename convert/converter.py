@@ -36,7 +36,7 @@ import mlx.core as mx
 from mlxkit import __version__
 from mlxkit.checkpoint import INDEX, model_file, read_json, read_tokenizer_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
-from mlxkit.fields import local_path
+from mlxkit.fields import boolean, local_path
 from mlxkit.info import human_bytes
 from mlxkit.layout import (
     OUTPUT_DTYPES,
@@ -146,6 +146,11 @@ def convert(
         raise ConfigError(
             f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
         )
+    for name, flag in (("quantize", quantize), ("mtp", mtp), ("force", force)):
+        boolean(flag, name)
+    if not quantize and (bits is not None or group_size is not None):
+        raise ConfigError("--bits / --group-size have no effect with --no-quantize")
+
     the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
     if vision_bits is not None:
         if not vision:

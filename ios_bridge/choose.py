@@ -13,6 +13,7 @@ reports is the limit the app will run under.
 
 from __future__ import annotations
 
+from mlxkit import fields
 from mlxkit.convert.coreml import vision_tokens
 
 from mlxkit.layout import ModelConfig
@@ -35,7 +36,7 @@ RECIPES = ("quality", "uniform")  # best first
 
 def candidates(recipe: str | None, mtp: bool | None, has_mtp: bool) -> list[tuple[str, bool]]:
     """(recipe, MTP) pairs to try, best first; without MTP only the smallest recipe."""
-    recipes = [recipe] if recipe else list(RECIPES)
+    recipes = [recipe] if recipe is not None else list(RECIPES)
     with_mtp = [mtp and has_mtp] if mtp is not None else ([True, False] if has_mtp else [False])
     return [(r, m) for m in with_mtp for r in (recipes if m else recipes[-1:])]
 
@@ -50,7 +51,7 @@ def vision_candidates(vision: bool | None, has_vision: bool) -> list[bool]:
 def _describe(
     recipe: str | None, mtp: bool | None, vision: list[bool], need: int, image_tokens: int
 ) -> str | None:
-    if recipe and mtp is not None and len(vision) == 1:
+    if recipe is not None and mtp is not None and len(vision) == 1:
         return None
     pairs = candidates(recipe, mtp, True)
     tried = ", ".join(f"{r}{' + MTP' if m else ' without MTP'}" for r, m in pairs)
@@ -79,6 +80,11 @@ def choose_plan(
     docstring); PlanRefused for the least demanding candidate when none does. `recipe` /
     `mtp` / `vision` None mean "choose"; the other `settings` are Settings fields, as for
     `plan`."""
+    if context is not None:
+        fields.integer(context, "context")
+    for flag, value in (("mtp", mtp), ("vision", vision)):
+        if value is not None:
+            fields.boolean(value, flag)
     shapes, label = resolve_config(size_or_config)
     cfg = shapes.text
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)

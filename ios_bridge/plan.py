@@ -58,7 +58,7 @@ from mlxkit.models.qwen3_5_vision import VisionConfig
 from mlxkit.presets import HUB_REPOS, model_config, sizes, text_config
 
 from . import memory as mem
-from .devices import GB, Target, load_catalog, resolve_target
+from .devices import GB, MAX_BUDGET, Target, load_catalog, resolve_target
 from .roofline import Speed, WeightReads, predict_speed
 from .runtimes import MLXKIT, DecodeRuntime, runtime_for
 from .settings import MIN_CONTEXT, VISION_ENCODERS, Settings
@@ -292,8 +292,10 @@ def make_settings(**values) -> Settings:
 
 
 def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
-    for name in ("num_draft", "prefill_chunk", "reserve", "cache_limit"):
+    for name in ("num_draft", "prefill_chunk"):
         fields.integer(getattr(settings, name), name)
+    for name in ("reserve", "cache_limit"):  # bytes: bounded like a memory budget
+        fields.integer(getattr(settings, name), name, hi=MAX_BUDGET)
     fields.number(settings.acceptance, "acceptance")
     fields.boolean(settings.mtp, "mtp")
     fields.boolean(settings.entitlement, "entitlement")

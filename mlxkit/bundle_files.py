@@ -23,6 +23,7 @@ from mlxkit.load import BUNDLE_MANIFEST as MANIFEST
 
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_PATH_CHARS = 1024
+MAX_FILE_BYTES = 2**63 - 1  # what a file system can report
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -88,11 +89,13 @@ def file_entries(manifest: dict) -> tuple[list[FileEntry], list[str]]:
             and isinstance(e.get("path"), str)
             and isinstance(e.get("bytes"), int)
             and not isinstance(e.get("bytes"), bool)
-            and e["bytes"] >= 0
+            and 0 <= e["bytes"] <= MAX_FILE_BYTES
             and isinstance(e.get("sha256"), str)
             and _SHA256.fullmatch(e["sha256"])
         ):
-            problems.append(f"files[{i}]: needs path, bytes (>= 0) and sha256 (64 hex digits)")
+            problems.append(
+                f"files[{i}]: needs path, bytes (0 to 2^63 - 1) and sha256 (64 hex digits)"
+            )
         elif e["path"] in seen:
             problems.append(f"files[{i}]: {short(e['path'], 40)} is listed twice")
         else:
