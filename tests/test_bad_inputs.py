@@ -653,6 +653,10 @@ PLAN_INFO_GENERATE_ROWS = [
          message="group size"),
     plan("plan 9b on an iPhone 15", "--size", "9b", "--target", "iphone15",
          message="does not fit"),
+    plan("plan --recipe ''", "--size", "2b", "--target", "iphone15", "--recipe", "",
+         message="unknown recipe ''"),
+    convert("convert --recipe ''", "--recipe", "", message="unknown recipe ''"),
+    convert("convert -o with a NUL byte", "-o", "{out}\0", message="not a usable path"),
     cli("info: missing", "info", "{root}/nope", message="not a directory"),
     cli("info: a file", "info", "{root}/f", setup=a_file("f"), message="not a directory"),
     cli("info: no argument", "info", message="Missing argument"),
@@ -769,6 +773,13 @@ VERIFY_ROWS = [
     verify("verify: manifest a directory", lambda i: (manifest(i).unlink(), manifest(i).mkdir()),
            "a directory", code=2),
     verify("verify: --target nokia", None, "unknown target", "--target", "nokia", code=2),
+    verify("verify: --target a Mac", None, "is a Mac", "--target", "m4pro-24gb", code=2),
+    verify("verify: bytes 10^400", listed({"path": "x", "bytes": 10**400, "sha256": "0" * 64}),
+           "files["),
+    cli("verify: a rehashed tokenizer_config.json that is a list", "bundle", "verify",
+        "{bundle}", needs=("bundle",), code=1, message="not a JSON object", setup=steps(
+            write_bytes(lambda i: i.bundle / "model" / "tokenizer_config.json", "[1]"),
+            lambda i: rehash(i, "model/tokenizer_config.json"))),
 ]
 # fmt: on
 
@@ -795,10 +806,10 @@ def _info(path):
     return checkpoint_info(path)
 
 
-def _plan(*args):
+def _plan(*args, **kw):
     from mlxkit.ios_bridge import plan
 
-    return plan(*args)
+    return plan(*args, **kw)
 
 
 def _api_convert(i: Inputs, src=None, out=None, **kw):
@@ -811,6 +822,52 @@ def _api_build(i: Inputs, **kw):
     from mlxkit.ios_bridge import build_bundle
 
     return build_bundle(i.src, i.out, "iphone12", **kw)
+
+
+def widen_to_f64(name: str):
+    """A header edit: tensor `name` stored as F64 (the data re-laid out to match)."""
+
+    def edit(h: dict, d: bytes):
+        data, at = b"", 0
+        for key in sorted(
+            (k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"]
+        ):
+            start, end = h[key]["data_offsets"]
+            chunk = d[start:end]
+            if key == name:
+                chunk = np.frombuffer(chunk, np.float32).astype(np.float64).tobytes()
+                h[key]["dtype"] = "F64"
+            h[key]["data_offsets"] = [at, at + len(chunk)]
+            data, at = data + chunk, at + len(chunk)
+        return h, data
+
+    return edit
+
+
+def extra_tensor(name: str):
+    """A header edit: one more F32 tensor of one element, named `name`."""
+
+    def edit(h: dict, d: bytes):
+        h[name] = {"dtype": "F32", "shape": [1], "data_offsets": [len(d), len(d) + 4]}
+        return h, d + b"\0" * 4
+
+    return edit
+
+
+def _load_model(path, **kw):
+    from mlxkit import load_model
+
+    return load_model(path, **kw)
+
+
+def _api_load_converted(i: Inputs):
+    return _load(i.converted)
+
+
+def _choose(*args, **kw):
+    from mlxkit.ios_bridge import choose_plan
+
+    return choose_plan(*args, **kw)
 
 
 # fmt: off
@@ -861,6 +918,37 @@ API_ROWS = [
     api("plan: hidden size 0", lambda i: _plan({"model_type": "qwen3_5_text", **json.loads(
         config(i).read_text())["text_config"], "hidden_size": 0}, "iphone12"),
         message="hidden_size"),
+    api("load: dtype a string", lambda i: _load(i.src, dtype="float32"), message="dtype must be"),
+    api("load: dtype int8", lambda i: _load(i.src, dtype=mx.int8), message="dtype must be"),
+    api("load: F64 weights", _api_load, setup=header(widen_to_f64(N)), message="dtype F64"),
+    api("load: F8_E5M2 weights", _api_load, setup=header(
+        lambda h, d: h[A].update(dtype="F8_E5M2", shape=[16])), message="dtype F8_E5M2"),
+    api("load: a tensor name with a newline", _api_load,
+        setup=header(extra_tensor("model.language_model.a\nb")), message="not a Qwen 3.5"),
+    api("load_model: a drafter that is not there", lambda i: _load_model(
+        i.converted, drafter=i.root / "nope"), needs=("converted",), message="drafter"),
+    api("load_model: drafter 123", lambda i: _load_model(i.converted, drafter=123),
+        needs=("converted",), message="drafter: expected a path"),
+    api("load: mtp/ a symlink out of the model", _api_load_converted, needs=("converted",),
+        setup=lambda i: (shutil.move(i.converted / "mtp", i.root / "m"),
+                         (i.converted / "mtp").symlink_to(i.root / "m")),
+        message="outside the model directory"),
+    api("load: a quantization override that is a list", _api_load_converted,
+        needs=("converted",), setup=converted_config(lambda c: c["quantization"].update(
+            {"language_model.model.embed_tokens": [8]})), message="true/false"),
+    api("plan: reserve 10^400", lambda i: _plan("2b", "iphone15", reserve=10**400),
+        message="reserve"),
+    api("plan: cache_limit 1.5", lambda i: _plan("2b", "iphone15", cache_limit=1.5),
+        message="cache_limit"),
+    api("choose_plan: mtp 'no'", lambda i: _choose("2b", "iphone15", mtp="no"),
+        message="mtp: expected true or false"),
+    api("choose_plan: context '4096'", lambda i: _choose("2b", "iphone15", "4096"),
+        message="context: expected an integer"),
+    api("bundle: mtp 'no'", lambda i: _api_build(i, mtp="no"), message="mtp"),
+    api("bundle: context '4096'", lambda i: _api_build(i, context="4096"), message="context"),
+    api("convert: bits without quantizing", lambda i: _api_convert(i, bits=8, quantize=False),
+        message="no effect"),
+    api("convert: quantize None", lambda i: _api_convert(i, quantize=None), message="quantize"),
 ]
 # fmt: on
 
@@ -1089,3 +1177,21 @@ def test_the_harness_kills_a_hang(tmp_path, monkeypatch, built):
     row = api("hangs", lambda i: time.sleep(60), subprocess=True)
     with pytest.raises(pytest.fail.Exception, match="hung"):
         run_row(row, tmp_path, monkeypatch, built)
+
+
+def test_hub_cache_snapshot_of_a_converted_model_loads_with_its_drafter(tmp_path, built):
+    """In a cache snapshot of a converted model, mtp/ is a real folder whose files link into
+    the blob store two levels up: allowed like the files beside it."""
+    from mlxkit import load_model
+
+    snapshot = tmp_path / "models--me--Tiny-4bit" / "snapshots" / "0123abc"
+    blobs = tmp_path / "models--me--Tiny-4bit" / "blobs"
+    blobs.mkdir(parents=True)
+    for f in sorted(built["converted"].rglob("*")):
+        if f.is_file():
+            rel = f.relative_to(built["converted"])
+            blob = blobs / rel.as_posix().replace("/", "-")
+            shutil.copy(f, blob)
+            (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / rel).symlink_to(os.path.relpath(blob, (snapshot / rel).parent))
+    assert load_model(snapshot).has_mtp
