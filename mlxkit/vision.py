@@ -22,7 +22,6 @@ tens of GB. A per-call `max_pixels` overrides the cap.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,13 +32,16 @@ from typing import Literal
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from mlxkit.checkpoint import model_file, read_json
 from mlxkit.errors import ConfigError, MlxkitError
+from mlxkit.fields import local_path, mapping, number, sequence
 from mlxkit.models.qwen3_5_vision import Grid, VisionConfig
 
 DEFAULT_MAX_IMAGE_TOKENS = 1280  # vision tokens per image unless max_pixels says otherwise
 DEFAULT_VIDEO_FPS = 2.0  # the rate of a list of frames when the caller gives none
+MAX_PIXELS = 1 << 26  # the most any pixel bound may ask for: 4× Qwen 3.5's largest default
 
 # transformers' Qwen2VLImageProcessor and Qwen3VLVideoProcessor settings beside config.json;
 # mlx-vlm and MLX Swift's VLM loader read the first (its `processor_class` picks the processor).
@@ -117,24 +119,27 @@ class Preprocessor:
                         f"{model_dir / name}: {key} {cfg[key]} differs from the vision tower's "
                         f"{value} in config.json"
                     )
+        where = model_dir / "preprocessor_config.json"
         for key in ("image_mean", "image_std"):
             if key in image:
-                fields[key] = tuple(float(v) for v in image[key])
+                values = sequence(image[key], f"{where}: {key}")
+                fields[key] = tuple(number(v, f"{where}: {key}") for v in values)
         if "rescale_factor" in image:
-            fields["rescale_factor"] = float(image["rescale_factor"])
+            fields["rescale_factor"] = number(
+                image["rescale_factor"], f"{where}: rescale_factor", 0, lo_open=True
+            )
         for prefix, cfg in (("", image), ("video_", video)):
-            size = cfg.get("size") or {}
+            size = mapping(cfg.get("size") or {}, f"{model_dir}: preprocessor size")
             lo = cfg.get("min_pixels", size.get("shortest_edge"))
             hi = cfg.get("max_pixels", size.get("longest_edge"))
             if lo is not None:
                 fields[prefix + "min_pixels"] = lo
             if hi is not None:
                 fields[prefix + "max_pixels"] = hi
-        for key, name in (
-            ("fps", "video_fps"),
-            ("min_frames", "video_min_frames"),
-            ("max_frames", "video_max_frames"),
-        ):
+        where = model_dir / "video_preprocessor_config.json"
+        if "fps" in video:
+            fields["video_fps"] = number(video["fps"], f"{where}: fps", 0, lo_open=True)
+        for key, name in (("min_frames", "video_min_frames"), ("max_frames", "video_max_frames")):
             if key in video:
                 fields[name] = video[key]
         pre = cls(**fields)
@@ -153,17 +158,23 @@ class Preprocessor:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{model_dir}: preprocessor {key} must be a positive integer")
+        for lo, hi, limit in (("min_pixels", "max_pixels", MAX_PIXELS),
+                              ("video_min_pixels", "video_max_pixels", MAX_PIXELS),
+                              ("video_min_frames", "video_max_frames", None)):  # fmt: skip
+            if getattr(self, lo) > getattr(self, hi) or (limit and getattr(self, hi) > limit):
+                raise ConfigError(
+                    f"{model_dir}: preprocessor {lo} .. {hi} must be an increasing range"
+                    + (f" up to {limit:,}" if limit else "")
+                )
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
             raise ConfigError(f"{model_dir}: preprocessor image_mean/std need 3 values, std ≠ 0")
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """A preprocessor file, read like config.json; {} when there is none."""
+    if model_file(path.parent, path.name, path.name) is None:
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    data = read_json(path, path.name, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
@@ -205,11 +216,11 @@ def load_image(image: ImageLike) -> Image.Image:
         raise VisionInputError(
             f"an image must be a path, a PIL.Image or an H×W×3 uint8 array, not {type(image).__name__}"
         )
-    path = Path(image)
+    path = local_path(image, "image", VisionInputError)
     if not path.is_file():
         raise VisionInputError(f"{path}: no such image file")
     try:
-        img = Image.open(path)
+        img = ImageOps.exif_transpose(Image.open(path))  # as photos are shown (transformers)
         img.load()
     except Image.DecompressionBombError as e:
         raise VisionInputError(
@@ -308,6 +319,8 @@ def _pixel_bounds(
     for name, v in (("min_pixels", lo), ("max_pixels", hi)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise VisionInputError(f"{name} must be a positive integer (got {v!r})")
+        if v > MAX_PIXELS:
+            raise VisionInputError(f"{name} {v:,} is more than the {MAX_PIXELS:,} allowed")
     if lo > hi:
         raise VisionInputError(f"min_pixels {lo} is larger than max_pixels {hi}")
     return lo, hi
@@ -360,7 +373,7 @@ def resized_patches(rgb: Image.Image, size: tuple[int, int], pre: Preprocessor):
 def sample_frame_indices(num_frames: int, fps: float, pre: Preprocessor) -> np.ndarray:
     """Which of `num_frames` frames given at `fps` the processor keeps: its own rate, at least
     min_frames and at most max_frames (never more than given), evenly spread."""
-    keep = int(num_frames / fps * pre.video_fps)
+    keep = int(min(num_frames / fps * pre.video_fps, num_frames))  # a tiny fps: inf
     keep = min(max(keep, pre.video_min_frames), pre.video_max_frames, num_frames)
     return np.linspace(0, num_frames - 1, keep).round().astype(int)
 
@@ -391,6 +404,13 @@ def preprocess_video(
     frames with torchvision, so resized frames can differ from its output by a rounding step."""
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
         raise VisionInputError(f"video fps must be a positive number (got {fps!r})")
+    if not math.isfinite(1 / fps):
+        raise VisionInputError(f"video fps {fps!r} is too small: frame times are infinite")
+    if isinstance(frames, (str, bytes)) or not isinstance(frames, (Sequence, np.ndarray)):
+        raise VisionInputError(
+            f"video frames must be a list of images or an F×H×W×3 array, not "
+            f"{type(frames).__name__}"
+        )
     if len(frames) < pre.temporal_patch_size:
         raise VisionInputError(
             f"a video needs at least {pre.temporal_patch_size} frames (got {len(frames)}); "

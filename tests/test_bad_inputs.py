@@ -29,6 +29,7 @@ from tests.badinput import (
     symlink_loop,
     write_bytes,
 )
+from tests.helpers import FIXTURES
 
 DEL = object()
 A = "model.language_model.layers.0.linear_attn.A_log"  # F32 [4] at bytes [0, 16)
@@ -1085,6 +1086,99 @@ TOKENIZER_ROWS = [
 # fmt: on
 
 
+VISION = FIXTURES / "tiny_vision_p4"
+PRE, VIDEO_PRE = "preprocessor_config.json", "video_preprocessor_config.json"
+
+
+def vision(*edits) -> object:
+    """A setup: the vision fixture's config and preprocessor files in vis/, then `edits`."""
+
+    def setup(i: Inputs) -> None:
+        (i.root / "vis").mkdir()
+        for name in ("config.json", PRE, VIDEO_PRE):
+            shutil.copy(VISION / name, i.root / "vis" / name)
+        for edit in edits:
+            edit(i)
+
+    return setup
+
+
+def vis(name: str):
+    return lambda i: i.root / "vis" / name
+
+
+def _preprocessor(i: Inputs):
+    from mlxkit.models.qwen3_5_vision import VisionConfig
+    from mlxkit.vision import Preprocessor
+
+    config = json.loads((i.root / "vis" / "config.json").read_text())
+    return Preprocessor.from_dir(i.root / "vis", VisionConfig.from_dict(config))
+
+
+def _image(image, **kw):
+    """preprocess_image of `image` (a callable of the inputs gives a path under them)."""
+    from mlxkit.vision import preprocess_image
+
+    return lambda i: preprocess_image(image(i) if callable(image) else image, _preprocessor(i),
+                                      **kw)  # fmt: skip
+
+
+def _video(frames, **kw):
+    from mlxkit.vision import preprocess_video
+
+    return lambda i: preprocess_video(frames, _preprocessor(i), **kw)
+
+
+FRAMES = np.zeros((4, 32, 32, 3), np.uint8)
+
+# fmt: off
+VISION_ROWS = [
+    api("preprocessor: image_mean strings", _preprocessor, needs=(), setup=vision(edit_json(
+        vis(PRE), lambda c: c.update(image_mean=["a", "b", "c"]))), message="image_mean"),
+    api("preprocessor: image_mean a number", _preprocessor, needs=(), setup=vision(edit_json(
+        vis(PRE), lambda c: c.update(image_mean=0.5))), message="image_mean: expected a list"),
+    api("preprocessor: image_std NaN", _preprocessor, needs=(), setup=vision(write_bytes(
+        vis(PRE), '{"image_std": [NaN, 0.5, 0.5]}')), message="not valid JSON"),
+    api("preprocessor: rescale_factor a string", _preprocessor, needs=(), setup=vision(
+        edit_json(vis(PRE), lambda c: c.update(rescale_factor="x"))), message="rescale_factor"),
+    api("preprocessor: rescale_factor 0", _preprocessor, needs=(), setup=vision(
+        edit_json(vis(PRE), lambda c: c.update(rescale_factor=0))), message="rescale_factor"),
+    api("preprocessor: size a list", _preprocessor, needs=(), setup=vision(edit_json(
+        vis(PRE), lambda c: c.update(size=[1, 2]))), message="size: expected a JSON object"),
+    api("preprocessor: max_pixels 10^30", _preprocessor, needs=(), setup=vision(edit_json(
+        vis(PRE), lambda c: c.update(max_pixels=10**30))), message="up to"),
+    api("preprocessor: min_pixels above max_pixels", _preprocessor, needs=(), setup=vision(
+        edit_json(vis(PRE), lambda c: c.update(min_pixels=10**6, max_pixels=10))),
+        message="increasing range"),
+    api("preprocessor: fps a string", _preprocessor, needs=(), setup=vision(edit_json(
+        vis(VIDEO_PRE), lambda c: c.update(fps="x"))), message="fps: expected a number"),
+    api("preprocessor: fps 0", _preprocessor, needs=(), setup=vision(edit_json(
+        vis(VIDEO_PRE), lambda c: c.update(fps=0))), message="fps"),
+    api("preprocessor: min_frames above max_frames", _preprocessor, needs=(), setup=vision(
+        edit_json(vis(VIDEO_PRE), lambda c: c.update(min_frames=9, max_frames=3))),
+        message="increasing range"),
+    api("preprocessor: nested 100,000 deep", _preprocessor, needs=(), setup=vision(
+        write_bytes(vis(PRE), "[" * 100_000)), message="nested too deeply"),
+    api("preprocessor: a directory", _preprocessor, needs=(), setup=vision(
+        lambda i: (vis(PRE)(i).unlink(), vis(PRE)(i).mkdir())), message="a directory"),
+    api("preprocessor: a FIFO", _preprocessor, needs=(), setup=vision(fifo(vis(VIDEO_PRE))),
+        message="not a regular file"),
+    api("image: a 5,000-character path", _image("a" * 5000), needs=(), setup=vision(),
+        message="not a usable path"),
+    api("image: min_pixels 10^12", _image(FRAMES[0], min_pixels=10**12, max_pixels=10**13),
+        needs=(), setup=vision(), message="is more than the"),
+    api("video: a generator", _video(f for f in FRAMES), needs=(), setup=vision(),
+        message="not generator"),
+    api("video: None", _video(None), needs=(), setup=vision(), message="not NoneType"),
+    api("video: a string", _video("abcd"), needs=(), setup=vision(), message="not str"),
+    api("video: fps 1e-320", _video(FRAMES, fps=1e-320), needs=(), setup=vision(),
+        message="too small"),
+    api("video: max_pixels 10^13", _video(FRAMES, max_pixels=10**13), needs=(),
+        setup=vision(), message="is more than the"),
+]
+# fmt: on
+
+
 ROWS = (
     CONFIG_ROWS
     + HEADER_ROWS
@@ -1095,6 +1189,7 @@ ROWS = (
     + VERIFY_ROWS
     + API_ROWS
     + TOKENIZER_ROWS
+    + VISION_ROWS
 )
 
 

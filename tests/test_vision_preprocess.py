@@ -191,6 +191,22 @@ def header_only_png(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
+def test_a_photo_is_turned_as_its_exif_orientation_says(tmp_path):
+    """A phone photo stores its pixels sideways plus an EXIF orientation; transformers' and
+    mlx-vlm's load_image turn it upright first, and so does a path given here."""
+    from transformers.image_utils import load_image
+
+    pre = preprocessor("tiny_vision_p4")
+    pixels = noise_image("RGB", 40, 64, seed=3)  # 40 high, 64 wide as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    pixels.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    got = preprocess_image(tmp_path / "photo.jpg", pre)
+    assert got.source_size == (64, 40)  # (height, width) upright
+    want = preprocess_image(load_image(str(tmp_path / "photo.jpg")), pre)
+    np.testing.assert_array_equal(got.pixel_values, want.pixel_values)
+
+
 def test_bad_images_get_one_clear_line(tmp_path):
     pre = preprocessor("tiny_vision_p4")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
@@ -250,7 +266,7 @@ def test_preprocessor_reads_the_checkpoint_files(tmp_path):
     with pytest.raises(ConfigError, match="patch_size 14 differs from the vision tower's 16"):
         Preprocessor.from_dir(tmp_path, QWEN35)
     (tmp_path / "video_preprocessor_config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not readable JSON"):
+    with pytest.raises(ConfigError, match="not valid JSON"):
         Preprocessor.from_dir(tmp_path, QWEN35)
 
 
