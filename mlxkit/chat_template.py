@@ -98,13 +98,15 @@ def _environment() -> _Bounded:
     return env
 
 
-def _failed(e: BaseException) -> CheckpointError:
+def _failed(e: BaseException, hint: str = "") -> CheckpointError:
     where = f" (line {e.lineno})" if isinstance(e, TemplateSyntaxError) and e.lineno else ""
     reason = " ".join((str(e) or type(e).__name__).split())[:300]
     return CheckpointError(
-        f"the model's chat template failed{where}: {reason}; fix its chat_template.jinja, or "
-        "pass plain text instead of messages"
+        f"the model's chat template failed{where}: {reason}; fix its chat_template.jinja{hint}"
     )
+
+
+_RENDERING = ", or pass plain text instead of messages"
 
 
 class ChatTemplate:
@@ -143,9 +145,11 @@ class ChatTemplate:
                 out.append(piece)
             return "".join(out)
         except _OutOfSteps:
-            raise _failed(_OutOfSteps(f"it ran more than {MAX_STEPS:,} steps")) from None
+            raise _failed(
+                _OutOfSteps(f"it ran more than {MAX_STEPS:,} steps"), _RENDERING
+            ) from None
         except Exception as e:  # noqa: BLE001 - template code raises anything Python can
-            raise _failed(e) from None
+            raise _failed(e, _RENDERING) from None
         finally:
             sys.settrace(outer)
 

@@ -64,13 +64,20 @@ def bundle_root(path: str | Path) -> Path | None:
 
 
 def check_bundle_files(bundle: Path, hashes: bool = False) -> None:
-    """The bundle's model/ and mtp/ files are the ones its manifest lists: same sizes (and
-    sha256 with `hashes`). xcode/ is not looked at: it goes into the app project."""
-    from mlxkit.bundle_files import check_files, file_entries, read_manifest
+    """The bundle's model/ and mtp/ files are the ones its manifest lists, no more: same
+    sizes (and sha256 with `hashes`). xcode/ is not looked at: it goes into the app
+    project."""
+    from mlxkit.bundle_files import bundle_files, check_files, file_entries, read_manifest
 
     entries, problems = file_entries(read_manifest(bundle))
     wanted = [e for e in entries if e.path.split("/")[0] in (BUNDLE_MODEL_DIR, MTP_DIR)]
     problems += check_files(bundle, wanted, hashes=hashes)
+    listed = {e.path for e in wanted}
+    problems += [
+        f"{short(rel, 60)} is not listed"
+        for rel, _ in bundle_files(bundle)
+        if rel.split("/")[0] in (BUNDLE_MODEL_DIR, MTP_DIR) and rel not in listed
+    ]
     if not wanted and not problems:
         problems = ["manifest.json lists no model files"]
     if problems:

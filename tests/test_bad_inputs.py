@@ -883,6 +883,10 @@ API_ROWS = [
         needs=("bundle",), setup=flip_bundle_byte, message="sha256 differs"),
     api("load: a bundle with a truncated file", lambda i: _load(i.bundle), needs=("bundle",),
         setup=truncate_bundle_weights, message="bytes, manifest says"),
+    api("load: a bundle whose weights are not listed", lambda i: _load(i.bundle),
+        needs=("bundle",), setup=edit_manifest(lambda m: m.update(files=[
+            e for e in m["files"] if e["path"] != "model/model.safetensors"])),
+        message="'model/model.safetensors' is not listed"),
     api("load: a bundle listing ../x", lambda i: _load(i.bundle), needs=("bundle",),
         setup=listed(entry("model/../../x")), message="leaves the bundle"),
     api("convert: bits '4'", lambda i: _api_convert(i, bits="4"), message="bits must be"),
@@ -1082,6 +1086,15 @@ TOKENIZER_ROWS = [
             setup=inline_template(5), message="chat_template must be"),
     convert("chat_template.jinja through convert: not UTF-8", setup=template(b"\xff"),
             message="not UTF-8"),
+    convert("tokenizer.json through convert: an object that is no tokenizer",
+            setup=write_bytes(side("tokenizer.json"), '{"a": 1}'), message="cannot read it"),
+    convert("tokenizer.json through convert: a word-level tokenizer", setup=write_bytes(
+        side("tokenizer.json"), json.dumps({"version": "1.0", "model": {
+            "type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}})), message="byte-level"),
+    convert("chat template through convert: a syntax error", setup=template("{% for %}"),
+            message=TEMPLATE + " (line 1)"),
+    to_bundle("chat template through a bundle: a syntax error", "-o", "{out}",
+              setup=template("{% if %}"), message=TEMPLATE),
 ]
 # fmt: on
 
