@@ -295,6 +295,62 @@ def _check_tensors(root: Path, p) -> list[str]:
     return problems
 
 
+def _check_quantization(root: Path, p) -> list[str]:
+    """The `quantization` blocks of model/ and mtp/ config.json — what MLX and mlx-swift-lm
+    dequantize the packed weights by — are the ones the converter writes for the plan."""
+    from mlxkit.convert.quantize import load_recipe
+
+    from mlxkit.checkpoint import read_config
+    from mlxkit.layout import model_parameters, weight_rule
+
+    s = p.settings
+    recipe = load_recipe(s.recipe, s.bits, s.group_size)
+    parameters = model_parameters(p.cfg, include_mtp=s.mtp, vision=p.vision)
+    rules = {path.removesuffix(".weight"): weight_rule(path, shape, recipe, s.vision_bits)
+             for path, shape in parameters}  # fmt: skip
+    problems = []
+    for directory, in_dir in ((MODEL_DIR, lambda m: not m.startswith("mtp.")),
+                              (MTP_DIR, lambda m: m.startswith("mtp."))):  # fmt: skip
+        if directory == MTP_DIR and not s.mtp:
+            continue
+        want = recipe.quantization_config({m: r for m, r in rules.items() if in_dir(m)})
+        try:
+            config = read_config(root / directory)
+        except MlxkitError as e:
+            problems.append(str(e))
+            continue
+        problems += [
+            f"{directory}/config.json: {key} is not what the plan quantizes by "
+            f"({recipe.name}, {recipe.bits}-bit, group {recipe.group_size})"
+            for key in ("quantization", "quantization_config")
+            if config.get(key) != want
+        ]
+    return problems
+
+
+def _check_entitlements(root: Path, manifest: dict) -> list[str]:
+    """xcode/Entitlements.plist, which goes into the app, grants what the manifest says the
+    plan needs and nothing else."""
+    import plistlib
+
+    from .xcode import ENTITLEMENTS_FILE, entitlements
+
+    path = root / "xcode" / ENTITLEMENTS_FILE
+    want = entitlements(manifest["entitlement_required"])
+    try:
+        got = plistlib.loads(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - plistlib raises expat's, ValueError, OverflowError
+        return [f"xcode/{ENTITLEMENTS_FILE}: not a readable plist ({type(e).__name__})"]
+    if got != want:
+
+        def names(d: object) -> str:
+            keys = sorted(map(str, d)) if isinstance(d, dict) else [shown(d)]
+            return ", ".join(short(k, 60) for k in keys[:5]) or "nothing"
+
+        return [f"xcode/{ENTITLEMENTS_FILE} grants {names(got)}; the plan needs {names(want)}"]
+    return []
+
+
 def _check_load(root: Path, mtp: bool) -> tuple[list[str], str]:
     """model/ alone with its tokenizer, then model/ with the bundle's drafter."""
     from mlxkit.load import load_model
@@ -487,8 +543,9 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     problems, p = _check_manifest(root, manifest)
     report.add(later[0], problems, "every field re-derived from the device table and a re-plan")
     if p is not None:
-        report.add(later[1], _check_tensors(root, p),
-                   "every tensor's name, dtype and shape is the plan's")  # fmt: skip
+        report.add(later[1], _check_tensors(root, p) + _check_quantization(root, p),
+                   "every tensor's name, dtype and shape, and the quantization of both "
+                   "config.json, are the plan's")  # fmt: skip
     problems, detail = _check_vision(root, manifest)
     report.add(later[2], problems, detail)
     if manifest["vision"].get("encoder") == "coreml":
@@ -498,6 +555,8 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
         except (KeyError, TypeError, IndexError, AttributeError):
             problems, detail = ["vision.coreml: the manifest does not describe the encoder"], ""
         report.add("Core ML vision encoder", problems, detail)
+    report.add("xcode/ entitlements", _check_entitlements(root, manifest),
+               "xcode/Entitlements.plist grants what the manifest says")  # fmt: skip
     if load:
         problems, detail = _check_load(root, manifest["mtp"]["included"] is True)
         report.add(later[3], problems, detail)

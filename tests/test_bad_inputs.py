@@ -171,6 +171,19 @@ def bundle_tensor_dtype(i: Inputs) -> None:
     rehash(i, "model/model.safetensors")
 
 
+def edit_plist(rel: str, edit) -> object:
+    """A setup that edits a plist of the bundle in place."""
+    import plistlib
+
+    def setup(i: Inputs) -> None:
+        path = i.bundle / rel
+        data = plistlib.loads(path.read_bytes())
+        edit(data)
+        path.write_bytes(plistlib.dumps(data))
+
+    return setup
+
+
 def bundle_file(rel: str, make) -> object:
     def setup(i: Inputs) -> None:
         make(i.bundle / rel)
@@ -775,6 +788,21 @@ VERIFY_ROWS = [
            "a directory", code=2),
     verify("verify: --target nokia", None, "unknown target", "--target", "nokia", code=2),
     verify("verify: --target a Mac", None, "is a Mac", "--target", "m4pro-24gb", code=2),
+    verify("verify: an entitlement added to Entitlements.plist, rehashed", steps(
+        edit_plist("xcode/Entitlements.plist", lambda d: d.update(
+            {"com.apple.security.get-task-allow": True})),
+        lambda i: rehash(i, "xcode/Entitlements.plist")), "get-task-allow"),
+    verify("verify: Entitlements.plist not a plist, rehashed", steps(
+        write_bytes(lambda i: i.bundle / "xcode" / "Entitlements.plist", "<plist"),
+        lambda i: rehash(i, "xcode/Entitlements.plist")), "not a readable plist"),
+    verify("verify: model/config.json says 8 bits, rehashed", steps(
+        edit_json(lambda i: i.bundle / "model" / "config.json",
+                  lambda c: c["quantization"].update(bits=8)),
+        lambda i: rehash(i, "model/config.json")), "model/config.json: quantization is not"),
+    verify("verify: mtp/config.json unquantized, rehashed", steps(
+        edit_json(lambda i: i.bundle / "mtp" / "config.json",
+                  lambda c: (c.pop("quantization"), c.pop("quantization_config"))),
+        lambda i: rehash(i, "mtp/config.json")), "mtp/config.json: quantization is not"),
     verify("verify: bytes 10^400", listed({"path": "x", "bytes": 10**400, "sha256": "0" * 64}),
            "files["),
     cli("verify: a rehashed tokenizer_config.json that is a list", "bundle", "verify",
