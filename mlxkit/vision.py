@@ -209,6 +209,10 @@ class VisionInput:
 def load_image(image: ImageLike) -> Image.Image:
     """A path, a PIL image, or a uint8 array (H×W, H×W×3 or H×W×4) as a PIL image."""
     if isinstance(image, Image.Image):
+        try:
+            image.load()  # an Image.open()ed file is decoded only now
+        except (OSError, SyntaxError, ValueError) as e:
+            raise VisionInputError(f"the image is not readable ({e})") from None
         return image
     if isinstance(image, np.ndarray):
         return _array_image(image)
@@ -309,6 +313,10 @@ def patchify(frames: np.ndarray, pre: Preprocessor) -> tuple[np.ndarray, Grid]:
 def _pixel_bounds(
     pre: Preprocessor, min_pixels: int | None, max_pixels: int | None, video: bool
 ) -> tuple[int, int]:
+    if not isinstance(pre, Preprocessor):
+        raise VisionInputError(
+            f"pre must be a Preprocessor (Preprocessor.from_dir), not {type(pre).__name__}"
+        )
     if video:
         lo, hi = pre.video_min_pixels, pre.video_max_pixels
     else:
@@ -406,6 +414,7 @@ def preprocess_video(
         raise VisionInputError(f"video fps must be a positive number (got {fps!r})")
     if not math.isfinite(1 / fps):
         raise VisionInputError(f"video fps {fps!r} is too small: frame times are infinite")
+    lo, hi = _pixel_bounds(pre, min_pixels, max_pixels, video=True)
     if isinstance(frames, (str, bytes)) or not isinstance(frames, (Sequence, np.ndarray)):
         raise VisionInputError(
             f"video frames must be a list of images or an F×H×W×3 array, not "
@@ -423,7 +432,6 @@ def preprocess_video(
         raise VisionInputError(f"video frames differ in size: {sorted(sizes)}")
     width, height = rgb[0].size
     _check_shape("a video frame", height, width, pre)
-    lo, hi = _pixel_bounds(pre, min_pixels, max_pixels, video=True)
     h, w = smart_resize_video(len(indices), height, width, pre, lo, hi)
     x = np.stack([np.asarray(im.resize((w, h), resample=Image.Resampling.BICUBIC)) for im in rgb])
     scale = 1.0 / pre.rescale_factor  # transformers fuses rescale into normalize for video

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import TextConfig
@@ -1164,6 +1165,18 @@ def _image(image, **kw):
                                       **kw)  # fmt: skip
 
 
+def _raw_image(image, pre):
+    from mlxkit.vision import preprocess_image
+
+    return preprocess_image(image, pre)
+
+
+def _raw_video(frames, pre):
+    from mlxkit.vision import preprocess_video
+
+    return preprocess_video(frames, pre)
+
+
 def _video(frames, **kw):
     from mlxkit.vision import preprocess_video
 
@@ -1208,6 +1221,14 @@ VISION_ROWS = [
         message="not a usable path"),
     api("image: min_pixels 10^12", _image(FRAMES[0], min_pixels=10**12, max_pixels=10**13),
         needs=(), setup=vision(), message="is more than the"),
+    api("image: an opened file that is truncated", lambda i: _image(
+        Image.open(i.root / "vis" / "cut.png"))(i), needs=(), setup=vision(
+        lambda i: (i.root / "vis" / "cut.png").write_bytes(
+            (VISION / "image0.png").read_bytes()[:200])), message="not readable"),
+    api("image: pre a string", lambda i: _raw_image(FRAMES[0], "pre"), needs=(),
+        message="pre must be a Preprocessor"),
+    api("video: pre None", lambda i: _raw_video(FRAMES, None), needs=(),
+        message="pre must be a Preprocessor"),
     api("video: a generator", _video(f for f in FRAMES), needs=(), setup=vision(),
         message="not generator"),
     api("video: None", _video(None), needs=(), setup=vision(), message="not NoneType"),
