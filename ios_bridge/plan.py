@@ -65,6 +65,8 @@ from .settings import MIN_CONTEXT, VISION_ENCODERS, Settings
 
 COREML_PRECISION = "float16"  # what a bundle's Core ML encoder computes in (the Neural Engine's)
 
+MAX_PREFILL_CHUNK = 1 << 20  # tokens: 4× Qwen 3.5's 262,144 positions
+
 
 class _WithVision:
     """What a plan's checkpoint and settings say about the vision tower (Plan and _Inputs)."""
@@ -307,8 +309,11 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
         raise ConfigError(
             f"context {context} exceeds the model's {cfg.max_position_embeddings} positions"
         )
-    if settings.prefill_chunk <= 0:
-        raise ConfigError(f"prefill chunk must be positive, got {settings.prefill_chunk}")
+    if not 1 <= settings.prefill_chunk <= MAX_PREFILL_CHUNK:
+        raise ConfigError(
+            f"prefill chunk must be between 1 and {MAX_PREFILL_CHUNK:,} tokens, got "
+            f"{fields.shown(settings.prefill_chunk)}"
+        )
     if not 0.0 <= settings.acceptance <= 1.0:
         raise ConfigError(f"acceptance must be within [0, 1], got {settings.acceptance}")
     if not 1 <= settings.num_draft <= MAX_DRAFT:
