@@ -1334,7 +1334,7 @@ def test_the_harness_kills_a_hang(tmp_path, monkeypatch, built):
 
     from tests import badinput
 
-    monkeypatch.setattr(badinput, "TIMEOUT_S", 1)
+    monkeypatch.setattr(badinput, "TIMEOUT_S", 0.2)
     row = api("hangs", lambda i: time.sleep(60), subprocess=True)
     with pytest.raises(pytest.fail.Exception, match="hung"):
         run_row(row, tmp_path, monkeypatch, built)
