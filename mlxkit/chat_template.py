@@ -5,8 +5,9 @@ with what Hugging Face templates expect of their environment (`raise_exception`,
 that keeps non-ASCII text, `{% break %}` and `{% continue %}`), and within bounds, so that
 a broken or hostile template ends in one CheckpointError line, never in a traceback, a hang
 or an exhausted machine:
-- a syntax error, a sandbox violation, `raise_exception(...)` or any other exception while
-  rendering is reported with the template's own message;
+- a syntax error, a sandbox violation or any other exception while rendering is reported
+  with Jinja's or Python's message, and `raise_exception(...)` (a template rejecting the
+  conversation) with the template's own words: a ChatTemplateError either way;
 - one render executes at most MAX_STEPS lines of template code. Jinja compiles a template
   to Python, so the lines are counted by a trace function on the template's frames alone:
   loops inside loops are caught even when they print nothing;
@@ -38,8 +39,17 @@ MAX_OUTPUT = 1 << 26  # characters of rendered prompt
 _FILENAME = "<chat template>"
 
 
+class ChatTemplateError(CheckpointError, TemplateError):
+    """A template that cannot compile or render. Also a jinja2.TemplateError, so that callers
+    catching Jinja's errors (the server, which answers 400) keep catching it."""
+
+
 class _OutOfSteps(Exception):
     pass
+
+
+class _Refused(TemplateError):
+    """`raise_exception(...)`: the template rejects the conversation, in its own words."""
 
 
 class _BoundedJoins(CodeGenerator):
@@ -82,7 +92,7 @@ def _is_int(value: object) -> bool:
 
 
 def _raise_exception(message: object):
-    raise TemplateError(str(message))
+    raise _Refused(" ".join(str(message).split())[:300])
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
@@ -98,10 +108,12 @@ def _environment() -> _Bounded:
     return env
 
 
-def _failed(e: BaseException, hint: str = "") -> CheckpointError:
+def _failed(e: BaseException, hint: str = "") -> ChatTemplateError:
+    if isinstance(e, _Refused):
+        return ChatTemplateError(str(e))
     where = f" (line {e.lineno})" if isinstance(e, TemplateSyntaxError) and e.lineno else ""
     reason = " ".join((str(e) or type(e).__name__).split())[:300]
-    return CheckpointError(
+    return ChatTemplateError(
         f"the model's chat template failed{where}: {reason}; fix its chat_template.jinja{hint}"
     )
 
@@ -154,4 +166,4 @@ class ChatTemplate:
             sys.settrace(outer)
 
 
-__all__ = ["MAX_ITEMS", "MAX_OUTPUT", "MAX_STEPS", "ChatTemplate"]
+__all__ = ["MAX_ITEMS", "MAX_OUTPUT", "MAX_STEPS", "ChatTemplate", "ChatTemplateError"]

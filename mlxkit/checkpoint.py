@@ -62,6 +62,11 @@ def short(name: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
+def plain(name: str, limit: int = 80) -> str:
+    """A name from a file as it is when it is short and printable, else quoted by `short`."""
+    return name if len(name) <= limit and name.isprintable() else short(name, limit)
+
+
 def regular_file_size(
     path: Path, what: str = "file", error: type[MlxkitError] = CheckpointError
 ) -> int:

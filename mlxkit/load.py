@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 from mlxkit.checkpoint import (
     TensorInfo,
     model_subdir,
+    plain,
     quantization_block,
     read_config,
     read_headers,
@@ -147,7 +148,7 @@ def _read_weights(
                 if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                     value = value if name.endswith("A_log") else value.astype(dtype)
             weights[path] = value
-            origin[path] = f"{f}: tensor {short(name)}"
+            origin[path] = f"{f}: tensor {plain(name)}"
     return weights, origin
 
 
@@ -157,7 +158,7 @@ def _check_dtypes(headers: dict[str, TensorInfo]) -> None:
     for t in headers.values():
         if t.dtype not in LOADABLE_DTYPES:
             raise CheckpointError(
-                f"{t.file}: tensor {short(t.name)} has dtype {t.dtype}; expected a "
+                f"{t.file}: tensor {plain(t.name)} has dtype {t.dtype}; expected a "
                 "floating-point dtype (BF16, F16, F32) or U32 (packed quantized weights)"
             )
 
@@ -184,7 +185,7 @@ def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, 
                 if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                     value = value.astype(dtype)
             weights[path] = value
-            origin[path] = f"{f}: tensor {short(name)}"
+            origin[path] = f"{f}: tensor {plain(name)}"
     quant = quantization_block(config, str(drafter_dir / "config.json"))
     quant = {(k if k.startswith("mtp.") or k in ("group_size", "bits", "mode") else "mtp." + k): v
              for k, v in quant.items()}  # fmt: skip
