@@ -393,9 +393,7 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
     """model/ holds the vision tower exactly when the manifest says so, and then everything
     MLX Swift's VLM loader reads: the tensors, config.json's vision_config and four token ids,
     and the preprocessor configs it decodes."""
-    import json
-
-    from mlxkit.checkpoint import read_config, read_headers, weight_files
+    from mlxkit.checkpoint import model_file, read_config, read_headers, read_json, weight_files
     from mlxkit.layout import ModelConfig, part_of
     from mlxkit.vision import PREPROCESSOR_FILES, Preprocessor
 
@@ -420,10 +418,12 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
     if not tower:
         problems.append("model/ holds no vision_tower.* tensors")
     for name in PREPROCESSOR_FILES:
-        path = model_dir / name
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        try:  # bounded, and never a FIFO or a link out: the size check has not stopped us
+            path = model_file(model_dir, name, name)
+            if path is None:
+                raise MlxkitError("no such file")
+            data = read_json(path, name)
+        except MlxkitError as e:
             problems.append(f"{MODEL_DIR}/{name} is not readable JSON ({e})")
             continue
         if name == PREPROCESSOR_FILES[0] and isinstance(data, dict):

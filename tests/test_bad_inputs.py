@@ -782,6 +782,11 @@ VERIFY_ROWS = [
         m["mtp"].update(included=False, path=None), m["model"].update(mtp_path=None))), "mtp"),
     verify("verify: a FIFO in the bundle", fifo(lambda i: i.bundle / "xcode" / "pipe"),
            "not a regular file", subprocess=True),
+    verify("verify: preprocessor_config.json a FIFO", fifo(
+        lambda i: i.bundle / "model" / "preprocessor_config.json"), "not a regular file",
+        subprocess=True),
+    verify("verify: preprocessor_config.json nested 100,000 deep", write_bytes(
+        lambda i: i.bundle / "model" / "preprocessor_config.json", "[" * 100_000), "nested"),
     cli("verify: not a directory", "bundle", "verify", "{root}/f", setup=a_file("f"),
         message="not a directory"),
     cli("verify: no manifest", "bundle", "verify", "{src}", message="no manifest.json"),
