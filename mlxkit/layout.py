@@ -81,6 +81,10 @@ class ModelConfig:
                     f"config.json: {key} must be a token id below the vocabulary size "
                     f"{text.vocab_size} (got {value!r})"
                 )
+        if len({config[k] for k in VISION_TOKEN_KEYS}) < len(VISION_TOKEN_KEYS):
+            raise ConfigError(
+                f"config.json: {', '.join(VISION_TOKEN_KEYS)} must be four different tokens"
+            )
         return cls(text, vision)
 
     def without_vision(self) -> ModelConfig:

@@ -67,6 +67,11 @@ def text(**values) -> object:
     return edit_json(config, edit)
 
 
+def vision_config(**values) -> object:
+    """Sets vision_config fields of src/config.json."""
+    return edit_json(config, lambda c: c["vision_config"].update(values))
+
+
 def raw_config(make) -> object:
     """config.json rewritten as text by make(the parsed config)."""
 
@@ -354,6 +359,24 @@ CONFIG_ROWS = [
     build("config through bundle build: mtp -1", setup=text(mtp_num_hidden_layers=-1),
           message="mtp_num_hidden_layers"),
     info("config: FIFO", fifo(config), "not a regular file", subprocess=True),
+    info("vision_config: depth 10^9", vision_config(depth=10**9), "depth must be a positive"),
+    api("vision_config through load: depth 10^9", lambda i: _api_load(i),
+        setup=vision_config(depth=10**9),
+        message="depth must be a positive"),
+    plan("vision_config through plan: depth 10^9", "--model", "{src}", "--target", "iphone12",
+         setup=vision_config(depth=10**9), message="depth must be a positive"),
+    info("vision_config: 10^12 position embeddings", vision_config(
+        num_position_embeddings=10**12), "num_position_embeddings"),
+    plan("vision_config through plan: 10^12 position embeddings", "--model", "{src}",
+         "--target", "iphone12", setup=vision_config(num_position_embeddings=10**12),
+         message="num_position_embeddings"),
+    info("vision_config: hidden_size 10^7", vision_config(hidden_size=10**7), "hidden_size"),
+    info("vision_config: rope_theta a string", vision_config(rope_parameters={
+        "rope_theta": "x"}), "rope_theta"),
+    convert("vision_config through convert: rope_theta 0", setup=vision_config(
+        rope_parameters={"rope_theta": 0}), message="rope_theta"),
+    info("vision tokens: image and video the same", edit_json(config, lambda c: c.update(
+        video_token_id=c["image_token_id"])), "four different tokens"),
 ]
 
 HEADER_ROWS = [

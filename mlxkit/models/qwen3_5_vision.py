@@ -31,12 +31,29 @@ import numpy as np
 from mlx import nn
 
 from mlxkit.errors import CheckpointError, ConfigError
+from mlxkit.fields import number, shown
 
 HF_PREFIX = "model.visual."
 PREFIX = "vision_tower."
 LAYER_NORM_EPS = 1e-6  # fixed in the reference implementation, not in config.json
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches, before merging
+
+
+# Upper bounds of vision_config sizes, far above Qwen 3.5's towers (depth 27, hidden 1152,
+# 2,304 position embeddings) and low enough that nothing is sized from an unchecked number.
+VISION_LIMITS = {
+    "depth": 256,
+    "hidden_size": 1 << 14,
+    "intermediate_size": 1 << 16,
+    "num_heads": 1024,
+    "out_hidden_size": 1 << 16,
+    "patch_size": 128,
+    "temporal_patch_size": 16,
+    "spatial_merge_size": 16,
+    "in_channels": 16,
+    "num_position_embeddings": 1 << 20,
+}
 
 
 @dataclass(frozen=True)
@@ -92,24 +109,14 @@ class VisionConfig:
         return cfg
 
     def _check(self) -> None:
-        ints = (
-            "depth",
-            "hidden_size",
-            "intermediate_size",
-            "num_heads",
-            "out_hidden_size",
-            "patch_size",
-            "temporal_patch_size",
-            "spatial_merge_size",
-            "in_channels",
-            "num_position_embeddings",
-        )
-        for name in ints:
+        for name, limit in VISION_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
                 raise ConfigError(
-                    f"config.json: vision_config.{name} must be a positive integer (got {value!r})"
+                    f"config.json: vision_config.{name} must be a positive integer of at most {limit:,} "
+                    f"(got {shown(value)})"
                 )
+        number(self.rope_theta, "config.json: vision_config.rope_theta", 0, lo_open=True)
         if self.hidden_size % self.num_heads or self.head_dim % 4:
             raise ConfigError(
                 "config.json: vision_config.hidden_size / num_heads must be a multiple of 4 "
