@@ -146,7 +146,7 @@ def convert(
         raise ConfigError(
             f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
         )
-    for name, flag in (("quantize", quantize), ("mtp", mtp), ("force", force)):
+    for name, flag in (("quantize", quantize), ("mtp", mtp), ("vision", vision), ("force", force)):
         boolean(flag, name)
     if not quantize and (bits is not None or group_size is not None):
         raise ConfigError("--bits / --group-size have no effect with --no-quantize")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from mlxkit import fields
 from mlxkit.convert.coreml import vision_tokens
-
+from mlxkit.errors import ConfigError
 from mlxkit.layout import ModelConfig
 
 from .devices import Target, resolve_target
@@ -44,6 +44,8 @@ def candidates(recipe: str | None, mtp: bool | None, has_mtp: bool) -> list[tupl
 def vision_candidates(vision: bool | None, has_vision: bool) -> list[bool]:
     """With the vision tower, then without, unless the caller decided (or there is none)."""
     if not has_vision:
+        if vision:
+            raise ConfigError("--vision: this checkpoint has no vision tower (vision_config)")
         return [False]
     return [vision] if vision is not None else [True, False]
 

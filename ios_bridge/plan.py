@@ -325,6 +325,11 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
     tokens = settings.image_tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ConfigError(f"image tokens must be a positive number of tokens, got {tokens!r}")
+    if tokens > cfg.max_position_embeddings:  # an image must fit in the context
+        raise ConfigError(
+            f"image tokens {fields.shown(tokens)} exceed the model's "
+            f"{cfg.max_position_embeddings:,} positions"
+        )
     if settings.vision_bits is not None:
         check_vision_bits(settings.vision_bits)
     if not isinstance(settings.vision, bool):

@@ -695,6 +695,13 @@ PLAN_INFO_GENERATE_ROWS = [
          message="group size"),
     plan("plan 9b on an iPhone 15", "--size", "9b", "--target", "iphone15",
          message="does not fit"),
+    plan("plan --image-tokens 10^30", "--size", "2b", "--target", "iphone15", "--image-tokens",
+         "1" + "0" * 30, message="exceed the model's"),
+    to_bundle("convert --target --image-tokens 10^9", "-o", "{out}", "--image-tokens",
+              "1000000000", message="exceed the model's"),
+    plan("plan --vision on a text-only checkpoint", "--model", "{src}", "--target", "iphone12",
+         "--vision", setup=edit_json(config, lambda c: c.pop("vision_config")),
+         message="no vision tower"),
     plan("plan --recipe ''", "--size", "2b", "--target", "iphone15", "--recipe", "",
          message="unknown recipe ''"),
     convert("convert --recipe ''", "--recipe", "", message="unknown recipe ''"),
@@ -1015,6 +1022,7 @@ API_ROWS = [
     api("convert: bits without quantizing", lambda i: _api_convert(i, bits=8, quantize=False),
         message="no effect"),
     api("convert: quantize None", lambda i: _api_convert(i, quantize=None), message="quantize"),
+    api("convert: vision 'no'", lambda i: _api_convert(i, vision="no"), message="vision"),
 ]
 # fmt: on
 
