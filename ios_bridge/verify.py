@@ -5,9 +5,10 @@ memory check and cache limit from it, so every field is re-derived — the plan 
 again from model/config.json with the manifest's settings on the manifest's target (from
 the device table), the expected manifest is rebuilt with the same `make_manifest` that
 `bundle build` writes it with, and the two are compared field by field. A field added to
-`make_manifest` later is covered without a change here. Only `files` (checked against the
-disk), `source` and `created_by` (where and by what it was built: informational, read by
-no app) are not re-derived.
+`make_manifest` later is covered without a change here; the model's name is the one
+`bundle build` gives the recorded source. Only `files` (checked against the disk), `source`
+and `created_by` (where and by what it was built: informational, read by no app) are not
+re-derived.
 
 Each check is independent and reported on its own line, so one broken file does not hide
 the others. Input that is not a bundle at all (no folder, no manifest, manifest not JSON)
@@ -130,13 +131,24 @@ def replan(root: Path, manifest: dict, target=None):
     loop = performance.get("mlxkit_loop")
     num_draft = (loop.get("num_draft") if isinstance(loop, dict) else None) or m["num_draft"] or 2
     return evaluate(
-        model, tgt, manifest["max_context"], name=manifest["model"]["name"],
+        model, tgt, manifest["max_context"], name=_built_name(manifest),
         recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
         mtp=m["included"], num_draft=num_draft, prefill_chunk=manifest["prefill_chunk"],
         entitlement=entitlement, acceptance=performance.get("mtp_acceptance", 0.7),
         reserve=breakdown.get("runtime_reserve"), cache_limit=breakdown.get("mlx_cache_limit"),
         **vision,
     )  # fmt: skip
+
+
+def _built_name(manifest: dict) -> str:
+    """The model name `bundle build` gives the recorded source: the repo's name for a --size
+    download, else the source folder's (a cache snapshot passed as a folder is named by its
+    revision, so either is accepted where the source has a repo)."""
+    source, name = manifest["source"], manifest["model"]["name"]
+    candidates = [Path(source["path"]).name]
+    if isinstance(source.get("repo"), str):
+        candidates.insert(0, source["repo"].split("/")[-1])
+    return name if name in candidates else candidates[0]
 
 
 def _coreml_settings(root: Path, v: dict) -> tuple[ModelConfig, str, str]:

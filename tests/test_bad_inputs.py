@@ -777,6 +777,8 @@ VERIFY_ROWS = [
         lambda m: m["performance"].update(roofline_efficiency=1.0)), "roofline_efficiency"),
     verify("verify: warnings edited", edit_manifest(lambda m: m.update(warnings=["ok"])),
            "warnings"),
+    verify("verify: model.name edited", edit_manifest(lambda m: m["model"].update(
+        name="Qwen3.5-9B")), "model.name: manifest says 'Qwen3.5-9B'"),
     verify("verify: an extra field", edit_manifest(lambda m: m.update(trusted=True)),
            "not a field mlxkit writes"),
     verify("verify: schema_version 2", edit_manifest(lambda m: m.update(schema_version=2)),
