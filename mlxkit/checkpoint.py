@@ -84,6 +84,21 @@ def regular_file_size(
     return st.st_size
 
 
+def read_text(
+    path: Path, what: str, error: type[MlxkitError] = CheckpointError, limit: int = MAX_JSON_BYTES
+) -> str:
+    """A regular file of at most `limit` bytes of UTF-8 text."""
+    size = regular_file_size(path, what, error)
+    if size > limit:
+        raise error(f"{path}: {size:,} bytes is too large for a {what}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; expected a {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({_reason(e)})") from None
+
+
 def read_json(
     path: Path,
     what: str = "JSON file",
@@ -91,15 +106,7 @@ def read_json(
     limit: int = MAX_JSON_BYTES,
 ) -> object:
     """A JSON file, refusing what would hang, exhaust memory or crash the parser."""
-    size = regular_file_size(path, what, error)
-    if size > limit:
-        raise error(f"{path}: {size:,} bytes is too large for a {what}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text; expected a {what}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({_reason(e)})") from None
+    text = read_text(path, what, error, limit)
     try:
         return json.loads(text, parse_constant=_no_constants)
     except RecursionError:
@@ -182,13 +189,7 @@ def read_tokenizer_files(model_dir: Path) -> TokenizerFiles:
         raise CheckpointError(f"{where}: eos_token must be a token string, got {shown(eos)}")
     path = model_file(model_dir, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_FILE)
     if path is not None:
-        size = regular_file_size(path, CHAT_TEMPLATE_FILE)
-        if size > MAX_TEMPLATE_BYTES:
-            raise CheckpointError(f"{path}: {size:,} bytes is too large for a chat template")
-        try:
-            template = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{path}: not UTF-8 text; expected a Jinja template") from None
+        template = read_text(path, "chat template", limit=MAX_TEMPLATE_BYTES)
     else:
         template = _inline_template(config.get("chat_template"), where)
     return TokenizerFiles(model_file(model_dir, "tokenizer.json", "tokenizer.json"), config,
