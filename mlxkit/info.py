@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlxkit.checkpoint import (
     TensorInfo,
+    model_subdir,
     quantization_block,
     read_config,
     read_headers,
@@ -108,8 +109,8 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     if vision:
         info.summary["image encoder (vision tower)"] = vision
     _add(info, tensors, quant)
-    drafter = model_dir / MTP_DIR
-    if drafter.is_dir():
+    drafter = model_subdir(model_dir, MTP_DIR)  # a link out of the model is refused
+    if drafter is not None:
         mtp_quant = quantization_block(read_config(drafter), str(drafter / "config.json"))
         _add(info, read_headers(weight_files(drafter)), mtp_quant, prefix=MTP_DIR + "/")
     return info

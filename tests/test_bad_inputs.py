@@ -1008,6 +1008,10 @@ API_ROWS = [
         setup=lambda i: (shutil.move(i.converted / "mtp", i.root / "m"),
                          (i.converted / "mtp").symlink_to(i.root / "m")),
         message="outside the model directory"),
+    cli("info: mtp/ a symlink out of the model", "info", "{converted}", needs=("converted",),
+        setup=lambda i: (shutil.move(i.converted / "mtp", i.root / "m"),
+                         (i.converted / "mtp").symlink_to(i.root / "m")),
+        message="outside the model directory"),
     api("load: a quantization override that is a list", _api_load_converted,
         needs=("converted",), setup=converted_config(lambda c: c["quantization"].update(
             {"language_model.model.embed_tokens": [8]})), message="true/false"),
