@@ -1,7 +1,7 @@
 """mlxkit: Qwen 3.5 small models on MLX, with their multi-token-prediction head."""
 
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
-from mlxkit.generate import PromptCache, generate, stream_generate
+from mlxkit.generate import PromptCache, Video, generate, stream_generate
 from mlxkit.load import load, load_model
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "MlxkitError",
     "PromptCache",
+    "Video",
     "__version__",
     "generate",
     "load",

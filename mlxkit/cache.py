@@ -53,10 +53,13 @@ class KVCache:
         self.offset = self.offset + n
         return self.keys, self.values, mask
 
-    def run(self, block: Callable, x: mx.array, heads: int, head_dim: int) -> mx.array:
-        """block(x, keys, values, offset) -> (out, keys, values) on this cache's buffers."""
+    def run(
+        self, block: Callable, x: mx.array, heads: int, head_dim: int, *args: mx.array
+    ) -> mx.array:
+        """block(x, keys, values, offset, *args) -> (out, keys, values) on this cache's buffers."""
         self.reserve(x.shape[0], heads, x.shape[1], head_dim, x.dtype)
-        out, self.keys, self.values = block(x, self.keys, self.values, mx.array(self.offset))
+        offset = mx.array(self.offset)
+        out, self.keys, self.values = block(x, self.keys, self.values, offset, *args)
         self.offset += x.shape[1]
         return out
 

@@ -1,7 +1,9 @@
 """Prefill, plain decoding and MTP self-speculative decoding over a `PromptCache`.
 
 `run_prompt` is the one place prompt inputs reach the model (chunked prefill into a cache,
-also used alone to prefill a prefix). `Decoder` is the state of one generation: the model,
+also used alone to prefill a prefix); images and video enter there too, as the embeddings and
+M-RoPE positions of the chunks that hold their pads (`mlxkit.multimodal.PromptInputs`). After
+the prompt every token is text, placed at its cache slot + the cache's `rope_delta`. `Decoder` is the state of one generation: the model,
 the cache it extends, how tokens are picked (sampling parameters and random keys); `plain`
 and `speculative` yield GenerationResponses built by `Responses`.
 
@@ -23,13 +25,14 @@ each step already waits for (the token, the accepted count), so it adds no wait 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from mlxkit.errors import MlxkitError
-from mlxkit.models.qwen3_5 import Model
+from mlxkit.models.qwen3_5 import Model, Rotary
+from mlxkit.multimodal import PromptInputs
 from mlxkit.prompt_cache import PromptCache
 from mlxkit.response import GenerationResponse, Responses
 from mlxkit.sample import (
@@ -40,6 +43,7 @@ from mlxkit.sample import (
     sample,
     speculative_accept,
 )
+from mlxkit.vision import VisionInput
 
 MAX_DRAFT = 8  # the most tokens an MTP round may draft (num_draft)
 
@@ -57,32 +61,50 @@ class Keys:
         return keys
 
 
-def run_prompt(model: Model, cache: PromptCache, new_tokens: list[int], chunk: int) -> mx.array:
+def run_prompt(
+    model: Model,
+    cache: PromptCache,
+    new_tokens: list[int],
+    chunk: int,
+    images: Sequence[VisionInput] = (),
+    videos: Sequence[VisionInput] = (),
+) -> mx.array:
     """Runs new tokens through the main model in chunks (bounded activations; no logits),
     feeding the MTP head every position whose next token is known, and adds them to the cache.
-    Returns the last position's hidden state [1, 1, H]."""
+    `images` and `videos` are those whose pads the new tokens hold, in order (encoded here,
+    once). Returns the last position's hidden state [1, 1, H]."""
     all_tokens = cache.tokens + new_tokens
     start = len(cache.tokens)
+    inputs = PromptInputs(model, start, cache.rope_delta, new_tokens, images, videos)
     hidden = None
     for s in range(0, len(new_tokens), chunk):
         piece = new_tokens[s : s + chunk]
-        hidden = model.hidden(mx.array([piece]), cache.main)
+        rotary = inputs.rotary(start + s, len(piece))
+        embeddings = inputs.embeddings(s, s + len(piece))
+        hidden = model.hidden(mx.array([piece]), cache.main, rotary, embeddings)
         if cache.mtp is not None:
-            _feed_mtp(model, cache, hidden, all_tokens[: start + s + len(piece)])
+            _feed_mtp(model, cache, hidden, all_tokens[: start + s + len(piece)], inputs)
         mx.eval(hidden, *[c.state for c in cache.main], *[c.state for c in cache.mtp or []])
     cache.tokens = all_tokens
+    cache.image_keys += [v.key for v in images]
+    cache.video_keys += [v.key for v in videos]
+    cache.rope_delta = inputs.rope_delta
     return hidden[:, -1:]
 
 
-def _feed_mtp(model: Model, cache: PromptCache, hidden: mx.array, known: list[int]) -> None:
+def _feed_mtp(
+    model: Model, cache: PromptCache, hidden: mx.array, known: list[int], inputs: PromptInputs
+) -> None:
     """Runs the MTP head over the pending and new hidden states whose next token is known
-    (`known` ends with the last token now in the main cache); the last stays pending."""
+    (`known` ends with the last token now in the main cache); the last stays pending. Entry i
+    sits where the main model placed token i."""
     if cache.mtp_pending is not None:
         hidden = mx.concatenate([cache.mtp_pending, hidden], axis=1)
     n_known = hidden.shape[1] - 1
     if n_known > 0:
+        first = len(known) - 1 - n_known  # the token of the first state fed
         nxt = mx.array([known[len(known) - n_known :]])
-        model.mtp_hidden(hidden[:, :-1], nxt, cache.mtp)
+        model.mtp_hidden(hidden[:, :-1], nxt, cache.mtp, inputs.rotary(first, n_known))
     cache.mtp_pending = hidden[:, -1:]
 
 
@@ -91,6 +113,7 @@ class Decoder:
 
     def __init__(self, model: Model, cache: PromptCache, params: SamplingParams, keys: Keys):
         self.model, self.cache, self.params, self.keys = model, cache, params, keys
+        self.rotary = Rotary.text(cache.rope_delta)  # every token after the prompt is text
 
     def pick(
         self, logits: mx.array, history: list[int], key: mx.array | None
@@ -113,9 +136,16 @@ class Decoder:
             )
         return value
 
-    def prefill(self, new_tokens: list[int], chunk: int) -> int:
+    def prefill(
+        self,
+        new_tokens: list[int],
+        chunk: int,
+        images: Sequence[VisionInput] = (),
+        videos: Sequence[VisionInput] = (),
+    ) -> int:
         """Runs the new prompt tokens (`run_prompt`) and returns the first generated token."""
-        hidden = run_prompt(self.model, self.cache, new_tokens, chunk)
+        hidden = run_prompt(self.model, self.cache, new_tokens, chunk, images, videos)
+        self.rotary = Rotary.text(self.cache.rope_delta)
         (key,) = self.keys.take()
         token, finite = self.pick(self.model.logits(hidden)[0, -1], self.cache.tokens, key)
         return self.checked(token, finite)
@@ -123,7 +153,7 @@ class Decoder:
     def _step(
         self, y: mx.array, history: list[int], key: mx.array | None
     ) -> tuple[mx.array, mx.array]:
-        logits = self.model(y.reshape(1, 1), self.cache.main)[0, -1]
+        logits = self.model(y.reshape(1, 1), self.cache.main, self.rotary)[0, -1]
         return self.pick(logits, history, key)
 
     def plain(self, first: int, out: Responses) -> Iterator[GenerationResponse]:
@@ -201,7 +231,7 @@ class MTPRound:
         draft_key, accept_key = dec.keys.take(2)
         keys = None if params.greedy else mx.random.split(draft_key, k)
         logits, h = dec.model.mtp_forward(
-            cache.mtp_pending, mx.array([pending_next + [y]]), cache.mtp
+            cache.mtp_pending, mx.array([pending_next + [y]]), cache.mtp, dec.rotary
         )
         drafts, draft_probs = [], []
         for j in range(k):
@@ -212,7 +242,7 @@ class MTPRound:
                 d = sample(draft_probs[-1], keys[j])
             drafts.append(d)
             if j + 1 < k:
-                logits, h = dec.model.mtp_forward(h[:, -1:], d.reshape(1, 1), cache.mtp)
+                logits, h = dec.model.mtp_forward(h[:, -1:], d.reshape(1, 1), cache.mtp, dec.rotary)
         drafts = mx.stack(drafts)
         mx.async_eval(drafts)
         return cls(y, drafts, draft_probs, accept_key)
@@ -224,7 +254,7 @@ class MTPRound:
         for c in dec.cache.main:
             c.begin_verify()
         tokens = mx.concatenate([mx.array([self.y]), self.drafts])
-        logits, hidden = dec.model.logits_and_hidden(tokens[None], dec.cache.main)
+        logits, hidden = dec.model.logits_and_hidden(tokens[None], dec.cache.main, dec.rotary)
         finite = mx.isfinite(logits).all()
         if params.repetition_penalty != 1.0:
             seq, history = [self.y, *self.drafts.tolist()], dec.cache.tokens

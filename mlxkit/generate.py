@@ -1,6 +1,6 @@
-"""`stream_generate` and `generate`: check the arguments, encode the prompt, reuse what a
-`PromptCache` holds, then prefill and decode (`mlxkit.decode`) into GenerationResponses
-(`mlxkit.response`)."""
+"""`stream_generate` and `generate`: check the arguments, encode the prompt (its images and
+videos prepared and their pads expanded: `mlxkit.multimodal`), reuse what a `PromptCache`
+holds, then prefill and decode (`mlxkit.decode`) into GenerationResponses (`mlxkit.response`)."""
 
 from __future__ import annotations
 
@@ -8,47 +8,109 @@ import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from mlxkit.decode import MAX_DRAFT, Decoder, Keys, run_prompt
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model
+from mlxkit.multimodal import (
+    Video,
+    VideoLike,
+    chat_media,
+    check_pads,
+    prepare_images,
+    prepare_videos,
+)
 from mlxkit.prompt_cache import PromptCache
 from mlxkit.response import GenerationResponse, Limits, Responses
 from mlxkit.sample import SamplingParams
+from mlxkit.vision import ImageLike, VisionInput, expand_prompt
 
 __all__ = [
     "MAX_DRAFT",
     "GenerationResponse",
     "PromptCache",
+    "Video",
+    "encode_prompt",
     "generate",
     "prefill",
     "stream_generate",
 ]
 
 
+@dataclass
+class EncodedPrompt:
+    """A prompt as the model reads it: token ids (vision pads expanded) and the prepared images
+    and videos whose pads they hold, in order."""
+
+    tokens: list[int]
+    images: list[VisionInput] = field(default_factory=list)
+    videos: list[VisionInput] = field(default_factory=list)
+
+
 def encode_prompt(
-    tokenizer, prompt: str | Sequence[int] | Sequence[dict], enable_thinking: bool
-) -> list[int]:
-    """A string, token ids, or chat messages (rendered with the tokenizer's chat template)."""
+    tokenizer,
+    prompt: str | Sequence[int] | Sequence[dict],
+    enable_thinking: bool,
+    model: Model | None = None,
+    images: Sequence[ImageLike | VisionInput] = (),
+    videos: Sequence[VideoLike | VisionInput] = (),
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> EncodedPrompt:
+    """A string, token ids, or chat messages (rendered with the tokenizer's chat template; a
+    message's content a string or a list of text / image / video parts). With a vision `model`
+    the images and videos are prepared and each pad of a string or chat prompt expanded; token
+    ids are taken as they are, pads already expanded."""
+    vision = model is not None and model.has_vision
+    images, videos = list(images or ()), list(videos or ())
     if isinstance(prompt, str):
-        return tokenizer.encode(_utf8(prompt))
-    prompt = list(prompt)
-    if prompt and all(isinstance(m, dict) for m in prompt):
-        if not all(_is_message(m) for m in prompt):
-            raise MlxkitError('every chat message needs a "role" and a "content" string')
-        text = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, enable_thinking=enable_thinking
-        )
-        return tokenizer.encode(_utf8(text))
-    if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-        return [int(t) for t in prompt]
-    raise MlxkitError("prompt must be a string, a list of token ids, or a list of chat messages")
+        text = _utf8(prompt)
+    else:
+        prompt = list(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            if not all(_is_message(m) for m in prompt):
+                raise MlxkitError(
+                    'every chat message needs a "role" and a "content" (a string or a list of '
+                    "parts)"
+                )
+            messages, images, videos = chat_media(prompt, images, videos)
+            text = _utf8(
+                tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, enable_thinking=enable_thinking
+                )
+            )
+        elif all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+            tokens = [int(t) for t in prompt]
+            images, videos = _prepare(model, images, videos, min_pixels, max_pixels)
+            if vision:
+                check_pads(tokens, model, images, videos)
+            return EncodedPrompt(tokens, images, videos)
+        else:
+            raise MlxkitError(
+                "prompt must be a string, a list of token ids, or a list of chat messages"
+            )
+    images, videos = _prepare(model, images, videos, min_pixels, max_pixels)
+    if vision:
+        text = expand_prompt(text, images, videos)
+    return EncodedPrompt(tokenizer.encode(text), images, videos)
+
+
+def _prepare(model, images, videos, min_pixels, max_pixels):
+    if (images or videos) and model is None:
+        raise MlxkitError("encoding images or videos needs the model (its preprocessor)")
+    if model is None:
+        return [], []
+    images = prepare_images(model, images, min_pixels=min_pixels, max_pixels=max_pixels)
+    return images, prepare_videos(model, videos)
 
 
 def _is_message(message: dict) -> bool:
-    return isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+    return isinstance(message.get("role"), str) and isinstance(
+        message.get("content"), (str, list, tuple)
+    )
 
 
 def _utf8(text: str) -> str:
@@ -127,10 +189,21 @@ def stream_generate(
     prefill_chunk: int = 512,
     prompt_cache: PromptCache | None = None,
     stop_at_context: bool = False,
+    images: Sequence[ImageLike | VisionInput] | None = None,
+    videos: Sequence[VideoLike | VisionInput] | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yields one response per new token. With `prompt_cache`, tokens it already holds are not
     processed again; it is left holding the prompt and everything generated. Past the model's
-    context (max_position_embeddings) generation warns once, or ends with `stop_at_context`."""
+    context (max_position_embeddings) generation warns once, or ends with `stop_at_context`.
+
+    `images` (paths, PIL images, H×W×3 uint8 arrays) go to the prompt's image parts in order:
+    the `<|image_pad|>`s of a string, the {"type": "image"} parts of a chat (a part
+    {"type": "image", "image": X} brings its own). `videos` likewise: file paths (PyAV),
+    `Video(frames, fps)`, or lists of frames at 2 fps. Each image is capped at 1,280 vision
+    tokens (DEFAULT_MAX_IMAGE_TOKENS) unless `max_pixels` / `min_pixels` bound its resized
+    pixel count. An image the prompt cache already holds is not encoded again."""
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
     max_tokens = _int("max_tokens", max_tokens, 1)
     num_draft = _int("num_draft", num_draft, 1, MAX_DRAFT)
@@ -145,16 +218,22 @@ def stream_generate(
     )
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise MlxkitError("prompt_cache must be a PromptCache (PromptCache.new(model))")
-    tokens = encode_prompt(tokenizer, prompt, enable_thinking)
+    encoded = encode_prompt(
+        tokenizer, prompt, enable_thinking, model, images, videos, min_pixels, max_pixels
+    )
+    tokens = encoded.tokens
     _check_prompt(tokens, model)
     mtp = _use_mtp(model, mtp)
     cache = prompt_cache if prompt_cache is not None else PromptCache.new(model)
-    n_cached = cache.start(model, tokens, mtp)
+    image_keys, video_keys = [v.key for v in encoded.images], [v.key for v in encoded.videos]
+    n_cached = cache.start(model, tokens, mtp, image_keys, video_keys)
+    new_images = encoded.images[len(cache.image_keys) :]
+    new_videos = encoded.videos[len(cache.video_keys) :]
     decoder = Decoder(model, cache, params, keys)
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    first = decoder.prefill(tokens[n_cached:], prefill_chunk)
+    first = decoder.prefill(tokens[n_cached:], prefill_chunk, new_images, new_videos)
     out = Responses(tokenizer, limits, len(tokens), n_cached, time.perf_counter() - t0)
     if mtp:
         yield from decoder.speculative(first, num_draft, out)
@@ -168,9 +247,17 @@ def generate(model: Model, tokenizer, prompt, **kwargs) -> str:
 
 
 def prefill(
-    model: Model, prompt_cache: PromptCache, tokens: Sequence[int], prefill_chunk: int = 512
+    model: Model,
+    prompt_cache: PromptCache,
+    tokens: Sequence[int],
+    prefill_chunk: int = 512,
+    images: Sequence[ImageLike | VisionInput] = (),
+    videos: Sequence[VideoLike | VisionInput] = (),
 ) -> None:
     """Processes `tokens` after those `prompt_cache` holds, generating nothing, so that a later
-    `stream_generate` whose prompt extends them starts from there."""
+    `stream_generate` whose prompt extends them starts from there. `images` and `videos` are
+    those whose (expanded) pads `tokens` hold, in order."""
     if tokens:
-        run_prompt(model, prompt_cache, list(tokens), prefill_chunk)
+        images = prepare_images(model, images)
+        videos = prepare_videos(model, videos)
+        run_prompt(model, prompt_cache, list(tokens), prefill_chunk, images, videos)

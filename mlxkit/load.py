@@ -8,8 +8,8 @@ A checkpoint whose config.json declares a vision tower and whose weights hold it
 `model.visual.*` or converted `vision_tower.*`) loads with it: `model.has_vision`, the tower
 at `model.vision_tower` (a `VisionModel`: patches and grids in, features for the image pads
 out), the four token ids at `model.vision_tokens` and the image/video preprocessing settings at
-`model.preprocessor`. Its weights are as lazy as the text weights: a text-only prompt never
-reads them.
+`model.preprocessor`, and the text model's M-RoPE `mrope_section` at `model.mrope_section`.
+Its weights are as lazy as the text weights: a text-only prompt never reads them.
 """
 
 from __future__ import annotations
@@ -255,10 +255,20 @@ def _vision_of(
 
 def _attach_vision_inputs(model: Model, model_dir: Path, config: dict) -> None:
     """What the runtime needs beside the tower to turn images into its input."""
-    from mlxkit.vision import Preprocessor, VisionTokens
+    from mlxkit.vision import Preprocessor, VisionTokens, mrope_section
 
     model.vision_tokens = VisionTokens.from_config(config)
     model.preprocessor = Preprocessor.from_dir(model_dir, model.vision_tower.config)
+    try:
+        section = mrope_section(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
+    if sum(section) != model.config.rotary_dim // 2:
+        raise CheckpointError(
+            f"{model_dir / 'config.json'}: mrope_section {list(section)} does not add up to "
+            f"rotary_dim / 2 = {model.config.rotary_dim // 2}"
+        )
+    model.mrope_section = section
 
 
 def load_model(

@@ -3,6 +3,10 @@
 It holds every layer's cache, the tokens they hold, and the main model's hidden states the MTP
 head has not consumed yet. A caller that serves many conversations (a server) keeps a pool of
 them and picks, per prompt, the one with the largest `reusable` count.
+
+With images, equal tokens are not enough (two pictures of the same size give the same pads), so
+the cache also remembers the key (`VisionInput.key`, a hash of the pixels) of every image and
+video it holds, and `rope_delta`: how far they moved the positions of the text after them.
 """
 
 from __future__ import annotations
@@ -24,13 +28,19 @@ class PromptCache:
 
     `mtp_pending` holds the main model's hidden states at the positions the MTP head has not
     consumed yet (it needs the token after each, which is not known for the last one); `mtp` is
-    None when the MTP cache is not in step with the main one.
+    None when the MTP cache is not in step with the main one. `image_keys` and `video_keys`
+    name the images and videos whose pads `tokens` hold, in order; the next token's position is
+    len(tokens) + `rope_delta` (0 until an image has been seen; M-RoPE text after an image
+    resumes at fewer positions than the image has tokens).
     """
 
     main: list
     mtp: list | None
     tokens: list[int] = field(default_factory=list)
     mtp_pending: mx.array | None = None
+    image_keys: list[str] = field(default_factory=list)
+    video_keys: list[str] = field(default_factory=list)
+    rope_delta: int = 0
 
     @classmethod
     def new(cls, model: Model) -> PromptCache:
@@ -49,22 +59,45 @@ class PromptCache:
         mtp = None if self.mtp is None else [clone(c) for c in self.mtp]
         pending = None if self.mtp_pending is None else mx.contiguous(self.mtp_pending)
         mx.eval([c.state for c in main + (mtp or [])], pending)
-        return PromptCache(main, mtp, list(self.tokens), pending)
+        return PromptCache(
+            main,
+            mtp,
+            list(self.tokens),
+            pending,
+            list(self.image_keys),
+            list(self.video_keys),
+            self.rope_delta,
+        )
 
-    def reusable(self, tokens: Sequence[int]) -> int:
+    def reusable(
+        self, tokens: Sequence[int], image_keys: Sequence[str] = (), video_keys: Sequence[str] = ()
+    ) -> int:
         """How many leading tokens of `tokens` this cache can skip: all it holds when they are
-        a strict prefix (the last prompt token must run to give logits), else 0, since the
-        recurrent states cannot be rewound to a shorter prefix."""
+        a strict prefix (the last prompt token must run to give logits) and the prompt's first
+        images and videos (their `key`s, in prompt order) are the ones it holds, else 0, since
+        the recurrent states cannot be rewound to a shorter prefix."""
         n = len(self.tokens)
-        return n if n < len(tokens) and list(tokens[:n]) == self.tokens else 0
+        same_media = all(
+            list(keys[: len(held)]) == held
+            for keys, held in ((image_keys, self.image_keys), (video_keys, self.video_keys))
+        )
+        return n if n < len(tokens) and list(tokens[:n]) == self.tokens and same_media else 0
 
-    def start(self, model: Model, tokens: Sequence[int], mtp: bool) -> int:
+    def start(
+        self,
+        model: Model,
+        tokens: Sequence[int],
+        mtp: bool,
+        image_keys: Sequence[str] = (),
+        video_keys: Sequence[str] = (),
+    ) -> int:
         """Makes the cache ready to continue with `tokens` (emptied when it cannot be reused)
         and returns how many of them it already holds."""
-        n = self.reusable(tokens)
+        n = self.reusable(tokens, image_keys, video_keys)
         if n == 0:
             fresh = PromptCache.new(model)
             self.main, self.mtp, self.tokens, self.mtp_pending = fresh.main, fresh.mtp, [], None
+            self.image_keys, self.video_keys, self.rope_delta = [], [], 0
         if mtp and self.mtp is None and self.tokens:
             raise MlxkitError(
                 "this prompt cache was filled without MTP; pass mtp=False or a new cache"
@@ -81,7 +114,13 @@ class PromptCache:
                     arrays[f"{name}.{i}.{key}"] = value
         if self.mtp_pending is not None:
             arrays["mtp_pending"] = self.mtp_pending
-        meta = {"tokens": ",".join(map(str, self.tokens)), "mtp": str(self.mtp is not None)}
+        meta = {
+            "tokens": ",".join(map(str, self.tokens)),
+            "mtp": str(self.mtp is not None),
+            "image_keys": ",".join(self.image_keys),
+            "video_keys": ",".join(self.video_keys),
+            "rope_delta": str(self.rope_delta),
+        }
         mx.save_safetensors(str(path), arrays, metadata=meta)
 
     @classmethod
@@ -105,6 +144,14 @@ class PromptCache:
             raise _BadCache(f"metadata mtp is {meta.get('mtp')!r}, not True or False")
         if meta["mtp"] == "False" or cache.mtp is None:
             cache.mtp = None
+        cache.image_keys = _saved_keys(meta, "image_keys")
+        cache.video_keys = _saved_keys(meta, "video_keys")
+        try:
+            cache.rope_delta = int(meta.get("rope_delta", "0"))
+        except ValueError:
+            raise _BadCache(f"metadata rope_delta is {meta.get('rope_delta')!r}") from None
+        if (cache.image_keys or cache.video_keys or cache.rope_delta) and not model.has_vision:
+            raise _BadCache("it holds images; this model has no vision tower")
         n = len(cache.tokens)
         pending = arrays.pop("mtp_pending", None)
         n_pending = 0
@@ -143,6 +190,14 @@ def _saved_tokens(text: object, vocab_size: int) -> list[int]:
     if any(not 0 <= t < vocab_size for t in tokens):
         raise _BadCache(f"a token id is outside this model's vocabulary of {vocab_size}")
     return tokens
+
+
+def _saved_keys(meta: dict, name: str) -> list[str]:
+    text = meta.get(name, "")
+    keys = [k for k in text.split(",") if k] if isinstance(text, str) else None
+    if keys is None or not all(len(k) == 64 and set(k) <= set("0123456789abcdef") for k in keys):
+        raise _BadCache(f"metadata {name} is not a list of sha256 keys")
+    return keys
 
 
 def _pending_count(pending: mx.array | None, cfg: TextConfig, n_tokens: int) -> int:

@@ -22,11 +22,13 @@ tens of GB. A per-call `max_pixels` overrides the cap.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -204,6 +206,14 @@ class VisionInput:
     @property
     def downscaled(self) -> bool:
         return self.size[0] * self.size[1] < self.source_size[0] * self.source_size[1]
+
+    @cached_property
+    def key(self) -> str:
+        """What a prompt cache remembers this input by: a hash of its kind, grid, timestamps and
+        pixel values (two inputs with equal pads differ here when their pictures do)."""
+        digest = hashlib.sha256(f"{self.kind}{self.grid}{self.timestamps}".encode())
+        digest.update(memoryview(np.ascontiguousarray(self.pixel_values)).cast("B"))
+        return digest.hexdigest()
 
 
 def load_image(image: ImageLike) -> Image.Image:

@@ -118,7 +118,7 @@ def test_prompt_cache_two_turn_chat():
     assert reused[0].prompt_tokens - reused[0].prompt_cached == len(follow)
     assert fresh[0].prompt_cached == 0
     # the first turn's text is what its tokens decode to (up to a stop token)
-    first_turn = encode_prompt(tokenizer, turn1, enable_thinking=False)
+    first_turn = encode_prompt(tokenizer, turn1, enable_thinking=False).tokens
     replied = cache_after_turn1[len(first_turn) :]
     assert 1 <= len(replied) <= 12
     eos = set(tokenizer.eos_token_ids)

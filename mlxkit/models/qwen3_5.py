@@ -22,7 +22,7 @@ from mlx import nn
 from mlxkit import fields
 from mlxkit.cache import KVCache, LinearAttentionCache
 from mlxkit.errors import ConfigError
-from mlxkit.models.qwen3_5_vision import VisionConfig, VisionModel
+from mlxkit.models.qwen3_5_vision import VisionConfig, VisionModel, apply_rotary
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -241,6 +241,31 @@ def sanitize_tensor(
 # --- layers --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """Where the L tokens of one pass sit for the rotary embedding.
+
+    Qwen 3.5 rotates by M-RoPE: three position axes (temporal, row, column), the interleaved
+    `mrope_section` deciding which frequency follows which. A text token has one position on
+    all three, which makes it ordinary RoPE: token i of the pass sits at the cache offset + i +
+    `shift` (mx.fast.rope), `shift` being how far the images before it have moved the text
+    positions (0 without images). A pass holding vision tokens brings M-RoPE's `cos` and `sin`
+    [L, rotary_dim] instead (`mlxkit.vision.mrope_cos_sin`)."""
+
+    shift: mx.array  # int32 scalar
+    cos: mx.array | None = None
+    sin: mx.array | None = None
+
+    @classmethod
+    def text(cls, shift: int = 0) -> Rotary:
+        return cls(mx.array(shift, dtype=mx.int32))
+
+    @property
+    def arrays(self) -> tuple[mx.array, ...]:
+        """The arrays a compiled block takes (it cannot take this object)."""
+        return (self.shift,) if self.cos is None else (self.shift, self.cos, self.sin)
+
+
 def _gated_delta():
     """mlx-lm's public gated-delta helpers, imported on first use: importing mlx_lm loads
     transformers (seconds), which commands that never run a model (plan, tiers, info) skip."""
@@ -402,9 +427,12 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | None = None, rotary: Rotary | None = None
+    ) -> mx.array:
         """Causal attention over x, after what `cache` holds (its `update_and_fetch` writes the
-        new keys/values and says which slots each query sees); no cache: x alone."""
+        new keys/values and says which slots each query sees); no cache: x alone. `rotary`
+        places the tokens (default: text at the cache offset)."""
         B, L, _ = x.shape
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
@@ -412,11 +440,20 @@ class Attention(nn.Module):
         q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, heads, L, head_dim]
         k = self.k_norm(k).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        rope = partial(
-            mx.fast.rope, dims=self.rotary_dim, traditional=False, base=self.rope_theta, scale=1.0
-        )
-        q, k = rope(q, offset=offset), rope(k, offset=offset)
+        if rotary is not None and rotary.cos is not None:  # M-RoPE: cos, sin [L, rotary_dim]
+            q, k = apply_rotary(q, rotary.cos, rotary.sin), apply_rotary(k, rotary.cos, rotary.sin)
+        else:
+            offset = 0 if cache is None else cache.offset
+            if rotary is not None:
+                offset = offset + rotary.shift
+            rope = partial(
+                mx.fast.rope,
+                dims=self.rotary_dim,
+                traditional=False,
+                base=self.rope_theta,
+                scale=1.0,
+            )
+            q, k = rope(q, offset=offset), rope(k, offset=offset)
         if cache is None:
             mask = "causal" if L > 1 else None
         else:
@@ -443,7 +480,8 @@ class DecoderLayer(nn.Module):
     Small models on MLX are dominated by per-op overhead, so the fixed-shape parts are
     compiled per layer (`inputs=self.state` keeps them reading the current weights): the whole
     Gated-DeltaNet block for decode/verify lengths, and the whole attention block, whose KV
-    buffers keep their shape between growth steps (the position is an array input).
+    buffers keep their shape between growth steps (the position is an array input). A pass with
+    M-RoPE positions (a prompt chunk holding vision tokens) runs the attention block eagerly.
     """
 
     def __init__(self, cfg: TextConfig, linear: bool):
@@ -467,9 +505,11 @@ class DecoderLayer(nn.Module):
     def _mlp_residual(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def _attention_block(self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array):
+    def _attention_block(
+        self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array, *rotary: mx.array
+    ):
         cache = KVCache(keys, values, offset)  # see KVCache.run
-        out = self.self_attn(self.input_layernorm(x), cache)
+        out = self.self_attn(self.input_layernorm(x), cache, Rotary(*rotary))
         return self._mlp_residual(x + out), cache.keys, cache.values
 
     def _linear_block(self, x: mx.array, conv_state: mx.array, state: mx.array, record: bool):
@@ -479,13 +519,18 @@ class DecoderLayer(nn.Module):
         return self._mlp_residual(x + out), conv_in, state, states
 
     def __call__(
-        self, x: mx.array, cache: KVCache | LinearAttentionCache | None = None
+        self,
+        x: mx.array,
+        cache: KVCache | LinearAttentionCache | None = None,
+        rotary: Rotary | None = None,
     ) -> mx.array:
+        """`rotary` matters to attention layers only: Gated-DeltaNet has no positions."""
         if not self.is_linear:
             if cache is None:
-                return self._mlp_residual(x + self.self_attn(self.input_layernorm(x)))
-            attn = self.self_attn
-            return cache.run(self._attention, x, attn.n_kv_heads, attn.head_dim)
+                return self._mlp_residual(x + self.self_attn(self.input_layernorm(x), None, rotary))
+            attn, rotary = self.self_attn, rotary or Rotary.text()
+            block = self._attention if rotary.cos is None else self._attention_block
+            return cache.run(block, x, attn.n_kv_heads, attn.head_dim, *rotary.arrays)
         T = x.shape[1]
         conv_state, state = self.linear_attn.initial_state(cache, x.shape[0], x.dtype)
         record = cache is not None and cache.recording
@@ -506,10 +551,19 @@ class TextBackbone(nn.Module):
         self.layers = [DecoderLayer(cfg, cfg.is_linear(i)) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        h = self.embed_tokens(tokens)
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: list | None = None,
+        rotary: Rotary | None = None,
+        embeddings: mx.array | None = None,
+    ) -> mx.array:
+        """`embeddings` [B, L, H] replace the tokens' own (a prompt with image features in place
+        of its vision pads)."""
+        h = self.embed_tokens(tokens) if embeddings is None else embeddings
+        rotary = rotary or Rotary.text()
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, c)
+            h = layer(h, c, rotary)
         return self.norm(h)
 
 
@@ -539,21 +593,30 @@ class MTPHead(nn.Module):
         self.layers = [DecoderLayer(cfg, linear=False) for _ in range(cfg.mtp_num_hidden_layers)]
         self.norm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
 
-    def __call__(self, embeddings: mx.array, hidden: mx.array, cache: list | None) -> mx.array:
+    def __call__(
+        self,
+        embeddings: mx.array,
+        hidden: mx.array,
+        cache: list | None,
+        rotary: Rotary | None = None,
+    ) -> mx.array:
         x = mx.concatenate(
             [self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1
         )
         x = self.fc(x)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
-            x = layer(x, c)
+            x = layer(x, c, rotary)
         return self.norm(x)
 
 
 class Model(nn.Module):
     """The whole Qwen 3.5 model: the text model, its MTP head and (with `vision`) the vision
     tower at `vision_tower` (models/qwen3_5_vision.py). `has_mtp` and `has_vision` are decided
-    by the loader from the weights found; it also sets `vision_tokens` and `preprocessor`
-    (mlxkit/vision.py) for a model with a tower."""
+    by the loader from the weights found; it also sets `vision_tokens`, `preprocessor` and
+    `mrope_section` (mlxkit/vision.py) for a model with a tower.
+
+    Every pass takes a `rotary` (`Rotary`: where its tokens sit; default text at the cache
+    offset) and the main model optionally `embeddings` in place of the tokens' own."""
 
     def __init__(self, cfg: TextConfig, has_mtp: bool = True, vision: VisionConfig | None = None):
         super().__init__()
@@ -563,7 +626,7 @@ class Model(nn.Module):
             self.mtp = MTPHead(cfg)
         if vision is not None:
             self.vision_tower = VisionModel(vision)
-        self.vision_tokens = self.preprocessor = None
+        self.vision_tokens = self.preprocessor = self.mrope_section = None
 
     @property
     def has_mtp(self) -> bool:
@@ -577,44 +640,62 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.language_model.model.layers
 
-    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+    def __call__(
+        self, tokens: mx.array, cache: list | None = None, rotary: Rotary | None = None
+    ) -> mx.array:
         """Logits [B, L, vocab] of tokens [B, L], continuing from what `cache` holds."""
-        return self.language_model.logits(self.hidden(tokens, cache))
+        return self.language_model.logits(self.hidden(tokens, cache, rotary))
 
     def logits_and_hidden(
-        self, tokens: mx.array, cache: list | None = None
+        self, tokens: mx.array, cache: list | None = None, rotary: Rotary | None = None
     ) -> tuple[mx.array, mx.array]:
         """Logits and the post-final-norm hidden states the MTP head drafts from."""
-        hidden = self.hidden(tokens, cache)
+        hidden = self.hidden(tokens, cache, rotary)
         return self.language_model.logits(hidden), hidden
 
-    def hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+    def hidden(
+        self,
+        tokens: mx.array,
+        cache: list | None = None,
+        rotary: Rotary | None = None,
+        embeddings: mx.array | None = None,
+    ) -> mx.array:
         """Post-final-norm hidden states, for callers that want logits at only some positions."""
-        return self.language_model.model(tokens, cache)
+        return self.language_model.model(tokens, cache, rotary, embeddings)
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.language_model.logits(hidden)
 
     def mtp_forward(
-        self, hidden: mx.array, next_tokens: mx.array, cache: list | None = None
+        self,
+        hidden: mx.array,
+        next_tokens: mx.array,
+        cache: list | None = None,
+        rotary: Rotary | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Draft logits for positions i+2 and the MTP's own post-norm hidden state.
 
         hidden: [B, L, H], the main model's post-norm hidden at positions i (or, for a further
         draft step, the previous `mtp_hidden`); next_tokens: [B, L], the tokens at i+1. The MTP
-        attention uses the positions held by its own KV cache (`make_mtp_cache`).
+        attention places entry i where the main model placed token i (as vLLM and SGLang run
+        it): its KV cache (`make_mtp_cache`) holds one entry per position, so `rotary` is the
+        main model's for those positions.
         """
-        mtp_hidden = self.mtp_hidden(hidden, next_tokens, cache)
+        mtp_hidden = self.mtp_hidden(hidden, next_tokens, cache, rotary)
         return self.language_model.logits(mtp_hidden), mtp_hidden
 
     def mtp_hidden(
-        self, hidden: mx.array, next_tokens: mx.array, cache: list | None = None
+        self,
+        hidden: mx.array,
+        next_tokens: mx.array,
+        cache: list | None = None,
+        rotary: Rotary | None = None,
     ) -> mx.array:
         """`mtp_forward` without the lm_head: fills the MTP cache during prefill."""
         if not self.has_mtp:
             raise ConfigError("this model was loaded without MTP weights")
         embeddings = self.language_model.model.embed_tokens(next_tokens)
-        return self.mtp(embeddings, hidden, cache)
+        return self.mtp(embeddings, hidden, cache, rotary)
 
     def make_cache(self) -> list:
         return [LinearAttentionCache() if layer.is_linear else KVCache() for layer in self.layers]
