@@ -78,6 +78,12 @@ def info(path: str) -> None:
 @click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
 @click.option("--num-draft", default=2, show_default=True, help="Tokens drafted per round.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option(
+    "--image", "images", multiple=True, help="An image before the prompt text (repeatable)."
+)
+@click.option(
+    "--video", "videos", multiple=True, help="A video file before the prompt text (needs PyAV)."
+)
 @click.option("--verbose", is_flag=True, help="Also print prompt speed and draft counts.")
 def generate(
     model_path: str | None,
@@ -86,14 +92,18 @@ def generate(
     chat: bool,
     no_think: bool,
     verbose: bool,
+    images: tuple[str, ...],
+    videos: tuple[str, ...],
     **options,
 ) -> None:
     """Stream a completion, then a stats line (tokens/s, MTP acceptance, MLX's peak array
-    memory; for a bundle, also the whole-app peak its plan budgets)."""
+    memory; for a bundle, also the whole-app peak its plan budgets). Images and videos go
+    before the prompt text, each capped at 1,280 vision tokens."""
     import warnings
 
     from mlxkit.generate import stream_generate
     from mlxkit.load import load
+    from mlxkit.multimodal import prepare_images, prepare_videos
 
     if (model_path is None) == (size is None):
         raise MlxkitError("pass either --model PATH or --size SIZE")
@@ -102,18 +112,45 @@ def generate(
 
         model_path = resolve_size(size).directory
     model, tokenizer = load(model_path)
-    messages = [{"role": "user", "content": prompt}] if chat else prompt
+    prepared = prepare_images(model, images), prepare_videos(model, videos)
+    for path, image in zip(images, prepared[0]):
+        if image.downscaled:
+            (h0, w0), (h, w) = image.source_size, image.size
+            click.echo(
+                f"note: {path} ({w0}×{h0}) resized to {w}×{h}: {image.num_tokens} vision tokens",
+                err=True,
+            )
+    parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+    text = _vision_placeholders(len(images), len(videos)) + prompt
+    if chat:
+        content = [*parts, {"type": "text", "text": prompt}] if parts else prompt
+        messages = [{"role": "user", "content": content}]
+    else:
+        messages = text
     last = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for last in stream_generate(
-            model, tokenizer, messages, enable_thinking=not no_think, **options
+            model,
+            tokenizer,
+            messages,
+            enable_thinking=not no_think,
+            images=prepared[0],
+            videos=prepared[1],
+            **options,
         ):
             click.echo(last.text, nl=False)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     click.echo()
     click.echo(_generation_stats(last, verbose, _planned_peak(model_path)), err=True)
+
+
+def _vision_placeholders(n_images: int, n_videos: int) -> str:
+    """What a chat template writes for image and video parts, for a prompt without --chat."""
+    from mlxkit.multimodal import PART_TEXT
+
+    return PART_TEXT["image"] * n_images + PART_TEXT["video"] * n_videos
 
 
 def _generation_stats(last, verbose: bool, planned: tuple[int, int] | None) -> str:

@@ -154,7 +154,7 @@ def read_video(path: str | os.PathLike, model: Model) -> Video:
 # --------------------------------------------------------------------------- chat parts
 
 
-_PART_TEXT = {
+PART_TEXT = {  # what a chat template writes for an image or a video part
     "image": VISION_START + IMAGE_PAD + VISION_END,
     "video": VISION_START + VIDEO_PAD + VISION_END,
 }
@@ -181,18 +181,30 @@ def chat_media(
     content (an image part written as the template writes it: vision_start, image pad,
     vision_end; a video part likewise), and the images and videos in the order their parts
     appear. A part {"type": "image", "image": X} brings its own image; a bare {"type": "image"}
-    takes the next of `images` (the i-th such part images[i]), which must all be used."""
+    (or an `<|image_pad|>` in string content) takes the next of `images`, which must all be
+    used; videos likewise."""
     given = {"image": list(images), "video": list(videos)}
     used = {"image": 0, "video": 0}
     found: dict[str, list] = {"image": [], "video": []}
+
+    def take(kind: str) -> None:
+        if used[kind] == len(given[kind]):
+            raise VisionInputError(
+                f"the chat has more {kind} parts (without their own {kind}) than the "
+                f"{len(given[kind])} {kind}(s) given"
+            )
+        found[kind].append(given[kind][used[kind]])
+        used[kind] += 1
+
     out = []
     for i, message in enumerate(messages):
         content = message.get("content")
         if isinstance(content, str):
+            for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD)):
+                for _ in range(content.count(pad)):
+                    take(kind)
             out.append(message)
             continue
-        if not isinstance(content, (list, tuple)):
-            raise VisionInputError(f"messages[{i}] content must be a string or a list of parts")
         text = []
         for j, part in enumerate(content):
             kind = _part_kind(part, f"messages[{i}].content[{j}]")
@@ -201,15 +213,9 @@ def chat_media(
                 continue
             if part.get(kind) is not None:
                 found[kind].append(part[kind])
-            elif used[kind] < len(given[kind]):
-                found[kind].append(given[kind][used[kind]])
-                used[kind] += 1
             else:
-                raise VisionInputError(
-                    f"the chat has more {kind} parts without their own {kind} than the "
-                    f"{len(given[kind])} {kind}(s) given"
-                )
-            text.append(_PART_TEXT[kind])
+                take(kind)
+            text.append(PART_TEXT[kind])
         out.append({**message, "content": "".join(text)})
     for kind in ("image", "video"):
         if used[kind] < len(given[kind]):

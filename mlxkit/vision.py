@@ -231,6 +231,8 @@ def load_image(image: ImageLike) -> Image.Image:
             f"an image must be a path, a PIL.Image or an H×W×3 uint8 array, not {type(image).__name__}"
         )
     path = local_path(image, "image", VisionInputError)
+    if path.is_dir():
+        raise VisionInputError(f"{path}: a directory, not an image file")
     if not path.is_file():
         raise VisionInputError(f"{path}: no such image file")
     try:

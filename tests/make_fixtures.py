@@ -744,6 +744,46 @@ def hf_input_embeds(model, ids: np.ndarray, kw: dict, tok: dict) -> torch.Tensor
     return embeds
 
 
+GENERATE_TOKENS = 16  # greedy tokens of the `generate` reference
+GENERATE_QUESTION = "What is in the picture?"
+
+
+def generation_prompt(out_dir: Path, tok: dict, grid: list[int], merge: int) -> np.ndarray:
+    """The prompt of the public-API greedy reference: one user message with image0 and a
+    question, rendered by transformers with the fixture's chat template (the image part written
+    as the template would: vision_start, image pad, vision_end), the pad then expanded once per
+    merged patch as Qwen's processor does."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"))
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    text = fast.apply_chat_template(
+        [{"role": "user", "content": image + GENERATE_QUESTION}],
+        chat_template=(out_dir / "chat_template.jinja").read_text(),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(np.prod(grid)) // merge**2))
+    return np.array(Tokenizer.from_file(str(out_dir / "tokenizer.json")).encode(text).ids)
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: np.ndarray, kw: dict) -> tuple[np.ndarray, float]:
+    """transformers' greedy generation (its own M-RoPE position bookkeeping, KV cache, stop
+    tokens from generation_config.json) and the smallest top-1 − top-2 logit margin on the way."""
+    out = model.generate(
+        input_ids=torch.from_numpy(ids)[None],
+        **kw,
+        max_new_tokens=GENERATE_TOKENS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    margins = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]
+    return out.sequences[0, len(ids) :].numpy(), min(margins)
+
+
 def build_vision(name: str, spec: dict) -> dict:
     from PIL import Image
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
@@ -784,6 +824,7 @@ def build_vision(name: str, spec: dict) -> dict:
     tower_in = np.concatenate([pixels[k] for k in order])
     tower_grids = torch.tensor([grids[k] for k in order])
     ids, uses = vision_prompts(out_dir / "tokenizer.json", tok, grids, stamps, merge)
+    generate_ids = generation_prompt(out_dir, tok, grids["image0"], merge)
 
     results, positions, embeds64 = {}, {}, {}
     for dtype in (torch.float64, torch.float32):
@@ -812,6 +853,8 @@ def build_vision(name: str, spec: dict) -> dict:
                         .logits[0]
                         .numpy()
                     )
+            if dtype == torch.float64:
+                greedy, margin = hf_greedy(model, generate_ids, kws["one_image"])
         if dtype == torch.float64:
             assert not mode.low_precision_ops, mode.low_precision_ops
         del model
@@ -827,8 +870,13 @@ def build_vision(name: str, spec: dict) -> dict:
         "video_fps": np.float64(v["fps"]),
         "video_frame_indices": np.asarray(frame_indices),
         "video_timestamps": np.array(stamps),
+        "generate_ids": generate_ids,
+        "generate_greedy_f64": greedy,
+        "generate_margin_f64": np.float64(margin),
     }
     stats = {
+        "generate_tokens": len(greedy),
+        "generate_margin_f64": margin,
         "tower_std": float(r64["tower"].std()),
         "err_tower_f32": float(arrays["err_tower_f32"]),
     }
