@@ -114,10 +114,11 @@ def generate(
     model, tokenizer = load(model_path)
     prepared = prepare_images(model, images), prepare_videos(model, videos)
     for path, image in zip(images, prepared[0]):
-        if image.downscaled:
+        if image.capped:
             (h0, w0), (h, w) = image.source_size, image.size
             click.echo(
-                f"note: {path} ({w0}×{h0}) resized to {w}×{h}: {image.num_tokens} vision tokens",
+                f"note: {path} ({w0}×{h0}) downscaled to {w}×{h} to fit the cap: "
+                f"{image.num_tokens} vision tokens",
                 err=True,
             )
     parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)

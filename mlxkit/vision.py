@@ -196,16 +196,13 @@ class VisionInput:
     source_size: tuple[int, int]  # (height, width) as given
     size: tuple[int, int]  # (height, width) after resizing
     timestamps: tuple[float, ...] = ()  # video: seconds of each temporal group
+    capped: bool = False  # image: made smaller than rounding alone would, to fit max_pixels
 
     @property
     def num_tokens(self) -> int:
         """Vision pads this input takes in the prompt."""
         t, h, w = self.grid
         return t * h * w // self.merge_size**2
-
-    @property
-    def downscaled(self) -> bool:
-        return self.size[0] * self.size[1] < self.source_size[0] * self.source_size[1]
 
     @cached_property
     def key(self) -> str:
@@ -370,14 +367,15 @@ def preprocess_image(
     max_pixels: int | None = None,
 ) -> VisionInput:
     """One image → patches. `max_pixels` defaults to DEFAULT_MAX_IMAGE_TOKENS vision tokens (or
-    the preprocessor's own bound, when smaller); `downscaled` on the result says a cap applied."""
+    the preprocessor's own bound, when smaller); `capped` on the result says that bound applied."""
     lo, hi = _pixel_bounds(pre, min_pixels, max_pixels, video=False)
     rgb = to_rgb(load_image(image))
     width, height = rgb.size
     _check_shape(_describe(image), height, width, pre)
     h, w = smart_resize(height, width, pre.factor, lo, hi)
+    capped = round(height / pre.factor) * round(width / pre.factor) * pre.factor**2 > hi
     rows, grid = resized_patches(rgb, (h, w), pre)
-    return VisionInput("image", rows, grid, pre.merge_size, (height, width), (h, w))
+    return VisionInput("image", rows, grid, pre.merge_size, (height, width), (h, w), capped=capped)
 
 
 def resized_patches(rgb: Image.Image, size: tuple[int, int], pre: Preprocessor):

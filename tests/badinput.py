@@ -51,6 +51,10 @@ class Inputs:
         return self.root / "untied"
 
     @property
+    def vision(self) -> Path:  # tiny_vision_p4 (Hugging Face layout, image0.png, image1.png)
+        return self.root / "vision"
+
+    @property
     def converted(self) -> Path:  # tiny_tied converted to 4-bit, with mtp/
         return self.root / "converted"
 
@@ -63,7 +67,7 @@ class Inputs:
         return self.root / "out"
 
     def format(self, arg: str) -> str:
-        return arg.format(root=self.root, src=self.src, untied=self.untied,
+        return arg.format(root=self.root, src=self.src, untied=self.untied, vision=self.vision,
                           converted=self.converted, bundle=self.bundle, out=self.out)  # fmt: skip
 
 
@@ -91,7 +95,11 @@ def api(id: str, call: Callable[[Inputs], object], **kw) -> Row:
 
 # --- prepared inputs ---------------------------------------------------------------------------
 
-_SOURCES = {"src": FIXTURES / "tiny_tied", "untied": FIXTURES / "tiny_untied"}
+_SOURCES = {
+    "src": FIXTURES / "tiny_tied",
+    "untied": FIXTURES / "tiny_untied",
+    "vision": FIXTURES / "tiny_vision_p4",
+}
 
 
 def prepare(inputs: Inputs, needs: tuple[str, ...], built: dict[str, Path]) -> None:

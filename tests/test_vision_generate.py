@@ -241,3 +241,18 @@ def test_cli_generate_with_an_image():
                             images=[src / "image0.png"], max_tokens=16, mtp=False)  # fmt: skip
     assert result.stdout.rstrip("\n") == tokenizer.decode(expected)
     assert f"prompt {len(ref['generate_ids'])} tokens" in result.stderr
+
+
+def test_cli_says_when_an_image_is_capped(tmp_path):
+    """The fixture's preprocessor allows 2,048 pixels (32 vision tokens): a 100×120 image is
+    downscaled, and the command says so; image0 (23×37) only rounds, and it says nothing."""
+    src = FIXTURES / VISION[0]
+    Image.fromarray(np.full((100, 120, 3), 90, np.uint8)).save(tmp_path / "big.png")
+    base = ["generate", "--model", str(src), "--prompt", "Hi", "--max-tokens", "2"]
+    result = CliRunner().invoke(main, [*base, "--image", str(tmp_path / "big.png")])
+    assert result.exit_code == 0, result.output
+    assert "big.png (120×100) downscaled to 48×40 to fit the cap: 30 vision tokens" in (
+        result.stderr
+    )
+    result = CliRunner().invoke(main, [*base, "--image", str(src / "image0.png")])
+    assert result.exit_code == 0 and "note:" not in result.stderr

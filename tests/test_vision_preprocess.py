@@ -4,9 +4,6 @@ the pieces of its Qwen3-VL video processor that run without torchvision for vide
 from __future__ import annotations
 
 import json
-import struct
-import zlib
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,7 +38,7 @@ from mlxkit.vision import (
     smart_resize_video,
 )
 from tests.helpers import FIXTURES, reference
-from tests.vision_helpers import VISION, config
+from tests.vision_helpers import VISION, config, header_only_png
 
 # Qwen 3.5's vision tower shapes (all four sizes): patch 16, temporal 2, merge 2
 QWEN35 = VisionConfig(
@@ -141,12 +138,13 @@ def test_default_cap_is_1280_tokens_and_says_so():
     assert pre.max_pixels == 16_777_216 and DEFAULT_MAX_IMAGE_TOKENS == 1280
     photo = np.asarray(noise_image("RGB", 300, 400, seed=5)).repeat(10, 0).repeat(10, 1)
     capped = preprocess_image(photo, pre)
-    assert capped.num_tokens <= 1280 and capped.downscaled
+    assert capped.num_tokens <= 1280 and capped.capped
     assert capped.source_size == (3000, 4000) and capped.size == (960, 1312)
     theirs = hf_processor(pre, 1280 * 32 * 32)(Image.fromarray(photo), return_tensors="np")
     np.testing.assert_array_equal(capped.pixel_values, theirs["pixel_values"])
     lifted = preprocess_image(photo, pre, max_pixels=2560 * 32 * 32)
-    assert 1280 < lifted.num_tokens <= 2560
+    assert 1280 < lifted.num_tokens <= 2560 and lifted.capped
+    assert not preprocess_image(photo[:400, :600], pre).capped  # 13×19 blocks: rounding only
     small = preprocess_image(photo, pre, max_pixels=64 * 32 * 32)
     assert small.num_tokens <= 64
 
@@ -156,7 +154,7 @@ def test_min_pixels_upscales_small_images():
     img = noise_image("RGB", 9, 13, seed=6)
     ours = preprocess_image(img, pre, min_pixels=1024, max_pixels=4096)
     theirs = hf_processor(pre, 4096, min_pixels=1024)(img, return_tensors="np")
-    assert not ours.downscaled and ours.size[0] * ours.size[1] >= 1024
+    assert not ours.capped and ours.size[0] * ours.size[1] >= 1024
     np.testing.assert_array_equal(ours.pixel_values, theirs["pixel_values"])
 
 
@@ -175,20 +173,6 @@ def test_smart_resize_equals_transformers(seed):
 
 
 # --------------------------------------------------------------------------- bad images
-
-
-def header_only_png(path: Path, width: int, height: int) -> None:
-    """A PNG that declares width×height and holds no pixels (what a decompression bomb looks
-    like to a decoder that checks the header first)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
 def test_a_photo_is_turned_as_its_exif_orientation_says(tmp_path):
@@ -217,7 +201,7 @@ def test_bad_images_get_one_clear_line(tmp_path):
     header_only_png(tmp_path / "huge.png", 20_000, 20_000)
     cases = [
         (tmp_path / "missing.png", "missing.png: no such image file"),
-        (tmp_path, "no such image file"),
+        (tmp_path, "a directory, not an image file"),
         (tmp_path / "corrupt.png", "corrupt.png: not a readable image"),
         (tmp_path / "notes.txt", "notes.txt: not a readable image"),
         (tmp_path / "cut.jpg", "cut.jpg: not a readable image"),

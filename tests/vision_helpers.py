@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -46,3 +49,17 @@ def tower_inputs(name: str, parts=PARTS) -> tuple[mx.array, list[tuple[int, int,
     ref = reference(name)
     patches = np.concatenate([ref[f"{p}_patches"] for p in parts])
     return mx.array(patches), [tuple(int(v) for v in ref[f"{p}_grid"]) for p in parts]
+
+
+def header_only_png(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width×height and holds no pixels (what a decompression bomb looks
+    like to a decoder that checks the header first)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
