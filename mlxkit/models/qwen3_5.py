@@ -80,97 +80,52 @@ class TextConfig:
         or 10⁹ layers is one ConfigError instead of a ZeroDivisionError or an allocation
         that runs the machine out of memory."""
         config = fields.mapping(config, "the config")
-        model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {fields.shown(model_type)} is not a Qwen 3.5 dense model "
-                f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        text = fields.mapping(config.get("text_config", config), "text_config")
-        if text.get("num_experts", 0):
-            raise ConfigError("Qwen 3.5 mixture-of-experts checkpoints are not supported")
-
-        def get(key: str, default: object = _REQUIRED) -> object:
-            if key in text and text[key] is not None:
-                return text[key]
-            if default is _REQUIRED:
-                raise ConfigError(f"config.json lacks the text-model field {key!r}")
-            return default
-
-        def size(key: str, default: object = _REQUIRED, lo: int = 1) -> int:
-            return fields.integer(get(key, default), key, lo, LIMITS.get(key))
-
-        def fraction(key: str, value: object) -> float:
-            return fields.number(value, key, lo=0, hi=1, lo_open=True)
-
-        hidden, heads = size("hidden_size"), size("num_attention_heads")
-        n_layers = size("num_hidden_layers")
+        text = _text_section(config)
+        read = _TextFields(text)
+        hidden, heads = read.size("hidden_size"), read.size("num_attention_heads")
+        n_layers = read.size("num_hidden_layers")
         if text.get("head_dim") is None and hidden % heads:
             raise ConfigError("hidden_size must be a multiple of num_attention_heads")
-        layer_types = text.get("layer_types")
-        if layer_types is None:
-            interval = fields.integer(
-                text.get("full_attention_interval", 4), "full_attention_interval", 1, n_layers
-            )
-            layer_types = [
-                "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                for i in range(n_layers)
-            ]
-        layer_types = fields.sequence(layer_types, "layer_types")
-        if len(layer_types) != n_layers:
-            raise ConfigError(
-                f"layer_types has {len(layer_types)} entries, num_hidden_layers is {n_layers}"
-            )
-        for i, kind in enumerate(layer_types):
-            fields.string(kind, f"layer_types[{i}]", LAYER_TYPES)
+        layer_types = _layer_types(text, n_layers)
         rope = fields.mapping(text.get("rope_parameters") or {}, "rope_parameters")
-        vocab = size("vocab_size")
+        vocab = read.size("vocab_size")
         eos = text.get("eos_token_id", config.get("eos_token_id"))
         eos = [] if eos is None else [eos] if not isinstance(eos, list) else eos
+        # keyword arguments are evaluated in order, so the first bad field is the one reported
         cfg = cls(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=size("intermediate_size"),
+            intermediate_size=read.size("intermediate_size"),
             num_hidden_layers=n_layers,
             num_attention_heads=heads,
-            num_key_value_heads=size("num_key_value_heads"),
-            head_dim=size("head_dim", hidden // heads),
-            linear_num_key_heads=size("linear_num_key_heads"),
-            linear_num_value_heads=size("linear_num_value_heads"),
-            linear_key_head_dim=size("linear_key_head_dim"),
-            linear_value_head_dim=size("linear_value_head_dim"),
-            linear_conv_kernel_dim=size("linear_conv_kernel_dim", 4),
-            layer_types=list(layer_types),
-            rms_norm_eps=fraction("rms_norm_eps", get("rms_norm_eps", 1e-6)),
-            rope_theta=fields.number(
-                rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)),
-                "rope_theta",
-                lo=0,
-                hi=1e12,
-                lo_open=True,
-            ),
-            partial_rotary_factor=fraction(
-                "partial_rotary_factor",
-                rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)),
-            ),
-            max_position_embeddings=size("max_position_embeddings", 262144),
+            num_key_value_heads=read.size("num_key_value_heads"),
+            head_dim=read.size("head_dim", hidden // heads),
+            **_linear_attention_sizes(read),
+            layer_types=layer_types,
+            **_norm_and_rope(read, rope),
+            max_position_embeddings=read.size("max_position_embeddings", 262144),
             tie_word_embeddings=fields.boolean(
                 text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)),
                 "tie_word_embeddings",
             ),
-            mtp_num_hidden_layers=size("mtp_num_hidden_layers", 0, lo=0),
+            mtp_num_hidden_layers=read.size("mtp_num_hidden_layers", 0, lo=0),
             eos_token_id=[fields.integer(e, "eos_token_id", 0, vocab - 1) for e in eos],
         )
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
+        cfg._check_head_ratios()
+        return cfg
+
+    def _check_head_ratios(self) -> None:
+        """What the layers reshape by must divide evenly: heads share key/value heads in
+        groups, and rotary embedding rotates pairs of dimensions."""
+        if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
-        if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+        if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ConfigError("linear_num_value_heads must be a multiple of linear_num_key_heads")
-        if cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ConfigError(
-                f"head_dim × partial_rotary_factor = {cfg.rotary_dim} rotary "
+                f"head_dim × partial_rotary_factor = {self.rotary_dim} rotary "
                 "dimensions; must be a positive even number"
             )
-        return cfg
 
     @property
     def rotary_dim(self) -> int:
@@ -184,6 +139,98 @@ class TextConfig:
 
     def is_linear(self, layer_idx: int) -> bool:
         return self.layer_types[layer_idx] == "linear_attention"
+
+
+def _text_section(config: dict) -> dict:
+    """The text model's fields: under `text_config` in a `qwen3_5` config, at the top level of
+    a `qwen3_5_text` one. Checked first, so that another model's config is refused by its
+    type rather than by whichever field it happens to lack."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model_type {fields.shown(model_type)} is not a Qwen 3.5 dense model "
+            f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    text = fields.mapping(config.get("text_config", config), "text_config")
+    if text.get("num_experts", 0):
+        raise ConfigError("Qwen 3.5 mixture-of-experts checkpoints are not supported")
+    return text
+
+
+@dataclass(frozen=True)
+class _TextFields:
+    """Reads the text config's fields, a null one as if absent: it takes its default, and a
+    required field without a value is an error that names the field, not a TypeError."""
+
+    text: dict
+
+    def get(self, key: str, default: object = _REQUIRED) -> object:
+        if key in self.text and self.text[key] is not None:
+            return self.text[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json lacks the text-model field {key!r}")
+        return default
+
+    def size(self, key: str, default: object = _REQUIRED, lo: int = 1) -> int:
+        return fields.integer(self.get(key, default), key, lo, LIMITS.get(key))
+
+
+def _layer_types(text: dict, n_layers: int) -> list[str]:
+    """`layer_types` as given, or, for configs that predate it, the pattern that
+    `full_attention_interval` describes (every n-th layer full attention)."""
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        interval = fields.integer(
+            text.get("full_attention_interval", 4), "full_attention_interval", 1, n_layers
+        )
+        layer_types = [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(n_layers)
+        ]
+    layer_types = fields.sequence(layer_types, "layer_types")
+    if len(layer_types) != n_layers:
+        raise ConfigError(
+            f"layer_types has {len(layer_types)} entries, num_hidden_layers is {n_layers}"
+        )
+    for i, kind in enumerate(layer_types):
+        fields.string(kind, f"layer_types[{i}]", LAYER_TYPES)
+    return list(layer_types)
+
+
+def _linear_attention_sizes(read: _TextFields) -> dict[str, int]:
+    """The Gated-DeltaNet layers' head counts and sizes, which are their own, not those of
+    the full-attention layers."""
+    return {
+        "linear_num_key_heads": read.size("linear_num_key_heads"),
+        "linear_num_value_heads": read.size("linear_num_value_heads"),
+        "linear_key_head_dim": read.size("linear_key_head_dim"),
+        "linear_value_head_dim": read.size("linear_value_head_dim"),
+        "linear_conv_kernel_dim": read.size("linear_conv_kernel_dim", 4),
+    }
+
+
+def _norm_and_rope(read: _TextFields, rope: dict) -> dict[str, float]:
+    """The norm epsilon and the rotary settings. Newer configs keep the rotary settings in
+    `rope_parameters`, older ones at the top of the text config; the former wins."""
+    text = read.text
+    return {
+        "rms_norm_eps": _fraction("rms_norm_eps", read.get("rms_norm_eps", 1e-6)),
+        "rope_theta": fields.number(
+            rope.get("rope_theta", text.get("rope_theta", 10_000_000.0)),
+            "rope_theta",
+            lo=0,
+            hi=1e12,
+            lo_open=True,
+        ),
+        "partial_rotary_factor": _fraction(
+            "partial_rotary_factor",
+            rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)),
+        ),
+    }
+
+
+def _fraction(key: str, value: object) -> float:
+    return fields.number(value, key, lo=0, hi=1, lo_open=True)
 
 
 # --- checkpoint names -----------------------------------------------------------------------
