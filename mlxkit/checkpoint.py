@@ -363,6 +363,20 @@ def _unique(pairs: list[tuple[str, object]]) -> dict:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parses and validates one safetensors header (see the module docstring)."""
     size = regular_file_size(path, "safetensors file")
+    n, raw = _header_bytes(path, size)
+    header = _parse_header(path, raw)
+    base, data_bytes = 8 + n, size - 8 - n
+    entries = [_tensor_entry(path, name, meta, data_bytes) for name, meta in header.items()]
+    _check_tiling(path, entries, data_bytes)
+    return {
+        name: TensorInfo(name, dtype, shape, base + start, base + end, path)
+        for start, end, name, dtype, shape in entries
+    }
+
+
+def _header_bytes(path: Path, size: int) -> tuple[int, bytes]:
+    """The header's declared length and its bytes, read only once the length is known to fit
+    the file and the limit: a corrupt length is not an allocation of up to 2⁶⁴ bytes."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -375,15 +389,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 )
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path}: header of {n:,} bytes is larger than allowed")
-            raw = f.read(n)
+            return n, f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({_reason(e)})") from None
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header's tensor entries, `__metadata__` checked and taken out. A duplicate key, a
+    NaN or a nesting deep enough to overflow the parser is refused, not read as some value."""
     bad = f"{path}: not a safetensors file:"
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{bad} the header is not a JSON object")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique,
-                            parse_constant=_no_constants)  # fmt: skip
+        header = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_no_constants
+        )
     except RecursionError:
         raise CheckpointError(f"{bad} the header is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
@@ -395,34 +415,42 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
     ):
         raise CheckpointError(f"{bad} __metadata__ must map strings to strings")
+    return header
 
-    base, data_bytes = 8 + n, size - 8 - n
-    entries = []
-    for name, meta in header.items():
-        where = f"{path}: tensor {short(name)}"
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{where}: header entry is not an object")
-        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"{where}: unknown dtype {short(str(dtype), 30)}")
-        if not isinstance(shape, list) or not all(_is_int(d, MAX_DIM) for d in shape):
-            raise CheckpointError(f"{where}: shape must be a list of non-negative integers")
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-        ):
-            raise CheckpointError(f"{where}: data_offsets must be two non-negative integers")
-        start, end = offsets
-        if start > end or end > data_bytes:
-            raise CheckpointError(
-                f"{where}: data_offsets [{start}, {end}] lie outside the {data_bytes} data "
-                "bytes of the file (truncated download?)"
-            )
-        if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
-            raise CheckpointError(
-                f"{where}: {end - start} bytes for a {dtype} tensor of shape {tuple(shape)}"
-            )
-        entries.append((start, end, name, dtype, tuple(shape)))
 
+def _tensor_entry(
+    path: Path, name: str, meta: object, data_bytes: int
+) -> tuple[int, int, str, str, tuple[int, ...]]:
+    """(start, end, name, dtype, shape) of one header entry, its byte count checked against
+    its shape and dtype so that a tensor is never read past its own bytes."""
+    where = f"{path}: tensor {short(name)}"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CheckpointError(f"{where}: unknown dtype {short(str(dtype), 30)}")
+    if not isinstance(shape, list) or not all(_is_int(d, MAX_DIM) for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets must be two non-negative integers")
+    start, end = offsets
+    if start > end or end > data_bytes:
+        raise CheckpointError(
+            f"{where}: data_offsets [{start}, {end}] lie outside the {data_bytes} data "
+            "bytes of the file (truncated download?)"
+        )
+    if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise CheckpointError(
+            f"{where}: {end - start} bytes for a {dtype} tensor of shape {tuple(shape)}"
+        )
+    return start, end, name, dtype, tuple(shape)
+
+
+def _check_tiling(
+    path: Path, entries: list[tuple[int, int, str, str, tuple[int, ...]]], data_bytes: int
+) -> None:
+    """The tensors must cover the data bytes exactly, without gaps or overlaps: two tensors
+    sharing bytes, or bytes no tensor owns, mean the file is not what its header says."""
     expected = 0
     for start, end, name, _, _ in sorted(entries):
         if start != expected:
@@ -434,10 +462,6 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             f"{path}: the tensors end at byte {expected} of {data_bytes} data bytes "
             "(trailing bytes: not a safetensors file)"
         )
-    return {
-        name: TensorInfo(name, dtype, shape, base + start, base + end, path)
-        for start, end, name, dtype, shape in entries
-    }
 
 
 def _is_int(value: object, hi: int | None = None) -> bool:
