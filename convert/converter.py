@@ -29,12 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 import mlx.core as mx
 
 from mlxkit import __version__
-from mlxkit.checkpoint import INDEX, model_file, read_json, read_tokenizer_files
+from mlxkit.checkpoint import INDEX, TensorInfo, model_file, read_json, read_tokenizer_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.fields import boolean, local_path
 from mlxkit.info import human_bytes
@@ -140,30 +141,9 @@ def convert(
     kept (in `dtype`; its linear layers quantized to `vision_bits` when given). Raises
     MlxkitError for every problem a user can cause."""
     t0 = time.perf_counter()
-    if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    if drafter_layout not in DRAFTER_LAYOUTS:
-        raise ConfigError(
-            f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
-        )
-    for name, flag in (("quantize", quantize), ("mtp", mtp), ("vision", vision), ("force", force)):
-        boolean(flag, name)
-    if not quantize and (bits is not None or group_size is not None):
-        raise ConfigError("--bits / --group-size have no effect with --no-quantize")
-
-    the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
-    if vision_bits is not None:
-        if not vision:
-            raise ConfigError("--vision-bits quantizes the vision tower; drop it or --no-vision")
-        if not quantize:
-            raise ConfigError("--vision-bits has no effect with --no-quantize")
-        check_vision_bits(vision_bits)
-    local = local_source(src)
-    if dst is not None:  # before a --size download, not after it
-        if local is not None:
-            check_apart_from_source(_absolute(dst), local.directory)
-        check_destination(_absolute(dst), force, written_by_convert, "model directory")
-    source = local or resolve_source(src)
+    _check_options(dtype, drafter_layout, quantize, mtp, vision, force, bits, group_size)
+    the_recipe = _checked_recipe(recipe, bits, group_size, quantize, vision, vision_bits)
+    source = _source(src, dst, force)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp, include_vision=vision)
     _check_side_files(source.directory)
     planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype,
@@ -181,8 +161,23 @@ def convert(
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
         replace_dir(tmp, out)
 
+    result = _result(out, ckpt, planned, quantization, t0)
+    if not quiet:
+        click.echo(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
+    return result
+
+
+def _result(
+    out: Path,
+    ckpt: SourceCheckpoint,
+    planned: list[PlannedTensor],
+    quantization: dict | None,
+    t0: float,
+) -> ConvertResult:
+    """Measured once the model is in place, so that the time counts the whole run (checks,
+    weights, metadata and the swap)."""
     by_part = bytes_by_part(planned)
-    result = ConvertResult(
+    return ConvertResult(
         output=out,
         mtp_dir=out / MTP_DIR if ckpt.has_mtp else None,
         bytes_by_part=by_part,
@@ -192,9 +187,6 @@ def convert(
         tensors=len(planned),
         quantization=quantization,
     )
-    if not quiet:
-        click.echo(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
-    return result
 
 
 def default_output_name(source_name: str, recipe: Recipe | None, dtype: str) -> str:
@@ -207,13 +199,68 @@ def default_output_name(source_name: str, recipe: Recipe | None, dtype: str) -> 
 # --- checks before writing -------------------------------------------------------------------
 
 
+def _check_options(
+    dtype: str,
+    drafter_layout: str,
+    quantize: bool,
+    mtp: bool,
+    vision: bool,
+    force: bool,
+    bits: int | None,
+    group_size: int | None,
+) -> None:
+    """The options that need nothing read, checked before anything is (a --size download
+    included)."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    if drafter_layout not in DRAFTER_LAYOUTS:
+        raise ConfigError(
+            f"drafter_layout must be one of {', '.join(DRAFTER_LAYOUTS)}, got {drafter_layout!r}"
+        )
+    for name, flag in (("quantize", quantize), ("mtp", mtp), ("vision", vision), ("force", force)):
+        boolean(flag, name)
+    if not quantize and (bits is not None or group_size is not None):
+        raise ConfigError("--bits / --group-size have no effect with --no-quantize")
+
+
+def _checked_recipe(
+    recipe: str,
+    bits: int | None,
+    group_size: int | None,
+    quantize: bool,
+    vision: bool,
+    vision_bits: int | None,
+) -> Recipe | None:
+    """The quantization recipe (None with --no-quantize), and --vision-bits checked against
+    it: the vision tower is quantized only when it is kept and the rest is quantized too."""
+    the_recipe = load_recipe(recipe, bits, group_size) if quantize else None
+    if vision_bits is not None:
+        if not vision:
+            raise ConfigError("--vision-bits quantizes the vision tower; drop it or --no-vision")
+        if not quantize:
+            raise ConfigError("--vision-bits has no effect with --no-quantize")
+        check_vision_bits(vision_bits)
+    return the_recipe
+
+
+def _source(src: str | Path | Source | Size, dst: str | Path | None, force: bool) -> Source:
+    """The checkpoint to convert; a given `dst` is checked first, so that a destination that
+    would be refused is refused before a --size download, not after it."""
+    local = local_source(src)
+    if dst is not None:
+        if local is not None:
+            check_apart_from_source(_absolute(dst), local.directory)
+        check_destination(_absolute(dst), force, written_by_convert, "model directory")
+    return local or resolve_source(src)
+
+
 def _absolute(path: str | Path) -> Path:
     return local_path(path, "output", OutputError).absolute()
 
 
 def written_by_convert(directory: Path) -> bool:
-    """A model directory this converter wrote: its index carries the mark `_write_weights`
-    puts there, and it holds only files a conversion writes (so no file of the user's is
+    """A model directory this converter wrote: its index carries the mark `_writers` puts
+    there, and it holds only files a conversion writes (so no file of the user's is
     lost with it)."""
     index = directory / INDEX
     try:
@@ -290,73 +337,101 @@ def _write_weights(
     """Streams every tensor through read → sanitize → quantize → write; returns the rule
     applied to each weight, by module path. In the "checkpoint" drafter layout the MTP
     head's tensors keep their checkpoint names and values (only cast and quantized). The
-    vision tower's Conv3d weight is split by output channel, so its chunks transpose alone.
+    vision tower's Conv3d weight is split by output channel, so its chunks transpose alone."""
+    writers = _writers(ckpt, planned, out, drafter_layout)
+    rules, chunks = _chunks(ckpt, recipe, vision_bits, writers)
+    _stream(ckpt, chunks, writers, dtype, drafter_layout == "checkpoint", advance)
+    return rules
 
-    Three stages overlap: a reader thread copies the next chunks out of the memory map
-    while this thread quantizes (MLX releases the GIL while it evaluates) and a writer
-    thread `pwrite`s finished chunks. At most READ_AHEAD chunks wait on either side, so
-    memory stays bounded."""
+
+def _writers(
+    ckpt: SourceCheckpoint, planned: list[PlannedTensor], out: Path, drafter_layout: str
+) -> dict[str, ShardedWriter]:
+    """The main model's writer, its index marked as ours for `written_by_convert`, and the
+    drafter's in <out>/mtp/ when there is an MTP head."""
     main = [t for t in planned if t.part != "mtp"]
     drafter = [t for t in planned if t.part == "mtp"]
     mark = {"total_parameters": _weight_count(ckpt), "created_by": f"mlxkit {__version__}"}
     writers = {"main": ShardedWriter(out, main, index_metadata=mark)}
-    as_checkpoint = drafter_layout == "checkpoint"
     if drafter:
         (out / MTP_DIR).mkdir()
         writers["mtp"] = ShardedWriter(
             out / MTP_DIR,
             drafter,
             key=lambda p: _drafter_name(p, drafter_layout),
-            metadata={"format": "pt"} if as_checkpoint else None,
+            metadata={"format": "pt"} if drafter_layout == "checkpoint" else None,
         )
+    return writers
+
+
+class _Chunk(NamedTuple):
+    """Rows [start, stop) of one source tensor, and where they go."""
+
+    path: str
+    rule: tuple[int, int] | None
+    writer: ShardedWriter
+    last: bool  # the last chunk of its tensor
+    info: TensorInfo
+    start: int
+    stop: int
+
+    def read(self) -> mx.array:
+        return read_raw_rows(self.info, self.start, self.stop)
+
+
+def _chunks(
+    ckpt: SourceCheckpoint,
+    recipe: Recipe | None,
+    vision_bits: int | None,
+    writers: dict[str, ShardedWriter],
+) -> tuple[dict[str, tuple[int, int] | None], list[_Chunk]]:
+    """The rule of each weight, by module path, and every tensor cut into chunks of at most
+    CHUNK_BYTES source bytes, so that memory does not grow with the largest tensor."""
     rules: dict[str, tuple[int, int] | None] = {}
-    chunks = []  # (path, rule, writer, last chunk of its tensor, source info, start, stop)
+    chunks: list[_Chunk] = []
     for path, shape in model_parameters(ckpt.cfg, include_mtp=ckpt.has_mtp, vision=ckpt.vision):
         info = ckpt.tensors[path]
         rule = weight_rule(path, shape, recipe, vision_bits)
         rules[path.removesuffix(".weight")] = rule
         writer = writers["mtp" if path.startswith("mtp.") else "main"]
         ranges = row_chunks(info, CHUNK_BYTES)
-        chunks += [(path, rule, writer, i == len(ranges) - 1, info, a, b)
-                   for i, (a, b) in enumerate(ranges)]  # fmt: skip
+        chunks += [
+            _Chunk(path, rule, writer, i == len(ranges) - 1, info, a, b)
+            for i, (a, b) in enumerate(ranges)
+        ]
+    return rules, chunks
 
-    out_dtype = MX_DTYPES[dtype]
+
+def _stream(
+    ckpt: SourceCheckpoint,
+    chunks: list[_Chunk],
+    writers: dict[str, ShardedWriter],
+    dtype: str,
+    as_checkpoint: bool,
+    advance,
+) -> None:
+    """Three stages overlap: a reader thread copies the next chunks out of the memory map
+    while this thread quantizes (MLX releases the GIL while it evaluates) and a writer
+    thread `pwrite`s finished chunks. At most READ_AHEAD chunks wait on either side, so
+    memory stays bounded."""
     old_cache = mx.set_cache_limit(4 * CHUNK_BYTES)
     reader = ThreadPoolExecutor(1, thread_name_prefix="mlxkit-read")
     writer_pool = ThreadPoolExecutor(1, thread_name_prefix="mlxkit-write")
     reads: deque = deque()
     writes: deque = deque()
     try:
-        for job in chunks[:READ_AHEAD]:
-            reads.append(reader.submit(read_raw_rows, *job[4:]))
-        for i, (path, rule, writer, last, info, start, stop) in enumerate(chunks):
-            rows = as_stored_dtype(info, reads.popleft().result())
+        for chunk in chunks[:READ_AHEAD]:
+            reads.append(reader.submit(chunk.read))
+        for i, chunk in enumerate(chunks):
+            rows = as_stored_dtype(chunk.info, reads.popleft().result())
             if i + READ_AHEAD < len(chunks):
-                reads.append(reader.submit(read_raw_rows, *chunks[i + READ_AHEAD][4:]))
-            if as_checkpoint and path.startswith("mtp."):
-                value = rows.astype(out_dtype)  # MTP tensors are all floating, none A_log
-            else:
-                _, value = checkpoint_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings,
-                                             out_dtype, ckpt.has_vision)  # fmt: skip
-            if rule is None:
-                pieces = [(path, value)]
-            else:
-                module = path.removesuffix(".weight")
-                w, scales, biases = quantize(value, *rule)
-                pieces = [(path, w), (f"{module}.scales", scales), (f"{module}.biases", biases)]
-            floats = [value, *(a for _, a in pieces[1:])]  # with a quantized weight's scales
-            finite = mx.all(mx.stack([mx.isfinite(a).all() for a in floats]))
-            mx.eval([a for _, a in pieces], finite)
-            if not finite.item():
-                _non_finite(info, rows, start, stop, dtype)
-            writes.append((writer_pool.submit(_write_pieces, writer, start, pieces), last))
-            del rows, value, pieces
-            while len(writes) > READ_AHEAD:
-                future, done = writes.popleft()
-                advance(future.result(), tensor_done=done)
-        while writes:
-            future, done = writes.popleft()
-            advance(future.result(), tensor_done=done)
+                reads.append(reader.submit(chunks[i + READ_AHEAD].read))
+            pieces = _convert_chunk(ckpt, chunk, rows, dtype, as_checkpoint)
+            write = writer_pool.submit(_write_pieces, chunk.writer, chunk.start, pieces)
+            writes.append((write, chunk.last))
+            del rows, pieces
+            _drain(writes, advance, READ_AHEAD)
+        _drain(writes, advance, 0)
         for writer in writers.values():
             writer.close()
     except BaseException:
@@ -370,7 +445,39 @@ def _write_weights(
         writer_pool.shutdown(wait=True)
         mx.set_cache_limit(old_cache)
         mx.clear_cache()
-    return rules
+
+
+def _convert_chunk(
+    ckpt: SourceCheckpoint, chunk: _Chunk, rows: mx.array, dtype: str, as_checkpoint: bool
+) -> list[tuple[str, mx.array]]:
+    """The chunk's pieces to write (the weight; its scales and biases when quantized),
+    evaluated on this thread and checked for NaN and infinity before any is written."""
+    out_dtype = MX_DTYPES[dtype]
+    if as_checkpoint and chunk.path.startswith("mtp."):
+        value = rows.astype(out_dtype)  # MTP tensors are all floating, none A_log
+    else:
+        _, value = checkpoint_tensor(
+            chunk.info.name, rows, ckpt.cfg.tie_word_embeddings, out_dtype, ckpt.has_vision
+        )
+    if chunk.rule is None:
+        pieces = [(chunk.path, value)]
+    else:
+        module = chunk.path.removesuffix(".weight")
+        w, scales, biases = quantize(value, *chunk.rule)
+        pieces = [(chunk.path, w), (f"{module}.scales", scales), (f"{module}.biases", biases)]
+    floats = [value, *(a for _, a in pieces[1:])]  # with a quantized weight's scales
+    finite = mx.all(mx.stack([mx.isfinite(a).all() for a in floats]))
+    mx.eval([a for _, a in pieces], finite)
+    if not finite.item():
+        _non_finite(chunk.info, rows, chunk.start, chunk.stop, dtype)
+    return pieces
+
+
+def _drain(writes: deque, advance, keep: int) -> None:
+    """Waits for the oldest writes until at most `keep` are pending, and reports them."""
+    while len(writes) > keep:
+        future, done = writes.popleft()
+        advance(future.result(), tensor_done=done)
 
 
 def _drafter_name(path: str, drafter_layout: str) -> str:
