@@ -23,6 +23,7 @@ tens of GB. A per-call `max_pixels` overrides the cap.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import re
@@ -52,7 +53,7 @@ PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.jso
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray
+ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 class VisionInputError(MlxkitError):
@@ -214,7 +215,8 @@ class VisionInput:
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """A path, a PIL image, or a uint8 array (H×W, H×W×3 or H×W×4) as a PIL image."""
+    """A path, an image file's bytes, a PIL image, or a uint8 array (H×W, H×W×3 or H×W×4) as a
+    PIL image."""
     if isinstance(image, Image.Image):
         try:
             image.load()  # an Image.open()ed file is decoded only now
@@ -223,24 +225,33 @@ def load_image(image: ImageLike) -> Image.Image:
         return image
     if isinstance(image, np.ndarray):
         return _array_image(image)
+    if isinstance(image, bytes):
+        return _decode(io.BytesIO(image), "the image data")
     if not isinstance(image, (str, os.PathLike)):
         raise VisionInputError(
-            f"an image must be a path, a PIL.Image or an H×W×3 uint8 array, not {type(image).__name__}"
+            "an image must be a path, an image file's bytes, a PIL.Image or an H×W×3 uint8 "
+            f"array, not {type(image).__name__}"
         )
     path = local_path(image, "image", VisionInputError)
     if path.is_dir():
         raise VisionInputError(f"{path}: a directory, not an image file")
     if not path.is_file():
         raise VisionInputError(f"{path}: no such image file")
+    return _decode(path, str(path))
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
+    """An image file decoded now (Pillow decodes lazily), turned as photos are shown (EXIF
+    orientation, as transformers does); what Pillow cannot read is one VisionInputError."""
     try:
-        img = ImageOps.exif_transpose(Image.open(path))  # as photos are shown (transformers)
+        img = ImageOps.exif_transpose(Image.open(source))
         img.load()
     except Image.DecompressionBombError as e:
         raise VisionInputError(
-            f"{path}: too large to decode safely ({e}); downscale it first"
+            f"{name}: too large to decode safely ({e}); downscale it first"
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise VisionInputError(f"{path}: not a readable image ({e})") from None
+        raise VisionInputError(f"{name}: not a readable image ({e})") from None
     return img
 
 

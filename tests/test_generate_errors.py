@@ -424,7 +424,7 @@ VISION_ROWS = [
                images=[IMAGE0]),
     api_vision("token ids without pads", [1, 2, 3], "token ids hold 0 image pads",
                images=[IMAGE0]),
-    api_vision("an image that is a number", PAD, "an image must be a path, a PIL.Image",
+    api_vision("an image that is a number", PAD, "an image must be a path, an image file's bytes",
                images=[3]),
     api_vision("a float image array", PAD, "an image array must be uint8",
                images=[np.zeros((8, 8, 3), np.float32)]),

@@ -324,7 +324,7 @@ def test_tools_on_a_template_that_ignores_them(client):
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs",
          "not supported"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url":
-          {"url": "file:///etc/hosts"}}]}]}, "messages[0].content[0]", "vision model"),
+          {"url": "file:///etc/hosts"}}]}]}, "messages[0].content[0]", "reads no local image files"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_400_in_the_openai_shape(server, body, param, message):

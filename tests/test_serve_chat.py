@@ -9,7 +9,13 @@ import json
 import pytest
 
 from mlxkit.micro import micro_dir
-from mlxkit.serve.chat import common_prefix, next_turn_prefix, render_chat, template_messages
+from mlxkit.serve.chat import (
+    common_prefix,
+    image_parts,
+    next_turn_prefix,
+    render_chat,
+    template_messages,
+)
 from mlxkit.serve.protocol import ChatRequest, RequestError, parse
 from mlxkit.tokenizer import load_tokenizer
 from tests.helpers import FIXTURES
@@ -89,13 +95,18 @@ def test_tool_call_arguments_must_be_a_json_object(arguments):
     assert e.value.param == "messages[0].tool_calls[0].function.arguments"
 
 
-def test_image_parts_are_refused_until_vision_lands():
+def test_image_parts_are_written_as_the_template_writes_an_image():
+    """An image_url part becomes vision_start, pad, vision_end (what Qwen's template writes for
+    an image part, and the Python API's chat parts), its URL listed in prompt order."""
     req = request(messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])  # fmt: skip
-    with pytest.raises(RequestError, match="need a vision model") as e:
-        template_messages(req.messages)
-    assert e.value.param == "messages[0].content[1]"
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/a.png"}}]}])  # fmt: skip
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert [m["content"] for m in template_messages(req.messages)] == ["what is this?" + image,
+                                                                         image]  # fmt: skip
+    assert image_parts(req.messages) == [("data:image/png;base64,AAAA", "messages[0].content[1]"),
+                                         ("/a.png", "messages[1].content[0]")]  # fmt: skip
 
 
 @pytest.mark.parametrize("thinking", [True, False])

@@ -121,7 +121,7 @@ def test_arrays_and_pil_images_equal_the_file(tmp_path):
     img = noise_image("RGB", 31, 47, seed=3)
     img.save(tmp_path / "a.png")
     expected = preprocess_image(tmp_path / "a.png", pre).pixel_values
-    for given in (img, np.asarray(img), str(tmp_path / "a.png")):
+    for given in (img, np.asarray(img), str(tmp_path / "a.png"), (tmp_path / "a.png").read_bytes()):
         np.testing.assert_array_equal(preprocess_image(given, pre).pixel_values, expected)
     gray = np.asarray(noise_image("L", 31, 47, seed=4))
     for given in (gray, gray[..., None]):
@@ -185,10 +185,11 @@ def test_a_photo_is_turned_as_its_exif_orientation_says(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     pixels.save(tmp_path / "photo.jpg", exif=exif, quality=95)
-    got = preprocess_image(tmp_path / "photo.jpg", pre)
-    assert got.source_size == (64, 40)  # (height, width) upright
     want = preprocess_image(load_image(str(tmp_path / "photo.jpg")), pre)
-    np.testing.assert_array_equal(got.pixel_values, want.pixel_values)
+    for given in (tmp_path / "photo.jpg", (tmp_path / "photo.jpg").read_bytes()):
+        got = preprocess_image(given, pre)
+        assert got.source_size == (64, 40)  # (height, width) upright
+        np.testing.assert_array_equal(got.pixel_values, want.pixel_values)
 
 
 def test_bad_images_get_one_clear_line(tmp_path):
@@ -210,7 +211,9 @@ def test_bad_images_get_one_clear_line(tmp_path):
         (Image.new("RGB", (1000, 4)), "aspect ratio over 200"),
         (np.zeros((8, 8, 3), dtype=np.float32), "must be uint8 \\(got float32\\)"),
         (np.zeros((8, 8, 2), dtype=np.uint8), "must be H×W, H×W×3 or H×W×4"),
-        (b"bytes", "not bytes"),
+        (b"bytes", "the image data: not a readable image"),
+        ((tmp_path / "huge.png").read_bytes(), "the image data: too large to decode safely"),
+        (3, "an image must be a path, an image file's bytes, a PIL.Image"),
     ]
     for image, message in cases:
         with pytest.raises(VisionInputError, match=message) as e:

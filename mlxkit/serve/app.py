@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -24,8 +25,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlxkit.generate import GenerationResponse
-from mlxkit.serve.chat import next_turn_prefix, render_chat
+from mlxkit.serve.chat import Prompt, image_parts, next_turn_prefix, render_chat
 from mlxkit.serve.engine import Engine, Failed, Job
+from mlxkit.serve.images import request_images
 from mlxkit.serve.parse import Delta, OutputParser
 from mlxkit.serve.protocol import (
     ChatRequest,
@@ -50,6 +52,7 @@ class Settings:
     max_tokens: int  # the most a request may ask for, and what it gets when it does not ask
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    media_dirs: tuple[Path, ...] = ()  # where image_url parts may name local files (resolved)
 
 
 class _ClientGone(Exception):
@@ -156,7 +159,14 @@ class Api:
                 raise too_large
         return loads(bytes(body))
 
-    def _prepare_next_turn(self, req: ChatRequest, parser: OutputParser, content: str,
+    def _render(self, req: ChatRequest) -> Prompt:
+        """The request's tokens, its images prepared and their pads expanded (on a worker
+        thread: decoding and resizing pictures takes a while)."""
+        model, tokenizer = self.engine.model, self.engine.tokenizer
+        images = request_images(model, image_parts(req.messages), self.settings.media_dirs)
+        return render_chat(tokenizer, req, images)
+
+    def _prepare_next_turn(self, req: ChatRequest, job: Job, parser: OutputParser, content: str,
                            reasoning: str) -> None:  # fmt: skip
         """Has the engine prefill, while idle, what the conversation's next request will start
         with (runs on a worker thread after the answer is out)."""
@@ -166,17 +176,18 @@ class Api:
         if parser.calls:
             reply["tool_calls"] = [c.template() for c in parser.calls]
         try:
-            tokens = next_turn_prefix(self.engine.tokenizer, req, reply)
+            images = job.images if self.engine.model.has_vision else None
+            tokens = next_turn_prefix(self.engine.tokenizer, req, reply, images)
         except Exception:  # only an optimisation: never let it disturb serving
             log.exception("rendering the next turn failed")
             return
         if tokens:
-            self.engine.prepare(tokens)
+            self.engine.prepare(tokens, [v.key for v in job.images])
 
-    def _after_answer(self, req, parser, content: str, reasoning: str) -> None:
+    def _after_answer(self, req, job: Job, parser, content: str, reasoning: str) -> None:
         if self.engine.pool.max_bytes:
             asyncio.get_running_loop().run_in_executor(
-                None, self._prepare_next_turn, req, parser, content, reasoning
+                None, self._prepare_next_turn, req, job, parser, content, reasoning
             )
 
     def _max_tokens(self, requested: int | None, param: str) -> int:
@@ -226,10 +237,10 @@ class Api:
         max_tokens = self._max_tokens(req.requested_max_tokens,
                                       "max_completion_tokens" if req.max_completion_tokens
                                       else "max_tokens")  # fmt: skip
-        prompt = await run_in_threadpool(render_chat, self.engine.tokenizer, req)
+        prompt = await run_in_threadpool(self._render, req)
         parser = OutputParser(prompt.reasoning, req.tool_specs)
         job = Job(prompt.tokens, {**req.sampling(), "max_tokens": max_tokens},
-                  asyncio.get_running_loop(), prompt.snapshot_at)  # fmt: skip
+                  asyncio.get_running_loop(), prompt.snapshot_at, prompt.images)  # fmt: skip
         try:
             session, responses = await self._start(request, job, req.stream)
         except _ClientGone:
@@ -256,7 +267,7 @@ class Api:
         reasoning = "".join(d.reasoning for d in deltas)
         if reasoning:
             message["reasoning_content"] = reasoning
-        self._after_answer(req, parser, message["content"] or "", reasoning)
+        self._after_answer(req, session.job, parser, message["content"] or "", reasoning)
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": _finish(session.last, parser)}  # fmt: skip
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
@@ -286,7 +297,7 @@ class Api:
         except RequestError as e:
             yield _sse(e.body())
             return
-        self._after_answer(req, parser, content, reasoning)
+        self._after_answer(req, session.job, parser, content, reasoning)
         yield chunk({}, _finish(session.last, parser))
         if req.include_usage:
             yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],

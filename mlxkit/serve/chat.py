@@ -12,16 +12,22 @@ Besides the tokens, rendering decides what the server needs to reuse work across
 - once answered, what the next turn's prompt will start with: the conversation, the answer as
   the template will render it back, and the next message's opening (two renderings with
   different placeholder messages agree up to there). The server prefills that while idle.
+
+An `image_url` part is rendered as the chat template writes an image (vision_start, pad,
+vision_end) and each pad then expanded to the image's vision tokens (`mlxkit.vision`), so a
+prompt with images is the same token list the Python API makes for it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jinja2
 
+from mlxkit.multimodal import PART_TEXT
 from mlxkit.serve.protocol import ChatRequest, ImagePart, Message, RequestError
+from mlxkit.vision import VisionInput, VisionInputError, expand_prompt
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _PLACEHOLDER = "x"  # any text: it only has to differ from the generation prompt's first token
@@ -32,6 +38,7 @@ class Prompt:
     tokens: list[int]
     reasoning: bool = False  # the output starts inside a <think> block
     snapshot_at: int | None = None  # keep the state after this many tokens (see the docstring)
+    images: list[VisionInput] = field(default_factory=list)  # whose pads `tokens` hold, in order
 
 
 def template_messages(messages: list[Message]) -> list[dict]:
@@ -39,7 +46,7 @@ def template_messages(messages: list[Message]) -> list[dict]:
     as "", tool-call arguments as the objects their JSON text holds."""
     out = []
     for i, m in enumerate(messages):
-        item: dict = {"role": m.role, "content": _text(m, i)}
+        item: dict = {"role": m.role, "content": _text(m)}
         if m.name is not None:
             item["name"] = m.name
         if m.reasoning_content is not None:
@@ -53,18 +60,22 @@ def template_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-def _text(message: Message, index: int) -> str:
+def _text(message: Message) -> str:
     content = message.content
     if content is None or isinstance(content, str):
         return content or ""
-    for j, part in enumerate(content):
-        if isinstance(part, ImagePart):
-            # Where image inputs will go once the vision model has landed.
-            raise RequestError(
-                "image_url content parts need a vision model; this server serves text only",
-                param=f"messages[{index}].content[{j}]",
-            )
-    return "".join(part.text for part in content)
+    return "".join(PART_TEXT["image"] if isinstance(p, ImagePart) else p.text for p in content)
+
+
+def image_parts(messages: list[Message]) -> list[tuple[str, str]]:
+    """(url, param name) of every image_url part, in prompt order."""
+    return [
+        (part.image_url.url, f"messages[{i}].content[{j}]")
+        for i, m in enumerate(messages)
+        if isinstance(m.content, list)
+        for j, part in enumerate(m.content)
+        if isinstance(part, ImagePart)
+    ]
 
 
 def _tool_call(call, param: str) -> dict:
@@ -95,18 +106,35 @@ def _renderer(tokenizer, request: ChatRequest):
     return render
 
 
-def render_chat(tokenizer, request: ChatRequest) -> Prompt:
+def _encoder(tokenizer, images: list[VisionInput] | None):
+    """Rendered text → token ids; with `images` (a vision model's request), each image pad
+    expanded to its image's vision tokens first."""
+
+    def encode(text: str) -> list[int]:
+        if images is not None:
+            try:
+                text = expand_prompt(text, images)
+            except VisionInputError as e:
+                raise RequestError(str(e), param="messages") from None
+        return tokenizer.encode(text)
+
+    return encode
+
+
+def render_chat(tokenizer, request: ChatRequest, images: list[VisionInput] | None = None) -> Prompt:
+    """`images`: the request's image parts, prepared (`mlxkit.serve.images.request_images`),
+    for a model that reads them; None for a text-only model."""
     messages = template_messages(request.messages)
     tools = request.tool_specs
-    render = _renderer(tokenizer, request)
+    render, encode = _renderer(tokenizer, request), _encoder(tokenizer, images)
     text = render(messages, True, tools)
     if tools and text == render(messages, True, None):
         raise RequestError("this model's chat template does not render tools", param="tools")
-    tokens = tokenizer.encode(text)
+    tokens = encode(text)
     probe = [*messages, {"role": "assistant", "content": _PLACEHOLDER},
              {"role": "user", "content": _PLACEHOLDER}]  # fmt: skip
     try:
-        next_turn = tokenizer.encode(render(probe, False, tools))
+        next_turn = encode(render(probe, False, tools))
     except RequestError:  # a template with rules the placeholder breaks: no snapshot
         next_turn = []
     n = common_prefix(tokens, next_turn)
@@ -114,21 +142,24 @@ def render_chat(tokenizer, request: ChatRequest) -> Prompt:
         tokens,
         reasoning=text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE),
         snapshot_at=n if 0 < n < len(tokens) else None,
+        images=list(images or []),
     )
 
 
-def next_turn_prefix(tokenizer, request: ChatRequest, reply: dict) -> list[int] | None:
+def next_turn_prefix(
+    tokenizer, request: ChatRequest, reply: dict, images: list[VisionInput] | None = None
+) -> list[int] | None:
     """The tokens the next request of this conversation will start with, `reply` being the
     answer just given (as the client will send it back): followed by a tool result when it
     called tools, else by a user message. The last token the two renderings share is left out:
     BPE may merge it with the start of the real message (a newline with a leading newline).
-    None if the template will not render it."""
-    render = _renderer(tokenizer, request)
+    `images` as for `render_chat`. None if the template will not render it."""
+    render, encode = _renderer(tokenizer, request), _encoder(tokenizer, images)
     messages = [*template_messages(request.messages), reply]
     role = "tool" if reply.get("tool_calls") else "user"
     try:
-        a, b = (tokenizer.encode(render([*messages, {"role": role, "content": text}], False,
-                                        request.tool_specs)) for text in ("a", "b"))  # fmt: skip
+        a, b = (encode(render([*messages, {"role": role, "content": text}], False,
+                              request.tool_specs)) for text in ("a", "b"))  # fmt: skip
     except RequestError:
         return None
     n = common_prefix(a, b) - 1

@@ -38,6 +38,9 @@ def require_server_stack() -> None:
 @click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
 @click.option("--num-draft", default=2, show_default=True, type=click.IntRange(1, 8),
               help="Tokens drafted per MTP round.")  # fmt: skip
+@click.option("--allowed-local-media-path", "media_dirs", multiple=True, metavar="DIR",
+              help="A directory whose image files image_url parts may name (file:///...; "
+                   "repeatable). Without it only data URLs are read.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def serve(
@@ -51,6 +54,7 @@ def serve(
     max_tokens: int,
     mtp: bool,
     num_draft: int,
+    media_dirs: tuple[str, ...],
     log_level: str,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models,
@@ -61,6 +65,7 @@ def serve(
     if (model_path is None) == (size is None):
         raise MlxkitError("pass either --model PATH or --size SIZE")
     cache_bytes = 0 if prompt_cache_size.strip() == "0" else parse_bytes(prompt_cache_size)
+    allowed = tuple(media_dir(d) for d in media_dirs)
     if size is not None:
         from mlxkit.convert.source import resolve_size
 
@@ -82,7 +87,7 @@ def serve(
         click.echo("warning: this model has no MTP weights; decoding without speculation", err=True)
     engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=cache_bytes,
                     mtp=mtp, num_draft=num_draft)  # fmt: skip
-    app = create_app(engine, Settings(name, max_tokens, api_key))
+    app = create_app(engine, Settings(name, max_tokens, api_key, media_dirs=allowed))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it "
                    "can use the model", err=True)  # fmt: skip
@@ -90,6 +95,16 @@ def serve(
         f"mlxkit serve: {name} at http://{host}:{p}/v1 (MTP "
         + (f"on, {num_draft} drafts" if engine.mtp else "off")
         + f"; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue})"))  # fmt: skip
+
+
+def media_dir(value: str) -> Path:
+    """An --allowed-local-media-path, resolved (links and `..`), as image paths are judged."""
+    from mlxkit.fields import local_path
+
+    path = local_path(value, "--allowed-local-media-path")
+    if not path.is_dir():
+        raise MlxkitError(f"--allowed-local-media-path {path}: not a directory")
+    return path.resolve()
 
 
 def run(engine, app, host: str, port: int, log_level: str, banner) -> None:

@@ -29,6 +29,7 @@ import mlx.core as mx
 from mlxkit.errors import MlxkitError
 from mlxkit.generate import GenerationResponse, PromptCache, prefill, stream_generate
 from mlxkit.serve.pool import PromptPool
+from mlxkit.vision import VisionInput
 
 log = logging.getLogger("mlxkit.serve")
 PREPARE_CHUNK = 32  # tokens prefilled between looks at the queue while preparing a next turn
@@ -46,6 +47,7 @@ class Job:
     options: dict  # stream_generate keyword arguments
     loop: asyncio.AbstractEventLoop
     snapshot_at: int | None = None  # keep a shared snapshot after this many prompt tokens
+    images: list[VisionInput] = field(default_factory=list)  # whose pads `tokens` hold
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached: int = 0  # prompt tokens taken from the pool (set before the first event)
@@ -94,7 +96,9 @@ class Engine:
         self.preparing = False  # a next turn's state is being prefilled
         self.gauges: dict = {}  # memory and pool figures, refreshed by the loop (MLX thread)
         self._jobs: queue.Queue[Job] = queue.Queue()
-        self._next_turns: collections.deque[list[int]] = collections.deque(maxlen=8)
+        self._next_turns: collections.deque[tuple[list[int], list[str]]] = collections.deque(
+            maxlen=8
+        )
         self._lock = threading.Lock()
         self._seconds_per_job = 1.0  # moving average, for Retry-After
 
@@ -121,10 +125,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
-    def prepare(self, tokens: list[int]) -> None:
-        """Asks for the state of `tokens` (a conversation's next prompt starts with them) to be
-        computed when the server is idle."""
-        self._next_turns.append(tokens)
+    def prepare(self, tokens: list[int], image_keys: list[str] = ()) -> None:
+        """Asks for the state of `tokens` (a conversation's next prompt starts with them, holding
+        the pads of the images keyed `image_keys`) to be computed when the server is idle."""
+        self._next_turns.append((tokens, list(image_keys)))
 
     # ------------------------------------------------------------------ the loop (MLX thread)
 
@@ -136,7 +140,7 @@ class Engine:
                 job = self._jobs.get(timeout=0 if self._next_turns else 0.1)
             except queue.Empty:
                 if self._next_turns:
-                    self._prepare(self._next_turns.popleft())
+                    self._prepare(*self._next_turns.popleft())
                 elif mx.get_cache_memory():
                     mx.clear_cache()
                     self._refresh()
@@ -166,21 +170,14 @@ class Engine:
         return cache
 
     def _serve(self, job: Job) -> None:
-        cache = self.pool.take(job.tokens) or self.new_cache()
+        cache = self.pool.take(job.tokens, [v.key for v in job.images]) or self.new_cache()
         job.cached = len(cache.tokens)
         finished = False
         try:
-            at = job.snapshot_at
-            context = self.model.config.max_position_embeddings
-            if (
-                at is not None
-                and job.cached < at < len(job.tokens) < context
-                and self.pool.max_bytes
-            ):
-                prefill(self.model, cache, job.tokens[job.cached : at])
-                self.pool.put(cache.copy(), shared=True)
+            self._snapshot(job, cache)
             stream = stream_generate(self.model, self.tokenizer, job.tokens, prompt_cache=cache,
-                                     mtp=self.mtp, num_draft=self.num_draft, **job.options)  # fmt: skip
+                                     mtp=self.mtp, num_draft=self.num_draft, images=job.images,
+                                     **job.options)  # fmt: skip
             try:
                 for r in stream:
                     if r.finish_reason is not None:  # counted before the client can see it
@@ -202,12 +199,42 @@ class Engine:
         if finished:  # kept compact: the live state may pin buffers of its last verify pass
             self.pool.put(cache.copy())
 
-    def _prepare(self, tokens: list[int]) -> None:
+    def _snapshot(self, job: Job, cache: PromptCache) -> None:
+        """Prefills the prompt up to `job.snapshot_at` and keeps a shared copy of that state
+        (not when the point would cut an image's pads: the state must hold whole images)."""
+        at = job.snapshot_at
+        context = self.model.config.max_position_embeddings
+        if at is None or not job.cached < at < len(job.tokens) < context or not self.pool.max_bytes:
+            return
+        piece = job.tokens[job.cached : at]
+        images = self._whole_images(piece, job.images[len(cache.image_keys) :])
+        if images is not None:
+            prefill(self.model, cache, piece, images=images)
+            self.pool.put(cache.copy(), shared=True)
+
+    def _whole_images(self, tokens: list[int], images: list[VisionInput]) -> list | None:
+        """The first of `images` whose pads `tokens` hold, or None when they hold part of one
+        (or pads of images not given)."""
+        if not self.model.has_vision:
+            return []
+        vt = self.model.vision_tokens
+        if vt.video in tokens:
+            return None
+        pads, taken = tokens.count(vt.image), []
+        for image in images:
+            if pads <= 0:
+                break
+            taken.append(image)
+            pads -= image.num_tokens
+        return taken if pads == 0 else None
+
+    def _prepare(self, tokens: list[int], image_keys: list[str]) -> None:
         if not self.pool.max_bytes or len(tokens) >= self.model.config.max_position_embeddings:
             return
-        cache = self.pool.take(tokens, count=False)
-        if cache is None:
+        held = self.pool.held(tokens, image_keys)
+        if not held or self._whole_images(tokens[held:], []) is None:  # pads past the state
             return
+        cache = self.pool.take(tokens, image_keys, count=False)
         self.preparing = True
         try:
             for start in range(len(cache.tokens), len(tokens), PREPARE_CHUNK):

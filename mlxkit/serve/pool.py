@@ -2,7 +2,8 @@
 least recently used first out, within a byte budget.
 
 Gated-DeltaNet states cannot be rewound, so an entry serves a new prompt only when its tokens
-are a strict prefix of it. Two kinds of entry:
+are a strict prefix of it, and its images (`PromptCache.image_keys`: equal pads do not mean
+equal pictures) the prompt's first ones. Two kinds of entry:
 - a finished generation's state (prompt + completion): the next request of the conversation
   extends it when the template renders the history as it was generated. It is handed over on
   use (the generation extends it in place and puts the longer state back) and an extension
@@ -18,6 +19,7 @@ half a speculative round ahead of its tokens. States are put in as compact copie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlxkit.generate import PromptCache
@@ -53,18 +55,27 @@ class PromptPool:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries)
 
-    def take(self, tokens: list[int], count: bool = True) -> PromptCache | None:
-        """The state of the longest strict prefix of `tokens` held, or None; `count`: a
-        request's look-up (counted in hits and misses), not the server's own."""
-        best = None
+    def _best(self, tokens: list[int], image_keys: Sequence[str]) -> _Entry | None:
+        """The entry holding the longest strict prefix of `tokens` and of its images."""
+        best, most = None, 0
         for e in self._entries:
-            n = len(e.tokens)
-            if (
-                n < len(tokens)
-                and (best is None or n > len(best.tokens))
-                and tokens[:n] == e.tokens
-            ):
-                best = e
+            n = e.cache.reusable(tokens, image_keys)
+            if n > most:
+                best, most = e, n
+        return best
+
+    def held(self, tokens: list[int], image_keys: Sequence[str] = ()) -> int:
+        """How many of `tokens` the best entry for them holds (0: none), leaving it in place."""
+        best = self._best(tokens, image_keys)
+        return 0 if best is None else len(best.tokens)
+
+    def take(
+        self, tokens: list[int], image_keys: Sequence[str] = (), count: bool = True
+    ) -> PromptCache | None:
+        """The state of the longest strict prefix of `tokens` held (with the first of
+        `image_keys` as its images), or None; `count`: a request's look-up (counted in hits and
+        misses), not the server's own."""
+        best = self._best(tokens, image_keys)
         if count:
             self.hits, self.misses = self.hits + (best is not None), self.misses + (best is None)
         if best is None:
@@ -80,13 +91,19 @@ class PromptPool:
         nbytes = cache_nbytes(cache)
         if not cache.tokens or nbytes > self.max_bytes:
             return
-        n = len(cache.tokens)
         self._entries = [
             e for e in self._entries
-            if e.tokens != cache.tokens
-            and (shared or e.shared or len(e.tokens) > n or cache.tokens[: len(e.tokens)] != e.tokens)
+            if not _extends(cache, e.cache)
+            or (len(e.tokens) < len(cache.tokens) and (shared or e.shared))
         ]  # fmt: skip
         self._entries.append(_Entry(cache, nbytes, shared))
         total = self.nbytes
         while total > self.max_bytes:
             total -= self._entries.pop(0).nbytes
+
+
+def _extends(new: PromptCache, old: PromptCache) -> bool:
+    """`new` holds `old`'s tokens and images, and perhaps more: an entry it replaces when both
+    are a generation's (or they are equal)."""
+    k = len(old.image_keys)
+    return new.tokens[: len(old.tokens)] == old.tokens and new.image_keys[:k] == old.image_keys
