@@ -29,8 +29,10 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -48,6 +50,9 @@ from mlxkit.models.qwen3_5_vision import (
     sanitize_vision_tensor,
 )
 from mlxkit.vision import Preprocessor
+
+if TYPE_CHECKING:  # imports torch, which an export imports only when it runs
+    from .coreml_encoder import VisionTower
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "embeddings"
@@ -310,7 +315,7 @@ def export_vision_encoder(
     `default_grids`). Everything is checked before anything is written; the package is
     assembled beside `output` and renamed into place only when complete."""
     from . import output as out_rules  # convert/output.py: what may be replaced, and how
-    from .converter import _absolute, _peak_rss
+    from .converter import _absolute
 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -328,13 +333,7 @@ def export_vision_encoder(
     token_ids = {k: config[k] for k in VISION_TOKEN_KEYS if isinstance(config.get(k), int)}
     out_rules.check_destination(out, force, written_by_export, "Core ML package")
     out_rules.check_apart_from_source(out, model_dir)
-    weights = read_vision_weights(model_dir, cfg)
-
-    from .coreml_encoder import GridEncoder, VisionTower
-
-    tower = VisionTower.from_weights(cfg, weights)
-    parameters = sum(v.size for v in weights.values())
-    del weights
+    tower, parameters = _load_tower(model_dir, cfg)
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
@@ -342,22 +341,67 @@ def export_vision_encoder(
         f"it shares them: about {human_bytes(export_peak_estimate(parameters, len(grids)))} "
         "of memory at the peak")  # fmt: skip
     with out_rules.assembling(out, "partial") as work:
-        packages = []
-        for i, grid in enumerate(grids):
-            t1 = time.perf_counter()
-            tokens = vision_tokens(grid, cfg.spatial_merge_size)
-            say(f"[{i + 1}/{len(grids)}] {function_name(grid)}, {tokens} vision tokens: ", nl=False)
-            path = work / f"{function_name(grid)}.mlpackage"
-            _convert_grid(ct, torch, GridEncoder(tower, *grid), cfg, grid, precision, path)
-            packages.append(path)
-            say(f"converted in {time.perf_counter() - t1:.1f} s")
+        packages = _convert_grids(ct, torch, tower, cfg, grids, precision, work, say)
         say(f"writing {len(grids)} functions with shared weights")
         package = work / out.name
         _save_multifunction(ct, packages, grids, package)
         _describe(ct, package, cfg, grids, precision, pre, token_ids)
         files = package_files(package)
         out_rules.replace_dir(package, out)
-    result = ExportResult(
+    result = _result(out, grids, precision, parameters, files, t0)
+    say(format_summary(result))
+    return result
+
+
+def _load_tower(model_dir: Path, cfg: VisionConfig) -> tuple[VisionTower, int]:
+    """The torch tower, which shares the weights' memory (nothing is copied), and its
+    parameter count, which the disk and memory estimates are sized from."""
+    weights = read_vision_weights(model_dir, cfg)
+
+    from .coreml_encoder import VisionTower
+
+    return VisionTower.from_weights(cfg, weights), sum(v.size for v in weights.values())
+
+
+def _convert_grids(
+    ct,
+    torch,
+    tower: VisionTower,
+    cfg: VisionConfig,
+    grids: list[Grid],
+    precision: str,
+    work: Path,
+    say: Callable[..., None],
+) -> list[Path]:
+    """One package per grid in `work`, to be merged into one; a line of progress each, since a
+    large grid takes a while to trace and convert."""
+    from .coreml_encoder import GridEncoder
+
+    packages = []
+    for i, grid in enumerate(grids):
+        t1 = time.perf_counter()
+        tokens = vision_tokens(grid, cfg.spatial_merge_size)
+        say(f"[{i + 1}/{len(grids)}] {function_name(grid)}, {tokens} vision tokens: ", nl=False)
+        path = work / f"{function_name(grid)}.mlpackage"
+        _convert_grid(ct, torch, GridEncoder(tower, *grid), cfg, grid, precision, path)
+        packages.append(path)
+        say(f"converted in {time.perf_counter() - t1:.1f} s")
+    return packages
+
+
+def _result(
+    out: Path,
+    grids: list[Grid],
+    precision: str,
+    parameters: int,
+    files: dict[str, str],
+    t0: float,
+) -> ExportResult:
+    """Measured on the package once it is in place, so that the sizes are those of the files
+    an app ships and the time counts the whole export."""
+    from .converter import _peak_rss
+
+    return ExportResult(
         output=out,
         grids=grids,
         precision=precision,
@@ -368,8 +412,6 @@ def export_vision_encoder(
         seconds=time.perf_counter() - t0,
         peak_memory=_peak_rss(),
     )
-    say(format_summary(result))
-    return result
 
 
 def written_by_export(package: Path) -> bool:
