@@ -13,8 +13,9 @@ reports is the limit the app will run under.
 
 from __future__ import annotations
 
-from mlxkit import fields
 from mlxkit.convert.coreml import vision_tokens
+
+from mlxkit import fields
 from mlxkit.errors import ConfigError
 from mlxkit.layout import ModelConfig
 

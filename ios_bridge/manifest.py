@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlxkit.bundle_files import MANIFEST, read_manifest, sha256_file
 from mlxkit.bundle_files import file_entries as listed_files
-from mlxkit.bundle_files import read_manifest, sha256_file
 from mlxkit.errors import ManifestError
 from mlxkit.fields import shown
-from mlxkit.load import BUNDLE_MANIFEST as MANIFEST
 
 SCHEMA_VERSION = 1
 FORMAT = "mlxkit-ios-bundle"

@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 
 from mlxkit.checkpoint import read_json, short
 from mlxkit.errors import ManifestError
-from mlxkit.load import BUNDLE_MANIFEST as MANIFEST
+
+MANIFEST = "manifest.json"  # an iPhone bundle: manifest.json beside model/ and mtp/
 
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_PATH_CHARS = 1024

@@ -181,7 +181,7 @@ def _planned_peak(model_path: str) -> tuple[int, int] | None:
     import json
     from pathlib import Path
 
-    from mlxkit.load import BUNDLE_MANIFEST
+    from mlxkit.bundle_files import MANIFEST as BUNDLE_MANIFEST
 
     path = Path(model_path).expanduser() / BUNDLE_MANIFEST
     try:

@@ -20,6 +20,8 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
+from mlxkit.bundle_files import MANIFEST as BUNDLE_MANIFEST
+from mlxkit.bundle_files import bundle_files, check_files, file_entries, read_manifest
 from mlxkit.checkpoint import (
     TensorInfo,
     model_subdir,
@@ -36,7 +38,6 @@ from mlxkit.layout import ModelConfig, checkpoint_tensor, part_of
 from mlxkit.models.qwen3_5 import Model, TextConfig, sanitize_tensor
 
 MTP_DIR = "mtp"  # where converted checkpoints keep the MTP drafter
-BUNDLE_MANIFEST = "manifest.json"  # an iPhone bundle: model/ and mtp/ side by side
 BUNDLE_MODEL_DIR = "model"
 LOADABLE_DTYPES = ("BF16", "F16", "F32", "U32")
 CAST_DTYPES = (mx.bfloat16, mx.float16, mx.float32)  # what `dtype=` may cast weights to
@@ -68,8 +69,6 @@ def check_bundle_files(bundle: Path, hashes: bool = False) -> None:
     """The bundle's model/ and mtp/ files are the ones its manifest lists, no more: same
     sizes (and sha256 with `hashes`). xcode/ is not looked at: it goes into the app
     project."""
-    from mlxkit.bundle_files import bundle_files, check_files, file_entries, read_manifest
-
     entries, problems = file_entries(read_manifest(bundle))
     wanted = [e for e in entries if e.path.split("/")[0] in (BUNDLE_MODEL_DIR, MTP_DIR)]
     problems += check_files(bundle, wanted, hashes=hashes)
