@@ -205,6 +205,43 @@ def stream_generate(
     tokens (DEFAULT_MAX_IMAGE_TOKENS) unless `max_pixels` / `min_pixels` bound its resized
     pixel count. An image the prompt cache already holds is not encoded again."""
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
+    options = _checked_options(
+        model, tokenizer, params, max_tokens, num_draft, prefill_chunk, seed, stop, stop_at_context
+    )
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise MlxkitError("prompt_cache must be a PromptCache (PromptCache.new(model))")
+    encoded = encode_prompt(
+        tokenizer, prompt, enable_thinking, model, images, videos, min_pixels, max_pixels
+    )
+    _check_prompt(encoded.tokens, model)
+    mtp = _use_mtp(model, mtp)  # called from here: its warning's stacklevel counts on it
+    cache = prompt_cache if prompt_cache is not None else PromptCache.new(model)
+    yield from _decode(model, tokenizer, cache, encoded, mtp, options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """stream_generate's options once checked, all before the prompt is encoded: a bad
+    option fails at once, not after the prompt's images and videos are read."""
+
+    params: SamplingParams
+    keys: Keys
+    limits: Limits
+    num_draft: int
+    prefill_chunk: int
+
+
+def _checked_options(
+    model: Model,
+    tokenizer,
+    params: SamplingParams,
+    max_tokens: int,
+    num_draft: int,
+    prefill_chunk: int,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    stop_at_context: bool,
+) -> _Options:
     max_tokens = _int("max_tokens", max_tokens, 1)
     num_draft = _int("num_draft", num_draft, 1, MAX_DRAFT)
     prefill_chunk = _int("prefill_chunk", prefill_chunk, 1)
@@ -216,27 +253,32 @@ def stream_generate(
         context=model.config.max_position_embeddings,
         stop_at_context=bool(stop_at_context),
     )
-    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
-        raise MlxkitError("prompt_cache must be a PromptCache (PromptCache.new(model))")
-    encoded = encode_prompt(
-        tokenizer, prompt, enable_thinking, model, images, videos, min_pixels, max_pixels
-    )
+    return _Options(params, keys, limits, num_draft, prefill_chunk)
+
+
+def _decode(
+    model: Model,
+    tokenizer,
+    cache: PromptCache,
+    encoded: EncodedPrompt,
+    mtp: bool,
+    options: _Options,
+) -> Iterator[GenerationResponse]:
+    """Reuses what the cache holds of the prompt (its tokens, images and videos), prefills
+    the rest, then decodes, speculatively with the MTP head when `mtp`."""
     tokens = encoded.tokens
-    _check_prompt(tokens, model)
-    mtp = _use_mtp(model, mtp)
-    cache = prompt_cache if prompt_cache is not None else PromptCache.new(model)
     image_keys, video_keys = [v.key for v in encoded.images], [v.key for v in encoded.videos]
     n_cached = cache.start(model, tokens, mtp, image_keys, video_keys)
     new_images = encoded.images[len(cache.image_keys) :]
     new_videos = encoded.videos[len(cache.video_keys) :]
-    decoder = Decoder(model, cache, params, keys)
+    decoder = Decoder(model, cache, options.params, options.keys)
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    first = decoder.prefill(tokens[n_cached:], prefill_chunk, new_images, new_videos)
-    out = Responses(tokenizer, limits, len(tokens), n_cached, time.perf_counter() - t0)
+    first = decoder.prefill(tokens[n_cached:], options.prefill_chunk, new_images, new_videos)
+    out = Responses(tokenizer, options.limits, len(tokens), n_cached, time.perf_counter() - t0)
     if mtp:
-        yield from decoder.speculative(first, num_draft, out)
+        yield from decoder.speculative(first, options.num_draft, out)
     else:
         yield from decoder.plain(first, out)
 
