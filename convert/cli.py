@@ -48,7 +48,8 @@ def convert(
     quantized unless --vision-bits). With --target (an iPhone or tier), plan first and build
     a bundle for that phone."""
     from mlxkit.convert.converter import convert as run
-    from mlxkit.convert.source import Size, resolve_local
+
+    from mlxkit.source import Size, resolve_local
 
     if (hf_path is None) == (size is None):
         raise MlxkitError("pass exactly one of --hf-path DIR or --size SIZE")

@@ -51,6 +51,7 @@ from mlxkit.layout import (
 )
 from mlxkit.load import MTP_DIR
 from mlxkit.models.qwen3_5_vision import VisionConfig
+from mlxkit.source import Size, Source, local_source, resolve_source
 from mlxkit.vision import PREPROCESSOR_FILES
 
 from .output import (
@@ -62,7 +63,6 @@ from .output import (
 )
 from .quantize import Recipe, check_vision_bits, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
-from .source import Size, Source, local_source, resolve_source
 from .writer import MX_DTYPES, ShardedWriter
 
 CHUNK_BYTES = 32 << 20  # source bytes per chunk: large enough for fast I/O, small for RSS

@@ -47,7 +47,7 @@ from mlxkit.load import MTP_DIR
 from mlxkit.vision import PREPROCESSOR_FILES
 
 if TYPE_CHECKING:
-    from mlxkit.convert.source import Source
+    from mlxkit.source import Source
 
 from .choose import choose_plan
 from .devices import ENTITLEMENT, Target, resolve_target
@@ -161,7 +161,8 @@ def plan_for_source(
     """The checkpoint and the plan `choose_plan` makes for it on an iPhone target (from the
     checkpoint's headers and config alone: no weight is read)."""
     from mlxkit.convert.reader import SourceCheckpoint
-    from mlxkit.convert.source import resolve_source
+
+    from mlxkit.source import resolve_source
 
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     if tgt.kind == "mac":
@@ -193,7 +194,8 @@ def build_bundle(
     into `out`, and writes manifest.json and xcode/. Returns the manifest. `settings` are
     the fields of `Settings`; `recipe` and `mtp` left out (or None) are chosen."""
     from mlxkit.convert.converter import convert
-    from mlxkit.convert.source import local_source
+
+    from mlxkit.source import local_source
 
     out = local_path(out, "output", output.OutputError).absolute()
     local = local_source(src)

@@ -108,7 +108,7 @@ def generate(
     if (model_path is None) == (size is None):
         raise MlxkitError("pass either --model PATH or --size SIZE")
     if size is not None:
-        from mlxkit.convert.source import resolve_size
+        from mlxkit.source import resolve_size
 
         model_path = resolve_size(size).directory
     model, tokenizer = load(model_path)

@@ -403,7 +403,7 @@ def test_size_micro_resolves_through_mlxkit_load(tmp_path, monkeypatch):
     load_module = importlib.import_module("mlxkit.load")  # `mlxkit.load` is also a function
     monkeypatch.setattr(load_module, "resolve_model_dir", lambda name: FIXTURES / "tiny_untied")
     monkeypatch.chdir(tmp_path)
-    from mlxkit.convert.source import Size
+    from mlxkit.source import Size
 
     result = convert(Size("micro"), quiet=True, recipe="quality")
     assert result.output == tmp_path / "micro-quality-4bit"

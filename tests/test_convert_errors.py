@@ -178,7 +178,7 @@ def test_force_never_replaces_a_folder_holding_files_mlxkit_did_not_write(tmp_pa
 
 
 def test_size_checks_options_and_output_before_downloading(tmp_path, monkeypatch):
-    from mlxkit.convert import source
+    from mlxkit import source
 
     monkeypatch.setattr(source, "download", lambda repo: pytest.fail("downloaded"))
     (tmp_path / "out").mkdir()

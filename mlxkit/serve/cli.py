@@ -67,7 +67,7 @@ def serve(
     cache_bytes = 0 if prompt_cache_size.strip() == "0" else parse_bytes(prompt_cache_size)
     allowed = tuple(media_dir(d) for d in media_dirs)
     if size is not None:
-        from mlxkit.convert.source import resolve_size
+        from mlxkit.source import resolve_size
 
         source = resolve_size(size)
         model_path, name = str(source.directory), source.name

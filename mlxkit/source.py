@@ -1,7 +1,8 @@
 """Where a checkpoint comes from: a local directory, a published size fetched through the
 Hugging Face cache, or "micro" (the small trained model shipped with mlxkit). Every
-entry point — the CLI's --hf-path / --size and `convert(src, ...)` — resolves through
-`resolve_source`, so a new kind of source is added here and nowhere else."""
+entry point — the CLI's --hf-path / --size, `convert(src, ...)`, `generate` and `serve`'s
+--size — resolves through `resolve_source`, so a new kind of source is added here and nowhere
+else. It is in the core, not the converter, because the runtime's commands read it too."""
 
 from __future__ import annotations
 
