@@ -66,10 +66,28 @@ def measure(cmd: list[str]) -> tuple[float, int]:
 
 def commands(tool: str, src: Path, out: Path) -> list[str]:
     if tool == "mlxkit":
-        return [sys.executable, "-m", "mlxkit", "convert", "--hf-path", str(src), "-o", str(out),
-                "--quiet"]  # fmt: skip
-    return [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
-            str(out), "-q"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "mlxkit",
+            "convert",
+            "--hf-path",
+            str(src),
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "convert",
+        "--hf-path",
+        str(src),
+        "--mlx-path",
+        str(out),
+        "-q",
+    ]
 
 
 def dir_bytes(path: Path) -> int:
@@ -99,10 +117,21 @@ def same_tensors(a: Path, b: Path) -> bool:
 def run_size(size: str, work: Path, repeats: int, tools: list[str]) -> tuple[list[Run], bool]:
     src = work / f"qwen3.5-{size}"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(Path(__file__).parent / "make_checkpoint.py"),
-                    "--size", size, str(src)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    print(f"{size}: checkpoint {dir_bytes(src) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
-          flush=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "make_checkpoint.py"),
+            "--size",
+            size,
+            str(src),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    print(
+        f"{size}: checkpoint {dir_bytes(src) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     runs, identical = [], None
     try:
         for r in range(repeats):
@@ -148,22 +177,34 @@ def report(runs: list[Run], identical: dict, info: dict, argv: list[str]) -> str
         for r in runs:
             if r.size == size:
                 b = best.get(r.tool)
-                best[r.tool] = Run(r.tool, size, min(r.seconds, b.seconds) if b else r.seconds,
-                                   min(r.peak_rss, b.peak_rss) if b else r.peak_rss,
-                                   r.output_bytes)  # fmt: skip
+                best[r.tool] = Run(
+                    r.tool,
+                    size,
+                    min(r.seconds, b.seconds) if b else r.seconds,
+                    min(r.peak_rss, b.peak_rss) if b else r.peak_rss,
+                    r.output_bytes,
+                )
         ref = best.get("mlx_lm")
         for tool, r in best.items():
             ratio_t = f"{r.seconds / ref.seconds:.2f}x" if ref else "-"
             ratio_m = f"{r.peak_rss / ref.peak_rss:.2f}x" if ref else "-"
-            lines.append(f"| {size} | {tool} | {r.seconds:.1f} | {r.peak_rss / 2**30:.2f} | "
-                         f"{r.output_bytes / 1e9:.2f} | {ratio_t} | {ratio_m} |")  # fmt: skip
+            lines.append(
+                f"| {size} | {tool} | {r.seconds:.1f} | {r.peak_rss / 2**30:.2f} | "
+                f"{r.output_bytes / 1e9:.2f} | {ratio_t} | {ratio_m} |"
+            )
     lines += ["", "All runs (wall s / peak RSS GiB):", ""]
     for r in runs:
         lines.append(f"- {r.size} {r.tool}: {r.seconds:.1f} s / {r.peak_rss / 2**30:.2f} GiB")
-    lines += ["", "Outputs hold identical text tensors (names, dtypes, bytes; mlxkit's vision tower "
-              "and drafter aside): "
-              + ", ".join(f"{s}: {'yes' if v else 'no' if v is not None else 'not compared'}"
-                          for s, v in identical.items()), ""]  # fmt: skip
+    lines += [
+        "",
+        "Outputs hold identical text tensors (names, dtypes, bytes; mlxkit's vision tower "
+        "and drafter aside): "
+        + ", ".join(
+            f"{s}: {'yes' if v else 'no' if v is not None else 'not compared'}"
+            for s, v in identical.items()
+        ),
+        "",
+    ]
     lines += ["Machine:", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     return "\n".join(lines)
 

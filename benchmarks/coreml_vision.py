@@ -93,8 +93,9 @@ def mlx_reference(model_dir: Path, cfg: VisionConfig) -> Predict:
     return predict
 
 
-def compare(package: Path, cfg: VisionConfig, predict: Predict, reference: Predict,
-            repeats: int = 0) -> list[Row]:  # fmt: skip
+def compare(
+    package: Path, cfg: VisionConfig, predict: Predict, reference: Predict, repeats: int = 0
+) -> list[Row]:
     """One Row per function of `package`; `repeats` timed calls of `predict` after one."""
     rows = []
     for i, grid in enumerate(package_grids(package)):
@@ -109,14 +110,16 @@ def compare(package: Path, cfg: VisionConfig, predict: Predict, reference: Predi
             predict(function, patches)
             times.append(time.perf_counter() - t0)
         cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
-        rows.append(Row(
-            function=function,
-            tokens=grid[0] * grid[1] // cfg.spatial_merge_size**2,
-            psnr=psnr(out, ref),
-            max_rel_error=float(np.abs(out - ref).max() / np.abs(ref).max()),
-            min_cosine=float(cos.min()),
-            ms=1000 * statistics.median(times) if times else None,
-        ))  # fmt: skip
+        rows.append(
+            Row(
+                function=function,
+                tokens=grid[0] * grid[1] // cfg.spatial_merge_size**2,
+                psnr=psnr(out, ref),
+                max_rel_error=float(np.abs(out - ref).max() / np.abs(ref).max()),
+                min_cosine=float(cos.min()),
+                ms=1000 * statistics.median(times) if times else None,
+            )
+        )
     return rows
 
 
@@ -125,8 +128,10 @@ def format_table(rows: list[Row], compute_units: str) -> str:
     lines = [f"{header} ({compute_units}) |", "|---|---|---|---|---|---|"]
     for r in rows:
         ms = "" if r.ms is None else f"{r.ms:.1f}"
-        lines.append(f"| {r.function} | {r.tokens} | {r.psnr:.1f} | {r.max_rel_error:.2e} | "
-                     f"{r.min_cosine:.6f} | {ms} |")  # fmt: skip
+        lines.append(
+            f"| {r.function} | {r.tokens} | {r.psnr:.1f} | {r.max_rel_error:.2e} | "
+            f"{r.min_cosine:.6f} | {ms} |"
+        )
     return "\n".join(lines)
 
 
@@ -134,13 +139,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path, help="the model directory the package was exported from")
     ap.add_argument("package", type=Path, help="the .mlpackage written by mlxkit export-coreml")
-    ap.add_argument("--compute-units", default=COMPUTE_UNITS,
-                    choices=["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"])  # fmt: skip
+    ap.add_argument(
+        "--compute-units",
+        default=COMPUTE_UNITS,
+        choices=["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"],
+    )
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per function")
     args = ap.parse_args()
     cfg = vision_config(args.model)
-    rows = compare(args.package, cfg, coreml_predictor(args.package, args.compute_units),
-                   mlx_reference(args.model, cfg), args.repeats)  # fmt: skip
+    rows = compare(
+        args.package,
+        cfg,
+        coreml_predictor(args.package, args.compute_units),
+        mlx_reference(args.model, cfg),
+        args.repeats,
+    )
     print(format_table(rows, args.compute_units))
     low = [r.function for r in rows if r.psnr < MIN_PSNR]
     if low:

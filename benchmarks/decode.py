@@ -178,8 +178,14 @@ def main() -> None:
     for source in args.model:
         tmp = tempfile.TemporaryDirectory()
         path = str(Path(tmp.name) / "converted")
-        convert(resolve_model_dir(source), path, bits=args.bits, quantize=not args.no_quantize, dtype=args.dtype,
-                quiet=True)  # fmt: skip
+        convert(
+            resolve_model_dir(source),
+            path,
+            bits=args.bits,
+            quantize=not args.no_quantize,
+            dtype=args.dtype,
+            quiet=True,
+        )
         engines = [("mlx-lm stream_generate", bench_mlx_lm(path, args.max_tokens))]
         engines.append(("mlxkit plain", bench_mlxkit(path, args.max_tokens, False, 1)))
         for k in (1, 2, 3):

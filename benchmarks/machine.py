@@ -14,8 +14,10 @@ def machine() -> dict[str, str]:
     import mlx_lm
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor(),
+    )
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     mem = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal"))
     return {

@@ -59,8 +59,11 @@ def text_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     conv = 2 * hk * dk + hv * dv
 
     def mlp(p):
-        return [(f"{p}.mlp.gate_proj.weight", (inter, h)), (f"{p}.mlp.up_proj.weight", (inter, h)),
-                (f"{p}.mlp.down_proj.weight", (h, inter))]  # fmt: skip
+        return [
+            (f"{p}.mlp.gate_proj.weight", (inter, h)),
+            (f"{p}.mlp.up_proj.weight", (inter, h)),
+            (f"{p}.mlp.down_proj.weight", (h, inter)),
+        ]
 
     def attention(p):
         return [
@@ -73,8 +76,10 @@ def text_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         ]
 
     def norms(p):
-        return [(f"{p}.input_layernorm.weight", (h,)),
-                (f"{p}.post_attention_layernorm.weight", (h,))]  # fmt: skip
+        return [
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+        ]
 
     out = [("model.language_model.embed_tokens.weight", (cfg["vocab_size"], h))]
     for i, kind in enumerate(cfg["layer_types"]):
@@ -112,27 +117,37 @@ def vision_tensors(vc: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, inter, p = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
     merged = h * vc["spatial_merge_size"] ** 2
     out = [
-        ("model.visual.patch_embed.proj.weight", (h, vc["in_channels"], vc["temporal_patch_size"], p, p)),
+        (
+            "model.visual.patch_embed.proj.weight",
+            (h, vc["in_channels"], vc["temporal_patch_size"], p, p),
+        ),
         ("model.visual.patch_embed.proj.bias", (h,)),
         ("model.visual.pos_embed.weight", (vc["num_position_embeddings"], h)),
-    ]  # fmt: skip
+    ]
     for i in range(vc["depth"]):
         b = f"model.visual.blocks.{i}"
         out += [
-            (f"{b}.norm1.weight", (h,)), (f"{b}.norm1.bias", (h,)),
-            (f"{b}.norm2.weight", (h,)), (f"{b}.norm2.bias", (h,)),
-            (f"{b}.attn.qkv.weight", (3 * h, h)), (f"{b}.attn.qkv.bias", (3 * h,)),
-            (f"{b}.attn.proj.weight", (h, h)), (f"{b}.attn.proj.bias", (h,)),
-            (f"{b}.mlp.linear_fc1.weight", (inter, h)), (f"{b}.mlp.linear_fc1.bias", (inter,)),
-            (f"{b}.mlp.linear_fc2.weight", (h, inter)), (f"{b}.mlp.linear_fc2.bias", (h,)),
-        ]  # fmt: skip
+            (f"{b}.norm1.weight", (h,)),
+            (f"{b}.norm1.bias", (h,)),
+            (f"{b}.norm2.weight", (h,)),
+            (f"{b}.norm2.bias", (h,)),
+            (f"{b}.attn.qkv.weight", (3 * h, h)),
+            (f"{b}.attn.qkv.bias", (3 * h,)),
+            (f"{b}.attn.proj.weight", (h, h)),
+            (f"{b}.attn.proj.bias", (h,)),
+            (f"{b}.mlp.linear_fc1.weight", (inter, h)),
+            (f"{b}.mlp.linear_fc1.bias", (inter,)),
+            (f"{b}.mlp.linear_fc2.weight", (h, inter)),
+            (f"{b}.mlp.linear_fc2.bias", (h,)),
+        ]
     out += [
-        ("model.visual.merger.norm.weight", (h,)), ("model.visual.merger.norm.bias", (h,)),
+        ("model.visual.merger.norm.weight", (h,)),
+        ("model.visual.merger.norm.bias", (h,)),
         ("model.visual.merger.linear_fc1.weight", (merged, merged)),
         ("model.visual.merger.linear_fc1.bias", (merged,)),
         ("model.visual.merger.linear_fc2.weight", (vc["out_hidden_size"], merged)),
         ("model.visual.merger.linear_fc2.bias", (vc["out_hidden_size"],)),
-    ]  # fmt: skip
+    ]
     return out
 
 
@@ -203,9 +218,13 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple]], values: Values) ->
 
 
 def make_checkpoint(
-    size: str, out: Path, layers: int | None = None, vision: bool = True,
-    shard_bytes: int = SHARD_BYTES, seed: int = 0,
-) -> Path:  # fmt: skip
+    size: str,
+    out: Path,
+    layers: int | None = None,
+    vision: bool = True,
+    shard_bytes: int = SHARD_BYTES,
+    seed: int = 0,
+) -> Path:
     config = model_config(size)
     text = config["text_config"]
     if layers is not None:
@@ -258,11 +277,13 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    make_checkpoint(args.size, args.out, args.layers, not args.no_vision,
-                    int(args.shard_gb * 1e9), args.seed)  # fmt: skip
+    make_checkpoint(
+        args.size, args.out, args.layers, not args.no_vision, int(args.shard_gb * 1e9), args.seed
+    )
     total = json.loads((args.out / "model.safetensors.index.json").read_text())["metadata"]
-    print(f"wrote {args.out}: {total['total_size'] / 1e9:.2f} GB in "
-          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    print(
+        f"wrote {args.out}: {total['total_size'] / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s"
+    )
 
 
 if __name__ == "__main__":

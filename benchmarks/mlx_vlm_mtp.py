@@ -31,9 +31,17 @@ def mlx_vlm_mtp_generator(
         ids = mx.array([tokenizer.encode(prompt)])
         n = 0
         try:
-            for token, _ in generate_step(ids, model, None, None, max_tokens=max_tokens,
-                                          temperature=0.0, draft_model=drafter, draft_kind=kind,
-                                          draft_block_size=num_draft + 1):  # fmt: skip
+            for token, _ in generate_step(
+                ids,
+                model,
+                None,
+                None,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                draft_model=drafter,
+                draft_kind=kind,
+                draft_block_size=num_draft + 1,
+            ):
                 for t in mx.array(token).reshape(-1).tolist():
                     yield t
                     n += 1

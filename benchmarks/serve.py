@@ -42,8 +42,11 @@ SYSTEM = (
     "You are a careful Python programmer. Here is the module we are working on:\n\n"
     + (Path(__file__).resolve().parent / "decode.py").read_text()[:3000]
 )
-QUESTIONS = ["def parse_args(argv):\n    ", "class Cache:\n    def __init__(self):\n        ",
-             "def main():\n    "]  # fmt: skip
+QUESTIONS = [
+    "def parse_args(argv):\n    ",
+    "class Cache:\n    def __init__(self):\n        ",
+    "def main():\n    ",
+]
 NO_THINK = {"enable_thinking": False}
 
 
@@ -58,8 +61,9 @@ class Engine:
 
     def __init__(self, name: str, cmd: list[str], port: int) -> None:
         self.name, self.port = name, port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         threading.Thread(target=self.proc.stderr.read, daemon=True).start()
         deadline = time.monotonic() + 300
         while True:
@@ -81,13 +85,20 @@ class Engine:
     def chat(self, messages: list[dict], max_tokens: int) -> dict:
         """One streamed chat completion: text, seconds to the first text, seconds from the first
         text to the last, completion tokens (from the usage the server reports)."""
-        body = {"model": "default_model", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True},
-                "chat_template_kwargs": NO_THINK}  # fmt: skip
+        body = {
+            "model": "default_model",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "chat_template_kwargs": NO_THINK,
+        }
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                     {"Content-Type": "application/json"})  # fmt: skip
+        conn.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
         r = conn.getresponse()
         assert r.status == 200, r.read()
         text, first, last, tokens = "", None, None, 0
@@ -100,8 +111,9 @@ class Engine:
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
                 delta = choice.get("delta", {})
-                piece = "".join(delta.get(k) or "" for k in ("content", "reasoning_content",
-                                                             "reasoning"))  # fmt: skip
+                piece = "".join(
+                    delta.get(k) or "" for k in ("content", "reasoning_content", "reasoning")
+                )
                 if piece:
                     text += piece
                     last = time.perf_counter()
@@ -121,8 +133,11 @@ def second_turn_ttft(engine: Engine, question: str, tokens: int, pause: float) -
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     answer = engine.chat(first, tokens)["text"]
     time.sleep(pause)
-    second = [*first, {"role": "assistant", "content": answer},
-              {"role": "user", "content": "def test():\n    "}]  # fmt: skip
+    second = [
+        *first,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "def test():\n    "},
+    ]
     return engine.chat(second, 8)["ttft"]
 
 
@@ -162,16 +177,30 @@ def main() -> None:
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         converted = Path(tmp) / "model"
-        convert(resolve_model_dir(args.model), converted, quantize=not args.no_quantize,
-                quiet=True)  # fmt: skip
+        convert(resolve_model_dir(args.model), converted, quantize=not args.no_quantize, quiet=True)
         python = sys.executable
         commands = {
-            "mlx_lm.server": [python, "-m", "mlx_lm", "server", "--model", str(converted),
-                              "--max-tokens", "4096"],
+            "mlx_lm.server": [
+                python,
+                "-m",
+                "mlx_lm",
+                "server",
+                "--model",
+                str(converted),
+                "--max-tokens",
+                "4096",
+            ],
             "mlxkit serve (MTP)": [python, "-m", "mlxkit", "serve", "--model", str(converted)],
-            "mlxkit serve (no MTP)": [python, "-m", "mlxkit", "serve", "--model", str(converted),
-                                      "--no-mtp"],
-        }  # fmt: skip
+            "mlxkit serve (no MTP)": [
+                python,
+                "-m",
+                "mlxkit",
+                "serve",
+                "--model",
+                str(converted),
+                "--no-mtp",
+            ],
+        }
         engines = []
         try:
             for name, cmd in commands.items():
@@ -222,13 +251,19 @@ def main() -> None:
             f"| {m['tps']:.1f} | {ratio(name, 'tps'):.2f}× | {m['agg']:.1f} "
             f"| {ratio(name, 'agg'):.2f}× |"
         )
-    spread = [f"- {name}: TTFT ms " + ", ".join(f"{x * 1e3:.0f}" for x in r["ttft"])
-              + "; tok/s " + ", ".join(f"{x:.0f}" for x in r["tps"])
-              + f"; {args.clients}-client tok/s " + ", ".join(f"{x:.0f}" for x in r["agg"])
-              for name, r in runs.items()]  # fmt: skip
+    spread = [
+        f"- {name}: TTFT ms "
+        + ", ".join(f"{x * 1e3:.0f}" for x in r["ttft"])
+        + "; tok/s "
+        + ", ".join(f"{x:.0f}" for x in r["tps"])
+        + f"; {args.clients}-client tok/s "
+        + ", ".join(f"{x:.0f}" for x in r["agg"])
+        for name, r in runs.items()
+    ]
     machine_lines = [f"- {k}: {v}" for k, v in info.items()]
-    report = "\n".join([*lines, "", "Every repeat:", "", *spread, "", "Machine:", "",
-                        *machine_lines])  # fmt: skip
+    report = "\n".join(
+        [*lines, "", "Every repeat:", "", *spread, "", "Machine:", "", *machine_lines]
+    )
     print(report)
     if args.out:
         command = " ".join(["python", "benchmarks/serve.py", *sys.argv[1:]])

@@ -558,8 +558,14 @@ def main() -> None:
     tk = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     vocab = tk.get_vocab_size(with_added_tokens=True)
     args.vocab_size_padded = -(-vocab // 64) * 64
-    specials = ["<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
-                "<|vision_start|>", "<|vision_end|>"]  # fmt: skip
+    specials = [
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+    ]
     tok_ids = {s: tk.token_to_id(s) for s in specials}
     sep = tok_ids["<|endoftext|>"]
     train_stream = encode_stream(tk, train_texts, sep)

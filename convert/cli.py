@@ -15,9 +15,15 @@ from mlxkit.errors import MlxkitError
 
 # Options that only a plan reads: given without --target / --memory-budget they do nothing.
 PLAN_ONLY = (
-    "context", "entitlement", "num_draft", "prefill_chunk", "acceptance", "image_tokens",
-    "vision_encoder", "coreml_grids",
-)  # fmt: skip
+    "context",
+    "entitlement",
+    "num_draft",
+    "prefill_chunk",
+    "acceptance",
+    "image_tokens",
+    "vision_encoder",
+    "coreml_grids",
+)
 
 
 @click.command("convert")

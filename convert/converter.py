@@ -146,18 +146,24 @@ def convert(
     source = _source(src, dst, force)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp, include_vision=vision)
     _check_side_files(source.directory)
-    planned = planned_tensors(ckpt.cfg, the_recipe, include_mtp=ckpt.has_mtp, dtype=dtype,
-                              vision=ckpt.vision, vision_bits=vision_bits)  # fmt: skip
-    out = _absolute(dst if dst is not None else default_output_name(source.name, the_recipe,
-                                                                     dtype))  # fmt: skip
+    planned = planned_tensors(
+        ckpt.cfg,
+        the_recipe,
+        include_mtp=ckpt.has_mtp,
+        dtype=dtype,
+        vision=ckpt.vision,
+        vision_bits=vision_bits,
+    )
+    out = _absolute(dst if dst is not None else default_output_name(source.name, the_recipe, dtype))
     check_destination(out, force, written_by_convert, "model directory")
     check_apart_from_source(out, source.directory)
     _check_disk(out, planned, source.directory)
 
     with assembling(out, "partial") as tmp:
         with _progress(planned, quiet) as advance:
-            rules = _write_weights(ckpt, planned, the_recipe, dtype, tmp, advance,
-                                   drafter_layout, vision_bits)  # fmt: skip
+            rules = _write_weights(
+                ckpt, planned, the_recipe, dtype, tmp, advance, drafter_layout, vision_bits
+            )
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
         replace_dir(tmp, out)
 
@@ -274,8 +280,10 @@ def written_by_convert(directory: Path) -> bool:
         if entry.is_symlink():
             return False
         if entry.name == MTP_DIR and entry.is_dir():
-            if not all(p.is_file() and not p.is_symlink() and _converter_file(p.name)
-                       for p in entry.iterdir()):  # fmt: skip
+            if not all(
+                p.is_file() and not p.is_symlink() and _converter_file(p.name)
+                for p in entry.iterdir()
+            ):
                 return False
         elif not (entry.is_file() and _converter_file(entry.name)):
             return False
@@ -565,12 +573,19 @@ def preprocessor_configs(vision: VisionConfig) -> dict[str, dict]:
 
     pre = Preprocessor(vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)
     shared = {
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": list(pre.image_mean), "image_std": list(pre.image_std),
-        "merge_size": pre.merge_size, "patch_size": pre.patch_size,
-        "temporal_patch_size": pre.temporal_patch_size, "processor_class": "Qwen3VLProcessor",
-        "resample": 3, "rescale_factor": pre.rescale_factor,
-    }  # fmt: skip
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(pre.image_mean),
+        "image_std": list(pre.image_std),
+        "merge_size": pre.merge_size,
+        "patch_size": pre.patch_size,
+        "temporal_patch_size": pre.temporal_patch_size,
+        "processor_class": "Qwen3VLProcessor",
+        "resample": 3,
+        "rescale_factor": pre.rescale_factor,
+    }
     image = {
         **shared,
         "image_processor_type": "Qwen2VLImageProcessorFast",
@@ -581,10 +596,12 @@ def preprocessor_configs(vision: VisionConfig) -> dict[str, dict]:
     video = {
         **shared,
         "video_processor_type": "Qwen3VLVideoProcessor",
-        "fps": pre.video_fps, "min_frames": pre.video_min_frames,
-        "max_frames": pre.video_max_frames, "do_sample_frames": True,
+        "fps": pre.video_fps,
+        "min_frames": pre.video_min_frames,
+        "max_frames": pre.video_max_frames,
+        "do_sample_frames": True,
         "size": {"longest_edge": pre.video_max_pixels, "shortest_edge": pre.video_min_pixels},
-    }  # fmt: skip
+    }
     return dict(zip(PREPROCESSOR_FILES, (image, video)))
 
 
@@ -668,10 +685,18 @@ def format_summary(
 ) -> str:
     parts = ", ".join(f"{part} {human_bytes(n)}" for part, n in result.bytes_by_part.items() if n)
     quant = result.quantization
-    how = "not quantized" if quant is None else (
-        f"{quant['bits']}-bit affine, group {quant['group_size']}"
-        + (" with per-layer overrides" if any(isinstance(v, dict) for v in quant.values()) else "")
-    )  # fmt: skip
+    how = (
+        "not quantized"
+        if quant is None
+        else (
+            f"{quant['bits']}-bit affine, group {quant['group_size']}"
+            + (
+                " with per-layer overrides"
+                if any(isinstance(v, dict) for v in quant.values())
+                else ""
+            )
+        )
+    )
     lines = [
         f"wrote {result.output} ({human_bytes(result.total_bytes)}: {parts})",
         f"{how}; {result.bits_per_weight:.2f} bits per weight; {result.tensors} tensors",

@@ -153,8 +153,9 @@ def check_grids(grids: list[Grid], merge: int) -> list[Grid]:
     return checked
 
 
-def nearest_grid(grids: list[Grid], width: int, height: int, merge: int,
-                 max_tokens: int | None = None) -> Grid:  # fmt: skip
+def nearest_grid(
+    grids: list[Grid], width: int, height: int, merge: int, max_tokens: int | None = None
+) -> Grid:
     """The grid an app resizes a `width` x `height` picture to: of the grids within
     `max_tokens` vision tokens (all, if None or none is), the one whose aspect ratio is
     nearest the picture's (in log ratio, so 2:1 and 1:2 are equally far from 1:1), and of
@@ -164,8 +165,10 @@ def nearest_grid(grids: list[Grid], width: int, height: int, merge: int,
         raise ConfigError(f"a {width}x{height} picture has no aspect ratio")
     within = [g for g in grids if max_tokens is None or vision_tokens(g, merge) <= max_tokens]
     target = math.log(width / height)
-    return min(within or grids, key=lambda g: (abs(math.log(g[1] / g[0]) - target),
-                                               -vision_tokens(g, merge)))  # fmt: skip
+    return min(
+        within or grids,
+        key=lambda g: (abs(math.log(g[1] / g[0]) - target), -vision_tokens(g, merge)),
+    )
 
 
 def grid_patches(image, grid: Grid, pre: Preprocessor) -> np.ndarray:
@@ -176,8 +179,9 @@ def grid_patches(image, grid: Grid, pre: Preprocessor) -> np.ndarray:
     from mlxkit.vision import load_image, resized_patches, to_rgb
 
     rows, cols = grid
-    patches, _ = resized_patches(to_rgb(load_image(image)), (rows * pre.patch_size,
-                                                            cols * pre.patch_size), pre)  # fmt: skip
+    patches, _ = resized_patches(
+        to_rgb(load_image(image)), (rows * pre.patch_size, cols * pre.patch_size), pre
+    )
     return patches
 
 
@@ -199,8 +203,7 @@ def weight_file_bytes(cfg: VisionConfig, grids: list[Grid], precision: str = "fl
     quarter = cfg.hidden_size // cfg.num_heads // 4
     seen: set[tuple[str, int]] = set()
     for i, (rows, cols) in enumerate(grids):
-        for key in (("cos_rows", rows), ("sin_rows", rows), ("cos_cols", cols),
-                    ("sin_cols", cols)):  # fmt: skip
+        for key in (("cos_rows", rows), ("sin_rows", rows), ("cos_cols", cols), ("sin_cols", cols)):
             n = key[1] * quarter
             if key not in seen and n >= MIN_BLOB_VALUES:
                 values.append(n)
@@ -240,8 +243,11 @@ def read_vision_weights(model_dir: Path, cfg: VisionConfig) -> dict[str, np.ndar
     from .reader import read_rows
 
     expected = {k: tuple(v.shape) for k, v in tree_flatten(VisionModel(cfg).parameters())}
-    found = {n: i for n, i in read_headers(weight_files(model_dir)).items()
-             if n.startswith((HF_PREFIX, PREFIX))}  # fmt: skip
+    found = {
+        n: i
+        for n, i in read_headers(weight_files(model_dir)).items()
+        if n.startswith((HF_PREFIX, PREFIX))
+    }
     if not found:
         raise CheckpointError(
             f"{model_dir}: no vision tower weights ({HF_PREFIX}* or {PREFIX}*); "
@@ -337,9 +343,11 @@ def export_vision_encoder(
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
-    say(f"exporting {len(grids)} functions; coremltools holds every function's weights until "
+    say(
+        f"exporting {len(grids)} functions; coremltools holds every function's weights until "
         f"it shares them: about {human_bytes(export_peak_estimate(parameters, len(grids)))} "
-        "of memory at the peak")  # fmt: skip
+        "of memory at the peak"
+    )
     with out_rules.assembling(out, "partial") as work:
         packages = _convert_grids(ct, torch, tower, cfg, grids, precision, work, say)
         say(f"writing {len(grids)} functions with shared weights")
@@ -499,8 +507,15 @@ def _save_multifunction(ct, packages: list[Path], grids: list[Grid], out: Path) 
         save_multifunction(desc, str(out))
 
 
-def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision: str,
-              pre: Preprocessor, token_ids: dict[str, int]) -> None:  # fmt: skip
+def _describe(
+    ct,
+    package: Path,
+    cfg: VisionConfig,
+    grids: list[Grid],
+    precision: str,
+    pre: Preprocessor,
+    token_ids: dict[str, int],
+) -> None:
     """What an app needs to know, in the spec Xcode shows: inputs, outputs, grids, and how to
     make the input (the preprocessing, the tower's config and the token ids of the source's
     config.json, as JSON). `save_multifunction` writes a bare description, so it is filled in
@@ -512,18 +527,20 @@ def _describe(ct, package: Path, cfg: VisionConfig, grids: list[Grid], precision
         "Qwen 3.5 vision encoder: flattened image patches -> merged embeddings for the "
         "language model's image pads; one function per patch grid"
     )
-    meta.userDefined.update({
-        "mlxkit.version": __version__,
-        "mlxkit.grids": ",".join(f"{r}x{c}" for r, c in grids),
-        "mlxkit.precision": precision,
-        "mlxkit.compute_units": COMPUTE_UNITS,
-        "mlxkit.patch_size": str(cfg.patch_size),
-        "mlxkit.temporal_patch_size": str(cfg.temporal_patch_size),
-        "mlxkit.spatial_merge_size": str(m),
-        "mlxkit.preprocessing": json.dumps(preprocessing(pre)),
-        "mlxkit.vision_config": json.dumps(dataclasses.asdict(cfg)),
-        "mlxkit.token_ids": json.dumps(token_ids),
-    })  # fmt: skip
+    meta.userDefined.update(
+        {
+            "mlxkit.version": __version__,
+            "mlxkit.grids": ",".join(f"{r}x{c}" for r, c in grids),
+            "mlxkit.precision": precision,
+            "mlxkit.compute_units": COMPUTE_UNITS,
+            "mlxkit.patch_size": str(cfg.patch_size),
+            "mlxkit.temporal_patch_size": str(cfg.temporal_patch_size),
+            "mlxkit.spatial_merge_size": str(m),
+            "mlxkit.preprocessing": json.dumps(preprocessing(pre)),
+            "mlxkit.vision_config": json.dumps(dataclasses.asdict(cfg)),
+            "mlxkit.token_ids": json.dumps(token_ids),
+        }
+    )
     for function in spec.description.functions:
         (inp,), (outp,) = function.input, function.output
         inp.shortDescription = (
@@ -590,12 +607,16 @@ def read_package_spec(package: Path) -> PackageSpec:
         raise MlxkitError(f"{package}: not a readable Core ML package ({e})") from None
     d = spec.description
     functions = [
-        {"name": f.name, "input": [feature(i) for i in f.input],
-         "output": [feature(o) for o in f.output]}
+        {
+            "name": f.name,
+            "input": [feature(i) for i in f.input],
+            "output": [feature(o) for o in f.output],
+        }
         for f in d.functions
-    ]  # fmt: skip
-    return PackageSpec(spec.specificationVersion, d.defaultFunctionName, functions,
-                       dict(d.metadata.userDefined))  # fmt: skip
+    ]
+    return PackageSpec(
+        spec.specificationVersion, d.defaultFunctionName, functions, dict(d.metadata.userDefined)
+    )
 
 
 def vision_config_of(data: object, where: str) -> VisionConfig:
@@ -623,13 +644,15 @@ def package_grids(package: Path) -> list[Grid]:
 def format_summary(result: ExportResult) -> str:
     functions = ", ".join(result.functions)
     per_parameter = result.weight_bytes / result.parameters
-    return "\n".join([
-        f"wrote {result.output} ({human_bytes(result.bytes)}): {len(result.grids)} functions "
-        + f"({functions}), {result.precision} compute, {COMPUTE_UNITS}",
-        f"weights {human_bytes(result.weight_bytes)}, shared by all functions "
-        + f"({per_parameter:.2f} bytes per parameter)",
-        f"{result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"wrote {result.output} ({human_bytes(result.bytes)}): {len(result.grids)} functions "
+            + f"({functions}), {result.precision} compute, {COMPUTE_UNITS}",
+            f"weights {human_bytes(result.weight_bytes)}, shared by all functions "
+            + f"({per_parameter:.2f} bytes per parameter)",
+            f"{result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}",
+        ]
+    )
 
 
 # --- command ---------------------------------------------------------------------------------
@@ -646,12 +669,18 @@ def format_summary(result: ExportResult) -> str:
     help="Patch grids ROWSxCOLS, comma-separated (default: square, 3:4 and 4:3 at about 256, "
     "576 and 1,024 vision tokens).",
 )
-@click.option("--precision", default="float16", show_default=True, type=click.Choice(PRECISIONS),
-              help="Compute precision (the Neural Engine runs float16).")  # fmt: skip
+@click.option(
+    "--precision",
+    default="float16",
+    show_default=True,
+    type=click.Choice(PRECISIONS),
+    help="Compute precision (the Neural Engine runs float16).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress, no summary.")
-def export_coreml(model: str, output: str, grids: tuple[str, ...], precision: str, force: bool,
-                  quiet: bool) -> None:  # fmt: skip
+def export_coreml(
+    model: str, output: str, grids: tuple[str, ...], precision: str, force: bool, quiet: bool
+) -> None:
     """Export MODEL's vision encoder as a Core ML multifunction package (one function per
     grid, shared weights) for the Neural Engine. Needs the coreml extra."""
     parsed = parse_grids(grids) if grids else None

@@ -58,8 +58,10 @@ def _protected(out: Path) -> str | None:
     """Why `out` must never be replaced, or None: it is (or holds) the current, home or
     root directory."""
     real = _real(out)
-    for name, place in (("the current directory", Path.cwd()), ("your home directory",
-                                                                Path.home())):  # fmt: skip
+    for name, place in (
+        ("the current directory", Path.cwd()),
+        ("your home directory", Path.home()),
+    ):
         place = _real(place)
         if real == place:
             return name
@@ -163,8 +165,7 @@ def _swap(a: Path, b: Path) -> bool:
             rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 0x2)  # RENAME_SWAP
         elif sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
             at_fdcwd, rename_exchange = -100, 0x2
-            rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
-                                rename_exchange)  # fmt: skip
+            rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
         else:
             return False
     except (OSError, AttributeError):

@@ -132,8 +132,11 @@ class ShardedWriter:
         if t.dtype in _AS_NUMPY:
             array = array.view(_AS_NUMPY[t.dtype])
         data = np.ascontiguousarray(np.asarray(array))
-        _pwrite_all(self.fds[slot.fd_index], memoryview(data).cast("B"),
-                    slot.offset + row_start * slot.row_bytes)  # fmt: skip
+        _pwrite_all(
+            self.fds[slot.fd_index],
+            memoryview(data).cast("B"),
+            slot.offset + row_start * slot.row_bytes,
+        )
         slot.written += data.nbytes
         return data.nbytes
 
@@ -145,9 +148,9 @@ class ShardedWriter:
         if incomplete:
             raise AssertionError(f"tensors not fully written: {incomplete[:5]}")
         weight_map = {
-            s.key: self.files[s.fd_index].name for s in sorted(self.slots.values(),
-                                                               key=lambda s: s.key)
-        }  # fmt: skip
+            s.key: self.files[s.fd_index].name
+            for s in sorted(self.slots.values(), key=lambda s: s.key)
+        }
         total = sum(s.tensor.nbytes for s in self.slots.values())
         index = {"metadata": {"total_size": total, **self.index_metadata}, "weight_map": weight_map}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))

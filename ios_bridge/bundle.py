@@ -173,8 +173,9 @@ def plan_for_source(
     source = resolve_source(src)
     # the tower is read for the Core ML encoder even with --no-vision, which the plan refuses
     vision = settings.get("vision") is not False or settings.get("vision_encoder") == "coreml"
-    ckpt = SourceCheckpoint.open(source.directory, include_mtp=settings.get("mtp") is not False,
-                                 include_vision=vision)  # fmt: skip
+    ckpt = SourceCheckpoint.open(
+        source.directory, include_mtp=settings.get("mtp") is not False, include_vision=vision
+    )
     name, has_mtp = source.name, ckpt.has_mtp
     return source, choose_plan(ckpt.shapes, tgt, context, name=name, has_mtp=has_mtp, **settings)
 
@@ -193,8 +194,6 @@ def build_bundle(
     """Plans, converts `src` (a Hugging Face layout checkpoint directory, or a size name)
     into `out`, and writes manifest.json and xcode/. Returns the manifest. `settings` are
     the fields of `Settings`; `recipe` and `mtp` left out (or None) are chosen."""
-    from mlxkit.convert.converter import convert
-
     from mlxkit.source import local_source
 
     out = local_path(out, "output", output.OutputError).absolute()
@@ -208,14 +207,8 @@ def build_bundle(
     if p.vision_encoder == "coreml":
         import_coreml()  # before minutes of conversion, not after
     with output.assembling(out, "building") as tmp:
-        s, tower = p.settings, p.mlx_vision is not None
-        result = convert(source, tmp / MODEL_DIR, bits=s.bits, group_size=s.group_size,
-                         recipe=s.recipe, dtype=s.dtype, quantize=True, mtp=s.mtp,
-                         vision=tower, vision_bits=s.vision_bits if tower else None,
-                         drafter_layout="checkpoint", force=False, quiet=True)  # fmt: skip
-        if (tmp / MODEL_DIR / MTP_DIR).is_dir():
-            os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
-        written, coreml = dict(result.bytes_by_part), None
+        written = _convert_model(source, tmp, p)
+        coreml = None
         if p.vision_encoder == "coreml":
             written["vision"] = _export_encoder(source.directory, tmp, p, quiet)
             coreml = coreml_facts(tmp, recorded_by_export(tmp / COREML_PATH))
@@ -224,19 +217,51 @@ def build_bundle(
                 f"internal error: the converter wrote {written} but the plan expected "
                 f"{p.weights}; please report it"
             )
-        manifest = make_manifest(p, _source_info(source.directory), (tmp / MTP_DIR).is_dir(),
-                                 coreml)  # fmt: skip
-        # What an app downloads: model/, mtp/ and vision/ plus manifest.json (not yet
-        # written: room for it is reserved); xcode/ goes into the app project.
-        download = MANIFEST_ALLOWANCE + sum(
-            f.stat().st_size for d in (MODEL_DIR, MTP_DIR, VISION_DIR)
-            for f in (tmp / d).rglob("*") if f.is_file()
-        )  # fmt: skip
-        write_xcode(tmp / "xcode", out.name, manifest, download)
+        manifest = make_manifest(
+            p, _source_info(source.directory), (tmp / MTP_DIR).is_dir(), coreml
+        )
+        write_xcode(tmp / "xcode", out.name, manifest, _download_bytes(tmp))
         manifest["files"] = file_entries(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         output.replace_dir(tmp, out)
     return manifest
+
+
+def _convert_model(source, tmp: Path, p: Plan) -> dict[str, int]:
+    """model/ (and mtp/ beside it, in the checkpoint layout mlx-swift-lm's drafter reads) as
+    the plan says; the bytes written per part."""
+    from mlxkit.convert.converter import convert
+
+    s, tower = p.settings, p.mlx_vision is not None
+    result = convert(
+        source,
+        tmp / MODEL_DIR,
+        bits=s.bits,
+        group_size=s.group_size,
+        recipe=s.recipe,
+        dtype=s.dtype,
+        quantize=True,
+        mtp=s.mtp,
+        vision=tower,
+        vision_bits=s.vision_bits if tower else None,
+        drafter_layout="checkpoint",
+        force=False,
+        quiet=True,
+    )
+    if (tmp / MODEL_DIR / MTP_DIR).is_dir():
+        os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
+    return dict(result.bytes_by_part)
+
+
+def _download_bytes(tmp: Path) -> int:
+    """What an app downloads: model/, mtp/ and vision/ plus manifest.json (not yet written:
+    room for it is reserved); xcode/ goes into the app project."""
+    return MANIFEST_ALLOWANCE + sum(
+        f.stat().st_size
+        for d in (MODEL_DIR, MTP_DIR, VISION_DIR)
+        for f in (tmp / d).rglob("*")
+        if f.is_file()
+    )
 
 
 def _export_encoder(checkpoint: Path, tmp: Path, p: Plan, quiet: bool) -> int:
@@ -246,8 +271,9 @@ def _export_encoder(checkpoint: Path, tmp: Path, p: Plan, quiet: bool) -> int:
     from mlxkit.convert.coreml import export_vision_encoder
 
     grids = p.coreml_grids
-    result = export_vision_encoder(checkpoint, tmp / COREML_PATH, grids,
-                                   precision=COREML_PRECISION, quiet=quiet)  # fmt: skip
+    result = export_vision_encoder(
+        checkpoint, tmp / COREML_PATH, grids, precision=COREML_PRECISION, quiet=quiet
+    )
     if result.weight_bytes != p.weights["vision"]:
         raise MlxkitError(
             f"{checkpoint}: the Core ML weight file holds {result.weight_bytes:,} bytes, not the "

@@ -170,8 +170,15 @@ def _row(size: str, target: str) -> str:
         )
     s = p.settings
     reference = min(REFERENCE_CONTEXT, p.largest_context_that_fits)
-    ref = evaluate(size, target, reference, recipe=s.recipe, mtp=s.mtp, entitlement=s.entitlement,
-                   vision=s.vision)  # fmt: skip
+    ref = evaluate(
+        size,
+        target,
+        reference,
+        recipe=s.recipe,
+        mtp=s.mtp,
+        entitlement=s.entitlement,
+        vision=s.vision,
+    )
     ent = "needed" if ref.entitlement_required else "no"
     mtp = f"{ref.speed.mtp_tps:.0f}" if ref.speed.mtp_tps else "no MTP"
     return (

@@ -116,6 +116,13 @@ def schema_errors(data: dict, schema: dict = SCHEMA, where: str = "") -> list[st
 
 
 __all__ = [
-    "FORMAT", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "ManifestError", "file_entries",
-    "read_manifest", "schema_errors", "sha256_file",
-]  # fmt: skip
+    "FORMAT",
+    "MANIFEST",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "ManifestError",
+    "file_entries",
+    "read_manifest",
+    "schema_errors",
+    "sha256_file",
+]

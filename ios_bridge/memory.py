@@ -249,9 +249,12 @@ def vision_mask_bytes(vision: VisionConfig, image_tokens: int, dtype_bytes: int)
 
 
 def vision_activations(
-    vision: VisionConfig, image_tokens: int, dtype_bytes: int, mask: bool,
+    vision: VisionConfig,
+    image_tokens: int,
+    dtype_bytes: int,
+    mask: bool,
     fused: bool | None = None,
-) -> Activations:  # fmt: skip
+) -> Activations:
     """Peak while the tower encodes one image of `image_tokens` vision tokens (`fused` as for
     `vision_score_bytes`).
 

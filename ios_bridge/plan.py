@@ -389,8 +389,9 @@ def weight_plan(
     package's weight file instead, from `weight_file_bytes`."""
     recipe = load_recipe(settings.recipe, settings.bits, settings.group_size)
     vb = settings.vision_bits
-    tensors = planned_tensors(cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype,
-                              vision=vision, vision_bits=vb)  # fmt: skip
+    tensors = planned_tensors(
+        cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype, vision=vision, vision_bits=vb
+    )
     by_part = bytes_by_part(tensors)
     bits: dict[str, set] = {part: set() for part in by_part}
     mtp = settings.mtp and cfg.mtp_num_hidden_layers > 0
@@ -469,11 +470,13 @@ def _largest_array(inputs: _Inputs, held: int, kv_buffer: int, context: int) -> 
     ]
     if inputs.mlx_vision is not None:  # Core ML's arrays are not Metal buffers
         n, b = inputs.image_tokens, inputs.dtype_bytes
-        candidates.append(("vision attention scores (one image)",
-                           mem.vision_score_bytes(inputs.vision, n, b)))  # fmt: skip
+        candidates.append(
+            ("vision attention scores (one image)", mem.vision_score_bytes(inputs.vision, n, b))
+        )
         if inputs.runtime.builds_vision_mask:
-            candidates.append(("vision attention mask (one image)",
-                               mem.vision_mask_bytes(inputs.vision, n, b)))  # fmt: skip
+            candidates.append(
+                ("vision attention mask (one image)", mem.vision_mask_bytes(inputs.vision, n, b))
+            )
     return max(candidates, key=lambda c: c[1])
 
 
@@ -503,8 +506,9 @@ def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
     kv_buffer = mem.kv_layer_buffer_bytes(cfg, held, b)
     keys = mem.kv_allocated_tokens(held)
     speed, mlxkit_speed = _speeds(inputs, context) if with_speed else (None, None)
-    text = mem.activations(cfg, s.prefill_chunk, context, keys, b, s.mtp, max(k, 1),
-                           inputs.image_tokens)  # fmt: skip
+    text = mem.activations(
+        cfg, s.prefill_chunk, context, keys, b, s.mtp, max(k, 1), inputs.image_tokens
+    )
     encoding = inputs.vision_encoding
     peak = text if encoding is None or text.total >= encoding.total else encoding
     return Plan(

@@ -175,9 +175,10 @@ def _vision_line(plan: Plan) -> str:
         return _coreml_line(plan)
     bits = f"{plan.settings.vision_bits}-bit" if plan.settings.vision_bits else plan.settings.dtype
     attention = (
-        "fused attention" if fused_attention(v.head_dim)
+        "fused attention"
+        if fused_attention(v.head_dim)
         else f"head dim {v.head_dim} has no fused MLX kernel: scores materialised"
-    )  # fmt: skip
+    )
     return (
         f"  vision: on ({bits}), images up to {plan.image_tokens:,} vision tokens "
         f"({vision_patches(v, plan.image_tokens):,} patches, --image-tokens); encoding one "

@@ -64,14 +64,20 @@ def coreml_to_dict(plan: Plan) -> dict:
 
     v, grids = plan.vision, plan.coreml_grids
     m = v.spatial_merge_size
-    functions = [{
-        "name": function_name(g),
-        "grid": list(g),
-        "tokens": vision_tokens(g, m),
-        "input": {"name": INPUT_NAME, "shape": [g[0] * g[1], v.patch_dim], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": [vision_tokens(g, m), v.out_hidden_size],
-                   "dtype": "float32"},
-    } for g in grids]  # fmt: skip
+    functions = [
+        {
+            "name": function_name(g),
+            "grid": list(g),
+            "tokens": vision_tokens(g, m),
+            "input": {"name": INPUT_NAME, "shape": [g[0] * g[1], v.patch_dim], "dtype": "float32"},
+            "output": {
+                "name": OUTPUT_NAME,
+                "shape": [vision_tokens(g, m), v.out_hidden_size],
+                "dtype": "float32",
+            },
+        }
+        for g in grids
+    ]
     return {
         "precision": COREML_PRECISION,
         "compute_units": COMPUTE_UNITS,

@@ -76,8 +76,9 @@ class Report:
         return all(c.ok for c in self.checks)
 
     def add(self, name: str, problems: list[str], passed: str) -> None:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
-                                           else "")  # fmt: skip
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
         self.checks.append(Check(name, not problems, shown if problems else passed))
 
 
@@ -95,8 +96,9 @@ def _manifest_target(t: dict):
     if tgt.kind == "mac":
         raise MlxkitError(f"target {tgt.name} is a Mac; bundles are for iPhones")
     if (t["usable_bytes"], t["usable_bytes_entitled"]) != (
-        tgt.usable_bytes, tgt.usable_bytes_entitled,
-    ):  # fmt: skip
+        tgt.usable_bytes,
+        tgt.usable_bytes_entitled,
+    ):
         tgt = resolve_target(t["name"], t["usable_bytes"])
     return tgt
 
@@ -131,13 +133,23 @@ def replan(root: Path, manifest: dict, target=None):
     loop = performance.get("mlxkit_loop")
     num_draft = (loop.get("num_draft") if isinstance(loop, dict) else None) or m["num_draft"] or 2
     return evaluate(
-        model, tgt, manifest["max_context"], name=_built_name(manifest),
-        recipe=q["recipe"], bits=q["bits"], group_size=q["group_size"], dtype=q["dtype"],
-        mtp=m["included"], num_draft=num_draft, prefill_chunk=manifest["prefill_chunk"],
-        entitlement=entitlement, acceptance=performance.get("mtp_acceptance", 0.7),
-        reserve=breakdown.get("runtime_reserve"), cache_limit=breakdown.get("mlx_cache_limit"),
+        model,
+        tgt,
+        manifest["max_context"],
+        name=_built_name(manifest),
+        recipe=q["recipe"],
+        bits=q["bits"],
+        group_size=q["group_size"],
+        dtype=q["dtype"],
+        mtp=m["included"],
+        num_draft=num_draft,
+        prefill_chunk=manifest["prefill_chunk"],
+        entitlement=entitlement,
+        acceptance=performance.get("mtp_acceptance", 0.7),
+        reserve=breakdown.get("runtime_reserve"),
+        cache_limit=breakdown.get("mlx_cache_limit"),
         **vision,
-    )  # fmt: skip
+    )
 
 
 def _built_name(manifest: dict) -> str:
@@ -196,8 +208,9 @@ def differences(got: object, want: object, where: str = "") -> list[str]:
         out += [f"{where}{short(k, 40)}: not a field mlxkit writes" for k in got if k not in want]
         return out
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
-        return [d for i, (g, w) in enumerate(zip(got, want)) for d in differences(g, w,
-                                                                               f"{where}{i}.")]  # fmt: skip
+        return [
+            d for i, (g, w) in enumerate(zip(got, want)) for d in differences(g, w, f"{where}{i}.")
+        ]
     if type(got) is type(want) and got == want:
         return []
     return [f"{where.rstrip('.')}: manifest says {shown(got)}, re-derived {shown(want)}"]
@@ -233,9 +246,11 @@ def _check_paths(root: Path, manifest: dict) -> tuple[list[str], list[FileEntry]
             problems.append(why)
         else:
             usable.append(e)
-    for key, rel in (("model.path", manifest["model"]["path"]),
-                     ("model.mtp_path", manifest["model"]["mtp_path"]),
-                     ("mtp.path", manifest["mtp"]["path"])):  # fmt: skip
+    for key, rel in (
+        ("model.path", manifest["model"]["path"]),
+        ("model.mtp_path", manifest["model"]["mtp_path"]),
+        ("mtp.path", manifest["mtp"]["path"]),
+    ):
         if rel is not None and (bad_path(rel) or not resolves_inside(root, rel)):
             problems.append(f"{key} {short(rel, 40)} does not lie inside the bundle")
     for rel, st in bundle_files(root):
@@ -280,11 +295,19 @@ def _check_tensors(root: Path, p) -> list[str]:
 
     s = p.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
-    planned = planned_tensors(p.cfg, recipe, include_mtp=s.mtp, dtype=s.dtype,
-                              vision=p.mlx_vision, vision_bits=s.vision_bits)  # fmt: skip
+    planned = planned_tensors(
+        p.cfg,
+        recipe,
+        include_mtp=s.mtp,
+        dtype=s.dtype,
+        vision=p.mlx_vision,
+        vision_bits=s.vision_bits,
+    )
     problems = []
-    for directory, in_dir in ((MODEL_DIR, lambda t: t.part != "mtp"),
-                              (MTP_DIR, lambda t: t.part == "mtp")):  # fmt: skip
+    for directory, in_dir in (
+        (MODEL_DIR, lambda t: t.part != "mtp"),
+        (MTP_DIR, lambda t: t.part == "mtp"),
+    ):
         want = {t.path: t for t in planned if in_dir(t)}
         if not want:
             continue
@@ -302,8 +325,9 @@ def _check_tensors(root: Path, p) -> list[str]:
                     f"{directory}/: tensor {name} is {info.dtype} {list(info.shape)}, planned "
                     f"{SAFETENSORS_DTYPES[t.dtype]} {list(t.shape)}"
                 )
-        problems += [f"{directory}/: tensor {short(n)} is not planned" for n in have
-                     if n not in want]  # fmt: skip
+        problems += [
+            f"{directory}/: tensor {short(n)} is not planned" for n in have if n not in want
+        ]
     return problems
 
 
@@ -318,11 +342,15 @@ def _check_quantization(root: Path, p) -> list[str]:
     s = p.settings
     recipe = load_recipe(s.recipe, s.bits, s.group_size)
     parameters = model_parameters(p.cfg, include_mtp=s.mtp, vision=p.vision)
-    rules = {path.removesuffix(".weight"): weight_rule(path, shape, recipe, s.vision_bits)
-             for path, shape in parameters}  # fmt: skip
+    rules = {
+        path.removesuffix(".weight"): weight_rule(path, shape, recipe, s.vision_bits)
+        for path, shape in parameters
+    }
     problems = []
-    for directory, in_dir in ((MODEL_DIR, lambda m: not m.startswith("mtp.")),
-                              (MTP_DIR, lambda m: m.startswith("mtp."))):  # fmt: skip
+    for directory, in_dir in (
+        (MODEL_DIR, lambda m: not m.startswith("mtp.")),
+        (MTP_DIR, lambda m: m.startswith("mtp.")),
+    ):
         if directory == MTP_DIR and not s.mtp:
             continue
         want = recipe.quantization_config({m: r for m, r in rules.items() if in_dir(m)})
@@ -374,8 +402,10 @@ def _check_load(root: Path, mtp: bool) -> tuple[list[str], str]:
         load_tokenizer(model_dir)
         parts = f"{'with' if model.has_mtp else 'without'} MTP, "
         parts += f"{'with' if model.has_vision else 'without'} the vision tower"
-        detail = (f"model/ loads ({parts}; names, shapes and dtypes checked, weights "
-                  "memory-mapped), and its tokenizer")  # fmt: skip
+        detail = (
+            f"model/ loads ({parts}; names, shapes and dtypes checked, weights "
+            "memory-mapped), and its tokenizer"
+        )
         if mtp:
             if not load_model(model_dir, drafter=root / MTP_DIR).has_mtp:
                 return [f"{MTP_DIR}/ did not provide the MTP head"], ""
@@ -396,8 +426,10 @@ def _check_fit(p, entitlement_required: bool) -> tuple[list[str], str]:
             f"{p.max_context:,} tokens, {p.usable / 1e9:.2f} GB usable"
         )
     ent = "with" if entitlement_required else "without"
-    detail = (f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
-              f"usable {ent} the entitlement at {p.max_context:,} tokens")  # fmt: skip
+    detail = (
+        f"fits {tgt.label}: peak {p.total / 1e9:.2f} GB of {p.usable / 1e9:.2f} GB "
+        f"usable {ent} the entitlement at {p.max_context:,} tokens"
+    )
     return problems, detail
 
 
@@ -405,7 +437,7 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
     """model/ holds the vision tower exactly when the manifest says so, and then everything
     MLX Swift's VLM loader reads: the tensors, config.json's vision_config and four token ids,
     and the preprocessor configs it decodes."""
-    from mlxkit.checkpoint import model_file, read_config, read_headers, read_json, weight_files
+    from mlxkit.checkpoint import read_config, read_headers, weight_files
     from mlxkit.layout import ModelConfig, part_of
     from mlxkit.vision import PREPROCESSOR_FILES, Preprocessor
 
@@ -429,6 +461,35 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
         problems.append("model/config.json has no vision_config")
     if not tower:
         problems.append("model/ holds no vision_tower.* tensors")
+    problems += _preprocessor_problems(model_dir)
+    if not problems:
+        try:
+            Preprocessor.from_dir(model_dir, shapes.vision)
+        except MlxkitError as e:
+            problems.append(str(e))
+    ids = ", ".join(
+        f"{k.removesuffix('_token_id')} {config[k]}"
+        for k in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+        )
+        if k in config
+    )
+    return problems, (
+        f"{tower} vision_tower.* tensors, vision_config and token ids ({ids}), "
+        f"{' and '.join(PREPROCESSOR_FILES)} for MLX Swift's {SWIFT_PROCESSOR_CLASS}"
+    )
+
+
+def _preprocessor_problems(model_dir: Path) -> list[str]:
+    """The preprocessor configs are readable JSON, and the image one has what MLX Swift's
+    processor requires."""
+    from mlxkit.checkpoint import model_file, read_json
+    from mlxkit.vision import PREPROCESSOR_FILES
+
+    problems = []
     for name in PREPROCESSOR_FILES:
         try:  # bounded, and never a FIFO or a link out: the size check has not stopped us
             path = model_file(model_dir, name, name)
@@ -444,18 +505,7 @@ def _check_vision(root: Path, manifest: dict) -> tuple[list[str], str]:
                 problems.append(f"{name} lacks {', '.join(missing)} (MLX Swift requires them)")
             elif data["processor_class"] != SWIFT_PROCESSOR_CLASS:
                 problems.append(f"{name}: processor_class is not {SWIFT_PROCESSOR_CLASS}")
-    if not problems:
-        try:
-            Preprocessor.from_dir(model_dir, shapes.vision)
-        except MlxkitError as e:
-            problems.append(str(e))
-    ids = ", ".join(f"{k.removesuffix('_token_id')} {config[k]}" for k in (
-        "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"
-    ) if k in config)  # fmt: skip
-    return problems, (
-        f"{tower} vision_tower.* tensors, vision_config and token ids ({ids}), "
-        f"{' and '.join(PREPROCESSOR_FILES)} for MLX Swift's {SWIFT_PROCESSOR_CLASS}"
-    )
+    return problems
 
 
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
@@ -465,8 +515,9 @@ def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
 
     from mlxkit.layout import bytes_by_part_on_disk
 
-    parts = bytes_by_part_on_disk(root / MODEL_DIR, root / MTP_DIR if manifest["mtp"]["included"]
-                                  is True else None)  # fmt: skip
+    parts = bytes_by_part_on_disk(
+        root / MODEL_DIR, root / MTP_DIR if manifest["mtp"]["included"] is True else None
+    )
     if manifest["vision"].get("encoder") == "coreml":
         parts["vision"] = (root / COREML_PATH / WEIGHT_FILE).stat().st_size
     return parts
@@ -484,39 +535,12 @@ def _check_coreml(root: Path, coreml: dict) -> tuple[list[str], str]:
         spec = read_package_spec(package)
     except MlxkitError as e:
         return [str(e)], ""
-    want = {f["name"]: f for f in coreml["functions"]}
     have = {f["name"]: f for f in spec.functions}
-    problems = [f"{name} is in the manifest but not in the package" for name in want
-                if name not in have]  # fmt: skip
-    problems += [f"{name} is in the package but not in the manifest" for name in have
-                 if name not in want]  # fmt: skip
-    if not problems and list(have) != list(want):
-        problems.append(f"the package's functions are {list(have)}, the manifest's {list(want)}")
-    if spec.default_function != coreml["default_function"]:
-        problems.append(f"default function {spec.default_function!r}, manifest says "
-                        f"{coreml['default_function']!r}")  # fmt: skip
-    for name in [n for n in want if n in have]:
-        for key in ("input", "output"):
-            if have[name][key] != [want[name][key]]:
-                problems.append(f"{name}: {key} {have[name][key]}, manifest says "
-                                f"{[want[name][key]]}")  # fmt: skip
-    meta = spec.metadata
-    grids = ",".join(f"{f['grid'][0]}x{f['grid'][1]}" for f in coreml["functions"])
-    recorded = {"grids": grids, "precision": coreml["precision"]}
-    for key, value in recorded.items():
-        if meta.get(f"mlxkit.{key}") != value:
-            problems.append(f"the spec records {key} {meta.get(f'mlxkit.{key}')!r}, the "
-                            f"manifest {value!r}")  # fmt: skip
-    for key in COREML_RECORDED:
-        try:
-            value = json.loads(meta[f"mlxkit.{key}"])
-        except (KeyError, ValueError):
-            value = None
-        if value != coreml[key]:
-            problems.append(f"the spec records {key} {value!r}, the manifest {coreml[key]!r}")
+    problems = _function_problems(spec, have, coreml) + _recorded_problems(spec.metadata, coreml)
     if spec.specification_version < COREML_SPEC_VERSION:
-        problems.append(f"spec version {spec.specification_version}, not iOS 18's "
-                        f"{COREML_SPEC_VERSION}")  # fmt: skip
+        problems.append(
+            f"spec version {spec.specification_version}, not iOS 18's {COREML_SPEC_VERSION}"
+        )
     size = (package / WEIGHT_FILE).stat().st_size if (package / WEIGHT_FILE).is_file() else None
     if size != coreml["weight_bytes"]:
         problems.append(f"{WEIGHT_FILE} has {size} bytes, the plan counts {coreml['weight_bytes']}")
@@ -525,6 +549,77 @@ def _check_coreml(root: Path, coreml: dict) -> tuple[list[str], str]:
         f"token ids as the manifest says; one {size:,}-byte weight file, as planned (spec read "
         "with skip_model_load)"
     ) if not problems else ""
+
+
+def _function_problems(spec, have: dict, coreml: dict) -> list[str]:
+    """The package's functions against the manifest's: names in order, the default, and each
+    one's input and output."""
+    want = {f["name"]: f for f in coreml["functions"]}
+    problems = [
+        f"{name} is in the manifest but not in the package" for name in want if name not in have
+    ]
+    problems += [
+        f"{name} is in the package but not in the manifest" for name in have if name not in want
+    ]
+    if not problems and list(have) != list(want):
+        problems.append(f"the package's functions are {list(have)}, the manifest's {list(want)}")
+    if spec.default_function != coreml["default_function"]:
+        problems.append(
+            f"default function {spec.default_function!r}, manifest says "
+            f"{coreml['default_function']!r}"
+        )
+    for name in [n for n in want if n in have]:
+        for key in ("input", "output"):
+            if have[name][key] != [want[name][key]]:
+                problems.append(
+                    f"{name}: {key} {have[name][key]}, manifest says {[want[name][key]]}"
+                )
+    return problems
+
+
+def _recorded_problems(meta: dict, coreml: dict) -> list[str]:
+    """What the spec's metadata records (grids, precision, preprocessing, tower config, token
+    ids) against the manifest."""
+    problems = []
+    grids = ",".join(f"{f['grid'][0]}x{f['grid'][1]}" for f in coreml["functions"])
+    recorded = {"grids": grids, "precision": coreml["precision"]}
+    for key, value in recorded.items():
+        if meta.get(f"mlxkit.{key}") != value:
+            problems.append(
+                f"the spec records {key} {meta.get(f'mlxkit.{key}')!r}, the manifest {value!r}"
+            )
+    for key in COREML_RECORDED:
+        try:
+            value = json.loads(meta[f"mlxkit.{key}"])
+        except (KeyError, ValueError):
+            value = None
+        if value != coreml[key]:
+            problems.append(f"the spec records {key} {value!r}, the manifest {coreml[key]!r}")
+    return problems
+
+
+def _report_manifest_and_files(root: Path, manifest: dict, report: Report) -> bool:
+    """The schema, then (when it is complete) the listed paths and the files' sizes and
+    sha256; False when the schema is not complete."""
+    errors = schema_errors(manifest)
+    report.add("manifest schema", errors, f"schema {manifest.get('schema_version')} complete")
+    if errors:
+        return False
+    path_problems, entries = _check_paths(root, manifest)
+    report.add("paths stay inside the bundle", path_problems, f"{len(entries)} paths")
+    file_problems = _check_files(root, entries)
+    total = sum(e.bytes for e in entries)
+    report.add(
+        "file sizes and sha256", file_problems, f"{len(entries)} files, {total / 1e9:.3f} GB"
+    )
+    return True
+
+
+def _check_coreml_described(root: Path, manifest: dict) -> tuple[list[str], str]:
+    try:
+        return _check_coreml(root, manifest["vision"]["coreml"])
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return ["vision.coreml: the manifest does not describe the encoder"], ""
 
 
 def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:
@@ -536,18 +631,15 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     if other is not None and other.kind == "mac":
         raise ConfigError(f"--target {other.name} is a Mac; bundles are checked against iPhones")
     report = Report(root)
-    errors = schema_errors(manifest)
-    report.add("manifest schema", errors, f"schema {manifest.get('schema_version')} complete")
-    if errors:
+    if not _report_manifest_and_files(root, manifest, report):
         return report  # the other checks read the fields the schema check found missing
-    path_problems, entries = _check_paths(root, manifest)
-    report.add("paths stay inside the bundle", path_problems, f"{len(entries)} paths")
-    file_problems = _check_files(root, entries)
-    total = sum(e.bytes for e in entries)
-    report.add("file sizes and sha256", file_problems,
-               f"{len(entries)} files, {total / 1e9:.3f} GB")  # fmt: skip
-    later = ["manifest matches a re-plan", "tensors as planned", "vision tower", "model loads",
-             "plan fits the target"]  # fmt: skip
+    later = [
+        "manifest matches a re-plan",
+        "tensors as planned",
+        "vision tower",
+        "model loads",
+        "plan fits the target",
+    ]
     if _links_out_of_model(root):  # nothing is read through a link that leaves the bundle
         for name in later if load else [n for n in later if n != "model loads"]:
             report.add(name, [f"not run: {MODEL_DIR}/ or {MTP_DIR}/ links outside the bundle"], "")
@@ -555,20 +647,20 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     problems, p = _check_manifest(root, manifest)
     report.add(later[0], problems, "every field re-derived from the device table and a re-plan")
     if p is not None:
-        report.add(later[1], _check_tensors(root, p) + _check_quantization(root, p),
-                   "every tensor's name, dtype and shape, and the quantization of both "
-                   "config.json, are the plan's")  # fmt: skip
-    problems, detail = _check_vision(root, manifest)
-    report.add(later[2], problems, detail)
+        report.add(
+            later[1],
+            _check_tensors(root, p) + _check_quantization(root, p),
+            "every tensor's name, dtype and shape, and the quantization of both "
+            "config.json, are the plan's",
+        )
+    report.add(later[2], *_check_vision(root, manifest))
     if manifest["vision"].get("encoder") == "coreml":
-        coreml = manifest["vision"]["coreml"]
-        try:
-            problems, detail = _check_coreml(root, coreml)
-        except (KeyError, TypeError, IndexError, AttributeError):
-            problems, detail = ["vision.coreml: the manifest does not describe the encoder"], ""
-        report.add("Core ML vision encoder", problems, detail)
-    report.add("xcode/ entitlements", _check_entitlements(root, manifest),
-               "xcode/Entitlements.plist grants what the manifest says")  # fmt: skip
+        report.add("Core ML vision encoder", *_check_coreml_described(root, manifest))
+    report.add(
+        "xcode/ entitlements",
+        _check_entitlements(root, manifest),
+        "xcode/Entitlements.plist grants what the manifest says",
+    )
     if load:
         problems, detail = _check_load(root, manifest["mtp"]["included"] is True)
         report.add(later[3], problems, detail)

@@ -30,11 +30,22 @@ from mlxkit.errors import CheckpointError, MlxkitError
 from mlxkit.fields import integer, mapping, shown, string
 
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's limit
@@ -192,8 +203,9 @@ def read_tokenizer_files(model_dir: Path) -> TokenizerFiles:
         template = read_text(path, "chat template", limit=MAX_TEMPLATE_BYTES)
     else:
         template = _inline_template(config.get("chat_template"), where)
-    return TokenizerFiles(model_file(model_dir, "tokenizer.json", "tokenizer.json"), config,
-                          generation, template)  # fmt: skip
+    return TokenizerFiles(
+        model_file(model_dir, "tokenizer.json", "tokenizer.json"), config, generation, template
+    )
 
 
 def _inline_template(value: object, where: Path) -> str | None:

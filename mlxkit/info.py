@@ -121,8 +121,15 @@ def _vision_summary(model_dir: Path, config: dict) -> str | None:
     v = load_model_config(model_dir).vision
     if v is None:
         return None
-    ids = "/".join(str(config[k]) for k in (
-        "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))  # fmt: skip
+    ids = "/".join(
+        str(config[k])
+        for k in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+        )
+    )
     return (
         f"depth {v.depth}, hidden {v.hidden_size}, {v.num_heads} heads (head dim {v.head_dim}), "
         f"patch {v.patch_size}, merge {v.spatial_merge_size}, out {v.out_hidden_size}; "
@@ -155,6 +162,8 @@ def format_info(info: CheckpointInfo) -> str:
             f"  {info.nbytes[part]:>15,} bytes ({human_bytes(info.nbytes[part])})"
         )
     total_p, total_b = sum(info.params.values()), sum(info.nbytes.values())
-    lines.append(f"    {'total':<7} {total_p:>15,} ({human_count(total_p):>8})"
-                 f"  {total_b:>15,} bytes ({human_bytes(total_b)})")  # fmt: skip
+    lines.append(
+        f"    {'total':<7} {total_p:>15,} ({human_count(total_p):>8})"
+        f"  {total_b:>15,} bytes ({human_bytes(total_b)})"
+    )
     return "\n".join(lines)

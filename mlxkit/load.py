@@ -186,8 +186,10 @@ def _read_mtp_drafter(drafter_dir: Path, dtype: mx.Dtype | None) -> tuple[dict, 
             weights[path] = value
             origin[path] = f"{f}: tensor {plain(name)}"
     quant = quantization_block(config, str(drafter_dir / "config.json"))
-    quant = {(k if k.startswith("mtp.") or k in ("group_size", "bits", "mode") else "mtp." + k): v
-             for k, v in quant.items()}  # fmt: skip
+    quant = {
+        (k if k.startswith("mtp.") or k in ("group_size", "bits", "mode") else "mtp." + k): v
+        for k, v in quant.items()
+    }
     return weights, origin, quant
 
 

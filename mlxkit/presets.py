@@ -94,12 +94,21 @@ def vision_config(size: str) -> dict:
     text = text_config(size)
     depth, hidden, inter, heads = _VISION[size]
     return {
-        "model_type": "qwen3_5_vision", "depth": depth, "hidden_size": hidden,
-        "intermediate_size": inter, "num_heads": heads, "out_hidden_size": text["hidden_size"],
-        "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
-        "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh",
-        "deepstack_visual_indexes": [], "initializer_range": 0.02,
-    }  # fmt: skip
+        "model_type": "qwen3_5_vision",
+        "depth": depth,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_heads": heads,
+        "out_hidden_size": text["hidden_size"],
+        "in_channels": 3,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 2304,
+        "hidden_act": "gelu_pytorch_tanh",
+        "deepstack_visual_indexes": [],
+        "initializer_range": 0.02,
+    }
 
 
 def model_config(size: str) -> dict:

@@ -161,9 +161,11 @@ class Preprocessor:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{model_dir}: preprocessor {key} must be a positive integer")
-        for lo, hi, limit in (("min_pixels", "max_pixels", MAX_PIXELS),
-                              ("video_min_pixels", "video_max_pixels", MAX_PIXELS),
-                              ("video_min_frames", "video_max_frames", None)):  # fmt: skip
+        for lo, hi, limit in (
+            ("min_pixels", "max_pixels", MAX_PIXELS),
+            ("video_min_pixels", "video_max_pixels", MAX_PIXELS),
+            ("video_min_frames", "video_max_frames", None),
+        ):
             if getattr(self, lo) > getattr(self, hi) or (limit and getattr(self, hi) > limit):
                 raise ConfigError(
                     f"{model_dir}: preprocessor {lo} .. {hi} must be an increasing range"

@@ -67,8 +67,15 @@ class Inputs:
         return self.root / "out"
 
     def format(self, arg: str) -> str:
-        return arg.format(root=self.root, src=self.src, untied=self.untied, vision=self.vision,
-                          converted=self.converted, bundle=self.bundle, out=self.out)  # fmt: skip
+        return arg.format(
+            root=self.root,
+            src=self.src,
+            untied=self.untied,
+            vision=self.vision,
+            converted=self.converted,
+            bundle=self.bundle,
+            out=self.out,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,12 @@ _SOURCES = {
 def prepare(inputs: Inputs, needs: tuple[str, ...], built: dict[str, Path]) -> None:
     for name in needs:
         origin = built[name] if name in built else _SOURCES[name]
-        shutil.copytree(origin, inputs.root / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("reference.npz"))  # fmt: skip
+        shutil.copytree(
+            origin,
+            inputs.root / name,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("reference.npz"),
+        )
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -192,9 +203,13 @@ def _run_subprocess(row: Row, inputs: Inputs, env: dict[str, str]) -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
         [sys.executable, "-m", "mlxkit", *(inputs.format(a) for a in row.args)],
-        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=Path.cwd(), check=False,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=Path.cwd(),
+        check=False,
         env={**os.environ, "PYTHONPATH": str(root), **env},
-    )  # fmt: skip
+    )
     _check_output(row, proc.returncode, proc.stdout, proc.stderr, "")
 
 

@@ -43,8 +43,10 @@ def write_vision_checkpoint(out: Path, vision_config: dict, seed: int) -> Path:
             value = 1.5 * rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
         tensors[f"model.visual.{name}"] = torch.tensor(value, dtype=torch.bfloat16)
     out.mkdir(parents=True)
-    config = {"model_type": "qwen3_5", "vision_config": {"model_type": "qwen3_5_vision",
-                                                          **vision_config}}  # fmt: skip
+    config = {
+        "model_type": "qwen3_5",
+        "vision_config": {"model_type": "qwen3_5_vision", **vision_config},
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, out / "model.safetensors")
     return out
@@ -107,8 +109,10 @@ class Reference:
 
     def __call__(self, patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         with torch.no_grad(), Float64Everywhere() as mode:
-            out = self.model(torch.from_numpy(np.asarray(patches, np.float64)),
-                             grid_thw=torch.tensor([[1, *grid]])).pooler_output  # fmt: skip
+            out = self.model(
+                torch.from_numpy(np.asarray(patches, np.float64)),
+                grid_thw=torch.tensor([[1, *grid]]),
+            ).pooler_output
         assert not mode.low_precision_ops, mode.low_precision_ops
         return out.numpy()
 
@@ -141,8 +145,12 @@ def blob_consts(spec) -> dict[str, dict[str, tuple[str, int, int, int]]]:
             blob = op.attributes["val"].blobFileValue
             tensor = op.outputs[0].type.tensorType
             count = math.prod(d.constant.size for d in tensor.dimensions)
-            out[fname][op.outputs[0].name] = (blob.fileName, blob.offset, count,
-                                              itemsize[tensor.dataType])  # fmt: skip
+            out[fname][op.outputs[0].name] = (
+                blob.fileName,
+                blob.offset,
+                count,
+                itemsize[tensor.dataType],
+            )
     return out
 
 

@@ -53,8 +53,9 @@ def mlx_vlm_mtp_logits(target, drafter, name: str) -> np.ndarray:
     drafter.bind(target)
     tokens = mx.array(ref["tokens"])[None]
     hidden = mx.array(ref["hidden_f64"][:-1], dtype=mx.float32)[None]
-    h = drafter._forward_hidden(drafter._input_embed(tokens[:, 1:]), hidden, None,
-                                mx.arange(tokens.shape[1] - 1)[None])  # fmt: skip
+    h = drafter._forward_hidden(
+        drafter._input_embed(tokens[:, 1:]), hidden, None, mx.arange(tokens.shape[1] - 1)[None]
+    )
     return np.array(drafter._lm_head_fn(h)[0].astype(mx.float32))
 
 

@@ -120,8 +120,7 @@ def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
     return y
 
 
-def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None,
-                    squeeze_mask=None):  # fmt: skip
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
     rank = np.ndim(x)
     begin, end = np.asarray(begin).reshape(-1), np.asarray(end).reshape(-1)
     stride = np.ones(rank, int) if stride is None else np.asarray(stride).reshape(-1)

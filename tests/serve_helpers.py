@@ -22,8 +22,17 @@ class Server:
     """`python -m mlxkit serve --port 0 ARGS`; the port it took is read from its banner."""
 
     def __init__(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "mlxkit", "serve", "--port", "0", "--log-level", "warning",
-               *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlxkit",
+            "serve",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self.port = self._read_port()
@@ -50,8 +59,12 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def client(self, **kwargs) -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"),
-                      max_retries=0, **kwargs)  # fmt: skip
+        return OpenAI(
+            base_url=self.url + "/v1",
+            api_key=kwargs.pop("api_key", "unused"),
+            max_retries=0,
+            **kwargs,
+        )
 
     def request(
         self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None
@@ -59,8 +72,9 @@ class Server:
         """(status, headers, JSON body) of one plain HTTP request."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         data = json.dumps(body).encode() if isinstance(body, dict) else body
-        conn.request(method, path, body=data,
-                     headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+        conn.request(
+            method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         response = conn.getresponse()
         raw = response.read()
         conn.close()

@@ -254,8 +254,19 @@ def plan(id: str, *args: str, **kw):
 
 
 def verify(id: str, setup, message: str, *args: str, code: int = 1, **kw):
-    return cli(id, "bundle", "verify", "{bundle}", "--no-load", *args, setup=setup,
-               message=message, code=code, needs=("bundle",), **kw)  # fmt: skip
+    return cli(
+        id,
+        "bundle",
+        "verify",
+        "{bundle}",
+        "--no-load",
+        *args,
+        setup=setup,
+        message=message,
+        code=code,
+        needs=("bundle",),
+        **kw,
+    )
 
 
 NINES = "9" * 400
@@ -1205,8 +1216,9 @@ def _image(image, **kw):
     """preprocess_image of `image` (a callable of the inputs gives a path under them)."""
     from mlxkit.vision import preprocess_image
 
-    return lambda i: preprocess_image(image(i) if callable(image) else image, _preprocessor(i),
-                                      **kw)  # fmt: skip
+    return lambda i: preprocess_image(
+        image(i) if callable(image) else image, _preprocessor(i), **kw
+    )
 
 
 def _raw_image(image, pre):

@@ -73,23 +73,36 @@ def source_weights(name: str, dtype=None) -> dict[str, mx.array]:
 @pytest.mark.parametrize("name", [*TINY, VISION[1]])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"recipe": "quality"}, {"bits": 8, "group_size": 32}, {"quantize": False, "dtype": "float32"},
-     {"mtp": False}, {"vision": False}, {"vision_bits": 4, "group_size": 32}],
+    [
+        {},
+        {"recipe": "quality"},
+        {"bits": 8, "group_size": 32},
+        {"quantize": False, "dtype": "float32"},
+        {"mtp": False},
+        {"vision": False},
+        {"vision_bits": 4, "group_size": 32},
+    ],
     ids=["uniform", "quality", "8bit-g32", "float32", "no-mtp", "no-vision", "vision-4bit-g32"],
-)  # fmt: skip
+)
 def test_conversion_writes_exactly_the_planned_tensors(converted, name, options):
     """Every fixture ships a vision tower, kept unless vision=False (in the output dtype
     unless vision_bits)."""
     out = converted(name, **options)
     recipe = None
     if options.get("quantize", True):
-        recipe = load_recipe(options.get("recipe", "uniform"), options.get("bits"),
-                             options.get("group_size"))  # fmt: skip
+        recipe = load_recipe(
+            options.get("recipe", "uniform"), options.get("bits"), options.get("group_size")
+        )
     shapes = shapes_of(name)
     vision = shapes.vision if options.get("vision", True) else None
-    plan = planned_tensors(shapes.text, recipe, include_mtp=options.get("mtp", True),
-                           dtype=options.get("dtype", "bfloat16"), vision=vision,
-                           vision_bits=options.get("vision_bits"))  # fmt: skip
+    plan = planned_tensors(
+        shapes.text,
+        recipe,
+        include_mtp=options.get("mtp", True),
+        dtype=options.get("dtype", "bfloat16"),
+        vision=vision,
+        vision_bits=options.get("vision_bits"),
+    )
     assert any(t.part == "vision" for t in plan) == (vision is not None)
     if options.get("vision_bits"):
         assert any(t.part == "vision" and t.dtype == "uint32" for t in plan)
@@ -160,15 +173,19 @@ def test_quantized_weights_equal_mx_quantize_of_the_same_weights(converted, reci
         # keeps zero exact, which costs up to a step), plus the bf16 rounding of the
         # stored values and biases
         scales, biases = (got[f"{module}.{k}"].astype(mx.float32) for k in ("scales", "biases"))
-        restored = mx.dequantize(got[path], got[f"{module}.scales"], got[f"{module}.biases"],
-                                 group, bits).astype(mx.float32)  # fmt: skip
+        restored = mx.dequantize(
+            got[path], got[f"{module}.scales"], got[f"{module}.biases"], group, bits
+        ).astype(mx.float32)
         w32 = weight.astype(mx.float32)
         step, offset = (mx.repeat(mx.abs(a), group, axis=-1) for a in (scales, biases))
         bound = step + (offset + mx.abs(w32)) * 2**-7
         assert (mx.abs(restored - w32) <= bound).all().item(), path
         if not path.startswith("mtp.") and rule != (rules.bits, rules.group_size):
-            assert config["quantization"][module] == {"group_size": group, "bits": bits,
-                                                      "mode": "affine"}  # fmt: skip
+            assert config["quantization"][module] == {
+                "group_size": group,
+                "bits": bits,
+                "mode": "affine",
+            }
         n_quantized += 1
     assert n_quantized > 30
 
@@ -209,7 +226,7 @@ def test_quality_recipe_puts_more_bits_where_it_says():
     )
     assert recipe.rule_for("language_model.model.norm.weight", (1024,)) is None
     assert load_recipe("quality", bits=3).rule_for("mtp.fc.weight", (1024, 2048)) == (3, 64)
-    assert load_recipe("uniform", group_size=128).rule_for("mtp.fc.weight", (64, 96)) is None  # fmt: skip
+    assert load_recipe("uniform", group_size=128).rule_for("mtp.fc.weight", (64, 96)) is None
 
 
 def test_recipe_quantization_block_is_declared_in_both_configs(converted):
@@ -238,8 +255,9 @@ def test_float32_conversion_reproduces_reference_logits(converted, name):
     assert model.layers[0].linear_attn.A_log.dtype == mx.float32
     logits = model(mx.array(ref["tokens"])[None])[0]
     assert np.abs(np.array(logits) - ref["logits_f64"]).max() <= 1e-4
-    mtp = model.mtp_forward(mx.array(ref["hidden_f64"][:-1], dtype=mx.float32)[None],
-                            mx.array(ref["tokens"][1:])[None])[0][0]  # fmt: skip
+    mtp = model.mtp_forward(
+        mx.array(ref["hidden_f64"][:-1], dtype=mx.float32)[None], mx.array(ref["tokens"][1:])[None]
+    )[0][0]
     assert np.abs(np.array(mtp) - ref["mtp_logits_f64"]).max() <= 1e-4
 
 
@@ -339,8 +357,9 @@ def greedy_mlx_vlm(model, prompt: list[int], n: int, **draft) -> list[int]:
     from mlx_vlm.generate.ar import generate_step
 
     tokens: list[int] = []
-    for token, _ in generate_step(mx.array([prompt]), model, None, None, max_tokens=n,
-                                  temperature=0.0, **draft):  # fmt: skip
+    for token, _ in generate_step(
+        mx.array([prompt]), model, None, None, max_tokens=n, temperature=0.0, **draft
+    ):
         tokens.extend(np.array(token).reshape(-1).tolist())
         if len(tokens) >= n:
             break

@@ -77,22 +77,28 @@ CASES = {
         lambda s: edit_config(s, lambda c: c.update(model_type="llama")), [], "'llama'"
     ),
     "missing tensor": Case(
-        lambda s: edit_weights(s, lambda w: w.pop("model.language_model.layers.1.mlp.up_proj.weight")),
-        [], "missing tensor for language_model.model.layers.1.mlp.up_proj.weight",
+        lambda s: edit_weights(
+            s, lambda w: w.pop("model.language_model.layers.1.mlp.up_proj.weight")
+        ),
+        [],
+        "missing tensor for language_model.model.layers.1.mlp.up_proj.weight",
     ),
     "missing mtp tensor": Case(
         lambda s: edit_weights(s, lambda w: w.pop("mtp.fc.weight")), [], "mtp.fc.weight"
     ),
     "shape mismatch": Case(
-        lambda s: edit_weights(s, lambda w: w.update({EMBED: w[EMBED][:, :32]})), [],
+        lambda s: edit_weights(s, lambda w: w.update({EMBED: w[EMBED][:, :32]})),
+        [],
         "has shape (512, 32), expected (512, 64)",
     ),
     "unknown tensor": Case(
         lambda s: edit_weights(s, lambda w: w.update({"model.language_model.extra": mx.zeros(2)})),
-        [], "model.language_model.extra is not a Qwen 3.5 text-model tensor",
+        [],
+        "model.language_model.extra is not a Qwen 3.5 text-model tensor",
     ),
     "quantized source": Case(
-        lambda s: edit_weights(s, lambda w: w.update({EMBED: w[EMBED].view(mx.uint16)})), [],
+        lambda s: edit_weights(s, lambda w: w.update({EMBED: w[EMBED].view(mx.uint16)})),
+        [],
         "expected bf16, f16 or f32",
     ),
     "truncated shard": Case(truncate, [], "truncated"),
@@ -103,7 +109,7 @@ CASES = {
     "unknown recipe": Case(None, ["--recipe", "fast"], "unknown recipe 'fast'"),
     "--dtype int8": Case(None, ["--dtype", "int8"], "dtype must be one of"),
     "--bits with --no-quantize": Case(None, ["--no-quantize", "--bits", "8"], "no effect"),
-}  # fmt: skip
+}
 
 
 def run_cli(args: list[str]):
@@ -157,8 +163,18 @@ def test_existing_output_without_force(tmp_path):
     result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--bits", "8"])
     assert_one_line_error(result, "already exists; pass --force")
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
-    result = run_cli(["--hf-path", str(FIXTURES / "tiny_tied"), "-o", str(out), "--force",
-                      "--quiet", "--bits", "8"])  # fmt: skip
+    result = run_cli(
+        [
+            "--hf-path",
+            str(FIXTURES / "tiny_tied"),
+            "-o",
+            str(out),
+            "--force",
+            "--quiet",
+            "--bits",
+            "8",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     assert_nothing_left(tmp_path, {"out"})
@@ -189,8 +205,9 @@ def test_size_checks_options_and_output_before_downloading(tmp_path, monkeypatch
 def test_missing_parent_directories_are_made_and_cleaned_up(tmp_path, monkeypatch):
     out = tmp_path / "a" / "b" / "out"
     assert convert(FIXTURES / "tiny_tied", out, quiet=True).output == out
-    monkeypatch.setattr(writer_module.ShardedWriter, "close",
-                        lambda self: (_ for _ in ()).throw(KeyboardInterrupt))  # fmt: skip
+    monkeypatch.setattr(
+        writer_module.ShardedWriter, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     with pytest.raises(KeyboardInterrupt):
         convert(FIXTURES / "tiny_tied", tmp_path / "x" / "y" / "out", quiet=True)
     assert_nothing_left(tmp_path, {"a"})
@@ -241,8 +258,9 @@ def test_interrupt_with_force_keeps_the_old_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     convert(FIXTURES / "tiny_tied", out, quiet=True)
     before = (out / "model.safetensors").read_bytes()
-    monkeypatch.setattr(writer_module.ShardedWriter, "close",
-                        lambda self: (_ for _ in ()).throw(KeyboardInterrupt))  # fmt: skip
+    monkeypatch.setattr(
+        writer_module.ShardedWriter, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     with pytest.raises(KeyboardInterrupt):
         convert(FIXTURES / "tiny_tied", out, quiet=True, force=True, bits=8)
     assert (out / "model.safetensors").read_bytes() == before
@@ -255,8 +273,13 @@ def test_offline_size_says_to_pass_hf_path(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
         [sys.executable, "-m", "mlxkit", "convert", "--size", "0.8b", "-o", str(tmp_path / "o")],
-        check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr

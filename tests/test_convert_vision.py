@@ -172,44 +172,61 @@ def _vision(edit):
 BAD = {
     "--vision-bits 7": (None, ["--vision-bits", "7"], "--vision-bits: bits must be one of"),
     "--vision-bits with --no-vision": (
-        None, ["--vision-bits", "8", "--no-vision"], "drop it or --no-vision"
+        None,
+        ["--vision-bits", "8", "--no-vision"],
+        "drop it or --no-vision",
     ),
     "--vision-bits with --no-quantize": (
-        None, ["--vision-bits", "8", "--no-quantize"], "--vision-bits has no effect"
+        None,
+        ["--vision-bits", "8", "--no-quantize"],
+        "--vision-bits has no effect",
     ),
     "--image-tokens without a plan": (None, ["--image-tokens", "64"], "only with --target"),
     "out_hidden_size": (
-        _vision(lambda v: v.update(out_hidden_size=48)), [],
+        _vision(lambda v: v.update(out_hidden_size=48)),
+        [],
         "out_hidden_size 48 differs from the text model's hidden_size 64",
     ),
     "deepstack": (_vision(lambda v: v.update(deepstack_visual_indexes=[0])), [], "DeepStack"),
     "missing token id": (
-        lambda s: edit_config(s, lambda c: c.pop("vision_start_token_id")), [],
+        lambda s: edit_config(s, lambda c: c.pop("vision_start_token_id")),
+        [],
         "lacks vision_start_token_id",
     ),
     "token id beyond the vocabulary": (
-        lambda s: edit_config(s, lambda c: c.update(image_token_id=248056)), [],
+        lambda s: edit_config(s, lambda c: c.update(image_token_id=248056)),
+        [],
         "image_token_id must be a token id below the vocabulary size 512",
     ),
     "preprocessor patch size": (
-        lambda s: (s / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16})), [],
+        lambda s: (s / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16})),
+        [],
         "patch_size 16 differs from the vision tower's 4",
     ),
     "missing vision tensor": (
-        lambda s: edit_weights(s, lambda w: w.pop("model.visual.blocks.1.attn.qkv.weight")), [],
+        lambda s: edit_weights(s, lambda w: w.pop("model.visual.blocks.1.attn.qkv.weight")),
+        [],
         "missing tensor for vision_tower.blocks.1.attn.qkv.weight",
     ),
     "vision tensor shape": (
-        lambda s: edit_weights(s, lambda w: w.update(
-            {"model.visual.pos_embed.weight": mx.zeros((25, 32), mx.bfloat16)})), [],
+        lambda s: edit_weights(
+            s,
+            lambda w: w.update({"model.visual.pos_embed.weight": mx.zeros((25, 32), mx.bfloat16)}),
+        ),
+        [],
         "model.visual.pos_embed.weight has shape (25, 32), expected (16, 32)",
     ),
     "patch weight rank": (
-        lambda s: edit_weights(s, lambda w: w.update(
-            {"model.visual.patch_embed.proj.weight": mx.zeros((32, 96), mx.bfloat16)})), [],
+        lambda s: edit_weights(
+            s,
+            lambda w: w.update(
+                {"model.visual.patch_embed.proj.weight": mx.zeros((32, 96), mx.bfloat16)}
+            ),
+        ),
+        [],
         "expected a 5-D Conv3d weight",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))

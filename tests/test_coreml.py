@@ -54,9 +54,21 @@ from tests.vision_helpers import VISION
 # the video's 3x6 (3 rows, fewer than the table's 5)
 GRIDS = {"tiny_vision_p4": [(6, 10), (12, 4), (4, 4)], "tiny_vision_p6": [(6, 3), (6, 9), (3, 6)]}
 OPS_FLOAT32 = {
-    "const", "linear", "reshape", "transpose", "upsample_bilinear", "add", "sub", "mul",
-    "layer_norm", "slice_by_index", "split", "concat", "scaled_dot_product_attention", "gelu",
-}  # fmt: skip
+    "const",
+    "linear",
+    "reshape",
+    "transpose",
+    "upsample_bilinear",
+    "add",
+    "sub",
+    "mul",
+    "layer_norm",
+    "slice_by_index",
+    "split",
+    "concat",
+    "scaled_dot_product_attention",
+    "gelu",
+}
 OPS_FLOAT16 = OPS_FLOAT32 | {"cast"}  # the float32 input and output, at the edges only
 
 
@@ -66,12 +78,15 @@ def exports(tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
     return {
         (name, precision): export_vision_encoder(
-            FIXTURES / name, out / f"{name}-{precision}.mlpackage", GRIDS[name],
-            precision=precision, quiet=True,
+            FIXTURES / name,
+            out / f"{name}-{precision}.mlpackage",
+            GRIDS[name],
+            precision=precision,
+            quiet=True,
         )
         for name in VISION
         for precision in ("float32", "float16")
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +126,11 @@ def test_float16_program_cosine_per_token(exports, references, name, capsys):
     for grid, out, ref in run_all(exports[name, "float16"], references, name):
         rel, cos = errors(out, ref)
         with capsys.disabled():
-            print(f"\n{name} float16 {function_name(grid)}: max rel error {rel:.2e}, "
-                  f"min cosine {cos:.7f}", end="")  # fmt: skip
+            print(
+                f"\n{name} float16 {function_name(grid)}: max rel error {rel:.2e}, "
+                f"min cosine {cos:.7f}",
+                end="",
+            )
         assert cos >= 0.9999, (grid, cos)
         assert rel <= 5e-3, (grid, rel)  # float16 has 11 bits; ~1e-3 is its scale here
 
@@ -133,8 +151,9 @@ def test_fixture_images_and_video_match_their_float64_references(exports, name, 
         if (h, w) not in GRIDS[name]:
             continue  # p4's video grid is not exported
         groups = np.split(ref[f"{part}_patches"], t)  # each temporal group attends on its own
-        out = np.concatenate([package.run(function_name((h, w)), {INPUT_NAME: g})[OUTPUT_NAME]
-                              for g in groups])  # fmt: skip
+        out = np.concatenate(
+            [package.run(function_name((h, w)), {INPUT_NAME: g})[OUTPUT_NAME] for g in groups]
+        )
         rel, cos = errors(out, expected)
         if precision == "float32":
             assert rel <= 1e-5, (part, rel)
@@ -158,8 +177,10 @@ def test_spec_names_dtypes_and_shapes(exports, name, precision):
         f = functions[function_name(grid)]
         (inp,), (out,) = f.input, f.output
         n = grid[0] * grid[1]
-        for feature, name_, shape in ((inp, INPUT_NAME, [n, cfg.patch_dim]),
-                                      (out, OUTPUT_NAME, [n // m**2, cfg.out_hidden_size])):  # fmt: skip
+        for feature, name_, shape in (
+            (inp, INPUT_NAME, [n, cfg.patch_dim]),
+            (out, OUTPUT_NAME, [n // m**2, cfg.out_hidden_size]),
+        ):
             array = feature.type.multiArrayType
             assert feature.name == name_ and list(array.shape) == shape
             assert array.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
@@ -222,8 +243,12 @@ def test_weights_are_two_bytes_per_parameter_and_do_not_grow_with_grids(
     assert {size for _, _, _, size in tower.values()} == {2}
     # what more grids add is their rotary tables, nothing else
     first_blobs = {offset for _, offset, _, _ in first.values()}
-    extra = {(k, offset, n) for c in consts.values() for k, (_, offset, n, _) in c.items()
-             if offset not in first_blobs}  # fmt: skip
+    extra = {
+        (k, offset, n)
+        for c in consts.values()
+        for k, (_, offset, n, _) in c.items()
+        if offset not in first_blobs
+    }
     assert all(k.startswith(ROTARY_TABLES) for k, _, _ in extra)
     growth = three.weight_bytes - one.weight_bytes
     tables = {(offset, n) for _, offset, n in extra}
@@ -249,12 +274,16 @@ def test_the_spec_says_how_to_make_the_input(exports, name):
     import json
 
     meta = read_package_spec(exports[name, "float16"].output).metadata
-    cfg, config = vision_config(FIXTURES / name), json.loads((FIXTURES / name / "config.json")
-                                                             .read_text())  # fmt: skip
+    cfg, config = (
+        vision_config(FIXTURES / name),
+        json.loads((FIXTURES / name / "config.json").read_text()),
+    )
     pre = json.loads(meta["mlxkit.preprocessing"])
     assert (pre["patch_size"], pre["temporal_patch_size"], pre["merge_size"]) == (
-        cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size,
-    )  # fmt: skip
+        cfg.patch_size,
+        cfg.temporal_patch_size,
+        cfg.spatial_merge_size,
+    )
     source = json.loads((FIXTURES / name / "preprocessor_config.json").read_text())
     assert pre["image_mean"] == source["image_mean"] and pre["image_std"] == source["image_std"]
     assert json.loads(meta["mlxkit.vision_config"])["depth"] == cfg.depth
@@ -281,8 +310,9 @@ def test_grid_patches_are_transformers_patches_at_the_grid(exports, name):
     assert errors(out, expected)[0] <= 1e-5
     # another grid bends the picture to its own shape
     assert grid_patches(FIXTURES / name / "image1.png", GRIDS[name][0], pre).shape == (
-        GRIDS[name][0][0] * GRIDS[name][0][1], cfg.patch_dim,
-    )  # fmt: skip
+        GRIDS[name][0][0] * GRIDS[name][0][1],
+        cfg.patch_dim,
+    )
 
 
 def test_nearest_grid_by_aspect_then_tokens():
@@ -309,14 +339,28 @@ def test_converted_layout_exports_the_same_encoder(exports, converted_one_grid):
 def test_default_grids_are_smart_resize_caps_of_square_and_3_4_photos():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    assert default_grids(2) == [(32, 32), (36, 26), (26, 36), (48, 48), (54, 40), (40, 54),
-                                (64, 64), (72, 54), (54, 72)]  # fmt: skip
+    assert default_grids(2) == [
+        (32, 32),
+        (36, 26),
+        (26, 36),
+        (48, 48),
+        (54, 40),
+        (40, 54),
+        (64, 64),
+        (72, 54),
+        (54, 72),
+    ]
     patch, merge = 16, 2
     expected = []
     for tokens in (256, 576, 1024):
         for width, height in ((3024, 3024), (3024, 4032), (4032, 3024)):
-            h, w = smart_resize(height, width, factor=patch * merge, min_pixels=1,
-                                max_pixels=tokens * (patch * merge) ** 2)  # fmt: skip
+            h, w = smart_resize(
+                height,
+                width,
+                factor=patch * merge,
+                min_pixels=1,
+                max_pixels=tokens * (patch * merge) ** 2,
+            )
             expected.append((h // patch, w // patch))
     assert default_grids(merge) == expected
 
@@ -346,20 +390,28 @@ def test_grids_parse_from_several_options():
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(exports, precision,
-                                                                         capsys):  # fmt: skip
+def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(
+    exports, precision, capsys
+):
     """benchmarks/coreml_vision.py's comparison with mlxkit's MLX tower, Core ML emulated."""
     from benchmarks.coreml_vision import MIN_PSNR, compare, mlx_reference
 
     name = "tiny_vision_p6"
     cfg, package = vision_config(FIXTURES / name), exports[name, precision].output
     interpreter = Package(package)
-    rows = compare(package, cfg, lambda f, x: interpreter.run(f, {INPUT_NAME: x})[OUTPUT_NAME],
-                   mlx_reference(FIXTURES / name, cfg))  # fmt: skip
+    rows = compare(
+        package,
+        cfg,
+        lambda f, x: interpreter.run(f, {INPUT_NAME: x})[OUTPUT_NAME],
+        mlx_reference(FIXTURES / name, cfg),
+    )
     assert [r.function for r in rows] == [function_name(g) for g in GRIDS[name]]
     with capsys.disabled():
-        print(f"\nemulated {precision} against mlxkit's tower: "
-              + ", ".join(f"{r.function} {r.psnr:.1f} dB" for r in rows), end="")  # fmt: skip
+        print(
+            f"\nemulated {precision} against mlxkit's tower: "
+            + ", ".join(f"{r.function} {r.psnr:.1f} dB" for r in rows),
+            end="",
+        )
     assert all(r.psnr >= MIN_PSNR and r.min_cosine >= 0.9999 for r in rows)
     if precision == "float32":  # both are float32: only rounding apart
         assert all(r.max_rel_error <= 1e-5 for r in rows)

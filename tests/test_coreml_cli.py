@@ -68,8 +68,9 @@ def test_force_replaces_only_a_package_export_coreml_wrote(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert_one_line_error(run(str(TOWER), "-o", str(out), "--grids", "4x4"), "already exists")
-    assert_one_line_error(run(str(TOWER), "-o", str(out), "--grids", "4x4", "--force"),
-                          "was not written by mlxkit")  # fmt: skip
+    assert_one_line_error(
+        run(str(TOWER), "-o", str(out), "--grids", "4x4", "--force"), "was not written by mlxkit"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").unlink()  # an empty folder may be replaced, and then our own package
     for _ in range(2):
@@ -81,23 +82,47 @@ def test_force_replaces_only_a_package_export_coreml_wrote(tmp_path):
 
 OUT = "e.mlpackage"
 CASES = {  # output name, extra arguments, config edit, message
-    "grid not a multiple of the merge size": (OUT, ["--grids", "4x3"], None,
-        "grid 4x3: rows and cols must be positive multiples of the spatial merge size 2"),
+    "grid not a multiple of the merge size": (
+        OUT,
+        ["--grids", "4x3"],
+        None,
+        "grid 4x3: rows and cols must be positive multiples of the spatial merge size 2",
+    ),
     "grid too large": (OUT, ["--grids", "200x200"], None, "10000 vision tokens; at most 4096"),
     "malformed grid": (OUT, ["--grids", "4by4"], None, "write ROWSxCOLS in patches"),
     "grid listed twice": (OUT, ["--grids", "4x4,4x4"], None, "a grid is listed twice"),
-    "no vision_config": (OUT, [], lambda c: c.pop("vision_config"),
-                         "this model has no vision tower"),
-    "no vision_config, with --grids": (OUT, ["--grids", "4x4"], lambda c: c.pop("vision_config"),
-                                       "this model has no vision tower"),
-    "not a square position grid": (OUT, [], lambda c: c["vision_config"].update(
-        num_position_embeddings=12), "num_position_embeddings must be a square"),
-    "weights unlike the config": (OUT, [], lambda c: c["vision_config"].update(
-        intermediate_size=48), "linear_fc1.bias has shape (64,) in mlxkit's layout, expected (48,) from vision_config"),
-    "deepstack tower": (OUT, [], lambda c: c["vision_config"].update(
-        deepstack_visual_indexes=[1]), "DeepStack vision towers (Qwen3-VL) are not supported"),
+    "no vision_config": (
+        OUT,
+        [],
+        lambda c: c.pop("vision_config"),
+        "this model has no vision tower",
+    ),
+    "no vision_config, with --grids": (
+        OUT,
+        ["--grids", "4x4"],
+        lambda c: c.pop("vision_config"),
+        "this model has no vision tower",
+    ),
+    "not a square position grid": (
+        OUT,
+        [],
+        lambda c: c["vision_config"].update(num_position_embeddings=12),
+        "num_position_embeddings must be a square",
+    ),
+    "weights unlike the config": (
+        OUT,
+        [],
+        lambda c: c["vision_config"].update(intermediate_size=48),
+        "linear_fc1.bias has shape (64,) in mlxkit's layout, expected (48,) from vision_config",
+    ),
+    "deepstack tower": (
+        OUT,
+        [],
+        lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]),
+        "DeepStack vision towers (Qwen3-VL) are not supported",
+    ),
     "not a .mlpackage": ("e.mlmodel", [], None, "must be a .mlpackage path"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
@@ -115,23 +140,35 @@ def test_a_model_without_vision_weights(tmp_path):
     weights = mx.load(str(TOWER / "model.safetensors"))
     text = {k: v for k, v in weights.items() if not k.startswith("model.visual.")}
     mx.save_safetensors(str(src / "model.safetensors"), text)
-    assert_one_line_error(run(str(src), "-o", str(tmp_path / "e.mlpackage")),
-                          "no vision tower weights (model.visual.* or vision_tower.*)")  # fmt: skip
+    assert_one_line_error(
+        run(str(src), "-o", str(tmp_path / "e.mlpackage")),
+        "no vision tower weights (model.visual.* or vision_tower.*)",
+    )
     assert {p.name for p in tmp_path.iterdir()} == {"src"}
 
 
 WEIGHT_CASES = {  # an edit of the checkpoint's tensors, the message
-    "quantized": (lambda w: w.update({"model.visual.blocks.0.attn.qkv.scales": mx.ones((96, 1))}),
-                  "the vision tower is quantized"),
-    "missing tensor": (lambda w: w.pop("model.visual.merger.norm.bias"),
-                       "missing tensor vision_tower.merger.norm.bias"),
-    "unknown tensor": (lambda w: w.update({"model.visual.extra.weight": mx.ones(2)}),
-                       "model.visual.extra.weight is not a Qwen 3.5 vision-tower tensor"),
-    "integer weights": (lambda w: w.update({"model.visual.merger.norm.bias": mx.ones(32, mx.int32)}),
-                        "merger.norm.bias has dtype I32; expected a float"),
-    "patch weight of the wrong rank": (lambda w: w.update(
-        {"model.visual.patch_embed.proj.weight": mx.ones((32, 96))}), "expected a 5-D Conv3d"),
-}  # fmt: skip
+    "quantized": (
+        lambda w: w.update({"model.visual.blocks.0.attn.qkv.scales": mx.ones((96, 1))}),
+        "the vision tower is quantized",
+    ),
+    "missing tensor": (
+        lambda w: w.pop("model.visual.merger.norm.bias"),
+        "missing tensor vision_tower.merger.norm.bias",
+    ),
+    "unknown tensor": (
+        lambda w: w.update({"model.visual.extra.weight": mx.ones(2)}),
+        "model.visual.extra.weight is not a Qwen 3.5 vision-tower tensor",
+    ),
+    "integer weights": (
+        lambda w: w.update({"model.visual.merger.norm.bias": mx.ones(32, mx.int32)}),
+        "merger.norm.bias has dtype I32; expected a float",
+    ),
+    "patch weight of the wrong rank": (
+        lambda w: w.update({"model.visual.patch_embed.proj.weight": mx.ones((32, 96))}),
+        "expected a 5-D Conv3d",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", WEIGHT_CASES, ids=list(WEIGHT_CASES))
@@ -148,8 +185,9 @@ def test_bad_vision_weights(tmp_path, case):
 def test_coremltools_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
     out = tmp_path / "e.mlpackage"
-    assert_one_line_error(run(str(TOWER), "-o", str(out)),
-                          "Core ML export needs torch and coremltools")  # fmt: skip
+    assert_one_line_error(
+        run(str(TOWER), "-o", str(out)), "Core ML export needs torch and coremltools"
+    )
     assert "pip install 'mlxkit[coreml]'" in run(str(TOWER), "-o", str(out)).stderr
     assert not any(tmp_path.iterdir())
 
@@ -175,6 +213,7 @@ def test_an_interrupted_export_leaves_nothing_and_keeps_the_old_package(tmp_path
 def test_not_enough_disk(tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=100_000))
-    assert_one_line_error(run(str(TOWER), "-o", str(tmp_path / "e.mlpackage")),
-                          "not enough disk space")  # fmt: skip
+    assert_one_line_error(
+        run(str(TOWER), "-o", str(tmp_path / "e.mlpackage")), "not enough disk space"
+    )
     assert not any(tmp_path.iterdir())

@@ -54,9 +54,20 @@ def export(src: Path, out: Path, precision: str) -> tuple[float, int, str]:
     """(seconds, peak resident bytes, what the export printed) of an export in a child."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(out), ",".join(f"{r}x{c}" for r, c in GRIDS),
-         precision], capture_output=True, text=True, timeout=1800, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(src),
+            str(out),
+            ",".join(f"{r}x{c}" for r, c in GRIDS),
+            precision,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+    )
     return time.perf_counter() - t0, int(proc.stdout.split()[-1]), proc.stderr
 
 
@@ -70,8 +81,10 @@ def test_0_8b_shaped_tower_exports_three_grids(tmp_path):
     for precision in ("float16", "float32"):
         out = tmp_path / f"VisionEncoder-{precision}.mlpackage"
         seconds, peak, printed = export(src, out, precision)
-        report(f"{precision}: export {seconds:.0f} s, peak memory {peak / 1e9:.2f} GB\n"
-               + printed.strip())  # fmt: skip
+        report(
+            f"{precision}: export {seconds:.0f} s, peak memory {peak / 1e9:.2f} GB\n"
+            + printed.strip()
+        )
         assert peak < 4e9
         packages[precision] = out
 
@@ -87,8 +100,10 @@ def test_0_8b_shaped_tower_exports_three_grids(tmp_path):
     }
     assert all(k.startswith(ROTARY_TABLES) for k, _, _ in tables)
     extra = sum(2 * n for _, _, n in tables)
-    report(f"weight file {weight_bytes:,} bytes = {weight_bytes / params:.4f} bytes per "
-           f"parameter; the two further grids add {extra:,} bytes of rotary tables")  # fmt: skip
+    report(
+        f"weight file {weight_bytes:,} bytes = {weight_bytes / params:.4f} bytes per "
+        f"parameter; the two further grids add {extra:,} bytes of rotary tables"
+    )
     assert 2.0 <= weight_bytes / params < 2.001
     tower = VisionConfig.from_dict({"vision_config": config})
     for precision, path in packages.items():  # what the planner counts, to the byte
@@ -103,8 +118,10 @@ def test_0_8b_shaped_tower_exports_three_grids(tmp_path):
         for precision, package in interpreters.items():
             out = package.run(function_name(grid), {INPUT_NAME: patches})[OUTPUT_NAME]
             rel, cos = errors(out, ref)
-            report(f"{precision} {function_name(grid)}: max rel error {rel:.2e}, "
-                   f"min cosine {cos:.7f}, PSNR {psnr(out, ref):.1f} dB")  # fmt: skip
+            report(
+                f"{precision} {function_name(grid)}: max rel error {rel:.2e}, "
+                f"min cosine {cos:.7f}, PSNR {psnr(out, ref):.1f} dB"
+            )
             if precision == "float32":
                 assert rel <= 1e-5, (grid, rel)
             else:

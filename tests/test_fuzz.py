@@ -33,8 +33,12 @@ def fuzz(strategy, examples: int = DEFAULT):
 
     def wrap(body):
         def make(n):
-            return settings(max_examples=n, deadline=None, database=None,
-                            suppress_health_check=list(HealthCheck))(given(strategy)(body))  # fmt: skip
+            return settings(
+                max_examples=n,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )(given(strategy)(body))
 
         fast = make(examples)
         slow = pytest.mark.slow(make(SLOW))
@@ -50,10 +54,14 @@ def teardown_module():
 # --- JSON values of every kind, the ones that break parsers included --------------------------
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**31, 2**64]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 2**31, 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
     st.sampled_from(["", "..", "/etc/passwd", "a\0b", "x" * 300, "BF16", "F32"]),
-)  # fmt: skip
+)
 json_values = st.recursive(
     scalars,
     lambda inner: (
@@ -81,20 +89,26 @@ def safetensors_files(draw) -> bytes:
         header["__metadata__"] = {"format": "pt"}
     data = bytes(offset)
     names = [k for k in header if k != "__metadata__"]
-    kind = draw(st.sampled_from(["none", "field", "offsets", "data", "prefix", "raw", "metadata",
-                                 "duplicate", "extra"]))  # fmt: skip
+    kind = draw(
+        st.sampled_from(
+            ["none", "field", "offsets", "data", "prefix", "raw", "metadata", "duplicate", "extra"]
+        )
+    )
     prefix = None
     if kind == "field" and names:
-        name, key = draw(st.sampled_from(names)), draw(st.sampled_from(["dtype", "shape",
-                                                                        "data_offsets"]))  # fmt: skip
+        name, key = (
+            draw(st.sampled_from(names)),
+            draw(st.sampled_from(["dtype", "shape", "data_offsets"])),
+        )
         if draw(st.booleans()):
             header[name][key] = draw(json_values)
         else:
             del header[name][key]
     elif kind == "offsets" and names:
         name = draw(st.sampled_from(names))
-        header[name]["data_offsets"] = [o + draw(st.integers(-3, 3))
-                                        for o in header[name]["data_offsets"]]  # fmt: skip
+        header[name]["data_offsets"] = [
+            o + draw(st.integers(-3, 3)) for o in header[name]["data_offsets"]
+        ]
     elif kind == "data":
         data = data[: draw(st.integers(0, len(data)))] + bytes(draw(st.integers(0, 3)))
     elif kind == "metadata":
@@ -209,9 +223,18 @@ test_config_file_fuzz, test_config_file_fuzz_5000 = _config_file
 
 # --- shard indexes ---------------------------------------------------------------------------
 
-SHARD_NAMES = ["model.safetensors", "loop.safetensors", "dir.safetensors", "fifo.safetensors",
-               "out.safetensors", "gone.safetensors", "../model.safetensors",
-               "/etc/passwd", "sub/model.safetensors", "a\0.safetensors"]  # fmt: skip
+SHARD_NAMES = [
+    "model.safetensors",
+    "loop.safetensors",
+    "dir.safetensors",
+    "fifo.safetensors",
+    "out.safetensors",
+    "gone.safetensors",
+    "../model.safetensors",
+    "/etc/passwd",
+    "sub/model.safetensors",
+    "a\0.safetensors",
+]
 
 
 def _model_dir() -> Path:
@@ -229,9 +252,10 @@ def _model_dir() -> Path:
 
 indexes = st.one_of(
     json_values,
-    st.dictionaries(st.text(max_size=6), st.sampled_from(SHARD_NAMES) | json_values,
-                    max_size=4).map(lambda wm: {"weight_map": wm}),
-)  # fmt: skip
+    st.dictionaries(
+        st.text(max_size=6), st.sampled_from(SHARD_NAMES) | json_values, max_size=4
+    ).map(lambda wm: {"weight_map": wm}),
+)
 
 
 @fuzz(indexes)

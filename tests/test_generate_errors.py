@@ -374,8 +374,7 @@ def vision_cli(*args: str, message: str, name: str = "", model: str = "{vision}"
     """A row: `mlxkit generate --chat` on the vision fixture with bad image / video options."""
     base = ("generate", "--model", model, "--prompt", "What is it?", "--chat", "--max-tokens", "2")
     needs = ("vision",) if model == "{vision}" else ("src", "vision")
-    return cli(f"generate {' '.join(args)}{name}", *base, *args, message=message, needs=needs,
-               **kw)  # fmt: skip
+    return cli(f"generate {' '.join(args)}{name}", *base, *args, message=message, needs=needs, **kw)
 
 
 def _no_pyav_video(inputs: Inputs):
@@ -385,8 +384,13 @@ def _no_pyav_video(inputs: Inputs):
     saved = sys.modules.get("av")
     sys.modules["av"] = None  # import av fails as if PyAV were not installed
     try:
-        return generate(model, tokenizer, "<|vision_start|><|video_pad|><|vision_end|>",
-                        videos=[inputs.root / "clip.mov"], max_tokens=2)  # fmt: skip
+        return generate(
+            model,
+            tokenizer,
+            "<|vision_start|><|video_pad|><|vision_end|>",
+            videos=[inputs.root / "clip.mov"],
+            max_tokens=2,
+        )
     finally:
         if saved is None:
             del sys.modules["av"]
@@ -397,50 +401,128 @@ def _no_pyav_video(inputs: Inputs):
 VISION_ROWS = [
     vision_cli("--image", "{root}/missing.png", message="missing.png: no such image file"),
     vision_cli("--image", "{root}", message="a directory, not an image file"),
-    vision_cli("--image", "{root}/bad.png", name=" (not an image)",
-               setup=write("bad.png", b"not a png at all"), message="not a readable image"),
-    vision_cli("--image", "{root}/cut.png", name=" (truncated)",
-               setup=write("cut.png", Path(IMAGE0).read_bytes()[:200]),
-               message="not a readable image"),
-    vision_cli("--image", "{root}/dot.png", name=" (1x1)", setup=one_pixel,
-               message="is 1×1 pixels; the vision tower needs at least 4×4"),
-    vision_cli("--image", "{root}/huge.png", name=" (20000x20000)",
-               setup=huge_png,
-               message="too large to decode safely"),
-    vision_cli("--image", "{vision}/image0.png", model="{root}/text", name=" (text-only model)",
-               setup=text_only, message="images and videos need a model with a vision tower"),
-    vision_cli("--video", "{root}/one.mov", name=" (one frame)", setup=one_frame_video,
-               message="a video needs at least 2 frames (got 1)"),
+    vision_cli(
+        "--image",
+        "{root}/bad.png",
+        name=" (not an image)",
+        setup=write("bad.png", b"not a png at all"),
+        message="not a readable image",
+    ),
+    vision_cli(
+        "--image",
+        "{root}/cut.png",
+        name=" (truncated)",
+        setup=write("cut.png", Path(IMAGE0).read_bytes()[:200]),
+        message="not a readable image",
+    ),
+    vision_cli(
+        "--image",
+        "{root}/dot.png",
+        name=" (1x1)",
+        setup=one_pixel,
+        message="is 1×1 pixels; the vision tower needs at least 4×4",
+    ),
+    vision_cli(
+        "--image",
+        "{root}/huge.png",
+        name=" (20000x20000)",
+        setup=huge_png,
+        message="too large to decode safely",
+    ),
+    vision_cli(
+        "--image",
+        "{vision}/image0.png",
+        model="{root}/text",
+        name=" (text-only model)",
+        setup=text_only,
+        message="images and videos need a model with a vision tower",
+    ),
+    vision_cli(
+        "--video",
+        "{root}/one.mov",
+        name=" (one frame)",
+        setup=one_frame_video,
+        message="a video needs at least 2 frames (got 1)",
+    ),
     vision_cli("--video", "{root}/missing.mov", message="missing.mov: no such video file"),
-    vision_cli("--video", "{root}/bad.mov", name=" (not a video)",
-               setup=write("bad.mov", b"\0" * 64), message="not a readable video"),
-    api_vision("two image parts, one image", chat({"type": "image"}, {"type": "image"}),
-               "the chat has more image parts", images=[IMAGE0]),
-    api_vision("one image part, two images", chat({"type": "image"}),
-               "2 image(s) given but the chat has 1 image part", images=[IMAGE0, IMAGE0]),
-    api_vision("one pad, two images", PAD, "the prompt has 1 image part(s) but 2 image(s)",
-               images=[IMAGE0, IMAGE0]),
-    api_vision("no pad, one image", "What is it?", "the prompt has 0 image part(s) but 1",
-               images=[IMAGE0]),
-    api_vision("token ids without pads", [1, 2, 3], "token ids hold 0 image pads",
-               images=[IMAGE0]),
-    api_vision("an image that is a number", PAD, "an image must be a path, an image file's bytes",
-               images=[3]),
-    api_vision("a float image array", PAD, "an image array must be uint8",
-               images=[np.zeros((8, 8, 3), np.float32)]),
-    api_vision("min_pixels > max_pixels", PAD, "min_pixels 4096 is larger than max_pixels 1024",
-               images=[IMAGE0], min_pixels=4096, max_pixels=1024),
-    api_vision("max_pixels 0", PAD, "max_pixels must be a positive integer", images=[IMAGE0],
-               max_pixels=0),
-    api_vision("a part of another type", chat({"type": "audio"}),
-               "has type 'audio'; expected text, image or video"),
-    api_vision("a one-frame video", "<|vision_start|><|video_pad|><|vision_end|>",
-               "a video needs at least 2 frames", videos=[Video([np.zeros((8, 8, 3), np.uint8)])]),
-    api_vision("images to a text-only model", PAD, "need a model with a vision tower",
-               text_model=True, images=[IMAGE0]),
-    api("a video file without PyAV", _no_pyav_video, setup=without_pyav, needs=(),
-        message="reading a video file needs PyAV (pip install 'mlxkit[video]')"),
-]  # fmt: skip
+    vision_cli(
+        "--video",
+        "{root}/bad.mov",
+        name=" (not a video)",
+        setup=write("bad.mov", b"\0" * 64),
+        message="not a readable video",
+    ),
+    api_vision(
+        "two image parts, one image",
+        chat({"type": "image"}, {"type": "image"}),
+        "the chat has more image parts",
+        images=[IMAGE0],
+    ),
+    api_vision(
+        "one image part, two images",
+        chat({"type": "image"}),
+        "2 image(s) given but the chat has 1 image part",
+        images=[IMAGE0, IMAGE0],
+    ),
+    api_vision(
+        "one pad, two images",
+        PAD,
+        "the prompt has 1 image part(s) but 2 image(s)",
+        images=[IMAGE0, IMAGE0],
+    ),
+    api_vision(
+        "no pad, one image", "What is it?", "the prompt has 0 image part(s) but 1", images=[IMAGE0]
+    ),
+    api_vision("token ids without pads", [1, 2, 3], "token ids hold 0 image pads", images=[IMAGE0]),
+    api_vision(
+        "an image that is a number",
+        PAD,
+        "an image must be a path, an image file's bytes",
+        images=[3],
+    ),
+    api_vision(
+        "a float image array",
+        PAD,
+        "an image array must be uint8",
+        images=[np.zeros((8, 8, 3), np.float32)],
+    ),
+    api_vision(
+        "min_pixels > max_pixels",
+        PAD,
+        "min_pixels 4096 is larger than max_pixels 1024",
+        images=[IMAGE0],
+        min_pixels=4096,
+        max_pixels=1024,
+    ),
+    api_vision(
+        "max_pixels 0", PAD, "max_pixels must be a positive integer", images=[IMAGE0], max_pixels=0
+    ),
+    api_vision(
+        "a part of another type",
+        chat({"type": "audio"}),
+        "has type 'audio'; expected text, image or video",
+    ),
+    api_vision(
+        "a one-frame video",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        "a video needs at least 2 frames",
+        videos=[Video([np.zeros((8, 8, 3), np.uint8)])],
+    ),
+    api_vision(
+        "images to a text-only model",
+        PAD,
+        "need a model with a vision tower",
+        text_model=True,
+        images=[IMAGE0],
+    ),
+    api(
+        "a video file without PyAV",
+        _no_pyav_video,
+        setup=without_pyav,
+        needs=(),
+        message="reading a video file needs PyAV (pip install 'mlxkit[video]')",
+    ),
+]
 
 ROWS = API_ROWS + CLI_ROWS + VISION_ROWS + [cache_row(case) for case in sorted(CACHE_CASES)]
 

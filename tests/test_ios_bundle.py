@@ -150,8 +150,9 @@ def test_entitlement_plist_when_required(built, tmp_path):
 def _swift_structs(source: str) -> dict[str, set[str]]:
     """manifest path → the JSON keys the Swift structs marked with it decode."""
     found: dict[str, set[str]] = {}
-    for match in re.finditer(r"// mlxkit-manifest-path: (\S+)(.*?)enum CodingKeys[^{]*\{(.*?)\}",
-                             source, re.DOTALL):  # fmt: skip
+    for match in re.finditer(
+        r"// mlxkit-manifest-path: (\S+)(.*?)enum CodingKeys[^{]*\{(.*?)\}", source, re.DOTALL
+    ):
         keys = set()
         for case in re.finditer(r"case (\w+)(?:\s*=\s*\"([^\"]+)\")?", match.group(3)):
             keys.add(case.group(2) or case.group(1))
@@ -204,10 +205,19 @@ def test_swift_file_is_syntactically_plausible(built):
         ["plan", "--size", "2b"],
         ["bundle", "build", str(FIXTURES / "tiny_tied"), "{out}", "--target", "nokia"],
         ["bundle", "build", str(FIXTURES / "tiny_tied"), "{out}", "--memory-budget", "1MB"],
-        ["convert", "--hf-path", str(FIXTURES / "tiny_tied"), "--target", "iphone15",
-         "--context", "0", "-o", "{out}"],
+        [
+            "convert",
+            "--hf-path",
+            str(FIXTURES / "tiny_tied"),
+            "--target",
+            "iphone15",
+            "--context",
+            "0",
+            "-o",
+            "{out}",
+        ],
     ],
-)  # fmt: skip
+)
 def test_bad_input_exits_2(args, tmp_path):
     result = run(*(a.format(out=tmp_path / "out") for a in args))
     assert result.exit_code == 2, result.output
@@ -226,8 +236,16 @@ def test_plan_and_tiers_commands():
 
 def test_convert_target_builds_a_bundle(tmp_path):
     out = tmp_path / "b"
-    result = run("convert", "--hf-path", FIXTURES / "tiny_untied", "--target", "iphone15",
-                 "-o", out, "--quiet")  # fmt: skip
+    result = run(
+        "convert",
+        "--hf-path",
+        FIXTURES / "tiny_untied",
+        "--target",
+        "iphone15",
+        "-o",
+        out,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert verify_bundle(out).ok
 

@@ -67,14 +67,23 @@ def test_the_package_sits_beside_a_text_only_model(built):
     assert not load_model(built).has_vision  # model/ loads as the text model it is
     v = manifest_of(built)["vision"]
     assert (v["included"], v["encoder"], v["preprocessor"], v["image_tokens"]) == (
-        True, "coreml", [], 6,
-    )  # fmt: skip
+        True,
+        "coreml",
+        [],
+        6,
+    )
     c = v["coreml"]
     assert [f["name"] for f in c["functions"]] == ["grid_6x9", "grid_9x6"]
-    assert c["functions"][0]["input"] == {"name": "patches", "shape": [54, 6 * 6 * 3 * 3],
-                                          "dtype": "float32"}  # fmt: skip
-    assert c["functions"][1]["output"] == {"name": "embeddings", "shape": [6, 64],
-                                           "dtype": "float32"}  # fmt: skip
+    assert c["functions"][0]["input"] == {
+        "name": "patches",
+        "shape": [54, 6 * 6 * 3 * 3],
+        "dtype": "float32",
+    }
+    assert c["functions"][1]["output"] == {
+        "name": "embeddings",
+        "shape": [6, 64],
+        "dtype": "float32",
+    }
     assert (c["precision"], c["compute_units"], c["path"]) == ("float16", "CPU_AND_NE", COREML_PATH)
     files = package_files(package)
     assert c["sha256"] == package_digest(files)
@@ -95,8 +104,14 @@ def test_planner_bytes_equal_the_bytes_written(built):
     assert on_disk["vision"] == package_weights == weight_file_bytes(cfg, [(6, 9), (9, 6)])
     assert manifest["vision"]["coreml"]["weight_bytes"] == package_weights
     # the text parts are what a --no-vision bundle holds, tensor for tensor
-    text = plan(FIXTURES / NAME, "iphone15", manifest["max_context"], vision=False,
-                recipe=p.settings.recipe, mtp=p.settings.mtp).weights  # fmt: skip
+    text = plan(
+        FIXTURES / NAME,
+        "iphone15",
+        manifest["max_context"],
+        vision=False,
+        recipe=p.settings.recipe,
+        mtp=p.settings.mtp,
+    ).weights
     assert {k: v for k, v in on_disk.items() if k != "vision"} == {
         k: v for k, v in text.items() if k != "vision"
     }
@@ -174,9 +189,13 @@ def test_the_core_ml_swift_reads_keys_the_manifest_has(built):
 
     swift = built / "xcode" / "MLXKitVisionEncoder.swift"
     structs = _swift_structs(swift.read_text())
-    assert set(structs) == {"vision.coreml", "vision.coreml.functions.0",
-                            "vision.coreml.functions.0.input", "vision.coreml.preprocessing",
-                            "vision.coreml.token_ids"}  # fmt: skip
+    assert set(structs) == {
+        "vision.coreml",
+        "vision.coreml.functions.0",
+        "vision.coreml.functions.0.input",
+        "vision.coreml.preprocessing",
+        "vision.coreml.token_ids",
+    }
     manifest = manifest_of(built)
     for path, keys in structs.items():
         node = manifest
@@ -220,14 +239,24 @@ def assert_one_line_error(result, message: str) -> None:
 
 
 CASES = {
-    "grid the tower cannot take": (NAME, ["--coreml-grids", "4x4"],
-                                   "grid 4x4: rows and cols must be positive multiples"),
+    "grid the tower cannot take": (
+        NAME,
+        ["--coreml-grids", "4x4"],
+        "grid 4x4: rows and cols must be positive multiples",
+    ),
     "malformed grid": (NAME, ["--coreml-grids", "six"], "write ROWSxCOLS in patches"),
-    "model without a vision tower": ("text-only", [],
-                                     "has no vision tower: --vision-encoder coreml needs one"),
-    "no vision": (NAME, ["--no-vision"], "--vision-encoder coreml encodes images: drop --no-vision"),
+    "model without a vision tower": (
+        "text-only",
+        [],
+        "has no vision tower: --vision-encoder coreml needs one",
+    ),
+    "no vision": (
+        NAME,
+        ["--no-vision"],
+        "--vision-encoder coreml encodes images: drop --no-vision",
+    ),
     "quantized tower": (NAME, ["--vision-bits", "8"], "the Core ML encoder is float16"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
@@ -239,23 +268,43 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, case):
         config = json.loads((src / "config.json").read_text())
         del config["vision_config"]
         (src / "config.json").write_text(json.dumps(config))
-    result = run("convert", "--hf-path", src, "--target", "iphone15",
-                 "--vision-encoder", "coreml", *args, "-o", tmp_path / "b")  # fmt: skip
+    result = run(
+        "convert",
+        "--hf-path",
+        src,
+        "--target",
+        "iphone15",
+        "--vision-encoder",
+        "coreml",
+        *args,
+        "-o",
+        tmp_path / "b",
+    )
     assert_one_line_error(result, message)
     assert [p.name for p in tmp_path.iterdir()] == (["src"] if fixture == "text-only" else [])
 
 
 def test_coremltools_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
-    result = run("convert", "--hf-path", FIXTURES / NAME, "--target", "iphone15",
-                 "--vision-encoder", "coreml", "-o", tmp_path / "b")  # fmt: skip
+    result = run(
+        "convert",
+        "--hf-path",
+        FIXTURES / NAME,
+        "--target",
+        "iphone15",
+        "--vision-encoder",
+        "coreml",
+        "-o",
+        tmp_path / "b",
+    )
     assert_one_line_error(result, "Core ML export needs torch and coremltools")
     assert "pip install 'mlxkit[coreml]'" in result.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_the_encoder_options_need_a_target(tmp_path):
-    result = run("convert", "--hf-path", FIXTURES / NAME, "--vision-encoder", "coreml",
-                 "-o", tmp_path / "m")  # fmt: skip
+    result = run(
+        "convert", "--hf-path", FIXTURES / NAME, "--vision-encoder", "coreml", "-o", tmp_path / "m"
+    )
     assert_one_line_error(result, "--vision-encoder: only with --target or --memory-budget")
     result = run("plan", "--size", "0.8b", "--target", "iphone15", "--coreml-grids", "32x32")
     assert_one_line_error(result, "--coreml-grids: only with --vision-encoder coreml")
@@ -269,8 +318,18 @@ def test_an_untrained_tower_is_refused_not_shipped_unplanned(tmp_path):
     for name in [n for n in weights if n.startswith("model.visual.") and "norm" in n]:
         weights[name] = mx.ones_like(weights[name]) if name.endswith("weight") else weights[name]
     mx.save_safetensors(str(src / "model.safetensors"), weights)
-    result = run("bundle", "build", src, tmp_path / "b", "--target", "iphone15",
-                 "--vision-encoder", "coreml", "--coreml-grids", "6x9")  # fmt: skip
+    result = run(
+        "bundle",
+        "build",
+        src,
+        tmp_path / "b",
+        "--target",
+        "iphone15",
+        "--vision-encoder",
+        "coreml",
+        "--coreml-grids",
+        "6x9",
+    )
     assert_one_line_error(result, "coremltools stored identical tensors of this vision tower once")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

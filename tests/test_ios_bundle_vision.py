@@ -54,8 +54,14 @@ def swift_vision_keys(vc: VisionConfig) -> set[str]:
     affine = ("weight", "bias")
     keys = {f"patch_embed.proj.{p}" for p in affine} | {"pos_embed.weight"}
     for i in range(vc.depth):
-        for module in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1",
-                       "mlp.linear_fc2"):  # fmt: skip
+        for module in (
+            "norm1",
+            "norm2",
+            "attn.qkv",
+            "attn.proj",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        ):
             keys |= {f"blocks.{i}.{module}.{p}" for p in affine}
     keys |= {f"merger.{m}.{p}" for m in ("norm", "linear_fc1", "linear_fc2") for p in affine}
     return {"vision_tower." + k for k in keys}
@@ -100,8 +106,14 @@ def test_vision_bundle_verifies_loads_and_is_what_was_planned(bundles):
     assert model.has_vision and model.vision_tokens.image == 452
     manifest = manifest_of(b)
     q = manifest["quantization"]
-    p = plan(b / "model", "iphone15", manifest["max_context"], recipe=q["recipe"],
-             bits=q["bits"], mtp=manifest["mtp"]["included"])  # fmt: skip
+    p = plan(
+        b / "model",
+        "iphone15",
+        manifest["max_context"],
+        recipe=q["recipe"],
+        bits=q["bits"],
+        mtp=manifest["mtp"]["included"],
+    )
     assert weight_bytes_on_disk(b, manifest) == p.weights and p.weights["vision"] > 0
     assert (
         manifest["memory"]["breakdown"]["activations"] >= manifest["vision"]["encoding_peak_bytes"]
@@ -204,8 +216,10 @@ def swift_target_size(height: int, width: int, factor: int, min_pixels: int, max
     w = max(factor, math.floor(width / factor + 0.5) * factor)
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = (math.floor(height / beta / factor) * factor,
-                math.floor(width / beta / factor) * factor)  # fmt: skip
+        h, w = (
+            math.floor(height / beta / factor) * factor,
+            math.floor(width / beta / factor) * factor,
+        )
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -219,8 +233,11 @@ def test_the_swift_image_box_keeps_pictures_within_the_planned_cap(cap):
     targetSize within preprocessor_config.json's pixel bounds (Qwen 3.5's: 65,536 to
     16,777,216); through the box no picture it accepts comes out above the cap."""
     side, seen = 32, []  # patch 16 x merge 2: Qwen 3.5's token side
-    sizes = [(w, h) for w in (31, 33, 100, 640, 1179, 3024, 4032, 20000)
-             for h in (47, 480, 1920, 2556, 4032, 9000)]  # fmt: skip
+    sizes = [
+        (w, h)
+        for w in (31, 33, 100, 640, 1179, 3024, 4032, 20000)
+        for h in (47, 480, 1920, 2556, 4032, 9000)
+    ]
     for width, height in sizes:
         box_w, box_h = swift_image_box(width, height, cap, side)
         fit = min(box_w / width, box_h / height)

@@ -27,8 +27,13 @@ SRC = FIXTURES / "tiny_untied"
 
 def mlxkit(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "mlxkit", *args, "--quiet"], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlxkit", *args, "--quiet"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def run(*args: str, cwd: Path) -> None:
@@ -50,8 +55,9 @@ def temporaries(parent: Path, out: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def kill_at_random(args: list[str], cwd: Path, out: Path, rng: random.Random,
-                   timing: tuple[float, float]) -> tuple[str, bool]:  # fmt: skip
+def kill_at_random(
+    args: list[str], cwd: Path, out: Path, rng: random.Random, timing: tuple[float, float]
+) -> tuple[str, bool]:
     """Starts the command and kills it with SIGKILL at a random moment: half the time of the
     whole run, half the time of the part after its temporary folder appears (writing, then
     swapping). Returns when (for failure messages) and whether it was still running."""
@@ -82,8 +88,9 @@ def run_timing(args: list[str], cwd: Path, out: Path) -> tuple[float, float]:
     return time.monotonic() - t0, writing_from
 
 
-def kills_leave_old_or_new(tmp_path: Path, out: Path, args: list[str], old: Path | None,
-                           new: Path, seed: int) -> None:  # fmt: skip
+def kills_leave_old_or_new(
+    tmp_path: Path, out: Path, args: list[str], old: Path | None, new: Path, seed: int
+) -> None:
     """Runs `args` over `old` (None: no OUT yet) and kills it at random, again and again
     until KILLS kills landed while it ran: each time OUT is the old or the new output,
     complete, and a full rerun leaves the new one and no temporary folder."""
@@ -124,10 +131,20 @@ def test_kill_during_convert_force_leaves_the_old_output_or_the_new_one(tmp_path
 
 def test_kill_during_convert_target_force_over_a_bundle(tmp_path):
     out = tmp_path / "bundle"
-    old_args = ["convert", "--hf-path", str(SRC), "--target", "iphone12", "-o", str(out),
-                "--recipe", "uniform", "--bits", "8"]  # fmt: skip
-    new_args = ["convert", "--hf-path", str(SRC), "--target", "iphone12", "-o", str(out),
-                "--force"]  # fmt: skip
+    old_args = [
+        "convert",
+        "--hf-path",
+        str(SRC),
+        "--target",
+        "iphone12",
+        "-o",
+        str(out),
+        "--recipe",
+        "uniform",
+        "--bits",
+        "8",
+    ]
+    new_args = ["convert", "--hf-path", str(SRC), "--target", "iphone12", "-o", str(out), "--force"]
     old, new = _references(tmp_path, out, old_args, new_args)
     assert not same_tree(old, new)
     kills_leave_old_or_new(tmp_path, out, new_args, old, new, seed=12)

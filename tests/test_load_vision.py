@@ -111,7 +111,8 @@ BROKEN = {
         "config.json: vision_config.out_hidden_size 32 differs from the text model's hidden_size",
     ),
     "missing token id": (
-        lambda d: _edit_config(d, lambda c: c.pop("video_token_id")), "lacks video_token_id"
+        lambda d: _edit_config(d, lambda c: c.pop("video_token_id")),
+        "lacks video_token_id",
     ),
     "token id is a string": (
         lambda d: _edit_config(d, lambda c: c.update(image_token_id="452")),
@@ -122,15 +123,16 @@ BROKEN = {
         "missing tensor vision_tower.merger.norm.bias",
     ),
     "tower tensor shape": (
-        lambda d: _edit_weights(d, lambda w: w.update(
-            {"model.visual.merger.norm.bias": mx.zeros((7,), mx.bfloat16)})),
+        lambda d: _edit_weights(
+            d, lambda w: w.update({"model.visual.merger.norm.bias": mx.zeros((7,), mx.bfloat16)})
+        ),
         "tensor model.visual.merger.norm.bias has shape (7,), expected (32,)",
     ),
     "preprocessor disagrees": (
         lambda d: (d / "preprocessor_config.json").write_text('{"merge_size": 3}'),
         "merge_size 3 differs from the vision tower's 2",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
@@ -172,8 +174,11 @@ def test_info_shows_the_tower_parameters_and_bytes(converted):
             for n, i in read_headers(weight_files(path)).items()
             if n.startswith(("model.visual.", "vision_tower."))
         )
-        line = next(ln for ln in result.output.splitlines() if ln.strip().startswith("vision ")
-                    and "bytes" in ln)  # fmt: skip
+        line = next(
+            ln
+            for ln in result.output.splitlines()
+            if ln.strip().startswith("vision ") and "bytes" in ln
+        )
         assert f"{params:,}" in line and f"{nbytes:,} bytes" in line
 
 

@@ -60,16 +60,20 @@ def test_published_vision_shapes_give_the_published_parameter_counts(size):
     assert s.vision.head_dim == (72 if size == "9b" else 64)
 
 
-@pytest.mark.parametrize(
-    ("hidden", "heads", "grid"), [(256, 4, (1, 32, 64)), (96, 2, (1, 32, 64))]
-)  # fmt: skip
+@pytest.mark.parametrize(("hidden", "heads", "grid"), [(256, 4, (1, 32, 64)), (96, 2, (1, 32, 64))])
 def test_encoding_estimate_against_the_measured_peak(monkeypatch, hidden, heads, grid):
     """mlxkit's tower encoding one image on this machine's CPU build (which has no fused
     attention, so the scores are counted): the estimate is not below the measured peak and
     within 1.7× of it (observed 1.22× and 1.61×)."""
     monkeypatch.setattr(mem, "FUSED_ATTENTION_HEAD_DIMS", ())
-    cfg = VisionConfig(depth=1, hidden_size=hidden, intermediate_size=4 * hidden,
-                       num_heads=heads, out_hidden_size=64, num_position_embeddings=64)  # fmt: skip
+    cfg = VisionConfig(
+        depth=1,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_heads=heads,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+    )
     tower = VisionModel(cfg)
     tower.set_dtype(mx.bfloat16)
     mx.eval(tower.parameters())

@@ -86,12 +86,19 @@ def test_models_health_and_stats(server, client):
 def test_chat_greedy_equals_generate(client, micro, stream):
     messages = [{"role": "user", "content": USER}]
     text, ids, finish = reference(micro, messages, max_tokens=40, enable_thinking=False)
-    kw = {"model": "micro", "messages": messages, "max_tokens": 40, "temperature": 0,
-          "extra_body": NO_THINK}  # fmt: skip
+    kw = {
+        "model": "micro",
+        "messages": messages,
+        "max_tokens": 40,
+        "temperature": 0,
+        "extra_body": NO_THINK,
+    }
     if stream:
         content, reasoning, got_finish, usage = stream_text(
-            client.chat.completions.create(stream=True, stream_options={"include_usage": True},
-                                           **kw))  # fmt: skip
+            client.chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kw
+            )
+        )
     else:
         r = client.chat.completions.create(**kw)
         content, got_finish, usage = (
@@ -117,8 +124,9 @@ def test_thinking_on_gives_reasoning_content(client, micro, stream):
     assert "</think>" not in text
     kw = {"model": "micro", "messages": messages, "max_tokens": 30}
     if stream:
-        content, reasoning, finish, _ = stream_text(client.chat.completions.create(stream=True,
-                                                                                   **kw))  # fmt: skip
+        content, reasoning, finish, _ = stream_text(
+            client.chat.completions.create(stream=True, **kw)
+        )
     else:
         r = client.chat.completions.create(**kw)
         content, finish = r.choices[0].message.content, r.choices[0].finish_reason
@@ -131,8 +139,9 @@ def test_completions_greedy_equals_generate(client, micro, stream):
     prompt = "class Stack:\n    def __init__(self):\n        "
     text, ids, finish = reference(micro, prompt, max_tokens=48)
     if stream:
-        chunks = list(client.completions.create(model="micro", prompt=prompt, max_tokens=48,
-                                                stream=True))  # fmt: skip
+        chunks = list(
+            client.completions.create(model="micro", prompt=prompt, max_tokens=48, stream=True)
+        )
         got = "".join(c.choices[0].text for c in chunks)
         got_finish = chunks[-1].choices[0].finish_reason
     else:
@@ -158,8 +167,11 @@ def test_stop_strings(client, micro, stream):
     expected = reference(micro, prompt, max_tokens=40, stop=[stop])[0]
     assert expected == full[: full.index(stop)]
     if stream:
-        chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=40,
-                                                stop=[stop, "never"], stream=True))  # fmt: skip
+        chunks = list(
+            client.completions.create(
+                model="m", prompt=prompt, max_tokens=40, stop=[stop, "never"], stream=True
+            )
+        )
         got = "".join(c.choices[0].text for c in chunks)
         finish = chunks[-1].choices[0].finish_reason
     else:
@@ -170,8 +182,14 @@ def test_stop_strings(client, micro, stream):
 
 def test_seeds_are_reproducible(client):
     def sample(seed):
-        r = client.completions.create(model="m", prompt="def f(x):\n    ", max_tokens=24,
-                                      temperature=1.0, top_p=0.95, seed=seed)  # fmt: skip
+        r = client.completions.create(
+            model="m",
+            prompt="def f(x):\n    ",
+            max_tokens=24,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+        )
         return r.choices[0].text
 
     assert sample(5) == sample(5)
@@ -180,11 +198,17 @@ def test_seeds_are_reproducible(client):
 
 def test_sampled_chat_matches_the_runtime_with_the_same_seed(client, micro):
     messages = [{"role": "user", "content": "class Queue:\n    "}]
-    text = reference(micro, messages, max_tokens=24, temperature=0.8, top_k=40, seed=3,
-                     enable_thinking=False)[0]  # fmt: skip
-    r = client.chat.completions.create(model="m", messages=messages, max_tokens=24,
-                                       temperature=0.8, seed=3,
-                                       extra_body={**NO_THINK, "top_k": 40})  # fmt: skip
+    text = reference(
+        micro, messages, max_tokens=24, temperature=0.8, top_k=40, seed=3, enable_thinking=False
+    )[0]
+    r = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=24,
+        temperature=0.8,
+        seed=3,
+        extra_body={**NO_THINK, "top_k": 40},
+    )
     assert r.choices[0].message.content == text.rstrip()
 
 
@@ -200,11 +224,12 @@ def test_second_chat_turn_reuses_the_first(server, client, micro, thinking):
     (it drops the generation prompt's <think> block from the history)."""
     _, tok = micro
     extra = {"chat_template_kwargs": {"enable_thinking": thinking}}
-    first = [{"role": "system", "content": f"thinking={thinking}"},
-             {"role": "user", "content": "def tokenize(source):\n    "}]  # fmt: skip
+    first = [
+        {"role": "system", "content": f"thinking={thinking}"},
+        {"role": "user", "content": "def tokenize(source):\n    "},
+    ]
     prepared = server.stats()["tokens"]["prepared"]
-    r1 = client.chat.completions.create(model="m", messages=first, max_tokens=20,
-                                        extra_body=extra)  # fmt: skip
+    r1 = client.chat.completions.create(model="m", messages=first, max_tokens=20, extra_body=extra)
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
     server.wait_idle(prepared_after=prepared)
     client.completions.create(model="m", prompt="import re\n", max_tokens=8)  # in between
@@ -213,15 +238,15 @@ def test_second_chat_turn_reuses_the_first(server, client, micro, thinking):
     if thinking:
         assistant["reasoning_content"] = answer.reasoning_content
     second = [*first, assistant, {"role": "user", "content": "class Token:\n    "}]
-    r2 = client.chat.completions.create(model="m", messages=second, max_tokens=20,
-                                        extra_body=extra)  # fmt: skip
+    r2 = client.chat.completions.create(model="m", messages=second, max_tokens=20, extra_body=extra)
     p1, p2 = chat_ids(micro, first, thinking), chat_ids(micro, second, thinking)
     completion = reference(micro, first, max_tokens=20, enable_thinking=thinking)[1]
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert r2.usage.prompt_tokens == len(p2)
     opening = "<think>\n" if thinking else "<think>\n\n</think>\n\n"
-    assert tok.decode(p2[cached:]) == ("\nclass Token:\n    <|im_end|>\n<|im_start|>assistant\n"
-                                       + opening)  # fmt: skip
+    assert tok.decode(p2[cached:]) == (
+        "\nclass Token:\n    <|im_end|>\n<|im_start|>assistant\n" + opening
+    )
     assert cached > common_prefix(p1 + completion, p2) >= len(p1) - 6
     # the answer is the runtime's for the whole prompt: reuse changes nothing
     text = reference(micro, second, max_tokens=20, enable_thinking=thinking)[0]
@@ -272,20 +297,25 @@ def test_tool_call_round_trip(qwen_server, micro):
     client = qwen_server.client(api_key="sekret")
     model, tok = micro  # the same tokenizer; only the template differs
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
-    call = {"id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris",
-                                                                         "days": 2})}}  # fmt: skip
-    history = [*question, {"role": "assistant", "content": "", "tool_calls": [call]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]  # fmt: skip
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 2})},
+    }
+    history = [
+        *question,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     for messages in (question, history):
-        r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS,
-                                           max_tokens=16)  # fmt: skip
+        r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=16)
         hf_messages = json.loads(json.dumps(messages))
         for m in hf_messages:
             for c in m.get("tool_calls", []):
                 c["function"]["arguments"] = json.loads(c["function"]["arguments"])
-        ids = hf.apply_chat_template(hf_messages, tools=TOOLS, add_generation_prompt=True,
-                                     tokenize=True, return_dict=False)  # fmt: skip
+        ids = hf.apply_chat_template(
+            hf_messages, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert r.usage.prompt_tokens == len(ids)
         text = "".join(x.text for x in stream_generate(model, tok, list(ids), max_tokens=16))
         assert r.choices[0].message.reasoning_content == text.strip()
@@ -302,8 +332,9 @@ def test_api_key(qwen_server):
 
 def test_tools_on_a_template_that_ignores_them(client):
     with pytest.raises(openai.BadRequestError, match="does not render tools") as e:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                       tools=TOOLS, max_tokens=4)  # fmt: skip
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS, max_tokens=4
+        )
     assert e.value.body["param"] == "tools"
 
 
@@ -314,19 +345,43 @@ def test_tools_on_a_template_that_ignores_them(client):
     ("body", "param", "message"),
     [
         ({"messages": []}, "messages", "at least 1 item"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens",
-         "greater than or equal to 1"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 257}, "max_tokens",
-         "at most 256"),
-        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature",
-         "valid number"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "max_tokens",
+            "greater than or equal to 1",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 257},
+            "max_tokens",
+            "at most 256",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            "temperature",
+            "valid number",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "only n=1"),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs",
-         "not supported"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url":
-          {"url": "file:///etc/hosts"}}]}]}, "messages[0].content[0]", "reads no local image files"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            "logprobs",
+            "not supported",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "file:///etc/hosts"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0]",
+            "reads no local image files",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_get_400_in_the_openai_shape(server, body, param, message):
     status, _, reply = server.request("POST", "/v1/chat/completions", body)
     assert status == 400
@@ -340,8 +395,9 @@ def test_prompt_longer_than_the_context_is_a_400_even_when_streaming(server, mic
     context = micro[0].config.max_position_embeddings
     ids = (tok.encode("x = 1\n") * context)[:context]
     for stream in (False, True):
-        status, _, reply = server.request("POST", "/v1/completions",
-                                          {"prompt": ids, "stream": stream})  # fmt: skip
+        status, _, reply = server.request(
+            "POST", "/v1/completions", {"prompt": ids, "stream": stream}
+        )
         assert status == 400 and "context" in reply["error"]["message"]
 
 
@@ -369,8 +425,9 @@ def test_missing_server_stack_says_what_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "uvicorn" else real(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
+    )
     r = CliRunner().invoke(main, ["serve", "--size", "micro"])
     assert r.exit_code == 2
     assert r.output.strip() == "error: mlxkit serve needs uvicorn: pip install 'mlxkit[serve]'"

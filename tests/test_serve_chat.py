@@ -25,12 +25,28 @@ from tests.test_serve_parse import TOOLS
 CONVERSATION = [
     {"role": "system", "content": "Answer in French & keep it <short>."},
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "", "reasoning_content": "Look it up.",
-     "tool_calls": [{"id": "c1", "type": "function", "function": {
-         "name": "get_weather", "arguments": {"city": "Paris", "days": 2, "metric": True,
-                                              "options": {"lang": "fr"}}}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "Look it up.",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "arguments": {
+                        "city": "Paris",
+                        "days": 2,
+                        "metric": True,
+                        "options": {"lang": "fr"},
+                    },
+                },
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21°C"},
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +65,12 @@ def test_qwen_template_renders_as_in_transformers(qwen_dir):
     for generation_prompt in (True, False):
         for thinking in (True, False):
             expected = theirs.apply_chat_template(
-                CONVERSATION, tools=TOOLS, add_generation_prompt=generation_prompt,
-                enable_thinking=thinking, tokenize=False,
-            )  # fmt: skip
+                CONVERSATION,
+                tools=TOOLS,
+                add_generation_prompt=generation_prompt,
+                enable_thinking=thinking,
+                tokenize=False,
+            )
             got = ours.apply_chat_template(CONVERSATION, generation_prompt, thinking, tools=TOOLS)
             assert got == expected
     assert '"description": "Weather in a city <for> the next days & more"' in got
@@ -62,8 +81,9 @@ def test_template_exceptions_are_template_errors(qwen_dir):
 
     tok = load_tokenizer(qwen_dir)
     with pytest.raises(jinja2.TemplateError, match="System message must be at the beginning"):
-        tok.apply_chat_template([{"role": "user", "content": "a"},
-                                 {"role": "system", "content": "b"}])  # fmt: skip
+        tok.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]
+        )
 
 
 def request(**body) -> ChatRequest:
@@ -71,25 +91,55 @@ def request(**body) -> ChatRequest:
 
 
 def test_openai_messages_for_the_template():
-    req = request(messages=[
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "x", "type": "function",
-         "function": {"name": "f", "arguments": '{"k": [1, 2]}'}}]},
-        {"role": "tool", "tool_call_id": "x", "content": "r"},
-    ])  # fmt: skip
+    req = request(
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "x",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"k": [1, 2]}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "x", "content": "r"},
+        ]
+    )
     assert template_messages(req.messages) == [
         {"role": "user", "content": "ab"},
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"id": "x", "type": "function",
-                         "function": {"name": "f", "arguments": {"k": [1, 2]}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "x",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": {"k": [1, 2]}},
+                }
+            ],
+        },
         {"role": "tool", "content": "r", "tool_call_id": "x"},
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("arguments", ["not json", "[1, 2]"])
 def test_tool_call_arguments_must_be_a_json_object(arguments):
-    req = request(messages=[{"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": arguments}}]}])  # fmt: skip
+    req = request(
+        messages=[
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "f", "arguments": arguments}}
+                ],
+            }
+        ]
+    )
     with pytest.raises(RequestError, match="must be a JSON object") as e:
         template_messages(req.messages)
     assert e.value.param == "messages[0].tool_calls[0].function.arguments"
@@ -98,15 +148,27 @@ def test_tool_call_arguments_must_be_a_json_object(arguments):
 def test_image_parts_are_written_as_the_template_writes_an_image():
     """An image_url part becomes vision_start, pad, vision_end (what Qwen's template writes for
     an image part, and the Python API's chat parts), its URL listed in prompt order."""
-    req = request(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/a.png"}}]}])  # fmt: skip
+    req = request(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            },
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/a.png"}}]},
+        ]
+    )
     image = "<|vision_start|><|image_pad|><|vision_end|>"
-    assert [m["content"] for m in template_messages(req.messages)] == ["what is this?" + image,
-                                                                         image]  # fmt: skip
-    assert image_parts(req.messages) == [("data:image/png;base64,AAAA", "messages[0].content[1]"),
-                                         ("/a.png", "messages[1].content[0]")]  # fmt: skip
+    assert [m["content"] for m in template_messages(req.messages)] == [
+        "what is this?" + image,
+        image,
+    ]
+    assert image_parts(req.messages) == [
+        ("data:image/png;base64,AAAA", "messages[0].content[1]"),
+        ("/a.png", "messages[1].content[0]"),
+    ]
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -122,8 +184,11 @@ def test_snapshot_is_where_the_next_turn_parts(qwen_dir, template, thinking):
     assert tok.encode(tok.apply_chat_template(messages, True, thinking)) == prompt.tokens
     assert prompt.reasoning is thinking
     for answer in ("Hello!", "<think>\nhm\n</think>\n\nHello", "  indented", ""):
-        turn = [*messages, {"role": "assistant", "content": answer},
-                {"role": "user", "content": "Bye"}]  # fmt: skip
+        turn = [
+            *messages,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Bye"},
+        ]
         following = render_chat(tok, request(messages=turn, **kwargs)).tokens
         assert common_prefix(prompt.tokens, following) == prompt.snapshot_at
 
@@ -134,8 +199,9 @@ def test_a_template_that_ignores_tools_is_refused():
     with pytest.raises(RequestError, match="does not render tools"):
         render_chat(tok, req)
     # tool_choice "none": the tools are not offered, so nothing to refuse
-    assert render_chat(tok, request(messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
-                                    tool_choice="none")).tokens  # fmt: skip
+    assert render_chat(
+        tok, request(messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="none")
+    ).tokens
 
 
 def test_template_errors_are_400s(qwen_dir):
@@ -176,10 +242,17 @@ def test_next_turn_prefix_after_tool_calls(qwen_dir):
     <tool_response> opening."""
     tok = load_tokenizer(qwen_dir)
     question = [{"role": "user", "content": "Weather in Paris?"}]
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
-    assistant = {"role": "assistant", "content": "", "reasoning_content": "Look it up.",
-                 "tool_calls": [call]}  # fmt: skip
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    assistant = {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "Look it up.",
+        "tool_calls": [call],
+    }
     reply = template_messages(request(messages=[assistant]).messages)[0]
     prefix = next_turn_prefix(tok, request(messages=question, tools=TOOLS), reply)
     turn = [*question, assistant, {"role": "tool", "tool_call_id": "c1", "content": "21°C"}]

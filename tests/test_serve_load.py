@@ -26,14 +26,28 @@ from tests.serve_helpers import Server
 
 MAX_QUEUE = 3
 CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 10, 12
-STARTS = ["def f(x):\n    ", "class Node:\n    ", "import os\n", "for i in range(10):\n    ",
-          "with open(path) as f:\n    ", "try:\n    "]  # fmt: skip
+STARTS = [
+    "def f(x):\n    ",
+    "class Node:\n    ",
+    "import os\n",
+    "for i in range(10):\n    ",
+    "with open(path) as f:\n    ",
+    "try:\n    ",
+]
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--size", "micro", "--max-queue", str(MAX_QUEUE), "--prompt-cache-size", "2MB",
-               "--max-tokens", "4096")  # fmt: skip
+    s = Server(
+        "--size",
+        "micro",
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--prompt-cache-size",
+        "2MB",
+        "--max-tokens",
+        "4096",
+    )
     yield s
     assert s.stop() == 0, "".join(s.log)
 
@@ -47,8 +61,13 @@ def spec(c: int, i: int, max_tokens: int = MAX_TOKENS) -> dict:
     """Request i of client c: chat or completion, streamed or not, its own prompt and seed."""
     n = c * PER_CLIENT + i
     text = f"# job {c} {i}\n{STARTS[n % len(STARTS)]}"
-    return {"chat": n % 3 == 0, "stream": n % 2 == 0, "text": text, "seed": 100 + n,
-            "max_tokens": max_tokens}  # fmt: skip
+    return {
+        "chat": n % 3 == 0,
+        "stream": n % 2 == 0,
+        "text": text,
+        "seed": 100 + n,
+        "max_tokens": max_tokens,
+    }
 
 
 def expected_text(micro, s: dict) -> str:
@@ -57,8 +76,13 @@ def expected_text(micro, s: dict) -> str:
     options = {"max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
     if not s["chat"]:
         return "".join(r.text for r in stream_generate(model, tok, s["text"], **options))
-    req = parse(ChatRequest, {"messages": [{"role": "user", "content": s["text"]}],
-                              "chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
+    req = parse(
+        ChatRequest,
+        {
+            "messages": [{"role": "user", "content": s["text"]}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    )
     prompt = render_chat(tok, req)
     cache = PromptCache.new(model)
     prefill(model, cache, prompt.tokens[: prompt.snapshot_at])
@@ -70,8 +94,10 @@ def send(client: openai.OpenAI, s: dict) -> str:
     """The whole answer; raises openai.APIStatusError for an error status."""
     kw = {"model": "micro", "max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
     if s["chat"]:
-        kw |= {"messages": [{"role": "user", "content": s["text"]}],
-               "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}  # fmt: skip
+        kw |= {
+            "messages": [{"role": "user", "content": s["text"]}],
+            "extra_body": {"chat_template_kwargs": {"enable_thinking": False}},
+        }
         if not s["stream"]:
             r = client.chat.completions.create(**kw)
             assert r.choices[0].finish_reason in ("stop", "length")
@@ -92,8 +118,10 @@ def send(client: openai.OpenAI, s: dict) -> str:
 def warm_up(server: Server, micro) -> None:
     client = server.client()
     for c in range(4):  # every kind of request once, so that later memory is not first use
-        send(client, {**spec(c, 0), "text": f"# warm {c}\nx = 1\n", "chat": c < 2,
-                      "stream": c % 2 == 0})  # fmt: skip
+        send(
+            client,
+            {**spec(c, 0), "text": f"# warm {c}\nx = 1\n", "chat": c < 2, "stream": c % 2 == 0},
+        )
 
 
 def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
@@ -218,8 +246,12 @@ def test_a_killed_client_frees_the_slot_within_a_second(server):
     rate = r.usage.completion_tokens / (time.perf_counter() - t0)
     assert 4000 / rate > 3, "4000 tokens would not keep the server busy for long enough"
     before = server.wait_idle()["requests"]
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(server.port)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, str(server.port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "streaming"
     assert server.stats()["busy"]
     proc.kill()
@@ -267,14 +299,14 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(micro, monke
         try:
             while not ports:
                 time.sleep(0.01)
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="x",
-                                   max_retries=0)  # fmt: skip
+            client = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="x", max_retries=0
+            )
             with pytest.raises(openai.InternalServerError) as e:
                 client.completions.create(model="m", prompt="a = ", max_tokens=8)
             outcome["first"] = e.value.body
             with pytest.raises(openai.APIError) as e:
-                list(client.completions.create(model="m", prompt="b = ", max_tokens=8,
-                                               stream=True))  # fmt: skip
+                list(client.completions.create(model="m", prompt="b = ", max_tokens=8, stream=True))
             outcome["second"] = str(e.value)
             outcome["third"] = client.completions.create(model="m", prompt="c = ", max_tokens=8)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread

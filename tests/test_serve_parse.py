@@ -14,28 +14,47 @@ from tests.helpers import FIXTURES
 from tests.serve_helpers import micro_with_template
 
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "get_weather",
-        "description": "Weather in a city <for> the next days & more",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string"},
-            "code": {"type": "string"},
-            "days": {"type": "integer"},
-            "metric": {"type": "boolean"},
-            "hours": {"type": "array", "items": {"type": "integer"}},
-            "options": {"type": "object"},
-            "ratio": {"type": ["number", "null"]},
-        }, "required": ["city"]},
-    }},
-    {"type": "function", "function": {"name": "now", "parameters": {"type": "object",
-                                                                    "properties": {}}}},
-]  # fmt: skip
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city <for> the next days & more",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "code": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                    "hours": {"type": "array", "items": {"type": "integer"}},
+                    "options": {"type": "object"},
+                    "ratio": {"type": ["number", "null"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "now", "parameters": {"type": "object", "properties": {}}},
+    },
+]
 
 CALLS = [
-    ("get_weather", {"city": "Paris\nTexas", "code": "007", "days": 3, "metric": True,
-                     "hours": [6, 12], "options": {"lang": "fr", "n": 2}, "ratio": None}),
+    (
+        "get_weather",
+        {
+            "city": "Paris\nTexas",
+            "code": "007",
+            "days": 3,
+            "metric": True,
+            "hours": [6, 12],
+            "options": {"lang": "fr", "n": 2},
+            "ratio": None,
+        },
+    ),
     ("now", {}),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +107,22 @@ def openai_calls(calls):
 
 
 def template_calls(calls):
-    return [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
-            for i, (n, a) in enumerate(calls)]  # fmt: skip
+    return [
+        {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+        for i, (n, a) in enumerate(calls)
+    ]
 
 
 @pytest.mark.parametrize("content", ["", "Let me look that up."])
 def test_tool_calls_round_trip_through_the_qwen_template(qwen_tok, content):
     """OpenAI tool calls -> Qwen 3.5 template text -> parser -> the same calls, typed by the
     tools' schemas, whatever pieces the text arrives in."""
-    assistant = {"role": "assistant", "content": content, "reasoning_content": "The user asks.",
-                 "tool_calls": template_calls(CALLS)}  # fmt: skip
+    assistant = {
+        "role": "assistant",
+        "content": content,
+        "reasoning_content": "The user asks.",
+        "tool_calls": template_calls(CALLS),
+    }
     text = generated_text(qwen_tok, assistant)
     assert (
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\nTexas\n</parameter>" in text
@@ -112,13 +137,21 @@ def test_tool_calls_round_trip_through_the_qwen_template(qwen_tok, content):
 def test_parsed_turn_renders_back_as_generated(qwen_tok):
     """The pieces the parser hands out, sent back as the assistant message, render as the text
     the model generated: the next turn's prompt extends this one's state."""
-    assistant = {"role": "assistant", "content": "Checking.", "reasoning_content": "Think.",
-                 "tool_calls": template_calls(CALLS[:1])}  # fmt: skip
+    assistant = {
+        "role": "assistant",
+        "content": "Checking.",
+        "reasoning_content": "Think.",
+        "tool_calls": template_calls(CALLS[:1]),
+    }
     text = generated_text(qwen_tok, assistant)
     parser = OutputParser(True, TOOLS)
     reasoning, content, calls = run(parser, list(text))
-    back = {"role": "assistant", "content": content, "reasoning_content": reasoning,
-            "tool_calls": template_calls(calls)}  # fmt: skip
+    back = {
+        "role": "assistant",
+        "content": content,
+        "reasoning_content": reasoning,
+        "tool_calls": template_calls(calls),
+    }
     assert generated_text(qwen_tok, back) == text
 
 
@@ -153,8 +186,7 @@ def test_text_that_only_looks_like_a_tag_is_content():
 
 def test_unfinished_reasoning_is_reasoning():
     """Cut off by max_tokens inside <think>: what was generated is reasoning, not content."""
-    assert run(OutputParser(True, None), ["step one", "\nstep tw"]) == (
-        "step one\nstep tw", "", [])  # fmt: skip
+    assert run(OutputParser(True, None), ["step one", "\nstep tw"]) == ("step one\nstep tw", "", [])
 
 
 def test_malformed_tool_call_is_kept_as_content():
@@ -171,20 +203,26 @@ def test_unclosed_tool_call_at_the_end_is_still_parsed():
 def test_values_without_a_schema():
     """Without a schema a value is text unless it is a JSON object or array (the template
     writes those with tojson); with one, the schema decides."""
-    block = ("<function=unknown>\n<parameter=n>\n42\n</parameter>\n<parameter=o>\n"
-             '{"a": [1, 2]}\n</parameter>\n<parameter=s>\nnot json {\n</parameter>\n</function>')  # fmt: skip
+    block = (
+        "<function=unknown>\n<parameter=n>\n42\n</parameter>\n<parameter=o>\n"
+        '{"a": [1, 2]}\n</parameter>\n<parameter=s>\nnot json {\n</parameter>\n</function>'
+    )
     call = parse_tool_call(block, TOOLS)
-    assert (call.name, call.arguments) == ("unknown", {"n": "42", "o": {"a": [1, 2]},
-                                                       "s": "not json {"})  # fmt: skip
-    bad_int = parse_tool_call("<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n"
-                              "</function>", TOOLS)  # fmt: skip
+    assert (call.name, call.arguments) == (
+        "unknown",
+        {"n": "42", "o": {"a": [1, 2]}, "s": "not json {"},
+    )
+    bad_int = parse_tool_call(
+        "<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n</function>", TOOLS
+    )
     assert bad_int.arguments == {"days": "three"}
     assert parse_tool_call("no function here", TOOLS) is None
 
 
 def test_openai_form_of_a_call():
-    call = parse_tool_call("<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n"
-                           "</function>", TOOLS)  # fmt: skip
+    call = parse_tool_call(
+        "<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n</function>", TOOLS
+    )
     wire = call.openai(index=1)
     assert wire["index"] == 1 and wire["type"] == "function" and wire["id"].startswith("call_")
     assert wire["function"] == {"name": "get_weather", "arguments": '{"city": "Zürich"}'}

@@ -18,8 +18,9 @@ def micro():
 
 
 def tokens_of(model, tok, prompt, cache=None, mtp=True, **kw):
-    out = list(stream_generate(model, tok, prompt, max_tokens=24, mtp=mtp, prompt_cache=cache,
-                               **kw))  # fmt: skip
+    out = list(
+        stream_generate(model, tok, prompt, max_tokens=24, mtp=mtp, prompt_cache=cache, **kw)
+    )
     return [r.token for r in out], out[-1]
 
 

@@ -47,8 +47,14 @@ def media(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(media):
-    s = Server("--model", str(FIXTURES / NAME), "--allowed-local-media-path", str(media),
-               "--max-tokens", "64")  # fmt: skip
+    s = Server(
+        "--model",
+        str(FIXTURES / NAME),
+        "--allowed-local-media-path",
+        str(media),
+        "--max-tokens",
+        "64",
+    )
     yield s
     assert s.stop() == 0, "".join(s.log)
 
@@ -68,14 +74,25 @@ def data_url(path: Path) -> str:
 
 
 def asking(url: str, text: str = QUESTION) -> dict:
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                        {"type": "text", "text": text}]}  # fmt: skip
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": text},
+        ],
+    }
 
 
 def python_chat(messages: list[dict]) -> list[dict]:
-    return [{**m, "content": [{"type": "image"} if p["type"] == "image_url" else p
-                              for p in m["content"]]} if isinstance(m["content"], list) else m
-            for m in messages]  # fmt: skip
+    return [
+        {
+            **m,
+            "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]],
+        }
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
 
 
 def python_api(model, messages: list[dict], images: list[Path]) -> tuple[str, int]:
@@ -87,9 +104,14 @@ def python_api(model, messages: list[dict], images: list[Path]) -> tuple[str, in
 
 def answer(client, messages: list[dict], stream: bool = False):
     """(reasoning + content, usage) of a greedy chat completion."""
-    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
-                                       temperature=0, stream=stream,
-                                       stream_options={"include_usage": True} if stream else None)  # fmt: skip
+    r = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+    )
     if stream:
         content, reasoning, _, usage = stream_text(r)
     else:
@@ -109,8 +131,11 @@ def test_image_chat_equals_the_python_api(client, model, media, stream):
 
 def test_local_files_are_read_inside_the_allowed_directory_only(client, media):
     expected, _ = answer(client, [asking(data_url(media / "image0.png"))])
-    for url in (f"file://{media}/image0.png", str(media / "image0.png"),
-                f"file://localhost{media}/sub/../image0.png"):  # fmt: skip
+    for url in (
+        f"file://{media}/image0.png",
+        str(media / "image0.png"),
+        f"file://localhost{media}/sub/../image0.png",
+    ):
         assert answer(client, [asking(url)])[0] == expected
     refused = {
         f"file://{media}/../outside.png": "outside the directories this server may read",
@@ -131,8 +156,11 @@ def test_second_turn_with_an_image_reuses_it(server, client, model, media):
     prepared = server.stats()["tokens"]["prepared"]
     reply, _ = answer(client, first)
     server.wait_idle(prepared_after=prepared)
-    second = [*first, {"role": "assistant", "content": "", "reasoning_content": reply},
-              {"role": "user", "content": "And the colours?"}]  # fmt: skip
+    second = [
+        *first,
+        {"role": "assistant", "content": "", "reasoning_content": reply},
+        {"role": "user", "content": "And the colours?"},
+    ]
     expected, prompt_tokens = python_api(model, second, [media / "image0.png"])
     got, usage = answer(client, second)
     assert got == expected.strip() and usage.prompt_tokens == prompt_tokens
@@ -148,8 +176,9 @@ def test_an_equal_sized_other_picture_is_not_taken_from_the_pool(client, model, 
     answer(client, [asking(f"file://{media}/image0.png", "Look.")])
     expected, _ = python_api(model, [asking("x", "Look.")], [media / "mirrored.png"])
     got, usage = answer(client, [asking(f"file://{media}/mirrored.png", "Look.")])
-    first_pad = encode_prompt(model[1], python_chat([asking("x", "Look.")]), True, model[0],
-                              [media / "mirrored.png"]).tokens.index(model[0].vision_tokens.image)  # fmt: skip
+    first_pad = encode_prompt(
+        model[1], python_chat([asking("x", "Look.")]), True, model[0], [media / "mirrored.png"]
+    ).tokens.index(model[0].vision_tokens.image)
     assert got == expected.strip()
     assert usage.prompt_tokens_details.cached_tokens <= first_pad
 
@@ -168,15 +197,18 @@ def png(array: np.ndarray) -> str:
         ("data:text/plain;base64,aGVsbG8=", "'text/plain' is not an image"),
         ("data:image/png;base64,***", "base64 does not decode"),
         ("data:image/png;base64,", "holds no image"),
-        ("data:image/png;base64," + base64.b64encode(b"not a png").decode(),
-         "the image data: not a readable image"),
+        (
+            "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
+            "the image data: not a readable image",
+        ),
         (png(np.zeros((1, 1, 3), np.uint8)), "1×1 pixels"),
         ("cat.png", "must be a data URL"),
     ],
-)  # fmt: skip
+)
 def test_bad_images_get_400_and_the_server_keeps_serving(server, client, media, url, message):
-    status, _, reply = server.request("POST", "/v1/chat/completions",
-                                      {"messages": [asking(url)], "max_tokens": 2})  # fmt: skip
+    status, _, reply = server.request(
+        "POST", "/v1/chat/completions", {"messages": [asking(url)], "max_tokens": 2}
+    )
     assert status == 400 and message in reply["error"]["message"], reply
     assert reply["error"]["param"] == "messages[0].content[0]"
     assert answer(client, [asking(data_url(media / "image0.png"))])[1].completion_tokens > 0
@@ -204,6 +236,7 @@ def test_local_files_need_the_option():
 
 
 def test_allowed_path_must_be_a_directory(tmp_path):
-    r = CliRunner().invoke(main, ["serve", "--size", "micro", "--allowed-local-media-path",
-                                  str(tmp_path / "none")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["serve", "--size", "micro", "--allowed-local-media-path", str(tmp_path / "none")]
+    )
     assert r.exit_code == 2 and "none: not a directory" in r.output

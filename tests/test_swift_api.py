@@ -34,28 +34,123 @@ CHAT_VIEW = ROOT / "examples" / "ios_app" / "ChatView.swift"
 # Observation, CoreGraphics, CoreImage, CoreML, the standard library). Not label-checked.
 APPLE_MODULES = {"CoreGraphics", "CoreImage", "CoreML", "Foundation", "os", "SwiftUI"}
 APPLE_TYPES = {
-    "Bool", "Bundle", "Button", "CGAffineTransform", "CGColorSpace", "CGRect", "CGSize",
-    "CIContext", "CIImage", "CodingKey", "Data", "Decodable", "Double", "FileManager", "Float",
-    "HStack", "Int", "JSONDecoder", "LocalizedError", "MLDictionaryFeatureProvider",
-    "MLFeatureValue", "MLModel", "MLModelConfiguration", "MLMultiArray", "MainActor",
-    "MemoryLayout", "NSNull", "NSNumber", "Observable", "OperatingSystemVersion", "ProcessInfo",
-    "ScrollView", "Self", "Sendable", "State", "String", "Task", "Text", "TextField", "URL",
-    "UTF8", "VStack", "View",
-}  # fmt: skip
+    "Bool",
+    "Bundle",
+    "Button",
+    "CGAffineTransform",
+    "CGColorSpace",
+    "CGRect",
+    "CGSize",
+    "CIContext",
+    "CIImage",
+    "CodingKey",
+    "Data",
+    "Decodable",
+    "Double",
+    "FileManager",
+    "Float",
+    "HStack",
+    "Int",
+    "JSONDecoder",
+    "LocalizedError",
+    "MLDictionaryFeatureProvider",
+    "MLFeatureValue",
+    "MLModel",
+    "MLModelConfiguration",
+    "MLMultiArray",
+    "MainActor",
+    "MemoryLayout",
+    "NSNull",
+    "NSNumber",
+    "Observable",
+    "OperatingSystemVersion",
+    "ProcessInfo",
+    "ScrollView",
+    "Self",
+    "Sendable",
+    "State",
+    "String",
+    "Task",
+    "Text",
+    "TextField",
+    "URL",
+    "UTF8",
+    "VStack",
+    "View",
+}
 APPLE_MEMBERS = {
-    "RGBAf", "append", "appendingPathComponent", "applicationSupportDirectory",
-    "applyingFilter", "caption", "compactMap", "compileModel", "computeUnits", "contains",
-    "count", "cpuAndNeuralEngine", "cropped", "decode", "default", "down", "extent",
-    "featureValue", "fileExists", "filter", "first", "float32", "font", "frame", "functionName",
-    "height", "infinity", "intValue", "isEmpty", "isInfinite", "isOperatingSystemAtLeast",
-    "leading", "localizedDescription", "machine", "main", "map", "min", "multiArrayValue",
-    "origin", "padding", "path", "prediction", "prefix", "processInfo", "render", "rounded",
-    "sRGB", "split", "squareRoot", "strides", "task", "transformed", "url", "urls",
-    "userDomainMask", "width", "withUnsafeBufferPointer", "withUnsafeMutableBufferPointer",
-    "workingColorSpace", "x", "y",
-}  # fmt: skip
-APPLE_FUNCTIONS = {"abs", "log", "max", "min", "os_proc_available_memory", "uname", "utsname",
-                   "withUnsafeBytes"}  # fmt: skip
+    "RGBAf",
+    "append",
+    "appendingPathComponent",
+    "applicationSupportDirectory",
+    "applyingFilter",
+    "caption",
+    "compactMap",
+    "compileModel",
+    "computeUnits",
+    "contains",
+    "count",
+    "cpuAndNeuralEngine",
+    "cropped",
+    "decode",
+    "default",
+    "down",
+    "extent",
+    "featureValue",
+    "fileExists",
+    "filter",
+    "first",
+    "float32",
+    "font",
+    "frame",
+    "functionName",
+    "height",
+    "infinity",
+    "intValue",
+    "isEmpty",
+    "isInfinite",
+    "isOperatingSystemAtLeast",
+    "leading",
+    "localizedDescription",
+    "machine",
+    "main",
+    "map",
+    "min",
+    "multiArrayValue",
+    "origin",
+    "padding",
+    "path",
+    "prediction",
+    "prefix",
+    "processInfo",
+    "render",
+    "rounded",
+    "sRGB",
+    "split",
+    "squareRoot",
+    "strides",
+    "task",
+    "transformed",
+    "url",
+    "urls",
+    "userDomainMask",
+    "width",
+    "withUnsafeBufferPointer",
+    "withUnsafeMutableBufferPointer",
+    "workingColorSpace",
+    "x",
+    "y",
+}
+APPLE_FUNCTIONS = {
+    "abs",
+    "log",
+    "max",
+    "min",
+    "os_proc_available_memory",
+    "uname",
+    "utsname",
+    "withUnsafeBytes",
+}
 APPLE_CONSTANTS = {"kCIInputAspectRatioKey", "kCIInputScaleKey"}  # CoreImage filter keys
 # `error` is the implicit binding of a `catch`; `simulator` the argument of targetEnvironment
 SWIFT_KEYWORD_IDENTIFIERS = {"$0", "error", "self", "simulator", "targetEnvironment"}
@@ -132,8 +227,9 @@ def parse_swift(source: str) -> SwiftFile:
         elif t == "function_declaration":
             name = kids(node, "simple_identifier")
             if name:
-                (out.members if in_type_body or node.parent.type == "source_file"
-                 else out.locals).add(text(name[0]))  # fmt: skip
+                (
+                    out.members if in_type_body or node.parent.type == "source_file" else out.locals
+                ).add(text(name[0]))
         elif t == "property_declaration":
             for pattern in kids(node, "pattern"):
                 for ident in kids(pattern, "simple_identifier"):
@@ -187,10 +283,20 @@ def parse_swift(source: str) -> SwiftFile:
             if name:
                 out.uses.append(Use("member", text(name[0]), line=line))
                 return
-        elif t == "simple_identifier" and node.parent is not None and node.parent.type not in (
-            "value_argument_label", "pattern", "parameter", "lambda_parameter", "enum_entry",
-            "function_declaration", "identifier",
-        ):  # fmt: skip
+        elif (
+            t == "simple_identifier"
+            and node.parent is not None
+            and node.parent.type
+            not in (
+                "value_argument_label",
+                "pattern",
+                "parameter",
+                "lambda_parameter",
+                "enum_entry",
+                "function_declaration",
+                "identifier",
+            )
+        ):
             out.uses.append(Use("ident", text(node), line=line))
         for child in node.children:
             walk(child, in_type_body and t not in ("function_body", "computed_property"))
@@ -274,10 +380,12 @@ def check_swift(files: dict[str, SwiftFile], table: dict = TABLE) -> list[str]:
                 if use.name not in project_types | APPLE_TYPES:
                     error = resolve(use, ("type",), by_name, f.imports)
             elif use.kind == "member":
-                if use.name not in (project_members | APPLE_MEMBERS | project_types
-                                    | SWIFT_KEYWORD_IDENTIFIERS):  # fmt: skip
-                    error = resolve(use, ("property", "function", "type", "init", "case"),
-                                    by_name, f.imports)  # fmt: skip
+                if use.name not in (
+                    project_members | APPLE_MEMBERS | project_types | SWIFT_KEYWORD_IDENTIFIERS
+                ):
+                    error = resolve(
+                        use, ("property", "function", "type", "init", "case"), by_name, f.imports
+                    )
             elif use.kind == "call":
                 if use.name[:1].isupper():  # an initializer
                     if use.name not in project_types | APPLE_TYPES:
@@ -290,9 +398,15 @@ def check_swift(files: dict[str, SwiftFile], table: dict = TABLE) -> list[str]:
                 # `$name` is SwiftUI's binding to the property `name`; `$0` a closure argument
                 binding = use.name.startswith("$") and use.name[1:2].isalpha()
                 name = use.name[1:] if binding else use.name
-                if name not in (local | project_types | APPLE_TYPES | APPLE_FUNCTIONS
-                                | APPLE_CONSTANTS | SWIFT_KEYWORD_IDENTIFIERS
-                                | f.imports):  # fmt: skip
+                if name not in (
+                    local
+                    | project_types
+                    | APPLE_TYPES
+                    | APPLE_FUNCTIONS
+                    | APPLE_CONSTANTS
+                    | SWIFT_KEYWORD_IDENTIFIERS
+                    | f.imports
+                ):
                     error = resolve(use, ("type", "module"), by_name, f.imports)
             if error:
                 problems.append(f"{fname}:{use.line}: `{use.name}`: {error}")
@@ -309,8 +423,9 @@ def swift_sources(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("swift")
     out, coreml = root / "tiny-iphone12", root / "tiny-coreml"
     build_bundle(FIXTURES / "tiny_tied", out, "iphone12")
-    build_bundle(FIXTURES / "tiny_vision_p6", coreml, "iphone15", vision_encoder="coreml",
-                 coreml_grids="6x9")  # fmt: skip
+    build_bundle(
+        FIXTURES / "tiny_vision_p6", coreml, "iphone15", vision_encoder="coreml", coreml_grids="6x9"
+    )
     return {
         "MLXKitBundle.swift": (out / "xcode" / "MLXKitBundle.swift").read_text(),
         "ChatView.swift": CHAT_VIEW.read_text(),
@@ -339,9 +454,17 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
     assert check_swift(files) == []
     used = {u.name for f in files.values() for u in f.uses}
     # the names issue 12 is about are used, and resolve to the table
-    assert {"Qwen35TextMTPRegistration", "register", "MTPDrafterModelFactory", "prefill",
-            "stepSize", "huggingFaceTokenizerLoader", "VLMModelFactory", "ciImage",
-            "MLXArray"} <= used  # fmt: skip
+    assert {
+        "Qwen35TextMTPRegistration",
+        "register",
+        "MTPDrafterModelFactory",
+        "prefill",
+        "stepSize",
+        "huggingFaceTokenizerLoader",
+        "VLMModelFactory",
+        "ciImage",
+        "MLXArray",
+    } <= used
     assert "Tokenizers" in files["ChatView.swift"].imports
     imported = set().union(*(f.imports for f in files.values()))
     for e in TABLE["symbol"]:  # the table holds what the Swift uses, nothing more
@@ -352,41 +475,93 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"MLXKitBundle": ("parameters.prefill.stepSize", "parameters.prefillStepSize")},
-         "`prefillStepSize`: deprecated in mlx-swift-lm"),
-        ({"MLXKitBundle": ("parameters.prefill.stepSize", "parameters.prefill.chunkSize")},
-         "`chunkSize`: not in tests/swift_api.toml"),
-        ({"MLXKitBundle": ("await Qwen35TextMTPRegistration.register()",
-                           "await Qwen35MTPRegistration.register()")},
-         "`Qwen35MTPRegistration`: not in tests/swift_api.toml"),
-        ({"MLXKitBundle": ("loadContainer(\n            from: url, using: tokenizerLoader)",
-                           "loadContainer(\n            directory: url, using: tokenizerLoader)")},
-         "`loadContainer`: no declaration takes the arguments (directory:using:)"),
-        ({"ChatView": ("import Tokenizers", "")},
-         "`huggingFaceTokenizerLoader`: its expansion needs `import Tokenizers`"),
-        ({"ChatView": ("import MLXLMCommon\n", "")},
-         "`UserInput`: needs `import MLXLMCommon`"),
-        ({"ChatView": ("UserInput(chat: [.user(prompt, images: images)]",
-                       "UserInput(messages: [.user(prompt, images: images)]")},
-         "`UserInput`: no declaration takes the arguments (messages:processing:)"),
-        ({"MLXKitBundle": ("VLMModelFactory.shared.loadContainer",
-                           "VLMModelFactory.common.loadContainer")},
-         "`common`: not in tests/swift_api.toml"),
+        (
+            {"MLXKitBundle": ("parameters.prefill.stepSize", "parameters.prefillStepSize")},
+            "`prefillStepSize`: deprecated in mlx-swift-lm",
+        ),
+        (
+            {"MLXKitBundle": ("parameters.prefill.stepSize", "parameters.prefill.chunkSize")},
+            "`chunkSize`: not in tests/swift_api.toml",
+        ),
+        (
+            {
+                "MLXKitBundle": (
+                    "await Qwen35TextMTPRegistration.register()",
+                    "await Qwen35MTPRegistration.register()",
+                )
+            },
+            "`Qwen35MTPRegistration`: not in tests/swift_api.toml",
+        ),
+        (
+            {
+                "MLXKitBundle": (
+                    "loadContainer(\n            from: url, using: tokenizerLoader)",
+                    "loadContainer(\n            directory: url, using: tokenizerLoader)",
+                )
+            },
+            "`loadContainer`: no declaration takes the arguments (directory:using:)",
+        ),
+        (
+            {"ChatView": ("import Tokenizers", "")},
+            "`huggingFaceTokenizerLoader`: its expansion needs `import Tokenizers`",
+        ),
+        ({"ChatView": ("import MLXLMCommon\n", "")}, "`UserInput`: needs `import MLXLMCommon`"),
+        (
+            {
+                "ChatView": (
+                    "UserInput(chat: [.user(prompt, images: images)]",
+                    "UserInput(messages: [.user(prompt, images: images)]",
+                )
+            },
+            "`UserInput`: no declaration takes the arguments (messages:processing:)",
+        ),
+        (
+            {
+                "MLXKitBundle": (
+                    "VLMModelFactory.shared.loadContainer",
+                    "VLMModelFactory.common.loadContainer",
+                )
+            },
+            "`common`: not in tests/swift_api.toml",
+        ),
         ({"MLXKitBundle": ("import MLXVLM\n", "")}, "`VLMModelFactory`: needs `import MLXVLM`"),
-        ({"MLXKitBundle": ("UserInput.Processing(\n            resize:",
-                           "UserInput.Processing(\n            size:")},
-         "`Processing`: no declaration takes the arguments (size:)"),
+        (
+            {
+                "MLXKitBundle": (
+                    "UserInput.Processing(\n            resize:",
+                    "UserInput.Processing(\n            size:",
+                )
+            },
+            "`Processing`: no declaration takes the arguments (size:)",
+        ),
         ({"ChatView": (".ciImage($0)", ".cgImage($0)")}, "`cgImage`: not in tests/swift_api.toml"),
-        ({"MLXKitVisionEncoder": ("MLXArray(values, [tokens, hidden])",
-                                  "MLXArray(values, shape: [tokens, hidden])")},
-         "`MLXArray`: no declaration takes the arguments (_:shape:)"),
+        (
+            {
+                "MLXKitVisionEncoder": (
+                    "MLXArray(values, [tokens, hidden])",
+                    "MLXArray(values, shape: [tokens, hidden])",
+                )
+            },
+            "`MLXArray`: no declaration takes the arguments (_:shape:)",
+        ),
         ({"MLXKitVisionEncoder": ("import MLX\n", "")}, "`MLXArray`: needs `import MLX`"),
     ],
-    ids=["deprecated", "unknown-member", "unknown-type", "wrong-label", "no-import-tokenizers",
-         "no-import-module", "wrong-init-label", "unknown-vlm-member", "no-import-mlxvlm",
-         "wrong-processing-label", "unknown-image-case", "wrong-mlxarray-label",
-         "no-import-mlx"],
-)  # fmt: skip
+    ids=[
+        "deprecated",
+        "unknown-member",
+        "unknown-type",
+        "wrong-label",
+        "no-import-tokenizers",
+        "no-import-module",
+        "wrong-init-label",
+        "unknown-vlm-member",
+        "no-import-mlxvlm",
+        "wrong-processing-label",
+        "unknown-image-case",
+        "wrong-mlxarray-label",
+        "no-import-mlx",
+    ],
+)
 def test_the_check_fails_on_names_the_table_does_not_hold(swift_sources, edit, message):
     problems = check_swift(parsed(swift_sources, **edit))
     assert any(message in p for p in problems), problems

@@ -45,10 +45,14 @@ REGISTERED_TEXT_DRAFTERS = {"qwen3_5_text": False, "qwen3_5": True, "qwen3_5_moe
 # qwenMTPSanitizeWeights (what Qwen35MTPDraftModel.sanitize calls): keep the keys that start
 # with "mtp.", then add 1 to every 1-D tensor whose name ends with one of these.
 SWIFT_NORM_SUFFIXES = (
-    "mtp.norm.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight",
-    ".input_layernorm.weight", ".post_attention_layernorm.weight", ".q_norm.weight",
+    "mtp.norm.weight",
+    "mtp.pre_fc_norm_embedding.weight",
+    "mtp.pre_fc_norm_hidden.weight",
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    ".q_norm.weight",
     ".k_norm.weight",
-)  # fmt: skip
+)
 
 
 def swift_drafter_type(config: dict) -> str:
@@ -141,8 +145,10 @@ def swift_load_problems(directory: Path, cfg: TextConfig) -> list[str]:
         rows, columns = expected[f"{module}.weight"]
         packed, scales = loaded[f"{module}.weight"].shape, loaded[f"{module}.scales"].shape
         if bits is None or packed != (rows, columns * bits // 32) or scales[-1] * group != columns:
-            problems.append(f"{module}: quantized as {bits} bits, group {group}, does not fit "
-                            f"weight {packed} and scales {scales}")  # fmt: skip
+            problems.append(
+                f"{module}: quantized as {bits} bits, group {group}, does not fit "
+                f"weight {packed} and scales {scales}"
+            )
     names = {k for k in loaded if not k.endswith((".scales", ".biases"))}
     problems += [f"missing {k}" for k in sorted(set(expected) - names)]
     problems += [f"unexpected {k}" for k in sorted(names - set(expected))]
@@ -159,11 +165,23 @@ def drafters(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("drafters")
     out = {}
     for layout in ("checkpoint", "mlx-vlm"):
-        convert(FIXTURES / "tiny_untied", root / layout, recipe="quality", dtype="float32",
-                drafter_layout=layout, quiet=True)  # fmt: skip
+        convert(
+            FIXTURES / "tiny_untied",
+            root / layout,
+            recipe="quality",
+            dtype="float32",
+            drafter_layout=layout,
+            quiet=True,
+        )
         out[layout] = root / layout
-    convert(FIXTURES / "tiny_untied", root / "f32", quantize=False, dtype="float32",
-            drafter_layout="checkpoint", quiet=True)  # fmt: skip
+    convert(
+        FIXTURES / "tiny_untied",
+        root / "f32",
+        quantize=False,
+        dtype="float32",
+        drafter_layout="checkpoint",
+        quiet=True,
+    )
     out["f32"] = root / "f32"
     build_bundle(FIXTURES / "tiny_untied", root / "bundle", "iphone15", dtype="float32")
     out["bundle"] = root / "bundle"
@@ -181,8 +199,10 @@ def test_bundle_drafter_passes_mlx_swift_lm_rules(drafters):
     bundle_mtp = drafters["bundle"] / "mtp"
     config = json.loads((bundle_mtp / "config.json").read_text())
     assert config["model_type"] == "qwen3_5" and "vision_config" not in config
-    assert json.loads((drafters["bundle"] / "manifest.json").read_text())["quantization"][
-        "recipe"] == "quality"  # fmt: skip
+    assert (
+        json.loads((drafters["bundle"] / "manifest.json").read_text())["quantization"]["recipe"]
+        == "quality"
+    )
     assert config["quantization"]["mtp.layers.0.mlp.down_proj"]["bits"] == 6
     for directory in (bundle_mtp, drafters["checkpoint"] / "mtp"):
         assert swift_load_problems(directory, tiny_cfg()) == []
@@ -203,7 +223,9 @@ def test_todays_layout_fails_mlx_swift_lm_rules(drafters):
     prefixed = {f"mtp.{k}": v for k, v in weights.items()}
     quant = {k.removesuffix(".scales") for k in prefixed if k.endswith(".scales")}
     wrong = {m for m in quant if swift_quantization(config, m) != (6, 64)} & {
-        "mtp.layers.0.self_attn.v_proj", "mtp.layers.0.mlp.down_proj"}  # fmt: skip
+        "mtp.layers.0.self_attn.v_proj",
+        "mtp.layers.0.mlp.down_proj",
+    }
     assert wrong == {"mtp.layers.0.self_attn.v_proj", "mtp.layers.0.mlp.down_proj"}
     norm = swift_sanitize(prefixed)["mtp.norm.weight"]
     converted = weights["norm.weight"]  # already 1 + w
@@ -224,8 +246,10 @@ def test_shifted_norms_are_the_ones_mlxkit_and_the_reference_use(drafters):
     for k in norms:  # main branch: declared nothing, `mtp.` names, format pt → shift
         assert swift_main_norm_convention(k, metadata[k], config["model_type"]) == "offset"
     # had the bundle said qwen3_5_mtp, main would not shift these norms
-    assert swift_main_norm_convention("mtp.norm.weight", metadata["mtp.norm.weight"],
-                                      "qwen3_5_mtp") == "scale"  # fmt: skip
+    assert (
+        swift_main_norm_convention("mtp.norm.weight", metadata["mtp.norm.weight"], "qwen3_5_mtp")
+        == "scale"
+    )
 
 
 # --- mlx-vlm -----------------------------------------------------------------------------------

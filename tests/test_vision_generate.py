@@ -74,8 +74,9 @@ def test_mlx_vlm_greedy_tokens_equal_ours_on_a_float32_conversion(converted):
     out = converted(name, quantize=False, dtype="float32")
     image = str(FIXTURES / name / "image0.png")
     model, tokenizer = load(out)
-    ours, _ = tokens_of(model, tokenizer, image_chat({"type": "image"}), images=[image],
-                        max_tokens=16, mtp=False)  # fmt: skip
+    ours, _ = tokens_of(
+        model, tokenizer, image_chat({"type": "image"}), images=[image], max_tokens=16, mtp=False
+    )
     vlm, processor = vlm_load(str(out))
     text = tokenizer.apply_chat_template([{"role": "user", "content": IMAGE + QUESTION}])
     inputs = prepare_inputs(
@@ -84,8 +85,15 @@ def test_mlx_vlm_greedy_tokens_equal_ours_on_a_float32_conversion(converted):
     assert inputs["input_ids"][0].tolist() == reference(name)["generate_ids"].tolist()
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
     extra.pop("attention_mask", None)
-    steps = generate_step(inputs["input_ids"], vlm, inputs["pixel_values"], None,
-                          max_tokens=16, temperature=0.0, **extra)  # fmt: skip
+    steps = generate_step(
+        inputs["input_ids"],
+        vlm,
+        inputs["pixel_values"],
+        None,
+        max_tokens=16,
+        temperature=0.0,
+        **extra,
+    )
     theirs = [int(t) for t, _ in steps][:16]
     assert ours == theirs == reference(name)["generate_greedy_f64"].tolist()
 
@@ -139,8 +147,9 @@ def test_video_from_frames_and_from_a_file(tmp_path):
     model, tokenizer = load(FIXTURES / name, dtype=mx.float32)
     frames, fps = ref["video_frames"], float(ref["video_fps"])
     cache = PromptCache.new(model)
-    from_frames, responses = tokens_of(model, tokenizer, VIDEO_PROMPT, cache,
-                                       videos=[Video(list(frames), fps)], max_tokens=8)  # fmt: skip
+    from_frames, responses = tokens_of(
+        model, tokenizer, VIDEO_PROMPT, cache, videos=[Video(list(frames), fps)], max_tokens=8
+    )
     assert cache.tokens[: responses[0].prompt_tokens] == ref["video_ids"].tolist()
     path = tmp_path / "clip.mov"
     with av.open(str(path), "w") as container:  # PNG frames: lossless
@@ -166,8 +175,7 @@ def test_prompt_cache_across_chat_turns_encodes_each_image_once(monkeypatch):
         lambda model, inputs: encoded.append([v.key for v in inputs]) or real(model, inputs),
     )
     cache = PromptCache.new(model)
-    tokens_of(model, tokenizer, image_chat({"type": "image"}), cache, images=[img0],
-              max_tokens=6)  # fmt: skip
+    tokens_of(model, tokenizer, image_chat({"type": "image"}), cache, images=[img0], max_tokens=6)
     first_turn = list(cache.tokens)
     follow = encode_prompt(
         tokenizer,
@@ -177,11 +185,11 @@ def test_prompt_cache_across_chat_turns_encodes_each_image_once(monkeypatch):
         images=[img1],
     )
     turn2 = first_turn + follow.tokens
-    key0, key1 = (encode_prompt(tokenizer, IMAGE, True, model, [p]).images[0].key
-                  for p in (img0, img1))  # fmt: skip
+    key0, key1 = (
+        encode_prompt(tokenizer, IMAGE, True, model, [p]).images[0].key for p in (img0, img1)
+    )
     encoded.clear()
-    reused, responses = tokens_of(model, tokenizer, turn2, cache, images=[img0, img1],
-                                  max_tokens=8)  # fmt: skip
+    reused, responses = tokens_of(model, tokenizer, turn2, cache, images=[img0, img1], max_tokens=8)
     assert responses[0].prompt_cached == len(first_turn)
     assert [k for ks in encoded for k in ks] == [key1]  # image0 came from the cache
     assert cache.image_keys == [key0, key1] and cache.rope_delta < 0
@@ -190,8 +198,7 @@ def test_prompt_cache_across_chat_turns_encodes_each_image_once(monkeypatch):
     # the same pads with another picture are not taken from a cache holding the first
     other = np.asarray(Image.open(img0))[::-1].copy()
     held = PromptCache.new(model)
-    tokens_of(model, tokenizer, image_chat({"type": "image"}), held, images=[img0],
-              max_tokens=6)  # fmt: skip
+    tokens_of(model, tokenizer, image_chat({"type": "image"}), held, images=[img0], max_tokens=6)
     assert held.reusable(turn2, [key0, key1]) == len(first_turn)
     _, responses = tokens_of(model, tokenizer, turn2, held, images=[other, img1], max_tokens=2)
     assert responses[0].prompt_cached == 0
@@ -202,8 +209,14 @@ def test_prompt_cache_with_images_saves_and_loads(tmp_path):
     src = FIXTURES / name
     model, tokenizer = load(src, dtype=mx.float32)
     cache = PromptCache.new(model)
-    tokens_of(model, tokenizer, image_chat({"type": "image"}), cache,
-              images=[src / "image0.png"], max_tokens=5)  # fmt: skip
+    tokens_of(
+        model,
+        tokenizer,
+        image_chat({"type": "image"}),
+        cache,
+        images=[src / "image0.png"],
+        max_tokens=5,
+    )
     more = cache.tokens + tokenizer.encode("<|im_end|>\n<|im_start|>user\nMore.")
     cache.save(tmp_path / "cache.safetensors")
     restored = PromptCache.load(tmp_path / "cache.safetensors", model)
@@ -232,13 +245,31 @@ def test_cli_generate_with_an_image():
     name = VISION[0]
     src = FIXTURES / name
     ref = reference(name)
-    args = ["generate", "--model", str(src), "--prompt", QUESTION, "--chat", "--no-mtp",
-            "--image", str(src / "image0.png"), "--max-tokens", "16", "--verbose"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(src),
+        "--prompt",
+        QUESTION,
+        "--chat",
+        "--no-mtp",
+        "--image",
+        str(src / "image0.png"),
+        "--max-tokens",
+        "16",
+        "--verbose",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     model, tokenizer = load(src)  # as the command loads it (bf16)
-    expected, _ = tokens_of(model, tokenizer, image_chat({"type": "image"}),
-                            images=[src / "image0.png"], max_tokens=16, mtp=False)  # fmt: skip
+    expected, _ = tokens_of(
+        model,
+        tokenizer,
+        image_chat({"type": "image"}),
+        images=[src / "image0.png"],
+        max_tokens=16,
+        mtp=False,
+    )
     assert result.stdout.rstrip("\n") == tokenizer.decode(expected)
     assert f"prompt {len(ref['generate_ids'])} tokens" in result.stderr
 

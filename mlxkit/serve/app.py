@@ -166,8 +166,9 @@ class Api:
         images = request_images(model, image_parts(req.messages), self.settings.media_dirs)
         return render_chat(tokenizer, req, images)
 
-    def _prepare_next_turn(self, req: ChatRequest, job: Job, parser: OutputParser, content: str,
-                           reasoning: str) -> None:  # fmt: skip
+    def _prepare_next_turn(
+        self, req: ChatRequest, job: Job, parser: OutputParser, content: str, reasoning: str
+    ) -> None:
         """Has the engine prefill, while idle, what the conversation's next request will start
         with (runs on a worker thread after the answer is out)."""
         reply: dict = {"role": "assistant", "content": content}
@@ -193,8 +194,9 @@ class Api:
     def _max_tokens(self, requested: int | None, param: str) -> int:
         cap = self.settings.max_tokens
         if requested is not None and requested > cap:
-            raise RequestError(f"{param} must be at most {cap} (the server's --max-tokens)",
-                               param=param)  # fmt: skip
+            raise RequestError(
+                f"{param} must be at most {cap} (the server's --max-tokens)", param=param
+            )
         return requested or cap
 
     async def _start(self, request: Request, job: Job, stream: bool) -> tuple[_Session, object]:
@@ -203,9 +205,10 @@ class Api:
         if not self.engine.admit():
             raise RequestError(
                 f"the server is busy ({self.engine.max_in_flight - 1} requests queued); retry later",
-                503, kind="server_busy",
+                503,
+                kind="server_busy",
                 headers={"Retry-After": str(self.engine.retry_after())},
-            )  # fmt: skip
+            )
         session = _Session(self.engine, job, request)
         try:
             self.engine.submit(job)
@@ -224,8 +227,12 @@ class Api:
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        model = {"id": self.settings.model_name, "object": "model", "created": 0,
-                 "owned_by": "mlxkit"}  # fmt: skip
+        model = {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mlxkit",
+        }
         return JSONResponse({"object": "list", "data": [model]})
 
     async def stats(self, request: Request) -> Response:
@@ -234,13 +241,19 @@ class Api:
 
     async def chat(self, request: Request) -> Response:
         req = parse(ChatRequest, await self._body(request))
-        max_tokens = self._max_tokens(req.requested_max_tokens,
-                                      "max_completion_tokens" if req.max_completion_tokens
-                                      else "max_tokens")  # fmt: skip
+        max_tokens = self._max_tokens(
+            req.requested_max_tokens,
+            "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        )
         prompt = await run_in_threadpool(self._render, req)
         parser = OutputParser(prompt.reasoning, req.tool_specs)
-        job = Job(prompt.tokens, {**req.sampling(), "max_tokens": max_tokens},
-                  asyncio.get_running_loop(), prompt.snapshot_at, prompt.images)  # fmt: skip
+        job = Job(
+            prompt.tokens,
+            {**req.sampling(), "max_tokens": max_tokens},
+            asyncio.get_running_loop(),
+            prompt.snapshot_at,
+            prompt.images,
+        )
         try:
             session, responses = await self._start(request, job, req.stream)
         except _ClientGone:
@@ -258,8 +271,7 @@ class Api:
             return Response(status_code=499)
         finally:
             session.close()
-        message: dict = {"role": "assistant",
-                         "content": "".join(d.content for d in deltas) or None}  # fmt: skip
+        message: dict = {"role": "assistant", "content": "".join(d.content for d in deltas) or None}
         if parser.calls:
             message["tool_calls"] = [c.openai() for c in parser.calls]
         elif message["content"] is None:
@@ -268,10 +280,15 @@ class Api:
         if reasoning:
             message["reasoning_content"] = reasoning
         self._after_answer(req, session.job, parser, message["content"] or "", reasoning)
-        choice = {"index": 0, "message": message, "logprobs": None,
-                  "finish_reason": _finish(session.last, parser)}  # fmt: skip
-        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
-                             "usage": _usage(session)})  # fmt: skip
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": _finish(session.last, parser),
+        }
+        return JSONResponse(
+            {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(session)}
+        )
 
     async def _chat_chunks(self, session, responses, parser, meta, req: ChatRequest):
         def chunk(delta: dict, finish: str | None = None) -> str:
@@ -300,56 +317,57 @@ class Api:
         self._after_answer(req, session.job, parser, content, reasoning)
         yield chunk({}, _finish(session.last, parser))
         if req.include_usage:
-            yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
-                        "usage": _usage(session)})  # fmt: skip
+            yield _sse(
+                {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(session)}
+            )
         yield _sse("[DONE]")
 
     async def completions(self, request: Request) -> Response:
         req = parse(CompletionRequest, await self._body(request))
         max_tokens = self._max_tokens(req.max_tokens, "max_tokens")
-        prompt = req.single_prompt
-        if isinstance(prompt, str):
-            tokens = await run_in_threadpool(self.engine.tokenizer.encode, prompt)
-        else:
-            vocab = self.engine.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise RequestError(f"token ids must be in [0, {vocab})", param="prompt")
-            tokens = list(prompt)
+        tokens = await self._completion_tokens(req.single_prompt)
         job = Job(tokens, {**req.sampling(), "max_tokens": max_tokens}, asyncio.get_running_loop())
         try:
             session, responses = await self._start(request, job, req.stream)
         except _ClientGone:
             return Response(status_code=499)
         meta = {"id": new_id("cmpl"), "created": now(), "model": self.settings.model_name}
-
-        def choice(text: str, finish: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
         if req.stream:
-
-            async def chunks():
-                try:
-                    async for r in responses:
-                        yield _sse({**meta, "object": "text_completion",
-                                    "choices": [choice(r.text, r.finish_reason)]})  # fmt: skip
-                except RequestError as e:
-                    yield _sse(e.body())
-                    return
-                if req.include_usage:
-                    yield _sse({**meta, "object": "text_completion", "choices": [],
-                                "usage": _usage(session)})  # fmt: skip
-                yield _sse("[DONE]")
-
-            return _EventStream(chunks(), session)
+            return _EventStream(self._completion_chunks(session, responses, meta, req), session)
         try:
             text = "".join([r.text async for r in responses])
         except _ClientGone:
             return Response(status_code=499)
         finally:
             session.close()
-        return JSONResponse({**meta, "object": "text_completion",
-                             "choices": [choice(text, session.last.finish_reason)],
-                             "usage": _usage(session)})  # fmt: skip
+        choice = _text_choice(text, session.last.finish_reason)
+        body = {**meta, "object": "text_completion", "choices": [choice]}
+        return JSONResponse({**body, "usage": _usage(session)})
+
+    async def _completion_tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return await run_in_threadpool(self.engine.tokenizer.encode, prompt)
+        vocab = self.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    async def _completion_chunks(self, session, responses, meta: dict, req: CompletionRequest):
+        try:
+            async for r in responses:
+                choice = _text_choice(r.text, r.finish_reason)
+                yield _sse({**meta, "object": "text_completion", "choices": [choice]})
+        except RequestError as e:
+            yield _sse(e.body())
+            return
+        if req.include_usage:
+            usage_chunk = {"object": "text_completion", "choices": [], "usage": _usage(session)}
+            yield _sse({**meta, **usage_chunk})
+        yield _sse("[DONE]")
+
+
+def _text_choice(text: str, finish: str | None) -> dict:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
 def _finish(last: GenerationResponse, parser: OutputParser) -> str:
@@ -366,8 +384,10 @@ async def _request_error(request: Request, exc: RequestError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    message = {404: f"no such endpoint: {request.method} {request.url.path}",
-               405: f"{request.method} is not allowed on {request.url.path}"}  # fmt: skip
+    message = {
+        404: f"no such endpoint: {request.method} {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
     body = error_body(message.get(exc.status_code, str(exc.detail)), "invalid_request_error")
     return JSONResponse(body, exc.status_code, headers=exc.headers)
 

@@ -54,8 +54,9 @@ def template_messages(messages: list[Message]) -> list[dict]:
         if m.tool_call_id is not None:
             item["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
-            item["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]")
-                                  for j, c in enumerate(m.tool_calls)]  # fmt: skip
+            item["tool_calls"] = [
+                _tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.tool_calls)
+            ]
         out.append(item)
     return out
 
@@ -98,8 +99,13 @@ def _tool_call(call, param: str) -> dict:
 def _renderer(tokenizer, request: ChatRequest):
     def render(msgs: list[dict], generation_prompt: bool, with_tools: list | None) -> str:
         try:
-            return tokenizer.apply_chat_template(msgs, generation_prompt, request.enable_thinking,
-                                                 tools=with_tools, **request.template_kwargs)  # fmt: skip
+            return tokenizer.apply_chat_template(
+                msgs,
+                generation_prompt,
+                request.enable_thinking,
+                tools=with_tools,
+                **request.template_kwargs,
+            )
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise RequestError(f"the chat template cannot render these messages: {e}") from None
 
@@ -131,8 +137,11 @@ def render_chat(tokenizer, request: ChatRequest, images: list[VisionInput] | Non
     if tools and text == render(messages, True, None):
         raise RequestError("this model's chat template does not render tools", param="tools")
     tokens = encode(text)
-    probe = [*messages, {"role": "assistant", "content": _PLACEHOLDER},
-             {"role": "user", "content": _PLACEHOLDER}]  # fmt: skip
+    probe = [
+        *messages,
+        {"role": "assistant", "content": _PLACEHOLDER},
+        {"role": "user", "content": _PLACEHOLDER},
+    ]
     try:
         next_turn = encode(render(probe, False, tools))
     except RequestError:  # a template with rules the placeholder breaks: no snapshot
@@ -158,8 +167,10 @@ def next_turn_prefix(
     messages = [*template_messages(request.messages), reply]
     role = "tool" if reply.get("tool_calls") else "user"
     try:
-        a, b = (encode(render([*messages, {"role": role, "content": text}], False,
-                              request.tool_specs)) for text in ("a", "b"))  # fmt: skip
+        a, b = (
+            encode(render([*messages, {"role": role, "content": text}], False, request.tool_specs))
+            for text in ("a", "b")
+        )
     except RequestError:
         return None
     n = common_prefix(a, b) - 1

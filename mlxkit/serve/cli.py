@@ -26,23 +26,56 @@ def require_server_stack() -> None:
 @click.option("--model", "model_path", help="Model directory (HF or MLX layout) or bundle.")
 @click.option("--size", help='A published size (0.8b, 2b, 4b, 9b: Hugging Face cache) or "micro".')
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
-              help="Port (0: any free one; the one taken is printed).")  # fmt: skip
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0: any free one; the one taken is printed).",
+)
 @click.option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 endpoints.")
-@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0),
-              help="Requests waiting behind the one generating; more get 503.")  # fmt: skip
-@click.option("--prompt-cache-size", default="1GiB", show_default=True,
-              help="Bytes of decoding states kept for prompt reuse (e.g. 512MB; 0: off).")  # fmt: skip
-@click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(1),
-              help="The most tokens a request may generate (and its default).")  # fmt: skip
+@click.option(
+    "--max-queue",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Requests waiting behind the one generating; more get 503.",
+)
+@click.option(
+    "--prompt-cache-size",
+    default="1GiB",
+    show_default=True,
+    help="Bytes of decoding states kept for prompt reuse (e.g. 512MB; 0: off).",
+)
+@click.option(
+    "--max-tokens",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(1),
+    help="The most tokens a request may generate (and its default).",
+)
 @click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
-@click.option("--num-draft", default=2, show_default=True, type=click.IntRange(1, 8),
-              help="Tokens drafted per MTP round.")  # fmt: skip
-@click.option("--allowed-local-media-path", "media_dirs", multiple=True, metavar="DIR",
-              help="A directory whose image files image_url parts may name (file:///...; "
-                   "repeatable). Without it only data URLs are read.")  # fmt: skip
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+@click.option(
+    "--num-draft",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="Tokens drafted per MTP round.",
+)
+@click.option(
+    "--allowed-local-media-path",
+    "media_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="A directory whose image files image_url parts may name (file:///...; "
+    "repeatable). Without it only data URLs are read.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def serve(
     model_path: str | None,
     size: str | None,
@@ -66,17 +99,7 @@ def serve(
         raise MlxkitError("pass either --model PATH or --size SIZE")
     cache_bytes = 0 if prompt_cache_size.strip() == "0" else parse_bytes(prompt_cache_size)
     allowed = tuple(media_dir(d) for d in media_dirs)
-    if size is not None:
-        from mlxkit.source import resolve_size
-
-        source = resolve_size(size)
-        model_path, name = str(source.directory), source.name
-    else:
-        from mlxkit.load import resolve_model_dir
-
-        name = resolve_model_dir(model_path).name
-        if name == "model":  # an iPhone bundle's model/
-            name = Path(model_path).expanduser().resolve().name
+    model_path, name = model_source(model_path, size)
 
     from mlxkit.load import load
     from mlxkit.serve.app import Settings, create_app
@@ -85,16 +108,46 @@ def serve(
     model, tokenizer = load(model_path)
     if mtp and not model.has_mtp:
         click.echo("warning: this model has no MTP weights; decoding without speculation", err=True)
-    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=cache_bytes,
-                    mtp=mtp, num_draft=num_draft)  # fmt: skip
+    engine = Engine(
+        model,
+        tokenizer,
+        max_queue=max_queue,
+        prompt_cache_bytes=cache_bytes,
+        mtp=mtp,
+        num_draft=num_draft,
+    )
     app = create_app(engine, Settings(name, max_tokens, api_key, media_dirs=allowed))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it "
-                   "can use the model", err=True)  # fmt: skip
-    run(engine, app, host, port, log_level, banner=lambda p: (
-        f"mlxkit serve: {name} at http://{host}:{p}/v1 (MTP "
-        + (f"on, {num_draft} drafts" if engine.mtp else "off")
-        + f"; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue})"))  # fmt: skip
+        click.echo(
+            f"warning: listening on {host} without --api-key: anyone who can reach it "
+            "can use the model",
+            err=True,
+        )
+    mtp_note = f"on, {num_draft} drafts" if engine.mtp else "off"
+    settings = f"MTP {mtp_note}; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue}"
+    run(
+        engine,
+        app,
+        host,
+        port,
+        log_level,
+        banner=lambda p: f"mlxkit serve: {name} at http://{host}:{p}/v1 ({settings})",
+    )
+
+
+def model_source(model_path: str | None, size: str | None) -> tuple[str, str]:
+    """(the directory to load, the model's name in /v1/models) from --model or --size."""
+    if size is not None:
+        from mlxkit.source import resolve_size
+
+        source = resolve_size(size)
+        return str(source.directory), source.name
+    from mlxkit.load import resolve_model_dir
+
+    name = resolve_model_dir(model_path).name
+    if name == "model":  # an iPhone bundle's model/
+        name = Path(model_path).expanduser().resolve().name
+    return model_path, name
 
 
 def media_dir(value: str) -> Path:
@@ -112,8 +165,9 @@ def run(engine, app, host: str, port: int, log_level: str, banner) -> None:
     Ctrl-C or SIGTERM."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=3)  # fmt: skip
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="mlxkit-serve-http", daemon=True)
 

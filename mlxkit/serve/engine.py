@@ -175,9 +175,16 @@ class Engine:
         finished = False
         try:
             self._snapshot(job, cache)
-            stream = stream_generate(self.model, self.tokenizer, job.tokens, prompt_cache=cache,
-                                     mtp=self.mtp, num_draft=self.num_draft, images=job.images,
-                                     **job.options)  # fmt: skip
+            stream = stream_generate(
+                self.model,
+                self.tokenizer,
+                job.tokens,
+                prompt_cache=cache,
+                mtp=self.mtp,
+                num_draft=self.num_draft,
+                images=job.images,
+                **job.options,
+            )
             try:
                 for r in stream:
                     if r.finish_reason is not None:  # counted before the client can see it

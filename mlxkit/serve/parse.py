@@ -45,8 +45,11 @@ class ToolCall:
 
     def template(self) -> dict:
         """The call as chat templates read it back (arguments as an object)."""
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}  # fmt: skip
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
     def openai(self, index: int | None = None) -> dict:
         call = {
@@ -181,8 +184,14 @@ class OutputParser:
             self._emit(kind, self._buf[:i].rstrip(), out)
             self._buf, self._ws = self._buf[i + len(tag) :], ""
             return True
-        keep = next((n for n in range(min(len(tag) - 1, len(self._buf)), 0, -1)
-                     if tag.startswith(self._buf[-n:])), 0)  # fmt: skip
+        keep = next(
+            (
+                n
+                for n in range(min(len(tag) - 1, len(self._buf)), 0, -1)
+                if tag.startswith(self._buf[-n:])
+            ),
+            0,
+        )
         text, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
         self._emit(kind, text, out)
         return False

@@ -92,10 +92,11 @@ class PromptPool:
         if not cache.tokens or nbytes > self.max_bytes:
             return
         self._entries = [
-            e for e in self._entries
+            e
+            for e in self._entries
             if not _extends(cache, e.cache)
             or (len(e.tokens) < len(cache.tokens) and (shared or e.shared))
-        ]  # fmt: skip
+        ]
         self._entries.append(_Entry(cache, nbytes, shared))
         total = self.nbytes
         while total > self.max_bytes:
