@@ -72,24 +72,36 @@ def run_prompt(
     """Runs new tokens through the main model in chunks (bounded activations; no logits),
     feeding the MTP head every position whose next token is known, and adds them to the cache.
     `images` and `videos` are those whose pads the new tokens hold, in order (encoded here,
-    once). Returns the last position's hidden state [1, 1, H]."""
+    once). Returns the last position's hidden state [1, 1, H].
+
+    Without an MTP cache nothing reads the hidden states before the last, so (as mlx-lm and
+    mlx-vlm prefill) only the caches are computed for all but the last token, which then runs
+    alone: the last layer's output and the final norm are never computed for the rest."""
     all_tokens = cache.tokens + new_tokens
     start = len(cache.tokens)
     inputs = PromptInputs(model, start, cache.rope_delta, new_tokens, images, videos)
     hidden = None
-    for s in range(0, len(new_tokens), chunk):
-        piece = new_tokens[s : s + chunk]
+    for s, e in _chunk_bounds(len(new_tokens), chunk, last_alone=cache.mtp is None):
+        piece = new_tokens[s:e]
         rotary = inputs.rotary(start + s, len(piece))
-        embeddings = inputs.embeddings(s, s + len(piece))
-        hidden = model.hidden(mx.array([piece]), cache.main, rotary, embeddings)
+        hidden = model.hidden(mx.array([piece]), cache.main, rotary, inputs.embeddings(s, e))
         if cache.mtp is not None:
-            _feed_mtp(model, cache, hidden, all_tokens[: start + s + len(piece)], inputs)
-        mx.eval(hidden, *[c.state for c in cache.main], *[c.state for c in cache.mtp or []])
+            _feed_mtp(model, cache, hidden, all_tokens[: start + e], inputs)
+        needed = [hidden] if cache.mtp is not None or e == len(new_tokens) else []
+        mx.eval(*needed, *[c.state for c in cache.main], *[c.state for c in cache.mtp or []])
     cache.tokens = all_tokens
     cache.image_keys += [v.key for v in images]
     cache.video_keys += [v.key for v in videos]
     cache.rope_delta = inputs.rope_delta
     return hidden[:, -1:]
+
+
+def _chunk_bounds(n: int, chunk: int, last_alone: bool) -> list[tuple[int, int]]:
+    """(start, end) of each prefill chunk of n tokens; with `last_alone`, the last token is a
+    chunk of its own."""
+    body = n - 1 if last_alone and n > 1 else n
+    bounds = [(s, min(s + chunk, body)) for s in range(0, body, chunk)]
+    return bounds + [(body, n)] if body < n else bounds
 
 
 def _feed_mtp(
