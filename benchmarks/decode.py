@@ -181,7 +181,7 @@ def main() -> None:
         convert(
             resolve_model_dir(source),
             path,
-            bits=args.bits,
+            bits=None if args.no_quantize else args.bits,
             quantize=not args.no_quantize,
             dtype=args.dtype,
             quiet=True,
