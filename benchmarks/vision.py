@@ -130,8 +130,9 @@ class Case:
         self.image = preprocess_image(picture, pre, max_pixels=picture.shape[0] * picture.shape[1])
         if self.image.num_tokens != tokens:
             raise SystemExit(f"{picture.shape} gave {self.image.num_tokens} tokens, not {tokens}")
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": PROMPT_TEXT}]}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT_TEXT}]}
+        ]
         self.ids = encode_prompt(tokenizer, messages, True, kit, [self.image]).tokens
         self.kit, self.vlm = kit, vlm
 
@@ -170,8 +171,16 @@ class Case:
             seen.append(logprobs)
             return mx.argmax(logprobs, axis=-1)
 
-        steps = generate_step(mx.array([self.ids]), self.vlm, pixels, None, max_tokens=0,
-                              temperature=0.0, sampler=greedy, image_grid_thw=grid)  # fmt: skip
+        steps = generate_step(
+            mx.array([self.ids]),
+            self.vlm,
+            pixels,
+            None,
+            max_tokens=0,
+            temperature=0.0,
+            sampler=greedy,
+            image_grid_thw=grid,
+        )
         for _ in steps:
             raise AssertionError("max_tokens=0 yields no token")
         mx.eval(seen[0])
@@ -214,9 +223,12 @@ def run(cases: dict[int, Case], towers: dict[str, Tower], repeats: int) -> tuple
                 prefill, encode, *outs[tool] = measure(case, tool, towers[tool])
                 for what, (seconds, peak) in (("encode", encode), ("prefill", prefill)):
                     results.setdefault((tokens, what, tool), []).append((seconds, peak))
-                print(f"  round {r + 1}: {tokens:5d} tokens {tool:7s} encode {encode[0]:6.2f} s "
-                      f"{encode[1] / 2**20:5.0f} MB, prefill {prefill[0]:6.2f} s "
-                      f"{prefill[1] / 2**20:5.0f} MB", flush=True)  # fmt: skip
+                print(
+                    f"  round {r + 1}: {tokens:5d} tokens {tool:7s} encode {encode[0]:6.2f} s "
+                    f"{encode[1] / 2**20:5.0f} MB, prefill {prefill[0]:6.2f} s "
+                    f"{prefill[1] / 2**20:5.0f} MB",
+                    flush=True,
+                )
             if r == 0:
                 (kit_lp, kit_f), (vlm_lp, vlm_f) = outs["mlxkit"], outs["mlx-vlm"]
                 checks[tokens] = (
@@ -267,8 +279,10 @@ def report(cases, results, checks, repeats, info, model_info, seconds, argv) -> 
         "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
         "",
     ]
-    titles = {"encode": "Encode (the vision tower's call)",
-              "prefill": "Prefill (the whole prompt, to the first token's logits)"}  # fmt: skip
+    titles = {
+        "encode": "Encode (the vision tower's call)",
+        "prefill": "Prefill (the whole prompt, to the first token's logits)",
+    }
     for what, title in titles.items():
         lines += [
             f"### {title}: seconds, median of {repeats} (min–max); peak MB above the weights",
@@ -344,8 +358,16 @@ def main() -> None:
         results, checks = run(cases, towers, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = report(cases, results, checks, args.repeats, info, model_info, time.perf_counter() - t0,
-                  sys.argv[1:])  # fmt: skip
+    text = report(
+        cases,
+        results,
+        checks,
+        args.repeats,
+        info,
+        model_info,
+        time.perf_counter() - t0,
+        sys.argv[1:],
+    )
     print(text)
     if not args.no_write:
         args.out.parent.mkdir(exist_ok=True)
