@@ -50,7 +50,8 @@ def image_source(url: str, allowed_dirs: Sequence[Path], param: str) -> bytes | 
     an allowed local file. Anything else is a RequestError (400) naming `param`."""
     if url.startswith("data:"):
         return _data_url(url, param)
-    scheme = urlsplit(url).scheme.lower()
+    split = urlsplit(url)
+    scheme = split.scheme.lower()
     if scheme in ("http", "https"):
         raise RequestError(
             "this server does not fetch images from the network; send the image as a data URL "
@@ -58,7 +59,6 @@ def image_source(url: str, allowed_dirs: Sequence[Path], param: str) -> bytes | 
             param=param,
         )
     if scheme == "file":
-        split = urlsplit(url)
         if split.netloc not in ("", "localhost"):
             raise RequestError("a file URL must name a file on this machine", param=param)
         path = unquote(split.path)
