@@ -60,7 +60,7 @@ def convert(
     if (hf_path is None) == (size is None):
         raise MlxkitError("pass exactly one of --hf-path DIR or --size SIZE")
     # --size is resolved (downloaded, if need be) inside convert(), after every other check
-    source = resolve_local(hf_path) if hf_path is not None else Size(size)
+    source = resolve_local(hf_path) if hf_path is not None else Size(size, "pass --hf-path DIR")
     if options["target"] is not None or options["memory_budget"] is not None:
         if no_quantize:
             raise MlxkitError("--target plans quantized bundles; drop --no-quantize")

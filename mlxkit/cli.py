@@ -110,7 +110,7 @@ def generate(
     if size is not None:
         from mlxkit.source import resolve_size
 
-        model_path = resolve_size(size).directory
+        model_path = resolve_size(size, "pass --model DIR").directory
     model, tokenizer = load(model_path)
     prepared = prepare_images(model, images), prepare_videos(model, videos)
     for path, image in zip(images, prepared[0]):

@@ -14,6 +14,9 @@ from mlxkit.fields import local_path
 from mlxkit.presets import HUB_REPOS
 
 MICRO = "micro"
+# What to do without the Hub, for callers that name no option of their own (the Python API,
+# `bundle build SRC`); the commands with a directory option name it ("pass --model DIR").
+LOCAL_INSTEAD = "pass the checkpoint's directory instead"
 # What a conversion needs from a hub repo (no README, no vision preprocessor files).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
 
@@ -29,6 +32,7 @@ class Size:
     """A size to resolve (and maybe download) only once everything else is checked."""
 
     size: str
+    instead: str = LOCAL_INSTEAD  # what the offline error tells the user to do
 
     @property
     def name(self) -> str:
@@ -47,7 +51,7 @@ def resolve_source(src: str | Path | Source | Size) -> Source:
     if isinstance(src, Source):
         return src
     if isinstance(src, Size):
-        return resolve_size(src.size)
+        return resolve_size(src.size, src.instead)
     path = local_path(src, "source", CheckpointError)
     if path.is_dir():
         return resolve_local(path)
@@ -78,30 +82,32 @@ def resolve_local(path: str | Path) -> Source:
     return Source(path, path.resolve().name)
 
 
-def resolve_size(size: str) -> Source:
+def resolve_size(size: str, instead: str = LOCAL_INSTEAD) -> Source:
+    """A size name's checkpoint; `instead` ends the error when the Hub cannot be reached:
+    what the caller's user passes instead ("pass --model DIR")."""
     key = size.lower()
     if key == MICRO:
         return _micro()
     if key not in HUB_REPOS:
         raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(size_names())}")
     repo = HUB_REPOS[key]
-    return Source(download(repo), repo.split("/")[-1])
+    return Source(download(repo, instead), repo.split("/")[-1])
 
 
-def download(repo: str) -> Path:
+def download(repo: str, instead: str) -> Path:
     """The repo's files from the Hugging Face cache, downloading what is missing. Honours
     HF_HUB_OFFLINE and HF_HOME like every other huggingface_hub client."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a declared dependency
-        raise MlxkitError("--size needs huggingface_hub; or pass --hf-path DIR") from None
+        raise MlxkitError(f"getting {repo} needs huggingface_hub; or {instead}") from None
     try:
         return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # noqa: BLE001 - the hub raises many types (offline, HTTP, network)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MlxkitError(
             f"could not get {repo} from the Hugging Face Hub or its cache ({reason}); "
-            f"download it where you have network and pass --hf-path DIR"
+            f"download it where you have network and {instead}"
         ) from None
 
 

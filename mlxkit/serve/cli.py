@@ -140,7 +140,7 @@ def model_source(model_path: str | None, size: str | None) -> tuple[str, str]:
     if size is not None:
         from mlxkit.source import resolve_size
 
-        source = resolve_size(size)
+        source = resolve_size(size, "pass --model DIR")
         return str(source.directory), source.name
     from mlxkit.load import resolve_model_dir
 
