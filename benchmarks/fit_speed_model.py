@@ -11,9 +11,9 @@ and the chip's bandwidth from the same table. Fitted by least squares on the rel
 of the time per token (so that a 20 tok/s row counts as much as a 500 tok/s one); linear in
 (1/efficiency, fixed cost). Leave-one-out: each row predicted by the fit of the others.
 
-Input: ../shared/calibration/mac_decode_speeds.md (the first folder named shared/ with a
-calibration/ inside, going up from this repository). Rows with GGUF weights run llama.cpp,
-another engine and weight format than a bundle's: they are shown, not fitted.
+Input: benchmarks/data/mac_decode_speeds.md (each row with its public source). Rows with
+GGUF weights run llama.cpp, another engine and weight format than a bundle's: they are
+shown, not fitted.
 """
 
 from __future__ import annotations
@@ -34,16 +34,10 @@ from mlxkit.presets import text_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed_model.md"
-TABLE = Path("calibration") / "mac_decode_speeds.md"
+SOURCE = "benchmarks/data/mac_decode_speeds.md"  # as cited in the files written
+TABLE = ROOT / SOURCE
 CONTEXT = 512  # tokens of context the bytes are computed at (KV is < 2 % of them there)
 CHIP = re.compile(r"\bM\d(?: (?:Pro|Max|Ultra))?\b")
-
-
-def calibration_table() -> Path:
-    for parent in ROOT.parents:
-        if (parent / "shared" / TABLE).is_file():
-            return parent / "shared" / TABLE
-    raise SystemExit(f"no shared/{TABLE} above {ROOT}: the calibration notes are missing")
 
 
 @dataclass(frozen=True)
@@ -139,11 +133,11 @@ def fit_table(path: Path) -> Fit:
     return Fit(efficiency, fixed, rows, in_sample, loo)
 
 
-def render_results(result: Fit, source: str) -> str:
+def render_results(result: Fit) -> str:
     lines = [
         "# Decode-speed model: fit on published Mac measurements",
         "",
-        f"Written by `python benchmarks/fit_speed_model.py` from `{source}` (its rows as",
+        f"Written by `python benchmarks/fit_speed_model.py` from `{SOURCE}` (its rows as",
         "numbered there). Model: seconds per token = bytes read ÷ (efficiency × bandwidth) +",
         f"fixed cost, bytes from the planner (4-bit uniform, no MTP, {CONTEXT}-token context).",
         "",
@@ -189,7 +183,7 @@ def render_results(result: Fit, source: str) -> str:
 def render_parameters(result: Fit) -> str:
     return (
         "# Written by `python benchmarks/fit_speed_model.py --write` from\n"
-        "# ../shared/calibration/mac_decode_speeds.md; the rows, errors and leave-one-out\n"
+        f"# {SOURCE}; the rows, errors and leave-one-out\n"
         "# errors are in benchmarks/results/speed_model.md. Do not edit by hand.\n"
         f"efficiency = {result.efficiency:.4f}\n"
         f"fixed_ms_per_token = {result.fixed_seconds * 1e3:.4f}\n"
@@ -203,9 +197,8 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="also write ios_bridge/speed_model.toml")
     ap.add_argument("--check", action="store_true", help="exit 1 if an output is out of date")
     args = ap.parse_args()
-    table = calibration_table()
-    result = fit_table(table)
-    outputs = {RESULTS: render_results(result, "../shared/" + TABLE.as_posix())}
+    result = fit_table(TABLE)
+    outputs = {RESULTS: render_results(result)}
     if args.write or args.check:
         outputs[SPEED_MODEL_FILE] = render_parameters(result)
     if args.check:

@@ -8,9 +8,9 @@ and the recurrent state; the time per token is modelled as
 
 with `efficiency` and the fixed cost fitted by benchmarks/fit_speed_model.py on the
 published decode speeds of Qwen 3.5 4-bit models on Apple-silicon Macs
-(../shared/calibration/mac_decode_speeds.md). Small models are far from their bandwidth
-bound because the fixed cost (kernel launches, sampling, synchronisation) is a large share
-of their step. The fit, its error per row and its leave-one-out error are in
+(benchmarks/data/mac_decode_speeds.md, each row with its source). Small models are far
+from their bandwidth bound because the fixed cost (kernel launches, sampling,
+synchronisation) is a large share of their step. The fit, its error per row and its leave-one-out error are in
 benchmarks/results/speed_model.md; the parameters in speed_model.toml. An iPhone is
 predicted by the same model with its own bandwidth: an extrapolation (no phone measurement
 went into the fit, and a phone's slower CPU and GPU clocks likely make its fixed cost

@@ -130,7 +130,7 @@ def performance_to_dict(plan: Plan) -> dict:
             "efficiency": model.efficiency,
             "fixed_seconds_per_token": model.fixed_seconds,
             "leave_one_out_median_error": model.loo_median_error,
-            "fitted_on": "../shared/calibration/mac_decode_speeds.md "
+            "fitted_on": "benchmarks/data/mac_decode_speeds.md of the mlxkit repository "
             "(benchmarks/fit_speed_model.py)",
         },
         "mtp_acceptance": plan.settings.acceptance,

@@ -1,5 +1,6 @@
-"""The published Qwen 3.5 small configs (see ../shared/README.md §1 and §7), so that the
-planner, the synthetic-checkpoint maker and `--size` work without downloading anything.
+"""The published Qwen 3.5 small configs (the `text_config` of config.json in the Hugging Face
+repositories of HUB_REPOS), so that the planner, the synthetic-checkpoint maker and `--size`
+work without downloading anything.
 
 The vision towers' shapes (depth, hidden, MLP, heads) are inferred from the published parameter
 counts — 0.8B 100.6M, 2B 331.4M, 4B 333.5M, 9B 456.0M, which these shapes reproduce (a test

@@ -34,12 +34,13 @@ def run(*args) -> click.testing.Result:
 
 @pytest.fixture(scope="module")
 def fit():
-    return fitting.fit_table(fitting.calibration_table())
+    return fitting.fit_table(fitting.TABLE)
 
 
-def test_committed_parameters_and_residual_table_are_the_fit_of_the_shared_table(fit):
+def test_committed_parameters_and_residual_table_are_the_fit_of_the_calibration_table(fit):
+    assert fitting.TABLE == ROOT / "benchmarks" / "data" / "mac_decode_speeds.md"
     assert fitting.SPEED_MODEL_FILE.read_text() == fitting.render_parameters(fit)
-    table = fitting.render_results(fit, "../shared/calibration/mac_decode_speeds.md")
+    table = fitting.render_results(fit)
     assert fitting.RESULTS.read_text() == table, "run python benchmarks/fit_speed_model.py"
     model = speed_model()
     assert model.efficiency == pytest.approx(fit.efficiency, rel=1e-3)
@@ -113,7 +114,7 @@ def test_the_manifest_records_what_the_phone_runs(tmp_path):
 
 
 def test_every_chip_of_the_calibration_table_is_a_target_with_its_bandwidth():
-    text = fitting.calibration_table().read_text()
+    text = fitting.TABLE.read_text()
     published = {
         m.group(1): float(m.group(2)) * 1e9
         for m in re.finditer(r"^\| (M\d(?: Pro| Max| Ultra)?) \| (\d+)", text, re.MULTILINE)

@@ -22,7 +22,8 @@ from mlxkit.presets import model_config, sizes
 from tests.helpers import FIXTURES
 from tests.vision_helpers import VISION
 
-# ../shared/README.md §1: vision parameters of the published checkpoints, in millions
+# vision parameters of the published checkpoints (the model.visual.* tensors of the safetensors
+# headers in mlxkit.presets.HUB_REPOS), in millions
 PUBLISHED_VISION_PARAMETERS = {"0.8b": 100.6, "2b": 331.4, "4b": 333.5, "9b": 456.0}
 
 
