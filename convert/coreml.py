@@ -40,6 +40,7 @@ import numpy as np
 from mlxkit import __version__
 from mlxkit.checkpoint import read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
+from mlxkit.fields import shown
 from mlxkit.info import human_bytes
 from mlxkit.layout import VISION_TOKEN_KEYS
 from mlxkit.models.qwen3_5_vision import (
@@ -62,6 +63,7 @@ ASPECTS = ((1, 1), (3, 4), (4, 3))  # width : height
 # Attention is over all patches of a grid: 4,096 vision tokens are 16,384 patches at merge 2,
 # and their float16 scores alone are heads x 512 MB. Nothing larger fits a phone.
 MAX_VISION_TOKENS = 4096
+MAX_GRID_DIGITS = 6  # of a grid's rows or cols as written: 4,096 tokens fit far fewer patches
 COMPUTE_UNITS = "CPU_AND_NE"
 SPEC_FILE = "Data/com.apple.CoreML/model.mlmodel"  # inside the package, as coremltools writes it
 WEIGHT_FILE = "Data/com.apple.CoreML/weights/weight.bin"  # one file, shared by all functions
@@ -116,13 +118,22 @@ def default_grids(merge: int) -> list[Grid]:
 
 
 def parse_grids(specs: list[str] | tuple[str, ...]) -> list[Grid]:
-    """["32x32,36x26", ...]: rows x cols of patches (checked against a config by check_grids)."""
+    """["32x32,36x26", ...]: rows x cols of patches (checked against a config by check_grids).
+    A side is read only up to MAX_GRID_DIGITS digits: Python refuses to convert an integer of
+    thousands of digits with a ValueError, and no grid is wider than a few hundred patches."""
     grids: list[Grid] = []
     for spec in specs:
         for item in spec.split(","):
             match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
             if match is None:
-                raise ConfigError(f"grid {item.strip()!r}: write ROWSxCOLS in patches, e.g. 32x32")
+                raise ConfigError(
+                    f"grid {shown(item.strip())}: write ROWSxCOLS in patches, e.g. 32x32"
+                )
+            if max(len(match[1]), len(match[2])) > MAX_GRID_DIGITS:
+                raise ConfigError(
+                    f"grid {shown(item.strip())}: rows and cols have at most {MAX_GRID_DIGITS} "
+                    f"digits (a grid holds at most {MAX_VISION_TOKENS} vision tokens)"
+                )
             grids.append((int(match[1]), int(match[2])))
     return grids
 
@@ -230,13 +241,17 @@ def export_peak_estimate(parameters: int, grids: int) -> int:
 # --- weights ---------------------------------------------------------------------------------
 
 _FLOAT_DTYPES = ("BF16", "F16", "F32")  # safetensors dtypes the vision weights may have
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
-def read_vision_weights(model_dir: Path, cfg: VisionConfig) -> dict[str, np.ndarray]:
+def read_vision_weights(
+    model_dir: Path, cfg: VisionConfig, precision: str = "float32"
+) -> dict[str, np.ndarray]:
     """The vision tower's tensors in mlxkit's layout (`VisionModel`'s parameter names, the
     patch embedding channels-last), as float32, from either checkpoint layout: transformers'
     `model.visual.*` goes through `sanitize_vision_tensor`, `vision_tower.*` is already it.
-    Every tensor is checked against `VisionModel(cfg)`, whose parameters are lazy (free)."""
+    Every tensor is checked against `VisionModel(cfg)`, whose parameters are lazy (free), and
+    for values the export cannot hold (`_check_values`) before anything is traced."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -277,10 +292,24 @@ def read_vision_weights(model_dir: Path, cfg: VisionConfig) -> dict[str, np.ndar
                 f"{expected[key]} from vision_config"
             )
         weights[key] = np.array(value.astype(mx.float32))
+        _check_values(weights[key], where, precision)
     for key in expected:
         if key not in weights:
             raise CheckpointError(f"{model_dir}: missing tensor {PREFIX}{key}")
     return weights
+
+
+def _check_values(value: np.ndarray, where: str, precision: str) -> None:
+    """A NaN or infinity (a corrupt checkpoint, refused as convert refuses it) would otherwise
+    reach torch's tracer, which fails on it with an AssertionError; a value beyond float16's
+    range would become infinite in a float16 package."""
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"{where} holds NaN or infinite values; the checkpoint is corrupt")
+    if precision == "float16" and value.size and np.abs(value).max() > FLOAT16_MAX:
+        raise ConfigError(
+            f"{where} has values beyond float16's range (they would become infinite in the "
+            "float16 package); export with --precision float32, or use --vision-encoder mlx"
+        )
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -339,7 +368,7 @@ def export_vision_encoder(
     token_ids = {k: config[k] for k in VISION_TOKEN_KEYS if isinstance(config.get(k), int)}
     out_rules.check_destination(out, force, written_by_export, "Core ML package")
     out_rules.check_apart_from_source(out, model_dir)
-    tower, parameters = _load_tower(model_dir, cfg)
+    tower, parameters = _load_tower(model_dir, cfg, precision)
     # each grid is converted to its own package first, then merged into one
     _check_disk(out, (len(grids) + 1) * parameters * (2 if precision == "float16" else 4))
     say = (lambda *_a, **_k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
@@ -361,10 +390,10 @@ def export_vision_encoder(
     return result
 
 
-def _load_tower(model_dir: Path, cfg: VisionConfig) -> tuple[VisionTower, int]:
+def _load_tower(model_dir: Path, cfg: VisionConfig, precision: str) -> tuple[VisionTower, int]:
     """The torch tower, which shares the weights' memory (nothing is copied), and its
     parameter count, which the disk and memory estimates are sized from."""
-    weights = read_vision_weights(model_dir, cfg)
+    weights = read_vision_weights(model_dir, cfg, precision)
 
     from .coreml_encoder import VisionTower
 
@@ -634,9 +663,12 @@ def package_grids(package: Path) -> list[Grid]:
     ct, _ = import_coreml("reading a Core ML package", need_torch=False)
     grids = []
     for function in ct.utils.load_spec(str(package)).description.functions:
-        match = re.fullmatch(r"grid_(\d+)x(\d+)", function.name)
+        side = rf"(\d{{1,{MAX_GRID_DIGITS}}})"
+        match = re.fullmatch(rf"grid_{side}x{side}", function.name)
         if match is None:
-            raise MlxkitError(f"{package}: function {function.name!r} is not an export-coreml grid")
+            raise MlxkitError(
+                f"{package}: function {shown(function.name)} is not an export-coreml grid"
+            )
         grids.append((int(match[1]), int(match[2])))
     return grids
 

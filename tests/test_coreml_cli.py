@@ -90,6 +90,12 @@ CASES = {  # output name, extra arguments, config edit, message
     ),
     "grid too large": (OUT, ["--grids", "200x200"], None, "10000 vision tokens; at most 4096"),
     "malformed grid": (OUT, ["--grids", "4by4"], None, "write ROWSxCOLS in patches"),
+    "grid of 5,000 digits": (
+        OUT,
+        ["--grids", "4" * 5000 + "x4"],
+        None,
+        "rows and cols have at most 6 digits",
+    ),
     "grid listed twice": (OUT, ["--grids", "4x4,4x4"], None, "a grid is listed twice"),
     "no vision_config": (
         OUT,
@@ -168,7 +174,27 @@ WEIGHT_CASES = {  # an edit of the checkpoint's tensors, the message
         lambda w: w.update({"model.visual.patch_embed.proj.weight": mx.ones((32, 96))}),
         "expected a 5-D Conv3d",
     ),
+    "NaN in a weight": (
+        lambda w: w.update({"model.visual.blocks.0.attn.qkv.weight": nan_at_first(w)}),
+        "model.visual.blocks.0.attn.qkv.weight holds NaN or infinite values",
+    ),
+    "infinity in a bias": (
+        lambda w: w.update({"model.visual.merger.norm.bias": mx.full((32,), float("inf"))}),
+        "model.visual.merger.norm.bias holds NaN or infinite values",
+    ),
+    "a value beyond float16": (
+        lambda w: w.update({"model.visual.merger.norm.bias": mx.full((32,), 1e5)}),
+        "model.visual.merger.norm.bias has values beyond float16's range",
+    ),
 }
+
+
+def nan_at_first(w: dict) -> mx.array:
+    """The qkv weight of block 0 with its first value NaN (the tracer's AssertionError)."""
+    name = "model.visual.blocks.0.attn.qkv.weight"
+    flat = w[name].astype(mx.float32).flatten()
+    flat[0] = float("nan")
+    return flat.reshape(w[name].shape).astype(w[name].dtype)
 
 
 @pytest.mark.parametrize("case", WEIGHT_CASES, ids=list(WEIGHT_CASES))
@@ -180,6 +206,18 @@ def test_bad_vision_weights(tmp_path, case):
     mx.save_safetensors(str(src / "model.safetensors"), weights)
     assert_one_line_error(run(str(src), "-o", str(tmp_path / "e.mlpackage")), message)
     assert {p.name for p in tmp_path.iterdir()} == {"src"}
+
+
+def test_a_value_beyond_float16_exports_in_float32(tmp_path):
+    """The float16 range is the package's, not the checkpoint's: float32 takes the tower."""
+    src = copy_tower(tmp_path)
+    weights = mx.load(str(src / "model.safetensors"))
+    weights["model.visual.merger.norm.bias"] = mx.full((32,), 1e5)
+    mx.save_safetensors(str(src / "model.safetensors"), weights)
+    out = tmp_path / "e.mlpackage"
+    result = run(str(src), "-o", str(out), "--grids", "4x4", "--precision", "float32", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert coreml.written_by_export(out)
 
 
 def test_coremltools_missing(tmp_path, monkeypatch):
