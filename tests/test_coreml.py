@@ -122,15 +122,9 @@ def test_float32_program_matches_transformers_float64(exports, references, name)
 
 
 @pytest.mark.parametrize("name", VISION)
-def test_float16_program_cosine_per_token(exports, references, name, capsys):
+def test_float16_program_cosine_per_token(exports, references, name):
     for grid, out, ref in run_all(exports[name, "float16"], references, name):
         rel, cos = errors(out, ref)
-        with capsys.disabled():
-            print(
-                f"\n{name} float16 {function_name(grid)}: max rel error {rel:.2e}, "
-                f"min cosine {cos:.7f}",
-                end="",
-            )
         assert cos >= 0.9999, (grid, cos)
         assert rel <= 5e-3, (grid, rel)  # float16 has 11 bits; ~1e-3 is its scale here
 
@@ -390,9 +384,7 @@ def test_grids_parse_from_several_options():
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(
-    exports, precision, capsys
-):
+def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(exports, precision):
     """benchmarks/coreml_vision.py's comparison with mlxkit's MLX tower, Core ML emulated."""
     from benchmarks.coreml_vision import MIN_PSNR, compare, mlx_reference
 
@@ -406,13 +398,9 @@ def test_the_mac_check_runs_here_with_the_interpreter_in_place_of_core_ml(
         mlx_reference(FIXTURES / name, cfg),
     )
     assert [r.function for r in rows] == [function_name(g) for g in GRIDS[name]]
-    with capsys.disabled():
-        print(
-            f"\nemulated {precision} against mlxkit's tower: "
-            + ", ".join(f"{r.function} {r.psnr:.1f} dB" for r in rows),
-            end="",
-        )
-    assert all(r.psnr >= MIN_PSNR and r.min_cosine >= 0.9999 for r in rows)
+    assert all(r.psnr >= MIN_PSNR and r.min_cosine >= 0.9999 for r in rows), [
+        (r.function, r.psnr, r.min_cosine) for r in rows
+    ]
     if precision == "float32":  # both are float32: only rounding apart
         assert all(r.max_rel_error <= 1e-5 for r in rows)
 
