@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 
 from mlxkit.checkpoint import model_file, read_json
 from mlxkit.errors import ConfigError, MlxkitError
-from mlxkit.fields import local_path, mapping, number, sequence
+from mlxkit.fields import local_path, mapping, number, sequence, shown
 from mlxkit.models.qwen3_5_vision import Grid, VisionConfig
 
 DEFAULT_MAX_IMAGE_TOKENS = 1280  # vision tokens per image unless max_pixels says otherwise
@@ -54,6 +54,15 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
+# What a preprocessor file may say: pixels are rescaled to [0, 1] (by at most 1: 1/255 for
+# 8-bit), then normalized by a mean in [0, 1] and a std that keeps them within ±100.
+NORMALIZATION_RANGES = {
+    "rescale_factor": (0.0, 1.0),  # (0, 1]
+    "image_mean": (0.0, 1.0),
+    "image_std": (0.01, 10.0),
+}
+MAX_FPS = 240.0  # frames a second the video processor may keep
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the resample Qwen 3.5's processor uses
 
 
 class VisionInputError(MlxkitError):
@@ -117,20 +126,21 @@ class Preprocessor:
         }
         for key, value in fields.items():
             for name, cfg in zip(PREPROCESSOR_FILES, (image, video)):
-                if key in cfg and cfg[key] != value:
+                if key in cfg and (type(cfg[key]) is not int or cfg[key] != value):
                     raise ConfigError(
-                        f"{model_dir / name}: {key} {cfg[key]} differs from the vision tower's "
-                        f"{value} in config.json"
+                        f"{model_dir / name}: {key} {shown(cfg[key])} differs from the vision "
+                        f"tower's {value} in config.json"
                     )
-        where = model_dir / "preprocessor_config.json"
-        for key in ("image_mean", "image_std"):
-            if key in image:
-                values = sequence(image[key], f"{where}: {key}")
-                fields[key] = tuple(number(v, f"{where}: {key}") for v in values)
-        if "rescale_factor" in image:
-            fields["rescale_factor"] = number(
-                image["rescale_factor"], f"{where}: rescale_factor", 0, lo_open=True
-            )
+        for name, cfg in zip(PREPROCESSOR_FILES, (image, video)):
+            _check_fixed_steps(model_dir / name, cfg)
+            normalization = preprocessor_normalization(model_dir / name, cfg)
+            if name == PREPROCESSOR_FILES[0]:
+                fields.update(normalization)
+            elif any(fields.get(k, getattr(cls, k)) != v for k, v in normalization.items()):
+                raise ConfigError(
+                    f"{model_dir / name}: image_mean, image_std and rescale_factor must be those "
+                    f"of {PREPROCESSOR_FILES[0]} (mlxkit normalizes video frames like images)"
+                )
         for prefix, cfg in (("", image), ("video_", video)):
             size = mapping(cfg.get("size") or {}, f"{model_dir}: preprocessor size")
             lo = cfg.get("min_pixels", size.get("shortest_edge"))
@@ -141,7 +151,7 @@ class Preprocessor:
                 fields[prefix + "max_pixels"] = hi
         where = model_dir / "video_preprocessor_config.json"
         if "fps" in video:
-            fields["video_fps"] = number(video["fps"], f"{where}: fps", 0, lo_open=True)
+            fields["video_fps"] = number(video["fps"], f"{where}: fps", 0, MAX_FPS, lo_open=True)
         for key, name in (("min_frames", "video_min_frames"), ("max_frames", "video_max_frames")):
             if key in video:
                 fields[name] = video[key]
@@ -171,8 +181,39 @@ class Preprocessor:
                     f"{model_dir}: preprocessor {lo} .. {hi} must be an increasing range"
                     + (f" up to {limit:,}" if limit else "")
                 )
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
-            raise ConfigError(f"{model_dir}: preprocessor image_mean/std need 3 values, std ≠ 0")
+
+
+def preprocessor_normalization(where: Path | str, cfg: dict) -> dict:
+    """A preprocessor file's image_mean, image_std and rescale_factor, where given, within
+    the ranges a processor of 8-bit pixels can mean (NORMALIZATION_RANGES): a rescale_factor of
+    1e300 or a std of 1e-300 parses as a number, and the tower then sees infinities."""
+    out: dict = {}
+    for key, (lo, hi) in NORMALIZATION_RANGES.items():
+        if key not in cfg:
+            continue
+        if key == "rescale_factor":
+            out[key] = number(cfg[key], f"{where}: {key}", lo, hi, lo_open=True)
+            continue
+        values = sequence(cfg[key], f"{where}: {key}")
+        if len(values) != 3:
+            raise ConfigError(f"{where}: {key} needs 3 values (R, G, B), got {len(values)}")
+        out[key] = tuple(number(v, f"{where}: {key}", lo, hi) for v in values)
+    return out
+
+
+def _check_fixed_steps(where: Path, cfg: dict) -> None:
+    """The steps mlxkit always takes (as Qwen 3.5 was trained): a file that turns one off, or
+    resizes with another filter, would be preprocessed differently from what it says."""
+    for key in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize"):
+        if key in cfg and cfg[key] is not True:
+            raise ConfigError(
+                f"{where}: {key} is {shown(cfg[key])}; mlxkit always takes this step (true)"
+            )
+    if "resample" in cfg and (type(cfg["resample"]) is not int or cfg["resample"] != BICUBIC):
+        raise ConfigError(
+            f"{where}: resample {shown(cfg['resample'])}; mlxkit resizes with bicubic "
+            f"({BICUBIC}), as Qwen 3.5's processor"
+        )
 
 
 def _read_json(path: Path) -> dict:

@@ -187,3 +187,55 @@ def test_info_on_a_broken_vision_config_exits_2(tmp_path):
     _edit_config(d, lambda c: c["vision_config"].update(num_heads=5))
     result = CliRunner().invoke(main, ["info", str(d)])
     assert result.exit_code == 2 and "vision_config.hidden_size / num_heads" in result.stderr
+
+
+def _edit_preprocessor(d, name, **values):
+    path = d / name
+    c = json.loads(path.read_text())
+    c.update(values)
+    path.write_text(json.dumps(c))
+
+
+IMAGE_PRE, VIDEO_PRE = "preprocessor_config.json", "video_preprocessor_config.json"
+INSANE_PREPROCESSOR = {  # file, values, the one line naming the field
+    "rescale_factor 1e300": (IMAGE_PRE, {"rescale_factor": 1e300}, "rescale_factor"),
+    "rescale_factor 2": (IMAGE_PRE, {"rescale_factor": 2}, "rescale_factor"),
+    "image_std 1e-300": (IMAGE_PRE, {"image_std": [1e-300, 0.5, 0.5]}, "image_std"),
+    "image_std 1e300": (IMAGE_PRE, {"image_std": [0.5, 1e300, 0.5]}, "image_std"),
+    "image_std negative": (IMAGE_PRE, {"image_std": [0.5, 0.5, -0.5]}, "image_std"),
+    "image_mean 255": (IMAGE_PRE, {"image_mean": [255, 255, 255]}, "image_mean"),
+    "image_mean two values": (IMAGE_PRE, {"image_mean": [0.5, 0.5]}, "image_mean needs 3"),
+    "do_normalize false": (IMAGE_PRE, {"do_normalize": False}, "do_normalize"),
+    "do_rescale a string": (IMAGE_PRE, {"do_rescale": "yes"}, "do_rescale"),
+    "resample bilinear": (IMAGE_PRE, {"resample": 2}, "resample 2"),
+    "patch_size a float": (IMAGE_PRE, {"patch_size": 4.5}, "patch_size 4.5"),
+    "video std 1e-300": (VIDEO_PRE, {"image_std": [1e-300, 0.5, 0.5]}, "image_std"),
+    "video mean unlike the image's": (
+        VIDEO_PRE,
+        {"image_mean": [0.4, 0.5, 0.5]},
+        "must be those of preprocessor_config.json",
+    ),
+    "video fps 1e9": (VIDEO_PRE, {"fps": 1e9}, "fps"),
+}
+
+
+@pytest.mark.parametrize("case", INSANE_PREPROCESSOR, ids=list(INSANE_PREPROCESSOR))
+def test_a_preprocessor_value_out_of_range_is_refused_at_load(tmp_path, case):
+    """A preprocessor file whose values parse but make no sense (a rescale of 1e300, a std of
+    1e-300) loaded before, and the tower then saw infinities: generation blamed the weights."""
+    name, values, message = INSANE_PREPROCESSOR[case]
+    d = _copy(tmp_path)
+    _edit_preprocessor(d, name, **values)
+    with pytest.raises(MlxkitError) as e:
+        load_model(d)
+    assert message in str(e.value) and name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_preprocessor_values_in_range_still_load(tmp_path):
+    """CLIP's normalization and a 16-bit rescale are within the bounds."""
+    d = _copy(tmp_path)
+    clip = {"image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276]}
+    for name in (IMAGE_PRE, VIDEO_PRE):
+        _edit_preprocessor(d, name, rescale_factor=1 / 65535, **clip)
+    pre = load_model(d).preprocessor
+    assert pre.image_mean == (0.481, 0.458, 0.408) and pre.rescale_factor == 1 / 65535
