@@ -14,8 +14,10 @@ The plan comes first, so a model that cannot fit is refused before a byte is con
 Without explicit choices the recipe, MTP inclusion and memory limit are picked by
 `choose_plan` (choose.py), as `mlxkit plan` picks them. The converter writes the drafter inside
 its output (`model/mtp/`, where mlxkit.load looks for it), in the "checkpoint" layout that
-mlx-swift-lm's Qwen 3.5 text drafter reads (convert.converter.DRAFTER_LAYOUTS); the bundle
-moves it beside `model/` so that each directory is a plain, self-contained model directory.
+mlx-swift-lm's Qwen 3.5 drafters read (convert.converter.DRAFTER_LAYOUTS); the bundle
+moves it beside `model/` so that each directory is a plain, self-contained model directory, and
+gives mtp/config.json model/'s `vision_config` when model/ holds the tower, so that MLX Swift
+pairs the model its VLM loader builds with the drafter that accepts it (`_pair_drafter`).
 The vision tower stays inside model/ (`vision_tower.*`, config.json's `vision_config` and token
 ids, preprocessor_config.json and video_preprocessor_config.json), where MLX Swift's VLM loader
 (`VLMModelFactory`, model type qwen3_5) reads it; its text loader ignores it. With
@@ -42,6 +44,7 @@ from mlxkit.bundle_files import bundle_files, read_manifest
 from mlxkit.bundle_files import file_entries as listed_files
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.fields import local_path
+from mlxkit.layout import VISION_TOKEN_KEYS
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
 from mlxkit.vision import PREPROCESSOR_FILES
@@ -62,7 +65,8 @@ from .manifest import (
 )
 from .plan import COREML_PRECISION, Plan, PlanRefused
 from .serialize import memory_to_dict, plan_to_dict, target_to_dict, vision_to_dict
-from .xcode import RUNTIME, write_xcode
+from .runtimes import runtime_record
+from .xcode import write_xcode
 
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
 MANIFEST_ALLOWANCE = 1 << 20  # bytes counted for manifest.json in the download sizes
@@ -128,7 +132,7 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | No
             "mtp_path": MTP_DIR if has_mtp_dir else None,
         },
         "source": source,
-        "runtime": dict(RUNTIME),
+        "runtime": runtime_record(plan.settings.swift_runtime),
         "target": target_to_dict(plan),
         "min_ios": plan.target.min_ios,
         "entitlement_required": plan.entitlement_required,
@@ -210,7 +214,7 @@ def build_bundle(
         written = _convert_model(source, tmp, p)
         coreml = None
         if p.vision_encoder == "coreml":
-            written["vision"] = _export_encoder(source.directory, tmp, p, quiet)
+            written["vision"] = _export_encoder(source.directory, tmp, out, p, quiet)
             coreml = coreml_facts(tmp, recorded_by_export(tmp / COREML_PATH))
         if written != p.weights:  # one source of truth: this is a bug if it fires
             raise MlxkitError(
@@ -250,7 +254,26 @@ def _convert_model(source, tmp: Path, p: Plan) -> dict[str, int]:
     )
     if (tmp / MODEL_DIR / MTP_DIR).is_dir():
         os.rename(tmp / MODEL_DIR / MTP_DIR, tmp / MTP_DIR)
+        if tower:
+            _pair_drafter(tmp / MODEL_DIR, tmp / MTP_DIR)
     return dict(result.bytes_by_part)
+
+
+def _pair_drafter(model: Path, mtp: Path) -> None:
+    """mtp/config.json takes model/'s `vision_config` and vision token ids. mlx-swift-lm picks
+    the drafter by that config's shape (ml-explore/mlx-swift-lm 1441444,
+    Libraries/MLXLLM/Qwen35TextMTPRegistration.swift:50-55 and
+    Libraries/MLXVLM/Qwen35VLMMTPRegistration.swift:44-49): without a `vision_config` it builds
+    Qwen35MTPDraftModel, which accepts only MLXLLM's models and calls fatalError on the Qwen35
+    that the VLM loader builds for model/ with the tower (Libraries/MLXLLM/Models/Qwen35MTP.swift
+    :248-257); with one it builds Qwen35VLMNextNDraftModel, which accepts exactly that model and
+    decodes the whole config as MLXVLM's Qwen35Configuration (vision_config included). The
+    tensors are the same `mtp.*` for both (QwenMTP.swift's qwenMTPSanitizeWeights)."""
+    main = json.loads((model / "config.json").read_text())
+    config = json.loads((mtp / "config.json").read_text())
+    config["vision_config"] = main["vision_config"]
+    config.update({k: main[k] for k in VISION_TOKEN_KEYS if k in main})
+    (mtp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4) + "\n")
 
 
 def _download_bytes(tmp: Path) -> int:
@@ -264,7 +287,7 @@ def _download_bytes(tmp: Path) -> int:
     )
 
 
-def _export_encoder(checkpoint: Path, tmp: Path, p: Plan, quiet: bool) -> int:
+def _export_encoder(checkpoint: Path, tmp: Path, out: Path, p: Plan, quiet: bool) -> int:
     """Exports the tower to vision/ and returns its weight file's size, which the plan
     counted (`weight_file_bytes`); a checkpoint whose tower repeats a tensor exactly (an
     untrained one) comes out smaller, and is refused rather than shipped unplanned."""
@@ -272,7 +295,12 @@ def _export_encoder(checkpoint: Path, tmp: Path, p: Plan, quiet: bool) -> int:
 
     grids = p.coreml_grids
     result = export_vision_encoder(
-        checkpoint, tmp / COREML_PATH, grids, precision=COREML_PRECISION, quiet=quiet
+        checkpoint,
+        tmp / COREML_PATH,
+        grids,
+        precision=COREML_PRECISION,
+        quiet=quiet,
+        shown_as=out / COREML_PATH,
     )
     if result.weight_bytes != p.weights["vision"]:
         raise MlxkitError(

@@ -24,6 +24,7 @@ from .plan import (
     ModelLike,
     Plan,
     coreml_grids,
+    drafter_runs,
     evaluate,
     make_settings,
     min_context,
@@ -97,6 +98,9 @@ def choose_plan(
         vision = True if vision is None else vision  # Core ML encodes images: keep the tower
         grids = coreml_grids(make_settings(**settings), shapes.vision)
         image_tokens = max(vision_tokens(g, shapes.vision.spatial_merge_size) for g in grids)
+    has_mtp = has_mtp and drafter_runs(
+        tgt, mtp, settings.get("swift_runtime", Settings.swift_runtime)
+    )
     pairs = candidates(recipe, mtp, has_mtp and cfg.mtp_num_hidden_layers > 0)
     visions = vision_candidates(vision, shapes.vision is not None)
     last = None

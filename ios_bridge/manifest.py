@@ -31,7 +31,8 @@ SCHEMA: dict = {
     "created_by": str,
     "model": {"name": str, "size": (str, type(None)), "path": str, "mtp_path": (str, type(None))},
     "source": {"path": str, "repo": (str, type(None)), "revision": (str, type(None))},
-    "runtime": {"name": str, "min_version": str},
+    # the mlx-swift-lm commit the Swift in xcode/ is written against (runtimes.SwiftRuntime)
+    "runtime": {"name": str, "version": str, "commit": str, "mtp_drafter": bool},
     "target": {
         "name": str,
         "label": str,

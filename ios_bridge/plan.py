@@ -60,10 +60,22 @@ from mlxkit.presets import HUB_REPOS, model_config, sizes, text_config
 from . import memory as mem
 from .devices import GB, MAX_BUDGET, Target, load_catalog, resolve_target
 from .roofline import Speed, WeightReads, predict_speed
-from .runtimes import MLXKIT, DecodeRuntime, runtime_for
-from .settings import MIN_CONTEXT, VISION_ENCODERS, Settings
+from .runtimes import MLXKIT, DecodeRuntime, runtime_for, swift_runtime
+from .settings import MIN_CONTEXT, SWIFT_RUNTIMES, VISION_ENCODERS, Settings
 
 COREML_PRECISION = "float16"  # what a bundle's Core ML encoder computes in (the Neural Engine's)
+# What a Core ML bundle cannot do on the phone, said at plan and build time. Read in mlx-swift-lm
+# at 1441444: Libraries/MLXVLM/Models/Qwen35.swift:1000 keeps the tower `private`, :1132
+# `prepare` runs it on LMInput's pixels (Libraries/MLXLMCommon/LanguageModel.swift:155,
+# ProcessedImage holds pixels, not features); MLXLLM's Qwen35 embeds token ids only.
+COREML_SWIFT_GAP = (
+    "MLX Swift cannot use the Core ML encoder's output yet: mlx-swift-lm's Qwen 3.5 "
+    "(MLXVLM Qwen35) runs its own private vision tower on pixels in prepare(), so this bundle "
+    "answers text only in the app. The smallest upstream change that would let it answer about "
+    "pictures: a public entry in MLXVLM's Qwen35 that takes precomputed image features in place "
+    "of running its tower, keeping its merge at the <|image_pad|> positions and its M-RoPE "
+    "positions (see docs/verification.md)"
+)
 
 MAX_PREFILL_CHUNK = 1 << 20  # tokens: 4× Qwen 3.5's 262,144 positions
 
@@ -341,6 +353,25 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
         )
     if settings.vision_encoder != "coreml" and settings.coreml_grids is not None:
         raise ConfigError("--coreml-grids: only with --vision-encoder coreml")
+    if settings.swift_runtime not in SWIFT_RUNTIMES:
+        raise ConfigError(
+            f"swift runtime must be one of {', '.join(SWIFT_RUNTIMES)}, got "
+            f"{fields.shown(settings.swift_runtime)}"
+        )
+
+
+def drafter_runs(target: Target, mtp: bool | None, swift: str) -> bool:
+    """Whether the runtime that runs a plan on `target` has an MTP drafter: mlxkit on a Mac
+    does, and on an iPhone the mlx-swift-lm of `--swift-runtime` (3.31.4 has none). Asking for
+    MTP (`mtp` True) where it has none is refused: mtp/ would be weight the app never runs."""
+    if target.kind == "mac" or swift not in SWIFT_RUNTIMES or swift_runtime(swift).mtp_drafter:
+        return True
+    if mtp:
+        raise ConfigError(
+            f"mlx-swift-lm {swift} has no MTP drafter: build with --no-mtp, or leave "
+            "--swift-runtime at its default (a main-branch commit that has one)"
+        )
+    return False
 
 
 def validate_vision_encoder(settings: Settings, shapes: ModelConfig, label: str) -> None:
@@ -571,6 +602,8 @@ def _warnings(plan: Plan) -> list[str]:
         )
     if plan.target.unconfirmed:
         found.append(f"unconfirmed target numbers: {', '.join(plan.target.unconfirmed)}")
+    if plan.vision_encoder == "coreml" and plan.target.kind != "mac":
+        found.append(COREML_SWIFT_GAP)
     return found
 
 
@@ -597,6 +630,7 @@ def evaluate(
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     s = make_settings(**settings)
     validate(s, context, cfg)
+    drafter_runs(tgt, s.mtp, s.swift_runtime)
     validate_vision_encoder(s, shapes, name or label)
     vision = shapes.vision if s.vision else None
     coreml = (vision, coreml_grids(s, vision)) if s.vision_encoder == "coreml" else None

@@ -32,6 +32,11 @@ DEFAULT_CACHE_LIMIT = 20 * 2**20
 # What encodes images on the phone: MLX (the tower in model/, mlx-swift-lm's VLM loader) or
 # Core ML (vision/VisionEncoder.mlpackage, meant for the Neural Engine; model/ then has no tower).
 VISION_ENCODERS = ("mlx", "coreml")
+# The mlx-swift-lm versions a bundle's Swift can be written against (runtimes.py says what each
+# is): a main-branch commit with the Qwen 3.5 MTP drafters (the default: MTP on the phone is
+# what the drafter in mtp/ is for), and the newest release, which has none.
+SWIFT_RUNTIMES = ("1441444", "3.31.4")
+DEFAULT_SWIFT_RUNTIME = "1441444"
 MIN_CONTEXT = 512  # a plan with less room than this is refused: not a useful chat
 DEFAULT_CONTEXT = 4096  # what an automatic choice (choose_plan) leaves room for, when it can
 
@@ -110,6 +115,14 @@ class Settings:
         "With --vision-encoder coreml: the patch grids ROWSxCOLS,... of its functions [square, "
         "3:4 and 4:3 at about 256, 576 and 1,024 vision tokens].",
         "--coreml-grids",
+    )
+    swift_runtime: str = _knob(
+        DEFAULT_SWIFT_RUNTIME,
+        "The mlx-swift-lm the bundle's Swift is written against: 1441444 (a main-branch commit, "
+        "pinned by revision, with the MTP drafter) or 3.31.4 (the newest release: no drafter, so "
+        "no mtp/).",
+        "--swift-runtime",
+        type=click.Choice(SWIFT_RUNTIMES),
     )
     entitlement: bool = _knob(
         True,

@@ -148,6 +148,7 @@ def replan(root: Path, manifest: dict, target=None):
         acceptance=performance.get("mtp_acceptance", 0.7),
         reserve=breakdown.get("runtime_reserve"),
         cache_limit=breakdown.get("mlx_cache_limit"),
+        swift_runtime=manifest["runtime"]["version"],
         **vision,
     )
 

@@ -14,30 +14,29 @@ from mlxkit import __version__
 
 from .devices import ENTITLEMENT
 from .manifest import SCHEMA_VERSION
-from .runtimes import MLX_SWIFT_LM
+from .runtimes import SwiftRuntime, swift_runtime
 
 TEMPLATES = Path(__file__).parent / "templates"
-# The Swift runtime the generated code is written against, recorded in the manifest. Its
-# `GenerateParameters.prefill.stepSize` (PrefillParameters, mlx-swift-lm PR #470) first
-# shipped in 3.32.3; 3.31.4 has only `prefillStepSize`. tests/swift_api.toml lists every
-# mlx-swift-lm name the Swift uses, read from its source.
-RUNTIME = {"name": MLX_SWIFT_LM.name, "min_version": "3.32.3"}
-# What an app adds in Xcode: (package URL, version rule, products). The swift-transformers
-# floor is the one mlx-swift-lm's Package.swift declares; mlx-swift is the minor release
-# mlx-swift-lm 3.32.3 picked up (its release notes), added only for `import MLX`.
-SWIFT_PACKAGES: list[tuple[str, str, list[str]]] = [
-    (
-        "https://github.com/ml-explore/mlx-swift-lm",
-        "Up to Next Major from " + RUNTIME["min_version"],
-        ["MLXLLM", "MLXVLM", "MLXLMCommon", "MLXHuggingFace"],
-    ),
-    (
-        "https://github.com/huggingface/swift-transformers",
-        "Up to Next Major from 1.3.0",
-        ["Tokenizers"],
-    ),
-    ("https://github.com/ml-explore/mlx-swift", "Up to Next Minor from 0.32.3", ["MLX"]),
-]
+MLX_SWIFT_LM_URL = "https://github.com/ml-explore/mlx-swift-lm"
+# swift-transformers is not a dependency of mlx-swift-lm: its README asks apps to add it for
+# `Tokenizers` (README.md:69 at 1441444, :68 at 3.31.4, "from: 1.3.0").
+SWIFT_TRANSFORMERS = (
+    "https://github.com/huggingface/swift-transformers",
+    "Up to Next Major from 1.3.0",
+)
+
+
+def swift_packages(runtime: SwiftRuntime) -> list[tuple[str, str, list[str]]]:
+    """What an app adds in Xcode for `runtime`: (package URL, version rule, products). mlx-swift
+    is added only for `import MLX`, with the rule mlx-swift-lm's own Package.swift declares (so
+    SwiftPM can satisfy both)."""
+    return [
+        (MLX_SWIFT_LM_URL, runtime.swiftpm, ["MLXLLM", "MLXVLM", "MLXLMCommon", "MLXHuggingFace"]),
+        (SWIFT_TRANSFORMERS[0], SWIFT_TRANSFORMERS[1], ["Tokenizers"]),
+        ("https://github.com/ml-explore/mlx-swift", runtime.mlx_swift, ["MLX"]),
+    ]
+
+
 SWIFT_FILE = "MLXKitBundle.swift"
 COREML_SWIFT_FILE = "MLXKitVisionEncoder.swift"  # bundles whose images go through Core ML
 ENTITLEMENTS_FILE = "Entitlements.plist"
@@ -99,8 +98,9 @@ def write_xcode(out: Path, bundle_name: str, manifest: dict, download_bytes: int
         "entitlement_required": manifest["entitlement_required"],
         "min_ios": manifest["min_ios"],
         "download_gb": f"{download_bytes / 1e9:.2f}",
-        "runtime": RUNTIME,
-        "packages": SWIFT_PACKAGES,
+        "runtime": swift_runtime(manifest["runtime"]["version"]),
+        "packages": swift_packages(swift_runtime(manifest["runtime"]["version"])),
+        "has_drafter": manifest["mtp"]["included"],
     }
     vision = manifest["vision"]
     values["vision_encoder"] = vision["encoder"]

@@ -6,16 +6,19 @@
 // limit, and loads model/ with mlx-swift-lm: with its VLM loader when model/ holds the vision
 // tower (manifest.json → vision.encoder "mlx"), else with its text loader (text-only bundles,
 // and bundles whose images go through the Core ML encoder in vision/, see
-// MLXKitVisionEncoder.swift); `loadDrafter` loads the MTP drafter in mtp/.
+// MLXKitVisionEncoder.swift){% if runtime.mtp_drafter %}; `loadDrafter` loads the MTP drafter in mtp/{% endif %}.
 //
-// Written against {{ runtime.name }} {{ runtime.min_version }} or later (manifest.json → runtime):
-// `VLMModelFactory.shared` / `LLMModelFactory.shared` `.loadContainer(from:using:)` with a
+// Written against mlx-swift-lm {{ runtime.version }}, and only that (manifest.json → runtime):
+// commit {{ runtime.commit }},
+// {{ runtime.note }}. Xcode: {{ runtime.swiftpm }}.
+// It uses `VLMModelFactory.shared` / `LLMModelFactory.shared` `.loadContainer(from:using:)` with a
 // `TokenizerLoader` (e.g. `#huggingFaceTokenizerLoader()` from MLXHuggingFace),
-// `UserInput.Processing(resize:)`, `GenerateParameters.prefill.stepSize`,
-// `Qwen35TextMTPRegistration` with `MTPDrafterModelFactory`, and mlx-swift's
-// `Memory.cacheLimit`. mlxkit generates this file without a Swift toolchain: it is checked
-// for syntax, and every mlx-swift-lm name in it against a table read from mlx-swift-lm's
-// source; it has not been compiled. See README.md beside it.
+// `UserInput.Processing(resize:)`, `GenerateParameters.{{ runtime.prefill_step }}`,{% if runtime.mtp_drafter %}
+// `Qwen35TextMTPRegistration` / `Qwen35VLMMTPRegistration` with `MTPDrafterModelFactory`,{% endif %}
+// and mlx-swift's `Memory.cacheLimit`. mlxkit generates this file without a Swift toolchain:
+// it is parsed, and every mlx-swift-lm name, argument label and import in it is checked against
+// a table read from mlx-swift-lm's source at that commit; it has not been compiled. What is and
+// is not checked: docs/verification.md in mlxkit's repository.
 
 import CoreGraphics
 import Foundation
@@ -182,7 +185,17 @@ public struct MLXKitLoaded: Sendable {
         max(0, manifest.maxContext - promptTokens)
     }
 
-    /// Whether `container` reads images itself (the bundle's MLX vision tower, through
+{% if runtime.mtp_drafter %}    /// Whether to decode a prompt of `promptTokens` with the drafter (`generate(…, mtpDrafter:,
+    /// blockSize: 2)`). mlx-swift-lm's Qwen 3.5 drafters draft one token per round
+    /// (`maximumBlockSize` 2) and only at temperature 0 (`requiresGreedySampling`: a sampled
+    /// request decodes without drafts anyway). With a drafter it prefills the whole prompt in
+    /// one pass, ignoring `prefill.stepSize` (MTPSpeculativeTokenIterator), while the memory
+    /// plan budgets prompts in chunks of `prefillChunk` tokens: longer prompts decode without it.
+    public func decodesWithDrafter(temperature: Float, promptTokens: Int) -> Bool {
+        mtpURL != nil && temperature == 0 && promptTokens <= manifest.prefillChunk
+    }
+
+{% endif %}    /// Whether `container` reads images itself (the bundle's MLX vision tower, through
     /// mlx-swift-lm's VLM loader): pass them in `UserInput` (`.user(prompt, images:)`).
     public var readsImages: Bool { manifest.vision.encoder == "mlx" }
 
@@ -313,7 +326,7 @@ public enum MLXKitBundle {
 
         var parameters = GenerateParameters()
         // The activation peak in the plan assumes prompts are processed in chunks of this size.
-        parameters.prefill.stepSize = manifest.prefillChunk
+        parameters.{{ runtime.prefill_step }} = manifest.prefillChunk
 
         var mtpURL: URL? = nil
         if manifest.mtp.included, let path = manifest.model.mtpPath {
@@ -324,21 +337,26 @@ public enum MLXKitBundle {
             parameters: parameters, mtpURL: mtpURL)
     }
 
-    /// The MTP drafter in mtp/, or nil when the bundle has none. The directory holds the
-    /// head as the Qwen 3.5 checkpoint stores it (config `model_type` "qwen3_5", tensors
-    /// `mtp.*`), which mlx-swift-lm loads through the drafter types that
-    /// `Qwen35TextMTPRegistration` adds to `MTPDrafterModelFactory`.
+{% if runtime.mtp_drafter %}    /// The MTP drafter in mtp/, or nil when the bundle has none. mtp/ holds the head as the
+    /// Qwen 3.5 checkpoint stores it (tensors `mtp.*`, config `model_type` "qwen3_5"), and
+    /// mlx-swift-lm picks the drafter type by the config's shape: with a `vision_config` (a
+    /// bundle whose model/ holds the tower, loaded by the VLM loader) `Qwen35VLMMTPRegistration`
+    /// makes `Qwen35VLMNextNDraftModel`, the drafter of MLXVLM's Qwen35; without one
+    /// `Qwen35TextMTPRegistration` makes `Qwen35MTPDraftModel`, the drafter of MLXLLM's models.
+    /// Both are registered: their config-shape predicates keep them apart.
     ///
-    /// What mlx-swift-lm's Qwen 3.5 drafter supports: one drafted token per round (its
-    /// `maximumBlockSize` is 2) and greedy decoding only (`requiresGreedySampling`): use it
-    /// with `temperature` 0, and decode without it when sampling.
+    /// Decode with it through `decodesWithDrafter(temperature:promptTokens:)`:
+    /// `loadContainer` gives an `MTPDrafterContainer`, and `generate(…, mtpDrafter:)` takes the
+    /// `any MTPDrafterModel` inside it (`drafter.perform { $0.model }` scope, handed to the
+    /// model's `perform(nonSendable:)`; examples/ios_app/ChatView.swift does it).
     public static func loadDrafter(
         _ loaded: MLXKitLoaded,
         using tokenizerLoader: any TokenizerLoader
     ) async throws -> MTPDrafterContainer? {
         guard let url = loaded.mtpURL else { return nil }
         await Qwen35TextMTPRegistration.register()
+        await Qwen35VLMMTPRegistration.register()
         return try await MTPDrafterModelFactory.shared.loadContainer(
             from: url, using: tokenizerLoader)
     }
-}
+{% endif %}}

@@ -9,13 +9,15 @@
 // run the function on the Neural Engine, and return its output, one embedding per vision
 // token, as an MLXArray, with the prompt text whose <|image_pad|> tokens it replaces.
 //
-// What it cannot do: give those embeddings to the language model. {{ runtime.name }}
-// {{ runtime.min_version }} has no public way to: its Qwen 3.5 VLM runs its own tower inside
+// What it cannot do yet: give those embeddings to the language model. mlx-swift-lm
+// {{ runtime.version }} has no public way to: its Qwen 3.5 VLM runs its own tower inside
 // `prepare` on `LMInput.ProcessedImage.pixels`, with the tower `private` and the language
-// model internal, and its Qwen 3.5 text model has no M-RoPE positions for image tokens. See
-// README.md beside this file ("Images through Core ML"). Written against {{ runtime.name }}
-// {{ runtime.min_version }} and mlx-swift (`MLXArray`), iOS 18 (multifunction Core ML models);
-// checked for syntax and its mlx-swift names against a table read from the source, not compiled.
+// model internal, and its Qwen 3.5 text model has no M-RoPE positions for image tokens. The
+// smallest upstream change that would: a public entry in MLXVLM's Qwen35 that takes
+// precomputed image features in place of running its tower. See README.md beside this file
+// ("Images through Core ML"). Written against mlx-swift-lm {{ runtime.version }} (commit
+// {{ runtime.commit }}) and mlx-swift (`MLXArray`), iOS 18 (multifunction Core ML models);
+// parsed and its mlx-swift names checked against a table read from the source, not compiled.
 
 import CoreGraphics
 import CoreImage
