@@ -54,6 +54,7 @@ def convert(
     quantized unless --vision-bits). With --target (an iPhone or tier), plan first and build
     a bundle for that phone."""
     from mlxkit.convert.converter import convert as run
+    from mlxkit.convert.converter import format_summary
 
     from mlxkit.source import Size, resolve_local
 
@@ -72,7 +73,8 @@ def convert(
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise MlxkitError(f"{flags}: only with --target or --memory-budget (they plan a bundle)")
-    run(
+    mtp, vision = options["mtp"] is not False, options["vision"] is not False
+    result = run(
         source,
         output,
         bits=options["bits"],
@@ -80,9 +82,11 @@ def convert(
         recipe="uniform" if options["recipe"] is None else options["recipe"],
         dtype=options["dtype"],
         quantize=not no_quantize,
-        mtp=options["mtp"] is not False,
-        vision=options["vision"] is not False,
+        mtp=mtp,
+        vision=vision,
         vision_bits=options["vision_bits"],
         force=force,
         quiet=quiet,
     )
+    if not quiet:  # convert() itself only logs it
+        click.echo(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))

@@ -17,6 +17,7 @@ through: a corrupt checkpoint stops the run instead of becoming a model that pri
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import resource
@@ -64,6 +65,10 @@ from .output import (
 from .quantize import Recipe, check_vision_bits, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
 from .writer import MX_DTYPES, ShardedWriter
+
+# A library call logs its summary here and prints nothing; `mlxkit convert` prints the
+# summary of the result it gets back.
+log = logging.getLogger("mlxkit.convert")
 
 CHUNK_BYTES = 32 << 20  # source bytes per chunk: large enough for fast I/O, small for RSS
 READ_AHEAD = 2  # chunks read ahead of, and waiting to be written behind, the one quantized
@@ -138,8 +143,10 @@ def convert(
     bits / group_size default to the recipe's (4 / 64 for the shipped recipes); `dtype` is
     the dtype of everything not quantized. With `mtp`, the MTP head is written as a drafter
     in `dst/mtp/`, in one of DRAFTER_LAYOUTS. With `vision` the checkpoint's vision tower is
-    kept (in `dtype`; its linear layers quantized to `vision_bits` when given). Raises
-    MlxkitError for every problem a user can cause."""
+    kept (in `dtype`; its linear layers quantized to `vision_bits` when given). Unless
+    `quiet`, shows a progress bar on a terminal's stderr and logs the summary (INFO, logger
+    "mlxkit.convert"); nothing goes to stdout. Raises MlxkitError for every problem a user
+    can cause."""
     t0 = time.perf_counter()
     _check_options(dtype, drafter_layout, quantize, mtp, vision, force, bits, group_size)
     the_recipe = _checked_recipe(recipe, bits, group_size, quantize, vision, vision_bits)
@@ -169,7 +176,7 @@ def convert(
 
     result = _result(out, ckpt, planned, quantization, t0)
     if not quiet:
-        click.echo(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
+        log.info(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
     return result
 
 
