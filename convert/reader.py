@@ -20,7 +20,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxkit.checkpoint import TensorInfo, read_config, read_headers, weight_files
+from mlxkit.checkpoint import (
+    TensorInfo,
+    check_vision_token_ids,
+    read_config,
+    read_headers,
+    weight_files,
+)
 from mlxkit.errors import CheckpointError, ConfigError
 from mlxkit.layout import ModelConfig, checkpoint_tensor, model_parameters
 from mlxkit.models.qwen3_5 import TextConfig, hf_name_to_mlx
@@ -82,6 +88,7 @@ class SourceCheckpoint:
         if not any(n.startswith(VISION_HF_PREFIX) for n in headers):
             vision = None  # declared but not shipped: a text-only checkpoint
         if vision is not None:
+            check_vision_token_ids(directory, config)
             _check_preprocessor(directory, vision)
         expected = dict(model_parameters(cfg, include_mtp=has_mtp, vision=vision))
         tensors: dict[str, TensorInfo] = {}

@@ -148,6 +148,15 @@ def read_config(model_dir: Path) -> dict:
 # --- tokenizer and generation files -----------------------------------------------------------
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# config.json's vision token ids and the tokens they name (the chat template writes these);
+# and the tokens that end a text or frame a chat turn, which no vision token may share.
+VISION_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 MAX_TEMPLATE_BYTES = 1 << 20  # Qwen's chat template is ~7 KB
 
 
@@ -206,6 +215,43 @@ def read_tokenizer_files(model_dir: Path) -> TokenizerFiles:
     return TokenizerFiles(
         model_file(model_dir, "tokenizer.json", "tokenizer.json"), config, generation, template
     )
+
+
+def check_vision_token_ids(model_dir: Path, config: dict) -> None:
+    """config.json's four vision token ids (typed, in the vocabulary and distinct: checked by
+    `ModelConfig`) against the tokenizer's: each is the id tokenizer.json gives its own token
+    (the chat template writes the token as text, the runtime finds the pads by id), and none is
+    the id of an end-of-text, chat or padding token. A vision_start id equal to the eos id
+    would end every answer at its first image; an image id equal to im_end would turn the end
+    of each turn into an image pad."""
+    tokenizer = read_json_object(model_dir, "tokenizer.json") or {}
+    added = tokenizer.get("added_tokens")
+    ids = {
+        t["content"]: t["id"]
+        for t in (added if isinstance(added, list) else [])
+        if isinstance(t, dict) and isinstance(t.get("content"), str) and _is_int(t.get("id"))
+    }
+    generation = read_tokenizer_files(model_dir).generation
+    reserved = {ids[t]: t for t in CHAT_SPECIAL_TOKENS if t in ids}
+    eos = generation.get("eos_token_id")
+    for name, value in [
+        *(("eos_token_id", e) for e in (eos if isinstance(eos, list) else [eos])),
+        ("pad_token_id", generation.get("pad_token_id")),
+    ]:
+        if _is_int(value):
+            reserved.setdefault(value, f"generation_config.json's {name}")
+    where = model_dir / "config.json"
+    for key, token in VISION_TOKENS.items():
+        value = config.get(key)
+        if _is_int(value) and value in reserved:
+            raise CheckpointError(
+                f"{where}: {key} {value} is the id of {reserved[value]}; the vision tokens need "
+                "ids of their own"
+            )
+        if token in ids and value != ids[token]:
+            raise CheckpointError(
+                f"{where}: {key} {shown(value)} is not {token}'s id {ids[token]} in tokenizer.json"
+            )
 
 
 def _inline_template(value: object, where: Path) -> str | None:

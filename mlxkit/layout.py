@@ -85,6 +85,16 @@ class ModelConfig:
             raise ConfigError(
                 f"config.json: {', '.join(VISION_TOKEN_KEYS)} must be four different tokens"
             )
+        taken = {e: "eos_token_id" for e in text.eos_token_id}
+        pad = config.get("pad_token_id")
+        if isinstance(pad, int) and not isinstance(pad, bool):
+            taken.setdefault(pad, "pad_token_id")
+        for key in VISION_TOKEN_KEYS:
+            if config[key] in taken:
+                raise ConfigError(
+                    f"config.json: {key} {config[key]} is also the {taken[config[key]]}; the "
+                    "vision tokens need ids of their own"
+                )
         return cls(text, vision)
 
     def without_vision(self) -> ModelConfig:

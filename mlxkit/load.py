@@ -24,6 +24,7 @@ from mlxkit.bundle_files import MANIFEST as BUNDLE_MANIFEST
 from mlxkit.bundle_files import bundle_files, check_files, file_entries, read_manifest
 from mlxkit.checkpoint import (
     TensorInfo,
+    check_vision_token_ids,
     model_subdir,
     plain,
     quantization_block,
@@ -258,6 +259,7 @@ def _attach_vision_inputs(model: Model, model_dir: Path, config: dict) -> None:
     """What the runtime needs beside the tower to turn images into its input."""
     from mlxkit.vision import Preprocessor, VisionTokens, mrope_section
 
+    check_vision_token_ids(model_dir, config)
     model.vision_tokens = VisionTokens.from_config(config)
     model.preprocessor = Preprocessor.from_dir(model_dir, model.vision_tower.config)
     try:

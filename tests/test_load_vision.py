@@ -239,3 +239,49 @@ def test_preprocessor_values_in_range_still_load(tmp_path):
         _edit_preprocessor(d, name, rescale_factor=1 / 65535, **clip)
     pre = load_model(d).preprocessor
     assert pre.image_mean == (0.481, 0.458, 0.408) and pre.rescale_factor == 1 / 65535
+
+
+CLASHING_TOKEN_IDS = {  # config.json edit, the one line (tiny tokenizer: 440 endoftext,
+    # 441 im_start, 442 im_end and the text eos, 449/450 vision start/end, 452/453 pads)
+    "vision_start is the eos id": (
+        {"vision_start_token_id": 442},
+        "vision_start_token_id 442 is also the eos_token_id",
+    ),
+    "image pad is the config's pad id": (
+        {"pad_token_id": 452},
+        "image_token_id 452 is also the pad_token_id",
+    ),
+    "vision_start is im_start": (
+        {"vision_start_token_id": 441},
+        "vision_start_token_id 441 is the id of <|im_start|>",
+    ),
+    "vision_end is endoftext": (
+        {"vision_end_token_id": 440},
+        "vision_end_token_id 440 is the id of <|endoftext|>",
+    ),
+    "image pad is another token's id": (
+        {"image_token_id": 451},
+        "image_token_id 451 is not <|image_pad|>'s id 452 in tokenizer.json",
+    ),
+    "start and end swapped": (
+        {"vision_start_token_id": 450, "vision_end_token_id": 449},
+        "vision_start_token_id 450 is not <|vision_start|>'s id 449",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CLASHING_TOKEN_IDS, ids=list(CLASHING_TOKEN_IDS))
+def test_vision_token_ids_clashing_with_the_tokenizer_are_refused(tmp_path, case):
+    """Distinct and inside the vocabulary is not enough: a vision id that is also the eos, the
+    pad or a chat token, or is not the id of its own token in tokenizer.json, loaded before
+    and broke every prompt with an image. Load and convert refuse it in one line."""
+    from mlxkit.convert import convert
+
+    values, message = CLASHING_TOKEN_IDS[case]
+    d = _copy(tmp_path)
+    _edit_config(d, lambda c: c.update(values))
+    for run in (lambda: load_model(d), lambda: convert(d, tmp_path / "out", quiet=True)):
+        with pytest.raises(MlxkitError) as e:
+            run()
+        assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
