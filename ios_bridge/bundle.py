@@ -64,8 +64,8 @@ from .manifest import (
     file_entries,
 )
 from .plan import COREML_PRECISION, Plan, PlanRefused
-from .serialize import memory_to_dict, plan_to_dict, target_to_dict, vision_to_dict
 from .runtimes import runtime_record
+from .serialize import memory_to_dict, plan_to_dict, target_to_dict, vision_to_dict
 from .xcode import write_xcode
 
 APP_BASELINE = 40 * 2**20  # the part of the runtime reserve already in use at the app's check
