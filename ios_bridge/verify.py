@@ -17,6 +17,7 @@ raises ManifestError instead: the CLI exits 2 for bad input and 1 for a bundle t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from mlxkit.bundle_files import (
 from mlxkit.checkpoint import short
 from mlxkit.errors import ConfigError, ManifestError, MlxkitError
 from mlxkit.fields import local_path, shown
-from mlxkit.layout import ModelConfig
+from mlxkit.layout import VISION_TOKEN_KEYS, ModelConfig
 from mlxkit.load import BUNDLE_MODEL_DIR as MODEL_DIR
 from mlxkit.load import MTP_DIR
 
@@ -509,6 +510,155 @@ def _preprocessor_problems(model_dir: Path) -> list[str]:
     return problems
 
 
+# --- what the app reads beside the weights, re-derived --------------------------------------
+
+# config.json fields an app reads that the converter copies from the source as they are (the
+# quantization blocks are the plan's: _check_quantization); eos_token_id is generation's.
+COPIED_CONFIG_KEYS = ("model_type", "text_config", "tie_word_embeddings", *VISION_TOKEN_KEYS)
+
+
+def _check_derived(root: Path, manifest: dict) -> tuple[list[str], str]:
+    """Everything the app reads beside the weights and the manifest's plan: config.json's token
+    ids, the tokenizer, generation and preprocessor files, and what the manifest records of
+    the Core ML export. Always checked against what the bundle itself fixes (the vision ids
+    are tokenizer.json's ids of their tokens and no chat token's; the preprocessing within
+    range and the tower's sizes); and re-derived from the recorded source when it is here
+    (the sha256 of every file only shows a file is what the manifest lists, and a manifest
+    is rewritten as easily as a file)."""
+    from mlxkit.checkpoint import check_vision_token_ids, read_config
+
+    model_dir = root / MODEL_DIR
+    coreml = manifest["vision"]["coreml"] if manifest["vision"].get("encoder") == "coreml" else None
+    try:
+        config = read_config(model_dir)
+        if any(k in config for k in VISION_TOKEN_KEYS):
+            check_vision_token_ids(model_dir, config)
+        if coreml is not None:
+            _check_recorded_export(model_dir, config, coreml)
+    except MlxkitError as e:
+        return [str(e)], ""
+    except (KeyError, TypeError, AttributeError):
+        return ["vision.coreml: the manifest does not describe the encoder"], ""
+    source = manifest["source"]["path"]
+    try:
+        source_dir = local_path(source, "source")
+        here = source_dir.is_dir()
+    except (MlxkitError, OSError):
+        here = False
+    fixed = "vision token ids are tokenizer.json's and no chat token's, preprocessing in range"
+    if not here:
+        return [], (
+            f"{fixed}; the recorded source {short(source, 60)} is not here, so the files were "
+            "not re-derived from it"
+        )
+    try:
+        problems = _source_problems(root, source_dir, config, manifest, coreml)
+    except MlxkitError as e:
+        return [f"cannot re-derive from the recorded source: {e}"], ""
+    return problems, (
+        f"{fixed}; config.json, the tokenizer, generation and preprocessor files"
+        + (" and the Core ML export's records" if coreml is not None else "")
+        + f" re-derived from the recorded source {short(source, 60)}"
+    )
+
+
+def _check_recorded_export(model_dir: Path, config: dict, coreml: dict) -> None:
+    """What the manifest (and the package's spec, held to it) records of a Core ML export: the
+    token ids are model/config.json's, the preprocessing is in range and fits the tower."""
+    from mlxkit.vision import preprocessor_normalization
+
+    where = "manifest vision.coreml"
+    ids = {k: config.get(k) for k in VISION_TOKEN_KEYS}
+    if coreml["token_ids"] != ids:
+        raise MlxkitError(f"{where}.token_ids are not model/config.json's {ids}")
+    pre = coreml["preprocessing"]
+    preprocessor_normalization(f"{where}.preprocessing", pre)
+    tower = coreml["vision_config"]
+    sizes = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size"}
+    sizes["merge_size"] = "spatial_merge_size"
+    for key, tower_key in sizes.items():
+        if pre.get(key) != tower.get(tower_key):
+            raise MlxkitError(
+                f"{where}.preprocessing: {key} {shown(pre.get(key))} is not the tower's "
+                f"{tower_key} {shown(tower.get(tower_key))}"
+            )
+
+
+def _source_problems(
+    root: Path, source: Path, config: dict, manifest: dict, coreml: dict | None
+) -> list[str]:
+    """model/ and mtp/'s side files and config.json's copied fields against what `convert`
+    writes from `source`; with the Core ML encoder, the preprocessing, tower config and token
+    ids the export records."""
+    from mlxkit.convert.converter import (
+        DRAFTER_TOKENIZER_FILES,
+        TOKENIZER_FILES,
+        preprocessor_configs,
+    )
+
+    from mlxkit.bundle_files import sha256_file
+    from mlxkit.checkpoint import CHAT_TEMPLATE_FILE, model_file, read_config, read_json_object
+
+    src_config = read_config(source)
+    problems = []
+    want = {k: src_config[k] for k in COPIED_CONFIG_KEYS if k in src_config}
+    generation = read_json_object(source, "generation_config.json") or {}
+    if generation.get("eos_token_id"):
+        want["eos_token_id"] = generation["eos_token_id"]
+    if "vision_config" in config:
+        want["vision_config"] = src_config.get("vision_config")
+    problems += [
+        f"{MODEL_DIR}/config.json: {key} is not the recorded source's"
+        for key, value in want.items()
+        if config.get(key) != value
+    ]
+    copied = [(MODEL_DIR, n) for n in TOKENIZER_FILES]
+    if manifest["mtp"]["included"] is True:
+        copied += [(MTP_DIR, n) for n in DRAFTER_TOKENIZER_FILES]
+    for directory, name in copied:
+        origin = model_file(source, name, name)
+        path = root / directory / name
+        if origin is not None:
+            same = path.is_file() and sha256_file(path) == sha256_file(origin)
+        elif name == CHAT_TEMPLATE_FILE and directory == MODEL_DIR:
+            # without the file, convert writes tokenizer_config.json's template out as one
+            inline = (read_json_object(source, "tokenizer_config.json") or {}).get("chat_template")
+            same = not isinstance(inline, str) or (
+                path.is_file() and path.read_bytes() == inline.encode()
+            )
+        else:
+            same = not path.exists()
+        if not same:
+            problems.append(f"{directory}/{name} is not the recorded source's")
+    vision = ModelConfig.from_dict(src_config).vision
+    if manifest["vision"]["included"] and vision is not None and coreml is None:
+        for name, default in preprocessor_configs(vision).items():
+            origin = model_file(source, name, name)
+            theirs = read_json_object(root / MODEL_DIR, name)
+            if theirs != (default if origin is None else read_json_object(source, name)):
+                problems.append(f"{MODEL_DIR}/{name} is not the recorded source's")
+    if coreml is not None and vision is not None:
+        problems += _export_record_problems(source, vision, coreml)
+    return problems
+
+
+def _export_record_problems(source: Path, vision, coreml: dict) -> list[str]:
+    """The preprocessing and tower config a Core ML export of `source` records."""
+    from mlxkit.convert.coreml import preprocessing
+
+    from mlxkit.vision import Preprocessor
+
+    want = {
+        "preprocessing": preprocessing(Preprocessor.from_dir(source, vision)),
+        "vision_config": dataclasses.asdict(vision),
+    }
+    return [
+        f"manifest vision.coreml.{key} is not what the recorded source exports"
+        for key, value in json.loads(json.dumps(want)).items()
+        if coreml[key] != value
+    ]
+
+
 def weight_bytes_on_disk(root: Path, manifest: dict) -> dict[str, int]:
     """Tensor bytes per part, read from the safetensors headers of model/ and mtp/; the vision
     part of a Core ML bundle is its package's weight file."""
@@ -657,6 +807,7 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     report.add(later[2], *_check_vision(root, manifest))
     if manifest["vision"].get("encoder") == "coreml":
         report.add("Core ML vision encoder", *_check_coreml_described(root, manifest))
+    report.add("files the app reads, re-derived", *_check_derived(root, manifest))
     report.add(
         "xcode/ entitlements",
         _check_entitlements(root, manifest),
