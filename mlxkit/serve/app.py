@@ -1,10 +1,12 @@
 """The HTTP side: Starlette routes for the OpenAI endpoints, on the event loop's thread.
 
-A request is validated and rendered to tokens here (rendering runs in the thread pool), takes a
-place in the engine's queue (503 with Retry-After when it is full) and waits for its first
-event; only then is the response started, so that whatever the runtime refuses (a prompt
-longer than the context, say) still gets its status code. A stream ends with the OpenAI
-`[DONE]` line, or with an error event if generation broke after it had started.
+A request is validated, takes a place in the engine's queue (503 with Retry-After when it is
+full: before any image is decoded or text tokenized, so that a full server does that work for
+no one), is rendered to tokens (in the thread pool) and waits for its first event; only then
+is the response started, so that whatever the runtime refuses (a prompt longer than the
+context, say) still gets its status code. A stream ends with the OpenAI `[DONE]` line, after
+an error event if generation broke (or the server stopped) after it had started. A client that
+goes away, while its request waits or generates, stops its generation.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlxkit.generate import GenerationResponse
-from mlxkit.serve.chat import Prompt, image_parts, next_turn_prefix, render_chat
+from mlxkit.serve.chat import Prompt, TextBound, image_parts, next_turn_prefix, render_chat
 from mlxkit.serve.engine import Engine, Failed, Job
 from mlxkit.serve.images import request_images
 from mlxkit.serve.parse import Delta, OutputParser
@@ -43,7 +45,6 @@ from mlxkit.serve.protocol import (
 
 log = logging.getLogger("mlxkit.serve")
 MAX_BODY_BYTES = 8 * 2**20
-_DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks its client
 
 
 @dataclass
@@ -56,35 +57,52 @@ class Settings:
 
 
 class _ClientGone(Exception):
-    pass
+    """The client closed its connection (answered 499, which it never reads)."""
 
 
 class _Session:
-    """One admitted request: its job, its events, and the place it holds in the queue."""
+    """One admitted request: the place it holds in the queue, then its job and its events."""
 
-    def __init__(self, engine: Engine, job: Job, request: Request) -> None:
-        self.engine, self.job, self.request = engine, job, request
-        self._pending: asyncio.Task | None = None
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.engine, self.request = engine, request
+        self.job: Job | None = None
+        self._pending: asyncio.Task | None = None  # the next event
+        self._gone: asyncio.Task | None = None  # ends when the client disconnects
+        self._watching = True
         self._closed = False
         self.last: GenerationResponse | None = None
 
-    async def next(self, watch_client: bool) -> GenerationResponse | Failed:
-        """The next event. A non-streaming wait checks now and then that the client is still
-        there (a streaming response is cancelled by Starlette when it goes)."""
+    async def start(self, job: Job, stream: bool) -> AsyncIterator[GenerationResponse]:
+        """Queues the job and waits for its first token: the responses from there on. Raises
+        RequestError for a refused request or a failed generation, _ClientGone if the client
+        went away meanwhile. Once a stream starts, Starlette watches its client instead."""
+        self.job = job
+        self.engine.submit(job)
+        first = await self.next()
+        if isinstance(first, Failed):
+            raise RequestError(first.message, first.status, kind=_kind(first.status))
+        if stream:
+            self._watching = False
+            self._unwatch()
+        return self.responses(first)
+
+    async def next(self) -> GenerationResponse | Failed:
+        """The next event, or _ClientGone as soon as the client disconnects (while watching)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(self.job.events.get())
-        while True:
-            done, _ = await asyncio.wait({self._pending}, timeout=_DISCONNECT_POLL_S)
-            if done:
-                event, self._pending = self._pending.result(), None
-                return event
-            if watch_client and await self.request.is_disconnected():
-                raise _ClientGone
+        if self._watching and self._gone is None:
+            self._gone = asyncio.ensure_future(_disconnected(self.request))
+        waits = {self._pending} if self._gone is None else {self._pending, self._gone}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not self._pending.done():
+            raise _ClientGone
+        event, self._pending = self._pending.result(), None
+        return event
 
-    async def responses(self, first: GenerationResponse, watch_client: bool):
+    async def responses(self, first: GenerationResponse | Failed):
         """GenerationResponses from `first` to the one that finishes; a failure on the way
         raises RequestError (its status tells a broken generation from a refused one)."""
-        event: GenerationResponse | Failed = first
+        event = first
         while True:
             if isinstance(event, Failed):
                 raise RequestError(event.message, event.status, kind=_kind(event.status))
@@ -92,17 +110,31 @@ class _Session:
             yield event
             if event.finish_reason is not None:
                 return
-            event = await self.next(watch_client)
+            event = await self.next()
+
+    def _unwatch(self) -> None:
+        if self._gone is not None:
+            self._gone.cancel()
+            self._gone = None
 
     def close(self) -> None:
         """Stops the generation if it still runs and frees the place (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self.job.cancelled.set()
+        if self.job is not None:
+            self.job.cancelled.set()
         if self._pending is not None:
             self._pending.cancel()
+        self._unwatch()
         self.engine.release()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected. The body has been read by then, so the
+    server's next message is the disconnect (a pipelined request's bytes are skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _kind(status: int) -> str:
@@ -134,6 +166,8 @@ def _sse(obj: dict | str) -> str:
 class Api:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine, self.settings = engine, settings
+        context = engine.model.config.max_position_embeddings
+        self.text_bound = TextBound.of(engine.tokenizer, context)
 
     # ------------------------------------------------------------------ request plumbing
 
@@ -153,10 +187,13 @@ class Api:
         if length.isdigit() and int(length) > limit:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+        except ClientDisconnect:  # an upload the client gave up: nobody to answer
+            raise _ClientGone from None
         return loads(bytes(body))
 
     def _render(self, req: ChatRequest) -> Prompt:
@@ -164,7 +201,7 @@ class Api:
         thread: decoding and resizing pictures takes a while)."""
         model, tokenizer = self.engine.model, self.engine.tokenizer
         images = request_images(model, image_parts(req.messages), self.settings.media_dirs)
-        return render_chat(tokenizer, req, images)
+        return render_chat(tokenizer, req, images, self.text_bound)
 
     def _prepare_next_turn(
         self, req: ChatRequest, job: Job, parser: OutputParser, content: str, reasoning: str
@@ -199,9 +236,8 @@ class Api:
             )
         return requested or cap
 
-    async def _start(self, request: Request, job: Job, stream: bool) -> tuple[_Session, object]:
-        """Queues the job and waits for its first token; raises RequestError for a full queue,
-        a refused request or a failed generation."""
+    def _admit(self, request: Request) -> _Session:
+        """A place in the queue, or a 503 with Retry-After when it is full."""
         if not self.engine.admit():
             raise RequestError(
                 f"the server is busy ({self.engine.max_in_flight - 1} requests queued); retry later",
@@ -209,16 +245,7 @@ class Api:
                 kind="server_busy",
                 headers={"Retry-After": str(self.engine.retry_after())},
             )
-        session = _Session(self.engine, job, request)
-        try:
-            self.engine.submit(job)
-            first = await session.next(watch_client=True)
-            if isinstance(first, Failed):
-                raise RequestError(first.message, first.status, kind=_kind(first.status))
-            return session, session.responses(first, watch_client=not stream)
-        except BaseException:
-            session.close()
-            raise
+        return _Session(self.engine, request)
 
     # ------------------------------------------------------------------ endpoints
 
@@ -245,32 +272,31 @@ class Api:
             req.requested_max_tokens,
             "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
         )
-        prompt = await run_in_threadpool(self._render, req)
-        parser = OutputParser(prompt.reasoning, req.tool_specs)
-        job = Job(
-            prompt.tokens,
-            {**req.sampling(), "max_tokens": max_tokens},
-            asyncio.get_running_loop(),
-            prompt.snapshot_at,
-            prompt.images,
-        )
+        session, streaming = self._admit(request), False
         try:
-            session, responses = await self._start(request, job, req.stream)
-        except _ClientGone:
-            return Response(status_code=499)
-        meta = {"id": new_id("chatcmpl"), "created": now(), "model": self.settings.model_name}
-        if req.stream:
-            chunks = self._chat_chunks(session, responses, parser, meta, req)
-            return _EventStream(chunks, session)
-        try:
+            prompt = await run_in_threadpool(self._render, req)
+            job = Job(
+                prompt.tokens,
+                {**req.sampling(), "max_tokens": max_tokens},
+                asyncio.get_running_loop(),
+                prompt.snapshot_at,
+                prompt.images,
+            )
+            responses = await session.start(job, req.stream)
+            parser = OutputParser(prompt.reasoning, req.tool_specs)
+            meta = {"id": new_id("chatcmpl"), "created": now(), "model": self.settings.model_name}
+            if req.stream:
+                streaming = True  # the stream closes the session when it ends
+                return _EventStream(
+                    self._chat_chunks(session, responses, parser, meta, req), session
+                )
             deltas = []
             async for r in responses:
                 deltas += parser.feed(r.text)
             deltas += parser.finish()
-        except _ClientGone:
-            return Response(status_code=499)
         finally:
-            session.close()
+            if not streaming:
+                session.close()
         message: dict = {"role": "assistant", "content": "".join(d.content for d in deltas) or None}
         if parser.calls:
             message["tool_calls"] = [c.openai() for c in parser.calls]
@@ -313,6 +339,7 @@ class Api:
                 yield chunk(wire(d))
         except RequestError as e:
             yield _sse(e.body())
+            yield _sse("[DONE]")
             return
         self._after_answer(req, session.job, parser, content, reasoning)
         yield chunk({}, _finish(session.last, parser))
@@ -325,27 +352,28 @@ class Api:
     async def completions(self, request: Request) -> Response:
         req = parse(CompletionRequest, await self._body(request))
         max_tokens = self._max_tokens(req.max_tokens, "max_tokens")
-        tokens = await self._completion_tokens(req.single_prompt)
-        job = Job(tokens, {**req.sampling(), "max_tokens": max_tokens}, asyncio.get_running_loop())
+        session, streaming = self._admit(request), False
         try:
-            session, responses = await self._start(request, job, req.stream)
-        except _ClientGone:
-            return Response(status_code=499)
-        meta = {"id": new_id("cmpl"), "created": now(), "model": self.settings.model_name}
-        if req.stream:
-            return _EventStream(self._completion_chunks(session, responses, meta, req), session)
-        try:
+            tokens = await self._completion_tokens(req.single_prompt)
+            options = {**req.sampling(), "max_tokens": max_tokens}
+            # all but the last token kept: the same prompt again reuses it (see chat.py)
+            job = Job(tokens, options, asyncio.get_running_loop(), len(tokens) - 1)
+            responses = await session.start(job, req.stream)
+            meta = {"id": new_id("cmpl"), "created": now(), "model": self.settings.model_name}
+            if req.stream:
+                streaming = True  # the stream closes the session when it ends
+                return _EventStream(self._completion_chunks(session, responses, meta, req), session)
             text = "".join([r.text async for r in responses])
-        except _ClientGone:
-            return Response(status_code=499)
         finally:
-            session.close()
+            if not streaming:
+                session.close()
         choice = _text_choice(text, session.last.finish_reason)
         body = {**meta, "object": "text_completion", "choices": [choice]}
         return JSONResponse({**body, "usage": _usage(session)})
 
     async def _completion_tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            self.text_bound.check(prompt, "prompt")
             return await run_in_threadpool(self.engine.tokenizer.encode, prompt)
         vocab = self.engine.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
@@ -359,6 +387,7 @@ class Api:
                 yield _sse({**meta, "object": "text_completion", "choices": [choice]})
         except RequestError as e:
             yield _sse(e.body())
+            yield _sse("[DONE]")
             return
         if req.include_usage:
             usage_chunk = {"object": "text_completion", "choices": [], "usage": _usage(session)}
@@ -392,6 +421,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
+async def _client_gone(request: Request, exc: _ClientGone) -> Response:
+    return Response(status_code=499)
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", "server_error"), 500)
 
@@ -405,5 +438,10 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
     ]
-    handlers = {RequestError: _request_error, HTTPException: _http_error, Exception: _server_error}
+    handlers = {
+        RequestError: _request_error,
+        HTTPException: _http_error,
+        _ClientGone: _client_gone,
+        Exception: _server_error,
+    }
     return Starlette(routes=routes, exception_handlers=handlers)

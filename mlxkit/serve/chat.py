@@ -3,12 +3,17 @@
 Besides the tokens, rendering decides what the server needs to reuse work across turns:
 - whether the prompt leaves a `<think>` block open (Qwen 3.5 with thinking on), so the output
   starts as reasoning;
-- where the next turn of this conversation will stop agreeing with this prompt. Qwen's
-  templates render an earlier assistant turn without the generation prompt's `<think>` opening
-  (and without its reasoning), so the state after this prompt and its answer is not a prefix of
-  the next turn's prompt. The state at the point where they part is: the server keeps a
-  snapshot there. Found by rendering the conversation followed by a placeholder assistant
-  answer and a user message, and comparing tokens;
+- where to keep a snapshot of the state (`snapshot_at`): where the next turn of this
+  conversation will stop agreeing with this prompt, and at most all but the prompt's last
+  token. Qwen's templates render an earlier assistant turn without the generation prompt's
+  `<think>` opening (and without its reasoning), so the state after this prompt and its answer
+  is not a prefix of the next turn's prompt; and even where the template keeps the prompt
+  whole (ChatML without a think block), an answer that does not tokenize back to the ids
+  generated (or that the client edits) parts from them. The state at the point where they part
+  is a prefix of the next turn; the same point, or all but the last token, serves the same
+  prompt sent again (a state is reused only for a strict prefix: the last token's logits are
+  needed). Found by rendering the conversation followed by a placeholder assistant answer and
+  a user message, and comparing tokens;
 - once answered, what the next turn's prompt will start with: the conversation, the answer as
   the template will render it back, and the next message's opening (two renderings with
   different placeholder messages agree up to there). The server prefills that while idle.
@@ -21,6 +26,7 @@ prompt with images is the same token list the Python API makes for it.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 
 import jinja2
@@ -39,6 +45,31 @@ class Prompt:
     reasoning: bool = False  # the output starts inside a <think> block
     snapshot_at: int | None = None  # keep the state after this many tokens (see the docstring)
     images: list[VisionInput] = field(default_factory=list)  # whose pads `tokens` hold, in order
+
+
+@dataclass(frozen=True)
+class TextBound:
+    """Refuses, before it is tokenized, text that cannot fit the context: no token stands for
+    more than `longest` bytes of (NFC-normalized, as the tokenizer reads it) text, so text of
+    more bytes than context × longest is more tokens than the context holds. Tokenizing
+    megabytes costs seconds to minutes of CPU; this check costs milliseconds."""
+
+    context: int
+    longest: int  # bytes of the vocabulary's longest token
+
+    @classmethod
+    def of(cls, tokenizer, context: int) -> TextBound:
+        longest = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+        return cls(context, max(longest, 1))
+
+    def check(self, text: str, param: str) -> None:
+        n = len(unicodedata.normalize("NFC", text).encode("utf-8"))
+        if n > self.context * self.longest:
+            raise RequestError(
+                f"the prompt is longer than the model's context of {self.context} tokens "
+                f"({n} bytes of text: at least {-(-n // self.longest)} tokens)",
+                param=param,
+            )
 
 
 def template_messages(messages: list[Message]) -> list[dict]:
@@ -127,15 +158,23 @@ def _encoder(tokenizer, images: list[VisionInput] | None):
     return encode
 
 
-def render_chat(tokenizer, request: ChatRequest, images: list[VisionInput] | None = None) -> Prompt:
+def render_chat(
+    tokenizer,
+    request: ChatRequest,
+    images: list[VisionInput] | None = None,
+    bound: TextBound | None = None,
+) -> Prompt:
     """`images`: the request's image parts, prepared (`mlxkit.serve.images.request_images`),
-    for a model that reads them; None for a text-only model."""
+    for a model that reads them; None for a text-only model. `bound`: refuses a rendered
+    prompt too long for the context before it is tokenized."""
     messages = template_messages(request.messages)
     tools = request.tool_specs
     render, encode = _renderer(tokenizer, request), _encoder(tokenizer, images)
     text = render(messages, True, tools)
     if tools and text == render(messages, True, None):
         raise RequestError("this model's chat template does not render tools", param="tools")
+    if bound is not None:
+        bound.check(text, "messages")
     tokens = encode(text)
     probe = [
         *messages,
@@ -150,7 +189,7 @@ def render_chat(tokenizer, request: ChatRequest, images: list[VisionInput] | Non
     return Prompt(
         tokens,
         reasoning=text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE),
-        snapshot_at=n if 0 < n < len(tokens) else None,
+        snapshot_at=n if 0 < n < len(tokens) else len(tokens) - 1,
         images=list(images or []),
     )
 

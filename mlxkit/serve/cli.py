@@ -14,6 +14,7 @@ import click
 from mlxkit.errors import MlxkitError
 
 SERVER_STACK = ("starlette", "uvicorn", "pydantic")
+SHUTDOWN_GRACE_S = 3  # how long responses in progress get to finish once the server stops
 
 
 def require_server_stack() -> None:
@@ -162,31 +163,51 @@ def media_dir(value: str) -> Path:
 
 def run(engine, app, host: str, port: int, log_level: str, banner) -> None:
     """The HTTP server on a thread of its own, the engine on this (the main) thread, until
-    Ctrl-C or SIGTERM."""
+    Ctrl-C or SIGTERM.
+
+    Both signals only set `stopping`, which the engine reads between jobs and between tokens:
+    the generation in progress and the requests still waiting are answered with a 503 (a
+    stream with its error event and [DONE]) while the HTTP server finishes their responses.
+    The handlers are installed here, whatever the process inherited: where SIGINT was ignored
+    at start (a process started in the background by a non-interactive shell, as test runners
+    and service managers do) Python installs no KeyboardInterrupt handler, so Ctrl-C and
+    `_thread.interrupt_main` did nothing and the server never stopped. A second signal raises
+    KeyboardInterrupt: a way out should shutting down hang. The previous handlers come back
+    on return."""
     import uvicorn
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="off",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="mlxkit-serve-http", daemon=True)
+    stopping = threading.Event()
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
 
-    signal.signal(signal.SIGTERM, terminate)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise MlxkitError(f"cannot listen on {host}:{port} (see the error above)")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    click.echo(banner(bound), err=True)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        engine.run(stop=lambda: server.should_exit or not thread.is_alive())
+        thread.start()
+        while not server.started:
+            if not thread.is_alive():
+                raise MlxkitError(f"cannot listen on {host}:{port} (see the error above)")
+            time.sleep(0.02)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        click.echo(banner(bound), err=True)
+        engine.run(stop=lambda: stopping.is_set() or server.should_exit or not thread.is_alive())
     except KeyboardInterrupt:
         pass
     finally:
-        engine.refuse_waiting()
+        engine.close()
         server.should_exit = True
-        thread.join(timeout=5)
+        thread.join(timeout=SHUTDOWN_GRACE_S + 2)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

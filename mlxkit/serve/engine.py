@@ -5,7 +5,9 @@ worker thread can abort the interpreter at exit), while the HTTP server runs its
 another. They meet in `Job`: the HTTP side puts it on the queue and reads its events; the loop
 hands back each GenerationResponse (or a `Failed`) through the event loop's thread-safe call,
 and watches `cancelled` between tokens, so a client that goes away stops its generation at the
-next token.
+next token. It watches `stop()` there too: shutting down answers the generation in progress
+and every request still waiting with a 503 (`close`), so that each ends with an error its
+client can read before the HTTP server goes.
 
 When no request is waiting, the loop prepares states for the next turns of the conversations
 it has just answered (`prepare`): the prefix the next request will start with, prefilled from
@@ -37,8 +39,11 @@ PREPARE_CHUNK = 32  # tokens prefilled between looks at the queue while preparin
 
 @dataclass
 class Failed:
-    status: int  # 400: the runtime refused the request; 500: generation broke
+    status: int  # 400: the runtime refused the request; 500: generation broke; 503: shutdown
     message: str
+
+
+SHUTTING_DOWN = Failed(503, "the server is shutting down; retry later")
 
 
 @dataclass
@@ -100,6 +105,8 @@ class Engine:
             maxlen=8
         )
         self._lock = threading.Lock()
+        self._closed = False  # shutting down: jobs are refused, not queued
+        self._stop: Callable[[], bool] = lambda: False  # set by run()
         self._seconds_per_job = 1.0  # moving average, for Retry-After
 
     # ------------------------------------------------------------------ HTTP side (any thread)
@@ -123,7 +130,12 @@ class Engine:
         return max(1, math.ceil(self._seconds_per_job))
 
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        """Queues an admitted job; once the engine is closed, answers it with a 503 instead."""
+        with self._lock:
+            if not self._closed:
+                self._jobs.put(job)
+                return
+        job.send(SHUTTING_DOWN)
 
     def prepare(self, tokens: list[int], image_keys: list[str] = ()) -> None:
         """Asks for the state of `tokens` (a conversation's next prompt starts with them, holding
@@ -133,7 +145,9 @@ class Engine:
     # ------------------------------------------------------------------ the loop (MLX thread)
 
     def run(self, stop: Callable[[], bool]) -> None:
-        """Serves jobs until `stop()` is true; frees MLX's buffer cache when idle."""
+        """Serves jobs until `stop()` is true (read between jobs and between tokens); frees
+        MLX's buffer cache when idle. Then `close()`."""
+        self._stop = stop
         self._refresh()
         while not stop():
             try:
@@ -158,10 +172,13 @@ class Engine:
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
                 self._refresh()
 
-    def refuse_waiting(self) -> None:
-        """Shutting down: answers the jobs still queued."""
+    def close(self) -> None:
+        """Shutting down: answers the jobs still queued, and from now on every job submitted,
+        with a 503."""
+        with self._lock:
+            self._closed = True
         while not self._jobs.empty():
-            self._jobs.get().send(Failed(503, "the server is shutting down"))
+            self._jobs.get().send(SHUTTING_DOWN)
 
     def new_cache(self) -> PromptCache:
         cache = PromptCache.new(self.model)
@@ -191,8 +208,9 @@ class Engine:
                         finished = True
                         self._count(r, job.cached)
                     job.send(r)
-                    if not finished and job.cancelled.is_set():
+                    if not finished and (job.cancelled.is_set() or self._stop()):
                         self.counters.cancelled += 1
+                        job.send(SHUTTING_DOWN)  # read only when shutting down: a client is there
                         break
             finally:
                 stream.close()
@@ -248,7 +266,7 @@ class Engine:
                 piece = tokens[start : start + PREPARE_CHUNK]
                 prefill(self.model, cache, piece)
                 self.counters.prepared_tokens += len(piece)
-                if not self._jobs.empty():  # a request is waiting: keep what is done
+                if not self._jobs.empty() or self._stop():  # keep what is done
                     break
             self.pool.put(cache.copy(), shared=True)
         except Exception:  # the state is only an optimisation: lose it, keep serving

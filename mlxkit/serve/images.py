@@ -2,11 +2,16 @@
 
 A server must not become a way to read the machine's files, nor to make it fetch from the
 network, so only two kinds of URL are taken:
-- `data:image/...;base64,...` (what the `openai` client sends for a local picture);
+- `data:image/...;base64,...` (what the `openai` client sends for a local picture; as RFC 2397
+  has it, scheme, type and `base64` in any case, and the base64 may be wrapped over lines);
 - a local file (`file:///abs/path`, or a bare absolute path) inside a directory the server was
   started with (`--allowed-local-media-path`, vLLM's name for it), judged after resolving links
   and `..`, so neither leads out.
 http(s) URLs are refused: the server runs offline and does not fetch.
+
+Requests render on a thread pool, several at once; their images are decoded one at a time
+(`_DECODING`), so that the pixels held decoded at any moment are one image's (within Pillow's
+decompression-bomb bound), not one per request waiting.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -21,6 +28,9 @@ from urllib.parse import unquote, urlsplit
 from mlxkit.multimodal import prepare_images
 from mlxkit.serve.protocol import RequestError
 from mlxkit.vision import VisionInput, VisionInputError
+
+_DECODING = threading.Lock()
+_WHITESPACE = re.compile(rb"[ \t\r\n]+")
 
 
 def request_images(
@@ -38,8 +48,10 @@ def request_images(
         return None
     images = []
     for url, param in parts:
+        source = image_source(url, allowed_dirs, param)
         try:
-            images += prepare_images(model, [image_source(url, allowed_dirs, param)])
+            with _DECODING:
+                images += prepare_images(model, [source])
         except VisionInputError as e:
             raise RequestError(str(e), param=param) from None
     return images
@@ -48,7 +60,7 @@ def request_images(
 def image_source(url: str, allowed_dirs: Sequence[Path], param: str) -> bytes | Path:
     """The image an `image_url.url` names: decoded bytes of a data URL, or the resolved path of
     an allowed local file. Anything else is a RequestError (400) naming `param`."""
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":
         return _data_url(url, param)
     split = urlsplit(url)
     scheme = split.scheme.lower()
@@ -76,12 +88,12 @@ def image_source(url: str, allowed_dirs: Sequence[Path], param: str) -> bytes | 
 def _data_url(url: str, param: str) -> bytes:
     head, sep, payload = url[len("data:") :].partition(",")
     kind, *options = head.split(";")
-    if not sep or "base64" not in options:
+    if not sep or "base64" not in (o.strip().lower() for o in options):
         raise RequestError("a data URL must be base64 (data:image/png;base64,...)", param=param)
     if kind and not kind.lower().startswith("image/"):
         raise RequestError(f"a data URL of type {kind!r} is not an image", param=param)
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode(_WHITESPACE.sub(b"", payload.encode("ascii")), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("the data URL's base64 does not decode", param=param) from None
     if not data:

@@ -3,21 +3,23 @@ and the response objects.
 
 Requests are validated strictly (a string where a number belongs is an error, not coerced);
 fields this server does not know are ignored, as OpenAI-compatible servers do, since clients
-send vendor fields of their own. Fields it knows but cannot honour (n > 1, logprobs, penalties
-other than repetition_penalty, forced tool choice) are refused with a 400 that says so, rather
-than silently ignored.
+send vendor fields of their own. Fields it knows but cannot honour (n > 1, logprobs,
+logit_bias, penalties other than repetition_penalty, forced tool choice) are refused with a 400
+that says so, rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import typing
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 16
+MAX_JSON_DEPTH = 64  # far more than any request needs; deeper bodies cost recursion, not data
 
 
 class RequestError(Exception):
@@ -45,42 +47,86 @@ def error_body(message: str, kind: str, param: str | None = None) -> dict:
 
 def loads(raw: bytes) -> dict:
     """The request body as a JSON object. NaN and Infinity are not JSON and are refused (Python's
-    json module would accept them)."""
+    json module would accept them); so are strings holding a lone UTF-16 surrogate (`"\\udc80"`:
+    valid JSON escapes, but not text, and nothing downstream can encode them) and nesting deeper
+    than MAX_JSON_DEPTH (100,000 `[` would exhaust the parser's recursion)."""
 
     def no_constants(name: str):
         raise ValueError(f"{name} is not valid JSON")
 
     try:
         data = json.loads(raw, parse_constant=no_constants)
+    except RecursionError:
+        raise RequestError(_too_deep()) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
+    _check_values(data)
     return data
 
 
+def _too_deep() -> str:
+    return f"the request body is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _check_values(data: dict) -> None:
+    """Walks the parsed body without recursion: its depth, and every string (keys too) as
+    UTF-8."""
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                    "not text"
+                ) from None
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise RequestError(_too_deep())
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
 def parse(model: type[BaseModel], data: dict) -> Any:
-    """Validates a body; the first problem becomes a 400 naming the field."""
+    """Validates a body; the deepest problem (a union's other branches fail higher up, on the
+    type) becomes a 400 naming the field."""
     try:
         request = model.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        param = _param_name(err["loc"])
+        errors = e.errors(include_url=False)
+        err = max(errors, key=lambda x: len(x["loc"]))
+        param = _param_name(model, err["loc"])
         raise RequestError(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
     request.check()
     return request
 
 
-def _param_name(loc: tuple) -> str:
-    """('messages', 0, 'content') -> 'messages[0].content'; pydantic's union branch names
-    (e.g. 'str', 'list[int]') are left out."""
-    name = ""
+def _param_name(model: type[BaseModel], loc: tuple) -> str:
+    """('messages', 0, 'content', 'list[...]', 0, 'text') -> 'messages[0].content[0].text':
+    list indices and the names of fields, followed through the models; pydantic's union branch
+    names ('str', 'list[int]', ...) are not fields and are left out."""
+    name, models = "", [model]
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part.isidentifier():
-            name += f".{part}" if name else part
+            continue
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if field is None:
+            continue
+        name += f".{part}" if name else part
+        models = _models_in(field.annotation)
     return name
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The models a field's type holds (through unions, lists and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 class _Strict(BaseModel):
@@ -168,10 +214,15 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    logit_bias: dict[str, Any] | None = None
 
     def check(self) -> None:
         if self.n != 1:
             raise RequestError("only n=1 is supported", param="n")
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported by this server", param="logit_bias")
+        if "" in self.stop_strings:
+            raise RequestError("a stop string may not be empty", param="stop")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0.0:
                 raise RequestError(f"{name} is not supported; use repetition_penalty", param=name)
@@ -214,6 +265,10 @@ class ChatRequest(_Generation):
         super().check()
         if self.logprobs:
             raise RequestError("logprobs are not supported by this server", param="logprobs")
+        if self.top_logprobs:
+            raise RequestError(
+                "top_logprobs are not supported by this server", param="top_logprobs"
+            )
         if self.tool_choice not in (None, "auto", "none"):
             raise RequestError(
                 "only tool_choice 'auto' and 'none' are supported", param="tool_choice"
