@@ -344,11 +344,14 @@ def export_vision_encoder(
     precision: str = "float16",
     force: bool = False,
     quiet: bool = False,
+    shown_as: Path | None = None,
 ) -> ExportResult:
     """Writes the vision tower of `model` (a directory in the Hugging Face or the converted
     MLX layout) to the package `output` (`*.mlpackage`), one function per grid (default:
     `default_grids`). Everything is checked before anything is written; the package is
-    assembled beside `output` and renamed into place only when complete."""
+    assembled beside `output` and renamed into place only when complete. `shown_as`: the path
+    the summary names when `output` is itself inside a folder renamed into place later (a
+    bundle's), whose hidden name means nothing to the user."""
     from . import output as out_rules  # convert/output.py: what may be replaced, and how
     from .converter import _absolute
 
@@ -386,7 +389,7 @@ def export_vision_encoder(
         files = package_files(package)
         out_rules.replace_dir(package, out)
     result = _result(out, grids, precision, parameters, files, t0)
-    say(format_summary(result))
+    say(format_summary(result, shown_as or out))
     return result
 
 
@@ -673,12 +676,12 @@ def package_grids(package: Path) -> list[Grid]:
     return grids
 
 
-def format_summary(result: ExportResult) -> str:
+def format_summary(result: ExportResult, shown_as: Path) -> str:
     functions = ", ".join(result.functions)
     per_parameter = result.weight_bytes / result.parameters
     return "\n".join(
         [
-            f"wrote {result.output} ({human_bytes(result.bytes)}): {len(result.grids)} functions "
+            f"wrote {shown_as} ({human_bytes(result.bytes)}): {len(result.grids)} functions "
             + f"({functions}), {result.precision} compute, {COMPUTE_UNITS}",
             f"weights {human_bytes(result.weight_bytes)}, shared by all functions "
             + f"({per_parameter:.2f} bytes per parameter)",

@@ -112,7 +112,13 @@ def generate(
 
         model_path = resolve_size(size, "pass --model DIR").directory
     model, tokenizer = load(model_path)
-    prepared = prepare_images(model, images), prepare_videos(model, videos)
+    if (images or videos) and not model.has_vision:
+        _refuse_coreml_vision(model_path)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. an image's damaged EXIF
+        warnings.simplefilter("always")
+        prepared = prepare_images(model, images), prepare_videos(model, videos)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     for path, image in zip(images, prepared[0]):
         if image.capped:
             (h0, w0), (h, w) = image.source_size, image.size
@@ -145,6 +151,27 @@ def generate(
         click.echo(f"warning: {w.message}", err=True)
     click.echo()
     click.echo(_generation_stats(last, verbose, _planned_peak(model_path)), err=True)
+
+
+def _refuse_coreml_vision(model_path: str) -> None:
+    """A bundle built with --vision-encoder coreml has no MLX tower in model/: its images are
+    encoded by vision/VisionEncoder.mlpackage, which only the app runs (Core ML, on Apple
+    hardware). Say that, rather than blame a text-only checkpoint."""
+    from pathlib import Path
+
+    from mlxkit.bundle_files import MANIFEST as BUNDLE_MANIFEST
+    from mlxkit.bundle_files import read_manifest
+
+    bundle = Path(model_path).expanduser()
+    if not (bundle / BUNDLE_MANIFEST).is_file():
+        return
+    vision = read_manifest(bundle).get("vision")
+    if isinstance(vision, dict) and vision.get("encoder") == "coreml":
+        raise MlxkitError(
+            f"{model_path}: this bundle encodes images with its Core ML package (vision/), which "
+            "the app runs; mlxkit generate runs MLX, and model/ holds no MLX vision tower: "
+            "build the bundle with --vision-encoder mlx to try images here"
+        )
 
 
 def _vision_placeholders(n_images: int, n_videos: int) -> str:

@@ -20,8 +20,10 @@ from mlxkit.multimodal import (
     VideoLike,
     chat_media,
     check_pads,
+    image_list,
     prepare_images,
     prepare_videos,
+    video_list,
 )
 from mlxkit.prompt_cache import PromptCache
 from mlxkit.response import GenerationResponse, Limits, Responses
@@ -65,7 +67,7 @@ def encode_prompt(
     the images and videos are prepared and each pad of a string or chat prompt expanded; token
     ids are taken as they are, pads already expanded."""
     vision = model is not None and model.has_vision
-    images, videos = list(images or ()), list(videos or ())
+    images, videos = image_list(images), video_list(videos)  # one alone is a list of one
     if isinstance(prompt, str):
         text = _utf8(prompt)
     else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
 from mlxkit.models.qwen3_5 import Model, Rotary
 from mlxkit.models.qwen3_5_vision import place_vision_embeddings
@@ -28,10 +29,12 @@ from mlxkit.vision import (
     ImageLike,
     VisionInput,
     VisionInputError,
+    check_video_pixels,
     mrope_cos_sin,
     mrope_positions,
     preprocess_image,
     preprocess_video,
+    refuse_url,
     sample_frame_indices,
 )
 
@@ -51,23 +54,62 @@ VideoLike = str | os.PathLike | Video | Sequence[ImageLike] | np.ndarray
 # --------------------------------------------------------------------------- inputs
 
 
+def image_list(images: object) -> list:
+    """`images=` as a list. One image (a path, bytes, a PIL image, an array, a prepared input)
+    is a list of one: a path string is never read as a sequence of one-character paths, and an
+    array never as a list of its rows."""
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray, VisionInput)):
+        return [images]
+    if not isinstance(images, (list, tuple)):
+        raise VisionInputError(
+            f"images must be an image or a list of images, not {type(images).__name__}"
+        )
+    return list(images)
+
+
+def video_list(videos: object) -> list:
+    """`videos=` as a list. One video (a file path, a `Video`, an F×H×W×3 array, a prepared
+    input) is a list of one; in a list, each item is a whole video, so a frame there (a PIL
+    image, bytes, a 2- or 3-dimensional array) means a list of frames was passed as videos."""
+    if videos is None:
+        return []
+    if isinstance(videos, (str, os.PathLike, Video, np.ndarray, VisionInput)):
+        return [videos]
+    if not isinstance(videos, (list, tuple)):
+        raise VisionInputError(
+            f"videos must be a video or a list of videos, not {type(videos).__name__}"
+        )
+    for v in videos:
+        if isinstance(v, (Image.Image, bytes)) or (isinstance(v, np.ndarray) and v.ndim < 4):
+            raise VisionInputError(
+                f"videos holds a single frame ({type(v).__name__}): each item of videos is a "
+                "whole video; pass a list of frames as videos=[Video(frames, fps)]"
+            )
+    return list(videos)
+
+
 def _need_vision(model: Model) -> None:
     if not model.has_vision:
         raise VisionInputError(
-            "images and videos need a model with a vision tower; this one is text-only (a "
-            "text-only checkpoint, or converted with --no-vision)"
+            "images and videos need a model with a vision tower; this one has none (a "
+            "text-only checkpoint, one converted with --no-vision, or a bundle whose vision "
+            "encoder is Core ML, which only the app runs)"
         )
 
 
 def prepare_images(
     model: Model,
-    images: Sequence[ImageLike | VisionInput],
+    images: ImageLike | VisionInput | Sequence[ImageLike | VisionInput],
     *,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> list[VisionInput]:
-    """Images (paths, PIL images, H×W×3 uint8 arrays, or inputs already prepared) → patches, each
-    capped at DEFAULT_MAX_IMAGE_TOKENS vision tokens unless `max_pixels` says otherwise."""
+    """Images (paths, PIL images, H×W×3 uint8 arrays, or inputs already prepared; one alone
+    counts as a list of one) → patches, each capped at DEFAULT_MAX_IMAGE_TOKENS vision tokens
+    unless `max_pixels` says otherwise."""
+    images = image_list(images)
     if not images:
         return []
     _need_vision(model)
@@ -79,9 +121,13 @@ def prepare_images(
     ]
 
 
-def prepare_videos(model: Model, videos: Sequence[VideoLike | VisionInput]) -> list[VisionInput]:
+def prepare_videos(
+    model: Model, videos: VideoLike | VisionInput | Sequence[VideoLike | VisionInput]
+) -> list[VisionInput]:
     """Videos (a file path, read with PyAV; a `Video`; a list or array of frames at
-    DEFAULT_VIDEO_FPS; or an input already prepared) → patches and timestamps."""
+    DEFAULT_VIDEO_FPS; or an input already prepared; one alone counts as a list of one) →
+    patches and timestamps."""
+    videos = video_list(videos)
     if not videos:
         return []
     _need_vision(model)
@@ -121,14 +167,21 @@ def read_video(path: str | os.PathLike, model: Model) -> Video:
             f"{path}: reading a video file needs PyAV (pip install 'mlxkit[video]'); or pass "
             "its frames: videos=[Video(frames, fps)]"
         ) from None
+    refuse_url(path, "video")
     if not os.path.isfile(path):
         raise VisionInputError(f"{path}: no such video file")
 
     def decode(count: int) -> tuple[int, dict[int, np.ndarray]]:
         wanted = set(sample_frame_indices(count, fps, model.preprocessor).tolist())
+        check_video_pixels(len(wanted) * width * height, f"{path} ({width}×{height})")
         kept, n = {}, 0
         with av.open(str(path)) as container:
             for n, frame in enumerate(container.decode(video=0), start=1):
+                if (frame.width, frame.height) != (width, height):
+                    raise VisionInputError(
+                        f"{path}: frame {n} is {frame.width}×{frame.height} pixels, but its "
+                        f"stream says {width}×{height}"
+                    )
                 if n - 1 in wanted:
                     kept[n - 1] = frame.to_ndarray(format="rgb24")
         return n, kept
@@ -139,10 +192,13 @@ def read_video(path: str | os.PathLike, model: Model) -> Video:
                 raise VisionInputError(f"{path}: has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
+            width, height = stream.codec_context.width, stream.codec_context.height
             count = sum(1 for p in container.demux(stream) if p.size)
-        if count == 0 or fps <= 0:
-            raise VisionInputError(f"{path}: no frames, or no frame rate, in its video stream")
-        decoded, kept = decode(count)
+        if count == 0 or fps <= 0 or width <= 0 or height <= 0:
+            raise VisionInputError(
+                f"{path}: no frames, no frame size or no frame rate in its video stream"
+            )
+        decoded, kept = decode(count)  # bounded by what the stream says, before decoding
         if decoded != count:  # packets and frames differ: sample again from the real count
             count = decoded
             decoded, kept = decode(count) if count else (0, {})

@@ -27,6 +27,8 @@ import io
 import math
 import os
 import re
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +47,9 @@ from mlxkit.models.qwen3_5_vision import Grid, VisionConfig
 DEFAULT_MAX_IMAGE_TOKENS = 1280  # vision tokens per image unless max_pixels says otherwise
 DEFAULT_VIDEO_FPS = 2.0  # the rate of a list of frames when the caller gives none
 MAX_PIXELS = 1 << 26  # the most any pixel bound may ask for: 4× Qwen 3.5's largest default
+# The most pixels the sampled frames of one video may hold as decoded, before resizing (3 GB
+# as RGB): every sampled frame is held at its full size until the clip is resized as a whole.
+MAX_VIDEO_SOURCE_PIXELS = 1 << 30
 
 # transformers' Qwen2VLImageProcessor and Qwen3VLVideoProcessor settings beside config.json;
 # mlx-vlm and MLX Swift's VLM loader read the first (its `processor_class` picks the processor).
@@ -275,6 +280,7 @@ def load_image(image: ImageLike) -> Image.Image:
             "an image must be a path, an image file's bytes, a PIL.Image or an H×W×3 uint8 "
             f"array, not {type(image).__name__}"
         )
+    refuse_url(image, "image")
     path = local_path(image, "image", VisionInputError)
     if path.is_dir():
         raise VisionInputError(f"{path}: a directory, not an image file")
@@ -283,18 +289,52 @@ def load_image(image: ImageLike) -> Image.Image:
     return _decode(path, str(path))
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_url(value: str | os.PathLike, what: str) -> None:
+    """A URL given as a path: as a Path, `https://x` would become `https:/x` and be reported
+    missing. Nothing is downloaded here, so say so, with the URL as given."""
+    text = os.fspath(value)
+    if isinstance(text, str) and _URL.match(text):
+        url = text if len(text) <= 2000 and text.isprintable() else shown(text)
+        raise VisionInputError(
+            f"{url}: a URL; {what}s are not downloaded: save the file and pass its path"
+        )
+
+
+# Pillow reports what it forgives (damaged EXIF, a picture past its decompression-bomb warning
+# size) as Python warnings, and catching them changes process-wide state: one decode at a time.
+_DECODING = threading.Lock()
+_PILLOW_DIR = os.path.dirname(Image.__file__)
+
+
 def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     """An image file decoded now (Pillow decodes lazily), turned as photos are shown (EXIF
-    orientation, as transformers does); what Pillow cannot read is one VisionInputError."""
-    try:
-        img = ImageOps.exif_transpose(Image.open(source))
-        img.load()
-    except Image.DecompressionBombError as e:
-        raise VisionInputError(
-            f"{name}: too large to decode safely ({e}); downscale it first"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise VisionInputError(f"{name}: not a readable image ({e})") from None
+    orientation, as transformers does); what Pillow cannot read is one VisionInputError.
+
+    Pillow's warnings become ours: past its bomb-warning size an image is simply read (it is
+    resized to the cap; past its error size it is refused), and anything else it forgave is one
+    warning naming the image."""
+    with _DECODING, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = ImageOps.exif_transpose(Image.open(source))
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise VisionInputError(
+                f"{name}: too large to decode safely ({e}); downscale it first"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise VisionInputError(f"{name}: not a readable image ({e})") from None
+    forgiven = []
+    for w in caught:
+        if not w.filename.startswith(_PILLOW_DIR):  # another thread's, caught meanwhile
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not issubclass(w.category, Image.DecompressionBombWarning):
+            forgiven.append(" ".join(str(w.message).split()))
+    if forgiven:
+        warnings.warn(f"{name}: read despite damage ({forgiven[0]})", stacklevel=3)
     return img
 
 
@@ -308,13 +348,46 @@ def _array_image(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency (alpha band or palette transparency) composited onto white."""
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
+# Pillow's modes with associated (premultiplied) alpha, and their straight-alpha forms: Pillow
+# cannot convert La to RGB at all, and RGBa → RGB drops the alpha without compositing.
+_STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
+
+
+def to_rgb(img: Image.Image, name: str = "the image") -> Image.Image:
+    """RGB as transformers' `convert_to_rgb` makes it, any transparency (an alpha band or
+    palette transparency) composited onto white, for every mode Pillow opens: premultiplied
+    alpha is un-premultiplied first, and 16-bit, 32-bit and float grayscale is scaled to 8
+    bits (`_to_8bit`) where Pillow's own conversion would clip it."""
+    if img.mode in _STRAIGHT_ALPHA:
+        img = img.convert(_STRAIGHT_ALPHA[img.mode])
+    elif img.mode == "F" or img.mode.startswith("I"):
+        img = _to_8bit(img, name)
+    if img.mode in ("LA", "PA", "RGBA") or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image, name: str) -> Image.Image:
+    """Grayscale of more than 8 bits as 8-bit L (LA where a PNG marks one value transparent).
+    16-bit modes (I;16...) and 32-bit integers (I: how Pillow opens 32-bit TIFFs, and 16-bit
+    PNGs in older versions) are read as 16-bit, 0..65535; floats (F) as 0..1, the convention
+    of float images. Values outside that range have no agreed meaning: refused."""
+    a = np.asarray(img)
+    top = 1.0 if img.mode == "F" else 65535.0
+    if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= top):
+        kind = "a floating-point" if img.mode == "F" else "a 32-bit integer"
+        raise VisionInputError(
+            f"{name} is {kind} grayscale image with values outside 0..{top:g}; save it with "
+            "8 or 16 bits per sample"
+        )
+    gray = np.round(a.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int) and img.mode != "F":
+        alpha = np.where(a == transparent, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray, alpha], axis=-1))  # LA
+    return Image.fromarray(gray)  # L
 
 
 def smart_resize(
@@ -423,7 +496,7 @@ def preprocess_image(
     """One image → patches. `max_pixels` defaults to DEFAULT_MAX_IMAGE_TOKENS vision tokens (or
     the preprocessor's own bound, when smaller); `capped` on the result says that bound applied."""
     lo, hi = _pixel_bounds(pre, min_pixels, max_pixels, video=False)
-    rgb = to_rgb(load_image(image))
+    rgb = to_rgb(load_image(image), _describe(image))
     width, height = rgb.size
     _check_shape(_describe(image), height, width, pre)
     h, w = smart_resize(height, width, pre.factor, lo, hi)
@@ -462,6 +535,17 @@ def group_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: in
     ]
 
 
+def check_video_pixels(pixels: int, name: str) -> None:
+    """Refuses a video whose sampled frames would hold more than MAX_VIDEO_SOURCE_PIXELS once
+    decoded: a few megabytes of a lossless codec can describe gigabytes of frames (the video
+    form of a decompression bomb), and every sampled frame is held until the clip is resized."""
+    if pixels > MAX_VIDEO_SOURCE_PIXELS:
+        raise VisionInputError(
+            f"{name}: the frames sampled hold {pixels:,} pixels decoded, more than the "
+            f"{MAX_VIDEO_SOURCE_PIXELS:,} a video may; downscale or shorten it first"
+        )
+
+
 def preprocess_video(
     frames: Sequence[ImageLike] | np.ndarray,
     pre: Preprocessor,
@@ -490,7 +574,13 @@ def preprocess_video(
             "pass a single frame as an image instead"
         )
     indices = sample_frame_indices(len(frames), fps, pre)
-    rgb = [to_rgb(load_image(frames[i])) for i in indices]
+    if isinstance(frames, np.ndarray) and frames.ndim >= 3:  # known before a frame is copied
+        check_video_pixels(len(indices) * frames.shape[1] * frames.shape[2], "the video array")
+    rgb, held = [], 0
+    for i in indices:  # frames given as files are decoded one by one: bound them as they come
+        rgb.append(to_rgb(load_image(frames[i]), "a video frame"))
+        held += rgb[-1].width * rgb[-1].height
+        check_video_pixels(held, f"the video of {len(frames)} frames")
     sizes = {im.size for im in rgb}
     if len(sizes) > 1:
         raise VisionInputError(f"video frames differ in size: {sorted(sizes)}")

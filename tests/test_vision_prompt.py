@@ -332,3 +332,26 @@ def test_expansion_refuses_parts_and_inputs_that_do_not_match():
         expand_prompt(two, [given["image0"], given["image1"]], [given["video"]])
     with pytest.raises(VisionInputError, match="the prompt has 1 image part\\(s\\) but 0 image"):
         expand_prompt(USER + IMAGE_PAD, [])
+
+
+def test_one_image_or_video_alone_is_a_list_of_one():
+    """`images="x.png"` is one image, not a list of one-character paths; an array one image,
+    not a list of its rows; `videos=` likewise."""
+    from mlxkit.generate import Video, encode_prompt
+    from mlxkit.load import load
+
+    name = VISION[0]
+    model, tokenizer = load(FIXTURES / name, dtype=mx.float32)
+    path = FIXTURES / name / "image0.png"
+    image_prompt = VISION_START + IMAGE_PAD + VISION_END + "What is it?"
+    want = encode_prompt(tokenizer, image_prompt, False, model, images=[path]).tokens
+    pixels = np.asarray(preprocess_image(path, model.preprocessor).pixel_values)
+    for alone in (str(path), path, path.read_bytes()):
+        got = encode_prompt(tokenizer, image_prompt, False, model, images=alone)
+        assert got.tokens == want and len(got.images) == 1
+        np.testing.assert_array_equal(got.images[0].pixel_values, pixels)
+    frames = reference(name)["video_frames"]
+    video_prompt = VISION_START + VIDEO_PAD + VISION_END + "What happens?"
+    want = encode_prompt(tokenizer, video_prompt, False, model, videos=[Video(frames)]).tokens
+    for alone in (Video(frames), frames):
+        assert encode_prompt(tokenizer, video_prompt, False, model, videos=alone).tokens == want
