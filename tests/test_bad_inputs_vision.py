@@ -19,10 +19,10 @@ from PIL import Image
 
 from mlxkit import vision
 from mlxkit.cli import main
-from mlxkit.generate import Video
+from mlxkit.generate import Video, generate
 from tests.badinput import Inputs, cli, run_row
 from tests.helpers import FIXTURES
-from tests.test_generate_errors import IMAGE0, PAD, api_vision, chat, vision_cli
+from tests.test_generate_errors import IMAGE0, PAD, _vision, api_vision, chat, vision_cli
 from tests.test_image_modes import corrupt_exif_jpeg
 
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -161,8 +161,6 @@ def test_videos_past_the_pixel_bound(row, tmp_path, monkeypatch):
 
 def test_video_frame_files_are_bounded_as_they_are_decoded(tmp_path, monkeypatch):
     """A list of frame files: each is decoded only when sampled, and the count stops there."""
-    from tests.test_generate_errors import _vision
-
     monkeypatch.setattr(vision, "MAX_VIDEO_SOURCE_PIXELS", BOUND)
     frame_files(Inputs(tmp_path))
     decoded = []
@@ -170,8 +168,6 @@ def test_video_frame_files_are_bounded_as_they_are_decoded(tmp_path, monkeypatch
     monkeypatch.setattr(vision, "_decode", lambda *a: decoded.append(a) or real(*a))
     model, tokenizer = _vision()
     with pytest.raises(vision.VisionInputError, match="the video of 4 frames"):
-        from mlxkit.generate import generate
-
         generate(model, tokenizer, VIDEO, videos=[_frame_paths(Inputs(tmp_path))], max_tokens=1)
     assert len(decoded) == 4  # the fourth frame crossed the bound; nothing after it
 
