@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from mlxkit import fields
 from mlxkit.errors import ConfigError
+from mlxkit.layout import FALLBACK_GROUP_SIZES, fitting_group_size
 
 try:  # Python >= 3.11
     import tomllib
@@ -82,8 +83,10 @@ class Recipe:
         ending in `.weight`) with this source `shape`; None keeps it unquantized.
 
         Only 2-D weights are candidates: in Qwen 3.5 those are exactly the Linear and
-        Embedding weights (norms are 1-D, conv1d is 3-D). As in mlx-lm, a weight whose input
-        dimension is not a multiple of the group size stays unquantized.
+        Embedding weights (norms are 1-D, conv1d is 3-D). Where the group size does not divide
+        the input width, the largest of 64 and 32 that does is used (`fitting_group_size`;
+        config.json records it per layer); a width neither divides is refused rather than
+        left unquantized under a config.json that says otherwise.
         """
         if len(shape) != 2:
             return None
@@ -96,9 +99,13 @@ class Recipe:
                 bits = rule.bits or bits
                 group_size = rule.group_size or group_size
                 break
-        if shape[-1] % group_size:
-            return None
-        return bits, group_size
+        group = fitting_group_size(shape[-1], group_size)
+        if group is None:
+            raise ConfigError(
+                f"{module} cannot be quantized: its input width {shape[-1]} is not a multiple "
+                f"of {' or '.join(map(str, FALLBACK_GROUP_SIZES))}; convert with --no-quantize"
+            )
+        return bits, group
 
     def quantization_config(self, rules: dict[str, tuple[int, int] | None]) -> dict:
         """The `quantization` block of config.json for the given module → rule map, written

@@ -36,6 +36,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint32": 4}
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 KEPT_FLOAT32 = ("A_log",)  # stays float32 whatever --dtype says (mlx-lm does the same)
 VISION_GROUP_SIZE = 64  # of a quantized vision tower when no recipe gives one
+# Tried in turn, largest first, where the asked group size does not divide a weight's input
+# width (mx.quantize takes 32, 64 and 128, and a multiple of 128 is one of 64).
+FALLBACK_GROUP_SIZES = (64, 32)
 VISION_TOKEN_KEYS = (
     "image_token_id",
     "video_token_id",
@@ -174,17 +177,29 @@ def model_parameters(
     return [(path, tuple(p.shape)) for path, p in tree_flatten(model.parameters())]
 
 
+def fitting_group_size(width: int, group_size: int) -> int | None:
+    """The group size to quantize a weight of this input width with: `group_size` when it
+    divides the width, else the largest of FALLBACK_GROUP_SIZES that does (written per layer
+    in config.json, as mlx-lm does), None when none does. Groups run along the input axis, so
+    a width no group size divides cannot be quantized by MLX at all."""
+    return next((g for g in (group_size, *FALLBACK_GROUP_SIZES) if width % g == 0), None)
+
+
 def vision_rule(
     path: str, shape: tuple[int, ...], bits: int | None, group_size: int
 ) -> tuple[int, int] | None:
     """(bits, group size) for a vision-tower weight, or None (kept in the output dtype, the
     default). Only the linear layers are quantized: the Conv3d patch embedding is 5-D, and the
     position table stays whole because mlx-swift-lm reads `pos_embed.weight`'s dtype to weight
-    its interpolation (Qwen3VL.swift, `positionalEmbeddings`), which a packed table breaks. As
-    for text, an input dimension that is not a multiple of the group size stays unquantized."""
+    its interpolation (Qwen3VL.swift, `positionalEmbeddings`), which a packed table breaks.
+    The group size is `fitting_group_size`'s. Unlike a text weight (which the recipe refuses),
+    a linear whose input width no group size divides stays in the output dtype: the 9B
+    tower's MLP takes 4,304 features, so refusing would rule out --vision-bits for it; loaders
+    see such a layer unquantized because it has no `.scales`."""
     if bits is None or len(shape) != 2 or path.removesuffix(".weight").endswith("pos_embed"):
         return None
-    return None if shape[-1] % group_size else (bits, group_size)
+    group = fitting_group_size(shape[-1], group_size)
+    return None if group is None else (bits, group)
 
 
 def weight_rule(

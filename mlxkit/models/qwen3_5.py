@@ -408,7 +408,7 @@ class GatedDeltaNet(nn.Module):
         self.kernel_size = cfg.linear_conv_kernel_dim
         key_dim = self.n_k_heads * self.dk
         value_dim = self.n_v_heads * self.dv
-        conv_dim = cfg.linear_conv_dim
+        conv_dim = self.conv_dim = cfg.linear_conv_dim
         self.split = [key_dim, 2 * key_dim]
 
         self.in_proj_qkv = nn.Linear(cfg.hidden_size, conv_dim, bias=False)  # [q | k | v]
@@ -427,9 +427,8 @@ class GatedDeltaNet(nn.Module):
         """(conv window, recurrent state) to continue from: the cache's, or zeros."""
         if cache is not None and cache.conv_state is not None:
             return cache.conv_state, cache.recurrent_state
-        conv_dim = self.in_proj_qkv.weight.shape[0]
         return (
-            mx.zeros((batch, self.kernel_size - 1, conv_dim), dtype=dtype),
+            mx.zeros((batch, self.kernel_size - 1, self.conv_dim), dtype=dtype),
             mx.zeros((batch, self.n_v_heads, self.dv, self.dk), dtype=mx.float32),
         )
 

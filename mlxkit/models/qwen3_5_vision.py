@@ -237,6 +237,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.hidden_size, self.patch_dim = cfg.hidden_size, cfg.patch_dim
         self.proj = nn.Conv3d(
             cfg.in_channels,
             cfg.hidden_size,
@@ -246,8 +247,8 @@ class PatchEmbed(nn.Module):
         )
 
     def __call__(self, patches: mx.array) -> mx.array:
-        w = self.proj.weight
-        w = w.moveaxis(-1, 1).reshape(w.shape[0], -1)  # [D, C·T·P·P], the patch rows' order
+        # [D, C·T·P·P], the patch rows' order; the shape from the config, not the weight
+        w = self.proj.weight.moveaxis(-1, 1).reshape(self.hidden_size, self.patch_dim)
         return patches.astype(w.dtype) @ w.T + self.proj.bias
 
 
@@ -313,17 +314,18 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """m×m neighbouring patches → one token of the text model's width."""
+    """m×m neighbouring patches → one token of the text model's width. The merged width comes
+    from the config, never from a weight: a quantized linear stores a packed [out, in·bits/32]."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        merged = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
-        self.linear_fc1 = nn.Linear(merged, merged, bias=True)
-        self.linear_fc2 = nn.Linear(merged, cfg.out_hidden_size, bias=True)
+        self.linear_fc1 = nn.Linear(self.merged, self.merged, bias=True)
+        self.linear_fc2 = nn.Linear(self.merged, cfg.out_hidden_size, bias=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.norm(x).reshape(-1, self.linear_fc1.weight.shape[1])
+        x = self.norm(x).reshape(-1, self.merged)
         return self.linear_fc2(nn.gelu(self.linear_fc1(x)))  # exact (erf) GELU
 
 
