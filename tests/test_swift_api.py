@@ -1,12 +1,15 @@
-"""The Swift an app compiles (the generated MLXKitBundle.swift and examples/ios_app's
-ChatView.swift), checked without a Swift compiler: tree-sitter's Swift grammar parses it,
-and every name it uses that it does not declare itself is either an Apple SDK / Swift name
-(listed below) or an mlx-swift-lm / mlx-swift name in tests/swift_api.toml, a table read
-from mlx-swift-lm's source with the file and commit of each entry. For calls the argument
-labels are checked against the declaration (defaulted parameters may be left out, a trailing
-closure fills the last parameter), the file must import the module the name comes from, a
-macro's `requires_imports` must be imported, and deprecated entries may not be used.
-Types are not checked: a name is matched by spelling, whatever it is called on."""
+"""The Swift an app compiles (the generated MLXKitBundle.swift and MLXKitVisionEncoder.swift of
+each Swift runtime, and examples/ios_app's ChatView.swift), checked without a Swift compiler:
+tree-sitter's Swift grammar parses it, and a lint over the parse tree checks that every name it
+uses that it does not declare itself is either an Apple SDK / Swift name (listed below) or an
+mlx-swift-lm / mlx-swift name in tests/swift_api.toml at the file's runtime (a table read from
+mlx-swift-lm's source, with the file and line of each entry at each runtime's commit). For calls
+the argument labels are checked against the declaration (defaulted parameters may be left out,
+a trailing closure fills the last parameter), the file must import the module the name comes
+from, a macro's `requires_imports` must be imported, deprecated entries may not be used, and no
+local `var` may be captured by a closure passed where the table says the closure is @Sendable
+(Swift 6: "reference to captured var in concurrently-executing code"). Types are not checked:
+a name is matched by spelling, whatever it is called on."""
 
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from mlxkit.ios_bridge import build_bundle
-from mlxkit.ios_bridge.xcode import RUNTIME, SWIFT_PACKAGES
+from mlxkit.ios_bridge.runtimes import SWIFT_RUNTIME_DETAILS, runtime_record, swift_runtime
+from mlxkit.ios_bridge.settings import DEFAULT_SWIFT_RUNTIME, SWIFT_RUNTIMES
+from mlxkit.ios_bridge.xcode import swift_packages
 
 from tests.helpers import FIXTURES
 
@@ -32,8 +37,9 @@ CHAT_VIEW = ROOT / "examples" / "ios_app" / "ChatView.swift"
 
 # Apple SDK and Swift standard library names the files use (Foundation, os, Darwin, SwiftUI,
 # Observation, CoreGraphics, CoreImage, CoreML, the standard library). Not label-checked.
-APPLE_MODULES = {"CoreGraphics", "CoreImage", "CoreML", "Foundation", "os", "SwiftUI"}
+APPLE_MODULES = {"CoreGraphics", "CoreImage", "CoreML", "Foundation", "os", "PhotosUI", "SwiftUI"}
 APPLE_TYPES = {
+    "AsyncStream",
     "Bool",
     "Bundle",
     "Button",
@@ -64,6 +70,8 @@ APPLE_TYPES = {
     "NSNumber",
     "Observable",
     "OperatingSystemVersion",
+    "PhotosPicker",
+    "PhotosPickerItem",
     "ProcessInfo",
     "ScrollView",
     "Self",
@@ -111,12 +119,15 @@ APPLE_MEMBERS = {
     "isInfinite",
     "isOperatingSystemAtLeast",
     "leading",
+    "images",
+    "loadTransferable",
     "localizedDescription",
     "machine",
     "main",
     "map",
     "min",
     "multiArrayValue",
+    "onChange",
     "origin",
     "padding",
     "path",
@@ -352,13 +363,120 @@ def resolve(use: Use, kinds: tuple[str, ...], by_name: dict, imports: set[str]) 
     for e in live:
         for module in e.get("requires_imports", []):
             if module not in imports:
-                return f"its expansion needs `import {module}` ({e['file']})"
+                return f"its expansion needs `import {module}` ({next(iter(e['at'].values()))})"
     return None
 
 
-def check_swift(files: dict[str, SwiftFile], table: dict = TABLE) -> list[str]:
-    """Every problem found, as "file:line: message"; empty when all names resolve."""
-    symbols = table["symbol"]
+def entries_at(runtime: str, table: dict = TABLE) -> list[dict]:
+    """The table's entries that `runtime` has, with `deprecated` set only where it is
+    deprecated at that runtime."""
+    out = []
+    for e in table["symbol"]:
+        if runtime in e["at"]:
+            entry = {k: v for k, v in e.items() if k != "deprecated"}
+            if runtime in e.get("deprecated", {}):
+                entry["deprecated"] = e["deprecated"][runtime]
+            out.append(entry)
+    return out
+
+
+def sendable_captures(source: str, sendable: set[str]) -> list[str]:
+    """ "line N: captured var `name`" for each local `var` used inside a closure passed to a call
+    of a function in `sendable` (whose closure parameter is @Sendable), declared outside that
+    closure in an enclosing block before it."""
+    data = source.encode()
+    tree = _parser().parse(data)
+    found = []
+
+    def text(node) -> str:
+        return data[node.start_byte : node.end_byte].decode()
+
+    def callee(call) -> str | None:
+        head = call.children[0]
+        if head.type == "simple_identifier":
+            return text(head)
+        if head.type == "navigation_expression":
+            idents = [c for c in head.children[-1].children if c.type == "simple_identifier"]
+            return text(idents[0]) if idents else None
+        return None
+
+    def closures(call):
+        for suffix in (c for c in call.children if c.type == "call_suffix"):
+            for part in suffix.children:
+                if part.type == "lambda_literal":
+                    yield part
+                elif part.type == "value_arguments":
+                    for arg in part.children:
+                        yield from (c for c in arg.children if c.type == "lambda_literal")
+
+    def declared(node, binding: str | None) -> set[str]:
+        """Names a property_declaration binds (`binding`: only `var` or `let`; None: any)."""
+        kinds = [text(c) for c in node.children if c.type == "value_binding_pattern"]
+        if binding is not None and kinds != [binding]:
+            return set()
+        return {
+            text(i)
+            for pattern in node.children
+            if pattern.type == "pattern"
+            for i in pattern.children
+            if i.type == "simple_identifier"
+        }
+
+    def inside(lam) -> tuple[set[str], list]:
+        """(names bound inside the closure, identifier nodes it reads)."""
+        bound, reads, stack = set(), [], [lam]
+        while stack:
+            node = stack.pop()
+            if node.type == "property_declaration":
+                bound |= declared(node, None)
+            elif node.type == "lambda_parameter":
+                bound |= {text(c) for c in node.children if c.type == "simple_identifier"}
+            elif node.type == "simple_identifier" and node.parent.type not in (
+                "navigation_suffix",
+                "value_argument_label",
+                "pattern",
+                "lambda_parameter",
+            ):
+                reads.append(node)
+            stack.extend(node.children)
+        return bound, reads
+
+    def outer_vars(lam) -> set[str]:
+        names, node = set(), lam
+        while node.parent is not None:
+            node = node.parent
+            if node.type == "statements":
+                for stmt in node.children:
+                    if stmt.start_byte < lam.start_byte and stmt.type == "property_declaration":
+                        names |= declared(stmt, "var")
+        return names
+
+    def walk(node) -> None:
+        if node.type == "call_expression" and callee(node) in sendable:
+            for lam in closures(node):
+                bound, reads = inside(lam)
+                captured = outer_vars(lam) - bound
+                for ident in reads:
+                    if text(ident) in captured:
+                        line = ident.start_point[0] + 1
+                        found.append(f"line {line}: captured var `{text(ident)}`")
+        for child in node.children:
+            walk(child)
+
+    walk(tree.root_node)
+    return found
+
+
+def check_swift(
+    files: dict[str, SwiftFile],
+    runtime: str = DEFAULT_SWIFT_RUNTIME,
+    sources: dict[str, str] | None = None,
+    table: dict = TABLE,
+) -> list[str]:
+    """Every problem found in `files` (parsed) written for `runtime`, as "file:line: message";
+    empty when all names resolve. With `sources` (the same files' text) the sendable-capture
+    rule runs too."""
+    symbols = entries_at(runtime, table)
     by_name: dict[str, list[dict]] = {}
     for entry in symbols:
         by_name.setdefault(entry["name"], []).append(entry)
@@ -410,52 +528,94 @@ def check_swift(files: dict[str, SwiftFile], table: dict = TABLE) -> list[str]:
                     error = resolve(use, ("type", "module"), by_name, f.imports)
             if error:
                 problems.append(f"{fname}:{use.line}: `{use.name}`: {error}")
+    sendable = {e["name"] for e in symbols if e.get("sendable_closure")}
+    for fname, source in (sources or {}).items():
+        for capture in sendable_captures(source, sendable):
+            problems.append(f"{fname}: {capture} in a @Sendable closure: not allowed in Swift 6")
     return problems
 
 
 SWIFT_FILES = ("MLXKitBundle.swift", "ChatView.swift", "MLXKitVisionEncoder.swift")
+# The example is written for the default runtime (its drafter code needs it).
+FILES_OF = {
+    "1441444": SWIFT_FILES,
+    "3.31.4": ("MLXKitBundle.swift", "MLXKitVisionEncoder.swift"),
+}
 
 
 @pytest.fixture(scope="module")
-def swift_sources(tmp_path_factory) -> dict[str, str]:
-    """The Swift of a text bundle, ChatView, and the Core ML glue of a Core ML bundle (the
-    tiny vision fixture, one grid: seconds)."""
+def swift_sources(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """runtime → the Swift of an MLX-vision bundle with MTP, ChatView, the Core ML glue of a
+    Core ML bundle, and the README and manifest of the first (the tiny fixtures, one Core ML
+    grid: seconds)."""
     root = tmp_path_factory.mktemp("swift")
-    out, coreml = root / "tiny-iphone12", root / "tiny-coreml"
-    build_bundle(FIXTURES / "tiny_tied", out, "iphone12")
-    build_bundle(
-        FIXTURES / "tiny_vision_p6", coreml, "iphone15", vision_encoder="coreml", coreml_grids="6x9"
-    )
-    return {
-        "MLXKitBundle.swift": (out / "xcode" / "MLXKitBundle.swift").read_text(),
-        "ChatView.swift": CHAT_VIEW.read_text(),
-        "MLXKitVisionEncoder.swift": (coreml / "xcode" / "MLXKitVisionEncoder.swift").read_text(),
-        "README.md": (out / "xcode" / "README.md").read_text(),
-        "manifest.json": (out / "manifest.json").read_text(),
-    }
-
-
-def parsed(sources: dict[str, str], **replace: tuple[str, str]) -> dict[str, SwiftFile]:
-    """The Swift files parsed, with `file=(old, new)` edits applied first."""
     out = {}
-    for name in SWIFT_FILES:
+    for runtime in SWIFT_RUNTIMES:
+        mlx, coreml = root / f"mlx-{runtime}", root / f"coreml-{runtime}"
+        mtp = SWIFT_RUNTIME_DETAILS[runtime].mtp_drafter
+        build_bundle(FIXTURES / "tiny_tied", mlx, "iphone12", mtp=mtp, swift_runtime=runtime)
+        build_bundle(
+            FIXTURES / "tiny_vision_p6",
+            coreml,
+            "iphone15",
+            vision_encoder="coreml",
+            coreml_grids="6x9",
+            mtp=mtp,
+            swift_runtime=runtime,
+        )
+        out[runtime] = {
+            "MLXKitBundle.swift": (mlx / "xcode" / "MLXKitBundle.swift").read_text(),
+            "ChatView.swift": CHAT_VIEW.read_text(),
+            "MLXKitVisionEncoder.swift": (
+                coreml / "xcode" / "MLXKitVisionEncoder.swift"
+            ).read_text(),
+            "README.md": (mlx / "xcode" / "README.md").read_text(),
+            "manifest.json": (mlx / "manifest.json").read_text(),
+            "coreml README.md": (coreml / "xcode" / "README.md").read_text(),
+        }
+    return out
+
+
+def edited(
+    sources: dict[str, str], runtime: str = DEFAULT_SWIFT_RUNTIME, **replace: tuple[str, str]
+) -> dict[str, str]:
+    """The runtime's Swift files, with `file=(old, new)` edits applied."""
+    out = {}
+    for name in FILES_OF[runtime]:
         text = sources[name]
         key = name.split(".")[0]
         if key in replace:
             old, new = replace[key]
             assert old in text, f"{old!r} is not in {name}"
             text = text.replace(old, new)
-        out[name] = parse_swift(text)
+        out[name] = text
     return out
 
 
+def lint(sources: dict[str, str], runtime: str = DEFAULT_SWIFT_RUNTIME) -> list[str]:
+    """Every rule over these files (name → text) written for `runtime`."""
+    files = {name: parse_swift(text) for name, text in sources.items()}
+    return check_swift(files, runtime, sources)
+
+
+@pytest.mark.parametrize("runtime", SWIFT_RUNTIMES)
+def test_the_glue_and_the_example_parse_and_pass_the_lint(swift_sources, runtime):
+    sources = edited(swift_sources[runtime], runtime)
+    for name, text in sources.items():
+        assert parse_swift(text).errors == [], name
+    assert lint(sources, runtime) == []
+
+
 def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
-    files = parsed(swift_sources)
-    assert check_swift(files) == []
-    used = {u.name for f in files.values() for u in f.uses}
-    # the names issue 12 is about are used, and resolve to the table
+    used_at = {}
+    for runtime in SWIFT_RUNTIMES:
+        files = {n: parse_swift(t) for n, t in edited(swift_sources[runtime], runtime).items()}
+        used_at[runtime] = {u.name for f in files.values() for u in f.uses}
+        used_at[runtime] |= set().union(*(f.imports for f in files.values()))
+    # the names issues 12 and 22 are about are used, and resolve to the table
     assert {
         "Qwen35TextMTPRegistration",
+        "Qwen35VLMMTPRegistration",
         "register",
         "MTPDrafterModelFactory",
         "prefill",
@@ -464,12 +624,12 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
         "VLMModelFactory",
         "ciImage",
         "MLXArray",
-    } <= used
-    assert "Tokenizers" in files["ChatView.swift"].imports
-    imported = set().union(*(f.imports for f in files.values()))
+        "acceptedDraftTokens",
+        "PhotosPicker",
+    } <= used_at["1441444"]
+    assert "prefillStepSize" in used_at["3.31.4"] and "loadDrafter" not in used_at["3.31.4"]
     for e in TABLE["symbol"]:  # the table holds what the Swift uses, nothing more
-        if "deprecated" not in e:
-            assert e["name"] in (imported if e["kind"] == "module" else used), e
+        assert any(e["name"] in used_at[r] for r in e["at"]), e
 
 
 @pytest.mark.parametrize(
@@ -507,13 +667,12 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
         ),
         ({"ChatView": ("import MLXLMCommon\n", "")}, "`UserInput`: needs `import MLXLMCommon`"),
         (
-            {
-                "ChatView": (
-                    "UserInput(chat: [.user(prompt, images: images)]",
-                    "UserInput(messages: [.user(prompt, images: images)]",
-                )
-            },
-            "`UserInput`: no declaration takes the arguments (messages:processing:)",
+            {"ChatView": ("mtpDrafter: mtpDrafter, blockSize: 2", "drafter: mtpDrafter")},
+            "`generate`: no declaration takes the arguments (input:parameters:context:drafter:)",
+        ),
+        (
+            {"ChatView": ("let processing =", "var processing =")},
+            "captured var `processing` in a @Sendable closure",
         ),
         (
             {
@@ -553,7 +712,8 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
         "wrong-label",
         "no-import-tokenizers",
         "no-import-module",
-        "wrong-init-label",
+        "wrong-drafter-label",
+        "captured-var",
         "unknown-vlm-member",
         "no-import-mlxvlm",
         "wrong-processing-label",
@@ -563,8 +723,55 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
     ],
 )
 def test_the_check_fails_on_names_the_table_does_not_hold(swift_sources, edit, message):
-    problems = check_swift(parsed(swift_sources, **edit))
+    problems = lint(edited(swift_sources[DEFAULT_SWIFT_RUNTIME], **edit))
     assert any(message in p for p in problems), problems
+
+
+def test_the_drafter_api_is_not_in_the_release():
+    """The example's drafter call, checked against 3.31.4: its Qwen 3.5 registrations and the
+    acceptance counters are not there."""
+    problems = lint({"ChatView.swift": CHAT_VIEW.read_text()}, "3.31.4")
+    assert any("`loadDrafter`" in p or "`acceptedDraftTokens`" in p for p in problems), problems
+
+
+# One failing snippet per rule of the lint (the glue and the example pass all of them, above).
+SNIPPETS = {
+    "captured var": (
+        (
+            "import MLXLMCommon\n"
+            "func f(_ c: ModelContainer) async throws {\n"
+            "    var n = 1\n"
+            "    n += 1\n"
+            "    try await c.perform { context in\n"
+            "        let m = n + 1\n"
+            "    }\n"
+            "}\n"
+        ),
+        "line 6: captured var `n` in a @Sendable closure",
+    ),
+    "name not in the table": (
+        "import MLXLMCommon\nlet p = GenerateParameters.fromManifest()\n",
+        "`fromManifest`: not in tests/swift_api.toml",
+    ),
+    "labels differ": (
+        "import MLXLMCommon\nlet i = UserInput(messages: [])\n",
+        "`UserInput`: no declaration takes the arguments (messages:)",
+    ),
+    "import missing": (
+        "let p = GenerateParameters()\n",
+        "`GenerateParameters`: needs `import MLXLMCommon`",
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", SNIPPETS)
+def test_each_lint_rule_fails_its_snippet(rule):
+    source, message = SNIPPETS[rule]
+    problems = lint({"snippet.swift": source})
+    assert any(message in p for p in problems), problems
+    fixed = source.replace("var n", "let n").replace("    n += 1\n", "")
+    if rule == "captured var":  # a `let` may be captured
+        assert lint({"snippet.swift": fixed}) == []
 
 
 def test_label_rule():
@@ -579,27 +786,56 @@ def test_label_rule():
 
 def test_table_entries_say_where_they_were_read():
     symbols = TABLE["symbol"]
-    assert TABLE["runtime"] == RUNTIME
+    assert tuple(TABLE["runtime"]) == SWIFT_RUNTIMES == tuple(SWIFT_RUNTIME_DETAILS)
+    assert DEFAULT_SWIFT_RUNTIME in SWIFT_RUNTIMES
+    for version, refs in TABLE["runtime"].items():
+        assert refs["ml-explore/mlx-swift-lm"] == version  # a tag, or the commit's short hash
+        assert swift_runtime(version).commit.startswith(version) or version == "3.31.4"
+        assert swift_runtime(version).mlx_swift.endswith(refs["ml-explore/mlx-swift"])
+    modules = {m["name"] for m in symbols if m["kind"] == "module"}
     for e in symbols:
         assert e["kind"] in ("type", "property", "function", "init", "case", "macro", "module"), e
         assert e["repo"] in ("ml-explore/mlx-swift-lm", "ml-explore/mlx-swift"), e
-        assert len(e["commit"]) == 40 and int(e["commit"], 16) >= 0, e
-        assert e["file"].endswith(".swift") and e["source"], e
+        assert e["at"] and set(e["at"]) <= set(SWIFT_RUNTIMES), e
+        for runtime, where in e["at"].items():
+            ref, path, line = where.split(":")
+            assert ref == TABLE["runtime"][runtime][e["repo"]], e
+            assert path.endswith((".swift", "README.md")) and int(line) > 0, e
+        assert set(e.get("deprecated", {})) <= set(e["at"]) and e["source"], e
         if e["kind"] != "module":
-            assert e["module"] in {m["name"] for m in symbols if m["kind"] == "module"}, e
-    keys = [(e["name"], e["kind"], e.get("owner")) for e in symbols]
+            assert e["module"] in modules, e
+    keys = [
+        (e["name"], e["kind"], e.get("owner"), str(e.get("labels")), r)
+        for e in symbols
+        for r in e["at"]
+    ]
     assert len(keys) == len(set(keys))
 
 
-def test_the_bundle_readme_lists_the_packages_and_their_versions(swift_sources):
-    readme = swift_sources["README.md"]
+def test_a_name_without_a_source_line_fails(swift_sources):
+    """An entry whose `at` does not name the runtime is not there for it."""
+    table = {
+        "runtime": TABLE["runtime"],
+        "symbol": [e for e in TABLE["symbol"] if e["name"] != "Qwen35VLMMTPRegistration"],
+    }
+    sources = edited(swift_sources[DEFAULT_SWIFT_RUNTIME])
+    files = {name: parse_swift(text) for name, text in sources.items()}
+    problems = check_swift(files, DEFAULT_SWIFT_RUNTIME, sources, table)
+    assert any("`Qwen35VLMMTPRegistration`: not in tests/swift_api.toml" in p for p in problems)
+
+
+@pytest.mark.parametrize("runtime", SWIFT_RUNTIMES)
+def test_the_bundle_readme_lists_the_packages_and_their_versions(swift_sources, runtime):
+    sources = swift_sources[runtime]
+    readme = sources["README.md"]
     products = {m["name"] for m in TABLE["symbol"] if m["kind"] == "module"}
-    for url, rule, names in SWIFT_PACKAGES:
+    for url, rule, names in swift_packages(swift_runtime(runtime)):
         row = next(line for line in readme.splitlines() if f"`{url}`" in line)
         assert rule in row and all(f"`{n}`" in row for n in names), row
         assert set(names) <= products
-    assert f"{RUNTIME['name']} {RUNTIME['min_version']}" in readme
-    assert json.loads(swift_sources["manifest.json"])["runtime"] == TABLE["runtime"]
+    assert f"mlx-swift-lm {runtime}" in readme and swift_runtime(runtime).commit in readme
+    assert json.loads(sources["manifest.json"])["runtime"] == runtime_record(runtime)
     snippet = readme.split("```swift")[1].split("```")[0]
     assert "import Tokenizers" in snippet and "#huggingFaceTokenizerLoader()" in snippet
-    assert "MLXKIT_MTP" not in readme and "main branch" not in readme
+    assert "docs/verification.md" in readme and "3.32.3" not in readme
+    assert "0182a49" not in readme and "0182a49" not in sources["coreml README.md"]
