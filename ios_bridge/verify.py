@@ -8,7 +8,10 @@ the device table), the expected manifest is rebuilt with the same `make_manifest
 `make_manifest` later is covered without a change here; the model's name is the one
 `bundle build` gives the recorded source. Only `files` (checked against the disk), `source`
 and `created_by` (where and by what it was built: informational, read by no app) are not
-re-derived.
+re-derived. What the app reads beside the weights (config.json's token ids, the tokenizer,
+generation and preprocessor files, the Core ML export's records) is held to what the bundle
+fixes itself (tokenizer.json, the tower's config) and, when the recorded source is on this
+machine, re-derived from it: a sha256 only shows that a file is the one the manifest lists.
 
 Each check is independent and reported on its own line, so one broken file does not hide
 the others. Input that is not a bundle at all (no folder, no manifest, manifest not JSON)
