@@ -34,16 +34,16 @@ from mlxkit.load import load_model_config
 from tests.helpers import copy_fixture
 
 
-def checkpoint_of_width(tmp_path: Path, hidden: int) -> Path:
-    """tiny_tied's tokenizer and text config (no vision tower) with hidden size `hidden`, and
-    random weights of those shapes in the Hugging Face layout."""
-    d = copy_fixture(tmp_path, "tiny_tied", f"hidden{hidden}")
+def set_width(d: Path, hidden: int) -> None:
+    """Rewrites a copy of tiny_tied at `d` in place: its tokenizer and text config (no vision
+    tower) with hidden size `hidden`, and random weights of those shapes in the Hugging Face
+    layout."""
     config = json.loads((d / "config.json").read_text())
     del config["vision_config"]
     config["text_config"]["hidden_size"] = hidden
     (d / "config.json").write_text(json.dumps(config))
     for f in [*d.glob("*.safetensors"), d / "reference.npz"]:
-        f.unlink()
+        f.unlink(missing_ok=True)
     mx.random.seed(0)
     weights = {}
     for name, shape in text_tensors(config["text_config"]):
@@ -57,6 +57,11 @@ def checkpoint_of_width(tmp_path: Path, hidden: int) -> Path:
             value = mx.random.normal(shape) * 0.5 / math.sqrt(shape[-1])
         weights[name] = value.astype(mx.float32 if dtype_of(name) == "F32" else mx.bfloat16)
     mx.save_safetensors(str(d / "model.safetensors"), weights, metadata={"format": "pt"})
+
+
+def checkpoint_of_width(tmp_path: Path, hidden: int) -> Path:
+    d = copy_fixture(tmp_path, "tiny_tied", f"hidden{hidden}")
+    set_width(d, hidden)
     return d
 
 
