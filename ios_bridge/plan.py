@@ -368,7 +368,7 @@ def drafter_runs(target: Target, mtp: bool | None, swift: str) -> bool:
         return True
     if mtp:
         raise ConfigError(
-            f"mlx-swift-lm {swift} has no MTP drafter: build with --no-mtp, or leave "
+            f"mlx-swift-lm {swift} has no Qwen 3.5 MTP drafter: build with --no-mtp, or leave "
             "--swift-runtime at its default (a main-branch commit that has one)"
         )
     return False

@@ -241,7 +241,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def bundle_line(out: str, manifest: dict) -> str:
-    """The one line `convert --target` and `bundle build` print: the plan's own figures."""
+    """The line `convert --target` and `bundle build` print: the plan's own figures, then the
+    plan's warnings (with a Core ML encoder: that MLX Swift cannot take its output yet)."""
     m, mtp = manifest["memory"], manifest["mtp"]
     ent = "without" if m["usable_bytes"] == m["usable_bytes_without_entitlement"] else "with"
     drafter = "MTP left out"
@@ -256,4 +257,4 @@ def bundle_line(out: str, manifest: dict) -> str:
         f"{manifest['max_context']:,}; peak {m['peak_bytes'] / GB:.2f} GB of "
         f"{m['usable_bytes'] / GB:.2f} GB usable {ent} the entitlement "
         f"({'required' if manifest['entitlement_required'] else 'not required'})"
-    )
+    ) + "".join(f"\n  warning: {w}" for w in manifest["warnings"])

@@ -73,9 +73,11 @@ class SwiftRuntime:
     note: str  # for people: why pick it
 
 
-# Read in ml-explore/mlx-swift-lm's history (snapshot of 2026-08-22, HEAD 1441444): the MTP
-# drafters and `GenerateParameters.prefill` arrived on main (PR #351, commit 01472a78,
-# 2026-08-13) after the newest tag, 3.31.4 (2026-06-29, commit bd4b743), which sets the prefill
+# Read in ml-explore/mlx-swift-lm's history (snapshot of 2026-08-22, HEAD 1441444): the Qwen 3.5
+# MTP drafters (Qwen35TextMTPRegistration, Qwen35VLMMTPRegistration) and
+# `GenerateParameters.prefill` arrived on main (PR #351, commit 01472a78, 2026-08-13) after the
+# newest tag, 3.31.4 (2026-06-29, commit bd4b743), which has MTPDrafterModelFactory and
+# generate(…, mtpDrafter:) for Gemma 4 assistants only, and sets the prefill
 # step with `prefillStepSize` (Libraries/MLXLMCommon/Evaluate.swift:57 at 3.31.4; deprecated,
 # renamed `prefill.stepSize`, at Evaluate.swift:86-87 on main). mlx-swift pins: Package.swift:64
 # at 1441444, :39 at 3.31.4.
@@ -97,7 +99,8 @@ SWIFT_RUNTIME_DETAILS = {
         mlx_swift="Up to Next Minor from 0.31.4",
         mtp_drafter=False,
         prefill_step="prefillStepSize",
-        note="the newest release (2026-06-29): no MTP drafter, so its bundles leave mtp/ out",
+        note="the newest release (2026-06-29): no Qwen 3.5 MTP drafter, so its bundles leave "
+        "mtp/ out",
     ),
 }
 

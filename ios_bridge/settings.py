@@ -119,8 +119,8 @@ class Settings:
     swift_runtime: str = _knob(
         DEFAULT_SWIFT_RUNTIME,
         "The mlx-swift-lm the bundle's Swift is written against: 1441444 (a main-branch commit, "
-        "pinned by revision, with the MTP drafter) or 3.31.4 (the newest release: no drafter, so "
-        "no mtp/).",
+        "pinned by revision, with the MTP drafter) or 3.31.4 (the newest release: no Qwen 3.5 "
+        "drafter, so no mtp/).",
         "--swift-runtime",
         type=click.Choice(SWIFT_RUNTIMES),
     )

@@ -405,9 +405,10 @@ def generation(runtime: dict, prefill_chunk: int, temperature: float, drafter: b
     (:141; Qwen35MTP.swift:70 in both modules), prefills the prompt unchunked because the Qwen
     drafters set `requiresPromptPrefill` (:169-177; Qwen35MTP.swift:72), and decodes without
     drafts when temperature != 0 (`requiresGreedySampling`, :181-185).
-    3.31.4: `prefillStepSize` (Libraries/MLXLMCommon/Evaluate.swift:57 at 3.31.4); no drafter."""
+    3.31.4: `prefillStepSize` (Libraries/MLXLMCommon/Evaluate.swift:57 at 3.31.4); it has
+    generate(…, mtpDrafter:) (Evaluate.swift:1676) but no Qwen 3.5 drafter registration."""
     if drafter and not runtime["mtp_drafter"]:
-        raise SwiftRefuses(f"mlx-swift-lm {runtime['version']} has no generate(…, mtpDrafter:)")
+        raise SwiftRefuses(f"mlx-swift-lm {runtime['version']} has no Qwen 3.5 MTP drafter")
     speculative = drafter and temperature == 0
     return {
         "prefill_step": None if drafter else prefill_chunk,  # None: the whole prompt at once

@@ -205,6 +205,17 @@ def test_swift_file_is_syntactically_plausible(built):
         ["plan", "--size", "2b"],
         ["bundle", "build", str(FIXTURES / "tiny_tied"), "{out}", "--target", "nokia"],
         ["bundle", "build", str(FIXTURES / "tiny_tied"), "{out}", "--memory-budget", "1MB"],
+        [  # mlx-swift-lm 3.31.4 has no Qwen 3.5 drafter: mtp/ would never run
+            "bundle",
+            "build",
+            str(FIXTURES / "tiny_tied"),
+            "{out}",
+            "--target",
+            "iphone15",
+            "--swift-runtime",
+            "3.31.4",
+            "--mtp",
+        ],
         [
             "convert",
             "--hf-path",
@@ -232,6 +243,27 @@ def test_plan_and_tiers_commands():
     assert data["fits"] and data["memory"]["peak_bytes"] <= data["memory"]["usable_bytes"]
     tiers = run("tiers").output
     assert "iPhone 16e" in tiers and "tier-12gb" in tiers and "(u)" in tiers
+
+
+def test_the_swift_runtime_is_a_planner_knob():
+    """--swift-runtime reaches plan (3.31.4: MTP left out, the release has no Qwen 3.5
+    drafter) and is recorded in the bundle's manifest (test_swift_loading builds both)."""
+    release = run("plan", "--size", "0.8b", "--target", "iphone15", "--swift-runtime", "3.31.4")
+    assert release.exit_code == 0 and "  MTP: off" in release.output, release.output
+    default = run("plan", "--size", "0.8b", "--target", "iphone15")
+    assert "  MTP: on, 1 draft per round in mlx-swift-lm" in default.output
+    assert "--swift-runtime" in run("bundle", "build", "--help").output
+
+
+def test_a_core_ml_bundle_warns_at_plan_time_that_mlx_swift_cannot_use_it():
+    args = ["plan", "--model", FIXTURES / "tiny_vision_p6", "--target", "iphone15"]
+    coreml = run(*args, "--vision-encoder", "coreml", "--coreml-grids", "6x9")
+    assert coreml.exit_code == 0, coreml.output
+    assert "warning: MLX Swift cannot use the Core ML encoder's output yet" in coreml.output
+    assert "public entry in MLXVLM's Qwen35 that takes precomputed image features" in (
+        coreml.output.replace("\n", " ")
+    )
+    assert "Core ML encoder's output" not in run(*args).output
 
 
 def test_convert_target_builds_a_bundle(tmp_path):

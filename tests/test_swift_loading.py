@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from mlxkit.ios_bridge import build_bundle
+from mlxkit.ios_bridge.plan import COREML_SWIFT_GAP
+from mlxkit.ios_bridge.report import bundle_line
 from mlxkit.ios_bridge.runtimes import runtime_record
 
 from tests.helpers import FIXTURES
@@ -137,7 +139,7 @@ def test_generation_parameters_per_runtime(built):
     # memory plan's prefill chunk covers
     assert generation(main, 512, 0.0, drafter=True)["prefill_step"] is None
     assert generation(main, 512, 0.7, drafter=True)["speculative"] is False
-    with pytest.raises(SwiftRefuses, match="3.31.4 has no generate"):
+    with pytest.raises(SwiftRefuses, match="3.31.4 has no Qwen 3.5 MTP drafter"):
         generation(release, 512, 0.0, drafter=True)
     glue = glue_of(built("mlx-vision", True, "uniform", "1441444"))
     assert "temperature == 0 && promptTokens <= manifest.prefillChunk" in glue
@@ -145,3 +147,19 @@ def test_generation_parameters_per_runtime(built):
     old = glue_of(built("mlx-vision", False, "uniform", "3.31.4"))
     assert "parameters.prefillStepSize = manifest.prefillChunk" in old
     assert "loadDrafter" not in old and "mtpDrafter" not in old
+
+
+def test_a_core_ml_bundle_warns_at_build_time_and_says_so_in_its_swift(built):
+    """MLX Swift answers text only with a Core ML bundle: the build says so, with the smallest
+    upstream change that would let it use the encoder's output."""
+    bundle = built("coreml-vision", True, "uniform", "1441444")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert COREML_SWIFT_GAP in manifest["warnings"]
+    assert f"\n  warning: {COREML_SWIFT_GAP}" in bundle_line("out", manifest)
+    assert "precomputed image features" in COREML_SWIFT_GAP
+    swift = (bundle / "xcode" / "MLXKitVisionEncoder.swift").read_text()
+    assert "public entry in MLXVLM's Qwen35 that takes\n// precomputed image features" in swift
+    mlx = json.loads(
+        (built("mlx-vision", True, "uniform", "1441444") / "manifest.json").read_text()
+    )
+    assert COREML_SWIFT_GAP not in mlx["warnings"]
