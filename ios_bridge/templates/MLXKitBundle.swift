@@ -345,10 +345,11 @@ public enum MLXKitBundle {
     /// `Qwen35TextMTPRegistration` makes `Qwen35MTPDraftModel`, the drafter of MLXLLM's models.
     /// Both are registered: their config-shape predicates keep them apart.
     ///
-    /// Decode with it through `decodesWithDrafter(temperature:promptTokens:)`:
-    /// `loadContainer` gives an `MTPDrafterContainer`, and `generate(…, mtpDrafter:)` takes the
-    /// `any MTPDrafterModel` inside it (`drafter.perform { $0.model }` scope, handed to the
-    /// model's `perform(nonSendable:)`; examples/ios_app/ChatView.swift does it).
+    /// Decode with it when `decodesWithDrafter(temperature:promptTokens:)` says so. This returns
+    /// an `MTPDrafterContainer`, and `generate(…, mtpDrafter:)` takes the `any MTPDrafterModel`
+    /// inside it: in `drafter.perform { drafterContext in … }`, hand `drafterContext.model` to
+    /// the model container's `perform(nonSendable:)` and call `generate` there
+    /// (examples/ios_app/ChatView.swift does it).
     public static func loadDrafter(
         _ loaded: MLXKitLoaded,
         using tokenizerLoader: any TokenizerLoader
