@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxkit.checkpoint import weight_files
 from mlxkit.load import load_model
 from mlxkit.models.qwen3_5 import Model
 
@@ -94,3 +95,16 @@ def copying_mtp_head(
     for name in ("mtp.layers.0.self_attn.o_proj.weight", "mtp.layers.0.mlp.down_proj.weight"):
         updates[name] = mx.zeros_like(weights[name])
     return {name: value.astype(weights[name].dtype) for name, value in updates.items()}
+
+
+def copying_mtp_checkpoint(tmp_path: Path, mixer_scale: float = 0.0) -> Path:
+    """tiny_untied rewired in the HF layout by `copying_mtp_head`: at mixer_scale 0 every draft
+    of its MTP head is right, at a small scale some are."""
+    d = copy_fixture(tmp_path, "tiny_untied", "copying")
+    shards = {f: mx.load(str(f)) for f in weight_files(d)}
+    all_weights = {k: v for w in shards.values() for k, v in w.items()}
+    updates = copying_mtp_head(all_weights, hf_layout=True, mixer_scale=mixer_scale)
+    mx.eval(all_weights, updates)  # before any shard is overwritten
+    for f, w in shards.items():
+        mx.save_safetensors(str(f), {k: updates.get(k, v) for k, v in w.items()})
+    return d

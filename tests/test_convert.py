@@ -23,8 +23,7 @@ from tests.helpers import (
     FIXTURES,
     TINY,
     conversions,
-    copy_fixture,
-    copying_mtp_head,
+    copying_mtp_checkpoint,
     mlx_vlm_mtp_logits,
     reference,
 )
@@ -320,19 +319,6 @@ def test_mlx_vlm_mtp_drafter_reads_the_drafter_directory(converted, name):
     plain = greedy_mlx_vlm(target, prompt, 24)
     assert greedy_mlx_vlm(target, prompt, 24, draft_model=drafter, draft_kind=kind) == plain
     assert len(drafter.accept_lens) >= 5  # drafting rounds ran
-
-
-def copying_mtp_checkpoint(tmp_path: Path) -> Path:
-    """tiny_untied rewired in the HF layout so that every draft of its MTP head is right (see
-    `copying_mtp_head`): acceptance must be high."""
-    d = copy_fixture(tmp_path, "tiny_untied", "copying")
-    shards = {f: mx.load(str(f)) for f in weight_files(d)}
-    all_weights = {k: v for w in shards.values() for k, v in w.items()}
-    updates = copying_mtp_head(all_weights, hf_layout=True)
-    mx.eval(all_weights, updates)  # before any shard is overwritten
-    for f, w in shards.items():
-        mx.save_safetensors(str(f), {k: updates.get(k, v) for k, v in w.items()})
-    return d
 
 
 def test_mlx_vlm_accepts_the_drafts_of_a_copying_mtp_head(tmp_path):

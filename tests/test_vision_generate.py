@@ -1,7 +1,7 @@
 """Generation with images and video through the public API, on the tiny vision fixtures: greedy
-tokens equal transformers' float64 reference (and mlx-vlm's on a float32 conversion), MTP stays
-lossless, the prompt cache carries images across chat turns (each image encoded once), videos
-come as frames or as a file."""
+tokens equal transformers' float64 reference (and mlx-vlm's on a float32 conversion), MTP gives
+plain decoding's tokens in float32, the prompt cache carries images across chat turns (each
+image encoded once), videos come as frames or as a file."""
 
 from __future__ import annotations
 
