@@ -16,9 +16,9 @@ from mlxkit.ios_bridge.verify import SWIFT_PREPROCESSOR_KEYS, weight_bytes_on_di
 from mlxkit.checkpoint import read_headers, weight_files
 from mlxkit.layout import VISION_TOKEN_KEYS
 from mlxkit.load import load_model
-from mlxkit.models.qwen3_5_vision import VisionConfig
 from mlxkit.vision import PREPROCESSOR_FILES
 from tests.helpers import FIXTURES
+from tests.swift_loading import vision_tower_keys
 from tests.vision_helpers import VISION, config
 
 NAME = VISION[1]  # patch 6, merge 3, 5×5 position grid, the tiny tokenizer's token ids
@@ -42,31 +42,6 @@ def manifest_of(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
-def swift_vision_keys(vc: VisionConfig) -> set[str]:
-    """The parameter paths mlx-swift-lm's Qwen 3.5 VLM gives its tower (Qwen35.swift keeps
-    `vision_tower`, a Qwen3VLVision.VisionModel; Libraries/MLXVLM/Models/Qwen3VL.swift, read at
-    snapshot 0155147: @ModuleInfo keys patch_embed.proj (Conv3d with bias), pos_embed
-    (Embedding), blocks[i].{norm1, norm2 (LayerNorm), attn.{qkv, proj}, mlp.{linear_fc1,
-    linear_fc2}} (Linear with bias), merger.{norm, linear_fc1, linear_fc2}, and one
-    deepstack merger per deepstack index (none in Qwen 3.5)). Files marked `format: mlx` are
-    loaded under these names as they are (Qwen35.sanitize), so the patch weight must already
-    be MLX's Conv3d layout [D, T, P, P, C]."""
-    affine = ("weight", "bias")
-    keys = {f"patch_embed.proj.{p}" for p in affine} | {"pos_embed.weight"}
-    for i in range(vc.depth):
-        for module in (
-            "norm1",
-            "norm2",
-            "attn.qkv",
-            "attn.proj",
-            "mlp.linear_fc1",
-            "mlp.linear_fc2",
-        ):
-            keys |= {f"blocks.{i}.{module}.{p}" for p in affine}
-    keys |= {f"merger.{m}.{p}" for m in ("norm", "linear_fc1", "linear_fc2") for p in affine}
-    return {"vision_tower." + k for k in keys}
-
-
 def test_a_vision_bundle_holds_what_the_swift_vlm_loader_reads(bundles):
     b = bundles["vision"]
     manifest, model = manifest_of(b), b / "model"
@@ -77,10 +52,9 @@ def test_a_vision_bundle_holds_what_the_swift_vlm_loader_reads(bundles):
         written["model_type"] == "qwen3_5" and written["vision_config"] == source["vision_config"]
     )
     assert all(written[k] == source[k] for k in VISION_TOKEN_KEYS)
-    vc = VisionConfig.from_dict(written)
     headers = read_headers(weight_files(model))
     tower = {n: i for n, i in headers.items() if n.startswith("vision_tower.")}
-    assert set(tower) == swift_vision_keys(vc)
+    assert set(tower) == vision_tower_keys(written["vision_config"])
     assert tower["vision_tower.patch_embed.proj.weight"].shape == (48, 3, 6, 6, 3)
     assert all(i.dtype == "BF16" for i in tower.values())  # not quantized by default
     assert {i.file.name for i in tower.values()} <= {f.name for f in weight_files(model)}
