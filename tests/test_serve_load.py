@@ -1,11 +1,18 @@
 """The server under load and when things go wrong: concurrent clients, a full queue, malformed
-requests, a client killed mid-stream, a generation that breaks. Kept fast (micro, a dozen
-tokens a request); timings are asserted only where the behaviour is about time."""
+requests, a client killed mid-stream or gone mid-answer, a generation that breaks, the server
+stopped mid-stream. Kept fast (micro, a dozen tokens a request). Nothing asserts on timing: a
+busy machine changes how often the queue fills, never what each request gets. Where an
+outcome depends on what runs when, the server runs in this process with a generation held
+at a gate, so that the order is the test's."""
 
 from __future__ import annotations
 
-import _thread
+import base64
+import dataclasses
+import http.client
+import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +22,20 @@ import openai
 import pytest
 
 import mlxkit
+import mlxkit.serve.app as app_module
 import mlxkit.serve.engine as engine_module
 from mlxkit.generate import PromptCache, prefill, stream_generate
 from mlxkit.serve.app import Settings, create_app
 from mlxkit.serve.chat import render_chat
-from mlxkit.serve.cli import run
 from mlxkit.serve.engine import Engine
 from mlxkit.serve.protocol import ChatRequest, parse
-from tests.serve_helpers import Server
+from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds every test here
+    REQUEST_TIMEOUT_S,
+    Server,
+    serve_in_process,
+    sse_lines,
+    time_limit,
+)
 
 MAX_QUEUE = 3
 CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 10, 12
@@ -128,7 +141,9 @@ def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
     """8 clients x 10 requests, chat and completions, streamed and not: each request gets its
     own complete answer (the one the runtime gives for its prompt and seed) or a 503 with
     Retry-After, which the client honours before its next request. The queue never holds more
-    than it may, and afterwards the server's memory is back where it was."""
+    than it may, every 503 is counted, and afterwards the server's memory is back where it was.
+    (How many get a 503 depends on the machine's load: that a full queue answers 503 is
+    `test_a_full_queue_is_a_503_before_any_image_is_decoded`.)"""
     load(server, micro, MAX_TOKENS)
 
 
@@ -165,16 +180,16 @@ def load(server: Server, micro, max_tokens: int) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(len(specs) * REQUEST_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a client hung"
 
     ok = {k for k, (outcome, _) in results.items() if outcome == "ok"}
     busy = {k for k, (outcome, _) in results.items() if outcome == 503}
     assert ok | busy == set(specs), {k: v for k, v in results.items() if k not in ok | busy}
     for k in ok:
         assert results[k][1] == expected[k], (k, specs[k])
-    assert busy, "8 clients never filled a queue of 3"
     assert all(int(results[k][1]) >= 1 for k in busy)
-    assert len(ok) >= len(specs) // 2
+    assert ok
 
     stats = server.wait_idle()
     assert stats["requests"]["most_in_flight"] <= 1 + MAX_QUEUE
@@ -239,12 +254,18 @@ sys.stdin.read()
 """
 
 
-def test_a_killed_client_frees_the_slot_within_a_second(server):
+def wait_for(condition, what: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+    """Polls `condition()` until it holds; fails the test if it does not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout} s")
+        time.sleep(0.01)
+
+
+def test_a_killed_client_frees_the_slot(server):
+    """A client killed mid-stream stops its generation: cancelled, not served."""
     client = server.client()
-    t0 = time.perf_counter()
-    r = client.completions.create(model="m", prompt="x = 1\n", max_tokens=200)
-    rate = r.usage.completion_tokens / (time.perf_counter() - t0)
-    assert 4000 / rate > 3, "4000 tokens would not keep the server busy for long enough"
     before = server.wait_idle()["requests"]
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_CLIENT, str(server.port)],
@@ -253,26 +274,62 @@ def test_a_killed_client_frees_the_slot_within_a_second(server):
         text=True,
     )
     assert proc.stdout.readline().strip() == "streaming"
-    assert server.stats()["busy"]
     proc.kill()
-    killed = time.perf_counter()
     proc.wait()
-    while True:
-        stats = server.stats()
-        if not stats["busy"] and stats["requests"]["in_flight"] == 0:
-            break
-        assert time.perf_counter() - killed < 1.0, stats
-        time.sleep(0.02)
+    stats = server.wait_idle()
     assert stats["requests"]["cancelled"] == before["cancelled"] + 1
     assert stats["requests"]["served"] == before["served"]
     r = client.completions.create(model="m", prompt="y = 2\n", max_tokens=4)  # still serving
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_ctrl_c_stops_a_server_that_started_with_sigint_ignored():
+    """A process started in the background by a non-interactive shell (as test runners and
+    service managers start them) inherits SIGINT ignored; Python then installs no
+    KeyboardInterrupt handler, and Ctrl-C (or `_thread.interrupt_main`) did nothing."""
+    s = Server("--size", "micro", sigint_ignored=True)
+    s.proc.send_signal(signal.SIGINT)
+    try:
+        code = s.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        s.stop()
+        pytest.fail("SIGINT did not stop the server")
+    assert code == 0, "".join(s.log)
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+def endless(release: threading.Event | None = None):
+    """A stream_generate stand-in: the runtime's first token, then (once `release` is set, if
+    given) the same token again and again, never finishing."""
+
+    def stream(*args, **kwargs):
+        first = next(iter(stream_generate(*args, **{**kwargs, "max_tokens": 1})))
+        first = dataclasses.replace(first, finish_reason=None)
+        yield first
+        if release is not None:
+            assert release.wait(REQUEST_TIMEOUT_S), "the test never opened the gate"
+        while True:
+            time.sleep(0.002)
+            yield first
+
+    return stream
+
+
+def post(port: int, path: str, body: dict) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
 def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(micro, monkeypatch):
-    """The engine and uvicorn in this process (the engine on the main thread, as `mlxkit
-    serve` runs them), with a generation that breaks before its first token and one that
-    breaks mid-stream."""
+    """A generation that breaks before its first token, and one that breaks mid-stream (its
+    stream then ends with an error event and [DONE])."""
     model, tok = micro
     calls = []
 
@@ -291,40 +348,118 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(micro, monke
 
     monkeypatch.setattr(engine_module, "stream_generate", breaking)
     engine = Engine(model, tok, max_queue=2, prompt_cache_bytes=2**20)
-    app = create_app(engine, Settings("micro", 64))
-    ports: list[int] = []
-    outcome: dict = {}
 
-    def client_side() -> None:
-        try:
-            while not ports:
-                time.sleep(0.01)
-            client = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="x", max_retries=0
-            )
-            with pytest.raises(openai.InternalServerError) as e:
-                client.completions.create(model="m", prompt="a = ", max_tokens=8)
-            outcome["first"] = e.value.body
-            with pytest.raises(openai.APIError) as e:
-                list(client.completions.create(model="m", prompt="b = ", max_tokens=8, stream=True))
-            outcome["second"] = str(e.value)
-            outcome["third"] = client.completions.create(model="m", prompt="c = ", max_tokens=8)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = e
-        finally:
-            _thread.interrupt_main()  # stops run(), as Ctrl-C does
+    def client_side(port: int) -> dict:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="x",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        outcome = {}
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt="a = ", max_tokens=8)
+        outcome["first"] = e.value.body
+        body = {"prompt": "b = ", "max_tokens": 8, "stream": True}
+        outcome["second"] = list(sse_lines(port, "/v1/completions", body))
+        outcome["third"] = client.completions.create(model="m", prompt="c = ", max_tokens=8)
+        return outcome
 
-    sigterm = signal.getsignal(signal.SIGTERM)
-    thread = threading.Thread(target=client_side)
-    thread.start()
-    try:
-        run(engine, app, "127.0.0.1", 0, "warning", banner=lambda port: ports.append(port) or "")
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-        thread.join()
-    assert "error" not in outcome, outcome.get("error")
+    outcome = serve_in_process(engine, create_app(engine, Settings("micro", 64)), client_side)
     assert outcome["first"]["type"] == "server_error"
     assert outcome["first"]["message"] == "generation failed: RuntimeError: out of cheese"
-    assert "mid-stream" in outcome["second"]
+    *tokens, error, done = outcome["second"]
+    assert len(tokens) == 2 and done == "[DONE]"
+    assert json.loads(error)["error"]["message"] == "generation failed: RuntimeError: mid-stream"
     assert outcome["third"].choices[0].finish_reason in ("stop", "length")
     assert engine.counters.failed == 2 and engine.counters.served == 1
+
+
+def test_sigterm_mid_stream_ends_it_with_an_error_and_done(micro, monkeypatch):
+    """SIGTERM while one request streams and another waits for its first token: the stream
+    ends with an error event and [DONE], the waiting request gets a 503 in the OpenAI error
+    shape, and the server stops."""
+    release = threading.Event()
+    monkeypatch.setattr(engine_module, "stream_generate", endless(release))
+    engine = Engine(*micro, max_queue=2, prompt_cache_bytes=0)
+
+    def client_side(port: int) -> tuple[list[str], tuple]:
+        waiting: list = []
+        lines = sse_lines(port, "/v1/completions", {"prompt": "a = ", "stream": True})
+        seen = [next(lines)]  # generating, held at the gate
+        other = threading.Thread(
+            target=lambda: waiting.append(post(port, "/v1/completions", {"prompt": "b = "})),
+            daemon=True,
+        )
+        other.start()
+        wait_for(lambda: engine.in_flight == 2, "the second request admitted")
+        signal.raise_signal(signal.SIGTERM)
+        release.set()
+        seen += list(lines)
+        other.join(REQUEST_TIMEOUT_S)
+        return seen, waiting[0]
+
+    app = create_app(engine, Settings("micro", 64))
+    seen, (status, body) = serve_in_process(engine, app, client_side, ctrl_c=False)
+    assert seen[-1] == "[DONE]"
+    error = json.loads(seen[-2])["error"]
+    assert error["message"] == "the server is shutting down; retry later"
+    assert all(json.loads(x)["object"] == "text_completion" for x in seen[:-2])
+    assert status == 503 and body["error"]["message"] == error["message"]
+
+
+def test_a_full_queue_is_a_503_before_any_image_is_decoded(micro, monkeypatch):
+    """With the one place taken, a request with an image is refused with 503 and Retry-After
+    before its image is looked at (decoding pictures for requests that then get a 503 took
+    gigabytes)."""
+    release = threading.Event()
+    monkeypatch.setattr(engine_module, "stream_generate", endless(release))
+    decoded = []
+    real = app_module.request_images
+    monkeypatch.setattr(app_module, "request_images", lambda *a: decoded.append(a[1]) or real(*a))
+    engine = Engine(*micro, max_queue=0, prompt_cache_bytes=0)
+    png = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really").decode()
+    image_chat = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}]}
+        ]
+    }
+
+    def client_side(port: int) -> tuple:
+        lines = sse_lines(port, "/v1/completions", {"prompt": "a = ", "stream": True})
+        next(lines)  # the only place is taken
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+        conn.request("POST", "/v1/chat/completions", json.dumps(image_chat))
+        response = conn.getresponse()
+        refused = response.status, response.getheader("Retry-After"), json.loads(response.read())
+        conn.close()
+        release.set()
+        lines.close()
+        return refused
+
+    app = create_app(engine, Settings("micro", 64))
+    status, retry_after, body = serve_in_process(engine, app, client_side)
+    assert status == 503 and int(retry_after) >= 1
+    assert body["error"]["type"] == "server_busy" and "busy" in body["error"]["message"]
+    assert decoded == []
+    assert engine.counters.rejected == 1
+
+
+def test_a_non_streaming_client_that_disconnects_stops_its_generation(micro, monkeypatch):
+    """Its generation is cancelled while tokens keep coming (the check for a gone client once
+    waited for a quarter second without a token, which a generation never leaves), and the
+    place is freed."""
+    monkeypatch.setattr(engine_module, "stream_generate", endless())
+    engine = Engine(*micro, max_queue=1, prompt_cache_bytes=0)
+
+    def client_side(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT_S) as sock:
+            body = json.dumps({"prompt": "a = "}).encode()
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+            sock.sendall(head.encode() + b"\r\nContent-Type: application/json\r\n\r\n" + body)
+            wait_for(lambda: engine.busy, "generating")
+        wait_for(lambda: engine.counters.cancelled == 1, "cancelled")
+        wait_for(lambda: engine.in_flight == 0 and not engine.busy, "the place freed")
+
+    serve_in_process(engine, create_app(engine, Settings("micro", 64)), client_side)
+    assert engine.counters.served == 0 and engine.counters.cancelled == 1
