@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxkit.cache import KVQuantization, kv_quantization
 from mlxkit.decode import MAX_DRAFT, Decoder, Keys, run_prompt
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model
@@ -195,6 +196,9 @@ def stream_generate(
     videos: Sequence[VideoLike | VisionInput] | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[GenerationResponse]:
     """Yields one response per new token. With `prompt_cache`, tokens it already holds are not
     processed again; it is left holding the prompt and everything generated. Past the model's
@@ -205,11 +209,17 @@ def stream_generate(
     {"type": "image", "image": X} brings its own). `videos` likewise: file paths (PyAV),
     `Video(frames, fps)`, or lists of frames at 2 fps. Each image is capped at 1,280 vision
     tokens (DEFAULT_MAX_IMAGE_TOKENS) unless `max_pixels` / `min_pixels` bound its resized
-    pixel count. An image the prompt cache already holds is not encoded again."""
+    pixel count. An image the prompt cache already holds is not encoded again.
+
+    `kv_bits` (4 or 8) keeps the full-attention layers' KV cache (and the MTP head's) quantized
+    in groups of `kv_group_size`, once it holds `quantized_kv_start` positions (mlx-lm's
+    --kv-bits, --kv-group-size, --quantized-kv-start); a `prompt_cache` continues only under
+    the settings it was filled with."""
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
     options = _checked_options(
         model, tokenizer, params, max_tokens, num_draft, prefill_chunk, seed, stop, stop_at_context
     )
+    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, model.config.head_dim)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise MlxkitError("prompt_cache must be a PromptCache (PromptCache.new(model))")
     encoded = encode_prompt(
@@ -217,8 +227,8 @@ def stream_generate(
     )
     _check_prompt(encoded.tokens, model)
     mtp = _use_mtp(model, mtp)  # called from here: its warning's stacklevel counts on it
-    cache = prompt_cache if prompt_cache is not None else PromptCache.new(model)
-    yield from _decode(model, tokenizer, cache, encoded, mtp, options)
+    cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, kv)
+    yield from _decode(model, tokenizer, cache, encoded, mtp, options, kv)
 
 
 @dataclass(frozen=True)
@@ -265,12 +275,13 @@ def _decode(
     encoded: EncodedPrompt,
     mtp: bool,
     options: _Options,
+    kv: KVQuantization | None,
 ) -> Iterator[GenerationResponse]:
     """Reuses what the cache holds of the prompt (its tokens, images and videos), prefills
     the rest, then decodes, speculatively with the MTP head when `mtp`."""
     tokens = encoded.tokens
     image_keys, video_keys = [v.key for v in encoded.images], [v.key for v in encoded.videos]
-    n_cached = cache.start(model, tokens, mtp, image_keys, video_keys)
+    n_cached = cache.start(model, tokens, mtp, image_keys, video_keys, kv)
     new_images = encoded.images[len(cache.image_keys) :]
     new_videos = encoded.videos[len(cache.video_keys) :]
     decoder = Decoder(model, cache, options.params, options.keys)

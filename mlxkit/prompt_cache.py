@@ -4,6 +4,9 @@ It holds every layer's cache, the tokens they hold, and the main model's hidden 
 head has not consumed yet. A caller that serves many conversations (a server) keeps a pool of
 them and picks, per prompt, the one with the largest `reusable` count.
 
+A quantized KV cache (`KVQuantization`) is part of the cache: its settings are saved with it,
+and a cache is continued only under the settings it was filled with.
+
 With images, equal tokens are not enough (two pictures of the same size give the same pads), so
 the cache also remembers the key (`VisionInput.key`, a hash of the pixels) of every image and
 video it holds, and `rope_delta`: how far they moved the positions of the text after them.
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxkit.cache import KVCache, LinearAttentionCache
+from mlxkit.cache import KVCache, KVQuantization, LinearAttentionCache, kv_quantization
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model, TextConfig
 
@@ -31,7 +34,8 @@ class PromptCache:
     None when the MTP cache is not in step with the main one. `image_keys` and `video_keys`
     name the images and videos whose pads `tokens` hold, in order; the next token's position is
     len(tokens) + `rope_delta` (0 until an image has been seen; M-RoPE text after an image
-    resumes at fewer positions than the image has tokens).
+    resumes at fewer positions than the image has tokens). `kv`: how its KV caches are kept
+    (None: in the activation dtype).
     """
 
     main: list
@@ -41,17 +45,19 @@ class PromptCache:
     image_keys: list[str] = field(default_factory=list)
     video_keys: list[str] = field(default_factory=list)
     rope_delta: int = 0
+    kv: KVQuantization | None = None
 
     @classmethod
-    def new(cls, model: Model) -> PromptCache:
-        return cls(model.make_cache(), model.make_mtp_cache() if model.has_mtp else None)
+    def new(cls, model: Model, kv: KVQuantization | None = None) -> PromptCache:
+        mtp = model.make_mtp_cache(kv) if model.has_mtp else None
+        return cls(model.make_cache(kv), mtp, kv=kv)
 
     def copy(self) -> PromptCache:
         """An independent snapshot (compact copies of the states): decoding on from either one
         leaves the other as it was. A server keeps such snapshots of shared prefixes."""
 
         def clone(c):
-            new = type(c)()
+            new = KVCache(quantization=self.kv) if isinstance(c, KVCache) else type(c)()
             new.state = {k: mx.contiguous(v) for k, v in c.state.items()}
             return new
 
@@ -67,6 +73,7 @@ class PromptCache:
             list(self.image_keys),
             list(self.video_keys),
             self.rope_delta,
+            self.kv,
         )
 
     def reusable(
@@ -90,14 +97,20 @@ class PromptCache:
         mtp: bool,
         image_keys: Sequence[str] = (),
         video_keys: Sequence[str] = (),
+        kv: KVQuantization | None = None,
     ) -> int:
-        """Makes the cache ready to continue with `tokens` (emptied when it cannot be reused)
-        and returns how many of them it already holds."""
+        """Makes the cache ready to continue with `tokens` with its KV caches kept as `kv` says
+        (emptied when it cannot be reused) and returns how many of them it already holds."""
         n = self.reusable(tokens, image_keys, video_keys)
         if n == 0:
-            fresh = PromptCache.new(model)
+            fresh = PromptCache.new(model, kv)
             self.main, self.mtp, self.tokens, self.mtp_pending = fresh.main, fresh.mtp, [], None
-            self.image_keys, self.video_keys, self.rope_delta = [], [], 0
+            self.image_keys, self.video_keys, self.rope_delta, self.kv = [], [], 0, kv
+        if self.kv != kv:
+            raise MlxkitError(
+                f"this prompt cache was filled with {_kv_options(self.kv)}; pass the same "
+                "or a new cache"
+            )
         if mtp and self.mtp is None and self.tokens:
             raise MlxkitError(
                 "this prompt cache was filled without MTP; pass mtp=False or a new cache"
@@ -120,6 +133,9 @@ class PromptCache:
             "image_keys": ",".join(self.image_keys),
             "video_keys": ",".join(self.video_keys),
             "rope_delta": str(self.rope_delta),
+            "kv_bits": "" if self.kv is None else str(self.kv.bits),
+            "kv_group_size": "" if self.kv is None else str(self.kv.group_size),
+            "quantized_kv_start": "" if self.kv is None else str(self.kv.start),
         }
         mx.save_safetensors(str(path), arrays, metadata=meta)
 
@@ -138,7 +154,7 @@ class PromptCache:
     @classmethod
     def _from_saved(cls, arrays: dict, meta: dict, model: Model) -> PromptCache:
         cfg = model.config
-        cache = cls.new(model)
+        cache = cls.new(model, _saved_kv(meta, cfg))
         cache.tokens = _saved_tokens(meta.get("tokens", ""), cfg.vocab_size)
         if meta.get("mtp") not in ("True", "False"):
             raise _BadCache(f"metadata mtp is {meta.get('mtp')!r}, not True or False")
@@ -192,6 +208,27 @@ def _saved_tokens(text: object, vocab_size: int) -> list[int]:
     return tokens
 
 
+def _kv_options(kv: KVQuantization | None) -> str:
+    """The stream_generate options that give `kv`."""
+    if kv is None:
+        return "kv_bits=None"
+    return f"kv_bits={kv.bits}, kv_group_size={kv.group_size}, quantized_kv_start={kv.start}"
+
+
+def _saved_kv(meta: dict, cfg: TextConfig) -> KVQuantization | None:
+    """The KV quantization a cache was saved with (none recorded: full precision)."""
+    values = [meta.get(k, "") for k in ("kv_bits", "kv_group_size", "quantized_kv_start")]
+    if values == ["", "", ""]:
+        return None
+    try:
+        bits, group_size, start = (int(v) for v in values)
+        return kv_quantization(bits, group_size, start, cfg.head_dim)
+    except (TypeError, ValueError, MlxkitError):
+        raise _BadCache(
+            f"metadata kv_bits, kv_group_size, quantized_kv_start are {values}"
+        ) from None
+
+
 def _saved_keys(meta: dict, name: str) -> list[str]:
     text = meta.get(name, "")
     keys = [k for k in text.split(",") if k] if isinstance(text, str) else None
@@ -214,30 +251,51 @@ def _pending_count(pending: mx.array | None, cfg: TextConfig, n_tokens: int) -> 
 
 def _check_state(name: str, cache: object, state: dict, cfg: TextConfig, positions: int) -> None:
     """The saved arrays of one layer's cache against the shapes this model gives them."""
-    if isinstance(cache, KVCache):
-        shape = (1, cfg.num_key_value_heads, positions, cfg.head_dim)
-        expected = {"keys": shape, "values": shape}
-    else:
-        assert isinstance(cache, LinearAttentionCache)
-        expected = {
-            "conv_state": (1, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim),
-            "recurrent_state": (
-                1,
-                cfg.linear_num_value_heads,
-                cfg.linear_value_head_dim,
-                cfg.linear_key_head_dim,
-            ),
-            "offset": (),
-        }
     if positions == 0 and not state:
         return
+    expected = _expected_state(cache, state, cfg, positions)
     if set(state) != set(expected):
         raise _BadCache(f"{name} holds {sorted(state)}, expected {sorted(expected)}")
-    for key, shape in expected.items():
+    for key, (shape, kind) in expected.items():
         if tuple(state[key].shape) != shape:
             raise _BadCache(f"{name}.{key} has shape {tuple(state[key].shape)}, expected {shape}")
-        kind = mx.integer if key == "offset" else mx.floating
         if not mx.issubdtype(state[key].dtype, kind):
             raise _BadCache(f"{name}.{key} has dtype {state[key].dtype}")
     if "offset" in state and state["offset"].item() != positions:
         raise _BadCache(f"{name}.offset is {state['offset'].item()}, expected {positions}")
+
+
+def _expected_state(
+    cache: object, state: dict, cfg: TextConfig, positions: int
+) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+    """(shape, dtype kind) of each array a layer's saved state must hold. A KV cache saved
+    quantized (it holds scales) must have been made with this cache's quantization; one saved
+    in full precision is quantized at its next pass if its positions call for it."""
+    if isinstance(cache, LinearAttentionCache):
+        return {
+            "conv_state": ((1, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), mx.floating),
+            "recurrent_state": (
+                (
+                    1,
+                    cfg.linear_num_value_heads,
+                    cfg.linear_value_head_dim,
+                    cfg.linear_key_head_dim,
+                ),
+                mx.floating,
+            ),
+            "offset": ((), mx.integer),
+        }
+    assert isinstance(cache, KVCache)
+    rows = (1, cfg.num_key_value_heads, positions)
+    q = cache.quantization
+    if "keys_scales" not in state or q is None:
+        return {
+            "keys": ((*rows, cfg.head_dim), mx.floating),
+            "values": ((*rows, cfg.head_dim), mx.floating),
+        }
+    expected = {}
+    for name in ("keys", "values"):
+        expected[name] = ((*rows, q.packed_width(cfg.head_dim)), mx.uint32)
+        for part in ("_scales", "_biases"):
+            expected[name + part] = ((*rows, q.groups(cfg.head_dim)), mx.floating)
+    return expected

@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx import nn
 
 from mlxkit import fields
-from mlxkit.cache import KVCache, LinearAttentionCache
+from mlxkit.cache import KVCache, KVQuantization, LinearAttentionCache
 from mlxkit.errors import ConfigError
 from mlxkit.models.qwen3_5_vision import VisionConfig, VisionModel, apply_rotary
 
@@ -504,9 +504,39 @@ class Attention(nn.Module):
             mask = "causal" if L > 1 else None
         else:
             k, v, mask = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if cache is not None and cache.quantized:
+            out = quantized_attention(q, k, v, self.scale, mask, cache.quantization)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(_output_gate(out, gate.reshape(B, L, -1)))
+
+
+def quantized_attention(
+    q: mx.array,
+    keys: tuple[mx.array, mx.array, mx.array],
+    values: tuple[mx.array, mx.array, mx.array],
+    scale: float,
+    mask: mx.array,
+    quantization: KVQuantization,
+) -> mx.array:
+    """softmax(q·kᵀ·scale)·v with the keys and values held quantized: both products run on the
+    packed rows (mx.quantized_matmul), so the cache is never dequantized as a whole. The same
+    arithmetic as mlx-lm's `quantized_scaled_dot_product_attention`.
+
+    q: [B, nh, L, hd]; keys, values: (packed, scales, biases) of [B, nkv, T, hd];
+    mask: bool [L, T], True where a query sees a key."""
+    B, nh, L, hd = q.shape
+    nkv = keys[0].shape[1]
+    bits, group_size = quantization.bits, quantization.group_size
+    q = (q * scale).reshape(B, nkv, nh // nkv, L, hd)  # query heads grouped by their KV head
+    keys = tuple(a[:, :, None] for a in keys)  # [B, nkv, 1, T, ..] broadcast over the group
+    values = tuple(a[:, :, None] for a in values)
+    scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=group_size, bits=bits)
+    scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)  # [B, nkv, nh/nkv, L, T]
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(weights, *values, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, nh, L, hd)
 
 
 class MLP(nn.Module):
@@ -552,9 +582,19 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def _attention_block(
-        self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array, *rotary: mx.array
+        self,
+        x: mx.array,
+        keys: mx.array | tuple,
+        values: mx.array | tuple,
+        offset: mx.array,
+        bits: int | None,
+        group_size: int | None,
+        *rotary: mx.array,
     ):
-        cache = KVCache(keys, values, offset)  # see KVCache.run
+        """(bits, group_size) of quantized buffers, None for full-precision ones (constants
+        of the compiled graph, which is traced once per setting)."""
+        quantization = None if bits is None else KVQuantization(bits, group_size)
+        cache = KVCache(keys, values, offset, quantization)  # see KVCache.run
         out = self.self_attn(self.input_layernorm(x), cache, Rotary(*rotary))
         return self._mlp_residual(x + out), cache.keys, cache.values
 
@@ -743,8 +783,14 @@ class Model(nn.Module):
         embeddings = self.language_model.model.embed_tokens(next_tokens)
         return self.mtp(embeddings, hidden, cache, rotary)
 
-    def make_cache(self) -> list:
-        return [LinearAttentionCache() if layer.is_linear else KVCache() for layer in self.layers]
+    def make_cache(self, kv: KVQuantization | None = None) -> list:
+        """Fresh caches for the main model; `kv` keeps the full-attention ones quantized."""
+        return [
+            LinearAttentionCache() if layer.is_linear else KVCache(quantization=kv)
+            for layer in self.layers
+        ]
 
-    def make_mtp_cache(self) -> list:
-        return [KVCache() for _ in range(self.config.mtp_num_hidden_layers)]
+    def make_mtp_cache(self, kv: KVQuantization | None = None) -> list:
+        """The MTP head's caches, quantized like the main model's (it is one more attention
+        layer whose cache grows with the context)."""
+        return [KVCache(quantization=kv) for _ in range(self.config.mtp_num_hidden_layers)]
