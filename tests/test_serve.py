@@ -17,7 +17,11 @@ from mlxkit.cli import main
 from mlxkit.generate import stream_generate
 from mlxkit.serve.chat import common_prefix
 from tests.helpers import FIXTURES
-from tests.serve_helpers import Server, micro_with_template
+from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds every test here
+    Server,
+    micro_with_template,
+    time_limit,
+)
 from tests.test_serve_parse import TOOLS
 
 USER = "def parse_args(argv):\n    "

@@ -22,7 +22,8 @@ from mlxkit.generate import encode_prompt
 from mlxkit.serve.images import image_source, request_images
 from mlxkit.serve.protocol import RequestError
 from tests.helpers import FIXTURES
-from tests.serve_helpers import Server
+from tests.serve_helpers import Server, time_limit  # noqa: F401 - time_limit: autouse
+from tests.test_image_modes import associated_alpha_tiff
 from tests.test_serve import stream_text
 
 NAME = "tiny_vision_p4"
@@ -177,6 +178,58 @@ def test_an_equal_sized_other_picture_is_not_taken_from_the_pool(client, model, 
     first_pad = ids.index(model[0].vision_tokens.image)
     assert got == expected.strip()
     assert usage.prompt_tokens_details.cached_tokens <= first_pad
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [
+        lambda b64: "DATA:IMAGE/PNG;BASE64," + b64,
+        lambda b64: "Data:image/png;Base64," + b64,
+        lambda b64: (
+            "data:image/png;base64," + "\r\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+        ),
+        lambda b64: (
+            "data:image/png;base64," + "\n ".join(b64[i : i + 60] for i in range(0, len(b64), 60))
+        ),
+    ],
+    ids=["upper case", "mixed case", "wrapped at 76 (CRLF)", "wrapped at 60, indented"],
+)
+def test_data_urls_as_rfc_2397_allows_them(client, media, spell):
+    """Scheme, type and `base64` in any case, base64 wrapped over lines: the same picture."""
+    b64 = base64.b64encode((media / "image0.png").read_bytes()).decode()
+    expected, _ = answer(client, [asking(data_url(media / "image0.png"))])
+    assert answer(client, [asking(spell(b64))])[0] == expected
+
+
+def mode_image(mode: str, path: Path) -> None:
+    """A picture that Pillow opens in `mode`: La (a TIFF with associated alpha), PA (a
+    paletted TIFF with alpha), I;16 (a 16-bit PNG), F (a float TIFF)."""
+    level = np.random.default_rng(len(mode)).integers(0, 256, (40, 48))
+    if mode == "La":
+        associated_alpha_tiff(
+            Image.fromarray(np.stack([level, level // 2], -1).astype(np.uint8)), path
+        )
+    elif mode == "PA":
+        image = Image.fromarray(np.stack([level, 255 - level], -1).astype(np.uint8), "LA")
+        image = image.convert("PA")
+        image.putpalette(np.arange(768, dtype=np.uint8).tobytes())
+        image.save(path, "TIFF")
+    elif mode == "I;16":
+        Image.fromarray((level * 257).astype(np.uint16)).save(path, "PNG")
+    else:
+        Image.fromarray((level / 255).astype(np.float32)).save(path, "TIFF")
+    assert Image.open(path).mode == mode
+
+
+@pytest.mark.parametrize("mode", ["La", "PA", "I;16", "F"])
+def test_images_in_uncommon_modes_are_answered(client, model, tmp_path, mode):
+    """Grayscale with associated alpha, paletted with alpha, 16-bit and float grayscale: the
+    answer is the Python API's for the same file (these were 500s)."""
+    mode_image(mode, tmp_path / "x")
+    expected, ids = python_api(model, [asking("x")], [tmp_path / "x"])
+    url = "data:image/tiff;base64," + base64.b64encode((tmp_path / "x").read_bytes()).decode()
+    got, usage = answer(client, [asking(url)])
+    assert got == expected.strip() and usage.prompt_tokens == len(ids)
 
 
 def png(array: np.ndarray) -> str:
