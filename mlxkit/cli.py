@@ -79,6 +79,19 @@ def info(path: str) -> None:
 @click.option("--num-draft", default=2, show_default=True, help="Tokens drafted per round.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option(
+    "--kv-bits",
+    type=int,
+    default=None,
+    help="Keep the KV cache quantized at 4 or 8 bits [not quantized: the model's dtype].",
+)
+@click.option("--kv-group-size", default=64, show_default=True, help="With --kv-bits.")
+@click.option(
+    "--quantized-kv-start",
+    default=0,
+    show_default=True,
+    help="With --kv-bits: positions kept in full precision before the cache is quantized.",
+)
+@click.option(
     "--image", "images", multiple=True, help="An image before the prompt text (repeatable)."
 )
 @click.option(
