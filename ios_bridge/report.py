@@ -145,10 +145,11 @@ def _speed_lines(plan: Plan) -> list[str]:
     speed = plan.speed
     lines = [
         (
-            f"  decode ({model.efficiency:.0%} of {plan.target.bandwidth / GB:.1f} GB/s + "
+            f"  decode predicted on {plan.target.label} ({model.efficiency:.0%} of "
+            f"{plan.target.bandwidth / GB:.1f} GB/s + "
             f"{model.fixed_seconds * 1e3:.2f} ms per token, fitted on Macs): "
             f"{speed.decode_tps:.1f} tokens/s at {min(SHORT_CONTEXT, plan.max_context):,} tokens of "
-            f"context, {speed.decode_tps_at_context:.1f} at {plan.max_context:,}"
+            f"context, {speed.decode_tps_at_context:.1f} tokens/s at {plan.max_context:,} tokens"
         )
     ]
     phone = plan.target.kind != "mac"
@@ -216,11 +217,11 @@ def format_plan(plan: Plan) -> str:
             f"  quantization: {s.recipe} recipe{chosen}, {s.bits}-bit default ({bits}); dtype "
             f"{s.dtype}"
         ),
-        f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk}",
+        f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk} tokens",
         _vision_line(plan),
         (
             f"  context: {plan.max_context:,} tokens planned; the largest that fits: "
-            f"{plan.largest_context_that_fits:,}"
+            f"{plan.largest_context_that_fits:,} tokens"
         ),
         "",
         *_memory_lines(plan),
@@ -254,7 +255,7 @@ def bundle_line(out: str, manifest: dict) -> str:
     return (
         f"bundle {out}: {manifest['model']['name']} for {manifest['target']['label']}; "
         f"{manifest['quantization']['recipe']} recipe, {drafter}; max context "
-        f"{manifest['max_context']:,}; peak {m['peak_bytes'] / GB:.2f} GB of "
+        f"{manifest['max_context']:,} tokens; peak {m['peak_bytes'] / GB:.2f} GB of "
         f"{m['usable_bytes'] / GB:.2f} GB usable {ent} the entitlement "
         f"({'required' if manifest['entitlement_required'] else 'not required'})"
     ) + "".join(f"\n  warning: {w}" for w in manifest["warnings"])
