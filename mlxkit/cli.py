@@ -62,6 +62,20 @@ def info(path: str) -> None:
     click.echo(format_info(checkpoint_info(path)))
 
 
+class _NumDraft(click.ParamType):
+    """--num-draft: "auto" or an integer (its range is stream_generate's to check)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f'{value!r} is not "auto" or an integer', param, ctx)
+
+
 @main.command()
 @click.option("--model", "model_path", help="Model directory (HF or MLX layout) or bundle.")
 @click.option("--size", help='A published size (0.8b, 2b, 4b, 9b: Hugging Face cache) or "micro".')
@@ -76,7 +90,13 @@ def info(path: str) -> None:
 @click.option("--repetition-penalty", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
-@click.option("--num-draft", default=2, show_default=True, help="Tokens drafted per round.")
+@click.option(
+    "--num-draft",
+    type=_NumDraft(),
+    default="auto",
+    show_default=True,
+    help="Tokens drafted per round: auto (0-3 per round, whatever is fastest) or N.",
+)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option(
     "--kv-bits",
@@ -97,7 +117,9 @@ def info(path: str) -> None:
 @click.option(
     "--video", "videos", multiple=True, help="A video file before the prompt text (needs PyAV)."
 )
-@click.option("--verbose", is_flag=True, help="Also print prompt speed and draft counts.")
+@click.option(
+    "--verbose", is_flag=True, help="Also print prompt speed, draft counts and why auto drafted."
+)
 def generate(
     model_path: str | None,
     size: str | None,
@@ -164,6 +186,34 @@ def generate(
         click.echo(f"warning: {w.message}", err=True)
     click.echo()
     click.echo(_generation_stats(last, verbose, _planned_peak(model_path)), err=True)
+    if verbose and last.drafting is not None:
+        click.echo(last.drafting.summary(), err=True)
+
+
+@main.command()
+@click.argument("model_path", metavar="PATH")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(8, 4096))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
+def tune(model_path: str, max_tokens: int, repeats: int) -> None:
+    """Measure what MTP rounds of 0-3 drafts cost on this machine for this model and recipe,
+    and cache it for --num-draft auto: a run with --seed then chooses its drafts from this
+    table (never from the clock), one without corrects it as it goes."""
+    from mlxkit.load import load
+    from mlxkit.tune import tune as measure
+
+    model, tokenizer = load(model_path)
+    path, record = measure(
+        model,
+        tokenizer,
+        max_tokens=max_tokens,
+        repeats=repeats,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    costs = ", ".join(f"k={k} {ms:.2f}" for k, ms in enumerate(record["round_ms"]))
+    depth = " ".join(f"{a:.0%}" for a in record["acceptance"])
+    click.echo(f"{record['machine']}; {record['recipe']}")
+    click.echo(f"ms per round {costs}; acceptance by depth {depth}")
+    click.echo(f"written to {path}")
 
 
 def _refuse_coreml_vision(model_path: str) -> None:

@@ -19,17 +19,22 @@ The MTP head keeps its own KV cache; its entries made from draft (not verified) 
 are dropped after each round and rebuilt from the verified hidden states at the next round's
 first draft step, so it always equals what an MTP pass over the real sequence would hold.
 
+How many drafts a round makes is `mlxkit.draft_control`'s choice, made before each round; k = 0
+is a plain step, whose hidden state waits in `mtp_pending` for the next round's first draft
+step, so the MTP cache stays complete however the rounds alternate.
+
 Non-finite logits end generation with an MlxkitError. The check rides along with the values
 each step already waits for (the token, the accepted count), so it adds no wait of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlxkit.draft_control import DraftControl
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model, Rotary
 from mlxkit.multimodal import PromptInputs
@@ -164,55 +169,95 @@ class Decoder:
 
     def _step(
         self, y: mx.array, history: list[int], key: mx.array | None
-    ) -> tuple[mx.array, mx.array]:
-        logits = self.model(y.reshape(1, 1), self.cache.main, self.rotary)[0, -1]
-        return self.pick(logits, history, key)
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """A plain step on y: the next token, whether its logits are finite, y's hidden state."""
+        logits, hidden = self.model.logits_and_hidden(y.reshape(1, 1), self.cache.main, self.rotary)
+        return (*self.pick(logits[0, -1], history, key), hidden)
 
-    def plain(self, first: int, out: Responses) -> Iterator[GenerationResponse]:
+    def plain(
+        self, first: int, out: Responses, control: DraftControl | None = None
+    ) -> Generator[GenerationResponse, None, tuple[int | None, int]]:
         """One token per step. The next step's graph is built and queued (async_eval) on the
         still-lazy current token before waiting for its value, so building a graph and handing
-        out a token both overlap with compute."""
+        out a token both overlap with compute.
+
+        With `control` (MTP on) these are its k = 0 rounds: each step's hidden state is kept for
+        the MTP head (consumed at the next draft), and the steps end when `control` chooses to
+        draft, returning the token that round starts from and its k ((None, 0) once generation
+        has ended)."""
         y, finite = mx.array(first), mx.array(True)
         pipelined = self.params.repetition_penalty == 1.0  # the penalty needs the value first
+        hiddens = [] if control is None else [self.cache.mtp_pending]
+        k, first_round = 0, True  # the round on `first` is plain: the caller chose it
         while True:
+            if k > 0:
+                token = self.checked(y, finite)
+                control.observe(0, 0)
+                self.cache.mtp_pending = mx.concatenate(hiddens, axis=1)
+                return token, k
             (key,) = self.keys.take()
             if pipelined:
-                nxt = self._step(y, [], key)
+                *nxt, hidden = self._step(y, [], key)
                 mx.async_eval(*nxt)
                 token = self.checked(y, finite)
             else:
                 token = self.checked(y, finite)
-                nxt = self._step(y, self.cache.tokens + [token], key)
+                *nxt, hidden = self._step(y, self.cache.tokens + [token], key)
+            if control is not None:
+                hiddens.append(hidden)
+                if not first_round:
+                    control.observe(0, 0)  # the step that made `token` has ended
+            first_round = False
             self.cache.tokens.append(token)
             response = out.push(token)
             yield response
             if response.finish_reason is not None:
-                return
+                if control is not None:
+                    self.cache.mtp_pending = mx.concatenate(hiddens, axis=1)
+                return None, 0
             y, finite = nxt
+            k = 0 if control is None else control.choose()
 
-    def speculative(self, first: int, k: int, out: Responses) -> Iterator[GenerationResponse]:
-        """MTP rounds of k drafts (see the module docstring). The next round's drafts are
-        queued (async_eval) before this round's tokens are handed out, so the caller's time
-        between tokens overlaps with drafting."""
-        cache = self.cache
-        pending_next = cache.tokens[len(cache.tokens) - cache.mtp_pending.shape[1] + 1 :]
-        round_ = MTPRound.draft(self, first, pending_next, k)
+    def speculative(
+        self, first: int, control: DraftControl, out: Responses
+    ) -> Iterator[GenerationResponse]:
+        """Rounds of the k drafts `control` chooses before each: plain steps while it chooses
+        0, MTP rounds otherwise."""
+        y, k = first, control.choose()
+        while y is not None:
+            if k == 0:
+                y, k = yield from self.plain(y, out, control)
+            else:
+                y, k = yield from self._rounds(y, k, control, out)
+
+    def _rounds(
+        self, y: int, k: int, control: DraftControl, out: Responses
+    ) -> Generator[GenerationResponse, None, tuple[int | None, int]]:
+        """MTP rounds (see the module docstring) while `control` chooses k > 0; returns the
+        token to go on from and its k ((None, 0) once generation has ended). The next round's
+        drafts are queued (async_eval) before this round's tokens are handed out, so the
+        caller's time between tokens overlaps with drafting."""
+        round_ = MTPRound.draft(self, y, k)
         while True:
             new, nxt, hidden = round_.verify(self)
             keep = out.keep(new)  # stop inside the accepted run: commit only what is emitted
             self._commit(new[:keep], hidden, k)
             out.count_drafts(k, len(new) - 1)
+            control.observe(k, len(new) - 1)
             responses = []
             for token in new[:keep]:
                 responses.append(out.push(token))
                 if responses[-1].finish_reason is not None:
                     break
-            finished = responses[-1].finish_reason is not None
-            if not finished:
-                round_ = MTPRound.draft(self, nxt, new[1:keep], k)
+            if responses[-1].finish_reason is not None:
+                yield from responses
+                return None, 0
+            k = control.choose()
+            if k > 0:
+                round_ = MTPRound.draft(self, nxt, k)
             yield from responses
-            if finished:
-                return
+            if k == 0:
+                return nxt, 0
 
     def _commit(self, kept: list[int], hidden: mx.array, k: int) -> None:
         """Every cache at the last kept position of a verified round of k drafts."""
@@ -236,15 +281,17 @@ class MTPRound:
     accept_key: mx.array | None
 
     @classmethod
-    def draft(cls, dec: Decoder, y: int, pending_next: list[int], k: int) -> MTPRound:
+    def draft(cls, dec: Decoder, y: int, k: int) -> MTPRound:
         """Drafts k tokens after y: the first step consumes the pending hidden states (the
-        tokens after them are `pending_next` and y), later steps the MTP's own output."""
+        tokens after them are the last cached ones and y; only the last needs logits), later
+        steps the MTP's own output."""
         params, cache = dec.params, dec.cache
         draft_key, accept_key = dec.keys.take(2)
         keys = None if params.greedy else mx.random.split(draft_key, k)
-        logits, h = dec.model.mtp_forward(
-            cache.mtp_pending, mx.array([pending_next + [y]]), cache.mtp, dec.rotary
-        )
+        n_pending = cache.mtp_pending.shape[1]
+        pending_next = cache.tokens[len(cache.tokens) - n_pending + 1 :] + [y]
+        h = dec.model.mtp_hidden(cache.mtp_pending, mx.array([pending_next]), cache.mtp, dec.rotary)
+        logits = dec.model.logits(h[:, -1:])
         drafts, draft_probs = [], []
         for j in range(k):
             if params.greedy:

@@ -14,6 +14,14 @@ import mlx.core as mx
 
 from mlxkit.cache import KVQuantization, kv_quantization
 from mlxkit.decode import MAX_DRAFT, Decoder, Keys, run_prompt
+from mlxkit.draft_control import (
+    K_MAX,
+    DraftControl,
+    DraftState,
+    cached_table,
+    default_costs,
+    last_state,
+)
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model
 from mlxkit.multimodal import (
@@ -186,7 +194,8 @@ def stream_generate(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     mtp: bool = True,
-    num_draft: int = 2,
+    num_draft: int | str = "auto",
+    deterministic: bool = False,
     stop: str | Sequence[str] | None = None,
     enable_thinking: bool = True,
     prefill_chunk: int = 512,
@@ -211,6 +220,12 @@ def stream_generate(
     tokens (DEFAULT_MAX_IMAGE_TOKENS) unless `max_pixels` / `min_pixels` bound its resized
     pixel count. An image the prompt cache already holds is not encoded again.
 
+    With `mtp`, `num_draft` tokens are drafted per round; "auto" chooses 0..3 before each round
+    from the costs and the acceptance seen (`mlxkit.draft_control`). With a `seed`, or
+    `deterministic`, that choice ignores the clock (it uses `mlxkit tune`'s table or a default),
+    so the same seed gives the same text however busy the machine is. The last response's
+    `drafting` says what was chosen and why.
+
     `kv_bits` (4 or 8) keeps the full-attention layers' KV cache (and the MTP head's) quantized
     in groups of `kv_group_size`, once it holds `quantized_kv_start` positions (mlx-lm's
     --kv-bits, --kv-group-size, --quantized-kv-start); a `prompt_cache` continues only under
@@ -219,6 +234,7 @@ def stream_generate(
     options = _checked_options(
         model, tokenizer, params, max_tokens, num_draft, prefill_chunk, seed, stop, stop_at_context
     )
+    reproducible = seed is not None or bool(deterministic)
     kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, model.config.head_dim)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise MlxkitError("prompt_cache must be a PromptCache (PromptCache.new(model))")
@@ -228,7 +244,8 @@ def stream_generate(
     _check_prompt(encoded.tokens, model)
     mtp = _use_mtp(model, mtp)  # called from here: its warning's stacklevel counts on it
     cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, kv)
-    yield from _decode(model, tokenizer, cache, encoded, mtp, options, kv)
+    control = _draft_control(model, options.num_draft, reproducible) if mtp else None
+    yield from _decode(model, tokenizer, cache, encoded, control, options, kv)
 
 
 @dataclass(frozen=True)
@@ -239,7 +256,7 @@ class _Options:
     params: SamplingParams
     keys: Keys
     limits: Limits
-    num_draft: int
+    num_draft: int | str  # "auto" or 1..MAX_DRAFT
     prefill_chunk: int
 
 
@@ -248,14 +265,18 @@ def _checked_options(
     tokenizer,
     params: SamplingParams,
     max_tokens: int,
-    num_draft: int,
+    num_draft: int | str,
     prefill_chunk: int,
     seed: int | None,
     stop: str | Sequence[str] | None,
     stop_at_context: bool,
 ) -> _Options:
     max_tokens = _int("max_tokens", max_tokens, 1)
-    num_draft = _int("num_draft", num_draft, 1, MAX_DRAFT)
+    if isinstance(num_draft, str):
+        if num_draft != "auto":
+            raise MlxkitError(f'num_draft must be "auto" or an integer, got {num_draft!r}')
+    else:
+        num_draft = _int("num_draft", num_draft, 1, MAX_DRAFT)
     prefill_chunk = _int("prefill_chunk", prefill_chunk, 1)
     keys = Keys(_seed(seed), params.greedy)
     limits = Limits(
@@ -268,17 +289,30 @@ def _checked_options(
     return _Options(params, keys, limits, num_draft, prefill_chunk)
 
 
+def _draft_control(model: Model, num_draft: int | str, reproducible: bool) -> DraftControl:
+    """A fixed k, or auto: costs from `mlxkit tune`'s table (else the default shape), timed
+    rounds correcting them unless `reproducible`; acceptance from the model's last timed run
+    (`reproducible`: from the table's, else the default)."""
+    if num_draft != "auto":
+        return DraftControl.fixed_k(num_draft)
+    table = cached_table(model) or default_costs()
+    if reproducible:
+        return DraftControl(table, DraftState.new(K_MAX, table.acceptance), timed=False)
+    return DraftControl(table, last_state(model, table), timed=True)
+
+
 def _decode(
     model: Model,
     tokenizer,
     cache: PromptCache,
     encoded: EncodedPrompt,
-    mtp: bool,
+    control: DraftControl | None,
     options: _Options,
     kv: KVQuantization | None,
 ) -> Iterator[GenerationResponse]:
     """Reuses what the cache holds of the prompt (its tokens, images and videos), prefills
-    the rest, then decodes, speculatively with the MTP head when `mtp`."""
+    the rest, then decodes, speculatively with the MTP head when there is a `control`."""
+    mtp = control is not None
     tokens = encoded.tokens
     image_keys, video_keys = [v.key for v in encoded.images], [v.key for v in encoded.videos]
     n_cached = cache.start(model, tokens, mtp, image_keys, video_keys, kv)
@@ -289,9 +323,11 @@ def _decode(
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     first = decoder.prefill(tokens[n_cached:], options.prefill_chunk, new_images, new_videos)
-    out = Responses(tokenizer, options.limits, len(tokens), n_cached, time.perf_counter() - t0)
+    prompt_s = time.perf_counter() - t0
+    report = control.report if mtp else None
+    out = Responses(tokenizer, options.limits, len(tokens), n_cached, prompt_s, report)
     if mtp:
-        yield from decoder.speculative(first, options.num_draft, out)
+        yield from decoder.speculative(first, control, out)
     else:
         yield from decoder.plain(first, out)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -24,10 +24,39 @@ class GenerationResponse:
     drafted: int
     accepted: int
     finish_reason: str | None  # "stop", "length" or None while generating
+    drafting: DraftReport | None = None  # MTP only, on the last response: what k was chosen
 
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass(frozen=True)
+class DraftReport:
+    """How a generation drafted (`mlxkit.draft_control`): rounds per k (k = 0 is a plain
+    step), their measured milliseconds, the acceptance per draft depth learnt (the chance draft
+    j is accepted once drafts 1..j-1 were), where the costs the choices used came from ("tune",
+    "default" or "measured") and, for auto, the expected speed of each k against k = 0."""
+
+    auto: bool
+    rounds: tuple[int, ...]
+    round_ms: tuple[float | None, ...]
+    acceptance: tuple[float, ...]
+    costs: str
+    speedup: tuple[float, ...]
+
+    def summary(self) -> str:
+        """One line: what was chosen and why."""
+        ks = [k for k, n in enumerate(self.rounds) if n]
+        chosen = ", ".join(f"k={k} {self.rounds[k]}x" for k in ks)
+        measured = ", ".join(f"k={k} {self.round_ms[k]:.2f}" for k in ks)
+        depth = " ".join(f"{a:.0%}" for a in self.acceptance[: max(ks + [1])])
+        line = f"{'auto' if self.auto else 'fixed'} drafts: rounds {chosen}"
+        line += f"; ms per round {measured}; acceptance by depth {depth}"
+        if self.auto:
+            gains = ", ".join(f"k={k} {s:.2f}x" for k, s in enumerate(self.speedup) if k)
+            line += f"; expected vs plain ({self.costs} costs) {gains}"
+        return line
 
 
 @dataclass(frozen=True)
@@ -50,9 +79,16 @@ class Responses:
     """
 
     def __init__(
-        self, tokenizer, limits: Limits, prompt_tokens: int, prompt_cached: int, prompt_s: float
+        self,
+        tokenizer,
+        limits: Limits,
+        prompt_tokens: int,
+        prompt_cached: int,
+        prompt_s: float,
+        drafting: Callable[[], DraftReport] | None = None,
     ) -> None:
         self.limits = limits
+        self._drafting = drafting  # the draft report, asked for at the last response
         self.prompt_tokens, self.prompt_cached = prompt_tokens, prompt_cached
         self.prompt_tps = (prompt_tokens - prompt_cached) / max(prompt_s, 1e-9)
         self.produced = self.drafted = self.accepted = 0
@@ -101,6 +137,7 @@ class Responses:
             drafted=self.drafted,
             accepted=self.accepted,
             finish_reason=finish,
+            drafting=self._drafting() if finish is not None and self._drafting else None,
         )
 
     def _release(self, finish: str | None) -> tuple[str, str | None]:

@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 from scipy.stats import chisquare
 
+from mlxkit.draft_control import DraftControl
 from mlxkit.generate import stream_generate
 from mlxkit.models.qwen3_5 import Model, TextConfig
 from mlxkit.sample import SamplingParams, probs, sample, speculative_accept
@@ -147,15 +148,20 @@ def chi_square_p(counts: np.ndarray, expected_p: np.ndarray) -> float:
     return chisquare(counts, expected * counts.sum() / expected.sum()).pvalue
 
 
-def loop_p_values(model: Model, k: int, runs: int) -> list[float]:
-    """Runs stream_generate (MTP, k drafts) `runs` times for k+1 tokens, each with its own seed,
-    and tests the joint of the first two tokens and the marginal of each later one against
-    the main model's own distribution."""
-    n = k + 1
+def loop_p_values(
+    model: Model, k: int, runs: int, num_draft: int | str | None = None
+) -> list[float]:
+    """Runs stream_generate (MTP, k drafts, or `num_draft`) `runs` times for k+1 tokens, each
+    with its own seed, and tests the joint of the first two tokens and the marginal of each
+    later one against the main model's own distribution."""
+    n, num_draft = k + 1, num_draft or k
     tok, kw = SilentTokenizer(), {"max_tokens": n, "temperature": PARAMS.temperature}
     seqs = np.array(
         [
-            [r.token for r in stream_generate(model, tok, PROMPT, num_draft=k, seed=seed, **kw)]
+            [
+                r.token
+                for r in stream_generate(model, tok, PROMPT, num_draft=num_draft, seed=seed, **kw)
+            ]
             for seed in range(runs)
         ]
     )
@@ -184,3 +190,16 @@ def test_wrong_rule_in_the_decode_loop_fails(monkeypatch, wrong_rule, k):
     monkeypatch.setattr("mlxkit.decode.speculative_accept", wrong_rule)
     p_values = loop_p_values(small_vocab_model(), k, runs=200)
     assert min(p_values) < 0.01 / len(p_values), p_values
+
+
+@pytest.mark.parametrize("runs", [200, pytest.param(4000, marks=pytest.mark.slow)])
+def test_auto_decode_loop_samples_the_model_distribution(monkeypatch, runs):
+    """num_draft="auto" picks each round's k from past acceptance: still the model's
+    distribution. The runs must really mix plain steps and rounds of drafts."""
+    chosen, choose = [], DraftControl.choose
+    monkeypatch.setattr(
+        DraftControl, "choose", lambda self: chosen.append(choose(self)) or chosen[-1]
+    )
+    p_values = loop_p_values(small_vocab_model(), 5, runs, num_draft="auto")
+    assert min(p_values) > 0.01 / len(p_values), p_values
+    assert {0, 1} <= set(chosen)

@@ -1,0 +1,275 @@
+"""num_draft="auto" (mlxkit/draft_control.py): the controller's decisions on synthetic costs
+and acceptances (no timing), its reproducibility with a seed whatever the clock says, its
+cost table (`mlxkit tune`), and that decoding under it, whatever k sequence it picks, gives
+plain decoding's greedy tokens and caches in float32."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from mlxkit import draft_control
+from mlxkit.cli import main
+from mlxkit.draft_control import (
+    K_MAX,
+    MAX_PROBE_GAP,
+    CostTable,
+    DraftControl,
+    DraftState,
+    cached_table,
+    expected_tokens,
+    table_path,
+)
+from mlxkit.generate import stream_generate
+from mlxkit.load import load
+from tests.test_generate import PROMPTS, assert_mtp_cache_is_a_pass_over, fixture_model, run
+from tests.test_speculative_sampling import PROMPT, SilentTokenizer, small_vocab_model
+
+
+def table(per_draft: float) -> CostTable:
+    """A round of k drafts costs 1 + per_draft·k plain steps."""
+    return CostTable(tuple(1.0 + per_draft * k for k in range(K_MAX + 1)), "test")
+
+
+def control(per_draft: float, acceptance: float, timed: bool = False, clock=None) -> DraftControl:
+    state = DraftState.new(K_MAX, (acceptance,) * K_MAX)
+    return DraftControl(table(per_draft), state, timed=timed, clock=clock or (lambda: 0.0))
+
+
+def simulate(ctl: DraftControl, accept, rounds: int) -> list[int]:
+    """The ks chosen over `rounds` rounds when `accept(round, depth)` says whether a draft at
+    that depth (1-based) is accepted."""
+    ks = []
+    for r in range(rounds):
+        k = ctl.choose()
+        n = next((d - 1 for d in range(1, k + 1) if not accept(r, d)), k)
+        ctl.observe(k, n)
+        ks.append(k)
+    return ks
+
+
+def test_expected_tokens():
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 2) == 1.75
+    assert expected_tokens([0.8, 0.5], 2) == pytest.approx(2.2)
+
+
+def test_picks_plain_when_a_verify_costs_more_than_it_gains():
+    # a round of one draft costs 2 steps and yields 1.8 tokens: plain is faster
+    assert control(per_draft=1.0, acceptance=0.8).best() == 0
+    # the default CPU shape at 60 % acceptance: 1.6 tokens for 1.65 steps
+    assert control(per_draft=0.65, acceptance=0.6).best() == 0
+
+
+def test_picks_drafts_when_acceptance_is_high_and_verify_cheap():
+    assert control(per_draft=0.1, acceptance=0.9).best() == 3
+    assert control(per_draft=0.65, acceptance=0.8).best() == 1  # 1.8 / 1.65 beats 2.44 / 2.3
+
+
+def test_stops_drafting_when_drafts_are_rejected():
+    ks = simulate(control(per_draft=0.65, acceptance=0.7), lambda r, d: False, 300)
+    assert ks[0] == 1 and ks[1:4] == [0, 0, 0]
+    # the probes back off: one draft every MAX_PROBE_GAP rounds at the end
+    assert sum(k > 0 for k in ks[100:]) <= 200 // MAX_PROBE_GAP + 1
+    assert sum(k > 0 for k in ks[1:]) >= 3  # but it keeps probing
+
+
+def test_recovers_when_acceptance_rises():
+    ctl = control(per_draft=0.65, acceptance=0.7)
+    ks = simulate(ctl, lambda r, d: r >= 200, 400)
+    assert sum(k > 0 for k in ks[150:200]) <= 1  # off while drafts are rejected
+    first = next(r for r in range(200, 400) if ks[r] > 0)
+    assert first <= 200 + MAX_PROBE_GAP
+    assert all(k > 0 for k in ks[first + 2 * MAX_PROBE_GAP :])  # on again, for good
+    assert ctl.best() >= 1 and ctl.state.acceptance[0] > 0.9
+
+
+def test_goes_deeper_with_probes_when_deeper_drafts_pay():
+    """Starting from a prior that prefers one draft, upward probes find that 3 pay."""
+    ctl = control(per_draft=0.1, acceptance=0.3)
+    ks = simulate(ctl, lambda r, d: True, 200)
+    assert ks[-1] == 3
+
+
+def noisy_clock(seed: int):
+    rng, t = random.Random(seed), [0.0]
+
+    def clock() -> float:
+        t[0] += rng.uniform(0.001, 0.2)
+        return t[0]
+
+    return clock
+
+
+def test_reproducible_choice_ignores_the_clock_and_the_timed_one_does_not():
+    def accept(r, d):
+        return (r * 7 + d * 3) % 5 != 0
+
+    runs = [
+        simulate(control(0.65, 0.7, timed=False, clock=noisy_clock(s)), accept, 200)
+        for s in range(3)
+    ]
+    assert runs[0] == runs[1] == runs[2]
+    timed = [
+        simulate(control(0.65, 0.7, timed=True, clock=noisy_clock(s)), accept, 200)
+        for s in range(3)
+    ]
+    assert len({tuple(ks) for ks in timed}) > 1
+
+
+def test_timed_choice_follows_measured_costs():
+    """Timed, a plain step is measured first; then rounds of drafts that measure 1 + 2k
+    plain steps stop, at an acceptance the table says pays."""
+    t = [0.0]
+
+    def clock() -> float:
+        return t[0]
+
+    ctl = control(per_draft=0.2, acceptance=0.9, timed=True, clock=clock)
+    ks = []
+    for _ in range(60):
+        k = ctl.choose()
+        t[0] += 1.0 + 2.0 * k  # what the machine really takes
+        ctl.observe(k, k)
+        ks.append(k)
+    assert ks[0] == 0 and max(ks[1:3]) > 0 and ks[-5:] == [0] * 5
+
+
+# ------------------------------------------------------------------ through the decode loop
+
+
+def recording(monkeypatch) -> list[int]:
+    """Records every k DraftControl.choose returns."""
+    chosen = []
+    choose = DraftControl.choose
+
+    def spy(self):
+        chosen.append(choose(self))
+        return chosen[-1]
+
+    monkeypatch.setattr(DraftControl, "choose", spy)
+    return chosen
+
+
+def test_same_seed_same_rounds_and_text_whatever_the_clock(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, tok = small_vocab_model(), SilentTokenizer()
+    chosen = recording(monkeypatch)
+    outcomes = []
+    for clock_seed in range(3):
+        monkeypatch.setattr(time, "perf_counter", noisy_clock(clock_seed))
+        tokens = [
+            r.token
+            for r in stream_generate(model, tok, PROMPT, max_tokens=40, temperature=1.0, seed=7)
+        ]
+        outcomes.append((tokens, list(chosen)))
+        chosen.clear()
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert len(set(outcomes[0][1])) > 1  # the run did change its k
+
+
+@pytest.fixture(scope="module")
+def micro_f32():
+    return load("micro", dtype=mx.float32)
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_auto_greedy_equals_plain_on_micro_in_float32(micro_f32, seed, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, tokenizer = micro_f32
+    chosen = recording(monkeypatch)
+    for prompt in PROMPTS[:3]:
+        plain = [
+            r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=48, mtp=False)
+        ]
+        auto = list(stream_generate(model, tokenizer, prompt, max_tokens=48, seed=seed))
+        assert [r.token for r in auto] == plain, prompt
+        report = auto[-1].drafting
+        assert report.auto and sum(report.rounds[1:]) > 0 and report.rounds[0] > 0
+        assert len(report.speedup) == K_MAX + 1 and report.speedup[0] == 1.0
+    assert 0 in chosen and any(k > 0 for k in chosen)
+
+
+# a k sequence with every transition: plain runs of several steps, single plain steps, and
+# rounds of 1..3 drafts in every order
+SCRIPT = [0, 0, 0, 2, 0, 1, 3, 3, 0, 1, 2, 0, 0, 3, 1]
+
+
+@pytest.mark.parametrize("kind", ["rejecting", "accepting", "mixed"])
+def test_any_k_sequence_gives_plain_tokens_and_caches(kind, monkeypatch):
+    """Lossless whatever auto picks: plain steps between rounds keep the MTP head's pending
+    states, which the next round consumes; tokens, main caches and the MTP cache all end as
+    plain decoding's and as an MTP pass over the sequence."""
+    model, tokenizer = fixture_model(kind)
+    script, choose = itertools.cycle(SCRIPT), DraftControl.choose
+    monkeypatch.setattr(DraftControl, "choose", lambda self: choose(self) * 0 + next(script))
+    for prompt in PROMPTS[:3]:
+        plain, plain_cache = run(model, tokenizer, prompt, max_tokens=30, mtp=False)
+        auto, auto_cache = run(model, tokenizer, prompt, max_tokens=30)
+        assert [r.token for r in auto] == [r.token for r in plain], prompt
+        assert auto_cache.tokens == plain_cache.tokens
+        for a, b in zip(auto_cache.main, plain_cache.main):
+            for key, value in b.state.items():
+                assert mx.abs(a.state[key] - value).max().item() <= 1e-5, key
+        assert_mtp_cache_is_a_pass_over(model, auto_cache)
+        assert sum(auto[-1].drafting.rounds[1:]) > 0 and auto[-1].drafting.rounds[0] > 0
+
+
+def test_fixed_num_draft_reports_its_rounds():
+    model, tokenizer = fixture_model("accepting")
+    responses, _ = run(model, tokenizer, PROMPTS[0], max_tokens=20, num_draft=2)
+    report = responses[-1].drafting
+    assert not report.auto and report.rounds == (0, 0, 7, 0)  # 3 tokens a round, 20 in all
+    assert min(report.acceptance[:2]) > 0.9 and report.speedup == ()
+    assert report.summary().startswith("fixed drafts: rounds k=2 7x; ms per round k=2 ")
+    assert all(r.drafting is None for r in responses[:-1])
+
+
+# ------------------------------------------------------------------------- the cost table
+
+
+def test_tune_writes_the_table_seeded_runs_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, _ = load("micro", dtype=mx.float32)
+    assert cached_table(model) is None
+    result = CliRunner().invoke(main, ["tune", "micro", "--max-tokens", "8", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    path = table_path(load("micro")[0])  # bfloat16, as `mlxkit tune micro` loads it
+    assert path.parent == tmp_path / "mlxkit" / "tune" and str(path) in result.output
+    record = json.loads(path.read_text())
+    assert len(record["round_ms"]) == K_MAX + 1 and all(ms > 0 for ms in record["round_ms"])
+    assert record["recipe"] == "bfloat16" and len(record["acceptance"]) == K_MAX
+    assert cached_table(model) is None  # float32 is another recipe: its own table
+    # a seeded run reads the table: a table where drafting costs nothing makes it draft 3
+    record["round_ms"] = [1.0] * (K_MAX + 1)
+    record["acceptance"] = [0.9] * K_MAX
+    path.write_text(json.dumps(record))
+    bf16, tokenizer = load("micro")
+    last = list(stream_generate(bf16, tokenizer, "def f(x):", max_tokens=8, seed=1))[-1]
+    assert last.drafting.costs == "tune" and last.drafting.rounds[3] > 0
+
+
+def test_a_damaged_table_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, tokenizer = load("micro")
+    path = table_path(model)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"version": 1, "round_ms": [1, 2]}')
+    with pytest.warns(UserWarning, match="run `mlxkit tune` again"):
+        last = list(stream_generate(model, tokenizer, "def f(x):", max_tokens=4, seed=1))[-1]
+    assert last.drafting.costs == "default"
+
+
+def test_the_digest_names_the_weights():
+    a, _ = load("micro")
+    b, _ = load("micro")
+    assert draft_control.model_digest(a) == draft_control.model_digest(b)
+    c, _ = load("micro")
+    c.load_weights([("mtp.norm.weight", c.mtp.norm.weight + 1)], strict=False)
+    assert draft_control.model_digest(c) != draft_control.model_digest(a)
