@@ -3,6 +3,7 @@
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.generate import PromptCache, Video, generate, stream_generate
 from mlxkit.load import load, load_model
+from mlxkit.quality import measure_quality
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,6 @@ __all__ = [
     "generate",
     "load",
     "load_model",
+    "measure_quality",
     "stream_generate",
 ]

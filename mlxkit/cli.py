@@ -284,6 +284,53 @@ def _planned_peak(model_path: str) -> tuple[int, int] | None:
     return None
 
 
+@main.command("eval")
+@click.argument("model_path", metavar="MODEL")
+@click.option(
+    "--reference", required=True, metavar="SRC", help="The checkpoint MODEL was converted from."
+)
+@click.option("--text", "text_file", metavar="FILE", help="Your own UTF-8 text to evaluate on.")
+@click.option(
+    "--chat",
+    "chat_file",
+    metavar="FILE.jsonl",
+    help='Your own conversations, one {"messages": [...], "tools": [...]} a line.',
+)
+@click.option("--window", default=256, show_default=True, help="Tokens per window.")
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens.")
+@click.option(
+    "--reference-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="bfloat16 halves the reference's memory, at the cost of its exactness.",
+)
+@click.option("--json", "json_path", metavar="PATH", help="Also write the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(
+    model_path: str,
+    reference: str,
+    text_file: str | None,
+    chat_file: str | None,
+    json_path: str | None,
+    **options,
+) -> None:
+    """Measure a converted model or bundle against its source checkpoint: KL(source ‖ model),
+    top-1 agreement, perplexity and MTP acceptance, per token, on held-out text (built in:
+    code, prose, other languages, chat and tool-call turns in the model's chat template)."""
+    import json
+
+    from mlxkit.quality import format_quality, json_output, measure_quality, read_chat, read_text
+
+    out = json_output(json_path) if json_path is not None else None
+    text = read_text(text_file) if text_file is not None else None
+    chat = read_chat(chat_file) if chat_file is not None else None
+    result = measure_quality(model_path, reference, text=text, chat=chat, **options)
+    click.echo(format_quality(result, model_path, reference))
+    if out is not None:
+        out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
 def _register_subcommands() -> None:
     """Subcommands that live beside the code they drive (imported here, after `main` exists)."""
     from mlxkit.convert.cli import convert
