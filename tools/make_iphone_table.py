@@ -53,6 +53,7 @@ without MTP — with the vision tower, then without — that leaves room for
 tokens among them), within the default memory limit when that is enough (the entitlement
 only when it is needed):
 
+<!-- snippet: needs a real checkpoint -->
 ```sh
 mlxkit tiers                                             # or: mlxkit tiers --mac
 mlxkit plan --size 2b --target iphone15                  # or --model DIR, --memory-budget 3.5GB
