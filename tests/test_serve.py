@@ -45,10 +45,14 @@ def micro():
     return mlxkit.load("micro")
 
 
+SERVER_DRAFTS = 2  # `mlxkit serve --num-draft`'s default: sampled tokens depend on the rounds
+
+
 def reference(micro, prompt, **kw) -> tuple[str, list[int], str]:
-    """The runtime's text, token ids and finish reason for a prompt (text, ids or messages)."""
+    """The runtime's text, token ids and finish reason for a prompt (text, ids or messages),
+    drafting as the server does."""
     model, tok = micro
-    out = list(stream_generate(model, tok, prompt, **kw))
+    out = list(stream_generate(model, tok, prompt, num_draft=SERVER_DRAFTS, **kw))
     return "".join(r.text for r in out), [r.token for r in out], out[-1].finish_reason
 
 

@@ -36,6 +36,7 @@ from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds ev
     sse_lines,
     time_limit,
 )
+from tests.test_serve import SERVER_DRAFTS
 
 MAX_QUEUE = 3
 CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 10, 12
@@ -87,6 +88,7 @@ def expected_text(micro, s: dict) -> str:
     """What the runtime writes for the request, prefilled the way the server prefills it."""
     model, tok = micro
     options = {"max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
+    options["num_draft"] = SERVER_DRAFTS
     if not s["chat"]:
         return "".join(r.text for r in stream_generate(model, tok, s["text"], **options))
     req = parse(
