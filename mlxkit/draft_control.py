@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 import warnings
 import weakref
@@ -48,7 +49,9 @@ K_MAX = 3  # auto drafts at most this many per round (k = 3 was never the best h
 DEFAULT_ACCEPTANCE = 0.7  # per depth, before anything is measured (micro: 0.84 at depth 1)
 ALPHA = 0.25  # weight of a new acceptance observation
 PROBE_ALPHA = 0.5  # a probe's new depth: probes are rare, so a rise shows within two of them
-COST_ALPHA = 0.3  # weight of a new timed round
+# Timed costs are medians of the last COST_WINDOW rounds of each k (a shared machine's rounds
+# vary 1.5-4x, and one stalled round must not switch drafting off), trusted from MIN_TIMED on.
+COST_WINDOW, MIN_TIMED = 15, 3
 PROBE_GAP, MAX_PROBE_GAP = 16, 64  # rounds between probes; doubles while probes change nothing
 # A round of k drafts costs about 1 + r·k decode steps. CPU: measured in the loop on micro bf16
 # (rounds of 1.70, 2.34, 2.97 steps for k = 1, 2, 3; 4-bit ~2 per draft). GPU: mlx-vlm's
@@ -75,19 +78,19 @@ def default_costs() -> CostTable:
 
 @dataclass
 class DraftState:
-    """What auto has learnt: acceptance per depth and (timing allowed) the measured seconds
-    per round of k drafts, with `scale` (measured ÷ table, over every timed round) for the ks
-    not timed yet. Kept per model between runs that may use timing."""
+    """What auto has learnt: acceptance per depth and (timing allowed) the last seconds per
+    round of each k, and of measured ÷ table over every timed round (`ratios`, which scales the
+    table for the ks not timed enough). Kept per model between runs that may use timing."""
 
     acceptance: list[float]
-    measured: list[float | None]
-    scale: float | None = None
+    measured: list[list[float]]
+    ratios: list[float]
 
     @classmethod
     def new(cls, k_max: int, acceptance: tuple[float, ...] | None = None) -> DraftState:
         seed = list(acceptance or ())[:k_max]
         seed += [DEFAULT_ACCEPTANCE] * (k_max - len(seed))
-        return cls(seed, [None] * (k_max + 1))
+        return cls(seed, [[] for _ in range(k_max + 1)], [])
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -137,10 +140,10 @@ class DraftControl:
     def cost(self, k: int) -> float:
         """Seconds (or table units) of a round of k drafts, as the choice sees it."""
         if self.timed:
-            if self.state.measured[k] is not None:
-                return self.state.measured[k]
-            if self.state.scale is not None:
-                return self.table.round_s[k] * self.state.scale
+            if len(self.state.measured[k]) >= MIN_TIMED:
+                return statistics.median(self.state.measured[k])
+            if self.state.ratios:
+                return self.table.round_s[k] * statistics.median(self.state.ratios)
         return self.table.round_s[k]
 
     def rate(self, k: int) -> float:
@@ -156,12 +159,12 @@ class DraftControl:
         """The k of the next round: the best one, except that every `_gap` rounds a probe
         drafts one more (timed: alternately a plain step, so k = 0's cost stays measured). The
         gap doubles while probes leave the best k as it was and resets when it changes. Timed,
-        a plain step is measured first: the costs of drafting are only known against it."""
+        plain steps are measured first: the costs of drafting are only known against them."""
         if self._last is None:
             self._last = self.clock()
         if self.fixed is not None:
             return self.fixed
-        if self.timed and self.state.measured[0] is None:
+        if self.timed and len(self.state.measured[0]) < MIN_TIMED:
             return 0
         best = self.best()
         if best != self._best:
@@ -200,16 +203,13 @@ class DraftControl:
             self._learn_cost(k, seconds)
 
     def _learn_cost(self, k: int, seconds: float) -> None:
-        measured = self.state.measured
         seconds = max(seconds, 1e-6)  # a clock that did not move: not a free round
-        if measured[k] is not None:
-            seconds = min(seconds, 4 * measured[k])  # a stalled consumer is not a round's cost
-            measured[k] += COST_ALPHA * (seconds - measured[k])
-        else:
-            measured[k] = seconds
-        ratio = seconds / self.table.round_s[k]
-        scale = self.state.scale
-        self.state.scale = ratio if scale is None else scale + COST_ALPHA * (ratio - scale)
+        for window, value in (
+            (self.state.measured[k], seconds),
+            (self.state.ratios, seconds / self.table.round_s[k]),
+        ):
+            window.append(value)
+            del window[:-COST_WINDOW]
 
     def report(self) -> DraftReport:
         """What was chosen and why, for the last response of a generation."""

@@ -124,21 +124,29 @@ def test_reproducible_choice_ignores_the_clock_and_the_timed_one_does_not():
 
 
 def test_timed_choice_follows_measured_costs():
-    """Timed, a plain step is measured first; then rounds of drafts that measure 1 + 2k
+    """Timed, plain steps are measured first; then rounds of drafts that measure 1 + 2k
     plain steps stop, at an acceptance the table says pays."""
+    ks = timed_run(lambda r, k: 1.0 + 2.0 * k)
+    assert ks[:3] == [0, 0, 0] and ks[3] > 0 and ks[-5:] == [0] * 5
+
+
+def timed_run(seconds, rounds: int = 60) -> list[int]:
+    """The ks a timed control (table: 1 + 0.2k, acceptance 0.9, every draft accepted)
+    chooses when a round of k drafts takes `seconds(round, k)`."""
     t = [0.0]
-
-    def clock() -> float:
-        return t[0]
-
-    ctl = control(per_draft=0.2, acceptance=0.9, timed=True, clock=clock)
+    ctl = control(per_draft=0.2, acceptance=0.9, timed=True, clock=lambda: t[0])
     ks = []
-    for _ in range(60):
+    for r in range(rounds):
         k = ctl.choose()
-        t[0] += 1.0 + 2.0 * k  # what the machine really takes
+        t[0] += seconds(r, k)
         ctl.observe(k, k)
         ks.append(k)
-    assert ks[0] == 0 and max(ks[1:3]) > 0 and ks[-5:] == [0] * 5
+    return ks
+
+
+def test_one_stalled_round_does_not_stop_drafting():
+    ks = timed_run(lambda r, k: 50.0 if r == 20 else 1.0 + 0.2 * k)
+    assert ks[20] == 3 and ks[21:50] == [3] * 29  # (round 18 was a probe of a plain step)
 
 
 # ------------------------------------------------------------------ through the decode loop
