@@ -121,3 +121,22 @@ def test_the_unmarked_snippets_run_against_micro(where, language, code, tmp_path
         argv, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, (where, result.stderr[-2000:])
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to -."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_link_between_the_pages_resolves():
+    """Each relative link in README.md and docs/ names a file that exists and, with #anchor,
+    a heading on that page (the README's reference moved to docs/ in pieces)."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]*)(#[^)]*)?\)", page.read_text()):
+            path, anchor = target
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists() or (anchor and anchor[1:] not in anchors(file)):
+                broken.append(f"{page.relative_to(ROOT)}: {path}{anchor}")
+    assert not broken
