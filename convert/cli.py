@@ -19,6 +19,8 @@ PLAN_ONLY = (
     "entitlement",
     "num_draft",
     "prefill_chunk",
+    "kv_bits",
+    "kv_group_size",
     "acceptance",
     "image_tokens",
     "vision_encoder",

@@ -147,6 +147,7 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | No
         "max_context": plan.max_context,
         "largest_context_that_fits": plan.largest_context_that_fits,
         "prefill_chunk": plan.settings.prefill_chunk,
+        "kv_cache": d["kv_cache"],
         "memory": memory,
         "mlx": {"cache_limit_bytes": plan.settings.cache_limit},
         "performance": d["performance"],

@@ -3,12 +3,19 @@ way for both so that the plan a user reads is the bundle they get.
 
 Without an explicit recipe or MTP choice, the candidates are tried in order — quality recipe
 with MTP, uniform with MTP, uniform without MTP — and the first whose largest context
-reaches the requested context (or DEFAULT_CONTEXT, or at least MIN_CONTEXT) wins. A checkpoint
+reaches the requested context (or DEFAULT_CONTEXT, or at least MIN_CONTEXT) wins, judged with
+the KV cache and prefill chunk that hold the most. A checkpoint
 with a vision tower is tried with it first (images are what the model is picked for; MTP is
 only a speedup), then, unless `vision=True` insists, without it. With the tower, the context
 to reach includes one image of `image_tokens`. The entitlement is asked for only when the plan
 needs it: a plan that fits within the default limit is made within it, so the usable memory it
 reports is the limit the app will run under.
+
+Then the KV cache precision and the prefill chunk (unless given): the goal is the requested
+context, or else the most the target holds (up to the model's positions) with the smallest of
+both; the first of 16, 8, 4 bits, and within it the largest of PREFILL_CHUNKS, that reaches the
+goal is planned. Precision comes first: it is what the model's answers depend on, the chunk only
+how fast a long prompt is read.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from .plan import (
     plan,
     resolve_config,
 )
-from .settings import DEFAULT_CONTEXT, Settings
+from .settings import DEFAULT_CONTEXT, KV_BITS, PREFILL_CHUNKS, Settings
 
 RECIPES = ("quality", "uniform")  # best first
 
@@ -50,6 +57,29 @@ def vision_candidates(vision: bool | None, has_vision: bool) -> list[bool]:
             raise ConfigError("--vision: this checkpoint has no vision tower (vision_config)")
         return [False]
     return [vision] if vision is not None else [True, False]
+
+
+def cache_candidates(
+    kv_bits: int | None, prefill_chunk: int | None, quantizable: bool = True
+) -> list[tuple[int, int]]:
+    """(KV bits, prefill chunk) pairs to try, preferred first; the last holds the most. Not
+    `quantizable` (the group size does not divide the head dim): 16 bits only, unless asked."""
+    bits = [kv_bits] if kv_bits is not None else list(KV_BITS if quantizable else KV_BITS[:1])
+    chunks = [prefill_chunk] if prefill_chunk is not None else list(PREFILL_CHUNKS)
+    return [(b, c) for b in bits for c in chunks]
+
+
+def _describe_cache(kv_bits: int | None, prefill_chunk: int | None, goal: int) -> str | None:
+    if kv_bits is not None and prefill_chunk is not None:
+        return None
+    chunks = f"the largest prefill chunk of {', '.join(map(str, PREFILL_CHUNKS))}"
+    if kv_bits is None:
+        tried = "the first of 16, 8, 4 KV cache bits" + (
+            f" with {chunks}" if prefill_chunk is None else ""
+        )
+    else:
+        tried = chunks
+    return f"{tried} that reaches {goal:,} tokens"
 
 
 def _describe(
@@ -78,12 +108,14 @@ def choose_plan(
     recipe: str | None = None,
     mtp: bool | None = None,
     vision: bool | None = None,
+    kv_bits: int | None = None,
+    prefill_chunk: int | None = None,
     **settings,
 ) -> Plan:
     """The plan of the first candidate that leaves room for the context (see the module
     docstring); PlanRefused for the least demanding candidate when none does. `recipe` /
-    `mtp` / `vision` None mean "choose"; the other `settings` are Settings fields, as for
-    `plan`."""
+    `mtp` / `vision` / `kv_bits` / `prefill_chunk` None mean "choose"; the other `settings`
+    are Settings fields, as for `plan`."""
     if context is not None:
         fields.integer(context, "context")
     for flag, value in (("mtp", mtp), ("vision", vision)):
@@ -93,6 +125,9 @@ def choose_plan(
     cfg = shapes.text
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
     options = {"name": name or label, **settings}
+    group = settings.get("kv_group_size", Settings.kv_group_size)
+    quantizable = not isinstance(group, int) or cfg.head_dim % group == 0  # else: validate's
+    caches = cache_candidates(kv_bits, prefill_chunk, quantizable)
     image_tokens = settings.get("image_tokens", Settings.image_tokens)
     if settings.get("vision_encoder") == "coreml" and shapes.vision is not None:
         vision = True if vision is None else vision  # Core ML encodes images: keep the tower
@@ -110,13 +145,21 @@ def choose_plan(
         needs = [context] if context else [preferred, floor]
         for need in needs:
             for r, m in pairs:
-                chosen = _within_the_default_limit(shapes, tgt, context, need, r, m, v, options)
+                candidate = {"recipe": r, "mtp": m, "vision": v, **options}
+                chosen = _within_the_default_limit(shapes, tgt, context, need, candidate, caches)
                 if chosen is not None:
-                    chosen.choice = _describe(recipe, mtp, visions, need, image_tokens)
+                    how = [
+                        _describe(recipe, mtp, visions, need, image_tokens),
+                        _describe_cache(kv_bits, prefill_chunk, chosen.max_context),
+                    ]
+                    chosen.choice = "; ".join(h for h in how if h) or None
                     return chosen
         last = v
     r, m = pairs[-1]  # the least demanding candidate: what fits instead is measured from it
-    return plan(shapes, tgt, context, recipe=r, mtp=m, vision=last, **options)  # refuses
+    b, c = caches[-1]
+    return plan(  # refuses
+        shapes, tgt, context, recipe=r, mtp=m, vision=last, kv_bits=b, prefill_chunk=c, **options
+    )
 
 
 def _within_the_default_limit(
@@ -124,18 +167,24 @@ def _within_the_default_limit(
     target: Target,
     context: int | None,
     need: int,
-    recipe: str,
-    mtp: bool,
-    vision: bool,
-    options: dict,
+    candidate: dict,
+    caches: list[tuple[int, int]],
 ) -> Plan | None:
-    """The plan for (recipe, mtp, vision) if it leaves room for `need` tokens: within the
-    default memory limit when that is enough (ask for no capability the app does not need),
-    else within the increased one when it is allowed; None if neither."""
-    allowed = options.get("entitlement", True)
+    """The plan for a candidate's settings (recipe, mtp, vision...) if, with the cache that
+    holds the most, it leaves room for `need` tokens: within the default memory limit when
+    that is enough (ask for no capability the app does not need), else within the increased
+    one when it is allowed; None if neither. Its KV bits and prefill chunk are then the first
+    of `caches` that reaches the context asked for, or else the most this limit holds."""
+    allowed = candidate.get("entitlement", True)
     for entitlement in dict.fromkeys([False, allowed]):
-        lean = {**options, "entitlement": entitlement}
-        p = evaluate(shapes, target, None, recipe=recipe, mtp=mtp, vision=vision, **lean)
-        if p.fits and p.largest_context_that_fits >= need:
-            return plan(shapes, target, context, recipe=recipe, mtp=mtp, vision=vision, **lean)
+        lean = {**candidate, "entitlement": entitlement}
+        bits, chunk = caches[-1]
+        most = evaluate(shapes, target, None, kv_bits=bits, prefill_chunk=chunk, **lean)
+        if not (most.fits and most.largest_context_that_fits >= need):
+            continue
+        goal = context or most.largest_context_that_fits
+        for bits, chunk in caches:
+            p = evaluate(shapes, target, None, kv_bits=bits, prefill_chunk=chunk, **lean)
+            if p.fits and p.largest_context_that_fits >= goal:
+                return plan(shapes, target, context, kv_bits=bits, prefill_chunk=chunk, **lean)
     return None

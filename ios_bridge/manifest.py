@@ -64,6 +64,9 @@ SCHEMA: dict = {
     },
     "max_context": int,
     "prefill_chunk": int,
+    # the KV cache the plan holds its context with: bits 16 (the activation dtype), or 8 / 4
+    # (mlx-swift-lm's GenerateParameters kvBits, kvGroupSize, quantizedKVStart)
+    "kv_cache": {"bits": int, "group_size": int, "quantized_kv_start": int},
     "memory": {
         "peak_bytes": int,
         "check_available_bytes": int,

@@ -19,13 +19,20 @@ Encoding an image is the one step whose memory grows with the square of its size
 over all of its patches), so the vision tower's activations are planned for the largest
 image the runtime takes (`image_tokens`, by default the 1,280-token cap mlxkit and MLX Swift
 apply), beside prefill and verification: they never run at the same time.
+
+The KV cache may be quantized (`kv`, mlxkit.cache.KVQuantization: `kv_bits` 8 or 4, None for
+the activation dtype): per row of hd values, hd·bits/32 uint32 words plus a scale and a bias
+in the activation dtype for each group of `group_size` values, as KVCache and mlx-lm's
+QuantizedKVCache store it. Attention over a quantized cache has no fused kernel at any length
+(mx.quantized_matmul, then softmax, then mx.quantized_matmul), so its [nh, C, T] scores exist
+for every pass, verification included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxkit.cache import KVCache
+from mlxkit.cache import KVCache, KVQuantization
 from mlxkit.models.qwen3_5 import TextConfig
 from mlxkit.models.qwen3_5_vision import VisionConfig
 
@@ -59,13 +66,26 @@ def n_kv_layers(cfg: TextConfig, mtp: bool) -> int:
     return n_full_layers(cfg) + (cfg.mtp_num_hidden_layers if mtp else 0)
 
 
-def kv_bytes_per_token_per_layer(cfg: TextConfig, dtype_bytes: int) -> int:
-    """keys + values: 2 · nkv · hd · b."""
-    return 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+def kv_row_bytes(cfg: TextConfig, dtype_bytes: int, kv: KVQuantization | None = None) -> int:
+    """One position of one KV head's keys (or values): hd · b, or quantized hd · bits / 8
+    (packed) + 2 · (hd / group_size) · b (a scale and a bias per group)."""
+    hd = cfg.head_dim
+    if kv is None:
+        return hd * dtype_bytes
+    return kv.packed_width(hd) * 4 + 2 * kv.groups(hd) * dtype_bytes
 
 
-def kv_bytes_per_token(cfg: TextConfig, dtype_bytes: int, mtp: bool) -> int:
-    return n_kv_layers(cfg, mtp) * kv_bytes_per_token_per_layer(cfg, dtype_bytes)
+def kv_bytes_per_token_per_layer(
+    cfg: TextConfig, dtype_bytes: int, kv: KVQuantization | None = None
+) -> int:
+    """keys + values: 2 · nkv · row (2 · nkv · hd · b unquantized)."""
+    return 2 * cfg.num_key_value_heads * kv_row_bytes(cfg, dtype_bytes, kv)
+
+
+def kv_bytes_per_token(
+    cfg: TextConfig, dtype_bytes: int, mtp: bool, kv: KVQuantization | None = None
+) -> int:
+    return n_kv_layers(cfg, mtp) * kv_bytes_per_token_per_layer(cfg, dtype_bytes, kv)
 
 
 def kv_allocated_tokens(tokens: int) -> int:
@@ -74,20 +94,33 @@ def kv_allocated_tokens(tokens: int) -> int:
     return 0 if tokens <= 0 else -(-tokens // KV_STEP) * KV_STEP
 
 
-def kv_cache_bytes(cfg: TextConfig, tokens: int, dtype_bytes: int, mtp: bool) -> int:
+def kv_cache_bytes(
+    cfg: TextConfig, tokens: int, dtype_bytes: int, mtp: bool, kv: KVQuantization | None = None
+) -> int:
     """What the KV caches allocate (buffers, not only the filled part) holding `tokens`."""
     return (
         n_kv_layers(cfg, mtp)
         * kv_allocated_tokens(tokens)
-        * kv_bytes_per_token_per_layer(cfg, dtype_bytes)
+        * kv_bytes_per_token_per_layer(cfg, dtype_bytes, kv)
     )
 
 
-def kv_layer_buffer_bytes(cfg: TextConfig, tokens: int, dtype_bytes: int) -> int:
-    """One layer's keys buffer (values are a second buffer of the same size). When the cache
-    grows, the old and the new buffers of that layer coexist while it is copied, so the plan
-    adds one layer's keys and values once more ("KV growth")."""
-    return kv_allocated_tokens(tokens) * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+def kv_layer_buffer_bytes(
+    cfg: TextConfig, tokens: int, dtype_bytes: int, kv: KVQuantization | None = None
+) -> int:
+    """One layer's keys buffer (values are a second buffer of the same size; quantized, the
+    packed words, scales and biases together). When the cache grows, the old and the new
+    buffers of that layer coexist while it is copied, so the plan adds one layer's keys and
+    values once more ("KV growth")."""
+    return (
+        kv_allocated_tokens(tokens) * cfg.num_key_value_heads * kv_row_bytes(cfg, dtype_bytes, kv)
+    )
+
+
+def materialises_scores(cfg: TextConfig, queries: int, kv: KVQuantization | None) -> bool:
+    """Whether attention of `queries` new tokens holds the [nh, C, T] scores: always over a
+    quantized cache; otherwise past MLX's vector kernel (C > 8) without a fused kernel for hd."""
+    return kv is not None or (queries > 8 and not fused_attention(cfg.head_dim))
 
 
 def conv_state_bytes(cfg: TextConfig, dtype_bytes: int) -> int:
@@ -141,11 +174,14 @@ def _linear_layer_peak(cfg: TextConfig, chunk: int, dtype_bytes: int) -> int:
     )
 
 
-def _attention_layer_peak(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int) -> int:
+def _attention_layer_peak(
+    cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int, kv: KVQuantization | None = None
+) -> int:
     """Full attention over C new queries and T keys. With head_dim 256 MLX has no fused
     prefill kernel (its fused path takes head dims 64/80/128), so for C > 8 it falls back
     to matmul → softmax → matmul, materialising the score matrix [nh, C, T]: the scores
-    and the probabilities (2 arrays) plus the bool causal mask [C, T]. Around them:
+    and the probabilities (2 arrays) plus the bool causal mask [C, T]; over a quantized
+    cache so does every pass (`materialises_scores`). Around them:
     residual [C,H], q_proj's output [C, 2·nh·hd] (the gate is a view of it), the roped and
     the scaled query [C, nh·hd] each, new keys and values [C, 2·nkv·hd], and the output."""
     H, nh, nkv, hd = (
@@ -155,14 +191,16 @@ def _attention_layer_peak(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: i
         cfg.head_dim,
     )
     around = chunk * (H + 2 * nh * hd + 2 * nh * hd + 2 * nkv * hd + nh * hd) * dtype_bytes
-    if chunk <= 8 or fused_attention(hd):  # MLX's vector or fused kernel: no score matrix
+    if not materialises_scores(cfg, chunk, kv):  # MLX's vector or fused kernel
         return around
     return around + 2 * nh * chunk * keys * dtype_bytes + chunk * keys * MASK_BYTES
 
 
-def score_matrix_bytes(cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int) -> int:
+def score_matrix_bytes(
+    cfg: TextConfig, chunk: int, keys: int, dtype_bytes: int, kv: KVQuantization | None = None
+) -> int:
     """The largest transient single array of prefill: one [nh, C, T] score matrix."""
-    if chunk <= 8 or fused_attention(cfg.head_dim):
+    if not materialises_scores(cfg, chunk, kv):
         return 0
     return cfg.num_attention_heads * chunk * keys * dtype_bytes
 
@@ -180,8 +218,10 @@ def prefill_activations(
     dtype_bytes: int,
     mtp: bool,
     image_tokens: int = 0,
+    kv: KVQuantization | None = None,
 ) -> Activations:
-    """Peak while prefilling the last chunk of a `context`-token prompt.
+    """Peak while prefilling the last chunk of a `context`-token prompt (`kv`: the cache's
+    quantization, None for the activation dtype).
 
     layer peak = the largest of one Gated-DeltaNet layer, one attention layer over T = `keys`
     keys (the runtime attends over the KV cache's whole allocated buffer, masking the unused
@@ -198,7 +238,7 @@ def prefill_activations(
     span = max(keys, context)  # T
     peaks = {
         "gated-deltanet": _linear_layer_peak(cfg, rows, dtype_bytes),
-        "attention": _attention_layer_peak(cfg, rows, span, dtype_bytes),
+        "attention": _attention_layer_peak(cfg, rows, span, dtype_bytes, kv),
         "mlp": _mlp_peak(cfg, rows, dtype_bytes),
     }
     if mtp and cfg.mtp_num_hidden_layers:
@@ -210,17 +250,28 @@ def prefill_activations(
     return Activations(peaks[kind], kind, retained, cfg.vocab_size * FLOAT32, "prefill")
 
 
-def verify_activations(cfg: TextConfig, num_draft: int, dtype_bytes: int) -> Activations:
+def verify_activations(
+    cfg: TextConfig,
+    num_draft: int,
+    dtype_bytes: int,
+    keys: int = 0,
+    kv: KVQuantization | None = None,
+) -> Activations:
     """Peak of one MTP round: verifying k+1 tokens makes every Gated-DeltaNet layer record
     its state after each position ([k+1, Hv, Dv, Dk] float32) and keep its [K-1+k+1, Dc]
     conv input, until the accepted prefix is committed; logits for the k+1 verified
-    positions and the k draft steps (float32 rows)."""
+    positions and the k draft steps (float32 rows). Over a quantized cache the attention
+    layer holds its [nh, k+1, T] scores for T = `keys` too."""
     L = num_draft + 1
     recorded = n_linear_layers(cfg) * (
         L * recurrent_state_bytes(cfg)
         + (cfg.linear_conv_kernel_dim - 1 + L) * cfg.linear_conv_dim * dtype_bytes
     )
-    layer = max(_linear_layer_peak(cfg, L, dtype_bytes), _mlp_peak(cfg, L, dtype_bytes))
+    layer = max(
+        _linear_layer_peak(cfg, L, dtype_bytes),
+        _mlp_peak(cfg, L, dtype_bytes),
+        _attention_layer_peak(cfg, L, keys, dtype_bytes, kv) if kv is not None else 0,
+    )
     logits = (L + num_draft) * cfg.vocab_size * FLOAT32
     return Activations(layer, "verify", recorded, logits, "verify")
 
@@ -307,11 +358,12 @@ def activations(
     mtp: bool,
     num_draft: int,
     image_tokens: int = 0,
+    kv: KVQuantization | None = None,
 ) -> Activations:
     """Prefill and decoding never overlap, so the peak is the larger of the two phases (with
     `image_tokens` of an image prefilled; its encoding is `vision_activations`)."""
-    pre = prefill_activations(cfg, chunk, context, keys, dtype_bytes, mtp, image_tokens)
+    pre = prefill_activations(cfg, chunk, context, keys, dtype_bytes, mtp, image_tokens, kv)
     if not mtp:
         return pre
-    ver = verify_activations(cfg, num_draft, dtype_bytes)
+    ver = verify_activations(cfg, num_draft, dtype_bytes, max(keys, context), kv)
     return pre if pre.total >= ver.total else ver

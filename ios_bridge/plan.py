@@ -10,7 +10,10 @@ would fit instead.
 
 Total = weights + Gated-DeltaNet state (fixed) + KV cache (as allocated, at the planned
 context plus the draft positions verification appends) + one layer's old KV buffers while
-the cache grows + activation peak + runtime reserve + MLX buffer-cache limit.
+the cache grows + activation peak + runtime reserve + MLX buffer-cache limit. The KV cache is
+kept at `kv_bits` (16: the activation dtype; 8 or 4: quantized in groups of `kv_group_size`,
+from the first token), and prompts are prefilled `prefill_chunk` tokens at a time: at long
+context the attention scores of one chunk against the whole cache are prefill's largest term.
 
 With the vision tower (a checkpoint that has one, `vision` on): its weights are a part of
 their own; the activation peak is the larger of prefill / verification and encoding one
@@ -40,6 +43,7 @@ from mlxkit.convert.coreml import (
 from mlxkit.convert.quantize import check_vision_bits, load_recipe
 
 from mlxkit import fields
+from mlxkit.cache import KV_GROUP_SIZES, KVQuantization
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.generate import MAX_DRAFT
 from mlxkit.layout import (
@@ -61,7 +65,7 @@ from . import memory as mem
 from .devices import GB, MAX_BUDGET, Target, load_catalog, resolve_target
 from .roofline import Speed, WeightReads, predict_speed
 from .runtimes import MLXKIT, DecodeRuntime, runtime_for, swift_runtime
-from .settings import MIN_CONTEXT, SWIFT_RUNTIMES, VISION_ENCODERS, Settings
+from .settings import KV_BITS, MIN_CONTEXT, SWIFT_RUNTIMES, VISION_ENCODERS, Settings
 
 COREML_PRECISION = "float16"  # what a bundle's Core ML encoder computes in (the Neural Engine's)
 # What a Core ML bundle cannot do on the phone, said at plan and build time. Read in mlx-swift-lm
@@ -115,6 +119,14 @@ class _WithVision:
         if self.vision_encoder == "coreml":
             return max(vision_tokens(g, self.vision.spatial_merge_size) for g in self.coreml_grids)
         return self.settings.image_tokens if self.vision is not None else 0
+
+
+def kv_quantization(settings: Settings) -> KVQuantization | None:
+    """The KV cache the settings plan for: None at 16 bits (the activation dtype), else
+    quantized from the first token (the bundle sets quantizedKVStart 0)."""
+    if settings.kv_bits == 16:
+        return None
+    return KVQuantization(settings.kv_bits, settings.kv_group_size, 0)
 
 
 def coreml_grids(settings: Settings, vision: VisionConfig) -> list[Grid]:
@@ -328,6 +340,7 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
         )
     if not 0.0 <= settings.acceptance <= 1.0:
         raise ConfigError(f"acceptance must be within [0, 1], got {settings.acceptance}")
+    validate_kv(settings, cfg)
     if not 1 <= settings.num_draft <= MAX_DRAFT:
         raise ConfigError(f"num_draft must be between 1 and {MAX_DRAFT}, got {settings.num_draft}")
     if settings.dtype not in OUTPUT_DTYPES:
@@ -357,6 +370,22 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
         raise ConfigError(
             f"swift runtime must be one of {', '.join(SWIFT_RUNTIMES)}, got "
             f"{fields.shown(settings.swift_runtime)}"
+        )
+
+
+def validate_kv(settings: Settings, cfg: TextConfig) -> None:
+    """kv_bits one of 16, 8, 4; a group size mx.quantize takes that divides the head dim."""
+    if isinstance(settings.kv_bits, bool) or settings.kv_bits not in KV_BITS:
+        raise ConfigError(
+            f"kv bits must be 16 (not quantized), 8 or 4, got {fields.shown(settings.kv_bits)}"
+        )
+    group = settings.kv_group_size
+    if isinstance(group, bool) or group not in KV_GROUP_SIZES:
+        raise ConfigError(f"kv group size must be 32, 64 or 128, got {fields.shown(group)}")
+    if settings.kv_bits != 16 and cfg.head_dim % group:
+        raise ConfigError(
+            f"kv group size {group} does not divide the head dim {cfg.head_dim}: pass "
+            "--kv-group-size 32"
         )
 
 
@@ -489,11 +518,15 @@ class _Inputs(_WithVision):
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.settings.dtype]
 
+    @property
+    def kv(self) -> KVQuantization | None:
+        return kv_quantization(self.settings)
+
 
 def _largest_array(inputs: _Inputs, held: int, kv_buffer: int, context: int) -> tuple[str, int]:
     chunk = min(inputs.settings.prefill_chunk, context)
     keys = mem.kv_allocated_tokens(held)
-    scores = mem.score_matrix_bytes(inputs.cfg, chunk, keys, inputs.dtype_bytes)
+    scores = mem.score_matrix_bytes(inputs.cfg, chunk, keys, inputs.dtype_bytes, inputs.kv)
     candidates = [
         inputs.weights.largest,
         ("KV cache buffer of one layer", kv_buffer),
@@ -532,13 +565,13 @@ def _speeds(inputs: _Inputs, context: int) -> tuple[Speed | None, Speed | None]:
 def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
     """The plan at `context` tokens (its largest context that fits is filled in by the
     caller: it takes a search)."""
-    cfg, s, b, k = inputs.cfg, inputs.settings, inputs.dtype_bytes, inputs.num_draft
+    cfg, s, b, k, kv = inputs.cfg, inputs.settings, inputs.dtype_bytes, inputs.num_draft, inputs.kv
     held = context + k  # verification appends k draft positions before trimming
-    kv_buffer = mem.kv_layer_buffer_bytes(cfg, held, b)
+    kv_buffer = mem.kv_layer_buffer_bytes(cfg, held, b, kv)
     keys = mem.kv_allocated_tokens(held)
     speed, mlxkit_speed = _speeds(inputs, context) if with_speed else (None, None)
     text = mem.activations(
-        cfg, s.prefill_chunk, context, keys, b, s.mtp, max(k, 1), inputs.image_tokens
+        cfg, s.prefill_chunk, context, keys, b, s.mtp, max(k, 1), inputs.image_tokens, kv
     )
     encoding = inputs.vision_encoding
     peak = text if encoding is None or text.total >= encoding.total else encoding
@@ -554,10 +587,10 @@ def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
         weights=inputs.weights.by_part,
         bits_per_part=inputs.weights.bits_per_part,
         weight_reads=inputs.weights.reads,
-        kv_bytes_per_token=mem.kv_bytes_per_token(cfg, b, s.mtp),
+        kv_bytes_per_token=mem.kv_bytes_per_token(cfg, b, s.mtp, kv),
         state_bytes=mem.linear_state_bytes(cfg, b),
         max_context=context,
-        kv_cache_bytes=mem.kv_cache_bytes(cfg, held, b, s.mtp),
+        kv_cache_bytes=mem.kv_cache_bytes(cfg, held, b, s.mtp, kv),
         kv_growth_bytes=2 * kv_buffer,
         activations=peak,
         vision_encoding=encoding,
@@ -604,7 +637,31 @@ def _warnings(plan: Plan) -> list[str]:
         found.append(f"unconfirmed target numbers: {', '.join(plan.target.unconfirmed)}")
     if plan.vision_encoder == "coreml" and plan.target.kind != "mac":
         found.append(COREML_SWIFT_GAP)
+    same = same_memory_as_less_ram(plan.target)
+    if same:
+        tier = plan.target.tier
+        found.append(
+            f"{tier.name} phones are planned with the usable memory of {same} phones "
+            f"({plan.target.usable_bytes / GB:.1f} / {plan.target.usable_bytes_entitled / GB:.1f} "
+            "GB without / with the entitlement: no larger limit is confirmed for them), so they "
+            "plan no more context; --memory-budget plans a limit you have measured "
+            "(os_proc_available_memory())"
+        )
     return found
+
+
+def same_memory_as_less_ram(target: Target) -> str | None:
+    """The name of a tier with less RAM whose planned usable memory equals `target`'s (why a
+    12 GB phone plans no more context than an 8 GB one), or None."""
+    if target.tier is None or target.kind == "mac":
+        return None
+    for tier in load_catalog().tiers.values():
+        if tier.ram_gb < target.tier.ram_gb and (
+            tier.usable_bytes,
+            tier.usable_bytes_entitled,
+        ) == (target.usable_bytes, target.usable_bytes_entitled):
+            return tier.name
+    return None
 
 
 def evaluate(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from mlxkit.presets import sizes
+
 from .devices import ENTITLEMENT, GB, Catalog, Device, Tier, load_catalog
 from .memory import KV_STEP, fused_attention, vision_patches
-from .plan import Plan, gb, usable_label
+from .plan import Plan, evaluate, gb, usable_label
 from .roofline import SHORT_CONTEXT, Speed, speed_model
+from .settings import KV_BITS, MIN_CONTEXT, PREFILL_CHUNKS
 
 
 def _u(value: str, key: str, unconfirmed: tuple[str, ...]) -> str:
@@ -40,8 +43,41 @@ def _mac_sources(catalog: Catalog) -> set[str]:
     return {key for mac in catalog.macs.values() for key in mac.source.values()}
 
 
+def tier_contexts(tier: Tier, size: str) -> dict[int, int]:
+    """The largest context `size` plans on `tier` with the KV cache at each of KV_BITS (0: it
+    does not fit): text only, uniform recipe, MTP, the entitlement allowed, and the prefill
+    chunk that holds the most (the smallest the planner chooses)."""
+    contexts = {}
+    for bits in KV_BITS:
+        p = evaluate(
+            size,
+            f"tier-{tier.id}",
+            recipe="uniform",
+            vision=False,
+            kv_bits=bits,
+            prefill_chunk=PREFILL_CHUNKS[-1],
+        )
+        contexts[bits] = p.largest_context_that_fits if p.fits else 0
+    return contexts
+
+
+def _contexts_line(tier: Tier) -> str:
+    def shown(n: int) -> str:
+        return f"{n // 1024:,}K" if n >= MIN_CONTEXT else "-"
+
+    cells = []
+    for size in sizes():
+        c = tier_contexts(tier, size)
+        cells.append(f"{size} {' / '.join(shown(c[b]) for b in KV_BITS)}")
+    return (
+        "  largest context (K = 1,024 tokens), KV cache at 16 / 8 / 4 bits, text only: "
+        + "; ".join(cells)
+    )
+
+
 def format_tiers(catalog: Catalog | None = None) -> str:
-    """One block per tier, one line per device; (u) marks an unconfirmed number."""
+    """One block per tier, one line per device, and the largest context of each size with the
+    KV cache at 16, 8 and 4 bits; (u) marks an unconfirmed number."""
     catalog = catalog or load_catalog()
     lines = [
         (
@@ -58,7 +94,7 @@ def format_tiers(catalog: Catalog | None = None) -> str:
     for tier in catalog.tiers.values():
         lines += [_tier_line(tier), header]
         lines += [_device_line(d, tier) for d in catalog.devices_in(tier.id)]
-        lines.append("")
+        lines += [_contexts_line(tier), ""]
     lines.append("sources:")
     lines += [f"  {k}: {v}" for k, v in catalog.sources.items() if k not in _mac_sources(catalog)]
     lines.append("Any other device: --memory-budget 3.5GB (check os_proc_available_memory()).")
@@ -204,6 +240,12 @@ def _coreml_line(plan: Plan) -> str:
     )
 
 
+def _kv_words(bits: int, group_size: int) -> str:
+    if bits == 16:
+        return "KV cache at 16 bits (not quantized)"
+    return f"KV cache at {bits} bits (groups of {group_size}, quantized from the first token)"
+
+
 def format_plan(plan: Plan) -> str:
     s, cfg = plan.settings, plan.cfg
     bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
@@ -217,7 +259,10 @@ def format_plan(plan: Plan) -> str:
             f"  quantization: {s.recipe} recipe{chosen}, {s.bits}-bit default ({bits}); dtype "
             f"{s.dtype}"
         ),
-        f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk} tokens",
+        (
+            f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk} tokens; "
+            + _kv_words(s.kv_bits, s.kv_group_size)
+        ),
         _vision_line(plan),
         (
             f"  context: {plan.max_context:,} tokens planned; the largest that fits: "

@@ -162,6 +162,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "mtp": {"included": s.mtp, "num_draft": plan.num_draft, "runtime": plan.runtime.name},
         "vision": vision_to_dict(plan),
         "prefill_chunk": s.prefill_chunk,
+        # bits 16: the activation dtype; 8 or 4: quantized from the first position
+        "kv_cache": {"bits": s.kv_bits, "group_size": s.kv_group_size, "quantized_kv_start": 0},
         "memory": memory_to_dict(plan),
         "performance": performance_to_dict(plan),
         "warnings": plan.warnings,

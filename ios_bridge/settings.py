@@ -38,6 +38,12 @@ VISION_ENCODERS = ("mlx", "coreml")
 SWIFT_RUNTIMES = ("1441444", "3.31.4")
 DEFAULT_SWIFT_RUNTIME = "1441444"
 MIN_CONTEXT = 512  # a plan with less room than this is refused: not a useful chat
+# KV cache precisions a plan can choose, preferred first: 16 is the activation dtype (not
+# quantized); 8 and 4 are mlx-swift-lm's GenerateParameters.kvBits (mlxkit.cache.KV_BITS).
+KV_BITS = (16, 8, 4)
+# Prefill chunks a plan can choose, preferred (fastest) first: at long context the attention
+# scores of one chunk against the whole cache grow with the chunk, so a smaller one holds more.
+PREFILL_CHUNKS = (512, 256, 128, 64, 32)
 DEFAULT_CONTEXT = 4096  # what an automatic choice (choose_plan) leaves room for, when it can
 
 
@@ -137,7 +143,25 @@ class Settings:
         "--num-draft",
         type=int,
     )
-    prefill_chunk: int = _knob(512, "Prompt tokens per prefill step.", "--prefill-chunk", type=int)
+    kv_bits: int = _knob(
+        16,
+        "KV cache precision: 16 (not quantized), 8 or 4 bits [plan, --target: the first of 16, "
+        "8, 4 that reaches --context, or else the longest context, up to the model's].",
+        "--kv-bits",
+        type=int,
+        cli_default=None,
+    )
+    kv_group_size: int = _knob(
+        64, "KV cache quantization group size: 32, 64 or 128.", "--kv-group-size", type=int
+    )
+    prefill_chunk: int = _knob(
+        512,
+        "Prompt tokens per prefill step [plan, --target: the largest of 512, 256, 128, 64, 32 "
+        "that reaches the context, with the KV cache precision].",
+        "--prefill-chunk",
+        type=int,
+        cli_default=None,
+    )
     acceptance: float = _knob(
         0.7, "MTP per-draft acceptance for the speed estimate.", "--acceptance", type=float
     )

@@ -95,6 +95,7 @@ def write_xcode(out: Path, bundle_name: str, manifest: dict, download_bytes: int
         "peak_gb": f"{manifest['memory']['peak_bytes'] / 1e9:.2f}",
         "usable_gb": f"{manifest['memory']['usable_bytes'] / 1e9:.2f}",
         "max_context": f"{manifest['max_context']:,}",
+        "kv_cache": manifest["kv_cache"],
         "entitlement_required": manifest["entitlement_required"],
         "min_ios": manifest["min_ios"],
         "download_gb": f"{download_bytes / 1e9:.2f}",

@@ -417,6 +417,41 @@ def generation(runtime: dict, prefill_chunk: int, temperature: float, drafter: b
     }
 
 
+def kv_cache(runtime: dict, kv_cache: dict, glue: str) -> dict:
+    """The KV cache a request runs with, given the manifest's `kv_cache` and the glue: at bits
+    below 16 the glue must set `parameters.kvBits`, `.kvGroupSize` and `.quantizedKVStart`
+    from it (else the cache stays in the model's dtype, which the plan did not budget).
+
+    Both runtimes declare the three (1441444: Libraries/MLXLMCommon/Evaluate.swift:118-124;
+    3.31.4: :67-73). 1441444 turns them into an affine strategy (KVCachePlan.swift:464-474);
+    both quantize a cache once its offset is greater than quantizedKVStart (1441444:
+    KVCache.swift:2466-2494 through that plan; 3.31.4: KVCache.swift:2001-2030), so with 0 the
+    first prefill step runs unquantized and the cache is quantized right after it."""
+    wanted = kv_cache["bits"] < 16
+    sets = [
+        f"parameters.{name} = manifest.kvCache.{field}"
+        for name, field in (
+            ("kvBits", "bits"),
+            ("kvGroupSize", "groupSize"),
+            ("quantizedKVStart", "quantizedKVStart"),
+        )
+    ]
+    if not all(line in glue for line in sets):
+        if wanted:
+            raise SwiftRefuses(
+                f"mlx-swift-lm {runtime['version']} keeps the KV cache unquantized: the glue does "
+                f"not set {', '.join(sets)}"
+            )
+        return {"kv_bits": None, "kv_group_size": 64, "quantized_kv_start": 0}
+    if not wanted:
+        return {"kv_bits": None, "kv_group_size": 64, "quantized_kv_start": 0}
+    return {
+        "kv_bits": kv_cache["bits"],
+        "kv_group_size": kv_cache["group_size"],
+        "quantized_kv_start": kv_cache["quantized_kv_start"],
+    }
+
+
 # --- a bundle, loaded -----------------------------------------------------------------------------
 
 

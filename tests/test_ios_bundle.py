@@ -163,7 +163,7 @@ def _swift_structs(source: str) -> dict[str, set[str]]:
 def test_swift_keys_match_the_manifest(built):
     manifest = json.loads((built / "manifest.json").read_text())
     structs = _swift_structs((built / SWIFT).read_text())
-    assert set(structs) == {".", "model", "target", "memory", "mlx", "mtp", "vision"}
+    assert set(structs) == {".", "model", "target", "memory", "mlx", "mtp", "vision", "kv_cache"}
     for path, keys in structs.items():
         node = manifest if path == "." else manifest[path]
         assert keys <= set(node), f"{path}: Swift reads {keys - set(node)} absent from manifest"

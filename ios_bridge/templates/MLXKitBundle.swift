@@ -39,6 +39,7 @@ public struct MLXKitManifest: Decodable, Sendable {
     public let entitlementRequired: Bool
     public let maxContext: Int
     public let prefillChunk: Int
+    public let kvCache: KVCacheSettings
     public let memory: Memory
     public let mlx: MLXSettings
     public let mtp: MTP
@@ -52,6 +53,7 @@ public struct MLXKitManifest: Decodable, Sendable {
         case entitlementRequired = "entitlement_required"
         case maxContext = "max_context"
         case prefillChunk = "prefill_chunk"
+        case kvCache = "kv_cache"
         case memory
         case mlx
         case mtp
@@ -92,6 +94,22 @@ public struct MLXKitManifest: Decodable, Sendable {
             case peakBytes = "peak_bytes"
             case checkAvailableBytes = "check_available_bytes"
             case usableBytes = "usable_bytes"
+        }
+    }
+
+    /// The KV cache the memory plan holds `maxContext` with: `bits` 16 is the model's dtype;
+    /// 8 or 4 is mlx-swift-lm's quantized cache (`GenerateParameters.kvBits`), in groups of
+    /// `groupSize`, from position `quantizedKVStart`.
+    public struct KVCacheSettings: Decodable, Sendable {
+        // mlxkit-manifest-path: kv_cache
+        public let bits: Int
+        public let groupSize: Int
+        public let quantizedKVStart: Int
+
+        enum CodingKeys: String, CodingKey {
+            case bits
+            case groupSize = "group_size"
+            case quantizedKVStart = "quantized_kv_start"
         }
     }
 
@@ -327,6 +345,13 @@ public enum MLXKitBundle {
         var parameters = GenerateParameters()
         // The activation peak in the plan assumes prompts are processed in chunks of this size.
         parameters.{{ runtime.prefill_step }} = manifest.prefillChunk
+        // ... and the KV cache kept as it says: the context it promises needs the quantized
+        // cache where it planned one.
+        if manifest.kvCache.bits < 16 {
+            parameters.kvBits = manifest.kvCache.bits
+            parameters.kvGroupSize = manifest.kvCache.groupSize
+            parameters.quantizedKVStart = manifest.kvCache.quantizedKVStart
+        }
 
         var mtpURL: URL? = nil
         if manifest.mtp.included, let path = manifest.model.mtpPath {
