@@ -8,6 +8,7 @@ import sys
 import click
 
 from mlxkit import __version__
+from mlxkit.cli_options import NumDraft
 from mlxkit.errors import MlxkitError
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -62,20 +63,6 @@ def info(path: str) -> None:
     click.echo(format_info(checkpoint_info(path)))
 
 
-class _NumDraft(click.ParamType):
-    """--num-draft: "auto" or an integer (its range is stream_generate's to check)."""
-
-    name = "auto|N"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == "auto":
-            return value
-        try:
-            return int(value)
-        except ValueError:
-            self.fail(f'{value!r} is not "auto" or an integer', param, ctx)
-
-
 @main.command()
 @click.option("--model", "model_path", help="Model directory (HF or MLX layout) or bundle.")
 @click.option("--size", help='A published size (0.8b, 2b, 4b, 9b: Hugging Face cache) or "micro".')
@@ -92,7 +79,7 @@ class _NumDraft(click.ParamType):
 @click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
 @click.option(
     "--num-draft",
-    type=_NumDraft(),
+    type=NumDraft(),
     default="auto",
     show_default=True,
     help="Tokens drafted per round: auto (0-3 per round, whatever is fastest) or N.",

@@ -45,6 +45,17 @@ class DraftReport:
     costs: str
     speedup: tuple[float, ...]
 
+    def as_dict(self) -> dict:
+        """The report as JSON values (the server's usage block and /v1/stats)."""
+        return {
+            "auto": self.auto,
+            "rounds_per_k": list(self.rounds),
+            "ms_per_round": list(self.round_ms),
+            "acceptance_by_depth": list(self.acceptance),
+            "costs": self.costs,
+            "expected_speedup": list(self.speedup),
+        }
+
     def summary(self) -> str:
         """One line: what was chosen and why."""
         ks = [k for k, n in enumerate(self.rounds) if n]

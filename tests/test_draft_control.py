@@ -281,3 +281,28 @@ def test_the_digest_names_the_weights():
     c, _ = load("micro")
     c.load_weights([("mtp.norm.weight", c.mtp.norm.weight + 1)], strict=False)
     assert draft_control.model_digest(c) != draft_control.model_digest(a)
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+def test_the_server_counts_rounds_per_k_and_reports_the_last_choice(monkeypatch, tmp_path):
+    from mlxkit.serve.engine import Engine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from mlxkit.serve.protocol import usage
+
+    model, tokenizer = load("micro")
+    engine = Engine(model, tokenizer, max_queue=1, prompt_cache_bytes=0)
+    reports = []
+    for seed in (1, 2):
+        last = list(stream_generate(model, tokenizer, "def f(x):", max_tokens=12, seed=seed))[-1]
+        engine._count(last, 0)
+        reports.append(last.drafting)
+    mtp = engine.stats()["mtp"]
+    assert mtp["num_draft"] == "auto"
+    assert mtp["rounds_per_k"] == [a + b for a, b in zip(*(r.rounds for r in reports))]
+    assert mtp["last"] == reports[-1].as_dict() and mtp["last"]["costs"] == "default"
+    block = usage(5, 0, 12, last.drafted, last.accepted, last.drafting)
+    assert block["mtp"]["rounds_per_k"] == list(last.drafting.rounds)
+    assert "mtp" not in usage(5, 0, 12, 0, 0)

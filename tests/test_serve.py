@@ -45,7 +45,7 @@ def micro():
     return mlxkit.load("micro")
 
 
-SERVER_DRAFTS = 2  # `mlxkit serve --num-draft`'s default: sampled tokens depend on the rounds
+SERVER_DRAFTS = "auto"  # `mlxkit serve --num-draft`'s default: sampled tokens depend on the rounds
 
 
 def reference(micro, prompt, **kw) -> tuple[str, list[int], str]:
@@ -86,7 +86,7 @@ def test_models_health_and_stats(server, client):
     assert [m.id for m in client.models.list().data] == ["micro"]
     assert server.request("GET", "/health")[:3:2] == (200, {"status": "ok", "model": "micro"})
     stats = server.stats()
-    assert stats["mtp"]["enabled"] is True and stats["mtp"]["num_draft"] == 2
+    assert stats["mtp"]["enabled"] is True and stats["mtp"]["num_draft"] == "auto"
     assert stats["requests"]["max_in_flight"] == 9  # one generating + --max-queue 8
 
 
@@ -121,6 +121,9 @@ def test_chat_greedy_equals_generate(client, micro, stream):
     assert usage.prompt_tokens == len(chat_ids(micro, messages, thinking=False))
     details = usage.completion_tokens_details
     assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
+    mtp = usage.model_extra["mtp"]  # what auto chose and why (issue 24)
+    assert mtp["auto"] and sum(mtp["rounds_per_k"][1:]) > 0 and mtp["costs"] == "measured"
+    assert len(mtp["acceptance_by_depth"]) == len(mtp["expected_speedup"]) - 1 == 3
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -405,7 +405,9 @@ def _finish(last: GenerationResponse, parser: OutputParser) -> str:
 
 def _usage(session: _Session) -> dict:
     r = session.last
-    return usage(r.prompt_tokens, session.job.cached, r.generation_tokens, r.drafted, r.accepted)
+    return usage(
+        r.prompt_tokens, session.job.cached, r.generation_tokens, r.drafted, r.accepted, r.drafting
+    )
 
 
 async def _request_error(request: Request, exc: RequestError) -> Response:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from mlxkit.cli_options import NumDraft
 from mlxkit.errors import MlxkitError
 
 SERVER_STACK = ("starlette", "uvicorn", "pydantic")
@@ -58,10 +59,10 @@ def require_server_stack() -> None:
 @click.option("--mtp/--no-mtp", default=True, show_default=True, help="MTP speculative decoding.")
 @click.option(
     "--num-draft",
-    default=2,
+    default="auto",
     show_default=True,
-    type=click.IntRange(1, 8),
-    help="Tokens drafted per MTP round.",
+    type=NumDraft(),
+    help="Tokens drafted per MTP round: auto (0-3 per round, whatever is fastest) or N.",
 )
 @click.option(
     "--allowed-local-media-path",
@@ -87,14 +88,20 @@ def serve(
     prompt_cache_size: str,
     max_tokens: int,
     mtp: bool,
-    num_draft: int,
+    num_draft: int | str,
     media_dirs: tuple[str, ...],
     log_level: str,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/stats, /health) for one model, with MTP and prompt reuse."""
     require_server_stack()
+    from mlxkit.decode import MAX_DRAFT
     from mlxkit.ios_bridge.devices import parse_bytes
+
+    if num_draft != "auto" and not 1 <= num_draft <= MAX_DRAFT:
+        raise click.BadParameter(
+            f"{num_draft} is not auto or between 1 and {MAX_DRAFT}", param_hint="'--num-draft'"
+        )
 
     if (model_path is None) == (size is None):
         raise MlxkitError("pass either --model PATH or --size SIZE")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 import queue
@@ -30,6 +31,7 @@ import mlx.core as mx
 
 from mlxkit.errors import MlxkitError
 from mlxkit.generate import GenerationResponse, PromptCache, prefill, stream_generate
+from mlxkit.response import DraftReport
 from mlxkit.serve.pool import PromptPool
 from mlxkit.vision import VisionInput
 
@@ -76,6 +78,8 @@ class Counters:
     prepared_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    draft_rounds: list[int] = field(default_factory=list)  # MTP rounds per k (k = 0: plain)
+    drafting: DraftReport | None = None  # the last generation's
 
 
 class Engine:
@@ -87,7 +91,7 @@ class Engine:
         max_queue: int,
         prompt_cache_bytes: int,
         mtp: bool = True,
-        num_draft: int = 2,
+        num_draft: int | str = "auto",
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.mtp = mtp and model.has_mtp
@@ -283,6 +287,10 @@ class Engine:
         c.generated_tokens += r.generation_tokens
         c.drafted += r.drafted
         c.accepted += r.accepted
+        if r.drafting is not None:
+            pairs = itertools.zip_longest(c.draft_rounds, r.drafting.rounds, fillvalue=0)
+            c.draft_rounds = [a + b for a, b in pairs]
+            c.drafting = r.drafting
 
     def _refresh(self) -> None:
         self.gauges = {
@@ -322,6 +330,8 @@ class Engine:
                 "drafted": c.drafted,
                 "accepted": c.accepted,
                 "acceptance": c.accepted / c.drafted if c.drafted else None,
+                "rounds_per_k": c.draft_rounds,
+                "last": c.drafting.as_dict() if c.drafting is not None else None,
             },
             **self.gauges,
         }

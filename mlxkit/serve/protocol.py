@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+if typing.TYPE_CHECKING:
+    from mlxkit.response import DraftReport
+
 MAX_STOP_STRINGS = 16
 MAX_JSON_DEPTH = 64  # far more than any request needs; deeper bodies cost recursion, not data
 
@@ -347,10 +350,16 @@ def now() -> int:
 
 
 def usage(
-    prompt_tokens: int, cached: int, completion_tokens: int, drafted: int, accepted: int
+    prompt_tokens: int,
+    cached: int,
+    completion_tokens: int,
+    drafted: int,
+    accepted: int,
+    drafting: DraftReport | None = None,
 ) -> dict:
     """Token counts; MTP drafts appear as OpenAI's predicted-output counts (accepted and
-    rejected draft tokens)."""
+    rejected draft tokens), and what the drafting chose and why under "mtp"."""
+    mtp = {"mtp": drafting.as_dict()} if drafting is not None else {}
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -360,4 +369,5 @@ def usage(
             "accepted_prediction_tokens": accepted,
             "rejected_prediction_tokens": drafted - accepted,
         },
+        **mtp,
     }
