@@ -24,7 +24,7 @@ LINES = [line for line in BLOCK.splitlines() if line.strip()]
 COMMANDS = [line for line in LINES if not line.startswith("#")]
 # What may follow a number: its unit or the thing it counts.
 UNIT = re.compile(
-    r"\s?(%|x\b|×|[KMG]i?B(/s)?\b|B/token\b|ms\b|s\b|tokens?(/s)?\b|drafts?\b|rounds?\b|"
+    r"\s?([A-Z]{2} cache )?(%|x\b|×|[KMG]i?B(/s)?\b|B/token\b|ms\b|s\b|tokens?(/s)?\b|drafts?\b|rounds?\b|"
     r"layers?\b|bits?\b|paths?\b|files?\b|tensors?\b|patches\b|vision tokens\b|GB\b|"
     r"/\d[\d,]* \w|per \w+|of \d|of them\b|-bit\b|-token\b|B\b|vision_tower\.)"
 )
@@ -35,7 +35,8 @@ LABEL = re.compile(
     r"schema|sha|iOS|M\d|mlx-swift-lm|\d[\d,.]*\s?(GB|MB|%)?\s?(of|->|>|/))"
     r"\s*$"
 )
-NUMBER = re.compile(r"(?<![\w.,])\d[\d,]*(\.\d+)?")
+LIST = re.compile(r"(,| or) \d")
+NUMBER = re.compile(r"(?<![\w.,])\d+(,\d{3})*(\.\d+)?(?!\d)")
 
 
 def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -46,11 +47,13 @@ def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def unlabelled_numbers(text: str) -> list[str]:
     """Each number in `text` that has neither a unit after it nor a label before it, with the
-    line it is on."""
+    line it is on; in a list of numbers, the last one's unit covers the others."""
     bad = []
     for line in text.splitlines():
         for m in NUMBER.finditer(line):
             before, after = line[: m.start()], line[m.end() :]
+            if LIST.match(after):
+                continue  # "16, 8 or 4 bits": the list's last number says what they are
             if not UNIT.match(after) and not LABEL.search(before):
                 bad.append(f"{m.group()!r} in {line.strip()!r}")
     return bad
