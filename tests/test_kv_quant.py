@@ -255,3 +255,16 @@ def test_bad_settings_are_refused_in_one_line(options, message):
     model, tokenizer = load(FIXTURES / "tiny_tied")
     with pytest.raises(MlxkitError, match=message):
         next(stream_generate(model, tokenizer, "hi", max_tokens=1, **options))
+
+
+def test_cli_generate_with_a_quantized_cache():
+    from click.testing import CliRunner
+
+    from mlxkit.cli import main
+
+    args = ["generate", "--size", "micro", "--prompt", "Once upon", "--max-tokens", "6"]
+    out = CliRunner().invoke(main, [*args, "--kv-bits", "8", "--kv-group-size", "32"])
+    assert out.exit_code == 0, out.output
+    assert "6 tokens" in out.output
+    bad = CliRunner().invoke(main, [*args, "--kv-bits", "3"])
+    assert bad.exit_code == 2 and "kv_bits must be 4, 8 or None" in bad.output
