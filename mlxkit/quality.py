@@ -490,8 +490,8 @@ def _check_same_tokens(
     for name, items in texts.items():
         if [t for s in items for t in reference.encode(s)] != ids[name]:
             raise CheckpointError(
-                f"{reference_path} tokenizes the {name} text differently from the model: "
-                "compare a model with the checkpoint it was converted from"
+                f"{reference_path} tokenizes the evaluation text ({name}) differently from the "
+                "model: compare a model with the checkpoint it was converted from"
             )
 
 
