@@ -42,7 +42,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
-from mlxkit.fields import shown
+from mlxkit.fields import local_path, shown
 from mlxkit.load import load_config, load_model, resolve_model_dir
 from mlxkit.models.qwen3_5 import Model
 from mlxkit.tokenizer import Tokenizer, load_tokenizer
@@ -135,7 +135,7 @@ def read_chat(path: str | Path) -> list[dict]:
 
 
 def _read_input(path: str | Path, flag: str) -> str:
-    p = Path(path).expanduser()
+    p = local_path(path, flag)
     try:
         if not p.is_file():
             raise ConfigError(f"{flag} {p}: not a file; pass a UTF-8 text file")
@@ -437,7 +437,7 @@ def measure_quality(
     if not windows:
         raise ConfigError("the text has fewer than 2 tokens: nothing to score; pass more text")
     rows = windows[-1].row + windows[-1].scored
-    folder = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+    folder = local_path(tmp_dir if tmp_dir is not None else tempfile.gettempdir(), "tmp_dir")
     _check_space(folder, rows * vocab * 4)
     with tempfile.NamedTemporaryFile(dir=folder, prefix="mlxkit-eval-", suffix=".f32") as f:
         store = np.memmap(f.name, dtype=np.float32, mode="w+", shape=(rows, vocab))
@@ -458,7 +458,7 @@ def _check_options(window: object, max_tokens: object, reference_dtype: object) 
         raise ConfigError(f"window must be an integer from 2 to {MAX_WINDOW}, got {shown(window)}")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise ConfigError(f"max_tokens must be a positive integer, got {shown(max_tokens)}")
-    if reference_dtype not in REFERENCE_DTYPES:
+    if not isinstance(reference_dtype, str) or reference_dtype not in REFERENCE_DTYPES:
         raise ConfigError(
             f"reference_dtype must be one of {', '.join(REFERENCE_DTYPES)}, "
             f"got {shown(reference_dtype)}"
@@ -554,7 +554,7 @@ def _result(
 
 def json_output(path: str | Path) -> Path:
     """Where `--json` writes, checked before the measurement starts rather than after it."""
-    p = Path(path).expanduser()
+    p = local_path(path, "--json")
     if p.is_dir():
         raise ConfigError(f"--json {p}: is a directory; pass a file name")
     if not p.parent.is_dir():

@@ -128,6 +128,10 @@ ROWS = [
         message="conversation 1 is not"),
     api("measure_quality: tmp_dir missing", _measure(tmp_dir="missing"),
         message="missing: not a directory; pass an existing folder"),
+    api("measure_quality: reference_dtype a list", _measure(reference_dtype=["float32"]),
+        message="got a list of 1"),
+    api("measure_quality: tmp_dir a number", _measure(tmp_dir=3), message="tmp_dir"),
+    eval_cli("--text a NUL byte", "--text", "a\0b", message="not a usable path"),
     api("measure_quality: micro against tiny",
         lambda i: measure_quality("micro", i.src, text=CODE), message="vocabulary of 2,112"),
 ]
