@@ -24,6 +24,10 @@ def test_08b_width_bundle_for_iphone12_is_what_was_planned(small_real_width, tmp
     manifest = json.loads((out / "manifest.json").read_text())
     q = manifest["quantization"]
     settings = {"recipe": q["recipe"], "bits": q["bits"], "mtp": manifest["mtp"]["included"]}
+    settings |= {
+        "kv_bits": manifest["kv_cache"]["bits"],
+        "prefill_chunk": manifest["prefill_chunk"],
+    }
     p = plan(small_real_width, "iphone12", manifest["max_context"], **settings)
     on_disk = weight_bytes_on_disk(out, manifest)
     assert on_disk == p.weights and on_disk["embeddings"] > 248320 * 1024 // 2  # exact, per part
