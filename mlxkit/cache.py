@@ -31,7 +31,10 @@ class KVQuantization:
     `group_size` along the head dim, each group with a scale and a bias in the activation dtype
     (mx.quantize's affine layout, as mlx-lm's QuantizedKVCache keeps it). The cache stays in full
     precision until it holds `start` positions (0: quantized from the first token), then is
-    quantized as a whole; it never goes back, not even when a rejected draft is trimmed off."""
+    quantized as a whole; it never goes back, not even when a rejected draft is trimmed off.
+    MTP decoding on it gives plain decoding's tokens (float32, greedy) when `start` is 0; with a
+    later start the one round that crosses it verifies against full-precision keys where plain
+    decoding would already read quantized ones (mlx-lm converts the same way, after a pass)."""
 
     bits: int
     group_size: int = 64
