@@ -65,6 +65,20 @@ def require_server_stack() -> None:
     help="Tokens drafted per MTP round: auto (0-3 per round, whatever is fastest) or N.",
 )
 @click.option(
+    "--kv-bits",
+    type=int,
+    default=None,
+    help="Keep every request's KV cache quantized at 4 or 8 bits [not quantized: the model's "
+    "dtype]; the prompt cache holds states of this one setting.",
+)
+@click.option("--kv-group-size", default=64, show_default=True, help="With --kv-bits.")
+@click.option(
+    "--quantized-kv-start",
+    default=0,
+    show_default=True,
+    help="With --kv-bits: positions kept in full precision before the cache is quantized.",
+)
+@click.option(
     "--allowed-local-media-path",
     "media_dirs",
     multiple=True,
@@ -89,12 +103,16 @@ def serve(
     max_tokens: int,
     mtp: bool,
     num_draft: int | str,
+    kv_bits: int | None,
+    kv_group_size: int,
+    quantized_kv_start: int,
     media_dirs: tuple[str, ...],
     log_level: str,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/stats, /health) for one model, with MTP and prompt reuse."""
     require_server_stack()
+    from mlxkit.cache import kv_quantization
     from mlxkit.decode import MAX_DRAFT
     from mlxkit.ios_bridge.devices import parse_bytes
 
@@ -105,6 +123,7 @@ def serve(
 
     if (model_path is None) == (size is None):
         raise MlxkitError("pass either --model PATH or --size SIZE")
+    kv_quantization(kv_bits, kv_group_size, quantized_kv_start)  # refused before loading
     cache_bytes = 0 if prompt_cache_size.strip() == "0" else parse_bytes(prompt_cache_size)
     allowed = tuple(media_dir(d) for d in media_dirs)
     model_path, name = model_source(model_path, size)
@@ -123,6 +142,9 @@ def serve(
         prompt_cache_bytes=cache_bytes,
         mtp=mtp,
         num_draft=num_draft,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     app = create_app(engine, Settings(name, max_tokens, api_key, media_dirs=allowed))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -132,7 +154,10 @@ def serve(
             err=True,
         )
     mtp_note = f"on, {num_draft} drafts" if engine.mtp else "off"
-    settings = f"MTP {mtp_note}; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue}"
+    kv_note = "" if engine.kv is None else f"; KV cache {engine.kv.bits}-bit"
+    settings = (
+        f"MTP {mtp_note}{kv_note}; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue}"
+    )
     run(
         engine,
         app,

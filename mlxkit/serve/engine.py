@@ -12,6 +12,10 @@ client can read before the HTTP server goes.
 When no request is waiting, the loop prepares states for the next turns of the conversations
 it has just answered (`prepare`): the prefix the next request will start with, prefilled from
 the pool in small chunks and given up at a chunk boundary as soon as a request arrives.
+
+The KV-cache quantization (`mlxkit serve --kv-bits`) is the server's, not a request's: every
+state it makes (`new_cache`) is kept that way, so the pool never holds states of two settings
+(a state continues only under the settings it was filled with).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxkit.cache import kv_quantization
 from mlxkit.errors import MlxkitError
 from mlxkit.generate import GenerationResponse, PromptCache, prefill, stream_generate
 from mlxkit.response import DraftReport
@@ -92,10 +97,19 @@ class Engine:
         prompt_cache_bytes: int,
         mtp: bool = True,
         num_draft: int | str = "auto",
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.mtp = mtp and model.has_mtp
         self.num_draft = num_draft
+        self.kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, model.config.head_dim)
+        self._kv_options = {  # stream_generate's, for every request
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size,
+            "quantized_kv_start": quantized_kv_start,
+        }
         self.max_in_flight = 1 + max_queue
         self.pool = PromptPool(prompt_cache_bytes)
         self.counters = Counters()
@@ -185,7 +199,7 @@ class Engine:
             self._jobs.get().send(SHUTTING_DOWN)
 
     def new_cache(self) -> PromptCache:
-        cache = PromptCache.new(self.model)
+        cache = PromptCache.new(self.model, self.kv)
         if not self.mtp:
             cache.mtp = None
         return cache
@@ -204,6 +218,7 @@ class Engine:
                 mtp=self.mtp,
                 num_draft=self.num_draft,
                 images=job.images,
+                **self._kv_options,
                 **job.options,
             )
             try:
