@@ -13,7 +13,7 @@ The model of a round of k drafts:
   this process (timing allowed), or DEFAULT_ACCEPTANCE;
 - its cost, the seconds of a round of k drafts (k = 0: one plain decode step): `mlxkit tune`'s
   table for this machine, model and recipe, else a default shape (`default_costs`); when timing
-  may be used, what this model's rounds measured replaces it.
+  may be used, corrected by the seconds of adjacent rounds of different ks (COST_ALPHA).
 k = 0 is plain decoding and says nothing about acceptance, so every so many rounds auto probes
 one round of one draft more than it would (`choose`).
 
@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 import warnings
 import weakref
@@ -47,16 +46,18 @@ from mlxkit.response import DraftReport
 
 K_MAX = 3  # auto drafts at most this many per round (k = 3 was never the best here)
 DEFAULT_ACCEPTANCE = 0.7  # per depth, before anything is measured (micro: 0.84 at depth 1)
-ALPHA = 0.25  # weight of a new acceptance observation
+ALPHA = 0.1  # weight of a new acceptance observation (0.25 left drafting on short streaks)
 PROBE_ALPHA = 0.5  # a probe's new depth: probes are rare, so a rise shows within two of them
-# Timed costs are medians of the last COST_WINDOW rounds of each k (a shared machine's rounds
-# vary 1.5-4x, and one stalled round must not switch drafting off), trusted from MIN_TIMED on.
-COST_WINDOW, MIN_TIMED = 15, 3
+# Timed, a k's cost is learnt only where a round of it follows a round of another k: the ratio
+# of the two rounds' seconds, next to each other in time. A shared machine's speed drifts 2-4x
+# within minutes, so costs timed apart are not comparable; rounds side by side are.
+COST_ALPHA, PAIR_BOUND = 0.5, 10.0  # in log space; a pair's ratio bounded to 10x either way
 PROBE_GAP, MAX_PROBE_GAP = 16, 64  # rounds between probes; doubles while probes change nothing
-# A round of k drafts costs about 1 + r·k decode steps. CPU: measured in the loop on micro bf16
-# (rounds of 1.70, 2.34, 2.97 steps for k = 1, 2, 3; 4-bit ~2 per draft). GPU: mlx-vlm's
-# Qwen3.5-4B 4-bit, 1.32x at 73.5 % acceptance with 2 drafts, gives ~0.45.
-DRAFT_COST = {"cpu": 0.65, "gpu": 0.45}
+# A round of k drafts costs about 1 + r·k decode steps. CPU: measured in the loop on micro
+# (bf16: rounds of 1.70, 2.34, 2.97 steps for k = 1, 2, 3; 4-bit: 2.1 steps for k = 1, as
+# quantized matmuls are linear in the rows too). GPU: mlx-vlm's Qwen3.5-4B 4-bit, 1.32x at
+# 73.5 % acceptance with 2 drafts, gives ~0.45.
+DRAFT_COST = {"cpu": 0.65, "cpu quantized": 1.05, "gpu": 0.45}
 
 
 @dataclass(frozen=True)
@@ -69,28 +70,29 @@ class CostTable:
     acceptance: tuple[float, ...] | None = None
 
 
-def default_costs() -> CostTable:
+def default_costs(quantized: bool = False) -> CostTable:
     """The cost shape of DRAFT_COST for the device MLX runs on, in decode steps."""
-    device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-    r = DRAFT_COST[device]
+    if mx.default_device().type == mx.DeviceType.gpu:
+        r = DRAFT_COST["gpu"]
+    else:
+        r = DRAFT_COST["cpu quantized" if quantized else "cpu"]
     return CostTable(tuple(1.0 + r * k for k in range(K_MAX + 1)), "default")
 
 
 @dataclass
 class DraftState:
-    """What auto has learnt: acceptance per depth and (timing allowed) the last seconds per
-    round of each k, and of measured ÷ table over every timed round (`ratios`, which scales the
-    table for the ks not timed enough). Kept per model between runs that may use timing."""
+    """What auto has learnt: acceptance per depth and (timing allowed) the relative cost of a
+    round of each k, started from the table. Kept per model between runs that may use
+    timing."""
 
     acceptance: list[float]
-    measured: list[list[float]]
-    ratios: list[float]
+    cost: list[float]
 
     @classmethod
-    def new(cls, k_max: int, acceptance: tuple[float, ...] | None = None) -> DraftState:
-        seed = list(acceptance or ())[:k_max]
+    def new(cls, table: CostTable, k_max: int = K_MAX) -> DraftState:
+        seed = list(table.acceptance or ())[:k_max]
         seed += [DEFAULT_ACCEPTANCE] * (k_max - len(seed))
-        return cls(seed, [[] for _ in range(k_max + 1)], [])
+        return cls(seed, list(table.round_s))
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -127,6 +129,7 @@ class DraftControl:
         self._rounds = [0] * (self.k_max + 1)
         self._seconds = [0.0] * (self.k_max + 1)
         self._last: float | None = None  # when the last round ended
+        self._previous: tuple[int, float] | None = None  # the last round's k and seconds
         self._gap, self._since_probe = PROBE_GAP, 0
         self._best: int | None = None  # the best k at the last choice
         self._probe_from: int | None = None  # the best k when the round in flight is a probe
@@ -135,16 +138,12 @@ class DraftControl:
 
     @classmethod
     def fixed_k(cls, k: int) -> DraftControl:
-        return cls(default_costs(), DraftState.new(max(k, K_MAX)), timed=False, fixed=k)
+        table = default_costs()
+        return cls(table, DraftState.new(table, max(k, K_MAX)), timed=False, fixed=k)
 
     def cost(self, k: int) -> float:
-        """Seconds (or table units) of a round of k drafts, as the choice sees it."""
-        if self.timed:
-            if len(self.state.measured[k]) >= MIN_TIMED:
-                return statistics.median(self.state.measured[k])
-            if self.state.ratios:
-                return self.table.round_s[k] * statistics.median(self.state.ratios)
-        return self.table.round_s[k]
+        """The cost of a round of k drafts as the choice sees it (only ratios matter)."""
+        return self.state.cost[k] if self.timed else self.table.round_s[k]
 
     def rate(self, k: int) -> float:
         """Expected tokens per second (or per table unit) with k drafts."""
@@ -158,14 +157,11 @@ class DraftControl:
     def choose(self) -> int:
         """The k of the next round: the best one, except that every `_gap` rounds a probe
         drafts one more (timed: alternately a plain step, so k = 0's cost stays measured). The
-        gap doubles while probes leave the best k as it was and resets when it changes. Timed,
-        plain steps are measured first: the costs of drafting are only known against them."""
+        gap doubles while probes leave the best k as it was and resets when it changes."""
         if self._last is None:
             self._last = self.clock()
         if self.fixed is not None:
             return self.fixed
-        if self.timed and len(self.state.measured[0]) < MIN_TIMED:
-            return 0
         best = self.best()
         if best != self._best:
             self._gap = PROBE_GAP
@@ -203,13 +199,16 @@ class DraftControl:
             self._learn_cost(k, seconds)
 
     def _learn_cost(self, k: int, seconds: float) -> None:
+        """A round of k right after a round of another k: move k's cost towards what the
+        pair's seconds say, relative to the other's cost."""
         seconds = max(seconds, 1e-6)  # a clock that did not move: not a free round
-        for window, value in (
-            (self.state.measured[k], seconds),
-            (self.state.ratios, seconds / self.table.round_s[k]),
-        ):
-            window.append(value)
-            del window[:-COST_WINDOW]
+        if self._previous is not None and self._previous[0] != k:
+            before, before_s = self._previous
+            cost = self.state.cost
+            ratio = min(max(seconds / before_s, 1 / PAIR_BOUND), PAIR_BOUND)
+            target = cost[before] * ratio
+            cost[k] *= (target / cost[k]) ** COST_ALPHA
+        self._previous = (k, seconds)
 
     def report(self) -> DraftReport:
         """What was chosen and why, for the last response of a generation."""
@@ -256,7 +255,7 @@ def last_state(model: Model, table: CostTable) -> DraftState:
     table's acceptance, the first time): the 'model's last run' auto starts from."""
     notes = _notes_of(model)
     if notes.state is None:
-        notes.state = DraftState.new(K_MAX, table.acceptance)
+        notes.state = DraftState.new(table)
     return notes.state
 
 
@@ -291,6 +290,11 @@ def model_digest(model: Model) -> str:
         h.update(f"{name} {p.shape} {p.dtype}".encode() + head.tobytes())
     notes.digest = h.hexdigest()[:16]
     return notes.digest
+
+
+def model_is_quantized(model: Model) -> bool:
+    """Whether any weight is quantized (a quantized matmul costs more per row on a CPU)."""
+    return any(hasattr(m, "bits") for _, m in model.named_modules())
 
 
 def recipe(model: Model) -> str:

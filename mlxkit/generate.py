@@ -15,12 +15,12 @@ import mlx.core as mx
 from mlxkit.cache import KVQuantization, kv_quantization
 from mlxkit.decode import MAX_DRAFT, Decoder, Keys, run_prompt
 from mlxkit.draft_control import (
-    K_MAX,
     DraftControl,
     DraftState,
     cached_table,
     default_costs,
     last_state,
+    model_is_quantized,
 )
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model
@@ -295,9 +295,9 @@ def _draft_control(model: Model, num_draft: int | str, reproducible: bool) -> Dr
     (`reproducible`: from the table's, else the default)."""
     if num_draft != "auto":
         return DraftControl.fixed_k(num_draft)
-    table = cached_table(model) or default_costs()
+    table = cached_table(model) or default_costs(quantized=model_is_quantized(model))
     if reproducible:
-        return DraftControl(table, DraftState.new(K_MAX, table.acceptance), timed=False)
+        return DraftControl(table, DraftState.new(table), timed=False)
     return DraftControl(table, last_state(model, table), timed=True)
 
 

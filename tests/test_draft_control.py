@@ -32,14 +32,11 @@ from tests.test_generate import PROMPTS, assert_mtp_cache_is_a_pass_over, fixtur
 from tests.test_speculative_sampling import PROMPT, SilentTokenizer, small_vocab_model
 
 
-def table(per_draft: float) -> CostTable:
-    """A round of k drafts costs 1 + per_draft·k plain steps."""
-    return CostTable(tuple(1.0 + per_draft * k for k in range(K_MAX + 1)), "test")
-
-
 def control(per_draft: float, acceptance: float, timed: bool = False, clock=None) -> DraftControl:
-    state = DraftState.new(K_MAX, (acceptance,) * K_MAX)
-    return DraftControl(table(per_draft), state, timed=timed, clock=clock or (lambda: 0.0))
+    """Rounds of k drafts costing 1 + per_draft·k plain steps, `acceptance` at every depth."""
+    costs = tuple(1.0 + per_draft * k for k in range(K_MAX + 1))
+    table = CostTable(costs, "test", (acceptance,) * K_MAX)
+    return DraftControl(table, DraftState.new(table), timed=timed, clock=clock or (lambda: 0.0))
 
 
 def simulate(ctl: DraftControl, accept, rounds: int) -> list[int]:
@@ -124,13 +121,22 @@ def test_reproducible_choice_ignores_the_clock_and_the_timed_one_does_not():
 
 
 def test_timed_choice_follows_measured_costs():
-    """Timed, plain steps are measured first; then rounds of drafts that measure 1 + 2k
-    plain steps stop, at an acceptance the table says pays."""
+    """Timed, rounds of drafts that measure 1 + 2k plain steps next to plain steps (the
+    probes) stop, at an acceptance the table says pays."""
     ks = timed_run(lambda r, k: 1.0 + 2.0 * k)
-    assert ks[:3] == [0, 0, 0] and ks[3] > 0 and ks[-5:] == [0] * 5
+    assert ks[0] == 3 and sum(k > 0 for k in ks[-30:]) <= 1
 
 
-def timed_run(seconds, rounds: int = 60) -> list[int]:
+def test_timed_costs_are_learnt_from_adjacent_rounds_not_from_drift():
+    """The machine slows down 2.5x, steadily, while auto drafts: nothing to learn from that
+    (drafting goes on). The plain step probes cost a fifth of the rounds next to them:
+    drafting stops."""
+    ks = timed_run(lambda r, k: (1.0 + 0.2 * k if k else 0.3) * (1 + r / 10))
+    assert ks[:15] == [3] * 15 and ks[15] == 0  # the first probe
+    assert sum(k > 0 for k in ks[-30:]) <= 1
+
+
+def timed_run(seconds, rounds: int = 100) -> list[int]:
     """The ks a timed control (table: 1 + 0.2k, acceptance 0.9, every draft accepted)
     chooses when a round of k drafts takes `seconds(round, k)`."""
     t = [0.0]
@@ -145,8 +151,8 @@ def timed_run(seconds, rounds: int = 60) -> list[int]:
 
 
 def test_one_stalled_round_does_not_stop_drafting():
-    ks = timed_run(lambda r, k: 50.0 if r == 20 else 1.0 + 0.2 * k)
-    assert ks[20] == 3 and ks[21:50] == [3] * 29  # (round 18 was a probe of a plain step)
+    ks = timed_run(lambda r, k: 50.0 if r == 15 else 1.0 + 0.2 * k)  # 15: a plain step probe
+    assert ks[15] == 0 and ks[16:47] == [3] * 31
 
 
 # ------------------------------------------------------------------ through the decode loop
@@ -199,9 +205,10 @@ def test_auto_greedy_equals_plain_on_micro_in_float32(micro_f32, seed, monkeypat
         auto = list(stream_generate(model, tokenizer, prompt, max_tokens=48, seed=seed))
         assert [r.token for r in auto] == plain, prompt
         report = auto[-1].drafting
-        assert report.auto and sum(report.rounds[1:]) > 0 and report.rounds[0] > 0
+        assert report.auto and sum(report.rounds[1:]) > 0
         assert len(report.speedup) == K_MAX + 1 and report.speedup[0] == 1.0
-    assert 0 in chosen and any(k > 0 for k in chosen)
+    # seeded: the default costs make the same choices every time, plain steps among them
+    assert seed is None or 0 in chosen
 
 
 # a k sequence with every transition: plain runs of several steps, single plain steps, and
@@ -234,7 +241,7 @@ def test_fixed_num_draft_reports_its_rounds():
     responses, _ = run(model, tokenizer, PROMPTS[0], max_tokens=20, num_draft=2)
     report = responses[-1].drafting
     assert not report.auto and report.rounds == (0, 0, 7, 0)  # 3 tokens a round, 20 in all
-    assert min(report.acceptance[:2]) > 0.9 and report.speedup == ()
+    assert min(report.acceptance[:2]) > 0.8 and report.speedup == ()  # from 0.7, rising
     assert report.summary().startswith("fixed drafts: rounds k=2 7x; ms per round k=2 ")
     assert all(r.drafting is None for r in responses[:-1])
 
