@@ -1,5 +1,5 @@
-"""Decode speed: mlxkit plain and MTP (k = 1, 2, 3) against mlx-lm and mlx-vlm's MTP path, on
-the same checkpoint in one run. Prints a markdown table (min / median / max tokens/s over the
+"""Decode speed: mlxkit plain, MTP (k = 1, 2, 3) and MTP with num_draft="auto" against mlx-lm
+and mlx-vlm's MTP path, on the same checkpoint in one run. Prints a markdown table (min / median / max tokens/s over the
 repeats, MTP acceptance, ratios to mlx-lm and to plain mlxkit decoding) and what the pieces of
 an MTP round cost, with the best speedup they allow.
 
@@ -9,7 +9,10 @@ Each checkpoint is first converted with `mlxkit convert` (4-bit by default, `--n
 for bf16) into a temporary directory, and every engine loads that same directory: mlx-lm and
 mlxkit read the MLX layout, mlx-vlm reads it plus the MTP drafter in its `mtp/`.
 Tokens/s is measured the same way for every engine: from the first generated token to the
-last, so prompt processing is excluded. Greedy decoding throughout.
+last, so prompt processing is excluded. Greedy decoding throughout. The auto row is also given
+against the best of mlxkit plain and k = 1, 2, 3 within each repeat, with the rounds it chose.
+
+    python benchmarks/decode.py --model micro --mlxkit-only --no-pieces   # the auto question only
 """
 
 from __future__ import annotations
@@ -45,20 +48,26 @@ def timed(stream: Iterable) -> tuple[int, float, object]:
     return n - 1, time.perf_counter() - t_first, last
 
 
-def over_prompts(one: Callable[[str], tuple[int, float, int, int]]):
-    """A run: every prompt once; tokens/s over all of them, total tokens, acceptance."""
+def over_prompts(one: Callable[[str], tuple[int, float, int, int, tuple | None]]):
+    """A run: every prompt once; tokens/s over all of them, total tokens, acceptance, and the
+    rounds per k an mlxkit MTP run made (None for the others)."""
 
     def run():
         n = seconds = drafted = accepted = 0
+        rounds = None
         for prompt in PROMPTS:
-            dn, ds, dd, da = one(prompt)
+            dn, ds, dd, da, dr = one(prompt)
             n, seconds, drafted, accepted = n + dn, seconds + ds, drafted + dd, accepted + da
-        return n / seconds, n + len(PROMPTS), accepted / drafted if drafted else None
+            if dr is not None:
+                rounds = dr if rounds is None else tuple(a + b for a, b in zip(rounds, dr))
+        return n / seconds, n + len(PROMPTS), accepted / drafted if drafted else None, rounds
 
     return run
 
 
-def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
+def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int | str):
+    """mlxkit greedy; k = "auto" keeps one model object, so auto learns from the warm-up and
+    each repeat as it would in a long-running process."""
     import mlxkit
 
     model, tokenizer = mlxkit.load(path)
@@ -68,7 +77,8 @@ def bench_mlxkit(path: str, max_tokens: int, mtp: bool, k: int):
             model, tokenizer, prompt, max_tokens=max_tokens, mtp=mtp, num_draft=k
         )
         n, seconds, last = timed(stream)
-        return n, seconds, last.drafted, last.accepted
+        rounds = last.drafting.rounds if last.drafting is not None else None
+        return n, seconds, last.drafted, last.accepted, rounds
 
     return over_prompts(one)
 
@@ -80,7 +90,7 @@ def bench_mlx_lm(path: str, max_tokens: int):
 
     def one(prompt: str):
         n, seconds, _ = timed(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
-        return n, seconds, 0, 0
+        return n, seconds, 0, 0, None
 
     return over_prompts(one)
 
@@ -92,7 +102,7 @@ def bench_mlx_vlm_mtp(path: str, max_tokens: int, k: int):
     def one(prompt: str):
         counts = {}
         n, seconds, _ = timed(stream(prompt, counts))
-        return n, seconds, counts["drafted"], counts["accepted"]
+        return n, seconds, counts["drafted"], counts["accepted"], None
 
     return over_prompts(one)
 
@@ -159,6 +169,27 @@ def round_report(costs: dict) -> list[str]:
     return lines
 
 
+AUTO = "mlxkit MTP auto"
+FIXED = ["mlxkit plain", "mlxkit MTP k=1", "mlxkit MTP k=2", "mlxkit MTP k=3"]
+
+
+def auto_report(results: dict) -> list[str]:
+    """Auto against the best fixed choice of the same repeat (which one is best can change
+    from repeat to repeat), and the rounds per k it chose over all repeats."""
+    ratios = sorted(
+        auto[0] / max(results[name][i][0] for name in FIXED) for i, auto in enumerate(results[AUTO])
+    )
+    rounds = [r[3] for r in results[AUTO]]
+    total = [sum(col) for col in zip(*rounds)]
+    chosen = ", ".join(f"k={k} {n}" for k, n in enumerate(total) if n)
+    line = (
+        f"Auto ÷ the best of mlxkit plain and k = 1, 2, 3 in the same repeat: median "
+        f"{statistics.median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}); "
+        f"rounds auto chose over the {len(rounds)} repeats: {chosen}."
+    )
+    return [line, ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,6 +203,10 @@ def main() -> None:
     ap.add_argument("--no-quantize", action="store_true", help="keep every weight in --dtype")
     ap.add_argument("--dtype", default="bfloat16", help="what is not quantized (convert --dtype)")
     ap.add_argument("--out", help="write the markdown report here too")
+    ap.add_argument(
+        "--mlxkit-only", action="store_true", help="only mlxkit plain, k = 1, 2, 3 and auto"
+    )
+    ap.add_argument("--no-pieces", action="store_true", help="skip timing the round's pieces")
     args = ap.parse_args()
 
     report = ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items()), ""]
@@ -186,12 +221,16 @@ def main() -> None:
             dtype=args.dtype,
             quiet=True,
         )
-        engines = [("mlx-lm stream_generate", bench_mlx_lm(path, args.max_tokens))]
+        engines = []
+        if not args.mlxkit_only:
+            engines.append(("mlx-lm stream_generate", bench_mlx_lm(path, args.max_tokens)))
         engines.append(("mlxkit plain", bench_mlxkit(path, args.max_tokens, False, 1)))
         for k in (1, 2, 3):
             engines.append((f"mlxkit MTP k={k}", bench_mlxkit(path, args.max_tokens, True, k)))
-        for k in (1, 2):
-            engines.append((f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(path, args.max_tokens, k)))
+        engines.append((AUTO, bench_mlxkit(path, args.max_tokens, True, "auto")))
+        if not args.mlxkit_only:
+            for k in (1, 2):
+                engines.append((f"mlx-vlm MTP k={k}", bench_mlx_vlm_mtp(path, args.max_tokens, k)))
         for _, run in engines:
             run()  # warm-up: compile caches, first-touch of weights
         # Repeats go round-robin over the engines, so a machine that slows down or speeds up
@@ -200,7 +239,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, run in engines:
                 results[name].append(run())
-        base, plain = results["mlx-lm stream_generate"], results["mlxkit plain"]
+        plain = results["mlxkit plain"]
+        base = results.get("mlx-lm stream_generate")
 
         def ratio(runs: list, to: list) -> float:
             """Median over repeats of the ratio within each repeat (robust to drift)."""
@@ -220,11 +260,14 @@ def main() -> None:
             tps = sorted(r[0] for r in runs)
             n, acc = runs[-1][1], runs[-1][2]
             acc_s = f"{acc:.1%}" if acc is not None else "–"
+            to_base = f"{ratio(runs, base):.2f}" if base else "–"
             report.append(
                 f"| {name} | {tps[0]:.1f} | {statistics.median(tps):.1f} | {tps[-1]:.1f} | {n} "
-                f"| {acc_s} | {ratio(runs, base):.2f} | {ratio(runs, plain):.2f} |"
+                f"| {acc_s} | {to_base} | {ratio(runs, plain):.2f} |"
             )
-        report += ["", *round_report(round_costs(path)), ""]
+        report += ["", *auto_report(results)]
+        if not args.no_pieces:
+            report += [*round_report(round_costs(path)), ""]
         tmp.cleanup()
     text = "\n".join(report)
     print(text)
