@@ -3,6 +3,7 @@ fed whole and in every kind of piece, as a stream delivers them."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -78,13 +79,34 @@ def generated_text(tok, assistant: dict, enable_thinking: bool = True) -> str:
     return text[: -len("<|im_end|>\n")]
 
 
+def reassemble(items: list[dict]) -> list[dict]:
+    """Streamed OpenAI `tool_calls` items put together as a client does: by index, id, type
+    and name from the first, the arguments' fragments joined."""
+    calls: dict[int, dict] = {}
+    for item in items:
+        call = calls.get(item["index"])
+        if call is None:
+            assert set(item) == {"index", "id", "type", "function"}, item  # the first names it
+            calls[item["index"]] = json.loads(json.dumps(item))
+            del calls[item["index"]]["index"]
+        else:
+            assert set(item) == {"index", "function"} and set(item["function"]) == {"arguments"}
+            call["function"]["arguments"] += item["function"]["arguments"]
+    assert sorted(calls) == list(range(len(calls)))
+    return [calls[i] for i in sorted(calls)]
+
+
 def run(parser: OutputParser, pieces: list[str]) -> tuple[str, str, list]:
+    """(reasoning, content, calls) of text fed in these pieces; the streamed calls reassembled
+    equal the parser's whole calls, their arguments the JSON of the parsed values."""
     deltas = [d for p in pieces for d in parser.feed(p)] + parser.finish()
     reasoning = "".join(d.reasoning for d in deltas)
     content = "".join(d.content for d in deltas)
-    calls = [d.tool_call for d in deltas if d.tool_call is not None]
-    assert calls == parser.calls
-    return reasoning, content, [(c.name, c.arguments) for c in calls]
+    streamed = reassemble([d.tool_call.openai() for d in deltas if d.tool_call is not None])
+    assert streamed == [c.openai() for c in parser.calls]
+    for c in parser.calls:
+        assert c.arguments_json == json.dumps(c.arguments, ensure_ascii=False)
+    return reasoning, content, [(c.name, c.arguments) for c in parser.calls]
 
 
 def chunkings(text: str, seed: int = 0) -> list[list[str]]:
@@ -98,8 +120,6 @@ def chunkings(text: str, seed: int = 0) -> list[list[str]]:
 
 
 def openai_calls(calls):
-    import json
-
     return [
         {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
         for i, (n, a) in enumerate(calls)

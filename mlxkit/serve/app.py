@@ -323,8 +323,7 @@ class Api:
 
         def wire(d: Delta) -> dict:
             if d.tool_call is not None:
-                index = next(i for i, c in enumerate(parser.calls) if c is d.tool_call)
-                return {"tool_calls": [d.tool_call.openai(index)]}
+                return {"tool_calls": [d.tool_call.openai()]}
             return {"reasoning_content": d.reasoning} if d.reasoning else {"content": d.content}
 
         yield chunk({"role": "assistant", "content": ""})

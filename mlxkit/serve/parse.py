@@ -18,6 +18,16 @@ boolean reads `True`), and the parser reads them back the same way.
 Pieces are cut as the template reads an assistant turn back: reasoning without the blank lines
 around it, content without the newlines after `</think>` and without trailing whitespace, so
 the history a client sends back renders as what was generated.
+
+Tool calls stream as they are written: the name once `<function=NAME>` is complete, then the
+arguments as JSON text in fragments (a string parameter's text as it comes, other values when
+their parameter closes), so the fragments of a call joined are exactly its non-streamed
+`arguments`. A block commits to being a call at `<function=NAME>`; from there it is read
+tolerantly, as small models write it: a missing `</parameter>` or `</function>` ends at the
+next tag, text between tags is skipped, a repeated parameter keeps its first value, and a
+`<tool_call>` after `</function>` opens the next call. A block in the JSON form of earlier
+Qwen models (`{"name": ..., "arguments": {...}}`) is read when it closes. Any other block is
+not a call: it comes back whole, as content text, once it closes; never half a call.
 """
 
 from __future__ import annotations
@@ -30,8 +40,9 @@ from dataclasses import dataclass
 THINK_CLOSE = "</think>"
 THINK_OPEN = "<think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"
+PARAMETER_OPEN, PARAMETER_CLOSE = "<parameter=", "</parameter>"
+_NAMED = re.compile(r"<(?:function|parameter)=([^<>\n]+)>")  # a name ends at ">", never spans
 
 
 @dataclass
@@ -39,6 +50,7 @@ class ToolCall:
     name: str
     arguments: dict
     id: str = ""
+    arguments_json: str = ""  # the arguments as JSON text, as far as they have streamed
 
     def __post_init__(self) -> None:
         self.id = self.id or f"call_{uuid.uuid4().hex[:24]}"
@@ -55,33 +67,47 @@ class ToolCall:
         call = {
             "id": self.id,
             "type": "function",
-            "function": {
-                "name": self.name,
-                "arguments": json.dumps(self.arguments, ensure_ascii=False),
-            },
+            "function": {"name": self.name, "arguments": self.arguments_json},
         }
         return call if index is None else {"index": index, **call}
+
+
+@dataclass
+class CallDelta:
+    """A piece of a streamed tool call: the first names it, the others extend its arguments."""
+
+    call: ToolCall
+    index: int
+    arguments: str  # JSON text that follows what the call's earlier pieces carried
+    first: bool = False
+
+    def openai(self) -> dict:
+        """OpenAI's streamed `tool_calls` item: id, type and name only in the first."""
+        if self.first:
+            function = {"name": self.call.name, "arguments": self.arguments}
+            return {
+                "index": self.index,
+                "id": self.call.id,
+                "type": "function",
+                "function": function,
+            }
+        return {"index": self.index, "function": {"arguments": self.arguments}}
 
 
 @dataclass
 class Delta:
     reasoning: str = ""
     content: str = ""
-    tool_call: ToolCall | None = None
+    tool_call: CallDelta | None = None
 
 
 def parse_tool_call(text: str, tools: list[dict] | None) -> ToolCall | None:
-    """The call inside one <tool_call> block, None if it is not in the format."""
-    m = _FUNCTION.search(text)
-    if m is None:
-        return None
-    name = m.group(1).strip()
-    schema = _properties(name, tools)
-    arguments = {}
-    for p in _PARAMETER.finditer(m.group(2)):
-        key = p.group(1).strip()
-        arguments[key] = _value(p.group(2), schema.get(key, {}).get("type"))
-    return ToolCall(name, arguments)
+    """The call inside one <tool_call> block (its text without the tags), None if it is not a
+    call."""
+    block = _Block(tools, 0)
+    block.feed(text)
+    block.finish()
+    return block.call
 
 
 def _properties(name: str, tools: list[dict] | None) -> dict:
@@ -96,7 +122,7 @@ def _value(text: str, json_type: str | list | None):
     """A parameter's value: text for strings; JSON where the schema says so, or (without a
     schema) where the text is a JSON object or array; the text itself when it does not parse.
     The template writes booleans and null with Python's str(), so True/False/None count too."""
-    types = set(json_type) if isinstance(json_type, list) else {json_type}
+    types = _types(json_type)
     if "string" in types:
         return text
     if "boolean" in types and text in _PYTHON_BOOLS:
@@ -112,7 +138,219 @@ def _value(text: str, json_type: str | list | None):
     return value
 
 
+def _types(json_type: str | list | None) -> set:
+    return set(json_type) if isinstance(json_type, list) else {json_type}
+
+
 _PYTHON_BOOLS = {"True": True, "False": False, "true": True, "false": False}
+
+
+def _held(text: str, tags: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` may be the start of one of `tags`."""
+    return max(
+        (
+            n
+            for tag in tags
+            for n in range(min(len(tag) - 1, len(text)), 0, -1)
+            if tag.startswith(text[-n:])
+        ),
+        default=0,
+    )
+
+
+def _first(text: str, tags: tuple[str, ...]) -> tuple[int, str]:
+    """The first of `tags` in `text`: (position, tag), (-1, "") if none is there."""
+    found = [(i, tag) for tag in tags if (i := text.find(tag)) >= 0]
+    return min(found) if found else (-1, "")
+
+
+class _Block:
+    """One `<tool_call>` block read as it streams (see the module docstring). `feed` returns
+    the call's pieces; once the block has ended, `closed` is set, `rest` holds the text after
+    it, `reopen` says a `<tool_call>` ended it, and `content` is the block's text when it is
+    not a call (to be handed out as content)."""
+
+    _BODY_TAGS = (PARAMETER_OPEN, FUNCTION_CLOSE, CALL_CLOSE)
+    _VALUE_TAGS = (PARAMETER_CLOSE, PARAMETER_OPEN, FUNCTION_CLOSE, CALL_CLOSE)
+
+    def __init__(self, tools: list[dict] | None, index: int) -> None:
+        self.tools, self.index = tools, index
+        self.state = "head"  # head, json, text: not a call yet; body, value, tail: a call
+        self.call: ToolCall | None = None
+        self.closed = self.reopen = False
+        self.rest = ""
+        self.content: str | None = None
+        self._text = ""  # everything fed before the call committed (its text if it is none)
+        self._buf = ""  # unread
+        self._schema: dict = {}
+        self._key: str | None = None  # the open parameter (None: a repeated one, skipped)
+        self._value = ""  # its text so far
+        self._started = False  # the newline after <parameter=...> is behind
+
+    def feed(self, text: str) -> list[Delta]:
+        self._buf += text
+        if self.call is None:
+            self._text += text
+        out: list[Delta] = []
+        while not self.closed and self._step(out):
+            pass
+        return out
+
+    def finish(self) -> list[Delta]:
+        """Generation ended inside the block: an open call is closed, anything else is text."""
+        out: list[Delta] = []
+        if self.state == "value":
+            self._end_value(self._buf, out)
+        if self.state in ("body", "value"):
+            self._close_arguments(out)
+        elif self.state != "tail" and not self._json_call(self._text, out):
+            self.content = CALL_OPEN + self._text
+        self._buf, self.closed = "", True
+        return out
+
+    def _step(self, out: list[Delta]) -> bool:
+        """Reads what it can of the buffer; False when it must wait for more text."""
+        buf = self._buf
+        if self.state == "head":
+            s = buf.lstrip()
+            m = _NAMED.match(s)
+            if m and s.startswith(FUNCTION_OPEN):
+                self._commit(m.group(1).strip().strip("\"'"), out)
+                self._buf, self.state = s[m.end() :], "body"
+                return True
+            name = s[len(FUNCTION_OPEN) :]
+            if (FUNCTION_OPEN.startswith(s) or s.startswith(FUNCTION_OPEN)) and not any(
+                c in name for c in "<>\n"
+            ):
+                return False  # may still become <function=NAME>
+            self.state = "json" if s.startswith("{") else "text"
+            return True
+        if self.state in ("json", "text"):
+            end = buf.find(CALL_CLOSE)
+            if end < 0:
+                return False
+            text = self._text[: len(self._text) - len(buf) + end]
+            if self.state == "text" or not self._json_call(text, out):
+                self.content = CALL_OPEN + text + CALL_CLOSE
+            self._close(buf[end + len(CALL_CLOSE) :])
+            return True
+        if self.state == "body":
+            i, tag = _first(buf, self._BODY_TAGS)
+            if i < 0:
+                self._buf = buf[len(buf) - _held(buf, self._BODY_TAGS) :]  # text between tags
+                return False
+            if tag == PARAMETER_OPEN:
+                m = _NAMED.match(buf, i)
+                if m is None and not any(c in buf[i + len(tag) :] for c in "<>\n"):
+                    self._buf = buf[i:]
+                    return False  # the name is still coming
+                self._buf = buf[m.end() :] if m else buf[i + len(tag) :]
+                if m:
+                    self._open_value(m.group(1).strip().strip("\"'"), out)
+                return True
+            self._close_arguments(out)
+            if tag == FUNCTION_CLOSE:
+                self._buf, self.state = buf[i + len(tag) :], "tail"
+            else:
+                self._close(buf[i + len(tag) :])
+            return True
+        if self.state == "value":
+            if not self._started:
+                if not buf:
+                    return False
+                self._buf = buf = buf.removeprefix("\n")
+                self._started = True
+            i, tag = _first(buf, self._VALUE_TAGS)
+            if i < 0:
+                self._stream_value(buf, out)
+                return False
+            self._end_value(buf[:i], out)
+            self._buf = buf[i + len(tag) :] if tag == PARAMETER_CLOSE else buf[i:]
+            return True
+        # tail: after </function>, only </tool_call> or the next <tool_call> counts
+        i, tag = _first(buf, (CALL_CLOSE, CALL_OPEN))
+        if i < 0:
+            self._buf = buf[len(buf) - _held(buf, (CALL_CLOSE, CALL_OPEN)) :]
+            return False
+        self.reopen = tag == CALL_OPEN
+        self._close(buf[i + len(tag) :])
+        return True
+
+    def _commit(self, name: str, out: list[Delta]) -> None:
+        self.call = ToolCall(name, {})
+        self._schema = _properties(name, self.tools)
+        out.append(Delta(tool_call=CallDelta(self.call, self.index, "", first=True)))
+
+    def _close(self, rest: str) -> None:
+        self.rest, self._buf, self.closed = rest, "", True
+
+    def _args(self, text: str, out: list[Delta]) -> None:
+        if text:
+            self.call.arguments_json += text
+            out.append(Delta(tool_call=CallDelta(self.call, self.index, text)))
+
+    def _open_value(self, key: str, out: list[Delta]) -> None:
+        self.state, self._value, self._started = "value", "", False
+        self._key = None if key in self.call.arguments else key
+        if self._key is not None:
+            self.call.arguments[key] = None  # holds its place: keys keep the order written
+            sep = ", " if self.call.arguments_json else "{"
+            self._args(f"{sep}{json.dumps(key, ensure_ascii=False)}: ", out)
+            if self._is_string():
+                self._args('"', out)
+
+    def _is_string(self) -> bool:
+        return "string" in _types(self._schema.get(self._key, {}).get("type"))
+
+    def _stream_value(self, buf: str, out: list[Delta]) -> None:
+        """A string value's text as it comes, less what may be its last newline or the start
+        of the tag that ends it."""
+        keep = _held(buf, tuple("\n" + t for t in self._VALUE_TAGS) + self._VALUE_TAGS)
+        keep = max(keep, 1 if buf.endswith("\n") else 0)
+        piece, self._buf = buf[: len(buf) - keep], buf[len(buf) - keep :]
+        self._value += piece
+        if self._key is not None and self._is_string():
+            self._args(json.dumps(piece, ensure_ascii=False)[1:-1], out)
+
+    def _end_value(self, tail: str, out: list[Delta]) -> None:
+        """The value ends with `tail` (its last newline, if any, is the template's)."""
+        tail = tail.removesuffix("\n")
+        text = self._value + tail
+        self.state, self._buf = "body", ""
+        if self._key is None:
+            return
+        value = _value(text, self._schema.get(self._key, {}).get("type"))
+        self.call.arguments[self._key] = value
+        if self._is_string():
+            self._args(json.dumps(tail, ensure_ascii=False)[1:-1] + '"', out)
+        else:
+            self._args(json.dumps(value, ensure_ascii=False), out)
+
+    def _close_arguments(self, out: list[Delta]) -> None:
+        self._args("}" if self.call.arguments_json else "{}", out)
+        self.state = "tail"
+
+    def _json_call(self, text: str, out: list[Delta]) -> bool:
+        """A block in the JSON form ({"name": ..., "arguments": {...}}): the call, whole."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return False
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return False
+        arguments = data.get("arguments", data.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return False
+        if not isinstance(arguments, dict):
+            return False
+        self._commit(data["name"], out)
+        self.call.arguments = arguments
+        self._args(json.dumps(arguments, ensure_ascii=False), out)
+        self.state = "tail"
+        return True
 
 
 class OutputParser:
@@ -123,9 +361,11 @@ class OutputParser:
         # newlines after </think>; call: inside <tool_call>
         self.mode = "reasoning" if reasoning else "start"
         self.tools = tools
-        self.calls: list[ToolCall] = []
+        self.calls: list[ToolCall] = []  # the calls complete so far
+        self._block: _Block | None = None  # the <tool_call> block being read
         self._buf = ""  # text not handed out yet
         self._ws = ""  # trailing whitespace held back: dropped if nothing follows it
+        self._dropped = ""  # the whitespace before the last tag: kept if the tag is text
         self._reasoning_started = False
 
     def feed(self, text: str) -> list[Delta]:
@@ -156,19 +396,20 @@ class OutputParser:
                     return out
                 if not self._until(CALL_OPEN, "content", out):
                     return out
-                self.mode = "call"
+                self._open_block()
             else:
-                end = self._buf.find(CALL_CLOSE)
-                if end < 0:
+                text, self._buf = self._buf, ""
+                out += self._block.feed(text)
+                if not self._block.closed:
                     return out
-                self._call(self._buf[:end], CALL_CLOSE, out)
-                self._buf, self.mode = self._buf[end + len(CALL_CLOSE) :].lstrip(), "content"
+                self._end_block(out)
 
     def finish(self) -> list[Delta]:
         """What is left when generation ends; an unclosed block is handed out as it is."""
         out: list[Delta] = []
         if self.mode == "call":
-            self._call(self._buf, "", out)
+            out += self._block.finish()
+            self._end_block(out)
         elif self.mode == "reasoning":
             self._emit("reasoning", self._buf.rstrip(), out)
         elif self._buf.strip():
@@ -181,17 +422,12 @@ class OutputParser:
         there. Until then, text that may be the start of the tag is held back."""
         i = self._buf.find(tag)
         if i >= 0:
-            self._emit(kind, self._buf[:i].rstrip(), out)
+            before = self._buf[:i]
+            self._emit(kind, before.rstrip(), out)
+            self._dropped = self._ws + before[len(before.rstrip()) :]
             self._buf, self._ws = self._buf[i + len(tag) :], ""
             return True
-        keep = next(
-            (
-                n
-                for n in range(min(len(tag) - 1, len(self._buf)), 0, -1)
-                if tag.startswith(self._buf[-n:])
-            ),
-            0,
-        )
+        keep = _held(self._buf, (tag,))
         text, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
         self._emit(kind, text, out)
         return False
@@ -207,10 +443,20 @@ class OutputParser:
         piece, self._ws = self._ws + body, text[len(body) :]
         out.append(Delta(reasoning=piece) if kind == "reasoning" else Delta(content=piece))
 
-    def _call(self, block: str, close: str, out: list[Delta]) -> None:
-        call = parse_tool_call(block, self.tools)
-        if call is None:  # not in the format: keep the text rather than lose it
-            self._emit("content", CALL_OPEN + block + close, out)
-            return
-        self.calls.append(call)
-        out.append(Delta(tool_call=call))
+    def _open_block(self) -> None:
+        self.mode, self._block = "call", _Block(self.tools, len(self.calls))
+
+    def _end_block(self, out: list[Delta]) -> None:
+        """After a block: its call counted, or its text handed out (not a call: keep the text
+        rather than lose it); then content, or the next block."""
+        block = self._block
+        if block.call is not None:
+            self.calls.append(block.call)
+            self._buf = block.rest.lstrip() + self._buf
+        else:
+            self._emit("content", self._dropped + block.content, out)
+            self._buf = block.rest + self._buf
+        if block.reopen:
+            self._open_block()
+        else:
+            self.mode = "content"
