@@ -292,6 +292,19 @@ def _planned_peak(model_path: str) -> tuple[int, int] | None:
     show_default=True,
     help="bfloat16 halves the reference's memory, at the cost of its exactness.",
 )
+@click.option(
+    "--kv-bits",
+    type=int,
+    default=None,
+    help="Run MODEL on a KV cache quantized at 4 or 8 bits: the KL then counts its cost.",
+)
+@click.option("--kv-group-size", default=64, show_default=True, help="With --kv-bits.")
+@click.option(
+    "--quantized-kv-start",
+    default=0,
+    show_default=True,
+    help="With --kv-bits: positions kept in full precision before the cache is quantized.",
+)
 @click.option("--json", "json_path", metavar="PATH", help="Also write the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(

@@ -10,7 +10,9 @@ How it runs, so that a 9B and its source never sit in memory together:
 2. the reference runs first (float32 by default: `load_model(dtype=mx.float32)`, the
    reference-exact model) and its logits for every scored position go, window by window,
    into a temporary float32 file (`np.memmap`); then it is released;
-3. the model runs as it would on a device (weights and activations as stored) and each
+3. the model runs as it would on a device (weights and activations as stored; with
+   `kv_bits`, on a quantized KV cache, every position attending to the quantized keys and
+   values of those before it and its own, as prefill and decoding read them) and each
    window's logits are compared with the reference's, read back from the file.
 The file holds the reference's logits rather than its log-probabilities: both sides' log-softmax
 is then taken in float64 from exactly the numbers each model produced, so KL, top-1 and
@@ -41,6 +43,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
+from mlxkit.cache import KVQuantization, kv_quantization
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.fields import local_path, shown
 from mlxkit.load import load_config, load_model, resolve_model_dir
@@ -88,7 +91,8 @@ class QualityResult:
     agreement, perplexities on the text, greedy one-draft MTP acceptance of each model (None
     without an MTP head) and the model's text-model weights (embeddings, layers, norm, head;
     scales and biases included; MTP and vision excluded), counted as mlx-lm counts bits per
-    weight. `sets` breaks the figures down by evaluation set."""
+    weight. `sets` breaks the figures down by evaluation set. `kv_cache`: the model ran on a
+    quantized KV cache (None: in its activation dtype)."""
 
     kl_mean: float
     kl_p99: float
@@ -105,6 +109,7 @@ class QualityResult:
     reference_dtype: str
     text_digest: str
     sets: dict[str, SetQuality]
+    kv_cache: dict | None = None  # the model's KV quantization: bits, group_size, start
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,18 +279,22 @@ def _batches(windows: list[_Window], vocab: int) -> list[list[_Window]]:
     return batches
 
 
-def _run_batch(model: Model, batch: list[_Window], what: str) -> tuple[np.ndarray, int]:
+def _run_batch(
+    model: Model, batch: list[_Window], what: str, kv: KVQuantization | None = None
+) -> tuple[np.ndarray, int]:
     """Logits at the scored positions of windows of one length, [B, L-1, V] (float32, as the
     model made them), and how many of the MTP head's greedy drafts (from h_i and token i+1)
     equal the main model's argmax at i+1: the drafts that greedy speculative decoding with one
-    draft accepts (0 without an MTP head)."""
+    draft accepts (0 without an MTP head). `kv`: through fresh caches kept quantized (the
+    main model's and the MTP head's), as decoding keeps them."""
     ids = mx.array([w.tokens for w in batch])
-    hidden = model.hidden(ids)
+    hidden = model.hidden(ids, model.make_cache(kv) if kv is not None else None)
     logits = model.logits(hidden)
     finite = mx.isfinite(logits).all()
     accepted = mx.array(0)
     if model.has_mtp:
-        drafts, _ = model.mtp_forward(hidden[:, :-1], ids[:, 1:])
+        mtp_cache = model.make_mtp_cache(kv) if kv is not None else None
+        drafts, _ = model.mtp_forward(hidden[:, :-1], ids[:, 1:], mtp_cache)
         accepted = (drafts.argmax(-1) == logits[:, 1:].argmax(-1)).sum()
     scored = logits[:, :-1].astype(mx.float32)
     mx.eval(scored, accepted, finite)
@@ -371,16 +380,20 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _model_pass(
-    path: str | Path, batches: list[list[_Window]], store: np.memmap, quiet: bool
+    path: str | Path,
+    batches: list[list[_Window]],
+    store: np.memmap,
+    quiet: bool,
+    kv: KVQuantization | None,
 ) -> tuple[_Scores, int | None, int, float]:
-    """Runs the model over every window, comparing with the reference's logits read back from
-    `store`: the scores (in window order), its accepted drafts (None without an MTP head), its weight bytes and
-    bits per weight."""
+    """Runs the model over every window (on a KV cache kept as `kv` says), comparing with the
+    reference's logits read back from `store`: the scores (in window order), its accepted
+    drafts (None without an MTP head), its weight bytes and bits per weight."""
     model = load_model(path)
     parts, accepted = [], 0
     with _progress(batches, "model", quiet) as items:
         for batch in items:
-            logits, n = _run_batch(model, batch, "model")
+            logits, n = _run_batch(model, batch, "model", kv)
             for w, rows in zip(batch, logits):
                 targets = np.array(w.tokens[1:])
                 parts.append((w.row, _compare(store[w.row : w.row + w.scored], rows, targets)))
@@ -419,6 +432,9 @@ def measure_quality(
     reference_dtype: str = "float32",
     tmp_dir: str | Path | None = None,
     quiet: bool = False,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> QualityResult:
     """The quality of `model_path` (a converted model directory or a bundle) against
     `reference_path` (its source checkpoint), on `text` and/or `chat` (conversations:
@@ -426,9 +442,14 @@ def measure_quality(
     neither, the built-in evaluation set. `max_tokens` caps the scored tokens (windows taken
     from every set in turn). `reference_dtype` "bfloat16" halves the reference's memory at
     the cost of its exactness. The reference's logits wait in a temporary file in `tmp_dir`
-    (default: the system's). Unless `quiet`, a progress bar on a terminal's stderr. See the
-    module docstring for what is measured and how."""
+    (default: the system's). Unless `quiet`, a progress bar on a terminal's stderr. `kv_bits`,
+    `kv_group_size`, `quantized_kv_start`: the model runs on a quantized KV cache, as
+    stream_generate's options of those names keep it (the reference never does), so that the
+    KL says what the cache costs on top of the weights. See the module docstring for what is
+    measured and how."""
     _check_options(window, max_tokens, reference_dtype)
+    head_dim = load_config(resolve_model_dir(model_path)).head_dim
+    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, head_dim)
     tokenizer, vocab = _tokenizer_and_vocab(model_path, reference_path)
     texts = _texts(tokenizer, text, chat)
     ids = {name: [t for s in items for t in tokenizer.encode(s)] for name, items in texts.items()}
@@ -446,11 +467,14 @@ def measure_quality(
             reference_path, REFERENCE_DTYPES[reference_dtype], batches, store, quiet
         )
         mx.clear_cache()  # the reference's buffers, before the model is loaded
-        scores, accepted, nbytes, bpw = _model_pass(model_path, batches, store, quiet)
+        scores, accepted, nbytes, bpw = _model_pass(model_path, batches, store, quiet, kv)
         del store
-    return _result(
+    result = _result(
         scores, windows, window, (accepted, ref_accepted), nbytes, bpw, reference_dtype, texts
     )
+    if kv is not None:
+        result.kv_cache = {"bits": kv.bits, "group_size": kv.group_size, "start": kv.start}
+    return result
 
 
 def _check_options(window: object, max_tokens: object, reference_dtype: object) -> None:
@@ -583,6 +607,12 @@ def format_quality(result: QualityResult, model: str, reference: str) -> str:
         + f"(reference {mtp(r.mtp_acceptance_reference)}), greedy, 1 draft",
         f"weights                {weights} (text model)",
     ]
+    if r.kv_cache is not None:
+        kv = r.kv_cache
+        lines.append(
+            f"KV cache               {kv['bits']}-bit, groups of {kv['group_size']}, "
+            f"quantized from position {kv['start']}"
+        )
     if len(r.sets) > 1:
         lines.append("by set                tokens  KL mean   top-1   perplexity (reference)")
         lines += [

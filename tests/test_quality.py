@@ -35,8 +35,8 @@ def _recording(monkeypatch) -> dict[str, list]:
     seen: dict[str, list] = {"reference": [], "model": []}
     real = quality._run_batch
 
-    def run(model, batch, what):
-        logits, accepted = real(model, batch, what)
+    def run(model, batch, what, *kv):
+        logits, accepted = real(model, batch, what, *kv)
         seen[what] += [(w.row, rows.copy()) for w, rows in zip(batch, logits)]
         return logits, accepted
 
@@ -90,7 +90,7 @@ def test_known_distributions_give_their_known_kl(monkeypatch):
     float32): closed forms."""
     V = VOCAB
 
-    def fake(model, batch, what):
+    def fake(model, batch, what, *kv):
         logits = np.zeros((len(batch), len(batch[0].tokens) - 1, V), np.float32)
         logits[..., 1 if what == "reference" else 0] = 2.0 if what == "reference" else 1.0
         return logits, 0
