@@ -188,6 +188,19 @@ def test_same_seed_same_rounds_and_text_whatever_the_clock(monkeypatch, tmp_path
     assert len(set(outcomes[0][1])) > 1  # the run did change its k
 
 
+def test_deterministic_without_a_seed_ignores_the_clock(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, tok = small_vocab_model(), SilentTokenizer()
+    chosen = recording(monkeypatch)
+    runs = []
+    for clock_seed in range(2):
+        monkeypatch.setattr(time, "perf_counter", noisy_clock(clock_seed))
+        last = list(stream_generate(model, tok, PROMPT, max_tokens=30, deterministic=True))[-1]
+        runs.append((list(chosen), last.drafting.costs))
+        chosen.clear()
+    assert runs[0] == runs[1] and runs[0][1] == "default"
+
+
 @pytest.fixture(scope="module")
 def micro_f32():
     return load("micro", dtype=mx.float32)
