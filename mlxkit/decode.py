@@ -29,6 +29,7 @@ each step already waits for (the token, the accepted count), so it adds no wait 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,9 +40,10 @@ from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model, Rotary
 from mlxkit.multimodal import PromptInputs
 from mlxkit.prompt_cache import PromptCache
-from mlxkit.response import GenerationResponse, Responses
+from mlxkit.response import GenerationResponse, Responses, TokenLogprobs
 from mlxkit.sample import (
     SamplingParams,
+    apply_logit_bias,
     apply_repetition_penalty,
     greedy_accept,
     probs,
@@ -128,19 +130,35 @@ def _feed_mtp(
 class Decoder:
     """The decoding state of one generation (see the module docstring)."""
 
-    def __init__(self, model: Model, cache: PromptCache, params: SamplingParams, keys: Keys):
+    def __init__(
+        self,
+        model: Model,
+        cache: PromptCache,
+        params: SamplingParams,
+        keys: Keys,
+        logprobs: int | None = None,
+    ):
         self.model, self.cache, self.params, self.keys = model, cache, params, keys
         self.rotary = Rotary.text(cache.rope_delta)  # every token after the prompt is text
+        self.scores = Scores(logprobs)
+
+    def _adjusted(self, logits: mx.array, history: list[int]) -> mx.array:
+        """Logits [..., V] as the token is picked from them: penalties and logit_bias."""
+        logits = apply_repetition_penalty(logits, history, self.params)
+        return apply_logit_bias(logits, self.params)
 
     def pick(
         self, logits: mx.array, history: list[int], key: mx.array | None
     ) -> tuple[mx.array, mx.array]:
         """The next token from logits [V] (lazy), and whether those logits are all finite."""
         finite = mx.isfinite(logits).all()
-        logits = apply_repetition_penalty(logits, history, self.params)
+        raw, logits = logits, self._adjusted(logits, history)
         if self.params.greedy:
-            return logits.argmax(-1), finite
-        return sample(probs(logits, self.params), key), finite
+            token = logits.argmax(-1)
+        else:
+            token = sample(probs(logits, self.params), key)
+        self.scores.add(raw[None], token[None])
+        return token, finite
 
     def checked(self, token: mx.array, finite: mx.array) -> int:
         """The token's value, once the logits it came from are known to be finite."""
@@ -209,7 +227,7 @@ class Decoder:
                     control.observe(0, 0)  # the step that made `token` has ended
             first_round = False
             self.cache.tokens.append(token)
-            response = out.push(token)
+            response = out.push(token, self.scores.take())
             yield response
             if response.finish_reason is not None:
                 if control is not None:
@@ -246,7 +264,7 @@ class Decoder:
             control.observe(k, len(new) - 1)
             responses = []
             for token in new[:keep]:
-                responses.append(out.push(token))
+                responses.append(out.push(token, self.scores.take()))
                 if responses[-1].finish_reason is not None:
                     break
             if responses[-1].finish_reason is not None:
@@ -267,6 +285,47 @@ class Decoder:
             c.trim(k - 1)  # entries built from draft hidden states
         self.cache.tokens += kept
         self.cache.mtp_pending = hidden[:, : len(kept)]
+
+
+class Scores:
+    """The log-probabilities of the tokens decided, handed out in the order the tokens are
+    (`take`, one per pushed token): recorded where a token is decided (a plain step's pick, a
+    verification pass's accepted drafts and next token) from the main model's raw logits,
+    evaluated alongside the token and read only when handed out. Off (`n` None) it records
+    nothing and hands out None."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n  # how many of the most likely tokens to list (the chosen one may be among them)
+        self._queued: deque[tuple[mx.array, ...]] = deque()  # lazy, one entry per decision
+        self._ready: deque[TokenLogprobs] = deque()
+
+    def add(self, logits: mx.array, tokens: mx.array) -> None:
+        """Records the log-probabilities of `tokens` [n] under `logits` [n, V]."""
+        if self.n is None:
+            return
+        lp = logits.astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(lp, tokens.reshape(-1, 1).astype(mx.int32), axis=-1)[:, 0]
+        top = mx.argpartition(-lp, self.n, axis=-1)[:, : self.n] if self.n else lp[:, :0]
+        top_lp = mx.take_along_axis(lp, top.astype(mx.int32), axis=-1)
+        order = mx.argsort(-top_lp, axis=-1)
+        entry = (
+            chosen,
+            mx.take_along_axis(top, order, axis=-1),
+            mx.take_along_axis(top_lp, order, axis=-1),
+        )
+        mx.async_eval(*entry)
+        self._queued.append(entry)
+
+    def take(self) -> TokenLogprobs | None:
+        """The next pushed token's log-probabilities."""
+        if self.n is None:
+            return None
+        if not self._ready:
+            chosen, top, top_lp = (a.tolist() for a in self._queued.popleft())
+            for c, ids, values in zip(chosen, top, top_lp):
+                self._ready.append(TokenLogprobs(c, tuple(zip(ids, values))))
+        return self._ready.popleft()
 
 
 @dataclass
@@ -294,10 +353,11 @@ class MTPRound:
         logits = dec.model.logits(h[:, -1:])
         drafts, draft_probs = [], []
         for j in range(k):
+            row = apply_logit_bias(logits[0, -1], params)
             if params.greedy:
-                d = logits[0, -1].argmax(-1)
+                d = row.argmax(-1)
             else:
-                draft_probs.append(probs(logits[0, -1], params))
+                draft_probs.append(probs(row, params))
                 d = sample(draft_probs[-1], keys[j])
             drafts.append(d)
             if j + 1 < k:
@@ -313,8 +373,9 @@ class MTPRound:
         for c in dec.cache.main:
             c.begin_verify()
         tokens = mx.concatenate([mx.array([self.y]), self.drafts])
-        logits, hidden = dec.model.logits_and_hidden(tokens[None], dec.cache.main, dec.rotary)
-        finite = mx.isfinite(logits).all()
+        raw, hidden = dec.model.logits_and_hidden(tokens[None], dec.cache.main, dec.rotary)
+        finite = mx.isfinite(raw).all()
+        logits = raw
         if params.repetition_penalty != 1.0:
             seq, history = [self.y, *self.drafts.tolist()], dec.cache.tokens
             rows = [
@@ -322,11 +383,14 @@ class MTPRound:
                 for j in range(k + 1)
             ]
             logits = mx.stack(rows)[None]
+        logits = apply_logit_bias(logits, params)
         if params.greedy:
             n_accepted, nxt = greedy_accept(logits, self.drafts[None])
         else:
             target, draft = probs(logits, params), mx.stack(self.draft_probs)[None]
             n_accepted, nxt = speculative_accept(target, draft, self.drafts[None], self.accept_key)
         mx.eval(n_accepted, nxt, self.drafts, finite)
-        accepted = self.drafts.tolist()[: n_accepted.item()]
+        n = n_accepted.item()
+        dec.scores.add(raw[0, : n + 1], mx.concatenate([self.drafts[:n], nxt]))
+        accepted = self.drafts.tolist()[:n]
         return [self.y, *accepted], dec.checked(nxt, finite), hidden

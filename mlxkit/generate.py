@@ -7,7 +7,7 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -38,6 +38,8 @@ from mlxkit.prompt_cache import PromptCache
 from mlxkit.response import GenerationResponse, Limits, Responses
 from mlxkit.sample import SamplingParams
 from mlxkit.vision import ImageLike, VisionInput, expand_prompt
+
+MAX_LOGPROBS = 20  # OpenAI's most top_logprobs
 
 __all__ = [
     "MAX_DRAFT",
@@ -168,6 +170,17 @@ def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
+def _logit_bias(bias: Mapping[int, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    """logit_bias as (token, bias) pairs; every key a token id of this vocabulary."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, Mapping):
+        raise MlxkitError("logit_bias must be a mapping of token ids to biases")
+    for token in bias:
+        _int("a logit_bias token id", token, 0, vocab - 1)
+    return tuple(sorted((int(t), b) for t, b in bias.items()))
+
+
 def _seed(seed: int | None) -> int:
     if seed is None:
         return time.time_ns() % 2**32
@@ -208,6 +221,8 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    logprobs: int | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yields one response per new token. With `prompt_cache`, tokens it already holds are not
     processed again; it is left holding the prompt and everything generated. Past the model's
@@ -229,11 +244,18 @@ def stream_generate(
     `kv_bits` (4 or 8) keeps the full-attention layers' KV cache (and the MTP head's) quantized
     in groups of `kv_group_size`, once it holds `quantized_kv_start` positions (mlx-lm's
     --kv-bits, --kv-group-size, --quantized-kv-start); a `prompt_cache` continues only under
-    the settings it was filled with."""
-    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
+    the settings it was filled with.
+
+    `logprobs=N` (0..20) gives each response the model's log-probability of its token and of
+    the N most likely tokens (`response.logprobs`): the raw log-softmax, before temperature,
+    penalties and logit_bias. `logit_bias` ({token id: bias in [-100, 100]}) is added to those
+    tokens' logits before sampling (OpenAI's)."""
+    bias = _logit_bias(logit_bias, model.config.vocab_size)
+    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, logit_bias=bias)
     options = _checked_options(
         model, tokenizer, params, max_tokens, num_draft, prefill_chunk, seed, stop, stop_at_context
     )
+    n_logprobs = None if logprobs is None else _int("logprobs", logprobs, 0, MAX_LOGPROBS)
     reproducible = seed is not None or bool(deterministic)
     kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, model.config.head_dim)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
@@ -245,7 +267,7 @@ def stream_generate(
     mtp = _use_mtp(model, mtp)  # called from here: its warning's stacklevel counts on it
     cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, kv)
     control = _draft_control(model, options.num_draft, reproducible) if mtp else None
-    yield from _decode(model, tokenizer, cache, encoded, control, options, kv)
+    yield from _decode(model, tokenizer, cache, encoded, control, options, kv, n_logprobs)
 
 
 @dataclass(frozen=True)
@@ -309,6 +331,7 @@ def _decode(
     control: DraftControl | None,
     options: _Options,
     kv: KVQuantization | None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Reuses what the cache holds of the prompt (its tokens, images and videos), prefills
     the rest, then decodes, speculatively with the MTP head when there is a `control`."""
@@ -318,7 +341,7 @@ def _decode(
     n_cached = cache.start(model, tokens, mtp, image_keys, video_keys, kv)
     new_images = encoded.images[len(cache.image_keys) :]
     new_videos = encoded.videos[len(cache.video_keys) :]
-    decoder = Decoder(model, cache, options.params, options.keys)
+    decoder = Decoder(model, cache, options.params, options.keys, logprobs)
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()

@@ -25,10 +25,22 @@ class GenerationResponse:
     accepted: int
     finish_reason: str | None  # "stop", "length" or None while generating
     drafting: DraftReport | None = None  # MTP only, on the last response: what k was chosen
+    logprobs: TokenLogprobs | None = None  # with stream_generate(logprobs=N) only
 
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The model's log-probability of the token, and of its `top` most likely tokens (best
+    first): the raw log-softmax of its logits, before temperature, penalties, logit_bias and
+    grammar masks (vLLM's default), so the same whatever the sampling. With MTP they are the
+    main model's (from its verification pass), never the draft head's."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, log-probability)
 
 
 @dataclass(frozen=True)
@@ -123,7 +135,7 @@ class Responses:
         self.drafted += drafted
         self.accepted += accepted
 
-    def push(self, token: int) -> GenerationResponse:
+    def push(self, token: int, logprobs: TokenLogprobs | None = None) -> GenerationResponse:
         self.produced += 1
         self._warn_past_context()
         finish = None
@@ -149,6 +161,7 @@ class Responses:
             accepted=self.accepted,
             finish_reason=finish,
             drafting=self._drafting() if finish is not None and self._drafting else None,
+            logprobs=logprobs,
         )
 
     def _release(self, finish: str | None) -> tuple[str, str | None]:

@@ -25,6 +25,7 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     repetition_context: int = 64
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
@@ -45,6 +46,13 @@ class SamplingParams:
             raise MlxkitError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise MlxkitError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for token, bias in self.logit_bias:
+            if not isinstance(token, numbers.Integral) or isinstance(token, bool) or token < 0:
+                raise MlxkitError(f"logit_bias keys must be token ids, got {token!r}")
+            if not isinstance(bias, numbers.Real) or isinstance(bias, bool):
+                raise MlxkitError(f"logit_bias values must be numbers, got {bias!r}")
+            if not -100 <= bias <= 100:
+                raise MlxkitError(f"logit_bias values must be in [-100, 100], got {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -57,13 +65,20 @@ def apply_repetition_penalty(
     """CTRL-style penalty on tokens seen in the last `repetition_context` tokens. logits: [V]."""
     if params.repetition_penalty == 1.0 or not history:
         return logits
-    seen = mx.array(sorted(set(history[-params.repetition_context :])))
-    picked = logits[seen]
-    picked = mx.where(
-        picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
-    )
-    logits[seen] = picked
-    return logits
+    seen = mx.zeros((logits.shape[-1],), mx.bool_)
+    seen[mx.array(sorted(set(history[-params.repetition_context :])))] = True
+    p = params.repetition_penalty
+    return mx.where(seen, mx.where(logits > 0, logits / p, logits * p), logits)  # a new array
+
+
+def apply_logit_bias(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Adds each biased token's bias to its logit (last axis), as OpenAI's logit_bias: -100
+    all but bans a token, +100 all but forces it."""
+    if not params.logit_bias:
+        return logits
+    tokens, values = zip(*params.logit_bias)
+    bias = mx.zeros((logits.shape[-1],), mx.float32).at[mx.array(tokens)].add(mx.array(values))
+    return logits + bias
 
 
 def probs(logits: mx.array, params: SamplingParams) -> mx.array:
