@@ -107,3 +107,73 @@ def test_logit_bias_moves_the_choice_and_mtp_agrees(micro_f32):
     ]
     assert runs[0][0] != plain[0] and plain[0] not in runs[0]
     assert runs[1] == runs[0]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def test_server_logprobs_and_logit_bias(micro_f32):
+    """Chat (streamed and not) and completions give the Python API's log-probabilities in
+    OpenAI's shapes (float32 micro, MTP with 2 drafts on both sides), the end-of-turn token
+    left out; logit_bias reaches the sampler."""
+    import openai
+
+    from mlxkit.serve.app import Settings, create_app
+    from mlxkit.serve.engine import Engine
+    from tests.serve_helpers import REQUEST_TIMEOUT_S, serve_in_process
+
+    model, tok = micro_f32
+    engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=0, num_draft=2)
+    messages = [{"role": "user", "content": PROMPT}]
+    no_think = {"chat_template_kwargs": {"enable_thinking": False}}
+
+    def client_side(port: int):
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="x",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        kw = {"model": "m", "messages": messages, "max_tokens": 12, "extra_body": no_think}
+        whole = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+        chunks = list(
+            client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True)
+        )
+        text = client.completions.create(model="m", prompt=PROMPT, max_tokens=12, logprobs=2)
+        biased = client.completions.create(
+            model="m", prompt=PROMPT, max_tokens=4, logit_bias={"42": 100}
+        )
+        return whole, chunks, text, biased
+
+    whole, chunks, text, biased = serve_in_process(
+        engine, create_app(engine, Settings("micro", 64)), client_side
+    )
+    chat_ids = tok.encode(tok.apply_chat_template(messages, True, False))
+    api = list(stream_generate(model, tok, chat_ids, max_tokens=12, num_draft=2, logprobs=3))
+    api = [r for r in api if r.token not in tok.eos_token_ids]
+    got = whole.choices[0].logprobs.content
+    assert [e.bytes for e in got] == [list(tok.token_bytes(r.token)) for r in api]
+    for e, r in zip(got, api):
+        assert abs(e.logprob - r.logprobs.logprob) < 1e-5
+        assert [list(t.bytes) for t in e.top_logprobs] == [
+            list(tok.token_bytes(t)) for t, _ in r.logprobs.top
+        ]
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in got]
+
+    api = list(stream_generate(model, tok, PROMPT, max_tokens=12, num_draft=2, logprobs=2))
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(api) == 12
+    assert all(abs(a - r.logprobs.logprob) < 1e-5 for a, r in zip(lp.token_logprobs, api))
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    offsets = [sum(len(r.text) for r in api[:i]) for i in range(len(api))]
+    assert lp.text_offset == offsets
+    assert [
+        r.token for r in stream_generate(model, tok, PROMPT, max_tokens=4, logit_bias={42: 100})
+    ] == [42] * 4
+    assert biased.choices[0].text == tok.decode([42] * 4)

@@ -373,9 +373,9 @@ def test_tools_on_a_template_that_ignores_them(client):
         ),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "only n=1"),
         (
-            {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
-            "logprobs",
-            "not supported",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            "top_logprobs",
+            "needs logprobs",
         ),
         (
             {

@@ -247,6 +247,50 @@ class Api:
             )
         return _Session(self.engine, request)
 
+    def _scored(self, r: GenerationResponse) -> bool:
+        """Whether the token gets a log-probability: all but an end-of-turn token (it is not
+        text; usage still counts it)."""
+        return not (r.finish_reason == "stop" and r.token in self.engine.tokenizer.eos_token_ids)
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        raw = self.engine.tokenizer.token_bytes(token)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _chat_logprobs(self, req: ChatRequest, generated: list) -> dict | None:
+        """OpenAI's chat `logprobs` for these tokens (None when the request did not ask)."""
+        if req.n_logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict:
+            text, raw = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        content = [
+            {
+                **entry(r.token, r.logprobs.logprob),
+                "top_logprobs": [entry(t, v) for t, v in r.logprobs.top],
+            }
+            for r in generated
+            if self._scored(r)
+        ]
+        return {"content": content, "refusal": None}
+
+    def _completion_logprobs(self, req: CompletionRequest, generated: list, offset: int):
+        """OpenAI's (legacy) completions `logprobs` for these tokens, the first at `offset` in
+        the text (None when the request did not ask)."""
+        if req.n_logprobs is None:
+            return None
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for r in generated:
+            if self._scored(r):
+                out["tokens"].append(self._token_text(r.token)[0])
+                out["token_logprobs"].append(r.logprobs.logprob)
+                top = {self._token_text(t)[0]: v for t, v in r.logprobs.top}
+                out["top_logprobs"].append(top)
+                out["text_offset"].append(offset)
+            offset += len(r.text)
+        return out
+
     # ------------------------------------------------------------------ endpoints
 
     async def health(self, request: Request) -> Response:
@@ -290,9 +334,10 @@ class Api:
                 return _EventStream(
                     self._chat_chunks(session, responses, parser, meta, req), session
                 )
-            deltas = []
+            deltas, generated = [], []
             async for r in responses:
                 deltas += parser.feed(r.text)
+                generated.append(r)
             deltas += parser.finish()
         finally:
             if not streaming:
@@ -309,7 +354,7 @@ class Api:
         choice = {
             "index": 0,
             "message": message,
-            "logprobs": None,
+            "logprobs": self._chat_logprobs(req, generated),
             "finish_reason": _finish(session.last, parser),
         }
         return JSONResponse(
@@ -317,8 +362,12 @@ class Api:
         )
 
     async def _chat_chunks(self, session, responses, parser, meta, req: ChatRequest):
+        scored: list[GenerationResponse] = []  # tokens whose log-probabilities are not sent yet
+
         def chunk(delta: dict, finish: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            logprobs = self._chat_logprobs(req, scored)
+            scored.clear()
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return _sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
         def wire(d: Delta) -> dict:
@@ -330,6 +379,7 @@ class Api:
         content = reasoning = ""
         try:
             async for r in responses:
+                scored.append(r)
                 for d in parser.feed(r.text):
                     content, reasoning = content + d.content, reasoning + d.reasoning
                     yield chunk(wire(d))
@@ -362,11 +412,13 @@ class Api:
             if req.stream:
                 streaming = True  # the stream closes the session when it ends
                 return _EventStream(self._completion_chunks(session, responses, meta, req), session)
-            text = "".join([r.text async for r in responses])
+            generated = [r async for r in responses]
         finally:
             if not streaming:
                 session.close()
-        choice = _text_choice(text, session.last.finish_reason)
+        text = "".join(r.text for r in generated)
+        logprobs = self._completion_logprobs(req, generated, 0)
+        choice = _text_choice(text, session.last.finish_reason, logprobs)
         body = {**meta, "object": "text_completion", "choices": [choice]}
         return JSONResponse({**body, "usage": _usage(session)})
 
@@ -380,9 +432,12 @@ class Api:
         return list(prompt)
 
     async def _completion_chunks(self, session, responses, meta: dict, req: CompletionRequest):
+        offset = 0  # of this token's text in the completion
         try:
             async for r in responses:
-                choice = _text_choice(r.text, r.finish_reason)
+                logprobs = self._completion_logprobs(req, [r], offset)
+                choice = _text_choice(r.text, r.finish_reason, logprobs)
+                offset += len(r.text)
                 yield _sse({**meta, "object": "text_completion", "choices": [choice]})
         except RequestError as e:
             yield _sse(e.body())
@@ -394,8 +449,8 @@ class Api:
         yield _sse("[DONE]")
 
 
-def _text_choice(text: str, finish: str | None) -> dict:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def _text_choice(text: str, finish: str | None, logprobs: dict | None) -> dict:
+    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 def _finish(last: GenerationResponse, parser: OutputParser) -> str:

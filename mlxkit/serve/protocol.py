@@ -3,9 +3,9 @@ and the response objects.
 
 Requests are validated strictly (a string where a number belongs is an error, not coerced);
 fields this server does not know are ignored, as OpenAI-compatible servers do, since clients
-send vendor fields of their own. Fields it knows but cannot honour (n > 1, logprobs,
-logit_bias, penalties other than repetition_penalty, forced tool choice) are refused with a 400
-that says so, rather than silently ignored.
+send vendor fields of their own. Fields it knows but cannot honour (n > 1, penalties other
+than repetition_penalty, forced tool choice) are refused with a 400 that says so, rather than
+silently ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mlxkit.generate import MAX_LOGPROBS
 
 if typing.TYPE_CHECKING:
     from mlxkit.response import DraftReport
@@ -217,13 +219,20 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
 
     def check(self) -> None:
         if self.n != 1:
             raise RequestError("only n=1 is supported", param="n")
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported by this server", param="logit_bias")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise RequestError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                )
+            if not -100 <= bias <= 100:
+                raise RequestError(
+                    f"logit_bias values must be in [-100, 100], got {bias}", param="logit_bias"
+                )
         if "" in self.stop_strings:
             raise RequestError("a stop string may not be empty", param="stop")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -250,6 +259,8 @@ class _Generation(_Strict):
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,
             "stop": self.stop_strings,
+            "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()} or None,
+            "logprobs": self.n_logprobs,
         }
 
 
@@ -262,16 +273,12 @@ class ChatRequest(_Generation):
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check(self) -> None:
         super().check()
-        if self.logprobs:
-            raise RequestError("logprobs are not supported by this server", param="logprobs")
-        if self.top_logprobs:
-            raise RequestError(
-                "top_logprobs are not supported by this server", param="top_logprobs"
-            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tool_choice not in (None, "auto", "none"):
             raise RequestError(
                 "only tool_choice 'auto' and 'none' are supported", param="tool_choice"
@@ -286,6 +293,11 @@ class ChatRequest(_Generation):
                 "chat_template_kwargs.enable_thinking must be true or false",
                 param="chat_template_kwargs.enable_thinking",
             )
+
+    @property
+    def n_logprobs(self) -> int | None:
+        """How many top alternatives to give with each token's log-probability (None: none)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -314,7 +326,7 @@ class CompletionRequest(_Generation):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check(self) -> None:
         super().check()
@@ -329,8 +341,10 @@ class CompletionRequest(_Generation):
             raise RequestError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise RequestError("only best_of=1 is supported", param="best_of")
-        if self.logprobs:
-            raise RequestError("logprobs are not supported by this server", param="logprobs")
+
+    @property
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def single_prompt(self) -> str | list[int]:
