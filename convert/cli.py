@@ -37,6 +37,13 @@ PLAN_ONLY = (
     "-o", "--output", metavar="OUT", help="Output directory (default: e.g. ./Qwen3.5-2B-4bit)."
 )
 @plan_options
+@click.option(
+    "--bits-per-weight",
+    type=float,
+    metavar="B",
+    help="With --recipe auto: the budget, in bits per weight of the text model, scales and "
+    "biases counted (uniform 4-bit: 4.25 at group 128, 4.5 at 64, 5.0 at 32) [4.5].",
+)
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
@@ -46,6 +53,7 @@ def convert(
     hf_path: str | None,
     size: str | None,
     output: str | None,
+    bits_per_weight: float | None,
     no_quantize: bool,
     force: bool,
     quiet: bool,
@@ -67,6 +75,8 @@ def convert(
     if options["target"] is not None or options["memory_budget"] is not None:
         if no_quantize:
             raise MlxkitError("--target plans quantized bundles; drop --no-quantize")
+        if bits_per_weight is not None:
+            raise MlxkitError("--target sets the budget from the phone; drop --bits-per-weight")
         from mlxkit.ios_bridge.cli import convert_to_bundle
 
         convert_to_bundle(source, output, force=force, quiet=quiet, **options)
@@ -82,6 +92,7 @@ def convert(
         bits=options["bits"],
         group_size=options["group_size"],
         recipe="uniform" if options["recipe"] is None else options["recipe"],
+        bits_per_weight=bits_per_weight,
         dtype=options["dtype"],
         quantize=not no_quantize,
         mtp=mtp,

@@ -114,6 +114,7 @@ class ConvertResult:
     peak_memory: int  # peak resident memory of this process, bytes
     tensors: int
     quantization: dict | None = field(default=None)
+    sensitivity: str | None = None  # with --recipe auto: what was measured, and its cost
 
     @property
     def total_bytes(self) -> int:
@@ -127,6 +128,7 @@ def convert(
     bits: int | None = None,
     group_size: int | None = None,
     recipe: str = "uniform",
+    bits_per_weight: float | None = None,
     dtype: str = "bfloat16",
     quantize: bool = True,
     mtp: bool = True,
@@ -140,7 +142,9 @@ def convert(
     such as "2b") into the MLX model directory `dst` (default: a name such as
     `Qwen3.5-2B-4bit` in the current directory).
 
-    bits / group_size default to the recipe's (4 / 64 for the shipped recipes); `dtype` is
+    bits / group_size default to the recipe's (4 / 64 for the shipped recipes). Recipe "auto"
+    measures the checkpoint's sensitivity (convert/sensitivity.py; cached) and spends
+    `bits_per_weight` (default 4.5) where it lowers the predicted KL most; `dtype` is
     the dtype of everything not quantized. With `mtp`, the MTP head is written as a drafter
     in `dst/mtp/`, in one of DRAFTER_LAYOUTS. With `vision` the checkpoint's vision tower is
     kept (in `dtype`; its linear layers quantized to `vision_bits` when given). Unless
@@ -149,10 +153,17 @@ def convert(
     can cause."""
     t0 = time.perf_counter()
     _check_options(dtype, drafter_layout, quantize, mtp, vision, force, bits, group_size)
-    the_recipe = _checked_recipe(recipe, bits, group_size, quantize, vision, vision_bits)
+    auto = _check_auto(recipe, bits_per_weight, bits, group_size, quantize)
+    the_recipe = (
+        None if auto else _checked_recipe(recipe, bits, group_size, quantize, vision, vision_bits)
+    )
     source = _source(src, dst, force)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp, include_vision=vision)
     _check_side_files(source.directory)
+    sensitivity = None
+    if auto:
+        the_recipe, sensitivity = _auto_recipe(source.directory, bits_per_weight, dtype)
+        _checked_recipe("uniform", None, None, quantize, vision, vision_bits)  # --vision-bits
     planned = planned_tensors(
         ckpt.cfg,
         the_recipe,
@@ -175,6 +186,7 @@ def convert(
         replace_dir(tmp, out)
 
     result = _result(out, ckpt, planned, quantization, t0)
+    result.sensitivity = sensitivity
     if not quiet:
         log.info(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
     return result
@@ -254,6 +266,56 @@ def _checked_recipe(
             raise ConfigError("--vision-bits has no effect with --no-quantize")
         check_vision_bits(vision_bits)
     return the_recipe
+
+
+def _check_auto(
+    recipe: str,
+    bits_per_weight: float | None,
+    bits: int | None,
+    group_size: int | None,
+    quantize: bool,
+) -> bool:
+    """Whether the recipe is "auto", whose bits and group sizes are chosen per group within
+    `bits_per_weight`; that budget means nothing to the other recipes."""
+    from .quantize import AUTO
+
+    if recipe != AUTO:
+        if bits_per_weight is not None:
+            raise ConfigError("--bits-per-weight is the budget of --recipe auto; add it")
+        return False
+    if not quantize:
+        raise ConfigError("--recipe auto quantizes; drop --no-quantize")
+    if bits is not None or group_size is not None:
+        raise ConfigError(
+            "--recipe auto chooses the bits and group size of each group: pass "
+            "--bits-per-weight B instead of --bits / --group-size"
+        )
+    if bits_per_weight is not None and (
+        isinstance(bits_per_weight, bool)
+        or not isinstance(bits_per_weight, (int, float))
+        or not math.isfinite(bits_per_weight)
+    ):
+        raise ConfigError(f"--bits-per-weight must be a number, got {bits_per_weight!r}")
+    return True
+
+
+def _auto_recipe(directory: Path, bits_per_weight: float | None, dtype: str) -> tuple[Recipe, str]:
+    """The auto recipe for the budget, and a line saying what the measurement cost (it is
+    cached per checkpoint: the second conversion of a checkpoint measures nothing)."""
+    from .sensitivity import DEFAULT_BITS_PER_WEIGHT, auto_recipe, measure_sensitivity
+
+    t0 = time.perf_counter()
+    s = measure_sensitivity(directory, dtype=dtype)
+    cached = time.perf_counter() - t0 < s.seconds
+    budget = DEFAULT_BITS_PER_WEIGHT if bits_per_weight is None else bits_per_weight
+    recipe = auto_recipe(s, budget)
+    note = (
+        f"recipe auto for {budget:g} bits per weight: sensitivity of {len(s.groups)} groups "
+        f"on {s.tokens:,} calibration tokens, measured in {s.seconds:.1f} s"
+        + (" (cached)" if cached else "")
+        + f"; {recipe.description.split(', ', 1)[1]}"
+    )
+    return recipe, note
 
 
 def _source(src: str | Path | Source | Size, dst: str | Path | None, force: bool) -> Source:
@@ -709,6 +771,8 @@ def format_summary(
         f"{how}; {result.bits_per_weight:.2f} bits per weight; {result.tensors} tensors",
         f"{result.seconds:.1f} s, peak memory {human_bytes(result.peak_memory)}",
     ]
+    if result.sensitivity is not None:
+        lines.append(result.sensitivity)
     if result.mtp_dir is not None:
         lines.append(f"MTP drafter in {result.mtp_dir}")
     elif mtp_wanted:

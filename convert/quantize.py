@@ -119,8 +119,11 @@ class Recipe:
         return block
 
 
+AUTO = "auto"  # measured on a checkpoint (convert/sensitivity.py): no file in recipes/
+
+
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    return sorted([*(p.stem for p in RECIPES_DIR.glob("*.toml")), AUTO])
 
 
 def load_recipe(
@@ -129,6 +132,11 @@ def load_recipe(
     """The recipe `convert/recipes/<name>.toml`; `bits` / `group_size` replace its defaults
     (rules that name their own bits keep them)."""
     name = fields.string(name, "recipe")
+    if name == AUTO:
+        raise ConfigError(
+            "recipe auto is measured on a checkpoint: convert with --recipe auto "
+            "--bits-per-weight B (or plan it with the checkpoint)"
+        )
     path = RECIPES_DIR / f"{name}.toml"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())}")

@@ -1,0 +1,552 @@
+"""`--recipe auto`: measure how much each tensor group's quantization costs, then spend a
+bits-per-weight budget where it buys the most.
+
+Measurement (`measure_sensitivity`), on the calibration set in `calibration/` (never the
+evaluation text, never micro's training text; see its README):
+1. Groups: per layer and kind (attention q/k/v/o, linear-attention in_proj (qkv and z), its
+   small in_proj_a/b, out_proj, MLP gate/up/down), the embedding (with the output head when they
+   are tied) and, untied, the head. The MTP head is not measured: it changes drafts, not the
+   model's distribution; it gets the setting of least weight error within the same budget.
+2. For each group alone quantized at the probe setting (4 bits, group 128: the least the
+   body may get), the mean KL(source ‖ perturbed) of the next-token distributions is measured
+   end to end. The source runs in float32, one decoder layer in memory at a time: every
+   perturbed group is a stream of hidden states (on disk, in a temporary file) that each later
+   layer carries along with the source's own, so each layer is read once. The head is applied
+   in vocabulary chunks, the KL accumulated in float64 with running log-sum-exps.
+3. Any other setting's KL is predicted from the probe's by the ratio of their squared weight
+   errors (KL grows with the square of a small perturbation), and a recipe's KL as the sum over
+   groups. `allocate` then raises, greedily, the group whose next setting removes the most
+   predicted KL per byte, until the budget is spent. No clipping search anywhere (the output
+   head in particular keeps absmax scales: clipping corrupts it).
+
+The measurement is cached per source checkpoint (`source_digest`) and calibration set under
+$XDG_CACHE_HOME/mlxkit/sensitivity/ (else ~/.cache); `Sensitivity.seconds` says what it cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlxkit import __version__
+from mlxkit.errors import ConfigError
+from mlxkit.layout import DTYPE_BYTES, checkpoint_tensor, fitting_group_size, output_dtype
+from mlxkit.models.qwen3_5 import DecoderLayer, TextConfig
+
+from .quantize import MODE, Recipe, Rule
+from .reader import SourceCheckpoint, read_rows, row_chunks
+
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
+CALIBRATION_TEXTS = ("code_feedparser.txt", "code_tupleobject_h.txt", "prose_idle_extend.txt")
+CALIBRATION_CHAT = "chat.jsonl"
+WINDOW = 256  # tokens per calibration window, each run from an empty state
+# Calibration tokens measured by default: 4 windows. Each group's stream runs every later layer,
+# so the cost grows with tokens × groups × layers (micro: about a minute on 2 shared CPU cores).
+DEFAULT_TOKENS = 1024
+BITS = (4, 5, 6, 8)  # the body is kept at 4 bits or more
+GROUP_SIZES = (32, 64, 128)
+PROBE = (4, 128)  # the setting each group's KL is measured at
+DEFAULT_BITS_PER_WEIGHT = 4.5  # uniform 4-bit g64's bytes
+STREAM_BYTES = 256 << 20  # hidden states processed at once
+CHUNK_BYTES = 64 << 20  # head rows (float32) per vocabulary chunk
+VERSION = 1  # of the measurement: a cached one from another version is measured again
+PREFIX = "language_model.model."
+
+
+@dataclass
+class Group:
+    """One tensor group: its modules, its KL measured at PROBE, and per setting "bits/group"
+    its bytes (weights, scales and biases) and squared weight error."""
+
+    name: str
+    modules: list[str]
+    probe_kl: float
+    nbytes: dict[str, int]
+    error: dict[str, float]
+
+    def kl(self, setting: str) -> float:
+        """Predicted KL at `setting`: the probe's, scaled by the squared weight errors."""
+        probe = self.error[_key(*PROBE)]
+        return self.probe_kl * self.error[setting] / probe if probe > 0 else 0.0
+
+
+@dataclass
+class Sensitivity:
+    source_digest: str
+    calibration_digest: str
+    tokens: int
+    seconds: float
+    text_parameters: int  # embeddings, layers, norm and head, unquantized
+    fixed_bytes: int  # of the text model's unquantized tensors (norms, conv1d, A_log...)
+    groups: list[Group]  # text-model groups
+    mtp: Group | None  # the MTP head's linears (not measured: probe_kl 0)
+    mtp_parameters: int
+    mtp_fixed_bytes: int
+    version: int = VERSION
+    mlxkit_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Sensitivity:
+        groups = [Group(**g) for g in data["groups"]]
+        mtp = Group(**data["mtp"]) if data.get("mtp") else None
+        return cls(**{**data, "groups": groups, "mtp": mtp})
+
+    def predicted_kl(self, recipe: Recipe) -> float | None:
+        """The sum over groups of each group's predicted KL under `recipe` (a group whose
+        modules the recipe splits takes its first module's setting); None when the recipe
+        goes below 4 bits, where nothing was measured."""
+        total = 0.0
+        for g in self.groups:
+            rule = recipe.rule_for(g.modules[0], (1, 128))
+            if rule is not None and _key(*rule) not in g.error:
+                return None
+            total += g.kl(_key(*rule)) if rule is not None else 0.0
+        return total
+
+
+def _key(bits: int, group_size: int) -> str:
+    return f"{bits}/{group_size}"
+
+
+SETTINGS = [_key(b, g) for b in BITS for g in GROUP_SIZES]
+
+
+# --- groups -----------------------------------------------------------------------------------
+
+
+def group_of(module: str) -> str:
+    """The group a quantized module belongs to (see the module docstring)."""
+    if module.startswith("mtp."):
+        return "mtp"
+    name = module.removeprefix(PREFIX)
+    if name == "embed_tokens":
+        return "embeddings"
+    if module == "language_model.lm_head":
+        return "head"
+    name = re.sub(r"linear_attn\.in_proj_(qkv|z)$", "linear_attn.in_proj", name)
+    return re.sub(r"linear_attn\.in_proj_[ab]$", "linear_attn.in_proj_ab", name)
+
+
+def _layer_of(group: str) -> int | None:
+    m = re.match(r"layers\.(\d+)\.", group)
+    return int(m.group(1)) if m else None
+
+
+# --- calibration text -------------------------------------------------------------------------
+
+
+def calibration_texts(tokenizer) -> list[str]:
+    """The calibration files, the conversations rendered by the model's chat template."""
+    texts = [(CALIBRATION_DIR / f).read_text(encoding="utf-8") for f in CALIBRATION_TEXTS]
+    for line in (CALIBRATION_DIR / CALIBRATION_CHAT).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            c = json.loads(line)
+            texts.append(
+                tokenizer.apply_chat_template(
+                    c["messages"], add_generation_prompt=False, tools=c.get("tools")
+                )
+            )
+    return texts
+
+
+def calibration_windows(tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """[windows, WINDOW] token ids: the calibration stream cut into whole windows."""
+    ids = [t for text in calibration_texts(tokenizer) for t in tokenizer.encode(text)]
+    n = len(ids) // WINDOW
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // WINDOW))
+    return np.array(ids[: n * WINDOW], dtype=np.int32).reshape(n, WINDOW)
+
+
+# --- source digest and cache ------------------------------------------------------------------
+
+
+def source_digest(ckpt: SourceCheckpoint) -> str:
+    """A digest of a checkpoint cheap enough for a 9B: config.json, every tensor's name,
+    dtype and shape, and the first 4 KiB of its bytes."""
+    h = hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode())
+    for path in sorted(ckpt.tensors):
+        info = ckpt.tensors[path]
+        h.update(f"{path} {info.dtype} {info.shape}".encode())
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            h.update(f.read(min(4096, info.nbytes)))
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlxkit" / "sensitivity"
+
+
+def cached_sensitivity(digest: str, calibration: str) -> Sensitivity | None:
+    """The cached measurement of a checkpoint, None when there is none (or it is unreadable,
+    or from another version of the measurement)."""
+    path = cache_dir() / f"{digest}-{calibration}.json"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != VERSION:
+            return None
+        return Sensitivity.from_dict(data)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _store(s: Sensitivity) -> None:
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{s.source_digest}-{s.calibration_digest}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(s.to_dict()))
+    tmp.replace(path)
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+def measure_sensitivity(
+    source_dir: str | Path,
+    *,
+    max_tokens: int | None = DEFAULT_TOKENS,
+    dtype: str = "bfloat16",
+    use_cache: bool = True,
+    tmp_dir: str | Path | None = None,
+) -> Sensitivity:
+    """The sensitivity of the checkpoint in `source_dir` (see the module docstring), from the
+    cache when it was measured before. `dtype` is the converter's output dtype (the bytes of
+    scales, biases and unquantized tensors); `max_tokens` caps the calibration tokens."""
+    from mlxkit.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    ckpt = SourceCheckpoint.open(Path(source_dir), include_mtp=True, include_vision=False)
+    tokenizer = load_tokenizer(ckpt.directory)
+    ids = calibration_windows(tokenizer, max_tokens)
+    if ids.size == 0:
+        raise ConfigError("the calibration set is shorter than one window for this tokenizer")
+    digest = source_digest(ckpt)
+    calibration = hashlib.sha256(ids.tobytes() + dtype.encode()).hexdigest()[:16]
+    if use_cache and (hit := cached_sensitivity(digest, calibration)) is not None:
+        return hit
+    groups, mtp, fixed = _groups(ckpt, dtype)
+    probe_kl = _probe_kls(ckpt, ids, [g.name for g in groups], tmp_dir)
+    for g in groups:
+        g.probe_kl = probe_kl[g.name]
+    text_params = sum(math.prod(i.shape) for p, i in ckpt.tensors.items() if _in_text(p))
+    mtp_params = sum(math.prod(i.shape) for p, i in ckpt.tensors.items() if p.startswith("mtp."))
+    result = Sensitivity(
+        source_digest=digest,
+        calibration_digest=calibration,
+        tokens=int(ids.size),
+        seconds=time.perf_counter() - t0,
+        text_parameters=text_params,
+        fixed_bytes=fixed["text"],
+        groups=groups,
+        mtp=mtp,
+        mtp_parameters=mtp_params,
+        mtp_fixed_bytes=fixed["mtp"],
+    )
+    if use_cache:
+        _store(result)
+    return result
+
+
+def _in_text(path: str) -> bool:
+    return path.startswith("language_model.")
+
+
+def _groups(ckpt: SourceCheckpoint, dtype: str) -> tuple[list[Group], Group | None, dict]:
+    """Every group's bytes and squared weight error at each setting (weights read in row
+    chunks: rows quantize independently), and the bytes of what stays unquantized."""
+    groups: dict[str, Group] = {}
+    fixed = {"text": 0, "mtp": 0}
+    scale_bytes = DTYPE_BYTES[dtype]
+    for path, info in ckpt.tensors.items():
+        part = "mtp" if path.startswith("mtp.") else "text"
+        if len(info.shape) != 2:
+            fixed[part] += math.prod(info.shape) * DTYPE_BYTES[output_dtype(path, dtype)]
+            continue
+        module = path.removesuffix(".weight")
+        g = groups.setdefault(
+            group_of(module),
+            Group(
+                group_of(module), [], 0.0, dict.fromkeys(SETTINGS, 0), dict.fromkeys(SETTINGS, 0.0)
+            ),
+        )
+        g.modules.append(module)
+        rows, cols = info.shape
+        for setting in SETTINGS:
+            bits, size = map(int, setting.split("/"))
+            gs = fitting_group_size(cols, size)
+            g.nbytes[setting] += rows * cols * bits // 8 + 2 * rows * (cols // gs) * scale_bytes
+        for start, stop in row_chunks(info, CHUNK_BYTES // 2):
+            w = _weight(ckpt, path, start, stop)
+            for setting in SETTINGS:
+                bits, size = map(int, setting.split("/"))
+                g.error[setting] += float(
+                    ((_fake_quantized(w, bits, fitting_group_size(cols, size)) - w) ** 2).sum()
+                )
+    mtp = groups.pop("mtp", None)
+    return list(groups.values()), mtp, fixed
+
+
+def _weight(ckpt: SourceCheckpoint, path: str, start: int, stop: int) -> mx.array:
+    """Rows of one tensor in our layout, float32 (as the model runs them)."""
+    info = ckpt.tensors[path]
+    rows = read_rows(info, start, stop)
+    _, value = checkpoint_tensor(info.name, rows, ckpt.cfg.tie_word_embeddings, mx.float32, False)
+    return value.astype(mx.float32)
+
+
+def _fake_quantized(w: mx.array, bits: int, group_size: int) -> mx.array:
+    """`w` as the quantized model computes with it (from its bfloat16 values, as written)."""
+    q = mx.quantize(w.astype(mx.bfloat16), group_size=group_size, bits=bits, mode=MODE)
+    return mx.dequantize(*q, group_size=group_size, bits=bits, mode=MODE).astype(mx.float32)
+
+
+def _load_layer(ckpt: SourceCheckpoint, i: int) -> DecoderLayer:
+    cfg: TextConfig = ckpt.cfg
+    layer = DecoderLayer(cfg, cfg.is_linear(i))
+    prefix = f"{PREFIX}layers.{i}."
+    weights = []
+    for path, info in ckpt.tensors.items():
+        if path.startswith(prefix):
+            weights.append((path[len(prefix) :], _weight(ckpt, path, 0, info.shape[0])))
+    layer.load_weights(weights)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _probe_kls(
+    ckpt: SourceCheckpoint, ids: np.ndarray, names: list[str], tmp_dir: str | Path | None
+) -> dict[str, float]:
+    """Each group's KL at PROBE, measured end to end in one pass over the layers."""
+    cfg = ckpt.cfg
+    B, T = ids.shape
+    per_stream = B * T * cfg.hidden_size * 4
+    input_groups = [n for n in names if n == "embeddings" or _layer_of(n) is not None]
+    folder = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+    need = per_stream * (1 + len(input_groups))
+    if shutil.disk_usage(folder).free < need:
+        raise ConfigError(
+            f"measuring the sensitivity needs {need / 1e9:.2f} GB in {folder}: pass another "
+            "folder (TMPDIR) or fewer calibration tokens"
+        )
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="mlxkit-sens-", suffix=".f32") as f:
+        shape = (1 + len(input_groups), B, T, cfg.hidden_size)
+        store = np.memmap(f.name, dtype=np.float32, mode="w+", shape=shape)
+        index = {"source": 0}
+        embed = f"{PREFIX}embed_tokens.weight"
+        # stream 0: the source; the embeddings' stream: the input with the probe's table
+        store[0] = _embed(ckpt, embed, ids, None)
+        if "embeddings" in input_groups:
+            index["embeddings"] = len(index)
+            store[index["embeddings"]] = _embed(ckpt, embed, ids, PROBE)
+        for i in range(cfg.num_hidden_layers):
+            layer = _load_layer(ckpt, i)
+            x = mx.array(store[0])  # the source's input, before its stream moves on
+            _run(layer, store, list(index.values()), per_stream)
+            for name in (n for n in input_groups if _layer_of(n) == i):
+                index[name] = len(index)
+                store[index[name]] = _with_probe(layer, name, x)
+            del layer
+            mx.clear_cache()
+        kls = _head_kls(ckpt, store, index, "head" in names)
+        del store
+    return kls
+
+
+def _embed(ckpt: SourceCheckpoint, path: str, ids: np.ndarray, probe) -> np.ndarray:
+    """The embeddings of `ids` [B, T], the table read in row chunks (quantized at `probe`)."""
+    info = ckpt.tensors[path]
+    out = np.zeros((*ids.shape, info.shape[1]), dtype=np.float32)
+    for start, stop in row_chunks(info, CHUNK_BYTES // 2):
+        at = (ids >= start) & (ids < stop)
+        if at.any():
+            w = _weight(ckpt, path, start, stop)
+            if probe is not None:
+                w = _fake_quantized(w, probe[0], fitting_group_size(w.shape[1], probe[1]))
+            out[at] = np.array(w[mx.array(ids[at] - start)])
+    return out
+
+
+def _with_probe(layer: DecoderLayer, group: str, x: mx.array) -> np.ndarray:
+    """The layer's output on `x` with the group's weights quantized at PROBE."""
+    params = dict(tree_flatten(layer.parameters()))
+    members = [p for p in params if p.endswith(".weight") and params[p].ndim == 2]
+    members = [p for p in members if group_of(f"layers.{_layer_of(group)}." + p[:-7]) == group]
+    probed = [
+        (p, _fake_quantized(params[p], PROBE[0], fitting_group_size(params[p].shape[1], PROBE[1])))
+        for p in members
+    ]
+    layer.load_weights(probed, strict=False)
+    y = np.array(layer(x))
+    layer.load_weights([(p, params[p]) for p in members], strict=False)
+    return y
+
+
+def _run(layer: DecoderLayer, store: np.memmap, streams: list[int], per_stream: int) -> None:
+    """Every stream through the (unperturbed) layer, STREAM_BYTES of hidden states at a time."""
+    step = max(1, STREAM_BYTES // per_stream)
+    for s in range(0, len(streams), step):
+        idx = streams[s : s + step]
+        x = mx.array(store[idx[0] : idx[-1] + 1])  # streams are numbered in order
+        n, B, T, H = x.shape
+        y = layer(x.reshape(n * B, T, H)).reshape(n, B, T, H)
+        store[idx[0] : idx[-1] + 1] = np.array(y)
+
+
+def _head_kls(
+    ckpt: SourceCheckpoint, store: np.memmap, index: dict[str, int], untied_head: bool
+) -> dict[str, float]:
+    """Mean KL(source ‖ stream) of every stream, the head applied in vocabulary chunks (the
+    tied embedding's stream, or the untied head's, with the head at PROBE)."""
+    cfg = ckpt.cfg
+    norm_path = f"{PREFIX}norm.weight"
+    norm = _weight(ckpt, norm_path, 0, ckpt.tensors[norm_path].shape[0])
+    head_path = (
+        f"{PREFIX}embed_tokens.weight"
+        if cfg.tie_word_embeddings
+        else "language_model.lm_head.weight"
+    )
+    info = ckpt.tensors[head_path]
+    probed_head = "embeddings" if cfg.tie_word_embeddings else "head"
+    names = [n for n in index if n != "source"] + (["head"] if untied_head else [])
+    S, B, T, H = store.shape
+    rows = B * T
+    chunks = row_chunks(info, CHUNK_BYTES // 2)
+    widest = max(max(b - a for a, b in chunks), H)
+    block = max(1, STREAM_BYTES // (len(index) * widest * 8 * 3))  # float64 logits, temporaries
+    totals = dict.fromkeys(names, 0.0)
+    for r0 in range(0, rows, block):
+        flat = store.reshape(S, rows, H)
+        h = mx.fast.rms_norm(mx.array(flat[:, r0 : r0 + block]), norm, cfg.rms_norm_eps)
+        acc = _KL(len(names), h.shape[1])
+        for start, stop in chunks:
+            w = _weight(ckpt, head_path, start, stop)
+            wq = _fake_quantized(w, PROBE[0], fitting_group_size(w.shape[1], PROBE[1]))
+            ref = h[0] @ w.T
+            models = []
+            for n in names:
+                stream = h[index["source"] if n == "head" else index[n]]
+                models.append(stream @ (wq if n == probed_head else w).T)
+            acc.add(np.array(ref, dtype=np.float64), np.array(mx.stack(models)).astype(np.float64))
+        for n, kl in zip(names, acc.kl()):
+            totals[n] += float(kl.sum())
+    return {n: totals[n] / rows for n in names}
+
+
+class _KL:
+    """KL(p ‖ q) per row from logits seen a vocabulary chunk at a time: running maxima and
+    sums of exp for both log-sum-exps, and Σ exp(r − M_r)(r − m), rescaled as M_r grows."""
+
+    def __init__(self, streams: int, rows: int):
+        self.m_r = np.full(rows, -np.inf)
+        self.s_r = np.zeros(rows)
+        self.a = np.zeros((streams, rows))
+        self.m_m = np.full((streams, rows), -np.inf)
+        self.s_m = np.zeros((streams, rows))
+
+    def add(self, r: np.ndarray, m: np.ndarray) -> None:
+        """r [rows, chunk] (source), m [streams, rows, chunk]."""
+        new_r = np.maximum(self.m_r, r.max(-1))
+        e_r = np.exp(r - new_r[:, None])
+        scale = np.exp(self.m_r - new_r)
+        self.s_r = self.s_r * scale + e_r.sum(-1)
+        self.a = self.a * scale + (e_r[None] * (r[None] - m)).sum(-1)
+        self.m_r = new_r
+        new_m = np.maximum(self.m_m, m.max(-1))
+        self.s_m = self.s_m * np.exp(self.m_m - new_m) + np.exp(m - new_m[..., None]).sum(-1)
+        self.m_m = new_m
+
+    def kl(self) -> np.ndarray:
+        lse_r = self.m_r + np.log(self.s_r)
+        lse_m = self.m_m + np.log(self.s_m)
+        return self.a / self.s_r - lse_r + lse_m
+
+
+# --- allocation -------------------------------------------------------------------------------
+
+
+class BudgetError(ConfigError):
+    """A bits-per-weight budget below what keeps every weight at 4 bits or more."""
+
+
+def smallest_bits_per_weight(s: Sensitivity) -> float:
+    """The least bits per weight the text model can have with every group at 4 bits: the
+    cheapest setting of each group, rounded up to the hundredth so that it can be passed."""
+    nbytes = s.fixed_bytes + sum(min(g.nbytes.values()) for g in s.groups)
+    return math.ceil(nbytes * 8 / s.text_parameters * 100 - 1e-9) / 100
+
+
+def allocate(s: Sensitivity, bits_per_weight: float) -> dict[str, str]:
+    """Group name -> setting "bits/group" of least predicted KL within `bits_per_weight` (over
+    the text model's parameters, scales and biases counted as mlx-lm counts them); the MTP
+    head, apart, takes the setting of least weight error within the same bits per weight.
+    Greedy: start every group at its cheapest setting, then repeatedly take the move (to any
+    costlier setting of lower KL) that removes the most KL per byte and still fits."""
+    smallest = smallest_bits_per_weight(s)
+    if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
+        raise ConfigError(f"--bits-per-weight must be a number, got {bits_per_weight!r}")
+    budget = bits_per_weight * s.text_parameters / 8 - s.fixed_bytes
+    chosen = {g.name: min(SETTINGS, key=lambda k, g=g: (g.nbytes[k], g.error[k])) for g in s.groups}
+    spent = sum(g.nbytes[chosen[g.name]] for g in s.groups)
+    if spent > budget + 1e-6:
+        raise BudgetError(
+            f"--bits-per-weight {bits_per_weight:g} is below {smallest:.2f}, the smallest budget "
+            "that keeps every weight at 4 bits or more; pass at least that"
+        )
+    while True:
+        best, best_gain = None, 0.0
+        for g in s.groups:
+            now = chosen[g.name]
+            for k in SETTINGS:
+                extra = g.nbytes[k] - g.nbytes[now]
+                gain = g.kl(now) - g.kl(k)
+                if extra > 0 and gain > 0 and spent + extra <= budget and gain / extra > best_gain:
+                    best, best_gain = (g, k, extra), gain / extra
+        if best is None:
+            break
+        g, k, extra = best
+        chosen[g.name] = k
+        spent += extra
+    if s.mtp is not None:
+        mtp_budget = bits_per_weight * s.mtp_parameters / 8 - s.mtp_fixed_bytes
+        fits = [k for k in SETTINGS if s.mtp.nbytes[k] <= mtp_budget]
+        chosen["mtp"] = min(fits or SETTINGS, key=lambda k: (s.mtp.error[k], s.mtp.nbytes[k]))
+    return chosen
+
+
+def auto_recipe(s: Sensitivity, bits_per_weight: float) -> Recipe:
+    """The `auto` recipe for this budget: one exact rule per quantized module."""
+    chosen = allocate(s, bits_per_weight)
+    rules = []
+    for g in [*s.groups, *([s.mtp] if s.mtp is not None else [])]:
+        bits, size = map(int, chosen[g.name].split("/"))
+        rules += [Rule(re.compile(f"^{re.escape(m)}$"), bits, size) for m in g.modules]
+    common = max(set(chosen.values()), key=list(chosen.values()).count)
+    bits, size = map(int, common.split("/"))
+    return Recipe(
+        name="auto",
+        bits=bits,
+        group_size=size,
+        rules=tuple(rules),
+        description=(
+            f"sensitivity-guided for {bits_per_weight:g} bits per weight, predicted KL "
+            f"{sum(g.kl(chosen[g.name]) for g in s.groups):.5f} (source {s.source_digest})"
+        ),
+    )
