@@ -50,6 +50,7 @@ from mlxkit.sample import (
     sample,
     speculative_accept,
 )
+from mlxkit.structured import Constraint, apply_mask
 from mlxkit.vision import VisionInput
 
 MAX_DRAFT = 8  # the most tokens an MTP round may draft (num_draft)
@@ -137,15 +138,22 @@ class Decoder:
         params: SamplingParams,
         keys: Keys,
         logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ):
         self.model, self.cache, self.params, self.keys = model, cache, params, keys
         self.rotary = Rotary.text(cache.rope_delta)  # every token after the prompt is text
         self.scores = Scores(logprobs)
+        self.constraint = constraint
 
     def _adjusted(self, logits: mx.array, history: list[int]) -> mx.array:
-        """Logits [..., V] as the token is picked from them: penalties and logit_bias."""
+        """Logits [..., V] as the token is picked from them: penalties, logit_bias and the
+        grammar's mask (`history`: the prompt and every token decided, up to the last)."""
         logits = apply_repetition_penalty(logits, history, self.params)
-        return apply_logit_bias(logits, self.params)
+        logits = apply_logit_bias(logits, self.params)
+        if self.constraint is None:
+            return logits
+        self.constraint.sync(history)
+        return apply_mask(logits, self.constraint.mask())
 
     def pick(
         self, logits: mx.array, history: list[int], key: mx.array | None
@@ -204,7 +212,8 @@ class Decoder:
         draft, returning the token that round starts from and its k ((None, 0) once generation
         has ended)."""
         y, finite = mx.array(first), mx.array(True)
-        pipelined = self.params.repetition_penalty == 1.0  # the penalty needs the value first
+        # the penalty and the grammar need the value first
+        pipelined = self.params.repetition_penalty == 1.0 and self.constraint is None
         hiddens = [] if control is None else [self.cache.mtp_pending]
         k, first_round = 0, True  # the round on `first` is plain: the caller chose it
         while True:
@@ -338,6 +347,7 @@ class MTPRound:
     drafts: mx.array  # [k], queued
     draft_probs: list[mx.array]
     accept_key: mx.array | None
+    masks: list[mx.array | None] | None = None  # with a grammar: after y and after each draft
 
     @classmethod
     def draft(cls, dec: Decoder, y: int, k: int) -> MTPRound:
@@ -352,19 +362,30 @@ class MTPRound:
         h = dec.model.mtp_hidden(cache.mtp_pending, mx.array([pending_next]), cache.mtp, dec.rotary)
         logits = dec.model.logits(h[:, -1:])
         drafts, draft_probs = [], []
+        constraint, masks = dec.constraint, None
+        if constraint is not None:  # drafts only where the grammar allows, taken back after
+            constraint.sync(cache.tokens + [y])
+            masks = [constraint.mask()]
         for j in range(k):
             row = apply_logit_bias(logits[0, -1], params)
+            if masks is not None:
+                row = apply_mask(row, masks[-1])
             if params.greedy:
                 d = row.argmax(-1)
             else:
                 draft_probs.append(probs(row, params))
                 d = sample(draft_probs[-1], keys[j])
             drafts.append(d)
+            if masks is not None:
+                constraint.push(d.item())
+                masks.append(constraint.mask())
             if j + 1 < k:
                 logits, h = dec.model.mtp_forward(h[:, -1:], d.reshape(1, 1), cache.mtp, dec.rotary)
+        if constraint is not None:
+            constraint.rollback(k)
         drafts = mx.stack(drafts)
         mx.async_eval(drafts)
-        return cls(y, drafts, draft_probs, accept_key)
+        return cls(y, drafts, draft_probs, accept_key, masks)
 
     def verify(self, dec: Decoder) -> tuple[list[int], int, mx.array]:
         """One main-model pass over [y, drafts]: y and the accepted drafts, the token that
@@ -384,6 +405,8 @@ class MTPRound:
             ]
             logits = mx.stack(rows)[None]
         logits = apply_logit_bias(logits, params)
+        if self.masks is not None:  # the target masked as plain constrained decoding masks it
+            logits = mx.stack([apply_mask(logits[0, j], m) for j, m in enumerate(self.masks)])[None]
         if params.greedy:
             n_accepted, nxt = greedy_accept(logits, self.drafts[None])
         else:

@@ -37,6 +37,7 @@ from mlxkit.multimodal import (
 from mlxkit.prompt_cache import PromptCache
 from mlxkit.response import GenerationResponse, Limits, Responses
 from mlxkit.sample import SamplingParams
+from mlxkit.structured import Constraint, Grammar, grammar_of
 from mlxkit.vision import ImageLike, VisionInput, expand_prompt
 
 MAX_LOGPROBS = 20  # OpenAI's most top_logprobs
@@ -223,6 +224,8 @@ def stream_generate(
     quantized_kv_start: int = 0,
     logprobs: int | None = None,
     logit_bias: Mapping[int, float] | None = None,
+    response_format: Mapping | None = None,
+    grammar: Grammar | str | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yields one response per new token. With `prompt_cache`, tokens it already holds are not
     processed again; it is left holding the prompt and everything generated. Past the model's
@@ -249,13 +252,22 @@ def stream_generate(
     `logprobs=N` (0..20) gives each response the model's log-probability of its token and of
     the N most likely tokens (`response.logprobs`): the raw log-softmax, before temperature,
     penalties and logit_bias. `logit_bias` ({token id: bias in [-100, 100]}) is added to those
-    tokens' logits before sampling (OpenAI's)."""
+    tokens' logits before sampling (OpenAI's).
+
+    `response_format` (OpenAI's: {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"schema": {...}}}) or `grammar` (a `mlxkit.structured.Grammar`: JSON
+    Schema, any JSON, a regular expression or a Lark grammar; a string is a Lark grammar)
+    constrain the output (`mlxkit.structured`; needs llguidance): with thinking on, from the
+    token after `</think>`; with MTP, drafts are made within the grammar and verification masks
+    the main model as plain constrained decoding does, so the output is the same."""
     bias = _logit_bias(logit_bias, model.config.vocab_size)
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, logit_bias=bias)
     options = _checked_options(
         model, tokenizer, params, max_tokens, num_draft, prefill_chunk, seed, stop, stop_at_context
     )
     n_logprobs = None if logprobs is None else _int("logprobs", logprobs, 0, MAX_LOGPROBS)
+    wanted = grammar_of(response_format, grammar)
+    constraint = None if wanted is None else Constraint(tokenizer, wanted, model.config.vocab_size)
     reproducible = seed is not None or bool(deterministic)
     kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, model.config.head_dim)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
@@ -267,7 +279,9 @@ def stream_generate(
     mtp = _use_mtp(model, mtp)  # called from here: its warning's stacklevel counts on it
     cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, kv)
     control = _draft_control(model, options.num_draft, reproducible) if mtp else None
-    yield from _decode(model, tokenizer, cache, encoded, control, options, kv, n_logprobs)
+    yield from _decode(
+        model, tokenizer, cache, encoded, control, options, kv, n_logprobs, constraint
+    )
 
 
 @dataclass(frozen=True)
@@ -332,6 +346,7 @@ def _decode(
     options: _Options,
     kv: KVQuantization | None,
     logprobs: int | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[GenerationResponse]:
     """Reuses what the cache holds of the prompt (its tokens, images and videos), prefills
     the rest, then decodes, speculatively with the MTP head when there is a `control`."""
@@ -341,7 +356,7 @@ def _decode(
     n_cached = cache.start(model, tokens, mtp, image_keys, video_keys, kv)
     new_images = encoded.images[len(cache.image_keys) :]
     new_videos = encoded.videos[len(cache.video_keys) :]
-    decoder = Decoder(model, cache, options.params, options.keys, logprobs)
+    decoder = Decoder(model, cache, options.params, options.keys, logprobs, constraint)
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from mlxkit.structured import Grammar
 from tests.badinput import run_row
 from tests.test_generate_errors import api_generate
+
+
+def schema(value) -> dict:
+    return {"response_format": {"type": "json_schema", "json_schema": {"schema": value}}}
+
 
 # fmt: off
 ROWS = [
@@ -22,6 +28,19 @@ ROWS = [
     api_generate({"logit_bias": {1: 101}}, "logit_bias values must be in [-100, 100]"),
     api_generate({"logit_bias": {1: float("nan")}}, "logit_bias values must be"),
     api_generate({"logit_bias": {1: "a"}}, "logit_bias values must be numbers"),
+    api_generate({"response_format": {"type": "xml"}}, "response_format type must be"),
+    api_generate({"response_format": ["json"]}, "response_format must be a mapping"),
+    api_generate({"response_format": {"type": "json_schema"}}, 'needs {"json_schema"'),
+    api_generate(schema(5), "a JSON Schema must be a JSON object"),
+    api_generate(schema("{not json"), "the JSON Schema is not valid JSON"),
+    api_generate(schema({"type": "nope"}), "the JSON Schema cannot be used: Invalid type"),
+    api_generate(schema({"$ref": "#/nowhere"}), "the JSON Schema cannot be used"),
+    api_generate({"grammar": Grammar.regex("([")}, "the regular expression cannot be used"),
+    api_generate({"grammar": "start: ("}, "the Lark grammar cannot be used"),
+    api_generate({"grammar": 5}, "grammar must be a Grammar or a Lark grammar"),
+    api_generate({"grammar": ""}, "a Lark grammar must be a non-empty string"),
+    api_generate({"grammar": "start: /a/", "response_format": {"type": "json_object"}},
+                 "pass either response_format or grammar"),
 ]
 # fmt: on
 
