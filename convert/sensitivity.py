@@ -207,6 +207,21 @@ def cached_sensitivity(digest: str, calibration: str) -> Sensitivity | None:
         return None
 
 
+def cached_for_checkpoint(directory: str | Path) -> Sensitivity | None:
+    """The measurement cached for the checkpoint in `directory` (any calibration set, the
+    newest first), None when there is none: what the planner reads. Reads the safetensors
+    headers and 4 KiB of each tensor (`source_digest`), never the weights, and measures
+    nothing."""
+    ckpt = SourceCheckpoint.open(Path(directory), include_mtp=True, include_vision=False)
+    digest = source_digest(ckpt)
+    found = sorted(cache_dir().glob(f"{digest}-*.json"), key=lambda p: -p.stat().st_mtime)
+    for path in found:
+        hit = cached_sensitivity(digest, path.stem.split("-", 1)[1])
+        if hit is not None:
+            return hit
+    return None
+
+
 def _store(s: Sensitivity) -> None:
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -319,13 +334,20 @@ def _fake_quantized(w: mx.array, bits: int, group_size: int) -> mx.array:
 
 
 def _load_layer(ckpt: SourceCheckpoint, i: int) -> DecoderLayer:
+    """Decoder layer i: its matrices as stored (bfloat16: a matmul with float32 activations
+    promotes them exactly, and a 9B layer then takes half the memory), everything else in
+    float32 (the norms' 1 + w is formed there)."""
     cfg: TextConfig = ckpt.cfg
     layer = DecoderLayer(cfg, cfg.is_linear(i))
     prefix = f"{PREFIX}layers.{i}."
     weights = []
     for path, info in ckpt.tensors.items():
         if path.startswith(prefix):
-            weights.append((path[len(prefix) :], _weight(ckpt, path, 0, info.shape[0])))
+            if len(info.shape) == 2:
+                value = read_rows(info, 0, info.shape[0])
+            else:
+                value = _weight(ckpt, path, 0, info.shape[0])
+            weights.append((path[len(prefix) :], value))
     layer.load_weights(weights)
     mx.eval(layer.parameters())
     return layer

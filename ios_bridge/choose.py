@@ -9,7 +9,9 @@ with a vision tower is tried with it first (images are what the model is picked 
 only a speedup), then, unless `vision=True` insists, without it. With the tower, the context
 to reach includes one image of `image_tokens`. The entitlement is asked for only when the plan
 needs it: a plan that fits within the default limit is made within it, so the usable memory it
-reports is the limit the app will run under.
+reports is the limit the app will run under. When the checkpoint's sensitivity was measured
+(`convert --recipe auto` caches it; the planner reads the cache and measures nothing), the
+recipes are tried least predicted KL first and the plan carries that KL (`Plan.quality`).
 
 Then the KV cache precision and the prefill chunk (unless given): the goal is the requested
 context, or else the most the target holds (up to the model's positions) with the smallest of
@@ -20,10 +22,14 @@ how fast a long prompt is read.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlxkit.convert.coreml import vision_tokens
+from mlxkit.convert.quantize import load_recipe
+from mlxkit.convert.sensitivity import Sensitivity, cached_for_checkpoint
 
 from mlxkit import fields
-from mlxkit.errors import ConfigError
+from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.layout import ModelConfig
 
 from .devices import Target, resolve_target
@@ -40,14 +46,38 @@ from .plan import (
 )
 from .settings import DEFAULT_CONTEXT, KV_BITS, PREFILL_CHUNKS, Settings
 
-RECIPES = ("quality", "uniform")  # best first
+RECIPES = ("quality", "uniform")  # best first (least KL first), when nothing was measured
 
 
-def candidates(recipe: str | None, mtp: bool | None, has_mtp: bool) -> list[tuple[str, bool]]:
-    """(recipe, MTP) pairs to try, best first; without MTP only the smallest recipe."""
-    recipes = [recipe] if recipe is not None else list(RECIPES)
+def measured_sensitivity(size_or_config: ModelLike) -> Sensitivity | None:
+    """The cached sensitivity measurement of a checkpoint directory (`mlxkit convert --recipe
+    auto` makes it), None for a size, a config or a directory never measured: the planner
+    reads the cache and never measures."""
+    if not isinstance(size_or_config, (str, Path)) or not Path(size_or_config).is_dir():
+        return None
+    try:
+        return cached_for_checkpoint(size_or_config)
+    except MlxkitError:  # not a Hugging Face checkpoint (a converted model, say)
+        return None
+
+
+def by_quality(s: Sensitivity | None, bits: int | None, group_size: int | None) -> list[str]:
+    """RECIPES, least predicted KL first when the checkpoint was measured."""
+    if s is None:
+        return list(RECIPES)
+    kl = {r: s.predicted_kl(load_recipe(r, bits, group_size)) for r in RECIPES}
+    return sorted(RECIPES, key=lambda r: (kl[r] is None, kl[r] or 0.0))
+
+
+def candidates(
+    recipe: str | None, mtp: bool | None, has_mtp: bool, recipes: list[str] | None = None
+) -> list[tuple[str, bool]]:
+    """(recipe, MTP) pairs to try, best first; without MTP only the smallest recipe (the last
+    of RECIPES)."""
+    recipes = [recipe] if recipe is not None else (recipes or list(RECIPES))
     with_mtp = [mtp and has_mtp] if mtp is not None else ([True, False] if has_mtp else [False])
-    return [(r, m) for m in with_mtp for r in (recipes if m else recipes[-1:])]
+    smallest = recipes[-1:] if recipe is not None else list(RECIPES[-1:])
+    return [(r, m) for m in with_mtp for r in (recipes if m else smallest)]
 
 
 def vision_candidates(vision: bool | None, has_vision: bool) -> list[bool]:
@@ -136,7 +166,10 @@ def choose_plan(
     has_mtp = has_mtp and drafter_runs(
         tgt, mtp, settings.get("swift_runtime", Settings.swift_runtime)
     )
-    pairs = candidates(recipe, mtp, has_mtp and cfg.mtp_num_hidden_layers > 0)
+    sensitivity = measured_sensitivity(size_or_config)
+    bits, group_size = settings.get("bits"), settings.get("group_size")
+    order = by_quality(sensitivity, bits, group_size)
+    pairs = candidates(recipe, mtp, has_mtp and cfg.mtp_num_hidden_layers > 0, order)
     visions = vision_candidates(vision, shapes.vision is not None)
     last = None
     for v in visions:
@@ -153,6 +186,7 @@ def choose_plan(
                         _describe_cache(kv_bits, prefill_chunk, chosen.max_context),
                     ]
                     chosen.choice = "; ".join(h for h in how if h) or None
+                    chosen.quality = _predicted(sensitivity, r, bits, group_size)
                     return chosen
         last = v
     r, m = pairs[-1]  # the least demanding candidate: what fits instead is measured from it
@@ -160,6 +194,13 @@ def choose_plan(
     return plan(  # refuses
         shapes, tgt, context, recipe=r, mtp=m, vision=last, kv_bits=b, prefill_chunk=c, **options
     )
+
+
+def _predicted(
+    s: Sensitivity | None, recipe: str, bits: int | None, group_size: int | None
+) -> dict | None:
+    kl = None if s is None else s.predicted_kl(load_recipe(recipe, bits, group_size))
+    return None if kl is None else {"kl": kl, "calibration_tokens": s.tokens}
 
 
 def _within_the_default_limit(

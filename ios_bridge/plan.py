@@ -165,6 +165,9 @@ class Plan(_WithVision):
     speed: Speed | None  # in `runtime`; None when the target's bandwidth is unknown
     mlxkit_speed: Speed | None  # mlxkit's own loop, where `runtime` is another one
     choice: str | None = None  # how choose_plan picked the settings, when it did
+    # KL vs the source predicted for the recipe, when the checkpoint's sensitivity was measured
+    # (choose_plan, from convert/sensitivity.py's cache): {"kl", "calibration_tokens"}
+    quality: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property

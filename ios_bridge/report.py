@@ -246,6 +246,22 @@ def _kv_words(bits: int, group_size: int) -> str:
     return f"KV cache at {bits} bits (groups of {group_size}, quantized from the first token)"
 
 
+def _quality_lines(plan: Plan) -> list[str]:
+    """KL vs the source, predicted from the checkpoint's measured sensitivity (a sum of
+    per-group KLs; top-1 and perplexity need `mlxkit eval` on the converted model); nothing
+    when the checkpoint was not measured."""
+    q = plan.quality
+    if q is None:
+        return []
+    return [
+        (
+            f"  quality vs bf16: KL {q['kl']:.4f} nats/token, predicted for this recipe from the "
+            f"sensitivity measured on {q['calibration_tokens']:,} calibration tokens (top-1 and "
+            "perplexity: mlxkit eval)"
+        )
+    ]
+
+
 def format_plan(plan: Plan) -> str:
     s, cfg = plan.settings, plan.cfg
     bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
@@ -259,6 +275,7 @@ def format_plan(plan: Plan) -> str:
             f"  quantization: {s.recipe} recipe{chosen}, {s.bits}-bit default ({bits}); dtype "
             f"{s.dtype}"
         ),
+        *_quality_lines(plan),
         (
             f"  MTP: {mtp if s.mtp else 'off'}; prefill chunk {s.prefill_chunk} tokens; "
             + _kv_words(s.kv_bits, s.kv_group_size)
