@@ -105,6 +105,11 @@ def info(path: str) -> None:
     "--video", "videos", multiple=True, help="A video file before the prompt text (needs PyAV)."
 )
 @click.option(
+    "--json-schema",
+    metavar="FILE",
+    help="Constrain the output to JSON valid under this JSON Schema (needs llguidance).",
+)
+@click.option(
     "--verbose", is_flag=True, help="Also print prompt speed, draft counts and why auto drafted."
 )
 def generate(
@@ -116,6 +121,7 @@ def generate(
     verbose: bool,
     images: tuple[str, ...],
     videos: tuple[str, ...],
+    json_schema: str | None,
     **options,
 ) -> None:
     """Stream a completion, then a stats line (tokens/s, MTP acceptance, MLX's peak array
@@ -129,6 +135,10 @@ def generate(
 
     if (model_path is None) == (size is None):
         raise MlxkitError("pass either --model PATH or --size SIZE")
+    if json_schema is not None:
+        from mlxkit.structured import schema_file
+
+        options["response_format"] = schema_file(json_schema)
     if size is not None:
         from mlxkit.source import resolve_size
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlxkit.checkpoint import read_json
 from mlxkit.errors import MlxkitError
+from mlxkit.fields import local_path
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # compact JSON, as json.dumps writes it: the only whitespace the grammar allows
@@ -108,6 +110,13 @@ NAMES = {
     "regex": "the regular expression",
     "lark": "the Lark grammar",
 }
+
+
+def schema_file(path: object) -> dict:
+    """A JSON Schema file (`mlxkit generate --json-schema FILE`) as a response_format."""
+    schema = read_json(local_path(path, "--json-schema", GrammarError), "JSON Schema", GrammarError)
+    Grammar.json_schema(schema)  # refuses a file that holds no JSON object
+    return {"type": "json_schema", "json_schema": {"schema": schema}}
 
 
 def grammar_of(response_format: Mapping | None, grammar: Grammar | str | None) -> Grammar | None:

@@ -7,8 +7,23 @@ from __future__ import annotations
 import pytest
 
 from mlxkit.structured import Grammar
-from tests.badinput import run_row
-from tests.test_generate_errors import api_generate
+from tests.badinput import Inputs, run_row, write_bytes
+from tests.test_generate_errors import api_generate, generate_cli
+
+
+def schema_file(i: Inputs):
+    return i.root / "schema.json"
+
+
+def schema_cli(data: str, message: str):
+    """`mlxkit generate --json-schema schema.json`, the file holding `data`."""
+    return generate_cli(
+        "--json-schema",
+        "{root}/schema.json",
+        message=message,
+        name=f" holding {data[:30]!r}",
+        setup=write_bytes(schema_file, data),
+    )
 
 
 def schema(value) -> dict:
@@ -41,6 +56,10 @@ ROWS = [
     api_generate({"grammar": ""}, "a Lark grammar must be a non-empty string"),
     api_generate({"grammar": "start: /a/", "response_format": {"type": "json_object"}},
                  "pass either response_format or grammar"),
+    generate_cli("--json-schema", "{root}/missing.json", message="no such JSON Schema"),
+    schema_cli("{not json", "not valid JSON"),
+    schema_cli("[1, 2]", "a JSON Schema must be a JSON object"),
+    schema_cli('{"type": "nope"}', "the JSON Schema cannot be used: Invalid type"),
 ]
 # fmt: on
 

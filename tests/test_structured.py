@@ -291,3 +291,71 @@ def test_without_llguidance_one_line_says_what_to_install(micro_f32, monkeypatch
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance fails
     with pytest.raises(MlxkitError, match=re.escape("pip install 'mlxkit[structured]'")):
         list(stream_generate(model, tok, "x", max_tokens=2, grammar=Grammar.regex("a")))
+
+
+SERVED = ["anyOf objects", "a receipt", "string pattern"]
+
+
+def test_server_response_format(micro_f32):
+    """Chat with response_format json_schema (strict) and json_object, streamed and not, through
+    the server's app (float32 micro, MTP with 2 drafts as the API here): the API's text, valid;
+    a schema llguidance cannot use is a 400."""
+    import openai
+
+    from mlxkit.serve.app import Settings, create_app
+    from mlxkit.serve.engine import Engine
+    from tests.serve_helpers import REQUEST_TIMEOUT_S, serve_in_process
+
+    model, tok = micro_f32
+    engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=0, num_draft=2)
+    no_think = {"chat_template_kwargs": {"enable_thinking": False}}
+
+    def formats():
+        for name in SERVED:
+            schema = {"name": "x", "schema": SCHEMAS[name], "strict": True}
+            yield {"type": "json_schema", "json_schema": schema}
+        yield {"type": "json_object"}
+
+    def client_side(port: int):
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="x",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        kw = {"model": "m", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "extra_body": no_think}
+        answers = []
+        for fmt in formats():
+            whole = client.chat.completions.create(**kw, response_format=fmt)
+            chunks = client.chat.completions.create(**kw, response_format=fmt, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            answers.append((whole.choices[0].message.content, streamed))
+        bad = {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}
+        with pytest.raises(openai.BadRequestError, match="the JSON Schema cannot be used") as e:
+            client.chat.completions.create(**kw, response_format=bad)
+        answers.append(e.value.status_code)
+        return answers
+
+    answers = serve_in_process(engine, create_app(engine, Settings("micro", 256)), client_side)
+    assert answers.pop() == 400
+    for fmt, (whole, streamed) in zip(formats(), answers):
+        text, _ = generated(micro_f32, fmt.get("json_schema", {}).get("schema", {"type": "object"}))
+        assert whole == streamed == text
+        if fmt["type"] == "json_schema":
+            jsonschema.validate(json.loads(whole), fmt["json_schema"]["schema"])
+        else:
+            assert isinstance(json.loads(whole), dict)
+
+
+def test_cli_json_schema(tmp_path):
+    from click.testing import CliRunner
+
+    from mlxkit.cli import main
+
+    schema = SCHEMAS["a tool call"]
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    args = ["generate", "--size", "micro", "--prompt", "Reply in JSON.", "--chat", "--no-think"]
+    result = CliRunner().invoke(main, [*args, "--json-schema", str(path)])
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(result.stdout), schema)

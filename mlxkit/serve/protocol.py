@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlxkit.generate import MAX_LOGPROBS
+from mlxkit.structured import GrammarError, grammar_of
 
 if typing.TYPE_CHECKING:
     from mlxkit.response import DraftReport
@@ -283,10 +284,11 @@ class ChatRequest(_Generation):
             raise RequestError(
                 "only tool_choice 'auto' and 'none' are supported", param="tool_choice"
             )
-        if self.response_format not in (None, {"type": "text"}):
-            raise RequestError(
-                "only response_format {'type': 'text'} is supported", param="response_format"
-            )
+        if self.response_format is not None:
+            try:
+                grammar_of(self.response_format, None)
+            except GrammarError as e:
+                raise RequestError(str(e), param="response_format") from None
         thinking = (self.chat_template_kwargs or {}).get("enable_thinking", True)
         if not isinstance(thinking, bool):
             raise RequestError(
@@ -298,6 +300,9 @@ class ChatRequest(_Generation):
     def n_logprobs(self) -> int | None:
         """How many top alternatives to give with each token's log-probability (None: none)."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def sampling(self) -> dict:
+        return {**super().sampling(), "response_format": self.response_format}
 
     @property
     def requested_max_tokens(self) -> int | None:
