@@ -56,6 +56,7 @@ def test_bad_serve_option(row, tmp_path, monkeypatch):
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = '{"role": "user", "content": "x"}'
 SIX_MB = "x = 1\n" * (2**20)
+NOW = {"type": "function", "function": {"name": "now"}}
 
 
 def chat(**fields) -> bytes:
@@ -107,6 +108,15 @@ REQUEST_ROWS = [
      "response_format type must be"),
     ("response_format json_schema without one", CHAT,
      chat(response_format={"type": "json_schema"}), "response_format", 'needs {"json_schema"'),
+    ("tool_choice required without tools", CHAT, chat(tool_choice="required"), "tool_choice",
+     "a forced tool_choice needs tools"),
+    ("tool_choice naming no tool offered", CHAT, chat(tools=[NOW], tool_choice={
+        "type": "function", "function": {"name": "later"}}), "tool_choice", "names no tool"),
+    ("tool_choice without a name", CHAT, chat(tools=[NOW], tool_choice={"type": "function"}),
+     "tool_choice", 'tool_choice must be "auto"'),
+    ("response_format with tool_choice required", CHAT, chat(
+        tools=[NOW], tool_choice="required", response_format={"type": "json_object"}),
+     "response_format", "cannot be combined with a forced tool_choice"),
     ("a schema that is not an object", CHAT,
      chat(response_format={"type": "json_schema", "json_schema": {"schema": [1]}}),
      "response_format", "a JSON Schema must be a JSON object"),

@@ -203,3 +203,90 @@ def test_server_streams_calls_that_reassemble_to_the_whole_answer(qwen_micro, mo
     assert whole.choices[0].finish_reason == "tool_calls"
     pieces = [i for i in items if i["index"] == 0]
     assert len(pieces) >= 4  # the name, then fragments: not one whole call at the end
+
+
+# --------------------------------------------------------------------------- forced tool_choice
+
+
+@pytest.mark.parametrize(
+    ("name", "parallel"),
+    [(None, True), (None, False), ("now", True)],
+    ids=["required", "one", "named"],
+)
+def test_forced_tool_choice_grammar(name, parallel):
+    """tool_choice "required" / a named function as a grammar: the answer is tool calls in
+    Qwen's format from its first token (MTP's greedy tokens equal plain's, float32), parsed
+    into calls of the offered (or named) function with only its declared parameters."""
+    import mlx.core as mx
+
+    import mlxkit
+    from mlxkit.serve.parse import tool_call_grammar
+
+    model, tok = mlxkit.load("micro", dtype=mx.float32)
+    grammar = tool_call_grammar(tok, TOOLS, name, parallel)
+    runs = []
+    for mtp in (False, True):
+        out = list(
+            mlxkit.stream_generate(
+                model,
+                tok,
+                [{"role": "user", "content": "Weather?"}],
+                enable_thinking=False,
+                max_tokens=40,
+                grammar=grammar,
+                mtp=mtp,
+                num_draft=2,
+            )
+        )
+        runs.append([r.token for r in out])
+    assert runs[0] == runs[1]
+    text = tok.decode([t for t in runs[0] if t not in tok.eos_token_ids])
+    assert text.startswith("<tool_call>\n<function=")
+    parser = OutputParser(False, TOOLS)
+    _, content, calls = run(parser, [text])
+    assert content == "" and calls
+    offered = {t["function"]["name"]: t["function"]["parameters"]["properties"] for t in TOOLS}
+    for call_name, arguments in calls:
+        assert call_name == (name or call_name) and call_name in offered
+        assert set(arguments) <= set(offered[call_name])
+    if name is not None or not parallel:
+        assert len(calls) == 1
+
+
+def test_server_named_tool_choice(qwen_micro):
+    """A named function through the server (the real engine, micro with Qwen's template): the
+    answer is that call, streamed and not, finish_reason "tool_calls"."""
+    from mlxkit.serve.app import Settings, create_app
+    from mlxkit.serve.engine import Engine
+
+    model, tok = qwen_micro
+    engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=0)
+    choice = {"type": "function", "function": {"name": "now"}}
+
+    def client_side(port: int):
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="x",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        kw = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "What time is it?"}],
+            "tools": TOOLS,
+            "tool_choice": choice,
+            "max_tokens": 64,
+            "extra_body": {"chat_template_kwargs": {"enable_thinking": False}},
+        }
+        whole = client.chat.completions.create(**kw)
+        body = {k: v for k, v in kw.items() if k != "extra_body"}
+        raw = sse_lines(port, "/v1/chat/completions", {**body, **kw["extra_body"], "stream": True})
+        return whole, [json.loads(x) for x in raw if x != "[DONE]"]
+
+    whole, chunks = serve_in_process(engine, create_app(engine, Settings("micro", 64)), client_side)
+    message = whole.choices[0].message
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("now", "{}")]
+    assert whole.choices[0].finish_reason == "tool_calls" and not message.content
+    items = [i for c in chunks for i in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [c["function"] for c in reassemble(items)] == [{"name": "now", "arguments": "{}"}]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

@@ -30,7 +30,7 @@ from mlxkit.generate import GenerationResponse
 from mlxkit.serve.chat import Prompt, TextBound, image_parts, next_turn_prefix, render_chat
 from mlxkit.serve.engine import Engine, Failed, Job
 from mlxkit.serve.images import request_images
-from mlxkit.serve.parse import Delta, OutputParser
+from mlxkit.serve.parse import Delta, OutputParser, tool_call_grammar
 from mlxkit.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -319,9 +319,15 @@ class Api:
         session, streaming = self._admit(request), False
         try:
             prompt = await run_in_threadpool(self._render, req)
+            options = {**req.sampling(), "max_tokens": max_tokens}
+            forced, name = req.forced_tool
+            if forced:  # the answer is tool calls: a grammar of the offered ones
+                parallel = req.parallel_tool_calls is not False
+                grammar = tool_call_grammar(self.engine.tokenizer, req.tool_specs, name, parallel)
+                options["grammar"] = grammar
             job = Job(
                 prompt.tokens,
-                {**req.sampling(), "max_tokens": max_tokens},
+                options,
                 asyncio.get_running_loop(),
                 prompt.snapshot_at,
                 prompt.images,

@@ -37,6 +37,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from mlxkit.structured import Grammar
+
 THINK_CLOSE = "</think>"
 THINK_OPEN = "<think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -351,6 +353,41 @@ class _Block:
         self._args(json.dumps(arguments, ensure_ascii=False), out)
         self.state = "tail"
         return True
+
+
+def tool_call_grammar(
+    tokenizer, tools: list[dict], name: str | None, parallel: bool = True
+) -> Grammar:
+    """A Lark grammar (llguidance's dialect) for answers that are only tool calls in the
+    format above: tool_choice "required" (one call or more; one with `parallel` false) or
+    a named function (one call to it). Each call names an offered function and only the
+    parameters its schema declares (any, if it declares no properties); a value is any text
+    without `</parameter>`. `<tool_call>` and `</tool_call>` are special tokens, named by id."""
+    call_open = f"<[{tokenizer.token_to_id(CALL_OPEN)}]>"
+    call_close = f"<[{tokenizer.token_to_id(CALL_CLOSE)}]>"
+    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    rules = []
+    for i, function in enumerate(functions):
+        properties = (function.get("parameters") or {}).get("properties")
+        head = _lark(f"\n{FUNCTION_OPEN}{function['name']}>\n")
+        params = f" param{i}*" if properties is None or properties else ""
+        rules.append(
+            f"call{i}: {call_open} {head}{params} {_lark(FUNCTION_CLOSE + chr(10))} {call_close}"
+        )
+        if params:
+            keys = " | ".join(_lark(k) for k in properties) if properties else "KEY"
+            rules.append(
+                f"param{i}: {_lark(PARAMETER_OPEN)} ({keys}) {_lark('>' + chr(10))} VALUE {_lark(chr(10) + PARAMETER_CLOSE + chr(10))}"
+            )
+    calls = " | ".join(f"call{i}" for i in range(len(functions)))
+    start = f"start: call ({_lark(chr(10))} call)*" if parallel and name is None else "start: call"
+    lexemes = ["KEY: /[^<>\\n]+/", "VALUE: /(?s:.*)/ & ~/(?s:.*<\\/parameter>.*)/"]
+    return Grammar.lark("\n".join([start, f"call: {calls}", *rules, *lexemes]))
+
+
+def _lark(text: str) -> str:
+    """A Lark string literal (JSON's escapes are Lark's)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 class OutputParser:

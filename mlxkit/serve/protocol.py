@@ -4,8 +4,7 @@ and the response objects.
 Requests are validated strictly (a string where a number belongs is an error, not coerced);
 fields this server does not know are ignored, as OpenAI-compatible servers do, since clients
 send vendor fields of their own. Fields it knows but cannot honour (n > 1, penalties other
-than repetition_penalty, forced tool choice) are refused with a 400 that says so, rather than
-silently ignored.
+than repetition_penalty) are refused with a 400 that says so, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -280,10 +279,7 @@ class ChatRequest(_Generation):
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-        if self.tool_choice not in (None, "auto", "none"):
-            raise RequestError(
-                "only tool_choice 'auto' and 'none' are supported", param="tool_choice"
-            )
+        self._check_tool_choice()
         if self.response_format is not None:
             try:
                 grammar_of(self.response_format, None)
@@ -303,6 +299,40 @@ class ChatRequest(_Generation):
 
     def sampling(self) -> dict:
         return {**super().sampling(), "response_format": self.response_format}
+
+    def _check_tool_choice(self) -> None:
+        """ "required" or {"type": "function", "function": {"name": ...}} naming an offered
+        tool; not together with a response_format (both would constrain the answer)."""
+        choice = self.tool_choice
+        if choice in (None, "auto", "none"):
+            return
+        if not self.tools:
+            raise RequestError("a forced tool_choice needs tools", param="tool_choice")
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            named = function.get("name") if isinstance(function, dict) else None
+            if choice.get("type") != "function" or not isinstance(named, str):
+                raise RequestError(
+                    'tool_choice must be "auto", "none", "required" or '
+                    '{"type": "function", "function": {"name": ...}}',
+                    param="tool_choice",
+                )
+            if named not in [t.function.name for t in self.tools]:
+                raise RequestError(
+                    f"tool_choice names no tool offered: {named!r}", param="tool_choice"
+                )
+        if self.response_format not in (None, {"type": "text"}):
+            raise RequestError(
+                "response_format cannot be combined with a forced tool_choice",
+                param="response_format",
+            )
+
+    @property
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether the answer must be tool calls, the one function it must call if named)."""
+        if isinstance(self.tool_choice, dict):
+            return True, self.tool_choice["function"]["name"]
+        return self.tool_choice == "required", None
 
     @property
     def requested_max_tokens(self) -> int | None:
