@@ -557,7 +557,7 @@ def _speeds(inputs: _Inputs, context: int) -> tuple[Speed | None, Speed | None]:
     def speed(runtime: DecodeRuntime, num_draft: int) -> Speed:
         reads = inputs.weights.reads
         args = (inputs.dtype_bytes, bandwidth, context, runtime, num_draft, s.acceptance)
-        return predict_speed(cfg, reads, *args)
+        return predict_speed(cfg, reads, *args, kv_quantization=inputs.kv)
 
     own = speed(inputs.runtime, inputs.num_draft)
     if inputs.runtime is MLXKIT:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from mlxkit.cache import KVQuantization
 from mlxkit.models.qwen3_5 import TextConfig
 
 from .devices import tomllib
@@ -71,20 +72,35 @@ class WeightReads:
     mtp: int  # the MTP head (fc, its decoder layer, norms)
 
 
-def step_bytes(cfg: TextConfig, reads: WeightReads, position: int, dtype_bytes: int) -> int:
+def step_bytes(
+    cfg: TextConfig,
+    reads: WeightReads,
+    position: int,
+    dtype_bytes: int,
+    kv_quantization: KVQuantization | None = None,
+) -> int:
     """One plain decode step at `position` tokens of context: the layers and the lm_head,
-    the full-attention KV cache read (position · 2·nkv·hd·b per layer), and each recurrent
-    state read and written once (the conv window is negligible). The embedding lookup reads
-    one row and is ignored."""
-    kv = n_full_layers(cfg) * position * kv_bytes_per_token_per_layer(cfg, dtype_bytes)
+    the full-attention KV cache read (position · 2·nkv·hd·b per layer; quantized, its packed
+    values, scales and biases: at long context the cache is most of what a step reads), and
+    each recurrent state read and written once (the conv window is negligible). The
+    embedding lookup reads one row and is ignored."""
+    per_token = kv_bytes_per_token_per_layer(cfg, dtype_bytes, kv_quantization)
+    kv = n_full_layers(cfg) * position * per_token
     state = n_linear_layers(cfg) * 2 * recurrent_state_bytes(cfg)
     return reads.layers + reads.lm_head + kv + state
 
 
-def draft_step_bytes(cfg: TextConfig, reads: WeightReads, position: int, dtype_bytes: int) -> int:
+def draft_step_bytes(
+    cfg: TextConfig,
+    reads: WeightReads,
+    position: int,
+    dtype_bytes: int,
+    kv_quantization: KVQuantization | None = None,
+) -> int:
     """One MTP draft step: the MTP head, the shared lm_head (the largest single tensor of the
-    small models, which is why drafting is not free), and the MTP layer's own KV cache."""
-    kv_per_token = kv_bytes_per_token_per_layer(cfg, dtype_bytes)
+    small models, which is why drafting is not free), and the MTP layer's own KV cache
+    (quantized like the main model's)."""
+    kv_per_token = kv_bytes_per_token_per_layer(cfg, dtype_bytes, kv_quantization)
     return reads.mtp + reads.lm_head + cfg.mtp_num_hidden_layers * position * kv_per_token
 
 
@@ -106,6 +122,7 @@ def mtp_speedup(
     num_draft: int,
     bandwidth: float,
     model: SpeedModel,
+    kv_quantization: KVQuantization | None = None,
 ) -> float:
     """Expected speedup of MTP drafting over plain decoding:
 
@@ -115,12 +132,13 @@ def mtp_speedup(
     recorded Gated-DeltaNet states and pays the full fixed cost; a draft step reads the MTP
     head and the lm_head and pays the fixed cost of the layers it runs. Reported for
     Qwen3.5-4B 4-bit on a Mac: 1.32× at 73.5 % acceptance of 2 drafts (mlx-vlm)."""
-    plain = step_bytes(cfg, reads, position, dtype_bytes)
+    plain = step_bytes(cfg, reads, position, dtype_bytes, kv_quantization)
     recorded = n_linear_layers(cfg) * (num_draft + 1) * recurrent_state_bytes(cfg)
     step = model.seconds(plain, bandwidth)
     verify = model.seconds(plain + recorded, bandwidth)
     share = cfg.mtp_num_hidden_layers / cfg.num_hidden_layers
-    draft = model.seconds(draft_step_bytes(cfg, reads, position, dtype_bytes), bandwidth, share)
+    drafted = draft_step_bytes(cfg, reads, position, dtype_bytes, kv_quantization)
+    draft = model.seconds(drafted, bandwidth, share)
     return expected_tokens_per_round(acceptance, num_draft) * step / (verify + num_draft * draft)
 
 
@@ -150,16 +168,20 @@ def predict_speed(
     runtime: DecodeRuntime,
     num_draft: int,
     acceptance: float,
+    kv_quantization: KVQuantization | None = None,
 ) -> Speed:
+    """Decode speed with the KV cache kept as `kv_quantization` says (None: the activation
+    dtype), the cache the plan has chosen."""
     model = speed_model()
     short = min(SHORT_CONTEXT, context)
+    kv = kv_quantization
 
     def tps(position: int) -> float:
-        return 1 / model.seconds(step_bytes(cfg, reads, position, dtype_bytes), bandwidth)
+        return 1 / model.seconds(step_bytes(cfg, reads, position, dtype_bytes, kv), bandwidth)
 
     speedup = None
     if num_draft:
         speedup = mtp_speedup(
-            cfg, reads, short, dtype_bytes, acceptance, num_draft, bandwidth, model
+            cfg, reads, short, dtype_bytes, acceptance, num_draft, bandwidth, model, kv
         )
     return Speed(runtime, num_draft, acceptance, context, tps(short), tps(context), speedup)
