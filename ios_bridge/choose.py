@@ -102,9 +102,9 @@ def cache_candidates(
 def _describe_cache(kv_bits: int | None, prefill_chunk: int | None, goal: int) -> str | None:
     if kv_bits is not None and prefill_chunk is not None:
         return None
-    chunks = f"the largest prefill chunk of {', '.join(map(str, PREFILL_CHUNKS))}"
+    chunks = f"the largest prefill chunk of {', '.join(map(str, PREFILL_CHUNKS))} tokens"
     if kv_bits is None:
-        tried = "the first of 16, 8, 4 KV cache bits" + (
+        tried = "the first of 16, 8, 4 bits for the KV cache" + (
             f" with {chunks}" if prefill_chunk is None else ""
         )
     else:

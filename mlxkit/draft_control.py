@@ -279,13 +279,17 @@ def machine_id() -> str:
 
 
 def model_digest(model: Model) -> str:
-    """A digest of the model object (config, every parameter's name, shape, dtype and first
-    values), computed once per object: the model may have come from any directory or bundle."""
+    """A digest of the model object (config, every decoding parameter's name, shape, dtype and
+    first values), computed once per object: the model may have come from any directory or
+    bundle. The vision tower is left out: reading its first values would read its weights,
+    which a text generation never needs."""
     notes = _notes_of(model)
     if notes.digest is not None:
         return notes.digest
     h = hashlib.sha256(repr(model.config).encode())
     for name, p in tree_flatten(model.parameters()):
+        if name.startswith("vision_tower."):
+            continue
         head = np.array(p.reshape(-1)[:16].astype(mx.float32))
         h.update(f"{name} {p.shape} {p.dtype}".encode() + head.tobytes())
     notes.digest = h.hexdigest()[:16]

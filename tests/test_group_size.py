@@ -150,7 +150,9 @@ def test_disk_plan_printed_bits_and_config_agree_on_a_hidden_96_model(hidden96, 
     model, tokenizer = mlxkit.load(out)
     assert model.language_model.model.embed_tokens.group_size == 32
     tokenizer._eos_token_ids = []
-    responses = list(mlxkit.stream_generate(model, tokenizer, "def add(a, b):", max_tokens=8))
+    responses = list(
+        mlxkit.stream_generate(model, tokenizer, "def add(a, b):", max_tokens=8, num_draft=2)
+    )
     assert len(responses) == 8 and responses[-1].drafted > 0  # the 32-group drafter ran too
 
 
