@@ -129,7 +129,7 @@ def write(args, rows: list[dict], s, info: dict, started, seconds: float) -> Non
     lines = [
         "# Quality benchmark: what each recipe costs on micro",
         "",
-        f"Run {started:%Y-%m-%d %H:%M} UTC with `nice -n 10 python benchmarks/quality.py"
+        f"Run {started:%Y-%m-%d %H:%M} UTC with `python benchmarks/quality.py"
         + (f" --max-tokens {args.max_tokens}" if args.max_tokens else "")
         + f"` ({seconds / 60:.1f} min in all).",
         "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".",
