@@ -5,9 +5,10 @@ that cannot continue a valid output.
 The grammar engine is llguidance (the optional extra `structured`): maintained (by the guidance
 team; vLLM, SGLang, llama.cpp and mlx-vlm use it), it reads a Hugging Face tokenizer's own
 tokenizer.json, compiles JSON Schema, regular expressions and Lark grammars, and hands out each
-step's mask as a bitmask with no precomputation over the vocabulary (about a millisecond per
-token on a 248,320-token vocabulary, computed on the CPU while nothing else waits on it but
-the token that needs it).
+step's mask as a bitmask with no precomputation over the vocabulary (a median of 0.3 ms on
+the 248,320-token vocabulary: benchmarks/results/structured.md). The mask of a step needs the
+token before it, so a constrained step waits for that token's value (plain decoding's
+pipelining of the next step is off) and MTP drafts wait for each mask in turn.
 
 JSON output is compact and bounded in whitespace: `", "` between items, `": "` after keys and
 no other whitespace (a schema's own "x-guidance" options may say otherwise), so an object
