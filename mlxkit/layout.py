@@ -172,9 +172,19 @@ def model_parameters(
     cfg: TextConfig, include_mtp: bool = True, vision: VisionConfig | None = None
 ) -> list[tuple[str, tuple]]:
     """(parameter path, shape) of the unquantized model, in the order the writer goes: the
-    text model, the MTP head, then the vision tower."""
-    model = Model(cfg, has_mtp=include_mtp, vision=vision)
-    return [(path, tuple(p.shape)) for path, p in tree_flatten(model.parameters())]
+    text model, the MTP head, then the vision tower. Building the (lazy) module to list them
+    takes tens of milliseconds and the planner asks hundreds of times per table, so the
+    answer is kept per configuration (TextConfig is mutable, hence keyed by its repr)."""
+    key = (repr(cfg), include_mtp, vision)
+    if key not in _PARAMETERS:
+        model = Model(cfg, has_mtp=include_mtp, vision=vision)
+        _PARAMETERS[key] = tuple(
+            (path, tuple(p.shape)) for path, p in tree_flatten(model.parameters())
+        )
+    return list(_PARAMETERS[key])
+
+
+_PARAMETERS: dict[tuple, tuple[tuple[str, tuple], ...]] = {}
 
 
 def fitting_group_size(width: int, group_size: int) -> int | None:
