@@ -8,7 +8,7 @@ import sys
 import click
 
 from mlxkit import __version__
-from mlxkit.cli_options import NumDraft
+from mlxkit.cli_options import NumDraft, kv_cache_options
 from mlxkit.errors import MlxkitError
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -85,19 +85,7 @@ def info(path: str) -> None:
     help="Tokens drafted per round: auto (0-3 per round, whatever is fastest) or N.",
 )
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option(
-    "--kv-bits",
-    type=int,
-    default=None,
-    help="Keep the KV cache quantized at 4 or 8 bits [not quantized: the model's dtype].",
-)
-@click.option("--kv-group-size", default=64, show_default=True, help="With --kv-bits.")
-@click.option(
-    "--quantized-kv-start",
-    default=0,
-    show_default=True,
-    help="With --kv-bits: positions kept in full precision before the cache is quantized.",
-)
+@kv_cache_options("Keep the KV cache quantized at 4 or 8 bits [not quantized: the model's dtype].")
 @click.option(
     "--image", "images", multiple=True, help="An image before the prompt text (repeatable)."
 )
@@ -302,19 +290,7 @@ def _planned_peak(model_path: str) -> tuple[int, int] | None:
     show_default=True,
     help="bfloat16 halves the reference's memory, at the cost of its exactness.",
 )
-@click.option(
-    "--kv-bits",
-    type=int,
-    default=None,
-    help="Run MODEL on a KV cache quantized at 4 or 8 bits: the KL then counts its cost.",
-)
-@click.option("--kv-group-size", default=64, show_default=True, help="With --kv-bits.")
-@click.option(
-    "--quantized-kv-start",
-    default=0,
-    show_default=True,
-    help="With --kv-bits: positions kept in full precision before the cache is quantized.",
-)
+@kv_cache_options("Run MODEL on a KV cache quantized at 4 or 8 bits: the KL then counts its cost.")
 @click.option("--json", "json_path", metavar="PATH", help="Also write the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(

@@ -64,6 +64,7 @@ def assert_same_text_tensors(ours: Path, theirs: Path) -> None:
     assert json.loads((ours / "config.json").read_text())["quantization"]["bits"] == 4
 
 
+@pytest.mark.slow  # the tiny checkpoints are compared with mlx_lm.convert in test_convert
 def test_real_width_conversion_matches_mlx_lm(small_real_width, tmp_path):
     """The real 0.8B widths (one layer): the same bytes as mlx_lm.convert -q."""
     from mlxkit.convert import convert

@@ -61,7 +61,10 @@ def test_published_vision_shapes_give_the_published_parameter_counts(size):
     assert s.vision.head_dim == (72 if size == "9b" else 64)
 
 
-@pytest.mark.parametrize(("hidden", "heads", "grid"), [(256, 4, (1, 32, 64)), (96, 2, (1, 32, 64))])
+@pytest.mark.parametrize(
+    ("hidden", "heads", "grid"),
+    [pytest.param(256, 4, (1, 32, 64), marks=pytest.mark.slow), (96, 2, (1, 32, 64))],
+)
 def test_encoding_estimate_against_the_measured_peak(monkeypatch, hidden, heads, grid):
     """mlxkit's tower encoding one image on this machine's CPU build (which has no fused
     attention, so the scores are counted): the estimate is not below the measured peak and

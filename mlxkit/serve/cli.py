@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from mlxkit.cli_options import NumDraft
+from mlxkit.cli_options import NumDraft, kv_cache_options
 from mlxkit.errors import MlxkitError
 
 SERVER_STACK = ("starlette", "uvicorn", "pydantic")
@@ -64,19 +64,9 @@ def require_server_stack() -> None:
     type=NumDraft(),
     help="Tokens drafted per MTP round: auto (0-3 per round, whatever is fastest) or N.",
 )
-@click.option(
-    "--kv-bits",
-    type=int,
-    default=None,
-    help="Keep every request's KV cache quantized at 4 or 8 bits [not quantized: the model's "
-    "dtype]; the prompt cache holds states of this one setting.",
-)
-@click.option("--kv-group-size", default=64, show_default=True, help="With --kv-bits.")
-@click.option(
-    "--quantized-kv-start",
-    default=0,
-    show_default=True,
-    help="With --kv-bits: positions kept in full precision before the cache is quantized.",
+@kv_cache_options(
+    "Keep every request's KV cache quantized at 4 or 8 bits [not quantized: the model's "
+    "dtype]; the prompt cache holds states of this one setting."
 )
 @click.option(
     "--allowed-local-media-path",
