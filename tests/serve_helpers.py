@@ -208,6 +208,18 @@ def serve_in_process(engine, app, client: Callable[[int], object], ctrl_c: bool 
     return outcome["value"]
 
 
+def openai_client(port: int):
+    """The official client on an in-process server: no retries, each request bounded."""
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="x",
+        max_retries=0,
+        timeout=REQUEST_TIMEOUT_S,
+    )
+
+
 def sse_lines(port: int, path: str, body: dict) -> Iterator[str]:
     """The `data:` payloads of a streamed response, as they arrive (raw HTTP: what a client
     sees, [DONE] included)."""

@@ -116,11 +116,10 @@ def test_server_logprobs_and_logit_bias(micro_f32):
     """Chat (streamed and not) and completions give the Python API's log-probabilities in
     OpenAI's shapes (float32 micro, MTP with 2 drafts on both sides), the end-of-turn token
     left out; logit_bias reaches the sampler."""
-    import openai
 
     from mlxkit.serve.app import Settings, create_app
     from mlxkit.serve.engine import Engine
-    from tests.serve_helpers import REQUEST_TIMEOUT_S, serve_in_process
+    from tests.serve_helpers import openai_client, serve_in_process
 
     model, tok = micro_f32
     engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=0, num_draft=2)
@@ -128,12 +127,7 @@ def test_server_logprobs_and_logit_bias(micro_f32):
     no_think = {"chat_template_kwargs": {"enable_thinking": False}}
 
     def client_side(port: int):
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1",
-            api_key="x",
-            max_retries=0,
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        client = openai_client(port)
         kw = {"model": "m", "messages": messages, "max_tokens": 12, "extra_body": no_think}
         whole = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
         chunks = list(

@@ -4,7 +4,6 @@ and every state the prompt-cache pool keeps and hands back is of that one settin
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 import mlxkit
@@ -16,6 +15,7 @@ from tests.badinput import cli, run_row
 from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds every test here
     REQUEST_TIMEOUT_S,
     Server,
+    openai_client,
     serve_in_process,
     time_limit,
 )
@@ -49,12 +49,7 @@ def test_every_request_and_pooled_state_keeps_the_server_setting(micro):
     engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=2**22, **KV)
 
     def client_side(port: int) -> list:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1",
-            api_key="x",
-            max_retries=0,
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        client = openai_client(port)
         return [
             client.completions.create(model="m", prompt=p, max_tokens=MAX_TOKENS, temperature=0)
             for p in (PROMPT, second_prompt)

@@ -32,6 +32,7 @@ from mlxkit.serve.protocol import ChatRequest, parse
 from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds every test here
     REQUEST_TIMEOUT_S,
     Server,
+    openai_client,
     serve_in_process,
     sse_lines,
     time_limit,
@@ -352,12 +353,7 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(micro, monke
     engine = Engine(model, tok, max_queue=2, prompt_cache_bytes=2**20)
 
     def client_side(port: int) -> dict:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1",
-            api_key="x",
-            max_retries=0,
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        client = openai_client(port)
         outcome = {}
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model="m", prompt="a = ", max_tokens=8)

@@ -304,7 +304,7 @@ def test_server_response_format(micro_f32):
 
     from mlxkit.serve.app import Settings, create_app
     from mlxkit.serve.engine import Engine
-    from tests.serve_helpers import REQUEST_TIMEOUT_S, serve_in_process
+    from tests.serve_helpers import openai_client, serve_in_process
 
     model, tok = micro_f32
     engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=0, num_draft=2)
@@ -317,12 +317,7 @@ def test_server_response_format(micro_f32):
         yield {"type": "json_object"}
 
     def client_side(port: int):
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1",
-            api_key="x",
-            max_retries=0,
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        client = openai_client(port)
         kw = {"model": "m", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "extra_body": no_think}
         answers = []
         for fmt in formats():

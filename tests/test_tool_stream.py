@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 
 from mlxkit.serve.parse import OutputParser
@@ -15,6 +14,7 @@ from tests.helpers import FIXTURES
 from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds every test here
     REQUEST_TIMEOUT_S,
     micro_with_template,
+    openai_client,
     serve_in_process,
     sse_lines,
     time_limit,
@@ -162,12 +162,7 @@ def test_server_streams_calls_that_reassemble_to_the_whole_answer(qwen_micro, mo
     }
 
     def client_side(port: int):
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1",
-            api_key="x",
-            max_retries=0,
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        client = openai_client(port)
         whole = client.chat.completions.create(
             model="m",
             messages=body["messages"],
@@ -264,12 +259,7 @@ def test_server_named_tool_choice(qwen_micro):
     choice = {"type": "function", "function": {"name": "now"}}
 
     def client_side(port: int):
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1",
-            api_key="x",
-            max_retries=0,
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        client = openai_client(port)
         kw = {
             "model": "m",
             "messages": [{"role": "user", "content": "What time is it?"}],
