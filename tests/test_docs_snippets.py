@@ -70,10 +70,12 @@ def mlxkit_commands(code: str) -> list[list[str]]:
 
 
 def parse(args: list[str]) -> None:
-    """Parse `mlxkit ARGS` with click down to the command, without running it."""
+    """Parse `mlxkit ARGS` with click down to the command, without running it. The groups'
+    contexts take their context settings (-h) as on the command line: click keeps the first
+    help option a command is given, and docs/cli.md's test renders it later in this process."""
     command, name, parent = main, "mlxkit", None
     while isinstance(command, click.Group) and args and args[0] in command.commands:
-        parent = click.Context(command, info_name=name, parent=parent)
+        parent = click.Context(command, info_name=name, parent=parent, **command.context_settings)
         name, args = args[0], args[1:]
         command = command.commands[name]
     command.make_context(name, list(args), parent=parent)
