@@ -40,7 +40,7 @@ from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds ev
 from tests.test_serve import SERVER_DRAFTS
 
 MAX_QUEUE = 3
-CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 10, 12
+CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 5, 12
 STARTS = [
     "def f(x):\n    ",
     "class Node:\n    ",
@@ -141,7 +141,7 @@ def warm_up(server: Server, micro) -> None:
 
 
 def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
-    """8 clients x 10 requests, chat and completions, streamed and not: each request gets its
+    """8 clients x 5 requests, chat and completions, streamed and not: each request gets its
     own complete answer (the one the runtime gives for its prompt and seed) or a 503 with
     Retry-After, which the client honours before its next request. The queue never holds more
     than it may, every 503 is counted, and afterwards the server's memory is back where it was.
