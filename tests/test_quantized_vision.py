@@ -5,6 +5,8 @@ quantized weight's packed width and crashed on the first image.)"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -69,6 +71,14 @@ def test_the_quantized_tower_computes_what_its_weights_say(converted, name, bits
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= TOLERANCE[bits]
 
 
+def cli_generate(model: Path, image: Path, max_tokens: int):
+    """`mlxkit generate --image` on `model`; fails the test unless it exits 0."""
+    args = ["generate", "--model", str(model), "--image", str(image), "--prompt", "What?"]
+    result = CliRunner().invoke(main, [*args, "--max-tokens", str(max_tokens)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_generation_with_an_image_through_the_api_and_the_cli(converted, bits):
     out = converted(VISION[0], vision_bits=bits)
@@ -80,21 +90,7 @@ def test_generation_with_an_image_through_the_api_and_the_cli(converted, bits):
         mlxkit.stream_generate(model, tokenizer, QUESTION, images=[image], max_tokens=6)
     )
     assert len(responses) == 6 and responses[-1].finish_reason == "length"
-    result = CliRunner().invoke(
-        main,
-        [
-            "generate",
-            "--model",
-            str(out),
-            "--image",
-            str(image),
-            "--prompt",
-            "What?",
-            "--max-tokens",
-            "4",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    result = cli_generate(out, image, 4)
     assert "4 tokens" in result.output
 
 
@@ -111,18 +107,4 @@ def test_a_bundle_with_an_8_bit_tower_verifies_and_generates_with_an_image(tmp_p
         mlxkit.stream_generate(model, tokenizer, QUESTION, images=[image], max_tokens=4)
     )
     assert len(responses) == 4
-    result = CliRunner().invoke(
-        main,
-        [
-            "generate",
-            "--model",
-            str(out),
-            "--image",
-            str(image),
-            "--prompt",
-            "What?",
-            "--max-tokens",
-            "3",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    cli_generate(out, image, 3)
