@@ -102,8 +102,9 @@ def decode(model, tokenizer, tokens: list[int], state: PromptCache, kv) -> tuple
     base = mx.get_active_memory()
     cache = quantized_copy(state, kv)
     options = {"kv_bits": None} if kv is None else {"kv_bits": kv.bits, "kv_group_size": GROUP}
-    stream = stream_generate(model, tokenizer, tokens, max_tokens=NEW, mtp=False,
-                             prompt_cache=cache, **options)  # fmt: skip
+    stream = stream_generate(
+        model, tokenizer, tokens, max_tokens=NEW, mtp=False, prompt_cache=cache, **options
+    )
     n, t_first, last = 0, None, None
     for last in stream:
         n += 1
@@ -135,8 +136,11 @@ def main() -> None:
     for n in args.contexts:
         tokens, state = prompts[n], states[n]
         reference = tail_log_probs(model, state.copy(), tokens[-TAIL:])
-        kls = {b: kl(reference, tail_log_probs(model, quantized_copy(state, kv), tokens[-TAIL:]))
-               for b, kv in settings.items() if kv is not None}  # fmt: skip
+        kls = {
+            b: kl(reference, tail_log_probs(model, quantized_copy(state, kv), tokens[-TAIL:]))
+            for b, kv in settings.items()
+            if kv is not None
+        }
         from_start = {}
         if n <= 4096:  # a bfloat16 prefill is slow on this CPU past a few K tokens
             caches = {b: PromptCache.new(model, kv) for b, kv in settings.items()}
@@ -155,8 +159,19 @@ def main() -> None:
                 peaks[b], kv_bytes[b] = max(peaks.get(b, 0), peak), nbytes
         for b in settings:
             ratios = [s / s16 for s, s16 in zip(speeds[b], speeds[16])]
-            rows.append((n, b, speeds[b], statistics.median(ratios), kls.get(b),
-                         from_start.get(b), peaks[b], kv_bytes[b], prefill_s[n]))  # fmt: skip
+            rows.append(
+                (
+                    n,
+                    b,
+                    speeds[b],
+                    statistics.median(ratios),
+                    kls.get(b),
+                    from_start.get(b),
+                    peaks[b],
+                    kv_bytes[b],
+                    prefill_s[n],
+                )
+            )
     print(report(started, info, args.repeats, rows))
 
 
@@ -182,8 +197,13 @@ def report(started, info: dict, repeats: int, rows: list) -> str:
             f"{kv_bytes / 2**20:.2f} MiB |"
         )
     prefills = {n: s for n, *_, s in rows}
-    lines += ["", "float32 prefill of the prompt (chunk 512, one run): " + ", ".join(
-        f"{n:,} tokens {s:.1f} s ({s / n * 1024:.2f} s per 1K)" for n, s in prefills.items())]  # fmt: skip
+    lines += [
+        "",
+        "float32 prefill of the prompt (chunk 512, one run): "
+        + ", ".join(
+            f"{n:,} tokens {s:.1f} s ({s / n * 1024:.2f} s per 1K)" for n, s in prefills.items()
+        ),
+    ]
     return "\n".join(lines)
 
 

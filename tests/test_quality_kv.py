@@ -39,8 +39,15 @@ def test_kl_is_the_quantized_cache_model_against_the_plain_reference():
     model = load_model(micro_dir())
     kls = {}
     for bits in (None, 8, 4):
-        r = measure_quality(micro_dir(), micro_dir(), text=TEXT, window=1024, quiet=True,
-                            kv_bits=bits, kv_group_size=32)  # fmt: skip
+        r = measure_quality(
+            micro_dir(),
+            micro_dir(),
+            text=TEXT,
+            window=1024,
+            quiet=True,
+            kv_bits=bits,
+            kv_group_size=32,
+        )
         kv = kv_quantization(bits, 32)
         cache = model.make_cache(kv) if kv is not None else None
         m = _log_probs(model(ids, cache)[:, :-1])
