@@ -44,6 +44,7 @@ from mlxkit.convert.quantize import check_vision_bits, load_recipe
 
 from mlxkit import fields
 from mlxkit.cache import KV_GROUP_SIZES, KVQuantization
+from mlxkit.draft_control import K_MAX
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.generate import MAX_DRAFT
 from mlxkit.layout import (
@@ -321,8 +322,9 @@ def make_settings(**values) -> Settings:
 
 
 def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
-    for name in ("num_draft", "prefill_chunk"):
-        fields.integer(getattr(settings, name), name)
+    if settings.num_draft != "auto":
+        fields.integer(settings.num_draft, "num_draft")
+    fields.integer(settings.prefill_chunk, "prefill_chunk")
     for name in ("reserve", "cache_limit"):  # bytes: bounded like a memory budget
         fields.integer(getattr(settings, name), name, hi=MAX_BUDGET)
     fields.number(settings.acceptance, "acceptance")
@@ -344,8 +346,10 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
     if not 0.0 <= settings.acceptance <= 1.0:
         raise ConfigError(f"acceptance must be within [0, 1], got {settings.acceptance}")
     validate_kv(settings, cfg)
-    if not 1 <= settings.num_draft <= MAX_DRAFT:
-        raise ConfigError(f"num_draft must be between 1 and {MAX_DRAFT}, got {settings.num_draft}")
+    if settings.num_draft != "auto" and not 1 <= settings.num_draft <= MAX_DRAFT:
+        raise ConfigError(
+            f'num_draft must be "auto" or between 1 and {MAX_DRAFT}, got {settings.num_draft}'
+        )
     if settings.dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {settings.dtype}")
     if settings.reserve < 0 or settings.cache_limit < 0:
@@ -512,10 +516,11 @@ class _Inputs(_WithVision):
 
     @property
     def num_draft(self) -> int:
-        """Drafts per round in the target's runtime: the settings', within what it can run."""
+        """Drafts per round in the target's runtime: the settings', within what it can run
+        (with "auto", the most auto may draft: the memory plan holds that many)."""
         if not (self.settings.mtp and self.cfg.mtp_num_hidden_layers):
             return 0
-        return min(self.settings.num_draft, self.runtime.max_draft)
+        return min(most_drafts(self.settings), self.runtime.max_draft)
 
     @property
     def dtype_bytes(self) -> int:
@@ -557,12 +562,18 @@ def _speeds(inputs: _Inputs, context: int) -> tuple[Speed | None, Speed | None]:
     def speed(runtime: DecodeRuntime, num_draft: int) -> Speed:
         reads = inputs.weights.reads
         args = (inputs.dtype_bytes, bandwidth, context, runtime, num_draft, s.acceptance)
-        return predict_speed(cfg, reads, *args, kv_quantization=inputs.kv)
+        auto = s.num_draft == "auto"
+        return predict_speed(cfg, reads, *args, kv_quantization=inputs.kv, auto=auto)
 
     own = speed(inputs.runtime, inputs.num_draft)
     if inputs.runtime is MLXKIT:
         return own, None
-    return own, speed(MLXKIT, s.num_draft if inputs.num_draft else 0)
+    return own, speed(MLXKIT, most_drafts(s) if inputs.num_draft else 0)
+
+
+def most_drafts(settings: Settings) -> int:
+    """The most drafts per round mlxkit's loop makes: `num_draft`, or auto's K_MAX."""
+    return K_MAX if settings.num_draft == "auto" else settings.num_draft
 
 
 def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:

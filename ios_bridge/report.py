@@ -7,8 +7,8 @@ from mlxkit.presets import sizes
 from .devices import ENTITLEMENT, GB, Catalog, Device, Tier, load_catalog
 from .memory import KV_STEP, fused_attention, vision_patches
 from .plan import Plan, evaluate, gb, usable_label
-from .roofline import SHORT_CONTEXT, Speed, speed_model
-from .settings import KV_BITS, MIN_CONTEXT, PREFILL_CHUNKS
+from .roofline import MIN_MTP_GAIN, SHORT_CONTEXT, Speed, mtp_recommended, speed_model
+from .settings import KV_BITS, MIN_CONTEXT, PREFILL_CHUNKS, Settings
 
 
 def _u(value: str, key: str, unconfirmed: tuple[str, ...]) -> str:
@@ -162,15 +162,31 @@ def _fit_line(plan: Plan) -> str:
     return line
 
 
-def _mtp_line(speed: Speed, acceptance: float, phone: bool) -> str:
+def _drafts(speed: Speed, settings: Settings) -> str:
+    """mlxkit's loop: "2 drafts per round", or what auto is predicted to settle on."""
+    drafts = f"{speed.num_draft} draft{'s' * (speed.num_draft != 1)} per round"
+    return f"auto: {drafts} predicted fastest" if settings.num_draft == "auto" else drafts
+
+
+def _mtp_line(speed: Speed, settings: Settings, phone: bool) -> str:
+    """The expected MTP gain; on a phone, whether the bundle's Swift runs the drafter for it
+    (not below MIN_MTP_GAIN: manifest.json → mtp.recommended)."""
     runtime = speed.runtime
     where = "on the phone" if phone else "on the Mac"
     detail = runtime.summary
     if runtime.name == "mlxkit":
-        detail = f"{speed.num_draft} drafts per round, greedy or sampled"
-    return (
-        f"  MTP {where} in {runtime.name} ({detail}), acceptance {acceptance:.0%}: "
-        f"x{speed.mtp_speedup:.2f} -> {speed.mtp_tps:.1f} tokens/s (upper bound)"
+        detail = f"{_drafts(speed, settings)}, greedy or sampled"
+    line = (
+        f"  MTP {where} in {runtime.name} ({detail}), acceptance {settings.acceptance:.0%} "
+        f"(--acceptance): x{speed.mtp_speedup:.2f} -> {speed.mtp_tps:.1f} tokens/s (upper bound)"
+    )
+    if not phone:
+        return line
+    if mtp_recommended(speed.mtp_speedup):
+        return line + f"; recommended (x{MIN_MTP_GAIN:.2f} or more)"
+    return line + (
+        f"; not recommended (below x{MIN_MTP_GAIN:.2f}): a bundle's Swift decodes without "
+        "the drafter"
     )
 
 
@@ -190,11 +206,11 @@ def _speed_lines(plan: Plan) -> list[str]:
     ]
     phone = plan.target.kind != "mac"
     if speed.mtp_speedup is not None:
-        lines.append(_mtp_line(speed, plan.settings.acceptance, phone))
+        lines.append(_mtp_line(speed, plan.settings, phone))
     if plan.mlxkit_speed is not None and plan.mlxkit_speed.mtp_speedup is not None:
         mlxkit = plan.mlxkit_speed
         lines.append(
-            f"  MTP in mlxkit's own loop ({mlxkit.num_draft} drafts per round, greedy or "
+            f"  MTP in mlxkit's own loop ({_drafts(mlxkit, plan.settings)}, greedy or "
             f"sampled; what a Mac runs, not this phone): x{mlxkit.mtp_speedup:.2f} -> "
             f"{mlxkit.mtp_tps:.1f} tokens/s"
         )
@@ -266,9 +282,10 @@ def format_plan(plan: Plan) -> str:
     s, cfg = plan.settings, plan.cfg
     bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
     chosen = f" (chosen: {plan.choice})" if plan.choice else ""
-    mtp = (
-        f"on, {plan.num_draft} draft{'s' * (plan.num_draft != 1)} per round in {plan.runtime.name}"
-    )
+    drafts = f"{plan.num_draft} draft{'s' * (plan.num_draft != 1)} per round"
+    if s.num_draft == "auto" and plan.runtime.name == "mlxkit":
+        drafts = f"auto, up to {drafts}"
+    mtp = f"on, {drafts} in {plan.runtime.name}"
     lines = [
         f"{plan.model} on {plan.target.label}",
         (

@@ -37,6 +37,10 @@ from .runtimes import DecodeRuntime
 
 SPEED_MODEL_FILE = Path(__file__).parent / "speed_model.toml"
 SHORT_CONTEXT = 1024  # the context the headline speeds are given at
+# Below this predicted gain a bundle's Swift decodes without the drafter (manifest.json →
+# mtp.recommended false): the prediction is an upper bound (a phone's fixed cost per pass is
+# likely higher than the Macs' it was fitted on), and a few percent is within its error.
+MIN_MTP_GAIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,12 @@ def predict_speed(
     num_draft: int,
     acceptance: float,
     kv_quantization: KVQuantization | None = None,
+    auto: bool = False,
 ) -> Speed:
     """Decode speed with the KV cache kept as `kv_quantization` says (None: the activation
-    dtype), the cache the plan has chosen."""
+    dtype), the cache the plan has chosen. With `auto` (mlxkit's num_draft="auto"),
+    `num_draft` is the most drafts a round may make and the speed is that of the k in
+    1..num_draft this model predicts fastest: what auto settles on at this acceptance."""
     model = speed_model()
     short = min(SHORT_CONTEXT, context)
     kv = kv_quantization
@@ -181,7 +188,16 @@ def predict_speed(
 
     speedup = None
     if num_draft:
-        speedup = mtp_speedup(
-            cfg, reads, short, dtype_bytes, acceptance, num_draft, bandwidth, model, kv
-        )
+        gains = {
+            k: mtp_speedup(cfg, reads, short, dtype_bytes, acceptance, k, bandwidth, model, kv)
+            for k in (range(1, num_draft + 1) if auto else (num_draft,))
+        }
+        num_draft = max(gains, key=gains.__getitem__)
+        speedup = gains[num_draft]
     return Speed(runtime, num_draft, acceptance, context, tps(short), tps(context), speedup)
+
+
+def mtp_recommended(gain: float | None) -> bool:
+    """Whether a predicted MTP gain is worth running the drafter for (None: no prediction,
+    the target's bandwidth is unknown, so nothing speaks against it)."""
+    return gain is None or gain >= MIN_MTP_GAIN

@@ -16,6 +16,7 @@ from dataclasses import Field, dataclass, field, fields
 
 import click
 
+from mlxkit.cli_options import NumDraft
 from mlxkit.vision import DEFAULT_MAX_IMAGE_TOKENS
 
 # Runtime reserve: what the app process holds besides MLX arrays. Not measurable here
@@ -136,12 +137,13 @@ class Settings:
         "the plan needs it.",
         "--entitlement/--no-entitlement",
     )
-    num_draft: int = _knob(
+    num_draft: int | str = _knob(
         2,
-        "Drafts per MTP round in mlxkit's decode loop (what a Mac runs); the phone's "
+        "Drafts per MTP round in mlxkit's decode loop (what a Mac runs), or auto: as many "
+        "as the cost model predicts fastest, up to 3 (memory is planned for 3); the phone's "
         "mlx-swift-lm drafts 1 per round whatever this says.",
         "--num-draft",
-        type=int,
+        type=NumDraft(),
     )
     kv_bits: int = _knob(
         16,
