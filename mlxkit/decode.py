@@ -9,7 +9,8 @@ and `speculative` yield GenerationResponses built by `Responses`.
 
 A speculative round (`MTPRound`), with y the last sampled token (not yet run through the main
 model):
-  1. the MTP head drafts d_1..d_k, recursively, from the main model's hidden states;
+  1. the MTP head drafts d_1..d_k, recursively, from the main model's hidden states (over
+     the model's draft vocabulary when it has one: `mlxkit.draft_vocab`);
   2. one main-model pass over [y, d_1..d_k] verifies them, every Gated-DeltaNet layer
      recording its state after each position;
   3. drafts are accepted greedily (argmax equality) or by the speculative-sampling rule, and
@@ -353,16 +354,18 @@ class MTPRound:
     def draft(cls, dec: Decoder, y: int, k: int) -> MTPRound:
         """Drafts k tokens after y: the first step consumes the pending hidden states (the
         tokens after them are the last cached ones and y; only the last needs logits), later
-        steps the MTP's own output."""
-        params, cache = dec.params, dec.cache
+        steps the MTP's own output. Logits come from the draft vocabulary when the model has
+        one, except under a grammar, which may allow only tokens outside it."""
+        params, cache, model = dec.params, dec.cache, dec.model
         draft_key, accept_key = dec.keys.take(2)
         keys = None if params.greedy else mx.random.split(draft_key, k)
         n_pending = cache.mtp_pending.shape[1]
         pending_next = cache.tokens[len(cache.tokens) - n_pending + 1 :] + [y]
-        h = dec.model.mtp_hidden(cache.mtp_pending, mx.array([pending_next]), cache.mtp, dec.rotary)
-        logits = dec.model.logits(h[:, -1:])
-        drafts, draft_probs = [], []
+        h = model.mtp_hidden(cache.mtp_pending, mx.array([pending_next]), cache.mtp, dec.rotary)
         constraint, masks = dec.constraint, None
+        head = model.draft_logits if constraint is None else model.logits
+        logits = head(h[:, -1:])
+        drafts, draft_probs = [], []
         if constraint is not None:  # drafts only where the grammar allows, taken back after
             constraint.sync(cache.tokens + [y])
             masks = [constraint.mask()]
@@ -380,7 +383,8 @@ class MTPRound:
                 constraint.push(d.item())
                 masks.append(constraint.mask())
             if j + 1 < k:
-                logits, h = dec.model.mtp_forward(h[:, -1:], d.reshape(1, 1), cache.mtp, dec.rotary)
+                h = model.mtp_hidden(h[:, -1:], d.reshape(1, 1), cache.mtp, dec.rotary)
+                logits = head(h)
         if constraint is not None:
             constraint.rollback(k)
         drafts = mx.stack(drafts)

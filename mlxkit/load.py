@@ -10,6 +10,9 @@ at `model.vision_tower` (a `VisionModel`: patches and grids in, features for the
 out), the four token ids at `model.vision_tokens` and the image/video preprocessing settings at
 `model.preprocessor`, and the text model's M-RoPE `mrope_section` at `model.mrope_section`.
 Its weights are as lazy as the text weights: a text-only prompt never reads them.
+
+A drafter directory holding `draft_vocab.json` (`mlxkit convert --draft-vocab N`) makes the
+model draft over that shortlist of tokens (`mlxkit.draft_vocab`, `Model.use_draft_vocab`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
+from mlxkit import draft_vocab
 from mlxkit.bundle_files import MANIFEST as BUNDLE_MANIFEST
 from mlxkit.bundle_files import bundle_files, check_files, file_entries, read_manifest
 from mlxkit.checkpoint import (
     TensorInfo,
     check_vision_token_ids,
+    model_file,
     model_subdir,
     plain,
     quantization_block,
@@ -284,8 +289,8 @@ def load_model(
     `drafter` overrides where a converted model's MTP drafter is looked for. For an iPhone
     bundle the files of model/ and mtp/ are checked against manifest.json first: their
     sizes always, their sha256 with `verify` (a full read). `drafter=False` loads no
-    drafter. The vision tower is loaded when the checkpoint has one (see the module
-    docstring)."""
+    drafter. The vision tower is loaded when the checkpoint has one, the drafter's draft
+    vocabulary when it has one (see the module docstring)."""
     if dtype is not None and not (isinstance(dtype, mx.Dtype) and dtype in CAST_DTYPES):
         raise ConfigError(
             f"dtype must be None, mx.bfloat16, mx.float16 or mx.float32, got {shown(dtype)}"
@@ -319,6 +324,10 @@ def load_model(
     model.eval()
     if model.has_vision:
         _attach_vision_inputs(model, model_dir, config)
+    if drafter_dir is not None and model.has_mtp:
+        shortlist = model_file(drafter_dir, draft_vocab.FILE, "draft vocabulary")
+        if shortlist is not None:
+            model.use_draft_vocab(mx.array(draft_vocab.read(shortlist, cfg.vocab_size)))
     return model
 
 

@@ -695,6 +695,35 @@ class MTPHead(nn.Module):
         return self.norm(x)
 
 
+class ShortlistHead:
+    """The output head's rows for a shortlist of token ids (`mlxkit.draft_vocab`): draft
+    logits over N tokens instead of the whole vocabulary. They are scattered back into a
+    [..., V] row with -inf elsewhere, so that every consumer (greedy argmax, the sampling
+    filters, the speculative-sampling rule) sees a whole-vocabulary row whose softmax is the
+    shortlist's, zero outside it. The rows are copied once, when the shortlist is set (N/V of
+    the head's bytes more), so a draft step reads only them. A plain attribute, not a module:
+    the shortlist is no weight of the checkpoint."""
+
+    def __init__(self, head: nn.Module, ids: mx.array, vocab_size: int):
+        self.ids, self.vocab_size = ids, vocab_size
+        self.weight = head["weight"][ids]
+        self.scales = head["scales"][ids] if "scales" in head else None
+        self.biases = head["biases"][ids] if "biases" in head else None
+        keys = ("group_size", "bits", "mode") if self.scales is not None else ()
+        self.quantized = {k: getattr(head, k) for k in keys}
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        """[..., H] -> [..., V] logits, -inf outside the shortlist."""
+        if self.scales is None:
+            short = hidden @ self.weight.T
+        else:
+            short = mx.quantized_matmul(
+                hidden, self.weight, self.scales, self.biases, transpose=True, **self.quantized
+            )
+        full = mx.full((*short.shape[:-1], self.vocab_size), -mx.inf, dtype=short.dtype)
+        return mx.put_along_axis(full, mx.broadcast_to(self.ids, short.shape), short, axis=-1)
+
+
 class Model(nn.Module):
     """The whole Qwen 3.5 model: the text model, its MTP head and (with `vision`) the vision
     tower at `vision_tower` (models/qwen3_5_vision.py). `has_mtp` and `has_vision` are decided
@@ -713,6 +742,7 @@ class Model(nn.Module):
         if vision is not None:
             self.vision_tower = VisionModel(vision)
         self.vision_tokens = self.preprocessor = self.mrope_section = None
+        self.draft_head: ShortlistHead | None = None  # see use_draft_vocab
 
     @property
     def has_mtp(self) -> bool:
@@ -759,7 +789,8 @@ class Model(nn.Module):
         cache: list | None = None,
         rotary: Rotary | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """Draft logits for positions i+2 and the MTP's own post-norm hidden state.
+        """Draft logits (`draft_logits`) for positions i+2 and the MTP's own post-norm hidden
+        state.
 
         hidden: [B, L, H], the main model's post-norm hidden at positions i (or, for a further
         draft step, the previous `mtp_hidden`); next_tokens: [B, L], the tokens at i+1. The MTP
@@ -768,7 +799,23 @@ class Model(nn.Module):
         main model's for those positions.
         """
         mtp_hidden = self.mtp_hidden(hidden, next_tokens, cache, rotary)
-        return self.language_model.logits(mtp_hidden), mtp_hidden
+        return self.draft_logits(mtp_hidden), mtp_hidden
+
+    def draft_logits(self, mtp_hidden: mx.array) -> mx.array:
+        """Logits [..., V] a draft is picked from: over the draft vocabulary when one is set
+        (`use_draft_vocab`; -inf elsewhere), else the whole head's."""
+        if self.draft_head is None:
+            return self.language_model.logits(mtp_hidden)
+        return self.draft_head(mtp_hidden)
+
+    def use_draft_vocab(self, ids: mx.array | None) -> None:
+        """Drafts over the token ids `ids` [N] from now on (None: the whole vocabulary)."""
+        if ids is None:
+            self.draft_head = None
+            return
+        lm = self.language_model
+        head = lm.model.embed_tokens if lm.tied else lm.lm_head
+        self.draft_head = ShortlistHead(head, ids, self.config.vocab_size)
 
     def mtp_hidden(
         self,
