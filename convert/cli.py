@@ -9,7 +9,7 @@ The quantization options and the planning options of `--target` are the planner'
 from __future__ import annotations
 
 import click
-from mlxkit.ios_bridge.cli import plan_options
+from mlxkit.ios_bridge.cli import bundle_options, plan_options
 
 from mlxkit.errors import MlxkitError
 
@@ -25,6 +25,7 @@ PLAN_ONLY = (
     "image_tokens",
     "vision_encoder",
     "coreml_grids",
+    "json_schema",
 )
 
 
@@ -37,12 +38,21 @@ PLAN_ONLY = (
     "-o", "--output", metavar="OUT", help="Output directory (default: e.g. ./Qwen3.5-2B-4bit)."
 )
 @plan_options
+@bundle_options
 @click.option(
     "--bits-per-weight",
     type=float,
     metavar="B",
     help="With --recipe auto: the budget, in bits per weight of the text model, scales and "
     "biases counted (uniform 4-bit: 4.25 at group 128, 4.5 at 64, 5.0 at 32) [4.5].",
+)
+@click.option(
+    "--draft-vocab",
+    type=int,
+    metavar="N",
+    help="Draft over the N tokens most frequent on the calibration set, written beside the "
+    "drafter (mtp/draft_vocab.json; MLX Swift ignores it): a cheaper draft step, the output "
+    "unchanged (verification keeps the whole vocabulary) [the whole vocabulary].",
 )
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -54,6 +64,7 @@ def convert(
     size: str | None,
     output: str | None,
     bits_per_weight: float | None,
+    draft_vocab: int | None,
     no_quantize: bool,
     force: bool,
     quiet: bool,
@@ -77,6 +88,11 @@ def convert(
             raise MlxkitError("--target plans quantized bundles; drop --no-quantize")
         if bits_per_weight is not None:
             raise MlxkitError("--target sets the budget from the phone; drop --bits-per-weight")
+        if draft_vocab is not None:
+            raise MlxkitError(
+                "--draft-vocab is for mlxkit's own drafter, and a bundle's runs in MLX Swift, "
+                "which drafts over the whole vocabulary: drop --target, or --draft-vocab"
+            )
         from mlxkit.ios_bridge.cli import convert_to_bundle
 
         convert_to_bundle(source, output, force=force, quiet=quiet, **options)
@@ -98,6 +114,7 @@ def convert(
         mtp=mtp,
         vision=vision,
         vision_bits=options["vision_bits"],
+        draft_vocab=draft_vocab,
         force=force,
         quiet=quiet,
     )

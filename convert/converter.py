@@ -36,6 +36,7 @@ import click
 import mlx.core as mx
 
 from mlxkit import __version__
+from mlxkit import draft_vocab as shortlist_file
 from mlxkit.checkpoint import INDEX, TensorInfo, model_file, read_json, read_tokenizer_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.fields import boolean, local_path
@@ -55,6 +56,7 @@ from mlxkit.models.qwen3_5_vision import VisionConfig
 from mlxkit.source import Size, Source, local_source, resolve_source
 from mlxkit.vision import PREPROCESSOR_FILES
 
+from . import shortlist
 from .output import (
     OutputError,
     assembling,
@@ -115,6 +117,7 @@ class ConvertResult:
     tensors: int
     quantization: dict | None = field(default=None)
     sensitivity: str | None = None  # with --recipe auto: what was measured, and its cost
+    draft_vocab: shortlist.Shortlist | None = None  # with --draft-vocab N
 
     @property
     def total_bytes(self) -> int:
@@ -134,6 +137,7 @@ def convert(
     mtp: bool = True,
     vision: bool = True,
     vision_bits: int | None = None,
+    draft_vocab: int | None = None,
     drafter_layout: str = "mlx-vlm",
     force: bool = False,
     quiet: bool = False,
@@ -147,7 +151,9 @@ def convert(
     `bits_per_weight` (default 4.5) where it lowers the predicted KL most; `dtype` is
     the dtype of everything not quantized. With `mtp`, the MTP head is written as a drafter
     in `dst/mtp/`, in one of DRAFTER_LAYOUTS. With `vision` the checkpoint's vision tower is
-    kept (in `dtype`; its linear layers quantized to `vision_bits` when given). Unless
+    kept (in `dtype`; its linear layers quantized to `vision_bits` when given). With
+    `draft_vocab` N, the drafter gets the shortlist of N tokens it drafts over
+    (convert/shortlist.py; it loads the tokenizer: Qwen's adds ~100 MB of peak memory). Unless
     `quiet`, shows a progress bar on a terminal's stderr and logs the summary (INFO, logger
     "mlxkit.convert"); nothing goes to stdout. Raises MlxkitError for every problem a user
     can cause."""
@@ -160,6 +166,7 @@ def convert(
     source = _source(src, dst, force)
     ckpt = SourceCheckpoint.open(source.directory, include_mtp=mtp, include_vision=vision)
     _check_side_files(source.directory)
+    chosen = _shortlist(ckpt, draft_vocab)
     sensitivity = None
     if auto:
         the_recipe, sensitivity = _auto_recipe(source.directory, bits_per_weight, dtype)
@@ -183,10 +190,16 @@ def convert(
                 ckpt, planned, the_recipe, dtype, tmp, advance, drafter_layout, vision_bits
             )
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
+        if chosen is not None:
+            shortlist.write(tmp / MTP_DIR, chosen, ckpt.cfg.vocab_size)
         replace_dir(tmp, out)
 
     result = _result(out, ckpt, planned, quantization, t0)
-    result.sensitivity = sensitivity
+    result.sensitivity, result.draft_vocab = sensitivity, chosen
+    if chosen is not None:
+        result.bytes_by_part["mtp"] += shortlist_file.file_bytes(
+            ckpt.cfg.vocab_size, len(chosen.ids)
+        )
     if not quiet:
         log.info(format_summary(result, mtp_wanted=mtp, vision_wanted=vision))
     return result
@@ -222,6 +235,19 @@ def default_output_name(source_name: str, recipe: Recipe | None, dtype: str) -> 
 
 
 # --- checks before writing -------------------------------------------------------------------
+
+
+def _shortlist(ckpt: SourceCheckpoint, n: int | None) -> shortlist.Shortlist | None:
+    """--draft-vocab N, checked and chosen before any weight is written."""
+    if n is None:
+        return None
+    shortlist_file.check_size(n, ckpt.cfg.vocab_size)
+    if not ckpt.has_mtp:
+        raise ConfigError(
+            "--draft-vocab is the MTP drafter's, and no drafter is written (--no-mtp, or the "
+            "checkpoint has no MTP head): drop --draft-vocab"
+        )
+    return shortlist.shortlist(ckpt.directory, n, ckpt.cfg.vocab_size)
 
 
 def _check_options(
@@ -360,7 +386,7 @@ def written_by_convert(directory: Path) -> bool:
 
 
 def _converter_file(name: str) -> bool:
-    written = (CONFIG, INDEX, *TOKENIZER_FILES, *PREPROCESSOR_FILES)
+    written = (CONFIG, INDEX, *TOKENIZER_FILES, *PREPROCESSOR_FILES, shortlist_file.FILE)
     return name in written or bool(SHARD_NAME.fullmatch(name))
 
 
@@ -775,6 +801,12 @@ def format_summary(
         lines.append(result.sensitivity)
     if result.mtp_dir is not None:
         lines.append(f"MTP drafter in {result.mtp_dir}")
+    if result.draft_vocab is not None:
+        d = result.draft_vocab
+        lines.append(
+            f"draft vocabulary: {len(d.ids):,} tokens ({shortlist_file.FILE}), covering "
+            f"{d.coverage:.1%} of the {d.tokens:,} calibration tokens"
+        )
     elif mtp_wanted:
         lines.append("the checkpoint has no MTP head; no drafter written")
     if vision_wanted and not result.bytes_by_part["vision"]:
