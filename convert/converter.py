@@ -801,14 +801,14 @@ def format_summary(
         lines.append(result.sensitivity)
     if result.mtp_dir is not None:
         lines.append(f"MTP drafter in {result.mtp_dir}")
+    elif mtp_wanted:
+        lines.append("the checkpoint has no MTP head; no drafter written")
     if result.draft_vocab is not None:
         d = result.draft_vocab
         lines.append(
             f"draft vocabulary: {len(d.ids):,} tokens ({shortlist_file.FILE}), covering "
             f"{d.coverage:.1%} of the {d.tokens:,} calibration tokens"
         )
-    elif mtp_wanted:
-        lines.append("the checkpoint has no MTP head; no drafter written")
     if vision_wanted and not result.bytes_by_part["vision"]:
         lines.append("the checkpoint has no vision tower; a text-only model was written")
     return "\n".join(lines)

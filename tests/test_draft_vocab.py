@@ -68,6 +68,8 @@ def test_the_planned_bytes_count_the_file(converted, tmp_path):
         (out / "mtp" / draft_vocab.FILE).stat().st_size
     )
     assert not (tmp_path / "o" / "mtp" / draft_vocab.FILE).exists()
+    for r in (result, plain):  # the summary's drafter lines (one said "no MTP head" too)
+        assert "MTP drafter in" in format_summary(r) and "no MTP head" not in format_summary(r)
     assert load_model(tmp_path / "o").draft_head is None
 
 
