@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -50,6 +49,8 @@ from mlxkit import __version__
 from mlxkit.errors import ConfigError
 from mlxkit.layout import DTYPE_BYTES, checkpoint_tensor, fitting_group_size, output_dtype
 from mlxkit.models.qwen3_5 import DecoderLayer, TextConfig
+from mlxkit.quality import cache_dir as quality_cache_dir
+from mlxkit.quality import checkpoint_digest
 
 from .quantize import MODE, Recipe, Rule
 from .reader import SourceCheckpoint, read_rows, row_chunks
@@ -183,21 +184,15 @@ def calibration_windows(tokenizer, max_tokens: int | None = None) -> np.ndarray:
 
 
 def source_digest(ckpt: SourceCheckpoint) -> str:
-    """A digest of a checkpoint cheap enough for a 9B: config.json, every tensor's name,
-    dtype and shape, and the first 4 KiB of its bytes."""
-    h = hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode())
-    for path in sorted(ckpt.tensors):
-        info = ckpt.tensors[path]
-        h.update(f"{path} {info.dtype} {info.shape}".encode())
-        with open(info.file, "rb") as f:
-            f.seek(info.start)
-            h.update(f.read(min(4096, info.nbytes)))
-    return h.hexdigest()[:16]
+    """The checkpoint's digest (`mlxkit.quality.checkpoint_digest`: config.json, every
+    tensor's name, dtype and shape, and its first 4 KiB), under which `mlxkit eval` keeps its
+    results too: the planner finds both by it."""
+    return checkpoint_digest(ckpt.directory)
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlxkit" / "sensitivity"
+    """$XDG_CACHE_HOME/mlxkit/sensitivity (else ~/.cache), beside `mlxkit eval`'s results."""
+    return quality_cache_dir().parent / "sensitivity"
 
 
 def cached_sensitivity(digest: str, calibration: str) -> Sensitivity | None:
@@ -213,19 +208,24 @@ def cached_sensitivity(digest: str, calibration: str) -> Sensitivity | None:
         return None
 
 
-def cached_for_checkpoint(directory: str | Path) -> Sensitivity | None:
-    """The measurement cached for the checkpoint in `directory` (any calibration set, the
-    newest first), None when there is none: what the planner reads. Reads the safetensors
-    headers and 4 KiB of each tensor (`source_digest`), never the weights, and measures
-    nothing."""
+def cached_for_checkpoint(directory: str | Path, dtype: str = "bfloat16") -> Sensitivity | None:
+    """The measurement `convert --recipe auto` of the checkpoint in `directory` would use (the
+    default calibration tokens, scales in `dtype`) when it is cached, else None: what the
+    planner reads, so that the auto recipe it plans is the one the converter writes. Reads
+    the safetensors headers, 4 KiB of each tensor and the tokenizer; never the weights, and
+    measures nothing."""
+    from mlxkit.tokenizer import load_tokenizer
+
     ckpt = SourceCheckpoint.open(Path(directory), include_mtp=True, include_vision=False)
-    digest = source_digest(ckpt)
-    found = sorted(cache_dir().glob(f"{digest}-*.json"), key=lambda p: -p.stat().st_mtime)
-    for path in found:
-        hit = cached_sensitivity(digest, path.stem.split("-", 1)[1])
-        if hit is not None:
-            return hit
-    return None
+    _, calibration = _calibration(load_tokenizer(ckpt.directory), DEFAULT_TOKENS, dtype)
+    return cached_sensitivity(source_digest(ckpt), calibration)
+
+
+def _calibration(tokenizer, max_tokens: int | None, dtype: str) -> tuple[np.ndarray, str]:
+    """The calibration windows and their digest (with the dtype of scales and biases, which
+    the bytes of every setting depend on)."""
+    ids = calibration_windows(tokenizer, max_tokens)
+    return ids, hashlib.sha256(ids.tobytes() + dtype.encode()).hexdigest()[:16]
 
 
 def _store(s: Sensitivity) -> None:
@@ -256,11 +256,10 @@ def measure_sensitivity(
     t0 = time.perf_counter()
     ckpt = SourceCheckpoint.open(Path(source_dir), include_mtp=True, include_vision=False)
     tokenizer = load_tokenizer(ckpt.directory)
-    ids = calibration_windows(tokenizer, max_tokens)
+    ids, calibration = _calibration(tokenizer, max_tokens, dtype)
     if ids.size == 0:
         raise ConfigError("the calibration set is shorter than one window for this tokenizer")
     digest = source_digest(ckpt)
-    calibration = hashlib.sha256(ids.tobytes() + dtype.encode()).hexdigest()[:16]
     if use_cache and (hit := cached_sensitivity(digest, calibration)) is not None:
         return hit
     groups, mtp, fixed = _groups(ckpt, dtype)

@@ -152,6 +152,8 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | No
         "mlx": {"cache_limit_bytes": plan.settings.cache_limit},
         "performance": d["performance"],
         "warnings": plan.warnings,
+        # the recipe's quality vs the source, measured or predicted (mlxkit.quality_block)
+        "quality": plan.quality,
         "files": [],
     }
 
@@ -182,7 +184,15 @@ def plan_for_source(
         source.directory, include_mtp=settings.get("mtp") is not False, include_vision=vision
     )
     name, has_mtp = source.name, ckpt.has_mtp
-    return source, choose_plan(ckpt.shapes, tgt, context, name=name, has_mtp=has_mtp, **settings)
+    return source, choose_plan(
+        ckpt.shapes,
+        tgt,
+        context,
+        name=name,
+        has_mtp=has_mtp,
+        checkpoint=source.directory,
+        **settings,
+    )
 
 
 def build_bundle(
@@ -238,12 +248,14 @@ def _convert_model(source, tmp: Path, p: Plan) -> dict[str, int]:
     from mlxkit.convert.converter import convert
 
     s, tower = p.settings, p.mlx_vision is not None
+    auto = p.bits_per_weight is not None  # recipe auto: the converter allocates the same budget
     result = convert(
         source,
         tmp / MODEL_DIR,
-        bits=s.bits,
-        group_size=s.group_size,
+        bits=None if auto else s.bits,
+        group_size=None if auto else s.group_size,
         recipe=s.recipe,
+        bits_per_weight=p.bits_per_weight,
         dtype=s.dtype,
         quantize=True,
         mtp=s.mtp,

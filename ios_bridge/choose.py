@@ -9,9 +9,17 @@ with a vision tower is tried with it first (images are what the model is picked 
 only a speedup), then, unless `vision=True` insists, without it. With the tower, the context
 to reach includes one image of `image_tokens`. The entitlement is asked for only when the plan
 needs it: a plan that fits within the default limit is made within it, so the usable memory it
-reports is the limit the app will run under. When the checkpoint's sensitivity was measured
-(`convert --recipe auto` caches it; the planner reads the cache and measures nothing), the
-recipes are tried least predicted KL first and the plan carries that KL (`Plan.quality`).
+reports is the limit the app will run under.
+
+Quality: when the checkpoint's sensitivity was measured (`convert --recipe auto` caches it;
+the planner reads the cache and measures nothing), the candidates are the shipped recipes and
+`auto` at each of AUTO_BUDGETS bits per weight (the auto recipe `convert --recipe auto` writes
+for that budget), tried least KL first: the lowest KL that leaves room for the context wins.
+The KL is measured where `mlxkit eval` has measured that quantization of this checkpoint on
+the built-in set (mlxkit.quality keeps the result), else predicted from the sensitivity; the
+ranking uses one kind for all candidates (predicted, or measured when every candidate is), as
+the two are not on one scale (on micro the prediction is a third to a half of the measurement).
+The plan carries its recipe's figures (`Plan.quality`), and a bundle's manifest records them.
 
 Then the KV cache precision and the prefill chunk (unless given): the goal is the requested
 context, or else the most the target holds (up to the model's positions) with the smallest of
@@ -22,15 +30,23 @@ how fast a long prompt is read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlxkit.convert.coreml import vision_tokens
-from mlxkit.convert.quantize import load_recipe
-from mlxkit.convert.sensitivity import Sensitivity, cached_for_checkpoint
+from mlxkit.convert.quantize import AUTO, Recipe, load_recipe
+from mlxkit.convert.sensitivity import (
+    Sensitivity,
+    auto_recipe,
+    cached_for_checkpoint,
+    smallest_bits_per_weight,
+)
 
 from mlxkit import fields
 from mlxkit.errors import ConfigError, MlxkitError
-from mlxkit.layout import ModelConfig
+from mlxkit.layout import ModelConfig, model_parameters, weight_rule
+from mlxkit.models.qwen3_5 import TextConfig
+from mlxkit.quality import cached_quality, checkpoint_digest, quality_block, quantization_key
 
 from .devices import Target, resolve_target
 from .plan import (
@@ -47,37 +63,132 @@ from .plan import (
 from .settings import DEFAULT_CONTEXT, KV_BITS, PREFILL_CHUNKS, Settings
 
 RECIPES = ("quality", "uniform")  # best first (least KL first), when nothing was measured
+# Bits per weight the planner tries recipe auto at (with a sensitivity measurement): from uniform
+# 4-bit group 32's bytes down to group 128's; more bytes lower the KL, fewer leave more context.
+AUTO_BUDGETS = (5.0, 4.75, 4.5, 4.25)
 
 
-def measured_sensitivity(size_or_config: ModelLike) -> Sensitivity | None:
-    """The cached sensitivity measurement of a checkpoint directory (`mlxkit convert --recipe
-    auto` makes it), None for a size, a config or a directory never measured: the planner
-    reads the cache and never measures."""
-    if not isinstance(size_or_config, (str, Path)) or not Path(size_or_config).is_dir():
+@dataclass(frozen=True)
+class Option:
+    """A recipe the planner may pick: its name and rules (with --bits / --group-size), the
+    budget an auto recipe was made for, and its quality (None when nothing is known)."""
+
+    recipe: str
+    rules: Recipe
+    bits_per_weight: float | None = None
+    quality: dict | None = None
+
+    @property
+    def auto(self) -> Recipe | None:
+        """What recipe "auto" stands for in this option (`plan`'s auto_recipe)."""
+        return self.rules if self.recipe == AUTO else None
+
+    @property
+    def label(self) -> str:
+        return self.recipe if self.auto is None else f"auto {self.bits_per_weight:g} bpw"
+
+
+def checkpoint_directory(size_or_config: ModelLike) -> Path | None:
+    """The checkpoint directory a plan is made from, None for a size or a config."""
+    if isinstance(size_or_config, (str, Path)) and Path(size_or_config).is_dir():
+        return Path(size_or_config)
+    return None
+
+
+def measured_sensitivity(checkpoint: Path | None, dtype: str) -> Sensitivity | None:
+    """The sensitivity measurement `convert --recipe auto` would use for the checkpoint
+    (cached by an earlier one), None for none or for a directory that is not a Hugging Face
+    checkpoint: the planner reads the cache and never measures."""
+    if checkpoint is None:
         return None
     try:
-        return cached_for_checkpoint(size_or_config)
+        return cached_for_checkpoint(checkpoint, dtype)
     except MlxkitError:  # not a Hugging Face checkpoint (a converted model, say)
         return None
 
 
-def by_quality(s: Sensitivity | None, bits: int | None, group_size: int | None) -> list[str]:
-    """RECIPES, least predicted KL first when the checkpoint was measured."""
+def recipe_options(
+    cfg: TextConfig,
+    checkpoint: Path | None,
+    sensitivity: Sensitivity | None,
+    recipe: str | None,
+    bits: int | None,
+    group_size: int | None,
+    dtype: str,
+) -> list[Option]:
+    """The recipes to try, least KL first (see the module docstring): `recipe` alone when
+    given (auto: at every budget of AUTO_BUDGETS that keeps 4 bits), else RECIPES and, with a
+    sensitivity measurement and no --bits / --group-size, auto at AUTO_BUDGETS."""
+    names = [recipe] if recipe is not None else list(RECIPES)
+    options = [Option(r, load_recipe(r, bits, group_size)) for r in names if r != AUTO]
+    if recipe == AUTO or (recipe is None and bits is None and group_size is None):
+        if sensitivity is not None:
+            least = smallest_bits_per_weight(sensitivity)
+            budgets = [b for b in AUTO_BUDGETS if b >= least]
+            options += [Option(AUTO, auto_recipe(sensitivity, b), b) for b in budgets]
+        if recipe == AUTO and not options:
+            raise ConfigError(
+                "recipe auto is made from the checkpoint's sensitivity measurement: plan a "
+                "checkpoint directory (--model DIR) after `mlxkit convert --recipe auto` has "
+                "measured it once (it is cached)"
+            )
+    digest = _digest(checkpoint)
+    options = [
+        Option(o.recipe, o.rules, o.bits_per_weight, _quality(o, cfg, digest, sensitivity, dtype))
+        for o in options
+    ]
+    if options and all(o.quality and o.quality["method"] == "measured" for o in options):
+        return sorted(options, key=lambda o: o.quality["kl_mean"])
+    if sensitivity is not None:
+        return sorted(options, key=lambda o: _predicted(sensitivity, o))
+    return options  # RECIPES' own order
+
+
+def _digest(checkpoint: Path | None) -> str | None:
+    if checkpoint is None:
+        return None
+    try:
+        return checkpoint_digest(checkpoint)
+    except MlxkitError:
+        return None
+
+
+def _predicted(s: Sensitivity, o: Option) -> tuple[bool, float]:
+    """The ranking key of a prediction (none: last)."""
+    kl = s.predicted_kl(o.rules)
+    return kl is None, kl or 0.0
+
+
+def _quality(
+    o: Option, cfg: TextConfig, digest: str | None, s: Sensitivity | None, dtype: str
+) -> dict | None:
+    """The option's figures (mlxkit.quality.quality_block): measured (`mlxkit eval` of this
+    quantization of this checkpoint on the built-in set) when kept, else predicted from the
+    sensitivity, else None."""
+    recipe = o.rules
+    measured = None
+    if digest is not None:
+        rules = {
+            path.removesuffix(".weight"): weight_rule(path, shape, recipe)
+            for path, shape in model_parameters(cfg, include_mtp=False)
+        }
+        measured = cached_quality(
+            digest, quantization_key(recipe.quantization_config(rules), dtype)
+        )
     if s is None:
-        return list(RECIPES)
-    kl = {r: s.predicted_kl(load_recipe(r, bits, group_size)) for r in RECIPES}
-    return sorted(RECIPES, key=lambda r: (kl[r] is None, kl[r] or 0.0))
+        return quality_block(measured)
+    calibration = {"tokens": s.tokens, "digest": s.calibration_digest}
+    return quality_block(measured, s.predicted_kl(recipe), calibration)
 
 
 def candidates(
-    recipe: str | None, mtp: bool | None, has_mtp: bool, recipes: list[str] | None = None
-) -> list[tuple[str, bool]]:
-    """(recipe, MTP) pairs to try, best first; without MTP only the smallest recipe (the last
-    of RECIPES)."""
-    recipes = [recipe] if recipe is not None else (recipes or list(RECIPES))
+    options: list[Option], mtp: bool | None, has_mtp: bool, explicit: bool
+) -> list[tuple[Option, bool]]:
+    """(recipe option, MTP) pairs to try, best first; without MTP only the smallest recipe (the
+    last of RECIPES) unless the recipe was given."""
     with_mtp = [mtp and has_mtp] if mtp is not None else ([True, False] if has_mtp else [False])
-    smallest = recipes[-1:] if recipe is not None else list(RECIPES[-1:])
-    return [(r, m) for m in with_mtp for r in (recipes if m else smallest)]
+    smallest = options if explicit else [o for o in options if o.recipe == RECIPES[-1]]
+    return [(o, m) for m in with_mtp for o in (options if m else smallest)]
 
 
 def vision_candidates(vision: bool | None, has_vision: bool) -> list[bool]:
@@ -113,12 +224,17 @@ def _describe_cache(kv_bits: int | None, prefill_chunk: int | None, goal: int) -
 
 
 def _describe(
-    recipe: str | None, mtp: bool | None, vision: list[bool], need: int, image_tokens: int
+    options: list[Option],
+    recipe: str | None,
+    mtp: bool | None,
+    vision: list[bool],
+    need: int,
+    image_tokens: int,
 ) -> str | None:
-    if recipe is not None and mtp is not None and len(vision) == 1:
+    if len(options) == 1 and mtp is not None and len(vision) == 1:
         return None
-    pairs = candidates(recipe, mtp, True)
-    tried = ", ".join(f"{r}{' + MTP' if m else ' without MTP'}" for r, m in pairs)
+    pairs = candidates(options, mtp, True, recipe is not None)
+    tried = ", ".join(f"{o.label}{' + MTP' if m else ' without MTP'}" for o, m in pairs)
     if len(vision) > 1:
         tried += " — with the vision tower, then without —"
     room = f"{need:,} tokens"
@@ -140,12 +256,17 @@ def choose_plan(
     vision: bool | None = None,
     kv_bits: int | None = None,
     prefill_chunk: int | None = None,
+    checkpoint: str | Path | None = None,
+    sensitivity: Sensitivity | None = None,
     **settings,
 ) -> Plan:
     """The plan of the first candidate that leaves room for the context (see the module
     docstring); PlanRefused for the least demanding candidate when none does. `recipe` /
     `mtp` / `vision` / `kv_bits` / `prefill_chunk` None mean "choose"; the other `settings`
-    are Settings fields, as for `plan`."""
+    are Settings fields, as for `plan`. `checkpoint`: the checkpoint directory whose kept
+    measurements (sensitivity, `mlxkit eval` results) the choice reads, when `size_or_config`
+    is its config (default: `size_or_config` when it is a directory); `sensitivity`: a
+    measurement to use instead of the cached one."""
     if context is not None:
         fields.integer(context, "context")
     for flag, value in (("mtp", mtp), ("vision", vision)):
@@ -154,7 +275,7 @@ def choose_plan(
     shapes, label = resolve_config(size_or_config)
     cfg = shapes.text
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
-    options = {"name": name or label, **settings}
+    common = {"name": name or label, **settings}
     group = settings.get("kv_group_size", Settings.kv_group_size)
     quantizable = not isinstance(group, int) or cfg.head_dim % group == 0  # else: validate's
     caches = cache_candidates(kv_bits, prefill_chunk, quantizable)
@@ -166,10 +287,14 @@ def choose_plan(
     has_mtp = has_mtp and drafter_runs(
         tgt, mtp, settings.get("swift_runtime", Settings.swift_runtime)
     )
-    sensitivity = measured_sensitivity(size_or_config)
     bits, group_size = settings.get("bits"), settings.get("group_size")
-    order = by_quality(sensitivity, bits, group_size)
-    pairs = candidates(recipe, mtp, has_mtp and cfg.mtp_num_hidden_layers > 0, order)
+    dtype = settings.get("dtype", Settings.dtype)
+    directory = Path(checkpoint) if checkpoint is not None else checkpoint_directory(size_or_config)
+    if sensitivity is None:
+        sensitivity = measured_sensitivity(directory, dtype)
+    options = recipe_options(cfg, directory, sensitivity, recipe, bits, group_size, dtype)
+    has = has_mtp and cfg.mtp_num_hidden_layers > 0
+    pairs = candidates(options, mtp, has, recipe is not None)
     visions = vision_candidates(vision, shapes.vision is not None)
     last = None
     for v in visions:
@@ -177,30 +302,33 @@ def choose_plan(
         preferred = max(min(DEFAULT_CONTEXT, cfg.max_position_embeddings), floor)
         needs = [context] if context else [preferred, floor]
         for need in needs:
-            for r, m in pairs:
-                candidate = {"recipe": r, "mtp": m, "vision": v, **options}
+            for o, m in pairs:
+                candidate = {"recipe": o.recipe, "auto_recipe": o.auto, "mtp": m, "vision": v}
+                candidate.update(common)
                 chosen = _within_the_default_limit(shapes, tgt, context, need, candidate, caches)
                 if chosen is not None:
                     how = [
-                        _describe(recipe, mtp, visions, need, image_tokens),
+                        _describe(options, recipe, mtp, visions, need, image_tokens),
                         _describe_cache(kv_bits, prefill_chunk, chosen.max_context),
                     ]
                     chosen.choice = "; ".join(h for h in how if h) or None
-                    chosen.quality = _predicted(sensitivity, r, bits, group_size)
+                    chosen.quality, chosen.bits_per_weight = o.quality, o.bits_per_weight
                     return chosen
         last = v
-    r, m = pairs[-1]  # the least demanding candidate: what fits instead is measured from it
+    o, m = pairs[-1]  # the least demanding candidate: what fits instead is measured from it
     b, c = caches[-1]
     return plan(  # refuses
-        shapes, tgt, context, recipe=r, mtp=m, vision=last, kv_bits=b, prefill_chunk=c, **options
+        shapes,
+        tgt,
+        context,
+        recipe=o.recipe,
+        auto_recipe=o.auto,
+        mtp=m,
+        vision=last,
+        kv_bits=b,
+        prefill_chunk=c,
+        **common,
     )
-
-
-def _predicted(
-    s: Sensitivity | None, recipe: str, bits: int | None, group_size: int | None
-) -> dict | None:
-    kl = None if s is None else s.predicted_kl(load_recipe(recipe, bits, group_size))
-    return None if kl is None else {"kl": kl, "calibration_tokens": s.tokens}
 
 
 def _within_the_default_limit(

@@ -122,11 +122,30 @@ def bundle_build(src: str, out: str, **options) -> None:
 @click.argument("path")
 @click.option("--target", default=None, help="Check the plan against this target instead.")
 @click.option("--no-load", is_flag=True, help="Skip loading model/ (fast).")
-def bundle_verify(path: str, target: str | None, no_load: bool) -> None:
-    """Check a bundle: manifest schema, sizes and sha256, paths, model/ loads, plan fits."""
+@click.option(
+    "--quality",
+    is_flag=True,
+    help="Also measure the bundle against --reference (mlxkit eval, on the manifest's "
+    "evaluation set and tokens) and fail beyond the tolerance of the manifest's quality figures "
+    "(measured: KL 10 %, top-1 2 points, perplexity 5 %; predicted: 6x the KL).",
+)
+@click.option(
+    "--reference", metavar="SRC", default=None, help="With --quality: the source checkpoint."
+)
+def bundle_verify(
+    path: str, target: str | None, no_load: bool, quality: bool, reference: str | None
+) -> None:
+    """Check a bundle: manifest schema, sizes and sha256, paths, model/ loads, plan fits; with
+    --quality, its quality against the source."""
+    from mlxkit.errors import ConfigError
+
     from .verify import verify_bundle
 
-    report = verify_bundle(path, target=target, load=not no_load)
+    if quality != (reference is not None):
+        raise ConfigError(
+            "--quality measures against the source: pass both --quality and --reference SRC"
+        )
+    report = verify_bundle(path, target=target, load=not no_load, quality_reference=reference)
     for check in report.checks:
         click.echo(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
     if report.ok:

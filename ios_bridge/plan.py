@@ -40,7 +40,7 @@ from mlxkit.convert.coreml import (
     vision_tokens,
     weight_file_bytes,
 )
-from mlxkit.convert.quantize import check_vision_bits, load_recipe
+from mlxkit.convert.quantize import AUTO, Recipe, check_vision_bits, load_recipe
 
 from mlxkit import fields
 from mlxkit.cache import KV_GROUP_SIZES, KVQuantization
@@ -147,6 +147,7 @@ class Plan(_WithVision):
     checkpoint: ModelConfig = field(repr=False)  # what the checkpoint has (vision or not)
     target: Target = field(repr=False)
     settings: Settings
+    recipe: Recipe = field(repr=False)  # settings.recipe resolved (an auto recipe's rules)
     runtime: DecodeRuntime  # what runs the model on the target
     num_draft: int  # drafts per MTP round in that runtime (0: no MTP head)
     weights: dict[str, int]  # bytes per part: embeddings, layers, mtp, vision
@@ -166,9 +167,11 @@ class Plan(_WithVision):
     speed: Speed | None  # in `runtime`; None when the target's bandwidth is unknown
     mlxkit_speed: Speed | None  # mlxkit's own loop, where `runtime` is another one
     choice: str | None = None  # how choose_plan picked the settings, when it did
-    # KL vs the source predicted for the recipe, when the checkpoint's sensitivity was measured
-    # (choose_plan, from convert/sensitivity.py's cache): {"kl", "calibration_tokens"}
+    # The recipe's quality vs the source (mlxkit.quality.quality_block): measured by `mlxkit
+    # eval` of this quantization of this checkpoint, or predicted from its sensitivity
+    # measurement; set by choose_plan when either is cached, else None
     quality: dict | None = None
+    bits_per_weight: float | None = None  # the budget of an auto recipe (choose_plan)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -311,14 +314,29 @@ def _label(size: str | None, fallback: str = "custom") -> str:
     return HUB_REPOS[size].split("/")[1] if size else fallback
 
 
-def make_settings(**values) -> Settings:
+def make_settings(auto_recipe: Recipe | None = None, **values) -> Settings:
     """Settings from keyword arguments, with the recipe's default bits filled in (bits None
     means "the recipe's")."""
     settings = Settings(**values)
     if settings.bits is None:
-        bits = load_recipe(settings.recipe, None, settings.group_size).bits
+        bits = recipe_of(replace(settings, bits=None), auto_recipe).bits
         settings = replace(settings, bits=bits)
     return settings
+
+
+def recipe_of(settings: Settings, auto_recipe: Recipe | None = None) -> Recipe:
+    """The recipe the settings name; "auto" is `auto_recipe`, made from the checkpoint's
+    sensitivity measurement (choose_plan) or read back from a bundle (verify)."""
+    if settings.recipe != AUTO:
+        return load_recipe(settings.recipe, settings.bits, settings.group_size)
+    if auto_recipe is None:
+        raise ConfigError(
+            "recipe auto is made from the checkpoint's sensitivity measurement: plan a checkpoint "
+            "directory (--model DIR) that `mlxkit convert --recipe auto` has measured"
+        )
+    if settings.bits is not None and settings.bits != auto_recipe.bits:
+        raise ConfigError("recipe auto chooses the bits of each group: drop --bits")
+    return auto_recipe
 
 
 def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
@@ -450,11 +468,13 @@ def weight_plan(
     settings: Settings,
     vision: VisionConfig | None = None,
     coreml: tuple[VisionConfig, list[Grid]] | None = None,
+    recipe: Recipe | None = None,
 ) -> WeightPlan:
-    """Bytes per part, straight from `planned_tensors` (no formula here); `vision` is the
-    tower model/ holds. With `coreml` (a tower and its grids) the vision part is the Core ML
-    package's weight file instead, from `weight_file_bytes`."""
-    recipe = load_recipe(settings.recipe, settings.bits, settings.group_size)
+    """Bytes per part of `recipe` (default: the one the settings name), straight from
+    `planned_tensors` (no formula here); `vision` is the tower model/ holds. With `coreml` (a
+    tower and its grids) the vision part is the Core ML package's weight file instead, from
+    `weight_file_bytes`."""
+    recipe = recipe or recipe_of(settings)
     vb = settings.vision_bits
     tensors = planned_tensors(
         cfg, recipe, include_mtp=settings.mtp, dtype=settings.dtype, vision=vision, vision_bits=vb
@@ -494,6 +514,7 @@ class _Inputs(_WithVision):
     size: str | None
     target: Target
     settings: Settings
+    recipe: Recipe
     weights: WeightPlan
 
     @property
@@ -596,6 +617,7 @@ def plan_at(inputs: _Inputs, context: int, with_speed: bool = True) -> Plan:
         checkpoint=inputs.checkpoint,
         target=inputs.target,
         settings=s,
+        recipe=inputs.recipe,
         runtime=inputs.runtime,
         num_draft=k,
         weights=inputs.weights.by_part,
@@ -685,13 +707,14 @@ def evaluate(
     *,
     memory_budget: int | str | None = None,
     name: str | None = None,
+    auto_recipe: Recipe | None = None,
     **settings,
 ) -> Plan:
     """The plan of `size_or_config` on `target` (a device, tier or Mac name, see `mlxkit
     tiers`; or None with `memory_budget`) at `context` tokens, or at the largest context
     that fits when `context` is None. Never refuses: the plan says whether it `fits`.
     `settings` are the fields of `Settings` (`vision`: include the checkpoint's tower, if it
-    has one)."""
+    has one); `auto_recipe` is what recipe "auto" stands for (`recipe_of`)."""
     shapes, label = resolve_config(size_or_config)
     cfg = shapes.text
     if isinstance(size_or_config, str) and size_or_config.lower() in sizes():
@@ -699,14 +722,16 @@ def evaluate(
     else:
         size = preset_size_of(cfg)
     tgt = target if isinstance(target, Target) else resolve_target(target, memory_budget)
-    s = make_settings(**settings)
+    s = make_settings(auto_recipe, **settings)
+    recipe = recipe_of(s, auto_recipe)
     validate(s, context, cfg)
     drafter_runs(tgt, s.mtp, s.swift_runtime)
     validate_vision_encoder(s, shapes, name or label)
     vision = shapes.vision if s.vision else None
     coreml = (vision, coreml_grids(s, vision)) if s.vision_encoder == "coreml" else None
     tower = None if coreml else vision
-    inputs = _Inputs(shapes, name or label, size, tgt, s, weight_plan(cfg, s, tower, coreml))
+    weights = weight_plan(cfg, s, tower, coreml, recipe)
+    inputs = _Inputs(shapes, name or label, size, tgt, s, recipe, weights)
     best = largest_context_that_fits(inputs)
     floor = min_context(cfg, inputs.image_tokens)
     planned = context if context is not None else max(best, floor)

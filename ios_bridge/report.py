@@ -262,26 +262,31 @@ def _kv_words(bits: int, group_size: int) -> str:
     return f"KV cache at {bits} bits (groups of {group_size}, quantized from the first token)"
 
 
-def _quality_lines(plan: Plan) -> list[str]:
-    """KL vs the source, predicted from the checkpoint's measured sensitivity (a sum of
-    per-group KLs; top-1 and perplexity need `mlxkit eval` on the converted model); nothing
-    when the checkpoint was not measured."""
-    q = plan.quality
-    if q is None:
-        return []
-    return [
-        (
-            f"  quality vs bf16: KL {q['kl']:.4f} nats/token, predicted for this recipe from the "
-            f"sensitivity measured on {q['calibration_tokens']:,} calibration tokens (top-1 and "
-            "perplexity: mlxkit eval)"
+def quality_words(q: dict) -> str:
+    """'quality vs bf16: KL …, top-1 …, measured on N tokens' (or predicted) of a plan's or a
+    manifest's quality block (mlxkit.quality.quality_block)."""
+    if q["method"] == "measured":
+        return (
+            f"quality vs bf16: KL {q['kl_mean']:.4f} nats/token, top-1 {q['top1']:.1%}, "
+            f"measured on {q['tokens']:,} tokens (mlxkit eval, built-in set)"
         )
-    ]
+    return (
+        f"quality vs bf16: KL {q['kl_mean']:.4f} nats/token, predicted from the sensitivity "
+        f"measured on {q['tokens']:,} calibration tokens (top-1 and perplexity: mlxkit eval)"
+    )
+
+
+def _quality_lines(plan: Plan) -> list[str]:
+    """The recipe's quality vs the source, measured or predicted (choose_plan); nothing when
+    neither is known."""
+    return [] if plan.quality is None else [f"  {quality_words(plan.quality)}"]
 
 
 def format_plan(plan: Plan) -> str:
     s, cfg = plan.settings, plan.cfg
     bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
     chosen = f" (chosen: {plan.choice})" if plan.choice else ""
+    budget = f" at {plan.bits_per_weight:g} bits per weight" if plan.bits_per_weight else ""
     drafts = f"{plan.num_draft} draft{'s' * (plan.num_draft != 1)} per round"
     if s.num_draft == "auto" and plan.runtime.name == "mlxkit":
         drafts = f"auto, up to {drafts}"
@@ -289,7 +294,8 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"{plan.model} on {plan.target.label}",
         (
-            f"  quantization: {s.recipe} recipe{chosen}, {s.bits}-bit default ({bits}); dtype "
+            f"  quantization: {s.recipe} recipe{budget}{chosen}, {s.bits}-bit default ({bits}); "
+            f"dtype "
             f"{s.dtype}"
         ),
         *_quality_lines(plan),
@@ -327,7 +333,15 @@ def bundle_line(out: str, manifest: dict) -> str:
     ent = "without" if m["usable_bytes"] == m["usable_bytes_without_entitlement"] else "with"
     drafter = "MTP left out"
     if mtp["included"]:
-        drafter = f"MTP included ({mtp['num_draft']} draft per round on the phone)"
+        drafter = f"MTP included ({mtp['num_draft']} draft per round on the phone"
+        if not mtp["recommended"]:
+            drafter += (
+                f"; not recommended: predicted x{mtp['predicted_gain']:.2f}, below "
+                f"x{MIN_MTP_GAIN:.2f}, so the Swift glue does not load it"
+            )
+        drafter += ")"
+    if manifest["json_schema_path"] is not None:
+        drafter += f", a JSON Schema for guided generation ({manifest['json_schema_path']})"
     coreml = manifest["vision"]["coreml"]
     if coreml is not None:
         drafter += f", a Core ML vision encoder ({len(coreml['functions'])} grids) in vision/"

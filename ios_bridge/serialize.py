@@ -3,8 +3,6 @@ manifest.json embeds, so both always show the same numbers."""
 
 from __future__ import annotations
 
-from mlxkit.convert.quantize import load_recipe
-
 from .plan import COREML_PRECISION, Plan
 from .roofline import Speed, speed_model
 
@@ -141,7 +139,7 @@ def performance_to_dict(plan: Plan) -> dict:
 
 def plan_to_dict(plan: Plan) -> dict:
     s = plan.settings
-    recipe = load_recipe(s.recipe, s.bits, s.group_size)
+    recipe = plan.recipe
     return {
         "model": plan.model,
         "size": plan.size,

@@ -12,6 +12,14 @@ re-derived. What the app reads beside the weights (config.json's token ids, the 
 generation and preprocessor files, the Core ML export's records) is held to what the bundle
 fixes itself (tokenizer.json, the tower's config) and, when the recorded source is on this
 machine, re-derived from it: a sha256 only shows that a file is the one the manifest lists.
+A bundle of recipe auto is re-planned with the rules its config.json files record (the
+allocation came from a sensitivity measurement that need not be on this machine); the tensors
+are then held to those rules.
+
+`quality` (the recipe's KL vs the source when the plan knew it) is re-derived only on request,
+by measuring: `verify_quality` (`bundle verify --quality --reference SRC`) runs `mlxkit eval` on
+the bundle against SRC on the manifest's evaluation set and fails beyond QUALITY_TOLERANCE of
+measured figures (or beyond PREDICTION_FACTOR times a predicted KL).
 
 Each check is independent and reported on its own line, so one broken file does not hide
 the others. Input that is not a bundle at all (no folder, no manifest, manifest not JSON)
@@ -44,7 +52,21 @@ from mlxkit.load import MTP_DIR
 
 from .manifest import COREML_PATH, COREML_RECORDED, MANIFEST, schema_errors
 
-NOT_DERIVED = ("files", "source", "created_by")
+NOT_DERIVED = ("files", "source", "created_by", "quality")
+# How far a re-measured figure may be from a measured one in the manifest: relative for KL and
+# perplexity (+ an absolute floor for a KL near 0), absolute for top-1. The same text and
+# tokens give the same figures on one machine; another machine's float32 arithmetic (a Mac's
+# GPU against this CPU) moves a KL of 0.03 by well under these.
+QUALITY_TOLERANCE = {
+    "kl_mean": (0.10, 1e-4),
+    "kl_p99": (0.20, 1e-3),
+    "top1": (0.0, 0.02),
+    "ppl": (0.05, 0.0),
+}
+# A predicted KL (sum of per-group KLs on the calibration set) is a third to a half of the
+# measured one on micro (benchmarks/results/quality.md), a fifth for the quality recipe: a
+# measurement more than this many times the prediction says the prediction is wrong.
+PREDICTION_FACTOR = 6.0
 COREML_SPEC_VERSION = 9  # iOS 18: multifunction packages, scaled_dot_product_attention
 
 # What MLX Swift's VLM loader needs of preprocessor_config.json: `processor_class` picks the
@@ -134,6 +156,7 @@ def replan(root: Path, manifest: dict, target=None):
     model: Path | ModelConfig = root / MODEL_DIR
     if v.get("encoder") == "coreml":  # model/ is text only; the tower is the package's
         model, vision["vision_encoder"], vision["coreml_grids"] = _coreml_settings(root, v)
+    auto = recipe_from_configs(root) if q["recipe"] == "auto" else None
     loop = performance.get("mlxkit_loop")
     num_draft = (loop.get("num_draft") if isinstance(loop, dict) else None) or m["num_draft"] or 2
     return evaluate(
@@ -142,6 +165,7 @@ def replan(root: Path, manifest: dict, target=None):
         manifest["max_context"],
         name=_built_name(manifest),
         recipe=q["recipe"],
+        auto_recipe=auto,
         bits=q["bits"],
         group_size=q["group_size"],
         dtype=q["dtype"],
@@ -157,6 +181,36 @@ def replan(root: Path, manifest: dict, target=None):
         swift_runtime=manifest["runtime"]["version"],
         **vision,
     )
+
+
+def recipe_from_configs(root: Path):
+    """Recipe auto as model/ and mtp/ config.json record it: their defaults, and one exact
+    rule per module that differs (mlx-lm's `quantization` block)."""
+    import re
+
+    from mlxkit.convert.quantize import AUTO, Recipe, Rule
+
+    from mlxkit.checkpoint import read_config
+
+    blocks = [read_config(root / MODEL_DIR).get("quantization")]
+    if (root / MTP_DIR / "config.json").is_file():
+        blocks.append(read_config(root / MTP_DIR).get("quantization"))
+    if not all(isinstance(b, dict) and {"bits", "group_size"} <= b.keys() for b in blocks):
+        raise MlxkitError(
+            "recipe auto: config.json has no quantization block with bits and group_size"
+        )
+    try:
+        rules = tuple(
+            Rule(re.compile(f"^{re.escape(module)}$"), int(e["bits"]), int(e["group_size"]))
+            for b in blocks
+            for module, e in b.items()
+            if isinstance(e, dict)
+        )
+        return Recipe(AUTO, int(blocks[0]["bits"]), int(blocks[0]["group_size"]), rules, "")
+    except (KeyError, TypeError, ValueError):
+        raise MlxkitError(
+            "recipe auto: a module's quantization entry lacks bits or group_size"
+        ) from None
 
 
 def _built_name(manifest: dict) -> str:
@@ -294,14 +348,12 @@ def _check_tensors(root: Path, p) -> list[str]:
     """Every tensor on disk has the name, dtype and shape the plan says the converter
     writes; none is missing and none is extra. (A bundle's drafter keeps the checkpoint's
     `mtp.` names: the layout mlx-swift-lm reads.)"""
-    from mlxkit.convert.quantize import load_recipe
     from mlxkit.convert.writer import SAFETENSORS_DTYPES
 
     from mlxkit.checkpoint import read_headers, weight_files
     from mlxkit.layout import planned_tensors
 
-    s = p.settings
-    recipe = load_recipe(s.recipe, s.bits, s.group_size)
+    s, recipe = p.settings, p.recipe
     planned = planned_tensors(
         p.cfg,
         recipe,
@@ -341,13 +393,10 @@ def _check_tensors(root: Path, p) -> list[str]:
 def _check_quantization(root: Path, p) -> list[str]:
     """The `quantization` blocks of model/ and mtp/ config.json — what MLX and mlx-swift-lm
     dequantize the packed weights by — are the ones the converter writes for the plan."""
-    from mlxkit.convert.quantize import load_recipe
-
     from mlxkit.checkpoint import read_config
     from mlxkit.layout import model_parameters, weight_rule
 
-    s = p.settings
-    recipe = load_recipe(s.recipe, s.bits, s.group_size)
+    s, recipe = p.settings, p.recipe
     parameters = model_parameters(p.cfg, include_mtp=s.mtp, vision=p.vision)
     rules = {
         path.removesuffix(".weight"): weight_rule(path, shape, recipe, s.vision_bits)
@@ -778,11 +827,82 @@ def _check_coreml_described(root: Path, manifest: dict) -> tuple[list[str], str]
         return ["vision.coreml: the manifest does not describe the encoder"], ""
 
 
-def verify_bundle(path: str | Path, target: str | None = None, load: bool = True) -> Report:
+def _check_quality(root: Path, manifest: dict, reference: Path) -> tuple[list[str], str]:
+    """The manifest's quality figures against a measurement of the bundle against `reference`
+    on the same evaluation text and number of tokens (see QUALITY_TOLERANCE and
+    PREDICTION_FACTOR)."""
+    from mlxkit.quality import measure_quality
+
+    q = manifest.get("quality")
+    if q is None:
+        none = (
+            "the manifest has no quality figures (the plan had neither a sensitivity measurement "
+            "nor an mlxkit eval result of the source): measure with mlxkit eval BUNDLE --reference "
+            "SRC"
+        )
+        return [none], ""
+    method = q.get("method") if isinstance(q, dict) else None
+    tokens, kl = (q.get("tokens"), q.get("kl_mean")) if isinstance(q, dict) else (None, None)
+    if method not in ("measured", "predicted") or not isinstance(tokens, int) or tokens < 1:
+        return ["quality: the manifest's block is not one mlxkit writes (method, tokens)"], ""
+    if not isinstance(kl, (int, float)) or isinstance(kl, bool):
+        return ["quality.kl_mean: the manifest's figure is not a number"], ""
+    try:
+        r = measure_quality(root, reference, max_tokens=tokens, quiet=True)
+    except MlxkitError as e:
+        return [f"cannot measure the bundle against {short(str(reference), 60)}: {e}"], ""
+    got = r.to_dict()
+    problems = []
+    if method == "measured":
+        if r.text_digest != q.get("eval_set_digest"):
+            problems.append(
+                f"the evaluation set is not the one the figures were measured on (digest "
+                f"{r.text_digest[:16]}, the manifest's {shown(q.get('eval_set_digest'))}): "
+                "another mlxkit version's built-in set"
+            )
+        for key, (rel, floor) in QUALITY_TOLERANCE.items():
+            want = q.get(key)
+            if not isinstance(want, (int, float)) or abs(got[key] - want) > rel * abs(want) + floor:
+                problems.append(
+                    f"{key} {got[key]:.5g} measured, the manifest says {shown(want)} (tolerance "
+                    f"{rel:.0%} + {floor:g})"
+                )
+    elif r.kl_mean > PREDICTION_FACTOR * kl + 1e-4:
+        problems.append(
+            f"KL {r.kl_mean:.5f} measured, more than {PREDICTION_FACTOR:g}x the {kl:.5f} the "
+            "manifest predicts"
+        )
+    detail = (
+        f"measured against {short(str(reference), 60)} on {r.tokens:,} tokens: KL "
+        f"{r.kl_mean:.5f} (the manifest's, {method}: {kl:.5f}), top-1 {r.top1:.1%}, perplexity "
+        f"{r.ppl:.3f}; "
+        + (
+            "within tolerance"
+            if method == "measured"
+            else f"within {PREDICTION_FACTOR:g}x the prediction"
+        )
+    )
+    return problems, detail if not problems else ""
+
+
+def verify_bundle(
+    path: str | Path,
+    target: str | None = None,
+    load: bool = True,
+    quality_reference: str | Path | None = None,
+) -> Report:
+    """Every check of the module docstring, each reported on its own line; with
+    `quality_reference` (the source checkpoint), also the manifest's quality figures,
+    re-measured against it."""
+    from mlxkit.load import resolve_model_dir
+
     from .devices import resolve_target
 
     root = local_path(path, "bundle", ManifestError)
     manifest = read_manifest(root)  # raises ManifestError on bad input
+    reference = None
+    if quality_reference is not None:  # a reference that is no model: bad input, exit 2
+        reference = resolve_model_dir(local_path(quality_reference, "--reference"))
     other = resolve_target(target) if target is not None else None  # bad --target: exit 2
     if other is not None and other.kind == "mac":
         raise ConfigError(f"--target {other.name} is a Mac; bundles are checked against iPhones")
@@ -827,4 +947,6 @@ def verify_bundle(path: str | Path, target: str | None = None, load: bool = True
     except MlxkitError as e:
         problems, detail = [str(e)], ""
     report.add(later[4], problems, detail)
+    if reference is not None:
+        report.add("quality vs the source", *_check_quality(root, manifest, reference))
     return report

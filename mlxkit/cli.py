@@ -311,7 +311,7 @@ def eval_command(
     out = json_output(json_path) if json_path is not None else None
     text = read_text(text_file) if text_file is not None else None
     chat = read_chat(chat_file) if chat_file is not None else None
-    result = measure_quality(model_path, reference, text=text, chat=chat, **options)
+    result = measure_quality(model_path, reference, text=text, chat=chat, keep=True, **options)
     click.echo(format_quality(result, model_path, reference))
     if out is not None:
         out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

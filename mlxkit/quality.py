@@ -23,6 +23,12 @@ perplexity are exact for those logits (log-probabilities rounded to float32 woul
 The built-in evaluation set (`mlxkit/data/eval/`, provenance and licences in its README) is
 disjoint from micro's training corpus and from any calibration text; `text_digest` names the
 texts a result was measured on.
+
+Results on the built-in set are kept (`cache_dir()`, beside the sensitivity measurements) under
+the reference checkpoint's digest and the model's quantization (`quantization_key`), so that the
+planner, which knows both before anything is converted, can print a measured figure for the
+recipe it picks rather than a predicted one, and a bundle's manifest can carry it
+(`quality_block`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -44,6 +51,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from mlxkit.cache import KVQuantization, kv_quantization
+from mlxkit.checkpoint import read_config, read_headers, weight_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.fields import local_path, shown
 from mlxkit.load import load_config, load_model, resolve_model_dir
@@ -435,6 +443,7 @@ def measure_quality(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    keep: bool = False,
 ) -> QualityResult:
     """The quality of `model_path` (a converted model directory or a bundle) against
     `reference_path` (its source checkpoint), on `text` and/or `chat` (conversations:
@@ -445,8 +454,9 @@ def measure_quality(
     (default: the system's). Unless `quiet`, a progress bar on a terminal's stderr. `kv_bits`,
     `kv_group_size`, `quantized_kv_start`: the model runs on a quantized KV cache, as
     stream_generate's options of those names keep it (the reference never does), so that the
-    KL says what the cache costs on top of the weights. See the module docstring for what is
-    measured and how."""
+    KL says what the cache costs on top of the weights. `keep`: a result on the built-in set
+    (float32 reference, default window, no KV quantization) is kept where the planner finds it
+    (`mlxkit eval` keeps it). See the module docstring for what is measured and how."""
     _check_options(window, max_tokens, reference_dtype)
     head_dim = load_config(resolve_model_dir(model_path)).head_dim
     kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, head_dim)
@@ -474,6 +484,17 @@ def measure_quality(
     )
     if kv is not None:
         result.kv_cache = {"bits": kv.bits, "group_size": kv.group_size, "start": kv.start}
+    elif (
+        keep
+        and text is None
+        and chat is None
+        and (reference_dtype, window)
+        == (
+            "float32",
+            DEFAULT_WINDOW,
+        )
+    ):
+        _store(result, reference_path, model_path)
     return result
 
 
@@ -571,6 +592,125 @@ def _result(
         text_digest=_digest(texts),
         sets=sets,
     )
+
+
+# --- kept results -----------------------------------------------------------------------------
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """A digest of a checkpoint cheap enough for a 9B: its config.json, every tensor's name,
+    dtype and shape, and the first 4 KiB of its bytes (the weights are never read whole). The
+    sensitivity measurement (convert/sensitivity.py) is kept under it too."""
+    model_dir = resolve_model_dir(directory)
+    h = hashlib.sha256(json.dumps(read_config(model_dir), sort_keys=True).encode())
+    tensors = read_headers(weight_files(model_dir))
+    for name in sorted(tensors):
+        info = tensors[name]
+        h.update(f"{name} {info.dtype} {info.shape}".encode())
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            h.update(f.read(min(4096, info.end - info.start)))
+    return h.hexdigest()[:16]
+
+
+def quantization_key(quantization: Mapping | None, dtype: str) -> str:
+    """What a text model's weights are, in a few characters: its config.json `quantization`
+    block (mlx-lm's: defaults plus one entry per module that differs), kept to the text model's
+    entries (the KL is the text model's: the vision tower and the drafter do not change it), and
+    the dtype of everything not quantized."""
+    block = {
+        k: v
+        for k, v in (quantization or {}).items()
+        if not isinstance(v, Mapping) or k.startswith("language_model.")
+    }
+    data = json.dumps({"quantization": block, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def model_quantization_key(model_path: str | Path) -> str:
+    """`quantization_key` of a converted model directory (or a bundle's model/): its config's
+    block and the dtype its final norm is stored in."""
+    model_dir = resolve_model_dir(model_path)
+    config = read_config(model_dir)
+    norm = read_headers(weight_files(model_dir)).get("language_model.model.norm.weight")
+    dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
+        norm.dtype if norm else "", "bfloat16"
+    )
+    return quantization_key(config.get("quantization"), dtype)
+
+
+def cache_dir() -> Path:
+    """Where measured results are kept: $XDG_CACHE_HOME/mlxkit/quality (else ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlxkit" / "quality"
+
+
+def _store(result: QualityResult, reference_path: str | Path, model_path: str | Path) -> None:
+    """Keeps a result on the built-in set (float32 reference, default window, no KV
+    quantization) for the planner; a cache that cannot be written is skipped silently: the
+    measurement itself was returned."""
+    from mlxkit import __version__
+
+    try:
+        key = f"{checkpoint_digest(reference_path)}-{model_quantization_key(model_path)}"
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{key}-{result.text_digest[:16]}-{result.tokens}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"mlxkit_version": __version__, **result.to_dict()}))
+        tmp.replace(path)
+    except (OSError, MlxkitError):
+        pass
+
+
+def cached_quality(source_digest: str, key: str) -> dict | None:
+    """The newest kept result (as `QualityResult.to_dict()`, plus `mlxkit_version`) of a model
+    with quantization `key` measured against the checkpoint of `source_digest`; None if none."""
+    found = sorted(
+        cache_dir().glob(f"{source_digest}-{key}-*.json"), key=lambda p: -p.stat().st_mtime
+    )
+    for path in found:
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("kl_mean"), float):
+                return data
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def quality_block(
+    measured: Mapping | None, predicted: float | None = None, calibration: Mapping | None = None
+) -> dict | None:
+    """The `quality` a plan carries and a bundle's manifest records: a measured result's
+    figures (`measured`: `QualityResult.to_dict()` of the built-in set), or else the KL
+    predicted from the sensitivity measurement (`calibration`: its `tokens` and `digest`), or
+    None when neither is known. `eval_set_digest` names the text the figures are from."""
+    from mlxkit import __version__
+
+    if measured is not None:
+        return {
+            "method": "measured",
+            "kl_mean": measured["kl_mean"],
+            "kl_p99": measured["kl_p99"],
+            "top1": measured["top1"],
+            "ppl": measured["ppl"],
+            "tokens": measured["tokens"],
+            "eval_set_digest": measured["text_digest"],
+            "mlxkit_version": measured.get("mlxkit_version", __version__),
+        }
+    if predicted is None or calibration is None:
+        return None
+    return {
+        "method": "predicted",
+        "kl_mean": predicted,
+        "kl_p99": None,
+        "top1": None,
+        "ppl": None,
+        "tokens": calibration["tokens"],
+        "eval_set_digest": calibration["digest"],
+        "mlxkit_version": __version__,
+    }
 
 
 # --- output -----------------------------------------------------------------------------------
