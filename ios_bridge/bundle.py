@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 from .choose import choose_plan
 from .devices import ENTITLEMENT, Target, resolve_target
+from .guided import JSON_SCHEMA_FILE, check_guided_runtime, read_json_schema
 from .manifest import (
     COREML_PATH,
     COREML_RECORDED,
@@ -64,6 +65,7 @@ from .manifest import (
     file_entries,
 )
 from .plan import COREML_PRECISION, Plan, PlanRefused
+from .roofline import mtp_recommended
 from .runtimes import runtime_record
 from .serialize import memory_to_dict, plan_to_dict, target_to_dict, vision_to_dict
 from .xcode import write_xcode
@@ -107,10 +109,20 @@ def recorded_by_export(package: Path) -> dict:
     return {key: json.loads(meta[f"mlxkit.{key}"]) for key in COREML_RECORDED}
 
 
-def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | None = None) -> dict:
+def make_manifest(
+    plan: Plan,
+    source: dict,
+    has_mtp_dir: bool,
+    coreml: dict | None = None,
+    json_schema: bool = False,
+) -> dict:
     """The manifest without `files` (they are hashed once everything is written); `coreml`:
-    `coreml_facts` of the package, with the Core ML encoder."""
+    `coreml_facts` of the package, with the Core ML encoder; `json_schema`: the bundle carries
+    JSON_SCHEMA_FILE. The drafter is recommended where the phone's predicted MTP gain is at
+    least MIN_MTP_GAIN (below it the Swift glue does not load it)."""
     d = plan_to_dict(plan)
+    gain = plan.speed.mtp_speedup if has_mtp_dir and plan.speed is not None else None
+    gain = None if gain is None else round(gain, 3)
     # the MLX tower is in model/, where VLMModelFactory reads it (LLMModelFactory ignores it)
     vision = {
         **vision_to_dict(plan),
@@ -142,6 +154,8 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | No
             "included": has_mtp_dir,
             "path": MTP_DIR if has_mtp_dir else None,
             "num_draft": plan.num_draft,
+            "recommended": has_mtp_dir and mtp_recommended(gain),
+            "predicted_gain": gain,
         },
         "vision": vision,
         "max_context": plan.max_context,
@@ -150,6 +164,7 @@ def make_manifest(plan: Plan, source: dict, has_mtp_dir: bool, coreml: dict | No
         "kv_cache": d["kv_cache"],
         "memory": memory,
         "mlx": {"cache_limit_bytes": plan.settings.cache_limit},
+        "json_schema_path": JSON_SCHEMA_FILE if json_schema else None,
         "performance": d["performance"],
         "warnings": plan.warnings,
         # the recipe's quality vs the source, measured or predicted (mlxkit.quality_block)
@@ -204,13 +219,16 @@ def build_bundle(
     context: int | None = None,
     force: bool = False,
     quiet: bool = True,
+    json_schema: str | Path | None = None,
     **settings,
 ) -> dict:
     """Plans, converts `src` (a Hugging Face layout checkpoint directory, or a size name)
     into `out`, and writes manifest.json and xcode/. Returns the manifest. `settings` are
-    the fields of `Settings`; `recipe` and `mtp` left out (or None) are chosen."""
+    the fields of `Settings`; `recipe` and `mtp` left out (or None) are chosen. `json_schema`:
+    a JSON Schema file the app's prompts use, carried beside the manifest (guided.py)."""
     from mlxkit.source import local_source
 
+    schema = None if json_schema is None else read_json_schema(json_schema)
     out = local_path(out, "output", output.OutputError).absolute()
     local = local_source(src)
     if local is not None:
@@ -218,6 +236,8 @@ def build_bundle(
     output.check_destination(out, force, written_by_bundle, "bundle")
     source, p = plan_for_source(src, target, memory_budget, context, settings)
     output.check_apart_from_source(out, source.directory)
+    if schema is not None:
+        check_guided_runtime(p.settings.swift_runtime)
 
     if p.vision_encoder == "coreml":
         import_coreml()  # before minutes of conversion, not after
@@ -232,8 +252,10 @@ def build_bundle(
                 f"internal error: the converter wrote {written} but the plan expected "
                 f"{p.weights}; please report it"
             )
+        if schema is not None:
+            (tmp / JSON_SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")
         manifest = make_manifest(
-            p, _source_info(source.directory), (tmp / MTP_DIR).is_dir(), coreml
+            p, _source_info(source.directory), (tmp / MTP_DIR).is_dir(), coreml, schema is not None
         )
         write_xcode(tmp / "xcode", out.name, manifest, _download_bytes(tmp))
         manifest["files"] = file_entries(tmp)
@@ -290,14 +312,12 @@ def _pair_drafter(model: Path, mtp: Path) -> None:
 
 
 def _download_bytes(tmp: Path) -> int:
-    """What an app downloads: model/, mtp/ and vision/ plus manifest.json (not yet written:
-    room for it is reserved); xcode/ goes into the app project."""
-    return MANIFEST_ALLOWANCE + sum(
-        f.stat().st_size
-        for d in (MODEL_DIR, MTP_DIR, VISION_DIR)
-        for f in (tmp / d).rglob("*")
-        if f.is_file()
-    )
+    """What an app downloads: model/, mtp/ and vision/, the JSON Schema file when there is one,
+    plus manifest.json (not yet written: room for it is reserved); xcode/ goes into the app
+    project."""
+    files = [p for d in (MODEL_DIR, MTP_DIR, VISION_DIR) for p in (tmp / d).rglob("*")]
+    files.append(tmp / JSON_SCHEMA_FILE)
+    return MANIFEST_ALLOWANCE + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _export_encoder(checkpoint: Path, tmp: Path, out: Path, p: Plan, quiet: bool) -> int:

@@ -51,6 +51,19 @@ def plan_options(f: Callable) -> Callable:
     return f
 
 
+def bundle_options(f: Callable) -> Callable:
+    """--json-schema: what a bundle carries beyond its plan (`bundle build`, `convert
+    --target`)."""
+    return click.option(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="A JSON Schema the app's prompts use: checked, written beside manifest.json "
+        "(json_schema.json, its json_schema_path), and the Swift glue compiles it for "
+        "mlx-swift-lm's guided generation (MLXGuidedGeneration).",
+    )(f)
+
+
 @contextmanager
 def what_fits_instead() -> Iterator[None]:
     """The refusal message belongs to whoever catches the refusal: a command adds what
@@ -106,6 +119,7 @@ def bundle() -> None:
 @click.argument("src")
 @click.argument("out")
 @plan_options
+@bundle_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def bundle_build(src: str, out: str, **options) -> None:
     """Plan for --target, convert SRC (a Hugging Face checkpoint directory) into OUT, and

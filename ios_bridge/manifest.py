@@ -52,7 +52,15 @@ SCHEMA: dict = {
         "dtype": str,
         "bits_per_part": dict,
     },
-    "mtp": {"included": bool, "path": (str, type(None)), "num_draft": int},
+    # recommended: whether the Swift glue runs the drafter (the phone's predicted gain, in
+    # predicted_gain, is at least roofline.MIN_MTP_GAIN; None where it cannot be predicted)
+    "mtp": {
+        "included": bool,
+        "path": (str, type(None)),
+        "num_draft": int,
+        "recommended": bool,
+        "predicted_gain": (float, type(None)),
+    },
     "vision": {
         "included": bool,
         "encoder": (str, type(None)),
@@ -77,6 +85,8 @@ SCHEMA: dict = {
         "kv_bytes_per_token": int,
     },
     "mlx": {"cache_limit_bytes": int},
+    # the JSON Schema the app's prompts use (guided.JSON_SCHEMA_FILE beside the manifest), or None
+    "json_schema_path": (str, type(None)),
     "performance": dict,
     "files": list,
 }

@@ -69,6 +69,9 @@ class SwiftRuntime:
     swiftpm: str  # the rule Xcode's "Add Package Dependencies" takes for it
     mlx_swift: str  # the mlx-swift rule its Package.swift declares (the app adds it for MLX)
     mtp_drafter: bool  # it has MTPDrafterModelFactory and the Qwen 3.5 drafters
+    # it has the MLXGuidedGeneration product (xgrammar: GrammarConstraint, GuidedGenerationLoop),
+    # which a bundle that carries a JSON Schema (`--json-schema`) uses in its Swift
+    guided_generation: bool
     prefill_step: str  # the GenerateParameters property that sets the prefill step
     note: str  # for people: why pick it
 
@@ -80,7 +83,9 @@ class SwiftRuntime:
 # generate(…, mtpDrafter:) for Gemma 4 assistants only, and sets the prefill
 # step with `prefillStepSize` (Libraries/MLXLMCommon/Evaluate.swift:57 at 3.31.4; deprecated,
 # renamed `prefill.stepSize`, at Evaluate.swift:86-87 on main). mlx-swift pins: Package.swift:64
-# at 1441444, :39 at 3.31.4.
+# at 1441444, :39 at 3.31.4. Guided generation (the MLXGuidedGeneration product, Package.swift:38
+# at 1441444: xgrammar vendored and compiled by SwiftPM, Libraries/MLXGuidedGeneration) is on
+# main only too: 3.31.4's Package.swift has no such product.
 SWIFT_RUNTIME_DETAILS = {
     "1441444": SwiftRuntime(
         version="1441444",
@@ -88,6 +93,7 @@ SWIFT_RUNTIME_DETAILS = {
         swiftpm="Branch/Commit: revision 14414441fa44f45eee35a61e9fa0bab577cf9734",
         mlx_swift="Up to Next Minor from 0.31.6",
         mtp_drafter=True,
+        guided_generation=True,
         prefill_step="prefill.stepSize",
         note="a main-branch commit of 2026-08-22 with the Qwen 3.5 MTP drafters (no release "
         "has them yet)",
@@ -98,6 +104,7 @@ SWIFT_RUNTIME_DETAILS = {
         swiftpm="Exact Version 3.31.4",
         mlx_swift="Up to Next Minor from 0.31.4",
         mtp_drafter=False,
+        guided_generation=False,
         prefill_step="prefillStepSize",
         note="the newest release (2026-06-29): no Qwen 3.5 MTP drafter, so its bundles leave "
         "mtp/ out",

@@ -249,11 +249,13 @@ def expected_manifest(p, manifest: dict, root: Path | None = None) -> dict:
     size and digest from the files under `root`, and what it records from the manifest (the
     Core ML check holds the spec to it)."""
     from .bundle import coreml_facts, make_manifest
+    from .guided import JSON_SCHEMA_FILE
 
     coreml = None
     if p.vision_encoder == "coreml" and root is not None:
         coreml = coreml_facts(root, manifest["vision"]["coreml"])
-    expected = make_manifest(p, manifest["source"], p.settings.mtp, coreml)
+    schema = root is not None and (root / JSON_SCHEMA_FILE).is_file()
+    expected = make_manifest(p, manifest["source"], p.settings.mtp, coreml, schema)
     return json.loads(json.dumps(expected))
 
 

@@ -26,12 +26,15 @@ SWIFT_TRANSFORMERS = (
 )
 
 
-def swift_packages(runtime: SwiftRuntime) -> list[tuple[str, str, list[str]]]:
+def swift_packages(runtime: SwiftRuntime, guided: bool = False) -> list[tuple[str, str, list[str]]]:
     """What an app adds in Xcode for `runtime`: (package URL, version rule, products). mlx-swift
     is added only for `import MLX`, with the rule mlx-swift-lm's own Package.swift declares (so
-    SwiftPM can satisfy both)."""
+    SwiftPM can satisfy both). `guided` (the bundle carries a JSON Schema) adds
+    MLXGuidedGeneration, a product of its own (it compiles the vendored xgrammar C++), which
+    only such bundles' Swift imports."""
+    lm = ["MLXLLM", "MLXVLM", "MLXLMCommon", "MLXHuggingFace"]
     return [
-        (MLX_SWIFT_LM_URL, runtime.swiftpm, ["MLXLLM", "MLXVLM", "MLXLMCommon", "MLXHuggingFace"]),
+        (MLX_SWIFT_LM_URL, runtime.swiftpm, [*lm, "MLXGuidedGeneration"] if guided else lm),
         (SWIFT_TRANSFORMERS[0], SWIFT_TRANSFORMERS[1], ["Tokenizers"]),
         ("https://github.com/ml-explore/mlx-swift", runtime.mlx_swift, ["MLX"]),
     ]
@@ -100,8 +103,12 @@ def write_xcode(out: Path, bundle_name: str, manifest: dict, download_bytes: int
         "min_ios": manifest["min_ios"],
         "download_gb": f"{download_bytes / 1e9:.2f}",
         "runtime": swift_runtime(manifest["runtime"]["version"]),
-        "packages": swift_packages(swift_runtime(manifest["runtime"]["version"])),
+        "packages": swift_packages(
+            swift_runtime(manifest["runtime"]["version"]), manifest["json_schema_path"] is not None
+        ),
         "has_drafter": manifest["mtp"]["included"],
+        "mtp": manifest["mtp"],
+        "json_schema_path": manifest["json_schema_path"],
     }
     vision = manifest["vision"]
     values["vision_encoder"] = vision["encoder"]

@@ -116,7 +116,8 @@ NAMES = {
 def schema_file(path: object) -> dict:
     """A JSON Schema file (`mlxkit generate --json-schema FILE`) as a response_format."""
     schema = read_json(local_path(path, "--json-schema", GrammarError), "JSON Schema", GrammarError)
-    Grammar.json_schema(schema)  # refuses a file that holds no JSON object
+    if not isinstance(schema, dict):  # a JSON string would be parsed again as a schema's text
+        raise GrammarError("a JSON Schema must be a JSON object")
     return {"type": "json_schema", "json_schema": {"schema": schema}}
 
 

@@ -5,14 +5,20 @@ Swift skips the drafter. Also: the planner's --num-draft takes "auto"."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
+from mlxkit.ios_bridge import build_bundle, verify_bundle
 from mlxkit.ios_bridge.plan import evaluate
 from mlxkit.ios_bridge.report import format_plan
 from mlxkit.ios_bridge.roofline import MIN_MTP_GAIN, mtp_recommended
 
 from mlxkit.cli import main
 from mlxkit.draft_control import K_MAX
+from tests.helpers import FIXTURES
 
 
 def run(*args: str):
@@ -66,3 +72,85 @@ def test_the_planner_takes_num_draft_auto():
     assert f"(auto: {best} drafts per round predicted fastest, greedy or sampled)" in (
         result.output
     )
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    """tiny_tied for the iPhone 12 at the default acceptance (70 %: the drafter pays) and at 5 %
+    (it does not), built through the CLI."""
+    root = tmp_path_factory.mktemp("gain")
+    out = {}
+    for name, acceptance in (("pays", "0.7"), ("loses", "0.05")):
+        args = ["bundle", "build", FIXTURES / "tiny_tied", root / name, "--target", "iphone12"]
+        result = run(*args, "--acceptance", acceptance)
+        assert result.exit_code == 0, result.output
+        out[name] = root / name
+        out[f"{name} line"] = result.stderr
+    return out
+
+
+def test_the_manifest_says_whether_the_drafter_pays(bundles):
+    for name, recommended in (("pays", True), ("loses", False)):
+        m = json.loads((bundles[name] / "manifest.json").read_text())
+        p = evaluate(
+            FIXTURES / "tiny_tied",
+            "iphone12",
+            m["max_context"],
+            acceptance=m["performance"]["mtp_acceptance"],
+            recipe=m["quantization"]["recipe"],
+            kv_bits=m["kv_cache"]["bits"],
+            prefill_chunk=m["prefill_chunk"],
+        )
+        assert m["mtp"]["included"] and m["mtp"]["num_draft"] == 1
+        assert m["mtp"]["predicted_gain"] == round(p.speed.mtp_speedup, 3)
+        assert m["mtp"]["predicted_gain"] == pytest.approx(
+            m["performance"]["mtp_speedup"], abs=5e-4
+        )
+        assert m["mtp"]["recommended"] is recommended is (m["mtp"]["predicted_gain"] >= 1.05)
+        assert verify_bundle(bundles[name], load=False).ok
+    assert "not recommended" not in bundles["pays line"]
+    assert (
+        "not recommended: predicted x0.83, below x1.05, so the Swift glue does not load it"
+        in bundles["loses line"]
+    )
+
+
+def test_a_manifest_that_recommends_a_losing_drafter_fails_verify(bundles, tmp_path):
+    bundle = Path(shutil.copytree(bundles["loses"], tmp_path / "b"))
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["mtp"]["recommended"] = True
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    report = verify_bundle(bundle, load=False)
+    detail = next(c.detail for c in report.checks if c.name == "manifest matches a re-plan")
+    assert "mtp.recommended: manifest says True, re-derived False" in detail
+
+
+def test_the_glue_skips_a_drafter_the_plan_does_not_recommend(bundles):
+    """Both bundles get the same Swift (the decision is read from manifest.json at load): the
+    drafter's URL only when mtp.recommended, and loadDrafter returns nil without it."""
+    swift = (bundles["loses"] / "xcode" / "MLXKitBundle.swift").read_text()
+    pays = (bundles["pays"] / "xcode" / "MLXKitBundle.swift").read_text()
+    assert swift == pays.replace('"pays"', '"loses"')  # but for the bundle's name
+    assert (
+        "if manifest.mtp.included, manifest.mtp.recommended, let path = manifest.model.mtpPath {"
+        in swift
+    )
+    assert "guard let url = loaded.mtpURL else { return nil }" in swift
+    assert 'case predictedGain = "predicted_gain"' in swift and "case recommended\n" in swift
+    readme = (bundles["loses"] / "xcode" / "README.md").read_text()
+    assert "**The plan does not recommend it on iPhone 12 (4 GB)**: it predicts\nx0.83" in readme
+    assert (
+        "The plan predicts x1.35 with it on"
+        in (bundles["pays"] / "xcode" / "README.md").read_text()
+    )
+
+
+def test_a_bundle_without_a_drafter_recommends_none(tmp_path):
+    m = build_bundle(FIXTURES / "tiny_tied", tmp_path / "b", "iphone12", swift_runtime="3.31.4")
+    assert m["mtp"] == {
+        "included": False,
+        "path": None,
+        "num_draft": 0,
+        "recommended": False,
+        "predicted_gain": None,
+    }

@@ -57,6 +57,7 @@ APPLE_TYPES = {
     "Float",
     "HStack",
     "Int",
+    "Int32",
     "JSONDecoder",
     "LocalizedError",
     "MLDictionaryFeatureProvider",
@@ -81,10 +82,12 @@ APPLE_TYPES = {
     "Task",
     "Text",
     "TextField",
+    "Toggle",
     "URL",
     "UTF8",
     "VStack",
     "View",
+    "discardableResult",  # the attribute @discardableResult parses as a type
 }
 APPLE_MEMBERS = {
     "RGBAf",
@@ -145,6 +148,7 @@ APPLE_MEMBERS = {
     "url",
     "urls",
     "userDomainMask",
+    "utf8",
     "width",
     "withUnsafeBufferPointer",
     "withUnsafeMutableBufferPointer",
@@ -545,15 +549,25 @@ FILES_OF = {
 
 @pytest.fixture(scope="module")
 def swift_sources(tmp_path_factory) -> dict[str, dict[str, str]]:
-    """runtime → the Swift of an MLX-vision bundle with MTP, ChatView, the Core ML glue of a
-    Core ML bundle, and the README and manifest of the first (the tiny fixtures, one Core ML
-    grid: seconds)."""
+    """runtime → the Swift of an MLX-vision bundle with MTP (and a JSON Schema, where the
+    runtime has guided generation), ChatView, the Core ML glue of a Core ML bundle, and the
+    README and manifest of the first (the tiny fixtures, one Core ML grid: seconds)."""
     root = tmp_path_factory.mktemp("swift")
+    schema = root / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}}}))
     out = {}
     for runtime in SWIFT_RUNTIMES:
         mlx, coreml = root / f"mlx-{runtime}", root / f"coreml-{runtime}"
         mtp = SWIFT_RUNTIME_DETAILS[runtime].mtp_drafter
-        build_bundle(FIXTURES / "tiny_tied", mlx, "iphone12", mtp=mtp, swift_runtime=runtime)
+        guided = schema if SWIFT_RUNTIME_DETAILS[runtime].guided_generation else None
+        build_bundle(
+            FIXTURES / "tiny_tied",
+            mlx,
+            "iphone12",
+            mtp=mtp,
+            swift_runtime=runtime,
+            json_schema=guided,
+        )
         build_bundle(
             FIXTURES / "tiny_vision_p6",
             coreml,
@@ -626,6 +640,12 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
         "MLXArray",
         "acceptedDraftTokens",
         "PhotosPicker",
+        "MLXGuidedGeneration",
+        "TokenizerVocabExtractor",
+        "GrammarTokenizer",
+        "GrammarConstraint",
+        "GuidedGenerationLoop",
+        "generateJSON",
     } <= used_at["1441444"]
     assert "prefillStepSize" in used_at["3.31.4"] and "loadDrafter" not in used_at["3.31.4"]
     for e in TABLE["symbol"]:  # the table holds what the Swift uses, nothing more
@@ -704,6 +724,37 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
             "`MLXArray`: no declaration takes the arguments (_:shape:)",
         ),
         ({"MLXKitVisionEncoder": ("import MLX\n", "")}, "`MLXArray`: needs `import MLX`"),
+        (
+            {"MLXKitBundle": ("import MLXGuidedGeneration\n", "")},
+            "`GuidedGenerationLoop`: needs `import MLXGuidedGeneration`",
+        ),
+        (
+            {
+                "MLXKitBundle": (
+                    "grammarTokenizer, jsonSchema: jsonSchema",
+                    "grammarTokenizer, schema: jsonSchema",
+                )
+            },
+            "`GrammarConstraint`: no declaration takes the arguments (tokenizer:schema:",
+        ),
+        (
+            {
+                "MLXKitBundle": (
+                    "TokenizerVocabExtractor.extractForGrammar(from: tokenizer)",
+                    "TokenizerVocabExtractor.extract(from: tokenizer)",
+                )
+            },
+            "`extract`: not in tests/swift_api.toml",
+        ),
+        (
+            {
+                "MLXKitBundle": (
+                    "prefill: parameters.prefill, emit: emit)",
+                    "emit: emit, prefill: parameters.prefill)",
+                )
+            },
+            "`run`: no declaration takes the arguments",
+        ),
     ],
     ids=[
         "deprecated",
@@ -720,11 +771,24 @@ def test_every_mlx_swift_lm_name_the_swift_uses_is_in_the_table(swift_sources):
         "unknown-image-case",
         "wrong-mlxarray-label",
         "no-import-mlx",
+        "no-import-guided",
+        "wrong-constraint-label",
+        "unknown-guided-member",
+        "guided-labels-out-of-order",
     ],
 )
 def test_the_check_fails_on_names_the_table_does_not_hold(swift_sources, edit, message):
     problems = lint(edited(swift_sources[DEFAULT_SWIFT_RUNTIME], **edit))
     assert any(message in p for p in problems), problems
+
+
+def test_guided_generation_is_not_in_the_release(swift_sources):
+    """The guided glue (a 1441444 bundle with a JSON Schema), checked against 3.31.4: the
+    MLXGuidedGeneration product is not there."""
+    glue = swift_sources[DEFAULT_SWIFT_RUNTIME]["MLXKitBundle.swift"]
+    problems = lint({"MLXKitBundle.swift": glue}, "3.31.4")
+    assert any("imports MLXGuidedGeneration, which the table does not list" in p for p in problems)
+    assert any("`GrammarConstraint`: not in tests/swift_api.toml" in p for p in problems)
 
 
 def test_the_drafter_api_is_not_in_the_release():
@@ -829,7 +893,9 @@ def test_the_bundle_readme_lists_the_packages_and_their_versions(swift_sources, 
     sources = swift_sources[runtime]
     readme = sources["README.md"]
     products = {m["name"] for m in TABLE["symbol"] if m["kind"] == "module"}
-    for url, rule, names in swift_packages(swift_runtime(runtime)):
+    guided = json.loads(sources["manifest.json"])["json_schema_path"] is not None
+    assert guided == swift_runtime(runtime).guided_generation  # the fixture gives it a schema
+    for url, rule, names in swift_packages(swift_runtime(runtime), guided):
         row = next(line for line in readme.splitlines() if f"`{url}`" in line)
         assert rule in row and all(f"`{n}`" in row for n in names), row
         assert set(names) <= products

@@ -10,8 +10,14 @@
 // bundle built with `--vision-encoder coreml` answers text only: MLX Swift cannot take the Core
 // ML encoder's output yet (mlx-swift-lm's Qwen35 needs a public entry that takes precomputed
 // image features; the bundle's README says more). At temperature 0 it decodes with the MTP
-// drafter when the bundle has one and the prompt is within the planned prefill chunk, and shows
-// tokens/s and how many drafts were accepted.
+// drafter when the bundle has one that the plan recommends (manifest.json → mtp.recommended:
+// otherwise `loadDrafter` returns nil) and the prompt is within the planned prefill chunk, and
+// shows tokens/s and how many drafts were accepted.
+//
+// "Answer in JSON" decodes the answer under the bundle's JSON Schema with mlx-swift-lm's guided
+// generation, through the glue's `generateJSON`. That method (and its import of
+// MLXGuidedGeneration, a package product the app adds) is generated only for bundles built with
+// `--json-schema FILE`: with another bundle, delete `sendJSON` and the toggle.
 
 import CoreImage
 import MLX  // MLXArray.size
@@ -29,10 +35,12 @@ final class ChatModel {
     var reply = ""
     var stats = ""
     var temperature: Float = 0
+    var answersInJSON = false
     private var loaded: MLXKitLoaded?
     private var drafter: MTPDrafterContainer?
 
     var readsImages: Bool { loaded?.readsImages ?? false }
+    var hasJSONSchema: Bool { loaded?.jsonSchema != nil }
 
     func load() async {
         guard let url = MLXKitBundle.locate() else {
@@ -120,6 +128,33 @@ final class ChatModel {
         }
     }
 
+    /// The answer as JSON valid under the bundle's schema (guided generation: thinking off, no
+    /// drafter, text only), shown when it is complete.
+    func sendJSON(_ prompt: String) async {
+        guard let loaded else { return }
+        reply = ""
+        stats = ""
+        do {
+            // perform's closure runs off the main actor: the schema's first compile blocks
+            reply = try await loaded.container.perform { context in
+                let input = try await context.processor.prepare(
+                    input: UserInput(
+                        chat: [.user(prompt)], additionalContext: ["enable_thinking": false]))
+                var output = ""
+                try loaded.generateJSON(
+                    input: input, context: context,
+                    maxTokens: loaded.maxNewTokens(promptTokens: input.text.tokens.size)
+                ) { delta in
+                    output += delta
+                    return true
+                }
+                return output
+            }
+        } catch {
+            status = error.localizedDescription
+        }
+    }
+
     /// "12.3 tokens/s; drafts accepted 40 of 52 (77%)", or without the drafts part when the
     /// request decoded without the drafter.
     static func describe(_ info: GenerateCompletionInfo) -> String {
@@ -150,9 +185,20 @@ struct ChatView: View {
                     Text(image == nil ? "Add a photo" : "Photo added")
                 }
             }
+            if model.hasJSONSchema {
+                Toggle("Answer in JSON", isOn: $model.answersInJSON)
+            }
             HStack {
                 TextField("Ask something", text: $prompt)
-                Button("Send") { Task { await model.send(prompt, image: image) } }
+                Button("Send") {
+                    Task {
+                        if model.answersInJSON {
+                            await model.sendJSON(prompt)
+                        } else {
+                            await model.send(prompt, image: image)
+                        }
+                    }
+                }
             }
         }
         .padding()

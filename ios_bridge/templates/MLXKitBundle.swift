@@ -6,7 +6,10 @@
 // limit, and loads model/ with mlx-swift-lm: with its VLM loader when model/ holds the vision
 // tower (manifest.json → vision.encoder "mlx"), else with its text loader (text-only bundles,
 // and bundles whose images go through the Core ML encoder in vision/, see
-// MLXKitVisionEncoder.swift){% if runtime.mtp_drafter %}; `loadDrafter` loads the MTP drafter in mtp/{% endif %}.
+// MLXKitVisionEncoder.swift){% if runtime.mtp_drafter %}; `loadDrafter` loads the MTP drafter in mtp/ when the
+// plan predicts it pays (manifest.json → mtp.recommended){% endif %}{% if json_schema_path %};
+// `generateJSON` decodes JSON valid under the bundle's JSON Schema ({{ json_schema_path }}) with
+// mlx-swift-lm's guided generation (the MLXGuidedGeneration product: the app adds it){% endif %}.
 //
 // Written against mlx-swift-lm {{ runtime.version }}, and only that (manifest.json → runtime):
 // commit {{ runtime.commit }},
@@ -14,7 +17,9 @@
 // It uses `VLMModelFactory.shared` / `LLMModelFactory.shared` `.loadContainer(from:using:)` with a
 // `TokenizerLoader` (e.g. `#huggingFaceTokenizerLoader()` from MLXHuggingFace),
 // `UserInput.Processing(resize:)`, `GenerateParameters.{{ runtime.prefill_step }}`,{% if runtime.mtp_drafter %}
-// `Qwen35TextMTPRegistration` / `Qwen35VLMMTPRegistration` with `MTPDrafterModelFactory`,{% endif %}
+// `Qwen35TextMTPRegistration` / `Qwen35VLMMTPRegistration` with `MTPDrafterModelFactory`,{% endif %}{% if json_schema_path %}
+// `TokenizerVocabExtractor`, `GrammarTokenizer`, `GrammarConstraint(tokenizer:jsonSchema:…)` and
+// `GuidedGenerationLoop.run` from MLXGuidedGeneration,{% endif %}
 // and mlx-swift's `Memory.cacheLimit`. mlxkit generates this file without a Swift toolchain:
 // it is parsed, and every mlx-swift-lm name, argument label and import in it is checked against
 // a table read from mlx-swift-lm's source at that commit; it has not been compiled. What is and
@@ -24,7 +29,8 @@ import CoreGraphics
 import Foundation
 import MLX
 import MLXLLM
-import MLXLMCommon
+{% if json_schema_path %}import MLXGuidedGeneration
+{% endif %}import MLXLMCommon
 import MLXVLM
 import os
 
@@ -44,6 +50,7 @@ public struct MLXKitManifest: Decodable, Sendable {
     public let mlx: MLXSettings
     public let mtp: MTP
     public let vision: Vision
+    public let jsonSchemaPath: String?
 
     enum CodingKeys: String, CodingKey {
         case schemaVersion = "schema_version"
@@ -58,6 +65,7 @@ public struct MLXKitManifest: Decodable, Sendable {
         case mlx
         case mtp
         case vision
+        case jsonSchemaPath = "json_schema_path"
     }
 
     public struct Model: Decodable, Sendable {
@@ -122,12 +130,19 @@ public struct MLXKitManifest: Decodable, Sendable {
         }
     }
 
+    /// `recommended` is false when the planner predicted the drafter would not pay on this
+    /// phone (`predictedGain`, at the plan's acceptance, below 1.05×): `load` then leaves it
+    /// unloaded.
     public struct MTP: Decodable, Sendable {
         // mlxkit-manifest-path: mtp
         public let included: Bool
+        public let recommended: Bool
+        public let predictedGain: Double?
 
         enum CodingKeys: String, CodingKey {
             case included
+            case recommended
+            case predictedGain = "predicted_gain"
         }
     }
 
@@ -197,6 +212,8 @@ public struct MLXKitLoaded: Sendable {
     public let container: ModelContainer
     public let parameters: GenerateParameters
     public let mtpURL: URL?
+    /// The bundle's JSON Schema (manifest.json → `json_schema_path`) as text, or nil.
+    public let jsonSchema: String?
 
     /// New tokens that still fit the planned context after a prompt of `promptTokens`.
     public func maxNewTokens(promptTokens: Int) -> Int {
@@ -211,6 +228,38 @@ public struct MLXKitLoaded: Sendable {
     /// plan budgets prompts in chunks of `prefillChunk` tokens: longer prompts decode without it.
     public func decodesWithDrafter(temperature: Float, promptTokens: Int) -> Bool {
         mtpURL != nil && temperature == 0 && promptTokens <= manifest.prefillChunk
+    }
+
+{% endif %}{% if json_schema_path %}    /// Decodes JSON valid under the bundle's JSON Schema with mlx-swift-lm's guided generation
+    /// (MLXGuidedGeneration: xgrammar masks every step), `emit` receiving the text as it comes
+    /// (return false to stop); returns the tokens generated. Call it inside
+    /// `container.perform { context in … }`, off the main actor: the first call compiles the
+    /// schema against the 248K-token vocabulary, which blocks for a while. Prepare `input` with
+    /// thinking off (`additionalContext: ["enable_thinking": false]`): the constraint applies
+    /// from the first generated token, so no `<think>` block can be written. It decodes without
+    /// the MTP drafter, with the planned KV cache and prefill chunk; if `maxTokens` ends the JSON
+    /// before it closes, it throws (`GuidedGenerationError.incompleteOutput`).
+    @discardableResult
+    public func generateJSON(
+        input: LMInput, context: ModelContext, maxTokens: Int, emit: (String) -> Bool
+    ) throws -> Int {
+        guard let jsonSchema else {
+            throw MLXKitBundleError.badManifest("json_schema_path is null: no JSON Schema")
+        }
+        let tokenizer = context.tokenizer
+        let grammarVocab = TokenizerVocabExtractor.extractForGrammar(from: tokenizer)
+        let grammarTokenizer = try GrammarTokenizer(
+            vocab: grammarVocab.vocab, vocabType: grammarVocab.vocabType,
+            eosTokenId: Int32(tokenizer.eosTokenId ?? 0))
+        let constraint = try GrammarConstraint(
+            tokenizer: grammarTokenizer, jsonSchema: jsonSchema, fastForward: true,
+            hostTokenizer: tokenizer)
+        let kv = manifest.kvCache
+        return try GuidedGenerationLoop.run(
+            input: input, context: context, constraint: constraint, maxTokens: maxTokens,
+            vocabSize: grammarTokenizer.vocabSize, kvBits: kv.bits < 16 ? kv.bits : nil,
+            kvGroupSize: kv.groupSize, quantizedKVStart: kv.quantizedKVStart,
+            prefill: parameters.prefill, emit: emit)
     }
 
 {% endif %}    /// Whether `container` reads images itself (the bundle's MLX vision tower, through
@@ -353,16 +402,28 @@ public enum MLXKitBundle {
             parameters.quantizedKVStart = manifest.kvCache.quantizedKVStart
         }
 
+        // The drafter only where the plan predicts it pays on this phone (manifest.json →
+        // mtp.recommended): below 1.05x it would cost its memory and slow decoding down.
         var mtpURL: URL? = nil
-        if manifest.mtp.included, let path = manifest.model.mtpPath {
+        if manifest.mtp.included, manifest.mtp.recommended, let path = manifest.model.mtpPath {
             mtpURL = bundleURL.appendingPathComponent(path, isDirectory: true)
+        }
+        var jsonSchema: String? = nil
+        if let path = manifest.jsonSchemaPath {
+            do {
+                jsonSchema = try String(
+                    contentsOf: bundleURL.appendingPathComponent(path), encoding: .utf8)
+            } catch {
+                throw MLXKitBundleError.badManifest("\(path): \(error.localizedDescription)")
+            }
         }
         return MLXKitLoaded(
             manifest: manifest, check: deviceCheck, container: container,
-            parameters: parameters, mtpURL: mtpURL)
+            parameters: parameters, mtpURL: mtpURL, jsonSchema: jsonSchema)
     }
 
-{% if runtime.mtp_drafter %}    /// The MTP drafter in mtp/, or nil when the bundle has none. mtp/ holds the head as the
+{% if runtime.mtp_drafter %}    /// The MTP drafter in mtp/, or nil when the bundle has none or the plan does not recommend
+    /// it (manifest.json → mtp.recommended false: a predicted gain below 1.05×). mtp/ holds the head as the
     /// Qwen 3.5 checkpoint stores it (tensors `mtp.*`, config `model_type` "qwen3_5"), and
     /// mlx-swift-lm picks the drafter type by the config's shape: with a `vision_config` (a
     /// bundle whose model/ holds the tower, loaded by the VLM loader) `Qwen35VLMMTPRegistration`
