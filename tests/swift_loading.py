@@ -455,6 +455,15 @@ def kv_cache(runtime: dict, kv_cache: dict, glue: str) -> dict:
 # --- a bundle, loaded -----------------------------------------------------------------------------
 
 
+def drafter_files_read(directory: Path) -> list[str]:
+    """The files of a drafter directory mlx-swift-lm opens: config.json
+    (MTPDrafterModelFactory._load decodes it, Libraries/MLXLMCommon/MTPDrafterModelFactory.swift:
+    65-99) and the top-level *.safetensors loadWeights reads (Libraries/MLXLMCommon/Load.swift:
+    64-139). Anything else there, such as mlxkit's draft_vocab.json, is never read."""
+    names = ["config.json"] if (directory / "config.json").is_file() else []
+    return names + sorted(p.name for p in directory.glob("*.safetensors"))
+
+
 def read_headers(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
     """Names and shapes of the top-level *.safetensors (what loadWeights reads:
     Libraries/MLXLMCommon/Load.swift:64-139, top level only), and the first file's metadata."""

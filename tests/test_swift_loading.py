@@ -21,6 +21,7 @@ from tests.swift_loading import (
     SwiftCrashes,
     SwiftRefuses,
     drafter_built,
+    drafter_files_read,
     generation,
     load_bundle,
     registered,
@@ -121,6 +122,26 @@ def test_a_tensor_the_swift_model_does_not_declare_fails(built, tmp_path):
     mx.save_safetensors(str(st), arrays, metadata=meta)
     with pytest.raises(SwiftRefuses, match="unexpected language_model.model.extra.weight"):
         load_bundle(bundle, glue_of(bundle))
+
+
+def test_the_drafter_loader_never_reads_a_draft_vocabulary(built, tmp_path):
+    """mlxkit's shortlist (mtp/draft_vocab.json, `mlxkit convert --draft-vocab N`) beside the
+    drafter: mlx-swift-lm opens config.json and the safetensors only, and loads the same
+    drafter with the same tensors as without it."""
+    from mlxkit import draft_vocab
+
+    original = built("text", True, "uniform", "1441444")
+    bundle = Path(shutil.copytree(original, tmp_path / "b"))
+    vocab = json.loads((bundle / "mtp" / "config.json").read_text())["text_config"]["vocab_size"]
+    data = draft_vocab.encode([1, 5, 9], vocab, "0" * draft_vocab.DIGEST_CHARS)
+    (bundle / "mtp" / draft_vocab.FILE).write_bytes(data)
+    assert drafter_files_read(bundle / "mtp") == ["config.json", "model.safetensors"]
+    with_file, without = (
+        load_bundle(bundle, glue_of(bundle)),
+        load_bundle(original, glue_of(original)),
+    )
+    assert with_file.drafter == without.drafter == "MLXLLM.Qwen35MTPDraftModel"
+    assert with_file.mtp.shapes == without.mtp.shapes
 
 
 def test_each_drafter_accepts_only_its_loaders_model():
