@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from functools import cache
+
 from mlxkit.presets import sizes
 
 from .devices import ENTITLEMENT, GB, Catalog, Device, Tier, load_catalog
@@ -75,6 +78,48 @@ def _contexts_line(tier: Tier) -> str:
     )
 
 
+# Published quality of the real models, beside micro's measured figures (not measured here).
+PUBLISHED_QUALITY = (
+    "published for the real models (mlx-community OptiQ model cards, GSM8K 3-shot; not measured "
+    "here): Qwen3.5-0.8B uniform 4-bit 11.5 % against 27.0 % for a mixed 4/8-bit model at 4.5 bits "
+    "per weight; 2B 48.5 % against 48.0 %; 9B no difference; 2B uniform 3-bit collapses to 6 %"
+)
+
+
+@cache
+def micro_quality() -> dict:
+    """mlxkit/data/micro/quality.json: micro's sensitivity measurement and the figures measured
+    for the recipes the planner can pick (see its `about`)."""
+    from mlxkit.micro import micro_dir
+
+    return json.loads((micro_dir() / "quality.json").read_text())
+
+
+def micro_pick(tier: Tier) -> tuple[str, dict | None]:
+    """The recipe the planner picks for micro on `tier` with micro's sensitivity measurement
+    (as a label: "auto 5 bpw", "quality"...), and its measured figures (None if not measured)."""
+    from mlxkit.convert.sensitivity import Sensitivity
+
+    from .choose import choose_plan
+
+    s = Sensitivity.from_dict(micro_quality()["sensitivity"])
+    p = choose_plan("micro", f"tier-{tier.id}", sensitivity=s)
+    key = p.settings.recipe if p.bits_per_weight is None else f"auto {p.bits_per_weight:g}"
+    label = key if p.bits_per_weight is None else f"{key} bpw"
+    return label, micro_quality()["measured"].get(key)
+
+
+def _quality_line(tier: Tier) -> str:
+    label, m = micro_pick(tier)
+    figures = (
+        f"KL {m['kl_mean']:.4f} nats/token, top-1 {m['top1']:.1%} vs bf16, measured on "
+        f"{m['tokens']:,} tokens"
+        if m is not None
+        else "not measured"
+    )
+    return f"  quality: micro (the one trained model here) gets recipe {label}: {figures}"
+
+
 def format_tiers(catalog: Catalog | None = None) -> str:
     """One block per tier, one line per device, and the largest context of each size with the
     KV cache at 16, 8 and 4 bits; (u) marks an unconfirmed number."""
@@ -94,8 +139,8 @@ def format_tiers(catalog: Catalog | None = None) -> str:
     for tier in catalog.tiers.values():
         lines += [_tier_line(tier), header]
         lines += [_device_line(d, tier) for d in catalog.devices_in(tier.id)]
-        lines += [_contexts_line(tier), ""]
-    lines.append("sources:")
+        lines += [_contexts_line(tier), _quality_line(tier), ""]
+    lines += [PUBLISHED_QUALITY + ".", "", "sources:"]
     lines += [f"  {k}: {v}" for k, v in catalog.sources.items() if k not in _mac_sources(catalog)]
     lines.append("Any other device: --memory-budget 3.5GB (check os_proc_available_memory()).")
     lines.append("Macs: mlxkit tiers --mac.")

@@ -101,3 +101,15 @@ def test_without_a_measurement_the_plan_and_manifest_carry_no_quality(tmp_path, 
     src = Path(shutil.copytree(micro_dir(), tmp_path / "src"))
     assert choose_plan(str(src), "iphone12").quality is None
     assert build_bundle(src, tmp_path / "b", "iphone12")["quality"] is None
+
+
+def test_tiers_show_the_recipe_picked_for_micro_and_published_figures():
+    from mlxkit.ios_bridge.devices import load_catalog
+    from mlxkit.ios_bridge.report import format_tiers, micro_pick
+
+    tiers = list(load_catalog().tiers.values())
+    assert [micro_pick(t)[0] for t in tiers] == ["auto 5 bpw"] * len(tiers)  # micro fits all
+    text = format_tiers()
+    line = "gets recipe auto 5 bpw: KL 0.0195 nats/token, top-1 82.3% vs bf16, measured on 1,024"
+    assert text.count(line) == len(tiers)
+    assert "published for the real models (mlx-community OptiQ model cards" in text

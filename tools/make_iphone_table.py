@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlxkit.ios_bridge.choose import choose_plan
+from mlxkit.ios_bridge.choose import AUTO_BUDGETS, choose_plan
 from mlxkit.ios_bridge.devices import GB, load_catalog, resolve_target
 from mlxkit.ios_bridge.memory import vision_score_bytes
 from mlxkit.ios_bridge.plan import PlanRefused, evaluate
-from mlxkit.ios_bridge.report import tier_contexts
+from mlxkit.ios_bridge.report import PUBLISHED_QUALITY, micro_pick, tier_contexts
 from mlxkit.ios_bridge.roofline import SHORT_CONTEXT, speed_model
 from mlxkit.ios_bridge.runtimes import MLX_SWIFT_LM
 from mlxkit.ios_bridge.settings import (
@@ -108,6 +108,26 @@ temperature > 0 the phone decodes at the plain speed), at {acceptance:.0%} accep
 | model | target | recipe | vision GB | image GB | weights GB | KV / chunk | max context | peak GB @ context | entitlement | tok/s | {mtp_column} | {kv_column} |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
+
+### Quality per tier (generated)
+
+What quantization costs, in the recipe the planner picks. The real sizes above have no
+sensitivity measurement here (no weights), so their recipe is the first of quality, uniform
+that fits; with a measured checkpoint (`convert --recipe auto` caches the measurement, `mlxkit
+eval` keeps its results) `mlxkit plan` and `convert --target` also try `auto` at {auto_budgets}
+bits per weight and pick the lowest KL that fits, printing it ("quality vs bf16: KL ..., top-1
+..., measured on N tokens", or "predicted"), and the bundle's manifest records it (`quality`).
+micro is the one trained model here: its column is the recipe the planner picks for it on the
+tier with its sensitivity measurement, and that recipe's figures as `benchmarks/quality.py`
+measured them (KL(bf16 ‖ model) in nats per token and top-1 agreement, on 1,024 tokens of the
+built-in evaluation set; [quality.md](quality.md)); micro is a 2.3M-parameter code model, so
+these figures rank recipes rather than predict a real model's.
+
+| tier | micro: recipe the planner picks | micro KL (measured) | micro top-1 (measured) |
+|---|---|---|---|
+{quality_rows}
+
+{published}.
 
 ## How the plan is computed
 
@@ -207,6 +227,13 @@ def _vision_cells(p) -> str:
     return f"{p.weights['vision'] / GB:.2f} | {p.vision_encoding.total / GB:.2f}"
 
 
+def _quality_row(tier) -> str:
+    label, m = micro_pick(tier)
+    if m is None:
+        return f"| tier-{tier.id} | {label} | not measured | |"
+    return f"| tier-{tier.id} | {label} | {m['kl_mean']:.4f} | {m['top1']:.1%} |"
+
+
 def render() -> str:
     catalog, model, defaults = load_catalog(), speed_model(), Settings()
     return SECTION.format(
@@ -223,6 +250,9 @@ def render() -> str:
         num_draft=defaults.num_draft,
         mtp_column=MTP_COLUMN,
         rows="\n".join(_row(s, t) for s in SIZES for t in TARGETS),
+        auto_budgets=", ".join(f"{b:g}" for b in AUTO_BUDGETS),
+        quality_rows="\n".join(_quality_row(t) for t in catalog.tiers.values()),
+        published=PUBLISHED_QUALITY[0].upper() + PUBLISHED_QUALITY[1:],
         reserve_mib=DEFAULT_RESERVE / 2**20,
         cache_limit_mib=DEFAULT_CACHE_LIMIT / 2**20,
         buffer_cap_gib=min(t.metal_buffer_limit for t in catalog.tiers.values()) / 2**30,
