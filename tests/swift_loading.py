@@ -502,7 +502,9 @@ def load_bundle(root: Path, glue: str) -> SwiftLoad:
     main = sanitize_main(model, shapes, metadata, tied)
     problems = update_problems("model/", main, main_model_keys(model, config), config)
     drafter = mtp = None
-    if manifest["mtp"]["included"]:
+    # the glue leaves a drafter the plan does not recommend unloaded (mtpURL nil)
+    skipped = "manifest.mtp.recommended" in glue and not manifest["mtp"]["recommended"]
+    if manifest["mtp"]["included"] and not skipped:
         if "loadDrafter" not in glue:
             raise SwiftRefuses("the glue has no loadDrafter for this runtime")
         mtp_dir = root / manifest["mtp"]["path"]

@@ -19,6 +19,7 @@ from mlxkit.ios_bridge.roofline import MIN_MTP_GAIN, mtp_recommended
 from mlxkit.cli import main
 from mlxkit.draft_control import K_MAX
 from tests.helpers import FIXTURES
+from tests.swift_loading import load_bundle
 
 
 def run(*args: str):
@@ -154,3 +155,10 @@ def test_a_bundle_without_a_drafter_recommends_none(tmp_path):
         "recommended": False,
         "predicted_gain": None,
     }
+
+
+def test_the_loading_model_builds_no_drafter_the_plan_does_not_recommend(bundles):
+    """tests/swift_loading.py's model of MLXKitBundle.load + loadDrafter on both bundles."""
+    for name, drafter in (("pays", "MLXVLM.Qwen35VLMNextNDraftModel"), ("loses", None)):
+        glue = (bundles[name] / "xcode" / "MLXKitBundle.swift").read_text()
+        assert load_bundle(bundles[name], glue).drafter == drafter
