@@ -161,6 +161,22 @@ class KVCache:
         self._quantize_when_due()
         return out
 
+    def attend_eagerly(
+        self,
+        attend: Callable[[KVCache], mx.array],
+        heads: int,
+        n: int,
+        head_dim: int,
+        dtype: mx.Dtype,
+    ) -> mx.array:
+        """`attend(self)` outside a compiled block, for one sequence of a batch (its
+        `update_and_fetch` writes n positions of one row at `offset` and advances it)."""
+        self._quantize_when_due()
+        self.reserve(1, heads, n, head_dim, dtype)
+        out = attend(self)
+        self._quantize_when_due()
+        return out
+
     def _quantize_when_due(self) -> None:
         """Quantizes the full-precision buffers once they hold `quantization.start` positions
         (mlx-lm's `maybe_quantize_kv_cache`; the slots past `offset` are zeros or stale)."""

@@ -31,7 +31,7 @@ each step already waits for (the token, the accepted count), so it adds no wait 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -145,6 +145,9 @@ class Decoder:
         self.rotary = Rotary.text(cache.rope_delta)  # every token after the prompt is text
         self.scores = Scores(logprobs)
         self.constraint = constraint
+        # asked between tokens: true when a server wants this generation back at the next
+        # clean point (`plain` and `speculative` then return the token to go on from)
+        self.pause: Callable[[], bool] = lambda: False
 
     def _adjusted(self, logits: mx.array, history: list[int]) -> mx.array:
         """Logits [..., V] as the token is picked from them: penalties, logit_bias and the
@@ -211,17 +214,22 @@ class Decoder:
         With `control` (MTP on) these are its k = 0 rounds: each step's hidden state is kept for
         the MTP head (consumed at the next draft), and the steps end when `control` chooses to
         draft, returning the token that round starts from and its k ((None, 0) once generation
-        has ended)."""
+        has ended). They end the same way, with k = 0, when `pause()` turns true."""
         y, finite = mx.array(first), mx.array(True)
         # the penalty and the grammar need the value first
         pipelined = self.params.repetition_penalty == 1.0 and self.constraint is None
         hiddens = [] if control is None else [self.cache.mtp_pending]
-        k, first_round = 0, True  # the round on `first` is plain: the caller chose it
+        k, first_round, paused = (
+            0,
+            True,
+            False,
+        )  # the round on `first` is plain: the caller chose it
         while True:
-            if k > 0:
+            if k > 0 or paused:
                 token = self.checked(y, finite)
-                control.observe(0, 0)
-                self.cache.mtp_pending = mx.concatenate(hiddens, axis=1)
+                if control is not None:
+                    control.observe(0, 0)
+                    self.cache.mtp_pending = mx.concatenate(hiddens, axis=1)
                 return token, k
             (key,) = self.keys.take()
             if pipelined:
@@ -244,19 +252,24 @@ class Decoder:
                     self.cache.mtp_pending = mx.concatenate(hiddens, axis=1)
                 return None, 0
             y, finite = nxt
-            k = 0 if control is None else control.choose()
+            paused = self.pause()
+            k = 0 if control is None or paused else control.choose()
 
     def speculative(
         self, first: int, control: DraftControl, out: Responses
-    ) -> Iterator[GenerationResponse]:
+    ) -> Generator[GenerationResponse, None, int | None]:
         """Rounds of the k drafts `control` chooses before each: plain steps while it chooses
-        0, MTP rounds otherwise."""
+        0, MTP rounds otherwise. Returns the token to go on from when `pause()` turned true
+        (None once generation has ended)."""
         y, k = first, control.choose()
         while y is not None:
             if k == 0:
                 y, k = yield from self.plain(y, out, control)
             else:
                 y, k = yield from self._rounds(y, k, control, out)
+            if y is not None and k == 0 and self.pause():
+                return y
+        return None
 
     def _rounds(
         self, y: int, k: int, control: DraftControl, out: Responses
@@ -280,7 +293,7 @@ class Decoder:
             if responses[-1].finish_reason is not None:
                 yield from responses
                 return None, 0
-            k = control.choose()
+            k = 0 if self.pause() else control.choose()
             if k > 0:
                 round_ = MTPRound.draft(self, nxt, k)
             yield from responses

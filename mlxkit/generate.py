@@ -7,12 +7,12 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from mlxkit.cache import KVQuantization, kv_quantization
+from mlxkit.cache import kv_quantization
 from mlxkit.decode import MAX_DRAFT, Decoder, Keys, run_prompt
 from mlxkit.draft_control import (
     DraftControl,
@@ -50,6 +50,7 @@ __all__ = [
     "encode_prompt",
     "generate",
     "prefill",
+    "start_generation",
     "stream_generate",
 ]
 
@@ -190,12 +191,19 @@ def _seed(seed: int | None) -> int:
 
 def _use_mtp(model: Model, mtp: bool) -> bool:
     if mtp and not model.has_mtp:
-        warnings.warn("this model has no MTP weights; decoding without speculation", stacklevel=3)
+        warnings.warn("this model has no MTP weights; decoding without speculation", stacklevel=4)
         return False
     return bool(mtp)
 
 
 def stream_generate(
+    model: Model, tokenizer, prompt: str | Sequence[int] | Sequence[dict], **options
+) -> Iterator[GenerationResponse]:
+    """Yields one response per new token (the options: `start_generation`'s)."""
+    yield from start_generation(model, tokenizer, prompt, **options).run()
+
+
+def start_generation(
     model: Model,
     tokenizer,
     prompt: str | Sequence[int] | Sequence[dict],
@@ -226,8 +234,12 @@ def stream_generate(
     logit_bias: Mapping[int, float] | None = None,
     response_format: Mapping | None = None,
     grammar: Grammar | str | None = None,
-) -> Iterator[GenerationResponse]:
-    """Yields one response per new token. With `prompt_cache`, tokens it already holds are not
+) -> Generation:
+    """A generation set up (every option checked, the prompt encoded, what `prompt_cache`
+    holds of it taken) and not yet run: `stream_generate` runs it whole; a server advances
+    several, token by token, in a batch (`mlxkit.batch`).
+
+    With `prompt_cache`, tokens it already holds are not
     processed again; it is left holding the prompt and everything generated. Past the model's
     context (max_position_embeddings) generation warns once, or ends with `stop_at_context`.
 
@@ -276,12 +288,14 @@ def stream_generate(
         tokenizer, prompt, enable_thinking, model, images, videos, min_pixels, max_pixels
     )
     _check_prompt(encoded.tokens, model)
-    mtp = _use_mtp(model, mtp)  # called from here: its warning's stacklevel counts on it
+    mtp = _use_mtp(model, mtp)  # from here, under stream_generate: its stacklevel counts on it
     cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, kv)
     control = _draft_control(model, options.num_draft, reproducible) if mtp else None
-    yield from _decode(
-        model, tokenizer, cache, encoded, control, options, kv, n_logprobs, constraint
-    )
+    image_keys = [v.key for v in encoded.images]
+    video_keys = [v.key for v in encoded.videos]
+    n_cached = cache.start(model, encoded.tokens, mtp, image_keys, video_keys, kv)
+    decoder = Decoder(model, cache, options.params, options.keys, n_logprobs, constraint)
+    return Generation(tokenizer, encoded, decoder, control, options, n_cached)
 
 
 @dataclass(frozen=True)
@@ -337,37 +351,96 @@ def _draft_control(model: Model, num_draft: int | str, reproducible: bool) -> Dr
     return DraftControl(table, last_state(model, table), timed=True)
 
 
-def _decode(
-    model: Model,
-    tokenizer,
-    cache: PromptCache,
-    encoded: EncodedPrompt,
-    control: DraftControl | None,
-    options: _Options,
-    kv: KVQuantization | None,
-    logprobs: int | None = None,
-    constraint: Constraint | None = None,
-) -> Iterator[GenerationResponse]:
-    """Reuses what the cache holds of the prompt (its tokens, images and videos), prefills
-    the rest, then decodes, speculatively with the MTP head when there is a `control`."""
-    mtp = control is not None
-    tokens = encoded.tokens
-    image_keys, video_keys = [v.key for v in encoded.images], [v.key for v in encoded.videos]
-    n_cached = cache.start(model, tokens, mtp, image_keys, video_keys, kv)
-    new_images = encoded.images[len(cache.image_keys) :]
-    new_videos = encoded.videos[len(cache.video_keys) :]
-    decoder = Decoder(model, cache, options.params, options.keys, logprobs, constraint)
+@dataclass
+class Generation:
+    """One generation between `start_generation` and its last response: its prompt is
+    prefilled (`prefill_part` for a piece of it, `finish_prefill` for the rest and the first
+    token), then `run` decodes it alone, speculatively with the MTP head when there is a
+    `control`. A batch (`mlxkit.batch`) takes it over after `finish_prefill` instead."""
 
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    first = decoder.prefill(tokens[n_cached:], options.prefill_chunk, new_images, new_videos)
-    prompt_s = time.perf_counter() - t0
-    report = control.report if mtp else None
-    out = Responses(tokenizer, options.limits, len(tokens), n_cached, prompt_s, report)
-    if mtp:
-        yield from decoder.speculative(first, control, out)
-    else:
-        yield from decoder.plain(first, out)
+    tokenizer: object
+    encoded: EncodedPrompt
+    decoder: Decoder
+    control: DraftControl | None
+    options: _Options
+    n_cached: int  # prompt tokens the prompt cache already held
+    out: Responses | None = None  # set by finish_prefill
+    _t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def cache(self) -> PromptCache:
+        return self.decoder.cache
+
+    @property
+    def remaining(self) -> list[int]:
+        """The prompt tokens not yet prefilled."""
+        return self.encoded.tokens[len(self.cache.tokens) :]
+
+    def images_within(self, n: int) -> tuple[list[VisionInput], list[VisionInput]] | None:
+        """The images and videos whose pads the next n prompt tokens hold, or None when those
+        tokens hold part of one (a prefill piece must hold whole ones)."""
+        model, piece = self.decoder.model, self.remaining[:n]
+        if not model.has_vision:
+            return [], []
+        vt, taken = model.vision_tokens, []
+        for pad, media, held in (
+            (vt.image, self.encoded.images, self.cache.image_keys),
+            (vt.video, self.encoded.videos, self.cache.video_keys),
+        ):
+            pads, chosen = piece.count(pad), []
+            for v in media[len(held) :]:
+                if pads <= 0:
+                    break
+                chosen.append(v)
+                pads -= v.num_tokens
+            if pads != 0:
+                return None
+            taken.append(chosen)
+        return taken[0], taken[1]
+
+    def prefill_part(self, n: int) -> None:
+        """Prefills the next n prompt tokens (fewer than remain; whole images only)."""
+        images, videos = self.images_within(n)
+        run_prompt(
+            self.decoder.model,
+            self.cache,
+            self.remaining[:n],
+            self.options.prefill_chunk,
+            images,
+            videos,
+        )
+
+    def finish_prefill(self) -> int:
+        """Prefills the rest of the prompt and returns the first generated token."""
+        n = len(self.remaining)
+        images, videos = self.images_within(n)
+        mx.reset_peak_memory()
+        first = self.decoder.prefill(self.remaining, self.options.prefill_chunk, images, videos)
+        prompt_s = time.perf_counter() - self._t0
+        report = self.control.report if self.control is not None else None
+        self.out = Responses(
+            self.tokenizer,
+            self.options.limits,
+            len(self.encoded.tokens),
+            self.n_cached,
+            prompt_s,
+            report,
+        )
+        return first
+
+    def run(self) -> Iterator[GenerationResponse]:
+        """Prefills what remains of the prompt, then decodes to the end."""
+        self._t0 = time.perf_counter()
+        yield from self.decode(self.finish_prefill())
+
+    def decode(self, y: int) -> Generator[GenerationResponse, None, int | None]:
+        """Decodes alone from y (the next token, not yet run), speculatively when there is a
+        `control`, until the end, or until the decoder's `pause()` turns true: then returns the
+        token to go on from."""
+        if self.control is not None:
+            return (yield from self.decoder.speculative(y, self.control, self.out))
+        y, _ = yield from self.decoder.plain(y, self.out)
+        return y
 
 
 def generate(model: Model, tokenizer, prompt, **kwargs) -> str:

@@ -87,7 +87,7 @@ def test_models_health_and_stats(server, client):
     assert server.request("GET", "/health")[:3:2] == (200, {"status": "ok", "model": "micro"})
     stats = server.stats()
     assert stats["mtp"]["enabled"] is True and stats["mtp"]["num_draft"] == "auto"
-    assert stats["requests"]["max_in_flight"] == 9  # one generating + --max-queue 8
+    assert stats["requests"]["max_in_flight"] == 40  # --max-batch 32 + --max-queue 8
 
 
 @pytest.mark.parametrize("stream", [False, True])

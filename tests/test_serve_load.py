@@ -23,8 +23,7 @@ import pytest
 
 import mlxkit
 import mlxkit.serve.app as app_module
-import mlxkit.serve.engine as engine_module
-from mlxkit.generate import PromptCache, prefill, stream_generate
+from mlxkit.generate import Generation, PromptCache, prefill, stream_generate
 from mlxkit.serve.app import Settings, create_app
 from mlxkit.serve.chat import render_chat
 from mlxkit.serve.engine import Engine
@@ -39,7 +38,7 @@ from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds ev
 )
 from tests.test_serve import SERVER_DRAFTS
 
-MAX_QUEUE = 3
+MAX_BATCH, MAX_QUEUE = 3, 2  # 8 clients: batches of 3, a full queue, some 503s
 CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 5, 12
 STARTS = [
     "def f(x):\n    ",
@@ -56,6 +55,8 @@ def server():
     s = Server(
         "--size",
         "micro",
+        "--max-batch",
+        str(MAX_BATCH),
         "--max-queue",
         str(MAX_QUEUE),
         "--prompt-cache-size",
@@ -73,7 +74,8 @@ def micro():
 
 
 def spec(c: int, i: int, max_tokens: int = MAX_TOKENS) -> dict:
-    """Request i of client c: chat or completion, streamed or not, its own prompt and seed."""
+    """Request i of client c: chat or completion, streamed or not, its own prompt and seed,
+    greedy (decoded in batches) or sampled (with MTP and a seed: decoded alone, beside them)."""
     n = c * PER_CLIENT + i
     text = f"# job {c} {i}\n{STARTS[n % len(STARTS)]}"
     return {
@@ -81,6 +83,7 @@ def spec(c: int, i: int, max_tokens: int = MAX_TOKENS) -> dict:
         "stream": n % 2 == 0,
         "text": text,
         "seed": 100 + n,
+        "temperature": 1.0 if n % 4 in (1, 2) else 0.0,
         "max_tokens": max_tokens,
     }
 
@@ -88,7 +91,7 @@ def spec(c: int, i: int, max_tokens: int = MAX_TOKENS) -> dict:
 def expected_text(micro, s: dict) -> str:
     """What the runtime writes for the request, prefilled the way the server prefills it."""
     model, tok = micro
-    options = {"max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
+    options = {"max_tokens": s["max_tokens"], "temperature": s["temperature"], "seed": s["seed"]}
     options["num_draft"] = SERVER_DRAFTS
     if not s["chat"]:
         return "".join(r.text for r in stream_generate(model, tok, s["text"], **options))
@@ -108,7 +111,8 @@ def expected_text(micro, s: dict) -> str:
 
 def send(client: openai.OpenAI, s: dict) -> str:
     """The whole answer; raises openai.APIStatusError for an error status."""
-    kw = {"model": "micro", "max_tokens": s["max_tokens"], "temperature": 1.0, "seed": s["seed"]}
+    kw = {"model": "micro", "max_tokens": s["max_tokens"], "seed": s["seed"]}
+    kw["temperature"] = s["temperature"]
     if s["chat"]:
         kw |= {
             "messages": [{"role": "user", "content": s["text"]}],
@@ -162,7 +166,7 @@ def load(server: Server, micro, max_tokens: int) -> None:
     base_rss = server.rss()
     specs = {(c, i): spec(c, i, max_tokens) for c in range(CLIENTS) for i in range(PER_CLIENT)}
     expected = {k: expected_text(micro, s) for k, s in specs.items()}
-    assert len(set(expected.values())) >= 0.9 * len(expected)  # answers tell requests apart
+    assert len(set(expected.values())) >= 0.7 * len(expected)  # answers tell requests apart
 
     results: dict = {}
 
@@ -195,7 +199,8 @@ def load(server: Server, micro, max_tokens: int) -> None:
     assert ok
 
     stats = server.wait_idle()
-    assert stats["requests"]["most_in_flight"] <= 1 + MAX_QUEUE
+    assert stats["requests"]["most_in_flight"] <= MAX_BATCH + MAX_QUEUE
+    assert max(map(int, stats["batch"]["steps_by_size"])) > 1  # requests were batched
     assert stats["requests"]["rejected"] - base["requests"]["rejected"] == len(busy)
     assert stats["requests"]["served"] - base["requests"]["served"] == len(ok)
     assert stats["prompt_cache"]["bytes"] <= stats["prompt_cache"]["max_bytes"] == 2 * 10**6
@@ -304,12 +309,13 @@ def test_ctrl_c_stops_a_server_that_started_with_sigint_ignored():
 
 
 def endless(release: threading.Event | None = None):
-    """A stream_generate stand-in: the runtime's first token, then (once `release` is set, if
-    given) the same token again and again, never finishing."""
+    """A `Generation.decode` stand-in (how the engine decodes a request alone): the runtime's
+    first token, then (once `release` is set, if given) the same token again and again, never
+    finishing."""
+    real = Generation.decode
 
-    def stream(*args, **kwargs):
-        first = next(iter(stream_generate(*args, **{**kwargs, "max_tokens": 1})))
-        first = dataclasses.replace(first, finish_reason=None)
+    def decode(self, y):
+        first = dataclasses.replace(next(real(self, y)), finish_reason=None)
         yield first
         if release is not None:
             assert release.wait(REQUEST_TIMEOUT_S), "the test never opened the gate"
@@ -317,7 +323,7 @@ def endless(release: threading.Event | None = None):
             time.sleep(0.002)
             yield first
 
-    return stream
+    return decode
 
 
 def post(port: int, path: str, body: dict) -> tuple[int, dict]:
@@ -336,20 +342,18 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(micro, monke
     model, tok = micro
     calls = []
 
-    def broken_after_two(stream):
-        for i, r in enumerate(stream):
-            if i == 2:
-                raise RuntimeError("mid-stream")
-            yield r
+    real = Generation.decode
 
-    def breaking(*args, **kwargs):
+    def breaking(self, y):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("out of cheese")
-        stream = stream_generate(*args, **kwargs)
-        return broken_after_two(stream) if len(calls) == 2 else stream
+        for i, r in enumerate(real(self, y)):
+            if i == 2 and len(calls) == 2:
+                raise RuntimeError("mid-stream")
+            yield r
 
-    monkeypatch.setattr(engine_module, "stream_generate", breaking)
+    monkeypatch.setattr(Generation, "decode", breaking)
     engine = Engine(model, tok, max_queue=2, prompt_cache_bytes=2**20)
 
     def client_side(port: int) -> dict:
@@ -378,8 +382,8 @@ def test_sigterm_mid_stream_ends_it_with_an_error_and_done(micro, monkeypatch):
     ends with an error event and [DONE], the waiting request gets a 503 in the OpenAI error
     shape, and the server stops."""
     release = threading.Event()
-    monkeypatch.setattr(engine_module, "stream_generate", endless(release))
-    engine = Engine(*micro, max_queue=2, prompt_cache_bytes=0)
+    monkeypatch.setattr(Generation, "decode", endless(release))
+    engine = Engine(*micro, max_batch=1, max_queue=2, prompt_cache_bytes=0)
 
     def client_side(port: int) -> tuple[list[str], tuple]:
         waiting: list = []
@@ -411,11 +415,11 @@ def test_a_full_queue_is_a_503_before_any_image_is_decoded(micro, monkeypatch):
     before its image is looked at (decoding pictures for requests that then get a 503 took
     gigabytes)."""
     release = threading.Event()
-    monkeypatch.setattr(engine_module, "stream_generate", endless(release))
+    monkeypatch.setattr(Generation, "decode", endless(release))
     decoded = []
     real = app_module.request_images
     monkeypatch.setattr(app_module, "request_images", lambda *a: decoded.append(a[1]) or real(*a))
-    engine = Engine(*micro, max_queue=0, prompt_cache_bytes=0)
+    engine = Engine(*micro, max_batch=1, max_queue=0, prompt_cache_bytes=0)
     png = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really").decode()
     image_chat = {
         "messages": [
@@ -447,7 +451,7 @@ def test_a_non_streaming_client_that_disconnects_stops_its_generation(micro, mon
     """Its generation is cancelled while tokens keep coming (the check for a gone client once
     waited for a quarter second without a token, which a generation never leaves), and the
     place is freed."""
-    monkeypatch.setattr(engine_module, "stream_generate", endless())
+    monkeypatch.setattr(Generation, "decode", endless())
     engine = Engine(*micro, max_queue=1, prompt_cache_bytes=0)
 
     def client_side(port: int) -> None:

@@ -127,19 +127,18 @@ def qwen_micro(tmp_path_factory):
     return mlxkit.load(str(model_dir))
 
 
-def scripted_stream_generate(text: str):
-    """A stand-in for stream_generate that "generates" `text` token by token (through the real
-    detokenizing Responses), then the end-of-turn token."""
-    from mlxkit.response import Limits, Responses
+def scripted_decode(text: str):
+    """A stand-in for `Generation.decode` (how the engine decodes a request alone) that
+    "generates" `text` token by token (through the request's real detokenizing Responses),
+    then the end-of-turn token."""
 
-    def fake(model, tokenizer, prompt, *, max_tokens, **kw):
-        limits = Limits(frozenset(tokenizer.eos_token_ids), (), max_tokens, 1 << 20, False)
-        out = Responses(tokenizer, limits, len(prompt), 0, 1e-3)
+    def fake(self, y):
+        tokenizer = self.tokenizer
         for token in [*tokenizer.encode(text), tokenizer.eos_token_ids[0]]:
-            r = out.push(token)
+            r = self.out.push(token)
             yield r
             if r.finish_reason is not None:
-                return
+                return None
 
     return fake
 
@@ -148,11 +147,11 @@ def test_server_streams_calls_that_reassemble_to_the_whole_answer(qwen_micro, mo
     """Through `mlxkit serve`'s app: the streamed chunks' tool_calls reassemble to the
     non-streamed answer's (ids aside: two requests), content equal and free of the calls' XML,
     finish_reason "tool_calls"; the first piece of each call arrives before its last."""
-    from mlxkit.serve import engine as engine_module
+    from mlxkit.generate import Generation
     from mlxkit.serve.app import Settings, create_app
     from mlxkit.serve.engine import Engine
 
-    monkeypatch.setattr(engine_module, "stream_generate", scripted_stream_generate(SCRIPT))
+    monkeypatch.setattr(Generation, "decode", scripted_decode(SCRIPT))
     model, tok = qwen_micro
     engine = Engine(model, tok, max_queue=1, prompt_cache_bytes=0)
     body = {

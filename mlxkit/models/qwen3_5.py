@@ -479,13 +479,29 @@ class Attention(nn.Module):
         """Causal attention over x, after what `cache` holds (its `update_and_fetch` writes the
         new keys/values and says which slots each query sees); no cache: x alone. `rotary`
         places the tokens (default: text at the cache offset)."""
+        q, gate, k, v = self.project(x)
+        return self.output(self.attend(q, k, v, cache, rotary), gate)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """q, k, v [B, heads, L, head_dim] (q and k normed, not yet rotated) and the gate."""
         B, L, _ = x.shape
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, heads, L, head_dim]
+        q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(k).transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
+        return q, gate, k, v.transpose(0, 2, 1, 3)
+
+    def attend(
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        cache: KVCache | None = None,
+        rotary: Rotary | None = None,
+    ) -> mx.array:
+        """The rotated queries' attention over the cache and the new keys/values."""
+        L = q.shape[2]
         if rotary is not None and rotary.cos is not None:  # M-RoPE: cos, sin [L, rotary_dim]
             q, k = apply_rotary(q, rotary.cos, rotary.sin), apply_rotary(k, rotary.cos, rotary.sin)
         else:
@@ -505,9 +521,12 @@ class Attention(nn.Module):
         else:
             k, v, mask = cache.update_and_fetch(k, v)
         if cache is not None and cache.quantized:
-            out = quantized_attention(q, k, v, self.scale, mask, cache.quantization)
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            return quantized_attention(q, k, v, self.scale, mask, cache.quantization)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+
+    def output(self, out: mx.array, gate: mx.array) -> mx.array:
+        """o_proj of the gated heads; out [B, heads, L, head_dim], gate [B, L, heads, head_dim]."""
+        B, _, L, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(_output_gate(out, gate.reshape(B, L, -1)))
 
@@ -610,7 +629,11 @@ class DecoderLayer(nn.Module):
         cache: KVCache | LinearAttentionCache | None = None,
         rotary: Rotary | None = None,
     ) -> mx.array:
-        """`rotary` matters to attention layers only: Gated-DeltaNet has no positions."""
+        """`rotary` matters to attention layers only: Gated-DeltaNet has no positions. An
+        attention layer given a list of caches runs a batch of sequences, one cache each
+        (`_attention_rows`)."""
+        if isinstance(cache, list):
+            return self._attention_rows(x, cache, rotary)
         if not self.is_linear:
             if cache is None:
                 return self._mlp_residual(x + self.self_attn(self.input_layernorm(x), None, rotary))
@@ -628,6 +651,29 @@ class DecoderLayer(nn.Module):
         if cache is not None:
             cache.update(conv_in, T, state, states)
         return out
+
+    def _attention_rows(self, x: mx.array, caches: list[KVCache], rotary: Rotary) -> mx.array:
+        """Row b of x [B, L, H] attends over caches[b], at its own offset and with its own
+        shift (`rotary.shift` [B]): the projections and the MLP run on the whole batch, the
+        attention itself per sequence. Each sequence keeps its own KV buffers, so sequences
+        of any lengths join and leave a batch without re-padding or copying anyone's cache,
+        a pool state is any sequence's cache as it stands, and a sequence's attention is its
+        solo computation; the price is B small attention graphs per layer."""
+        attn = self.self_attn
+        q, gate, k, v = attn.project(self.input_layernorm(x))
+        rows = [
+            cache.attend_eagerly(
+                lambda c, b=b: attn.attend(
+                    q[b : b + 1], k[b : b + 1], v[b : b + 1], c, Rotary(rotary.shift[b])
+                ),
+                attn.n_kv_heads,
+                k.shape[2],
+                attn.head_dim,
+                x.dtype,
+            )
+            for b, cache in enumerate(caches)
+        ]
+        return self._mlp_residual(x + attn.output(mx.concatenate(rows), gate))
 
 
 class TextBackbone(nn.Module):

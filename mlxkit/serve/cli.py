@@ -13,6 +13,7 @@ import click
 
 from mlxkit.cli_options import NumDraft, kv_cache_options
 from mlxkit.errors import MlxkitError
+from mlxkit.serve import MAX_BATCH
 
 SERVER_STACK = ("starlette", "uvicorn", "pydantic")
 SHUTDOWN_GRACE_S = 3  # how long responses in progress get to finish once the server stops
@@ -37,11 +38,19 @@ def require_server_stack() -> None:
 )
 @click.option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 endpoints.")
 @click.option(
+    "--max-batch",
+    default=MAX_BATCH,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests served at once, decoded together in one batch (mlx_lm.server's "
+    "--decode-concurrency default).",
+)
+@click.option(
     "--max-queue",
     default=8,
     show_default=True,
     type=click.IntRange(0),
-    help="Requests waiting behind the one generating; more get 503.",
+    help="Requests waiting for a place in the batch; more get 503.",
 )
 @click.option(
     "--prompt-cache-size",
@@ -88,6 +97,7 @@ def serve(
     host: str,
     port: int,
     api_key: str | None,
+    max_batch: int,
     max_queue: int,
     prompt_cache_size: str,
     max_tokens: int,
@@ -128,6 +138,7 @@ def serve(
     engine = Engine(
         model,
         tokenizer,
+        max_batch=max_batch,
         max_queue=max_queue,
         prompt_cache_bytes=cache_bytes,
         mtp=mtp,
@@ -146,7 +157,8 @@ def serve(
     mtp_note = f"on, {num_draft} drafts" if engine.mtp else "off"
     kv_note = "" if engine.kv is None else f"; KV cache {engine.kv.bits}-bit"
     settings = (
-        f"MTP {mtp_note}{kv_note}; prompt cache {cache_bytes / 2**20:.0f} MiB; queue {max_queue}"
+        f"MTP {mtp_note}{kv_note}; prompt cache {cache_bytes / 2**20:.0f} MiB; "
+        f"batch {max_batch}, queue {max_queue}"
     )
     run(
         engine,

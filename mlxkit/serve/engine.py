@@ -1,47 +1,72 @@
-"""The generation loop: one model, one generation at a time, a bounded queue in front.
+"""The generation loop: continuous batching of concurrent requests, a bounded queue in front.
 
 MLX work stays on the thread that calls `Engine.run` (the main thread: MLX arrays made on a
 worker thread can abort the interpreter at exit), while the HTTP server runs its event loop on
 another. They meet in `Job`: the HTTP side puts it on the queue and reads its events; the loop
 hands back each GenerationResponse (or a `Failed`) through the event loop's thread-safe call,
 and watches `cancelled` between tokens, so a client that goes away stops its generation at the
-next token. It watches `stop()` there too: shutting down answers the generation in progress
+next token. It watches `stop()` there too: shutting down answers every generation in progress
 and every request still waiting with a 503 (`close`), so that each ends with an error its
 client can read before the HTTP server goes.
+
+Up to `max_batch` requests are served at once (`Active`). A new one is set up at once
+(`start_generation`: a pool state it extends is taken) and its prompt prefilled in pieces of
+`PREFILL_PIECE` tokens, one piece between two decode steps of the others, so that running
+streams keep flowing while a long prompt arrives. Then it decodes:
+- alone, when it is the only one (`Generation.decode`: MTP rounds as `stream_generate` runs
+  them), until something else arrives (its decoder's `pause`);
+- in a batch step with the others otherwise (`mlxkit.batch`: one token each per pass, plain
+  decoding, lossless per sequence), except a seeded sampled request with MTP, which keeps
+  decoding alone, a token per step, so that its text is the one its seed gives it served
+  alone (its draft schedule decides which random draws it makes).
+Whether MTP rounds in a batch would pay: on this project's CPU a verify pass of k+1 positions
+costs about k+1 plain steps, batched or not, so a batch step of B tokens already costs what B
+rounds' verify passes would; drafts per sequence with a shared verify pass are not built.
 
 When no request is waiting, the loop prepares states for the next turns of the conversations
 it has just answered (`prepare`): the prefix the next request will start with, prefilled from
 the pool in small chunks and given up at a chunk boundary as soon as a request arrives.
 
 The KV-cache quantization (`mlxkit serve --kv-bits`) is the server's, not a request's: every
-state it makes (`new_cache`) is kept that way, so the pool never holds states of two settings
-(a state continues only under the settings it was filled with).
+state it makes is kept that way, so the pool never holds states of two settings (a state
+continues only under the settings it was filled with).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxkit.batch import Batch, Member
 from mlxkit.cache import kv_quantization
 from mlxkit.errors import MlxkitError
-from mlxkit.generate import GenerationResponse, PromptCache, prefill, stream_generate
+from mlxkit.generate import (
+    Generation,
+    GenerationResponse,
+    PromptCache,
+    prefill,
+    start_generation,
+)
 from mlxkit.response import DraftReport
+from mlxkit.serve import MAX_BATCH
 from mlxkit.serve.pool import PromptPool
 from mlxkit.vision import VisionInput
 
 log = logging.getLogger("mlxkit.serve")
 PREPARE_CHUNK = 32  # tokens prefilled between looks at the queue while preparing a next turn
+PREFILL_PIECE = 256  # prompt tokens prefilled between two decode steps of running requests
+RECENT = 64  # requests whose timings /v1/stats lists
 
 
 @dataclass
@@ -56,19 +81,49 @@ SHUTTING_DOWN = Failed(503, "the server is shutting down; retry later")
 @dataclass
 class Job:
     tokens: list[int]
-    options: dict  # stream_generate keyword arguments
+    options: dict  # start_generation keyword arguments
     loop: asyncio.AbstractEventLoop
     snapshot_at: int | None = None  # keep a shared snapshot after this many prompt tokens
     images: list[VisionInput] = field(default_factory=list)  # whose pads `tokens` hold
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached: int = 0  # prompt tokens taken from the pool (set before the first event)
+    created: float = field(default_factory=time.perf_counter)
 
     def send(self, event: GenerationResponse | Failed) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop has closed: nobody is listening
             self.cancelled.set()
+
+
+@dataclass(eq=False)
+class Active:
+    """A request being served: its prompt prefilled, then decoding (`member`), alone through
+    `alone` (a `Generation.decode` generator) or in the batch."""
+
+    job: Job
+    generation: Generation
+    started: float  # taken from the queue
+    member: Member | None = None  # set once the prompt is prefilled
+    alone: Generator | None = None
+    batchable: bool = True  # False: a seeded sampled request with MTP (see the docstring)
+    first_at: float | None = None
+    last_at: float | None = None
+    gaps: list[float] = field(default_factory=list)  # seconds between its tokens
+
+    def timing(self) -> dict:
+        return {
+            "queue_wait_s": self.started - self.job.created,
+            "time_to_first_token_s": None
+            if self.first_at is None
+            else self.first_at - self.job.created,
+            "between_tokens_s": {
+                "mean": sum(self.gaps) / len(self.gaps) if self.gaps else None,
+                "max": max(self.gaps, default=None),
+            },
+            "tokens": len(self.gaps) + (self.first_at is not None),
+        }
 
 
 @dataclass
@@ -85,6 +140,8 @@ class Counters:
     accepted: int = 0
     draft_rounds: list[int] = field(default_factory=list)  # MTP rounds per k (k = 0: plain)
     drafting: DraftReport | None = None  # the last generation's
+    steps_by_batch: dict[int, int] = field(default_factory=dict)  # decode steps per batch size
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
 
 
 class Engine:
@@ -95,6 +152,7 @@ class Engine:
         *,
         max_queue: int,
         prompt_cache_bytes: int,
+        max_batch: int = MAX_BATCH,
         mtp: bool = True,
         num_draft: int | str = "auto",
         kv_bits: int | None = None,
@@ -105,20 +163,23 @@ class Engine:
         self.mtp = mtp and model.has_mtp
         self.num_draft = num_draft
         self.kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, model.config.head_dim)
-        self._kv_options = {  # stream_generate's, for every request
+        self._kv_options = {  # start_generation's, for every request
             "kv_bits": kv_bits,
             "kv_group_size": kv_group_size,
             "quantized_kv_start": quantized_kv_start,
         }
-        self.max_in_flight = 1 + max_queue
+        self.max_batch = max_batch
+        self.max_in_flight = max_batch + max_queue
         self.pool = PromptPool(prompt_cache_bytes)
         self.counters = Counters()
         self.in_flight = 0  # admitted and not yet answered: queued or generating
         self.most_in_flight = 0
-        self.busy = False  # a generation is running
+        self.busy = False  # a request is being served
         self.preparing = False  # a next turn's state is being prefilled
         self.gauges: dict = {}  # memory and pool figures, refreshed by the loop (MLX thread)
         self._jobs: queue.Queue[Job] = queue.Queue()
+        self._active: list[Active] = []
+        self._batch = Batch(model)
         self._next_turns: collections.deque[tuple[list[int], list[str]]] = collections.deque(
             maxlen=8
         )
@@ -130,7 +191,7 @@ class Engine:
     # ------------------------------------------------------------------ HTTP side (any thread)
 
     def admit(self) -> bool:
-        """Takes a place in the queue; False when it is full."""
+        """Takes a place (in the batch or the queue); False when they are all taken."""
         with self._lock:
             if self.in_flight >= self.max_in_flight:
                 self.counters.rejected += 1
@@ -163,32 +224,25 @@ class Engine:
     # ------------------------------------------------------------------ the loop (MLX thread)
 
     def run(self, stop: Callable[[], bool]) -> None:
-        """Serves jobs until `stop()` is true (read between jobs and between tokens); frees
+        """Serves jobs until `stop()` is true (read between steps and between tokens); frees
         MLX's buffer cache when idle. Then `close()`."""
         self._stop = stop
         self._refresh()
         while not stop():
-            try:
-                job = self._jobs.get(timeout=0 if self._next_turns else 0.1)
-            except queue.Empty:
-                if self._next_turns:
-                    self._prepare(*self._next_turns.popleft())
-                elif mx.get_cache_memory():
-                    mx.clear_cache()
-                    self._refresh()
-                continue
-            if job.cancelled.is_set():
-                self.counters.cancelled += 1
+            self._take_jobs()
+            if not self._active:
+                self.busy = False
+                self._idle()
                 continue
             self.busy = True
-            t0 = time.perf_counter()
-            try:
-                self._serve(job)
-            finally:
-                self.busy = False
-                seconds = time.perf_counter() - t0
-                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
-                self._refresh()
+            self._drop_cancelled()
+            prefilling = [a for a in self._active if a.member is None]
+            if prefilling:
+                self._prefill(prefilling[0])
+            self._step()
+        for a in self._active:  # shutting down: every request in progress gets its 503
+            self._end(a, SHUTTING_DOWN)
+        self.busy = False
 
     def close(self) -> None:
         """Shutting down: answers the jobs still queued, and from now on every job submitted,
@@ -204,79 +258,197 @@ class Engine:
             cache.mtp = None
         return cache
 
-    def _serve(self, job: Job) -> None:
-        cache = self.pool.take(job.tokens, [v.key for v in job.images]) or self.new_cache()
-        job.cached = len(cache.tokens)
-        finished = False
+    def _idle(self) -> None:
+        """Waits a little for a job; meanwhile prepares a next turn or frees MLX's cache."""
+        if self._next_turns:
+            self._prepare(*self._next_turns.popleft())
+            return
+        if mx.get_cache_memory():
+            mx.clear_cache()
+            self._refresh()
         try:
-            self._snapshot(job, cache)
-            stream = stream_generate(
-                self.model,
-                self.tokenizer,
-                job.tokens,
-                prompt_cache=cache,
-                mtp=self.mtp,
-                num_draft=self.num_draft,
-                images=job.images,
-                **self._kv_options,
-                **job.options,
+            self._jobs.put(self._jobs.get(timeout=0.1))  # back in line: _take_jobs takes it
+        except queue.Empty:
+            pass
+
+    def _take_jobs(self) -> None:
+        """Starts queued jobs while there are places in the batch."""
+        while len(self._active) < self.max_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancelled.is_set():
+                self.counters.cancelled += 1
+                continue
+            started = time.perf_counter()
+            cache = self.pool.take(job.tokens, [v.key for v in job.images]) or self.new_cache()
+            job.cached = len(cache.tokens)
+            try:
+                generation = start_generation(
+                    self.model,
+                    self.tokenizer,
+                    job.tokens,
+                    prompt_cache=cache,
+                    mtp=self.mtp,
+                    num_draft=self.num_draft,
+                    images=job.images,
+                    **self._kv_options,
+                    **job.options,
+                )
+            except Exception as e:  # noqa: BLE001 - _fail logs what is not a refusal
+                self._fail(job, e)
+                continue
+            seeded = job.options.get("seed") is not None
+            batchable = not (generation.control and seeded and not generation.options.params.greedy)
+            self._active.append(Active(job, generation, started, batchable=batchable))
+
+    def _drop_cancelled(self) -> None:
+        for a in [a for a in self._active if a.job.cancelled.is_set()]:
+            self.counters.cancelled += 1
+            self._leave(a)
+
+    def _prefill(self, a: Active) -> None:
+        """One piece of a's prompt, or all the rest when nothing else is decoding (then, or
+        at its last piece, the first token: a is ready to decode)."""
+        g, job = a.generation, a.job
+        try:
+            done, remaining = len(g.cache.tokens), len(g.remaining)
+            snapshot = self._snapshot_point(job, g)
+            others = any(b.member is not None for b in self._active)
+            n = min(PREFILL_PIECE, remaining - 1) if others else 0  # 0: the rest at once
+            if snapshot is not None:
+                n = min(n, snapshot - done) if n else snapshot - done
+            if n > 0 and g.images_within(n) is not None:
+                g.prefill_part(n)
+                if len(g.cache.tokens) == snapshot:
+                    self.pool.put(g.cache.copy(), shared=True)
+                return
+            a.member = Member(g, g.finish_prefill())
+            self._refresh()
+            if a.batchable:  # (given the job, not `a`: no reference cycle to keep states alive)
+                g.decoder.pause = functools.partial(self._wanted, job)
+            else:  # never paused: it decodes alone to its end
+                a.alone = g.decode(a.member.y)
+        except Exception as e:  # noqa: BLE001 - _fail logs what is not a refusal
+            self._active.remove(a)
+            self._fail(job, e)
+
+    def _snapshot_point(self, job: Job, g: Generation) -> int | None:
+        """Where to keep a shared snapshot of job's prompt (`job.snapshot_at`) if it is still
+        ahead and can be kept (not inside an image's pads: a state holds whole images)."""
+        at, done = job.snapshot_at, len(g.cache.tokens)
+        context = self.model.config.max_position_embeddings
+        if at is None or not done < at < len(job.tokens) < context or not self.pool.max_bytes:
+            return None
+        return at if g.images_within(at - done) is not None else None
+
+    def _wanted(self, job: Job) -> bool:
+        """Whether job's request, decoding alone, must come back: others to serve, or it must
+        stop."""
+        return (
+            len(self._active) > 1
+            or not self._jobs.empty()
+            or job.cancelled.is_set()
+            or self._stop()
+        )
+
+    def _step(self) -> None:
+        """A token (or an MTP round's tokens, one at a time) for every decoding request."""
+        decoding = [a for a in self._active if a.member is not None]
+        batched = [a for a in decoding if a.batchable and a.alone is None]
+        if len(batched) == 1 and not self._wanted(batched[0].job):
+            a = batched[0]
+            self._batch.release()  # its states back in its own cache
+            a.member.settle()
+            a.alone = a.generation.decode(a.member.y)
+            batched = []
+        for a in [a for a in decoding if a.alone is not None]:
+            self._advance_alone(a)
+        if batched:
+            self._batch.set_members([a.member for a in batched])
+            self.counters.steps_by_batch[len(batched)] = (
+                self.counters.steps_by_batch.get(len(batched), 0) + 1
             )
             try:
-                for r in stream:
-                    if r.finish_reason is not None:  # counted before the client can see it
-                        finished = True
-                        self._count(r, job.cached)
-                    job.send(r)
-                    if not finished and (job.cancelled.is_set() or self._stop()):
-                        self.counters.cancelled += 1
-                        job.send(SHUTTING_DOWN)  # read only when shutting down: a client is there
-                        break
-            finally:
-                stream.close()
-        except MlxkitError as e:
-            self.counters.failed += 1
-            job.send(Failed(400, str(e)))
-        except Exception as e:  # a broken generation must not take the server down
-            log.exception("generation failed")
-            self.counters.failed += 1
-            job.send(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
-        if finished:  # kept compact: the live state may pin buffers of its last verify pass
-            self.pool.put(cache.copy())
+                results = self._batch.step()
+            except Exception as e:  # noqa: BLE001 - a broken step: its members' states are lost
+                self._batch = Batch(self.model)
+                for a in batched:
+                    self._active.remove(a)
+                    self._fail(a.job, e)
+                return
+            for a, r in zip(batched, results):
+                if isinstance(r, MlxkitError):
+                    self._leave(a)
+                    self._fail(a.job, r)
+                else:
+                    self._emit(a, r)
 
-    def _snapshot(self, job: Job, cache: PromptCache) -> None:
-        """Prefills the prompt up to `job.snapshot_at` and keeps a shared copy of that state
-        (not when the point would cut an image's pads: the state must hold whole images)."""
-        at = job.snapshot_at
-        context = self.model.config.max_position_embeddings
-        if at is None or not job.cached < at < len(job.tokens) < context or not self.pool.max_bytes:
+    def _advance_alone(self, a: Active) -> None:
+        try:
+            r = next(a.alone)
+        except StopIteration as paused:  # back to the batch, from the token it returned
+            a.alone, a.member.y = None, paused.value
             return
-        piece = job.tokens[job.cached : at]
-        images = self._whole_images(piece, job.images[len(cache.image_keys) :])
-        if images is not None:
-            prefill(self.model, cache, piece, images=images)
-            self.pool.put(cache.copy(), shared=True)
+        except Exception as e:  # noqa: BLE001 - _fail logs what is not a refusal
+            a.alone = None
+            self._active.remove(a)
+            self._fail(a.job, e)
+            return
+        self._emit(a, r)
 
-    def _whole_images(self, tokens: list[int], images: list[VisionInput]) -> list | None:
-        """The first of `images` whose pads `tokens` hold, or None when they hold part of one
-        (or pads of images not given)."""
-        if not self.model.has_vision:
-            return []
-        vt = self.model.vision_tokens
-        if vt.video in tokens:
-            return None
-        pads, taken = tokens.count(vt.image), []
-        for image in images:
-            if pads <= 0:
-                break
-            taken.append(image)
-            pads -= image.num_tokens
-        return taken if pads == 0 else None
+    def _emit(self, a: Active, r: GenerationResponse) -> None:
+        now = time.perf_counter()
+        if a.first_at is None:
+            a.first_at = now
+        else:
+            a.gaps.append(now - a.last_at)
+        a.last_at = now
+        if r.finish_reason is not None:  # counted before the client can see it
+            self._count(r, a.job.cached)
+        a.job.send(r)
+        if r.finish_reason is not None:
+            self._leave(a, keep=True)
+
+    def _leave(self, a: Active, keep: bool = False) -> None:
+        """a stops being served; `keep`: it finished, and its state goes to the pool."""
+        self._active.remove(a)
+        if a.alone is not None:
+            a.alone.close()
+            a.alone = None
+        if a.member is not None and a.member in self._batch.members:
+            self._batch.release()
+        self.counters.recent.append(a.timing())
+        seconds = time.perf_counter() - a.started
+        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
+        if keep:  # kept compact: the live state may pin buffers of its last verify pass
+            a.member.settle()
+            self.pool.put(a.generation.cache.copy())
+        self._refresh()
+
+    def _end(self, a: Active, event: Failed) -> None:
+        self.counters.cancelled += 1
+        a.job.send(event)
+        self._leave(a)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        self.counters.failed += 1
+        if isinstance(e, MlxkitError):
+            job.send(Failed(400, str(e)))
+            return
+        log.error(
+            "generation failed", exc_info=e
+        )  # a broken generation must not take the server down
+        job.send(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
 
     def _prepare(self, tokens: list[int], image_keys: list[str]) -> None:
         if not self.pool.max_bytes or len(tokens) >= self.model.config.max_position_embeddings:
             return
         held = self.pool.held(tokens, image_keys)
-        if not held or self._whole_images(tokens[held:], []) is None:  # pads past the state
+        vt = self.model.vision_tokens
+        pads = (vt.image, vt.video) if self.model.has_vision else ()
+        if not held or any(t in pads for t in tokens[held:]):  # pads past the state
             return
         cache = self.pool.take(tokens, image_keys, count=False)
         self.preparing = True
@@ -317,6 +489,13 @@ class Engine:
                 "misses": self.pool.misses,
             },
             "memory": {"active": mx.get_active_memory(), "cache": mx.get_cache_memory()},
+            "batch": {
+                "decoding": sum(a.member is not None for a in self._active),
+                "prefilling": sum(a.member is None for a in self._active),
+                "max_batch": self.max_batch,
+                "steps_by_size": dict(sorted(self.counters.steps_by_batch.items())),
+            },
+            "recent_requests": list(self.counters.recent),  # queue wait, first token, gaps
         }
 
     def stats(self) -> dict:

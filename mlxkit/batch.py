@@ -1,0 +1,126 @@
+"""Decoding several generations together, one token each per step, for a server's
+continuous batching (`mlxkit.serve.engine`).
+
+A batch step runs every member's last token through the main model in one pass of batch B:
+every weight is read once for the B tokens, which is what makes a batch of 8 cost little
+more than one sequence where decoding is bound by memory bandwidth (Apple GPUs; on this
+project's 2-core CPU it is compute-bound and a batch costs nearly B steps).
+
+How sequences of different lengths share a pass (`Model` layers take a `Batch`'s caches):
+- Gated-DeltaNet layers keep a fixed-size state per sequence: the members' states are stacked
+  into one `LinearAttentionCache` of B rows per layer while the membership stays the same, and
+  copied back into each member's cache when it changes (a member joins or leaves).
+- Full-attention layers keep each member's own KV cache, at its own offset: the projections
+  and the MLP run on the batch, the attention per sequence (`DecoderLayer._attention_rows`).
+  No left-padding: a member joins or leaves without anyone's cache being re-padded or copied,
+  and its cache is a pool state as it stands.
+
+Members decode plainly in a batch step (one token each, their own sampling settings, random
+keys, penalties, logit_bias, grammar and log-probabilities through `Decoder.pick`); MTP
+rounds are left to a generation decoding alone (`Decoder.speculative`). The hidden state of
+each step is kept for the member's MTP head (`mtp_pending`), so a member that is alone again
+drafts from a complete MTP cache. Greedy tokens are the same as decoding alone; so is a seeded
+sampled generation's text, except that a seeded one with MTP must stay out of batches (its
+draft schedule decides which random draws it takes: the engine decodes it alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from mlxkit.cache import LinearAttentionCache
+from mlxkit.errors import MlxkitError
+from mlxkit.generate import Generation
+from mlxkit.models.qwen3_5 import Rotary
+from mlxkit.response import GenerationResponse
+
+
+@dataclass(eq=False)
+class Member:
+    """A generation in a batch: `y` is its next token (not yet run through the model)."""
+
+    generation: Generation
+    y: int
+    hiddens: list[mx.array] = field(default_factory=list)  # for mtp_pending, not yet joined
+
+    def settle(self) -> None:
+        """Joins the hidden states of its batch steps to `mtp_pending`, as decoding alone
+        leaves it (before it decodes alone or its cache is kept)."""
+        cache = self.generation.cache
+        if self.hiddens and cache.mtp is not None:
+            cache.mtp_pending = mx.concatenate([cache.mtp_pending, *self.hiddens], axis=1)
+        self.hiddens = []
+
+
+class Batch:
+    """The members of the current batch step and their stacked Gated-DeltaNet states."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.members: list[Member] = []
+        self._layers: list | None = None  # per layer: a stacked cache, or the members' KV caches
+        self._offsets: list[int] = []  # the members' Gated-DeltaNet offsets when stacked
+
+    def set_members(self, members: list[Member]) -> None:
+        """The members of the next steps (their states restacked only when they change)."""
+        if [id(m) for m in members] == [id(m) for m in self.members]:
+            return
+        self.release()
+        self.members = list(members)
+
+    def release(self) -> None:
+        """Copies the stacked states back into the members' own caches; empties the batch."""
+        if self._layers is not None:
+            for i, layer in enumerate(self._layers):
+                if isinstance(layer, LinearAttentionCache):
+                    for b, m in enumerate(self.members):
+                        own, row = m.generation.cache.main[i], mx.array([b])
+                        # gathered, not sliced: a row slice would keep the whole stack alive
+                        own.conv_state = mx.take(layer.conv_state, row, axis=0)
+                        own.recurrent_state = mx.take(layer.recurrent_state, row, axis=0)
+                        own.offset += layer.offset
+        self._layers, self.members = None, []
+
+    def _stacked(self) -> list:
+        if self._layers is None:
+            caches = [m.generation.cache.main for m in self.members]
+            self._layers = []
+            for i, own in enumerate(caches[0]):
+                if isinstance(own, LinearAttentionCache):
+                    layer = LinearAttentionCache()
+                    layer.conv_state = mx.concatenate([c[i].conv_state for c in caches])
+                    layer.recurrent_state = mx.concatenate([c[i].recurrent_state for c in caches])
+                    self._layers.append(layer)
+                else:
+                    self._layers.append([c[i] for c in caches])
+        return self._layers
+
+    def step(self) -> list[GenerationResponse | MlxkitError]:
+        """One token for every member: runs their `y`s, picks each member's next token and
+        returns each member's response for the token it ran (the next one becomes its `y`), or
+        the error that ends it (non-finite logits)."""
+        members = self.members
+        decoders = [m.generation.decoder for m in members]
+        ys = mx.array([[m.y] for m in members])
+        shifts = mx.array([d.cache.rope_delta for d in decoders], dtype=mx.int32)
+        logits, hidden = self.model.logits_and_hidden(ys, self._stacked(), Rotary(shifts))
+        picked = []
+        for b, (m, d) in enumerate(zip(members, decoders)):
+            (key,) = d.keys.take()
+            picked.append(d.pick(logits[b, -1], d.cache.tokens + [m.y], key))
+            if d.cache.mtp is not None:
+                m.hiddens.append(hidden[b : b + 1])
+        mx.eval(picked)
+        results: list[GenerationResponse | MlxkitError] = []
+        for m, d, (token, finite) in zip(members, decoders, picked):
+            try:
+                nxt = d.checked(token, finite)
+            except MlxkitError as e:  # this member's logits broke: it alone ends
+                results.append(e)
+                continue
+            d.cache.tokens.append(m.y)
+            results.append(m.generation.out.push(m.y, d.scores.take()))
+            m.y = nxt
+        return results
