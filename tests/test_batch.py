@@ -1,0 +1,160 @@
+"""Batched decoding (`mlxkit.batch`) against each generation decoded alone, in float32: members
+of different prompt lengths join at different steps and leave as they finish; the last one
+left goes on alone with MTP rounds from the state the batch left (its MTP head fed the hidden
+states of every batch step). Greedy tokens, seeded sampled tokens, a quantized KV cache and an
+image request among text requests all come out as they do alone."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from mlxkit import load
+from mlxkit.batch import Batch, Member
+from mlxkit.generate import PromptCache, start_generation, stream_generate
+from mlxkit.micro import micro_dir
+from mlxkit.models.qwen3_5 import Rotary
+from tests.helpers import FIXTURES
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import json\n\nclass Parser:\n    def __init__(self",
+    "# A tiny web server\nfrom http",
+    "x = [i * i for i in range(10)]\nprint(",
+]
+
+
+@pytest.fixture(scope="module")
+def micro32():
+    return load(str(micro_dir()), dtype=mx.float32)
+
+
+def batched(model, tokenizer, requests: list[tuple[object, dict]], joins: list[int]):
+    """Each request's tokens, request i joining the batch at step joins[i]; once one member
+    is left and none is still to join, it decodes alone (`Generation.decode`) to its end.
+    Also returns the largest batch a step ran."""
+    generations = [start_generation(model, tokenizer, p, **kw) for p, kw in requests]
+    tokens: list[list[int]] = [[] for _ in requests]
+    live: dict[int, Member] = {}
+    batch, step, widest = Batch(model), 0, 0
+    while live or step <= max(joins):
+        for i, g in enumerate(generations):
+            if joins[i] == step:
+                live[i] = Member(g, g.finish_prefill())
+        step += 1
+        if len(live) == 1 and step > max(joins):
+            ((i, m),) = live.items()
+            batch.release()
+            m.settle()
+            tokens[i] += [r.token for r in generations[i].decode(m.y)]
+            break
+        if not live:
+            continue
+        order = sorted(live)
+        batch.set_members([live[i] for i in order])
+        widest = max(widest, len(order))
+        for i, r in zip(order, batch.step()):
+            tokens[i].append(r.token)
+            if r.finish_reason is not None:
+                live.pop(i).settle()
+    return tokens, generations, widest
+
+
+def alone(model, tokenizer, requests) -> list[list[int]]:
+    return [[r.token for r in stream_generate(model, tokenizer, p, **kw)] for p, kw in requests]
+
+
+def assert_same_state(a: PromptCache, b: PromptCache) -> None:
+    """Two decoding states after the same tokens: the main model's caches hold the same
+    positions with the same values (to float32 rounding), and the MTP head has seen, or holds
+    pending, the hidden state of every position (when it feeds on them depends on the draft
+    schedule, which differs between a batch and decoding alone)."""
+    assert a.tokens == b.tokens
+    for x, y in zip(a.main, b.main, strict=True):
+        sx, sy = x.state, y.state
+        assert sx.keys() == sy.keys()
+        for name in sx:
+            assert sx[name].shape == sy[name].shape, name
+            assert mx.allclose(sx[name], sy[name], atol=1e-4).item(), name
+    fed = [c.mtp[0].offset + c.mtp_pending.shape[1] for c in (a, b)]
+    assert fed == [len(a.tokens)] * 2, fed
+
+
+def test_one_batch_step_gives_each_row_its_own_logits(micro32):
+    """The logits of a batch step's rows equal each sequence's own pass, at its own length
+    and its own M-RoPE shift (a shift given to the wrong row moves its positions)."""
+    model, tok = micro32
+    gens = [start_generation(model, tok, p, max_tokens=4, mtp=False) for p in PROMPTS]
+    ys = [g.finish_prefill() for g in gens]
+    for g, shift in zip(gens, (0, 5, -3, 2)):  # as images before them would have left them
+        g.cache.rope_delta = shift
+    own = [
+        model(mx.array([[y]]), g.cache.copy().main, Rotary.text(g.cache.rope_delta))[0, -1]
+        for g, y in zip(gens, ys)
+    ]
+    batch = Batch(model)
+    batch.set_members([Member(g, y) for g, y in zip(gens, ys)])
+    stacked = batch._stacked()
+    shifts = mx.array([g.cache.rope_delta for g in gens], dtype=mx.int32)
+    logits = model(mx.array([[y] for y in ys]), stacked, Rotary(shifts))
+    for b, expected in enumerate(own):
+        assert mx.allclose(logits[b, -1], expected, atol=1e-4).item(), b
+        assert not mx.allclose(logits[b, -1], own[(b + 1) % len(own)], atol=1e-2).item()
+
+
+def test_greedy_tokens_in_a_batch_equal_each_alone(micro32):
+    """With MTP on (its head fed through the batch steps), the last member drafting alone."""
+    model, tok = micro32
+    requests = [(p, {"max_tokens": 16 + 6 * i, "num_draft": 2}) for i, p in enumerate(PROMPTS)]
+    tokens, generations, widest = batched(model, tok, requests, joins=[0, 0, 3, 7])
+    assert tokens == alone(model, tok, requests)
+    assert widest == 4
+    last = generations[-1].out
+    assert last.drafted > 0  # it went on alone, drafting from the MTP state the batch kept
+    for g, (p, kw) in zip(generations, requests):  # and every state is the one alone leaves
+        cache = PromptCache.new(model)
+        list(stream_generate(model, tok, p, prompt_cache=cache, **kw))
+        g_cache = g.cache.copy()
+        assert_same_state(g_cache, cache)
+
+
+def test_seeded_sampling_in_a_batch_equals_each_alone(micro32):
+    """Without MTP a seeded sampled request draws one key per token, batched or not."""
+    model, tok = micro32
+    requests = [
+        (p, {"max_tokens": 20, "temperature": 0.9, "top_p": 0.95, "seed": 11 + i, "mtp": False})
+        for i, p in enumerate(PROMPTS)
+    ]
+    tokens, _, _ = batched(model, tok, requests, joins=[0, 1, 1, 5])
+    assert tokens == alone(model, tok, requests)
+    assert len({tuple(t) for t in tokens}) == len(tokens)
+
+
+def test_a_quantized_kv_cache_in_a_batch(micro32):
+    model, tok = micro32
+    kv = {"kv_bits": 8, "kv_group_size": 32}
+    requests = [(p, {"max_tokens": 14, "mtp": False, **kv}) for p in PROMPTS[:3]]
+    tokens, generations, _ = batched(model, tok, requests, joins=[0, 2, 2])
+    assert tokens == alone(model, tok, requests)
+    assert all(g.cache.main[3].quantized for g in generations)  # a full-attention layer
+
+
+def test_an_image_request_among_text_requests():
+    """M-RoPE: the image request's text positions are shifted by its image (rope_delta), the
+    others' are not; each row attends at its own shift."""
+    src = FIXTURES / "tiny_vision_p4"
+    model, tok = load(src, dtype=mx.float32)
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+        }
+    ]
+    requests = [
+        ("def f(x):\n    return", {"max_tokens": 12, "mtp": False}),
+        (chat, {"max_tokens": 16, "mtp": False, "images": [src / "image0.png"]}),
+        ("import os\n", {"max_tokens": 12, "mtp": False}),
+    ]
+    tokens, generations, _ = batched(model, tok, requests, joins=[0, 0, 2])
+    assert generations[1].cache.rope_delta != 0  # the image moved its positions
+    assert tokens == alone(model, tok, requests)
