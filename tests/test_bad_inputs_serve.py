@@ -36,7 +36,8 @@ OPTION_ROWS = [
         ("99999999999999999999999999TB", "at most 10 TB")]),
     *(serve(f"{o} {v}", "--size", "micro", o, v, message=f"Invalid value for '{o}'")
       for o, v in [("--num-draft", "0"), ("--num-draft", "9"), ("--port", "70000"),
-                   ("--max-tokens", "0"), ("--max-queue", "-1")]),
+                   ("--max-tokens", "0"), ("--max-queue", "-1"), ("--max-batch", "0"),
+                   ("--max-batch", "many")]),
     serve("--allowed-local-media-path missing", "--size", "micro",
           "--allowed-local-media-path", "{root}/nope", message="not a directory"),
     serve("--allowed-local-media-path a file", "--size", "micro",
