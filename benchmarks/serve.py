@@ -1,6 +1,7 @@
 """Serving speed: `mlxkit serve` (MTP on, and off) against `mlx_lm.server` on the same converted
-directory in one run, over HTTP as clients see it. Prints a markdown table of medians over the
-repeats with ratios to mlx_lm.server:
+directory in one run, over HTTP as clients see it (optionally also `mlxkit serve` as it was at
+an earlier git revision, `--baseline-rev`, run from a worktree). Prints a markdown table of
+medians over the repeats with ratios to mlx_lm.server:
 
 - second-turn time to first token: a chat with a long system prompt; the second turn sends the
   first turn's answer back with a new question (each server gets its own first answer) after
@@ -8,10 +9,13 @@ repeats with ratios to mlx_lm.server:
   to the first generated text;
 - single-client tokens/s: streamed chat answers to three questions, one after another, from
   each answer's first token to its last;
-- aggregate tokens/s with 8 clients at once: all tokens over the wall time (mlx_lm.server
-  batches them; mlxkit serves one at a time).
+- aggregate tokens/s with N clients at once (`--clients 4 8`): all tokens over the wall time;
+- a long prompt arriving mid-stream: one answer streams; after its 10th chunk a request with a
+  `--long-prompt`-token prompt arrives; reported are the running stream's longest gap between
+  two chunks while that prompt is served, its median gap before, and the long request's time
+  to first token.
 
-    python benchmarks/serve.py --model micro
+    python benchmarks/serve.py --model micro --no-quantize --baseline-rev 8ad0ea2
 
 The model is converted with `mlxkit convert` (4-bit by default, `--no-quantize` for bf16)
 into a temporary directory that every server loads. Greedy decoding, thinking off. The
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
+import os
 import re
 import socket
 import statistics
@@ -59,10 +65,10 @@ def free_port() -> int:
 class Engine:
     """A server process and how to talk to it."""
 
-    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None) -> None:
         self.name, self.port = name, port
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
         threading.Thread(target=self.proc.stderr.read, daemon=True).start()
         deadline = time.monotonic() + 300
@@ -119,6 +125,8 @@ class Engine:
                     last = time.perf_counter()
                     first = first or last
         conn.close()
+        if first is None:  # no text at all (an end token first): the answer's end
+            first = last = time.perf_counter()
         return {"text": text, "ttft": first - t0, "decode_s": last - first, "tokens": tokens}
 
     def stop(self) -> None:
@@ -147,6 +155,49 @@ def single_tps(engine: Engine, tag: str, tokens: int) -> float:
     return sum(r["tokens"] - 1 for r in runs) / sum(r["decode_s"] for r in runs)
 
 
+def long_prompt_arrival(engine: Engine, prompt_tokens: int, tokens: int) -> dict:
+    """The running stream's gaps around a long prompt's arrival (see the module docstring)."""
+    chunks: list[float] = []
+    sent, done = threading.Event(), {}
+
+    def running() -> None:
+        body = {
+            "model": "default_model",
+            "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "chat_template_kwargs": NO_THINK,
+        }
+        conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=600)
+        conn.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        for line in conn.getresponse():
+            if line.startswith(b"data: {"):
+                chunks.append(time.perf_counter())
+                if len(chunks) == 10:
+                    sent.set()
+        conn.close()
+
+    thread = threading.Thread(target=running)
+    thread.start()
+    sent.wait(300)
+    code = (Path(__file__).resolve().parent / "decode.py").read_text()
+    long_text = (code * (prompt_tokens // 1000 + 2))[: prompt_tokens * 3]  # ~3 chars per token
+    t0 = time.perf_counter()
+    r = engine.chat([{"role": "user", "content": long_text}], 8)
+    done["t"] = time.perf_counter()
+    thread.join()
+    before = [b - a for a, b in itertools.pairwise(chunks) if b <= t0]
+    during = [b - a for a, b in itertools.pairwise(chunks) if t0 < b and a < done["t"]]
+    return {
+        "gap_before": statistics.median(before),
+        "gap_during": max(during, default=float("nan")),
+        "long_ttft": r["ttft"],
+    }
+
+
 def aggregate_tps(engine: Engine, clients: int, tokens: int) -> float:
     results = [None] * clients
 
@@ -169,13 +220,36 @@ def main() -> None:
     ap.add_argument("--no-quantize", action="store_true", help="Convert to bf16 instead of 4-bit.")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128, help="Tokens per answer.")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--long-prompt", type=int, default=4096, help="Tokens of the late prompt.")
+    ap.add_argument(
+        "--baseline-rev", help="Also run mlxkit serve as it was at this git revision (MTP on)."
+    )
     ap.add_argument("--pause", type=float, default=2.0, help="Seconds between the two turns.")
     ap.add_argument("--out", type=Path, help="Also write the table to this markdown file.")
     args = ap.parse_args()
 
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
+        env = None
+        if args.baseline_rev:
+            tree = Path(tmp) / "baseline"
+            root = Path(__file__).resolve().parent.parent
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(root),
+                    "worktree",
+                    "add",
+                    "--detach",
+                    str(tree),
+                    args.baseline_rev,
+                ],
+                check=True,
+                capture_output=True,
+            )
+            env = {**os.environ, "PYTHONPATH": str(tree)}
         converted = Path(tmp) / "model"
         convert(resolve_model_dir(args.model), converted, quantize=not args.no_quantize, quiet=True)
         python = sys.executable
@@ -201,27 +275,40 @@ def main() -> None:
                 "--no-mtp",
             ],
         }
+        if args.baseline_rev:
+            commands[f"mlxkit serve @{args.baseline_rev} (MTP)"] = commands["mlxkit serve (MTP)"]
         engines = []
+        keys = ["ttft", "tps", *(f"agg{c}" for c in args.clients), "gap_before", "gap_during"]
+        keys.append("long_ttft")
         try:
             for name, cmd in commands.items():
                 port = free_port()
-                engines.append(Engine(name, [*cmd, "--port", str(port)], port))
-            runs = {e.name: {"ttft": [], "tps": [], "agg": []} for e in engines}
+                base_env = env if "@" in name else None
+                engines.append(Engine(name, [*cmd, "--port", str(port)], port, base_env))
+            runs = {e.name: {k: [] for k in keys} for e in engines}
             for e in engines:  # warm-up: first use compiles and allocates
                 single_tps(e, "# warm-up\n", 16)
                 aggregate_tps(e, 2, 8)
             for rep in range(args.repeats):
                 question = f"# repeat {rep}\n{QUESTIONS[rep % len(QUESTIONS)]}"
                 for e in engines:
-                    runs[e.name]["ttft"].append(
-                        second_turn_ttft(e, question, args.tokens, args.pause)
-                    )
-                    runs[e.name]["tps"].append(single_tps(e, f"# repeat {rep}\n", args.tokens))
-                    runs[e.name]["agg"].append(aggregate_tps(e, args.clients, args.tokens))
+                    r = runs[e.name]
+                    r["ttft"].append(second_turn_ttft(e, question, args.tokens, args.pause))
+                    r["tps"].append(single_tps(e, f"# repeat {rep}\n", args.tokens))
+                    for c in args.clients:
+                        r[f"agg{c}"].append(aggregate_tps(e, c, args.tokens))
+                    for k, v in long_prompt_arrival(e, args.long_prompt, args.tokens * 3).items():
+                        r[k].append(v)
                 print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         finally:
             for e in engines:
                 e.stop()
+            if args.baseline_rev:
+                subprocess.run(
+                    ["git", "-C", str(root), "worktree", "remove", "--force", str(tree)],
+                    check=False,
+                    capture_output=True,
+                )
 
     base = runs["mlx_lm.server"]
 
@@ -230,34 +317,50 @@ def main() -> None:
         pairs = zip(runs[name][key], base[key])
         return statistics.median(b / x if faster_is_less else x / b for x, b in pairs)
 
+    agg_head = "".join(f" {c} clients tok/s | vs mlx_lm.server |" for c in args.clients)
     lines = [
         (
             f"Model: {args.model} ({'bf16' if args.no_quantize else '4-bit'}), {args.tokens} "
             f"tokens per answer, greedy, thinking off, {args.pause:g} s between the two turns; "
             f"medians of {args.repeats} repeats, engines interleaved; ratios are medians of the "
-            "per-repeat ratios to mlx_lm.server."
+            "per-repeat ratios to mlx_lm.server. MLX's CPU backend."
         ),
         "",
         (
             "| server | 2nd-turn TTFT (ms) | speedup vs mlx_lm.server | 1 client tok/s | "
-            f"vs mlx_lm.server | {args.clients} clients tok/s | vs mlx_lm.server |"
+            f"vs mlx_lm.server |{agg_head}"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|" + "---|---|" * len(args.clients),
+    ]
+    for name, r in runs.items():
+        m = {k: statistics.median(v) for k, v in r.items()}
+        aggs = "".join(
+            f" {m[f'agg{c}']:.1f} | {ratio(name, f'agg{c}'):.2f}× |" for c in args.clients
+        )
+        lines.append(
+            f"| {name} | {m['ttft'] * 1e3:.1f} | {ratio(name, 'ttft', True):.2f}× "
+            f"| {m['tps']:.1f} | {ratio(name, 'tps'):.2f}× |{aggs}"
+        )
+    lines += [
+        "",
+        f"A {args.long_prompt:,}-token prompt arriving while an answer streams (medians):",
+        "",
+        "| server | stream's gap before (ms) | its longest gap meanwhile (ms) | long prompt's TTFT (s) |",
+        "|---|---|---|---|",
     ]
     for name, r in runs.items():
         m = {k: statistics.median(v) for k, v in r.items()}
         lines.append(
-            f"| {name} | {m['ttft'] * 1e3:.1f} | {ratio(name, 'ttft', True):.2f}× "
-            f"| {m['tps']:.1f} | {ratio(name, 'tps'):.2f}× | {m['agg']:.1f} "
-            f"| {ratio(name, 'agg'):.2f}× |"
+            f"| {name} | {m['gap_before'] * 1e3:.1f} | {m['gap_during'] * 1e3:.0f} "
+            f"| {m['long_ttft']:.2f} |"
         )
     spread = [
-        f"- {name}: TTFT ms "
-        + ", ".join(f"{x * 1e3:.0f}" for x in r["ttft"])
-        + "; tok/s "
-        + ", ".join(f"{x:.0f}" for x in r["tps"])
-        + f"; {args.clients}-client tok/s "
-        + ", ".join(f"{x:.0f}" for x in r["agg"])
+        f"- {name}: "
+        + "; ".join(
+            f"{k} "
+            + ", ".join(f"{x * 1e3:.0f}" if "ttft" in k or "gap" in k else f"{x:.0f}" for x in v)
+            for k, v in r.items()
+        )
         for name, r in runs.items()
     ]
     machine_lines = [f"- {k}: {v}" for k, v in info.items()]
