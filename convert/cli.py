@@ -46,14 +46,6 @@ PLAN_ONLY = (
     help="With --recipe auto: the budget, in bits per weight of the text model, scales and "
     "biases counted (uniform 4-bit: 4.25 at group 128, 4.5 at 64, 5.0 at 32) [4.5].",
 )
-@click.option(
-    "--draft-vocab",
-    type=int,
-    metavar="N",
-    help="Draft over the N tokens most frequent on the calibration set, written beside the "
-    "drafter (mtp/draft_vocab.json; MLX Swift ignores it): a cheaper draft step, the output "
-    "unchanged (verification keeps the whole vocabulary) [the whole vocabulary].",
-)
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
@@ -64,7 +56,6 @@ def convert(
     size: str | None,
     output: str | None,
     bits_per_weight: float | None,
-    draft_vocab: int | None,
     no_quantize: bool,
     force: bool,
     quiet: bool,
@@ -88,11 +79,6 @@ def convert(
             raise MlxkitError("--target plans quantized bundles; drop --no-quantize")
         if bits_per_weight is not None:
             raise MlxkitError("--target sets the budget from the phone; drop --bits-per-weight")
-        if draft_vocab is not None:
-            raise MlxkitError(
-                "--draft-vocab is for mlxkit's own drafter, and a bundle's runs in MLX Swift, "
-                "which drafts over the whole vocabulary: drop --target, or --draft-vocab"
-            )
         from mlxkit.ios_bridge.cli import convert_to_bundle
 
         convert_to_bundle(source, output, force=force, quiet=quiet, **options)
@@ -114,7 +100,7 @@ def convert(
         mtp=mtp,
         vision=vision,
         vision_bits=options["vision_bits"],
-        draft_vocab=draft_vocab,
+        draft_vocab=options["draft_vocab"],
         force=force,
         quiet=quiet,
     )

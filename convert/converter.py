@@ -241,12 +241,7 @@ def _shortlist(ckpt: SourceCheckpoint, n: int | None) -> shortlist.Shortlist | N
     """--draft-vocab N, checked and chosen before any weight is written."""
     if n is None:
         return None
-    shortlist_file.check_size(n, ckpt.cfg.vocab_size)
-    if not ckpt.has_mtp:
-        raise ConfigError(
-            "--draft-vocab is the MTP drafter's, and no drafter is written (--no-mtp, or the "
-            "checkpoint has no MTP head): drop --draft-vocab"
-        )
+    shortlist_file.check(n, ckpt.cfg.vocab_size, ckpt.has_mtp)
     return shortlist.shortlist(ckpt.directory, n, ckpt.cfg.vocab_size)
 
 

@@ -3,7 +3,9 @@
     OUT/
       model/          the MLX model directory (loads by itself in mlx-lm, MLX Swift, mlxkit),
                       with the vision tower and its preprocessor configs when planned
-      mtp/            the MTP drafter (the head in the checkpoint's layout), when included
+      mtp/            the MTP drafter (the head in the checkpoint's layout), when included,
+                      with draft_vocab.json when the plan has a draft vocabulary (mlxkit's
+                      loader drafts over it; MLX Swift's reads config.json and *.safetensors)
       vision/         VisionEncoder.mlpackage, with --vision-encoder coreml (model/ then holds
                       no tower)
       manifest.json   what is inside, what it needs, sha256 of every file
@@ -156,6 +158,9 @@ def make_manifest(
             "num_draft": plan.num_draft,
             "recommended": has_mtp_dir and mtp_recommended(gain),
             "predicted_gain": gain,
+            # N: mtp/draft_vocab.json, the shortlist mlxkit's loop drafts over (MLX Swift
+            # ignores it and drafts over the whole head); None: no shortlist
+            "draft_vocab": plan.settings.draft_vocab if has_mtp_dir else None,
         },
         "vision": vision,
         "max_context": plan.max_context,
@@ -283,6 +288,7 @@ def _convert_model(source, tmp: Path, p: Plan) -> dict[str, int]:
         mtp=s.mtp,
         vision=tower,
         vision_bits=s.vision_bits if tower else None,
+        draft_vocab=s.draft_vocab,
         drafter_layout="checkpoint",
         force=False,
         quiet=True,

@@ -262,7 +262,8 @@ def choose_plan(
 ) -> Plan:
     """The plan of the first candidate that leaves room for the context (see the module
     docstring); PlanRefused for the least demanding candidate when none does. `recipe` /
-    `mtp` / `vision` / `kv_bits` / `prefill_chunk` None mean "choose"; the other `settings`
+    `mtp` / `vision` / `kv_bits` / `prefill_chunk` None mean "choose" (`mtp` is True with a
+    `draft_vocab`: the shortlist is the drafter's); the other `settings`
     are Settings fields, as for `plan`. `checkpoint`: the checkpoint directory whose kept
     measurements (sensitivity, `mlxkit eval` results) the choice reads, when `size_or_config`
     is its config (default: `size_or_config` when it is a directory); `sensitivity`: a
@@ -284,6 +285,8 @@ def choose_plan(
         vision = True if vision is None else vision  # Core ML encodes images: keep the tower
         grids = coreml_grids(make_settings(**settings), shapes.vision)
         image_tokens = max(vision_tokens(g, shapes.vision.spatial_merge_size) for g in grids)
+    if mtp is None and settings.get("draft_vocab") is not None:
+        mtp = True  # a draft vocabulary is the drafter's: no candidate leaves the drafter out
     has_mtp = has_mtp and drafter_runs(
         tgt, mtp, settings.get("swift_runtime", Settings.swift_runtime)
     )

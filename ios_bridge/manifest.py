@@ -53,13 +53,16 @@ SCHEMA: dict = {
         "bits_per_part": dict,
     },
     # recommended: whether the Swift glue runs the drafter (the phone's predicted gain, in
-    # predicted_gain, is at least roofline.MIN_MTP_GAIN; None where it cannot be predicted)
+    # predicted_gain, is at least roofline.MIN_MTP_GAIN; None where it cannot be predicted);
+    # draft_vocab: N when mtp/draft_vocab.json holds the drafter's shortlist of N tokens (what
+    # mlxkit's loader drafts over; MLX Swift's drafter ignores the file), else None
     "mtp": {
         "included": bool,
         "path": (str, type(None)),
         "num_draft": int,
         "recommended": bool,
         "predicted_gain": (float, type(None)),
+        "draft_vocab": (int, type(None)),
     },
     "vision": {
         "included": bool,

@@ -42,7 +42,7 @@ from mlxkit.convert.coreml import (
 )
 from mlxkit.convert.quantize import AUTO, Recipe, check_vision_bits, load_recipe
 
-from mlxkit import fields
+from mlxkit import draft_vocab, fields
 from mlxkit.cache import KV_GROUP_SIZES, KVQuantization
 from mlxkit.draft_control import K_MAX
 from mlxkit.errors import ConfigError, MlxkitError
@@ -364,6 +364,9 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
     if not 0.0 <= settings.acceptance <= 1.0:
         raise ConfigError(f"acceptance must be within [0, 1], got {settings.acceptance}")
     validate_kv(settings, cfg)
+    if settings.draft_vocab is not None:
+        has_drafter = settings.mtp and cfg.mtp_num_hidden_layers > 0
+        draft_vocab.check(settings.draft_vocab, cfg.vocab_size, has_drafter)
     if settings.num_draft != "auto" and not 1 <= settings.num_draft <= MAX_DRAFT:
         raise ConfigError(
             f'num_draft must be "auto" or between 1 and {MAX_DRAFT}, got {settings.num_draft}'
@@ -473,7 +476,9 @@ def weight_plan(
     """Bytes per part of `recipe` (default: the one the settings name), straight from
     `planned_tensors` (no formula here); `vision` is the tower model/ holds. With `coreml` (a
     tower and its grids) the vision part is the Core ML package's weight file instead, from
-    `weight_file_bytes`."""
+    `weight_file_bytes`. With a draft vocabulary the mtp part holds its file too (its size
+    follows from the vocabulary and N: `draft_vocab.file_bytes`), as the converter counts it;
+    a draft step does not read the file, so the weight reads leave it out."""
     recipe = recipe or recipe_of(settings)
     vb = settings.vision_bits
     tensors = planned_tensors(
@@ -496,6 +501,8 @@ def weight_plan(
         lm_head=sum(t.nbytes for t in tensors if t.path.startswith(head)),
         mtp=by_part["mtp"],
     )
+    if settings.draft_vocab is not None:
+        by_part["mtp"] += draft_vocab.file_bytes(cfg.vocab_size, settings.draft_vocab)
     big = max(tensors, key=lambda t: t.nbytes)
     order = lambda b: (isinstance(b, str), b if isinstance(b, int) else 0)
     bits_per_part = {part: sorted(v, key=order) for part, v in bits.items() if v}

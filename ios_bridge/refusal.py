@@ -143,9 +143,10 @@ def what_fits_instead(refused: PlanRefused) -> list[str]:
                 f"the increased-memory-limit entitlement (--entitlement): up to {n:,} tokens"
             )
     if s.mtp:
-        n = _largest_context(p, p.size, mtp=False)
+        n = _largest_context(p, p.size, mtp=False, draft_vocab=None)
         if n >= need:
-            found.append(f"no MTP head (--no-mtp): up to {n:,} tokens")
+            flags = "--no-mtp" + (", without --draft-vocab" if s.draft_vocab else "")
+            found.append(f"no MTP head ({flags}): up to {n:,} tokens")
     if p.vision is not None:
         found += _vision_changes(refused)
     for fewer in sorted((b for b in VALID_BITS if b < s.bits), reverse=True):

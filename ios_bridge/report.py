@@ -336,6 +336,11 @@ def format_plan(plan: Plan) -> str:
     if s.num_draft == "auto" and plan.runtime.name == "mlxkit":
         drafts = f"auto, up to {drafts}"
     mtp = f"on, {drafts} in {plan.runtime.name}"
+    if s.draft_vocab is not None:
+        mtp += (
+            f", drafting over {s.draft_vocab:,} tokens in mlxkit's loop (mtp/draft_vocab.json; "
+            "MLX Swift drafts over the whole head)"
+        )
     lines = [
         f"{plan.model} on {plan.target.label}",
         (
@@ -384,6 +389,8 @@ def bundle_line(out: str, manifest: dict) -> str:
                 f"; not recommended: predicted x{mtp['predicted_gain']:.2f}, below "
                 f"x{MIN_MTP_GAIN:.2f}, so the Swift glue does not load it"
             )
+        if mtp["draft_vocab"] is not None:
+            drafter += f"; a {mtp['draft_vocab']:,}-token draft vocabulary for mlxkit's loop"
         drafter += ")"
     if manifest["json_schema_path"] is not None:
         drafter += f", a JSON Schema for guided generation ({manifest['json_schema_path']})"

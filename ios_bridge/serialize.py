@@ -157,7 +157,12 @@ def plan_to_dict(plan: Plan) -> dict:
             "dtype": s.dtype,
             "bits_per_part": plan.bits_per_part,
         },
-        "mtp": {"included": s.mtp, "num_draft": plan.num_draft, "runtime": plan.runtime.name},
+        "mtp": {
+            "included": s.mtp,
+            "num_draft": plan.num_draft,
+            "runtime": plan.runtime.name,
+            "draft_vocab": s.draft_vocab,  # N: the drafter's shortlist, None: the whole head
+        },
         "vision": vision_to_dict(plan),
         "prefill_chunk": s.prefill_chunk,
         # bits 16: the activation dtype; 8 or 4: quantized from the first position

@@ -145,6 +145,17 @@ class Settings:
         "--num-draft",
         type=NumDraft(),
     )
+    draft_vocab: int | None = _knob(
+        None,
+        "Draft over the N tokens most frequent on the calibration set, written beside the "
+        "drafter (mtp/draft_vocab.json, counted in its bytes; asks for the drafter): a cheaper "
+        "draft step in mlxkit's loop, the output unchanged (verification keeps the whole "
+        "vocabulary). MLX Swift ignores the file: the phone drafts over the whole head [the "
+        "whole vocabulary].",
+        "--draft-vocab",
+        type=int,
+        metavar="N",
+    )
     kv_bits: int = _knob(
         16,
         "KV cache precision: 16 (not quantized), 8 or 4 bits [plan, --target: the first of 16, "

@@ -170,6 +170,7 @@ def replan(root: Path, manifest: dict, target=None):
         group_size=q["group_size"],
         dtype=q["dtype"],
         mtp=m["included"],
+        draft_vocab=m["draft_vocab"],
         num_draft=num_draft,
         prefill_chunk=manifest["prefill_chunk"],
         kv_bits=manifest["kv_cache"]["bits"],
@@ -595,14 +596,9 @@ def _check_derived(root: Path, manifest: dict) -> tuple[list[str], str]:
         return [str(e)], ""
     except (KeyError, TypeError, AttributeError):
         return ["vision.coreml: the manifest does not describe the encoder"], ""
-    source = manifest["source"]["path"]
-    try:
-        source_dir = local_path(source, "source")
-        here = source_dir.is_dir()
-    except (MlxkitError, OSError):
-        here = False
+    source, source_dir = manifest["source"]["path"], _recorded_source(manifest)
     fixed = "vision token ids are tokenizer.json's and no chat token's, preprocessing in range"
-    if not here:
+    if source_dir is None:
         return [], (
             f"{fixed}; the recorded source {short(source, 60)} is not here, so the files were "
             "not re-derived from it"
@@ -616,6 +612,57 @@ def _check_derived(root: Path, manifest: dict) -> tuple[list[str], str]:
         + (" and the Core ML export's records" if coreml is not None else "")
         + f" re-derived from the recorded source {short(source, 60)}"
     )
+
+
+def _recorded_source(manifest: dict) -> Path | None:
+    """The recorded source checkpoint's directory when it is on this machine, else None."""
+    try:
+        source_dir = local_path(manifest["source"]["path"], "source")
+        return source_dir if source_dir.is_dir() else None
+    except (MlxkitError, OSError):
+        return None
+
+
+def _check_draft_vocab(root: Path, manifest: dict) -> tuple[list[str], str]:
+    """mtp/draft_vocab.json is there exactly when the manifest gives the drafter a draft
+    vocabulary (mlxkit's loader drafts over any it finds), reads back as the manifest's N ids
+    of model/'s vocabulary in the bytes the plan counts, and, when the recorded source is here,
+    is the shortlist the converter ranks from it (its tokenizer on the calibration set)."""
+    from mlxkit.convert.shortlist import shortlist
+
+    from mlxkit import draft_vocab
+    from mlxkit.checkpoint import model_file
+    from mlxkit.load import load_model_config
+
+    n, name = manifest["mtp"]["draft_vocab"], f"{MTP_DIR}/{draft_vocab.FILE}"
+    try:
+        path = model_file(root / MTP_DIR, draft_vocab.FILE, "draft vocabulary")
+        if n is None:
+            if path is not None:
+                return [f"{name} is there, but the manifest gives the drafter none"], ""
+            return [], "none: the drafter drafts over the whole head"
+        if path is None:
+            return [f"{name} is missing; the manifest gives the drafter {shown(n)} tokens"], ""
+        vocab = load_model_config(root / MODEL_DIR).text.vocab_size
+        ids = draft_vocab.read(path, vocab)
+    except MlxkitError as e:
+        return [str(e)], ""
+    planned = draft_vocab.file_bytes(vocab, len(ids))
+    if len(ids) != n:
+        return [f"{name} holds {len(ids):,} tokens, the manifest says {shown(n)}"], ""
+    if path.stat().st_size != planned:
+        return [f"{name} has {path.stat().st_size:,} bytes, the plan counts {planned:,}"], ""
+    detail = f"{name}: {n:,} of {vocab:,} tokens, {planned:,} bytes as planned"
+    source = _recorded_source(manifest)
+    if source is None:
+        return [], f"{detail}; the recorded source is not here, so it was not re-derived"
+    try:
+        chosen = shortlist(source, n, vocab)
+    except MlxkitError as e:
+        return [f"cannot re-derive it from the recorded source: {e}"], ""
+    if path.read_bytes() != draft_vocab.encode(chosen.ids.tolist(), vocab, chosen.calibration):
+        return [f"{name} is not the shortlist the recorded source's calibration set gives"], ""
+    return [], f"{detail}; re-derived from the recorded source's calibration set"
 
 
 def _check_recorded_export(model_dir: Path, config: dict, coreml: dict) -> None:
@@ -917,6 +964,7 @@ def verify_bundle(
         "vision tower",
         "model loads",
         "plan fits the target",
+        "draft vocabulary",
     ]
     if _links_out_of_model(root):  # nothing is read through a link that leaves the bundle
         for name in later if load else [n for n in later if n != "model loads"]:
@@ -935,6 +983,7 @@ def verify_bundle(
     if manifest["vision"].get("encoder") == "coreml":
         report.add("Core ML vision encoder", *_check_coreml_described(root, manifest))
     report.add("files the app reads, re-derived", *_check_derived(root, manifest))
+    report.add(later[5], *_check_draft_vocab(root, manifest))
     report.add(
         "xcode/ entitlements",
         _check_entitlements(root, manifest),

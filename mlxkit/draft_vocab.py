@@ -46,6 +46,17 @@ def check_size(n: object, vocab_size: int) -> None:
         )
 
 
+def check(n: object, vocab_size: int, drafter: bool) -> None:
+    """--draft-vocab N (`check_size`) for a model that gets a drafter to draft over it: the
+    converter and the planner refuse it alike."""
+    check_size(n, vocab_size)
+    if not drafter:
+        raise ConfigError(
+            "--draft-vocab is the MTP drafter's, and no drafter is written (--no-mtp, or the "
+            "checkpoint has no MTP head): drop --draft-vocab"
+        )
+
+
 def encode(ids: Sequence[int], vocab_size: int, calibration: str) -> bytes:
     """The file's bytes for `ids` (distinct, in [0, vocab_size)); stored ascending."""
     array = np.unique(np.asarray(ids, dtype=np.int64))

@@ -1,7 +1,8 @@
-"""Bad inputs of the shortlist draft head: `convert --draft-vocab N` outside 1..V-1, without a
-drafter or with --target, refused in one line before anything is written; a broken
-mtp/draft_vocab.json refused in one line when the model loads. Rows run through the shared
-harness (tests/badinput.py) with test_bad_inputs.py's built inputs (tiny_tied: 512 tokens)."""
+"""Bad inputs of the shortlist draft head: `convert --draft-vocab N` outside 1..V-1 or without a
+drafter, refused in one line before anything is written (in a bundle:
+tests/test_bad_inputs_draft_vocab_bundle.py); a broken mtp/draft_vocab.json refused in one
+line when the model loads. Rows run through the shared harness (tests/badinput.py) with
+test_bad_inputs.py's built inputs (tiny_tied: 512 tokens)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,6 @@ ROWS = [
         "--draft-vocab", "512", message="leave --draft-vocab out for the full head"),
     cli("--draft-vocab with --no-mtp", "convert", "--hf-path", "{src}", "-o", "{out}",
         "--draft-vocab", "64", "--no-mtp", message="no drafter is written"),
-    cli("--draft-vocab with --target", "convert", "--hf-path", "{src}", "--target", "iphone15",
-        "--draft-vocab", "64", message="drop --target, or --draft-vocab"),
     api("convert(draft_vocab='64')", lambda i: _api_convert(i, draft_vocab="64"),
         message="got '64'"),
     api("convert(draft_vocab=True)", lambda i: _api_convert(i, draft_vocab=True),

@@ -154,6 +154,7 @@ def test_a_bundle_without_a_drafter_recommends_none(tmp_path):
         "num_draft": 0,
         "recommended": False,
         "predicted_gain": None,
+        "draft_vocab": None,
     }
 
 
