@@ -12,6 +12,9 @@ re-derived. What the app reads beside the weights (config.json's token ids, the 
 generation and preprocessor files, the Core ML export's records) is held to what the bundle
 fixes itself (tokenizer.json, the tower's config) and, when the recorded source is on this
 machine, re-derived from it: a sha256 only shows that a file is the one the manifest lists.
+The drafter's draft vocabulary (mtp/draft_vocab.json: mlxkit's loader drafts over it, MLX
+Swift's never opens it) is held to the manifest's `mtp.draft_vocab` and the bytes the plan
+counts, and re-derived from the recorded source's calibration set when the source is here.
 A bundle of recipe auto is re-planned with the rules its config.json files record (the
 allocation came from a sensitivity measurement that need not be on this machine); the tensors
 are then held to those rules.

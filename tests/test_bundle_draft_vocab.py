@@ -172,3 +172,16 @@ def test_mlxkit_loads_the_bundle_drafting_over_the_shortlist(bundles, monkeypatc
     drafts = np.concatenate([d for d, _ in rounds])
     assert len(drafts) > 0 and np.isin(drafts, ids).all()
     assert model.draft_logits(mx.zeros((1, 1, model.config.hidden_size))).shape[-1] == 512
+
+
+def test_a_refusal_offers_the_plan_without_the_drafter_and_its_shortlist():
+    """What fits instead, for a plan whose drafter does not fit: --no-mtp, and with it no
+    --draft-vocab (the shortlist is the drafter's)."""
+    from mlxkit.ios_bridge.plan import PlanRefused, evaluate
+    from mlxkit.ios_bridge.refusal import refusal_message
+
+    lean = evaluate(SRC, None, 1024, memory_budget=10**9, mtp=False).total
+    full = evaluate(SRC, None, 1024, memory_budget=10**9, draft_vocab=N).total
+    with pytest.raises(PlanRefused) as refused:
+        plan(SRC, None, 1024, memory_budget=(lean + full) // 2, draft_vocab=N)
+    assert "no MTP head (--no-mtp, without --draft-vocab): up to" in refusal_message(refused.value)
