@@ -74,7 +74,9 @@ A bundle is one folder: `model/` (an MLX model directory, loadable on its own by
 Swift and mlxkit; with the vision tower, its `vision_config`, token ids and
 `preprocessor_config.json` / `video_preprocessor_config.json` when the plan keeps it, which
 MLX Swift's `VLMModelFactory` reads and its `LLMModelFactory` ignores; `--no-vision` makes it
-text-only), `mtp/` (the MTP drafter), `vision/VisionEncoder.mlpackage` with
+text-only), `mtp/` (the MTP drafter; with `--draft-vocab N` also `mtp/draft_vocab.json`, the
+shortlist mlxkit's loop drafts over when it loads the bundle on a Mac, which the phone's drafter
+ignores: [mtp.md](mtp.md#a-cheaper-draft-step---draft-vocab-n)), `vision/VisionEncoder.mlpackage` with
 `--vision-encoder coreml` ([coreml.md](coreml.md); `model/` is then text-only),
 `manifest.json` (source and revision, target
 and devices, recipe and bits per part, max context, peak memory and its breakdown, MLX
@@ -133,7 +135,8 @@ these figures rank recipes rather than predict a real model's.
 
 - **Weights**: `mlxkit.layout.planned_tensors` (the exact list of tensors the converter
   writes), so planned bytes equal written bytes, per part (tests check it on fixtures and on
-  a one-layer checkpoint of the real 0.8B width).
+  a one-layer checkpoint of the real 0.8B width); with `--draft-vocab N` the drafter's part
+  adds `mtp/draft_vocab.json`, whose size follows from the vocabulary and N.
 - **KV cache**: full-attention layers plus the MTP layer, 2 · KV heads · head dim · 2 bytes
   per token and layer (quantized to b bits: head dim · b / 8 bytes of packed values plus a
   2-byte scale and bias per group of 64), allocated in steps of 256 tokens (what the runtime allocates; a test
