@@ -30,11 +30,11 @@ def micro32():
 
 
 def batched(model, tokenizer, requests: list[tuple[object, dict]], joins: list[int]):
-    """Each request's tokens, request i joining the batch at step joins[i]; once one member
+    """Each request's responses, request i joining the batch at step joins[i]; once one member
     is left and none is still to join, it decodes alone (`Generation.decode`) to its end.
     Also returns the largest batch a step ran."""
     generations = [start_generation(model, tokenizer, p, **kw) for p, kw in requests]
-    tokens: list[list[int]] = [[] for _ in requests]
+    responses: list[list] = [[] for _ in requests]
     live: dict[int, Member] = {}
     batch, step, widest = Batch(model), 0, 0
     while live or step <= max(joins):
@@ -46,7 +46,7 @@ def batched(model, tokenizer, requests: list[tuple[object, dict]], joins: list[i
             ((i, m),) = live.items()
             batch.release()
             m.settle()
-            tokens[i] += [r.token for r in generations[i].decode(m.y)]
+            responses[i] += list(generations[i].decode(m.y))
             break
         if not live:
             continue
@@ -54,14 +54,19 @@ def batched(model, tokenizer, requests: list[tuple[object, dict]], joins: list[i
         batch.set_members([live[i] for i in order])
         widest = max(widest, len(order))
         for i, r in zip(order, batch.step()):
-            tokens[i].append(r.token)
+            responses[i].append(r)
             if r.finish_reason is not None:
                 live.pop(i).settle()
-    return tokens, generations, widest
+    return responses, generations, widest
 
 
-def alone(model, tokenizer, requests) -> list[list[int]]:
-    return [[r.token for r in stream_generate(model, tokenizer, p, **kw)] for p, kw in requests]
+def token_ids(responses: list[list]) -> list[list[int]]:
+    return [[r.token for r in rs] for rs in responses]
+
+
+def alone(model, tokenizer, requests) -> list[list]:
+    """Each request's responses, generated alone."""
+    return [list(stream_generate(model, tokenizer, p, **kw)) for p, kw in requests]
 
 
 def assert_same_state(a: PromptCache, b: PromptCache) -> None:
@@ -106,8 +111,8 @@ def test_greedy_tokens_in_a_batch_equal_each_alone(micro32):
     """With MTP on (its head fed through the batch steps), the last member drafting alone."""
     model, tok = micro32
     requests = [(p, {"max_tokens": 16 + 6 * i, "num_draft": 2}) for i, p in enumerate(PROMPTS)]
-    tokens, generations, widest = batched(model, tok, requests, joins=[0, 0, 3, 7])
-    assert tokens == alone(model, tok, requests)
+    responses, generations, widest = batched(model, tok, requests, joins=[0, 0, 3, 7])
+    assert token_ids(responses) == token_ids(alone(model, tok, requests))
     assert widest == 4
     last = generations[-1].out
     assert last.drafted > 0  # it went on alone, drafting from the MTP state the batch kept
@@ -125,17 +130,17 @@ def test_seeded_sampling_in_a_batch_equals_each_alone(micro32):
         (p, {"max_tokens": 20, "temperature": 0.9, "top_p": 0.95, "seed": 11 + i, "mtp": False})
         for i, p in enumerate(PROMPTS)
     ]
-    tokens, _, _ = batched(model, tok, requests, joins=[0, 1, 1, 5])
-    assert tokens == alone(model, tok, requests)
-    assert len({tuple(t) for t in tokens}) == len(tokens)
+    responses, _, _ = batched(model, tok, requests, joins=[0, 1, 1, 5])
+    assert token_ids(responses) == token_ids(alone(model, tok, requests))
+    assert len({tuple(t) for t in token_ids(responses)}) == len(responses)
 
 
 def test_a_quantized_kv_cache_in_a_batch(micro32):
     model, tok = micro32
     kv = {"kv_bits": 8, "kv_group_size": 32}
     requests = [(p, {"max_tokens": 14, "mtp": False, **kv}) for p in PROMPTS[:3]]
-    tokens, generations, _ = batched(model, tok, requests, joins=[0, 2, 2])
-    assert tokens == alone(model, tok, requests)
+    responses, generations, _ = batched(model, tok, requests, joins=[0, 2, 2])
+    assert token_ids(responses) == token_ids(alone(model, tok, requests))
     assert all(g.cache.main[3].quantized for g in generations)  # a full-attention layer
 
 
@@ -155,6 +160,36 @@ def test_an_image_request_among_text_requests():
         (chat, {"max_tokens": 16, "mtp": False, "images": [src / "image0.png"]}),
         ("import os\n", {"max_tokens": 12, "mtp": False}),
     ]
-    tokens, generations, _ = batched(model, tok, requests, joins=[0, 0, 2])
+    responses, generations, _ = batched(model, tok, requests, joins=[0, 0, 2])
     assert generations[1].cache.rope_delta != 0  # the image moved its positions
-    assert tokens == alone(model, tok, requests)
+    assert token_ids(responses) == token_ids(alone(model, tok, requests))
+
+
+def test_grammar_logprobs_and_logit_bias_per_member(micro32):
+    """Each member's own grammar mask, log-probabilities and logit_bias, beside a member
+    without any: the same tokens and log-probabilities as alone."""
+    model, tok = micro32
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    chat = [{"role": "user", "content": "Reply in JSON."}]
+    base = {"max_tokens": 40, "mtp": False, "enable_thinking": False}
+    requests = [
+        (chat, {**base, "response_format": fmt, "logprobs": 2}),
+        (PROMPTS[0], {**base, "max_tokens": 24}),
+        (PROMPTS[1], {**base, "max_tokens": 24, "logprobs": 1, "logit_bias": {11: 5.0}}),
+    ]
+    responses, _, _ = batched(model, tok, requests, joins=[0, 0, 1])
+    expected = alone(model, tok, requests)
+    assert token_ids(responses) == token_ids(expected)
+    assert tok.decode(token_ids(responses)[0]).startswith("{")  # the grammar held
+    for got, want in zip(responses, expected):
+        for a, b in zip(got, want):
+            assert (a.logprobs is None) == (b.logprobs is None)
+            if a.logprobs is not None:
+                assert abs(a.logprobs.logprob - b.logprobs.logprob) < 1e-4
+                assert [t for t, _ in a.logprobs.top] == [t for t, _ in b.logprobs.top]
