@@ -155,8 +155,9 @@ def single_tps(engine: Engine, tag: str, tokens: int) -> float:
     return sum(r["tokens"] - 1 for r in runs) / sum(r["decode_s"] for r in runs)
 
 
-def long_prompt_arrival(engine: Engine, prompt_tokens: int, tokens: int) -> dict:
-    """The running stream's gaps around a long prompt's arrival (see the module docstring)."""
+def long_prompt_arrival(engine: Engine, prompt_tokens: int, tokens: int, tag: str) -> dict:
+    """The running stream's gaps around a long prompt's arrival (see the module docstring);
+    `tag` starts the long prompt, so that no server has it cached from an earlier repeat."""
     chunks: list[float] = []
     sent, done = threading.Event(), {}
 
@@ -184,7 +185,7 @@ def long_prompt_arrival(engine: Engine, prompt_tokens: int, tokens: int) -> dict
     thread.start()
     sent.wait(300)
     code = (Path(__file__).resolve().parent / "decode.py").read_text()
-    long_text = (code * (prompt_tokens // 1000 + 2))[: prompt_tokens * 3]  # ~3 chars per token
+    long_text = tag + (code * (prompt_tokens // 1000 + 2))[: prompt_tokens * 3]  # ~3 chars/token
     t0 = time.perf_counter()
     r = engine.chat([{"role": "user", "content": long_text}], 8)
     done["t"] = time.perf_counter()
@@ -297,7 +298,9 @@ def main() -> None:
                     r["tps"].append(single_tps(e, f"# repeat {rep}\n", args.tokens))
                     for c in args.clients:
                         r[f"agg{c}"].append(aggregate_tps(e, c, args.tokens))
-                    for k, v in long_prompt_arrival(e, args.long_prompt, args.tokens * 3).items():
+                    for k, v in long_prompt_arrival(
+                        e, args.long_prompt, args.tokens * 3, f"# repeat {rep}\n"
+                    ).items():
                         r[k].append(v)
                 print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         finally:
