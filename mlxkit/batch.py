@@ -6,14 +6,16 @@ every weight is read once for the B tokens, which is what makes a batch of 8 cos
 more than one sequence where decoding is bound by memory bandwidth (Apple GPUs; on this
 project's 2-core CPU it is compute-bound and a batch costs nearly B steps).
 
-How sequences of different lengths share a pass (`Model` layers take a `Batch`'s caches):
-- Gated-DeltaNet layers keep a fixed-size state per sequence: the members' states are stacked
-  into one `LinearAttentionCache` of B rows per layer while the membership stays the same, and
-  copied back into each member's cache when it changes (a member joins or leaves).
-- Full-attention layers keep each member's own KV cache, at its own offset: the projections
-  and the MLP run on the batch, the attention per sequence (`DecoderLayer._attention_rows`).
-  No left-padding: a member joins or leaves without anyone's cache being re-padded or copied,
-  and its cache is a pool state as it stands.
+How sequences of different lengths share a pass (`Model` layers take a `Batch`'s caches).
+While the membership stays the same the members' states are stacked, one row each, and copied
+back into each member's own cache when it changes (a member joins or leaves, or decodes alone):
+- Gated-DeltaNet layers keep a fixed-size state per sequence: one `LinearAttentionCache` of B
+  rows per layer.
+- Full-attention layers: one `BatchKVCache` per layer, each row filled to its own offset, new
+  positions written and rotated at each row's offset and the rest masked: no left-padding, so
+  nobody's positions move when another joins. A quantized KV cache stays each member's own,
+  its attention run per sequence (`DecoderLayer._attention_rows`: a row reaching
+  `quantized_kv_start` would change the layout of a shared buffer).
 
 Members decode plainly in a batch step (one token each, their own sampling settings, random
 keys, penalties, logit_bias, grammar and log-probabilities through `Decoder.pick`); MTP
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from mlxkit.cache import LinearAttentionCache
+from mlxkit.cache import BatchKVCache, LinearAttentionCache
 from mlxkit.errors import MlxkitError
 from mlxkit.generate import Generation
 from mlxkit.models.qwen3_5 import Rotary
@@ -74,7 +76,9 @@ class Batch:
         """Copies the stacked states back into the members' own caches; empties the batch."""
         if self._layers is not None:
             for i, layer in enumerate(self._layers):
-                if isinstance(layer, LinearAttentionCache):
+                if isinstance(layer, BatchKVCache):
+                    layer.release()
+                elif isinstance(layer, LinearAttentionCache):
                     for b, m in enumerate(self.members):
                         own, row = m.generation.cache.main[i], mx.array([b])
                         # gathered, not sliced: a row slice would keep the whole stack alive
@@ -93,6 +97,8 @@ class Batch:
                     layer.conv_state = mx.concatenate([c[i].conv_state for c in caches])
                     layer.recurrent_state = mx.concatenate([c[i].recurrent_state for c in caches])
                     self._layers.append(layer)
+                elif own.quantization is None:
+                    self._layers.append(BatchKVCache([c[i] for c in caches]))
                 else:
                     self._layers.append([c[i] for c in caches])
         return self._layers

@@ -260,6 +260,69 @@ class KVCache:
         return sum(p.nbytes for b in (self.keys, self.values) for p in _parts(b))
 
 
+class BatchKVCache:
+    """The full-precision KV caches of one attention layer's sequences in a batch, as one
+    buffer [B, kv_heads, capacity, head_dim] while the batch's membership holds: row b is
+    sequence b's cache, filled up to offset[b]. A step writes each row's new position at its
+    own offset (a scatter), rotates each row's query and key at its own offset, and masks each
+    row's slots beyond it, so sequences of any lengths share one attention pass with no
+    left-padding. `release` gives each sequence its row back as its own cache. (Quantized
+    caches run per sequence instead: a row crossing `quantized_kv_start` would change the
+    layout of the whole buffer.)"""
+
+    quantized = False
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self.offsets = [c.offset for c in caches]  # also as ints: sizes never wait on the graph
+        self.offset = mx.array(self.offsets)  # [B]
+        capacity = _rounded(max(self.offsets) + 1)
+        self.keys, self.values = (
+            mx.concatenate([self._row(getattr(c, name), c.offset, capacity) for c in caches])
+            for name in ("keys", "values")
+        )
+
+    @staticmethod
+    def _row(buffer: mx.array, offset: int, capacity: int) -> mx.array:
+        """A sequence's filled part, zero-padded to `capacity` positions."""
+        filled = buffer[..., :offset, :]
+        pad = mx.zeros((*filled.shape[:2], capacity - offset, filled.shape[3]), filled.dtype)
+        return mx.concatenate([filled, pad], axis=2)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, ...]:
+        """Writes one new position per row (keys/values [B, kv_heads, 1, head_dim]); returns
+        the buffers and the mask [B, 1, 1, capacity] of the slots each row's query sees."""
+        capacity = self.keys.shape[2]
+        if max(self.offsets) + 1 > capacity:
+            grown = _rounded(capacity + 1)
+            self.keys, self.values = (
+                mx.concatenate(
+                    [b, mx.zeros((*b.shape[:2], grown - capacity, b.shape[3]), b.dtype)], 2
+                )
+                for b in (self.keys, self.values)
+            )
+        rows = mx.arange(keys.shape[0])
+        self.keys[rows, :, self.offset] = keys[:, :, 0].astype(self.keys.dtype)
+        self.values[rows, :, self.offset] = values[:, :, 0].astype(self.values.dtype)
+        mask = mx.arange(self.keys.shape[2])[None] <= self.offset[:, None]
+        self.offset = self.offset + 1
+        self.offsets = [o + 1 for o in self.offsets]
+        return self.keys, self.values, mask[:, None, None, :]
+
+    def release(self) -> None:
+        """Each sequence's row back into its own cache (gathered, so that no cache keeps the
+        whole batch's buffer alive)."""
+        for b, (c, offset) in enumerate(zip(self.caches, self.offsets)):
+            row = mx.array([b])
+            c.keys, c.values = (mx.take(x, row, axis=0) for x in (self.keys, self.values))
+            c.offset = offset
+
+
+def _rounded(n: int) -> int:
+    """n positions rounded up to the KV caches' growth step."""
+    return -(-n // KVCache.step) * KVCache.step
+
+
 class LinearAttentionCache:
     """Gated-DeltaNet state: the last K-1 conv inputs and the recurrent matrix per value head."""
 

@@ -193,3 +193,16 @@ def test_grammar_logprobs_and_logit_bias_per_member(micro32):
             if a.logprobs is not None:
                 assert abs(a.logprobs.logprob - b.logprobs.logprob) < 1e-4
                 assert [t for t, _ in a.logprobs.top] == [t for t, _ in b.logprobs.top]
+
+
+def test_rows_growing_past_the_buffers_step(micro32):
+    """A member whose cache crosses the 256-position growth step mid-batch (the shared
+    buffer grows for every row) beside a short one."""
+    model, tok = micro32
+    long = "".join(f"v{i} = {i}\n" for i in range(33))
+    n = len(tok.encode(long))
+    assert 230 < n < 256
+    requests = [(long, {"max_tokens": 40, "mtp": False}), (PROMPTS[2], {"max_tokens": 40})]
+    responses, _, _ = batched(model, tok, requests, joins=[0, 0])
+    assert token_ids(responses) == token_ids(alone(model, tok, requests))
+    assert n + len(responses[0]) > 256

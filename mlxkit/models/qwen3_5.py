@@ -630,13 +630,15 @@ class DecoderLayer(nn.Module):
         rotary: Rotary | None = None,
     ) -> mx.array:
         """`rotary` matters to attention layers only: Gated-DeltaNet has no positions. An
-        attention layer given a list of caches runs a batch of sequences, one cache each
-        (`_attention_rows`)."""
+        attention layer given a `BatchKVCache`, or a list of caches, runs a batch of
+        sequences (`mlxkit.batch`)."""
         if isinstance(cache, list):
             return self._attention_rows(x, cache, rotary)
         if not self.is_linear:
-            if cache is None:
-                return self._mlp_residual(x + self.self_attn(self.input_layernorm(x), None, rotary))
+            if not isinstance(cache, KVCache):  # none, or a batch's (eager: shapes vary)
+                return self._mlp_residual(
+                    x + self.self_attn(self.input_layernorm(x), cache, rotary)
+                )
             attn, rotary = self.self_attn, rotary or Rotary.text()
             block = self._attention if rotary.cos is None else self._attention_block
             return cache.run(block, x, attn.n_kv_heads, attn.head_dim, *rotary.arrays)
@@ -655,10 +657,9 @@ class DecoderLayer(nn.Module):
     def _attention_rows(self, x: mx.array, caches: list[KVCache], rotary: Rotary) -> mx.array:
         """Row b of x [B, L, H] attends over caches[b], at its own offset and with its own
         shift (`rotary.shift` [B]): the projections and the MLP run on the whole batch, the
-        attention itself per sequence. Each sequence keeps its own KV buffers, so sequences
-        of any lengths join and leave a batch without re-padding or copying anyone's cache,
-        a pool state is any sequence's cache as it stands, and a sequence's attention is its
-        solo computation; the price is B small attention graphs per layer."""
+        attention itself per sequence, each over its own (quantized) KV buffers, which a
+        row reaching `quantized_kv_start` may quantize on its own. The price is B small
+        attention graphs per layer (full-precision caches share a `BatchKVCache` instead)."""
         attn = self.self_attn
         q, gate, k, v = attn.project(self.input_layernorm(x))
         rows = [
