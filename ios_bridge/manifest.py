@@ -90,6 +90,9 @@ SCHEMA: dict = {
     "mlx": {"cache_limit_bytes": int},
     # the JSON Schema the app's prompts use (guided.JSON_SCHEMA_FILE beside the manifest), or None
     "json_schema_path": (str, type(None)),
+    # what the recipe costs against the source (mlxkit.quality.quality_block), or None when the
+    # plan knew nothing of it; no app reads it, and verify re-measures it only on request
+    "quality": (dict, type(None)),
     "performance": dict,
     "files": list,
 }
@@ -119,7 +122,9 @@ def schema_errors(data: dict, schema: dict = SCHEMA, where: str = "") -> list[st
             else:
                 errors += schema_errors(data[key], kind, name + ".")
         elif not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            errors.append(f"{name}: expected {getattr(kind, '__name__', kind)}")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            errors.append(f"{name}: expected {names}")
     if not where:
         if data.get("schema_version") not in (None, SCHEMA_VERSION):
             errors.append(

@@ -44,7 +44,7 @@ ROWS = [
                    code=1, message="quality vs the source",
                    setup=quality_block({"method": "guessed", "tokens": 8, "kl_mean": 0.1})),
     verify_quality("quality block a list", "--quality", "--reference", "{src}",
-                   code=1, message="quality vs the source",
+                   code=1, message="quality: expected dict or null",
                    setup=quality_block([1])),
     cli("plan: --recipe auto without a sensitivity measurement", "plan", "--model", "{src}",
         "--target", "iphone12", "--recipe", "auto", message="sensitivity measurement"),

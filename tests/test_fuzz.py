@@ -328,7 +328,7 @@ def _manifest(blob: bytes) -> None:
     finally:
         (bundle / "manifest.json").write_bytes(original)
     if report.ok:  # then nothing changed but the fields no app reads
-        informational = ("source", "created_by")
+        informational = ("source", "created_by", "quality")  # quality: re-measured on request
         strip = lambda m: {k: v for k, v in m.items() if k not in informational}
         assert strip(json.loads(blob)) == strip(json.loads(original))
 
