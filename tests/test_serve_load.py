@@ -136,12 +136,21 @@ def send(client: openai.OpenAI, s: dict) -> str:
 
 
 def warm_up(server: Server, micro) -> None:
+    """Every kind of request once, then batches of each size, so that later memory is not
+    first use (a batch size's first step compiles its blocks)."""
     client = server.client()
-    for c in range(4):  # every kind of request once, so that later memory is not first use
-        send(
-            client,
-            {**spec(c, 0), "text": f"# warm {c}\nx = 1\n", "chat": c < 2, "stream": c % 2 == 0},
-        )
+    warm = [
+        {**spec(c, 0), "text": f"# warm {c}\nx = 1\n", "chat": c < 2, "stream": c % 2 == 0}
+        for c in range(4)
+    ]
+    for s in warm:
+        send(client, s)
+    for size in range(2, MAX_BATCH + 1):
+        threads = [threading.Thread(target=send, args=(client, warm[i])) for i in range(size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(REQUEST_TIMEOUT_S)
 
 
 def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
