@@ -57,13 +57,13 @@ class Member:
 
 
 class Batch:
-    """The members of the current batch step and their stacked Gated-DeltaNet states."""
+    """The members of the current batch step and their stacked states (see the module
+    docstring)."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.members: list[Member] = []
         self._layers: list | None = None  # per layer: a stacked cache, or the members' KV caches
-        self._offsets: list[int] = []  # the members' Gated-DeltaNet offsets when stacked
 
     def set_members(self, members: list[Member]) -> None:
         """The members of the next steps (their states restacked only when they change)."""
@@ -115,7 +115,8 @@ class Batch:
         picked = []
         for b, (m, d) in enumerate(zip(members, decoders)):
             (key,) = d.keys.take()
-            picked.append(d.pick(logits[b, -1], d.cache.tokens + [m.y], key))
+            history = d.cache.tokens + [m.y] if d.reads_history else []  # a copy: only if read
+            picked.append(d.pick(logits[b, -1], history, key))
             if d.cache.mtp is not None:
                 m.hiddens.append(hidden[b : b + 1])
         mx.eval(picked)

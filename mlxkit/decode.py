@@ -149,6 +149,12 @@ class Decoder:
         # clean point (`plain` and `speculative` then return the token to go on from)
         self.pause: Callable[[], bool] = lambda: False
 
+    @property
+    def reads_history(self) -> bool:
+        """Whether picking a token reads the tokens before it (the repetition penalty and the
+        grammar do): then their values must be known first, and `pick` is given them."""
+        return self.params.repetition_penalty != 1.0 or self.constraint is not None
+
     def _adjusted(self, logits: mx.array, history: list[int]) -> mx.array:
         """Logits [..., V] as the token is picked from them: penalties, logit_bias and the
         grammar's mask (`history`: the prompt and every token decided, up to the last)."""
@@ -216,14 +222,10 @@ class Decoder:
         draft, returning the token that round starts from and its k ((None, 0) once generation
         has ended). They end the same way, with k = 0, when `pause()` turns true."""
         y, finite = mx.array(first), mx.array(True)
-        # the penalty and the grammar need the value first
-        pipelined = self.params.repetition_penalty == 1.0 and self.constraint is None
+        pipelined = not self.reads_history
         hiddens = [] if control is None else [self.cache.mtp_pending]
-        k, first_round, paused = (
-            0,
-            True,
-            False,
-        )  # the round on `first` is plain: the caller chose it
+        # the round on `first` is plain: the caller chose it
+        k, first_round, paused = 0, True, False
         while True:
             if k > 0 or paused:
                 token = self.checked(y, finite)
