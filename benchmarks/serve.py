@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from machine import machine
@@ -88,9 +89,12 @@ class Engine:
         r = conn.getresponse()
         return r.status, r.read()
 
-    def chat(self, messages: list[dict], max_tokens: int) -> dict:
+    def chat(
+        self, messages: list[dict], max_tokens: int, on_chunk: Callable[[], None] = lambda: None
+    ) -> dict:
         """One streamed chat completion: text, seconds to the first text, seconds from the first
-        text to the last, completion tokens (from the usage the server reports)."""
+        text to the last, completion tokens (from the usage the server reports). `on_chunk` is
+        called as each chunk with choices arrives (not the usage chunk)."""
         body = {
             "model": "default_model",
             "messages": messages,
@@ -113,6 +117,8 @@ class Engine:
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
+            if chunk.get("choices"):
+                on_chunk()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
@@ -159,39 +165,25 @@ def long_prompt_arrival(engine: Engine, prompt_tokens: int, tokens: int, tag: st
     """The running stream's gaps around a long prompt's arrival (see the module docstring);
     `tag` starts the long prompt, so that no server has it cached from an earlier repeat."""
     chunks: list[float] = []
-    sent, done = threading.Event(), {}
+    sent = threading.Event()
 
-    def running() -> None:
-        body = {
-            "model": "default_model",
-            "messages": [{"role": "user", "content": QUESTIONS[0]}],
-            "max_tokens": tokens,
-            "temperature": 0.0,
-            "stream": True,
-            "chat_template_kwargs": NO_THINK,
-        }
-        conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=600)
-        conn.request(
-            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
-        )
-        for line in conn.getresponse():
-            if line.startswith(b"data: {"):
-                chunks.append(time.perf_counter())
-                if len(chunks) == 10:
-                    sent.set()
-        conn.close()
+    def arrived() -> None:
+        chunks.append(time.perf_counter())
+        if len(chunks) == 10:
+            sent.set()
 
-    thread = threading.Thread(target=running)
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    thread = threading.Thread(target=engine.chat, args=(question, tokens, arrived))
     thread.start()
     sent.wait(300)
     code = (Path(__file__).resolve().parent / "decode.py").read_text()
     long_text = tag + (code * (prompt_tokens // 1000 + 2))[: prompt_tokens * 3]  # ~3 chars/token
     t0 = time.perf_counter()
     r = engine.chat([{"role": "user", "content": long_text}], 8)
-    done["t"] = time.perf_counter()
+    done = time.perf_counter()
     thread.join()
     before = [b - a for a, b in itertools.pairwise(chunks) if b <= t0]
-    during = [b - a for a, b in itertools.pairwise(chunks) if t0 < b and a < done["t"]]
+    during = [b - a for a, b in itertools.pairwise(chunks) if t0 < b and a < done]
     return {
         "gap_before": statistics.median(before),
         "gap_during": max(during, default=float("nan")),
