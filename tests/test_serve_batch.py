@@ -6,6 +6,7 @@ prefilled in pieces between the running stream's tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -126,3 +127,28 @@ def test_a_long_prompt_is_prefilled_between_a_running_streams_tokens(micro32):
         running[-1][0] - sent,
         first_long - sent,
     )
+
+
+def test_shutting_down_answers_every_request_in_progress(micro32):
+    """Stopped while three requests are being served, the engine gives each its 503 (it
+    once walked the list it was removing them from, and skipped every other one)."""
+    from mlxkit.serve.engine import SHUTTING_DOWN, Job
+
+    model, tok = micro32
+    engine = Engine(model, tok, max_queue=0, prompt_cache_bytes=0)
+    loop = asyncio.new_event_loop()
+    jobs = [Job(tok.encode(p), {"max_tokens": 500}, loop) for p in OTHERS]
+    for job in jobs:
+        assert engine.admit()
+        engine.submit(job)
+    looks = iter(range(40))  # stop() is looked at several times per step
+    engine.run(stop=lambda: next(looks, None) is None)
+    loop.run_until_complete(asyncio.sleep(0))  # the events sent from the engine arrive
+    last = []
+    for job in jobs:
+        events = []
+        while not job.events.empty():
+            events.append(job.events.get_nowait())
+        last.append(events[-1])
+    loop.close()
+    assert last == [SHUTTING_DOWN] * len(jobs)

@@ -240,7 +240,7 @@ class Engine:
             if prefilling:
                 self._prefill(prefilling[0])
             self._step()
-        for a in self._active:  # shutting down: every request in progress gets its 503
+        for a in list(self._active):  # shutting down: every request in progress gets its 503
             self._end(a, SHUTTING_DOWN)
         self.busy = False
 
@@ -267,7 +267,7 @@ class Engine:
             mx.clear_cache()
             self._refresh()
         try:
-            self._jobs.put(self._jobs.get(timeout=0.1))  # back in line: _take_jobs takes it
+            self._start(self._jobs.get(timeout=0.1))
         except queue.Empty:
             pass
 
@@ -275,33 +275,36 @@ class Engine:
         """Starts queued jobs while there are places in the batch."""
         while len(self._active) < self.max_batch:
             try:
-                job = self._jobs.get_nowait()
+                self._start(self._jobs.get_nowait())
             except queue.Empty:
                 return
-            if job.cancelled.is_set():
-                self.counters.cancelled += 1
-                continue
-            started = time.perf_counter()
-            cache = self.pool.take(job.tokens, [v.key for v in job.images]) or self.new_cache()
-            job.cached = len(cache.tokens)
-            try:
-                generation = start_generation(
-                    self.model,
-                    self.tokenizer,
-                    job.tokens,
-                    prompt_cache=cache,
-                    mtp=self.mtp,
-                    num_draft=self.num_draft,
-                    images=job.images,
-                    **self._kv_options,
-                    **job.options,
-                )
-            except Exception as e:  # noqa: BLE001 - _fail logs what is not a refusal
-                self._fail(job, e)
-                continue
-            seeded = job.options.get("seed") is not None
-            batchable = not (generation.control and seeded and not generation.options.params.greedy)
-            self._active.append(Active(job, generation, started, batchable=batchable))
+
+    def _start(self, job: Job) -> None:
+        """Sets job's generation up (from a pool state its prompt extends) to be prefilled."""
+        if job.cancelled.is_set():
+            self.counters.cancelled += 1
+            return
+        started = time.perf_counter()
+        cache = self.pool.take(job.tokens, [v.key for v in job.images]) or self.new_cache()
+        job.cached = len(cache.tokens)
+        try:
+            generation = start_generation(
+                self.model,
+                self.tokenizer,
+                job.tokens,
+                prompt_cache=cache,
+                mtp=self.mtp,
+                num_draft=self.num_draft,
+                images=job.images,
+                **self._kv_options,
+                **job.options,
+            )
+        except Exception as e:  # noqa: BLE001 - _fail logs what is not a refusal
+            self._fail(job, e)
+            return
+        seeded = job.options.get("seed") is not None
+        batchable = not (generation.control and seeded and not generation.options.params.greedy)
+        self._active.append(Active(job, generation, started, batchable=batchable))
 
     def _drop_cancelled(self) -> None:
         for a in [a for a in self._active if a.job.cancelled.is_set()]:
@@ -437,9 +440,8 @@ class Engine:
         if isinstance(e, MlxkitError):
             job.send(Failed(400, str(e)))
             return
-        log.error(
-            "generation failed", exc_info=e
-        )  # a broken generation must not take the server down
+        # a broken generation must not take the server down
+        log.error("generation failed", exc_info=e)
         job.send(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
 
     def _prepare(self, tokens: list[int], image_keys: list[str]) -> None:
