@@ -41,11 +41,32 @@ from mlxkit.response import GenerationResponse
 
 @dataclass(eq=False)
 class Member:
-    """A generation in a batch: `y` is its next token (not yet run through the model)."""
+    """A generation in a batch. Its next token (not yet run through the model) is `y` once its
+    value is known, or `picked`, the (token, finite) pair a batch step queued and nobody has
+    waited for yet: the next step runs it through the model before reading it."""
 
     generation: Generation
-    y: int
+    y: int | None
+    picked: tuple[mx.array, mx.array] | None = None
     hiddens: list[mx.array] = field(default_factory=list)  # for mtp_pending, not yet joined
+
+    def next_token(self) -> int:
+        """The next token's value (waits for the step that picked it); the MlxkitError of
+        non-finite logits if they were."""
+        if self.picked is not None:
+            self.y = self.generation.decoder.checked(*self.picked)
+            self.picked = None
+        return self.y
+
+    def _input(self) -> mx.array:
+        return mx.array(self.y) if self.picked is None else self.picked[0]
+
+    def _history(self) -> list[int]:
+        """What a pick that reads the tokens before it is given: the cached ones and the next
+        (its value read unchecked: the check comes when it is handed out)."""
+        cache = self.generation.cache
+        y = self.y if self.picked is None else self.picked[0].item()
+        return cache.tokens + [y]
 
     def settle(self) -> None:
         """Joins the hidden states of its batch steps to `mtp_pending`, as decoding alone
@@ -104,30 +125,33 @@ class Batch:
         return self._layers
 
     def step(self) -> list[GenerationResponse | MlxkitError]:
-        """One token for every member: runs their `y`s, picks each member's next token and
-        returns each member's response for the token it ran (the next one becomes its `y`), or
-        the error that ends it (non-finite logits)."""
+        """One token for every member: runs each member's next token through the model and
+        queues (async_eval) the pick of the one after, then hands out the token it ran: each
+        member's response for it, or the error that ends it (non-finite logits). Waiting for
+        the token's value after the next pass is queued lets handing tokens out (and the
+        server's streaming) overlap with compute, as mlx-lm's batch generator does; a member
+        whose pick reads the tokens before it waits for them first."""
         members = self.members
         decoders = [m.generation.decoder for m in members]
-        ys = mx.array([[m.y] for m in members])
+        ys = mx.stack([m._input() for m in members]).reshape(-1, 1)
         shifts = mx.array([d.cache.rope_delta for d in decoders], dtype=mx.int32)
         logits, hidden = self.model.logits_and_hidden(ys, self._stacked(), Rotary(shifts))
         picked = []
         for b, (m, d) in enumerate(zip(members, decoders)):
             (key,) = d.keys.take()
-            history = d.cache.tokens + [m.y] if d.reads_history else []  # a copy: only if read
+            history = m._history() if d.reads_history else []
             picked.append(d.pick(logits[b, -1], history, key))
             if d.cache.mtp is not None:
                 m.hiddens.append(hidden[b : b + 1])
-        mx.eval(picked)
+        mx.async_eval(picked)
         results: list[GenerationResponse | MlxkitError] = []
-        for m, d, (token, finite) in zip(members, decoders, picked):
+        for m, d, pick in zip(members, decoders, picked):
             try:
-                nxt = d.checked(token, finite)
+                y = m.next_token()
             except MlxkitError as e:  # this member's logits broke: it alone ends
                 results.append(e)
                 continue
-            d.cache.tokens.append(m.y)
-            results.append(m.generation.out.push(m.y, d.scores.take()))
-            m.y = nxt
+            d.cache.tokens.append(y)
+            results.append(m.generation.out.push(y, d.scores.take()))
+            m.y, m.picked = None, pick
         return results

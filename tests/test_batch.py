@@ -11,9 +11,11 @@ import pytest
 
 from mlxkit import load
 from mlxkit.batch import Batch, Member
+from mlxkit.errors import MlxkitError
 from mlxkit.generate import PromptCache, start_generation, stream_generate
 from mlxkit.micro import micro_dir
 from mlxkit.models.qwen3_5 import Rotary
+from mlxkit.response import GenerationResponse
 from tests.helpers import FIXTURES
 
 PROMPTS = [
@@ -46,7 +48,7 @@ def batched(model, tokenizer, requests: list[tuple[object, dict]], joins: list[i
             ((i, m),) = live.items()
             batch.release()
             m.settle()
-            responses[i] += list(generations[i].decode(m.y))
+            responses[i] += list(generations[i].decode(m.next_token()))
             break
         if not live:
             continue
@@ -206,3 +208,28 @@ def test_rows_growing_past_the_buffers_step(micro32):
     responses, _, _ = batched(model, tok, requests, joins=[0, 0])
     assert token_ids(responses) == token_ids(alone(model, tok, requests))
     assert n + len(responses[0]) > 256
+
+
+def test_a_member_whose_logits_break_ends_alone(micro32):
+    """A member whose state turns NaN ends with the non-finite-logits error at the step that
+    hands out the broken pick; the members beside it finish with their own tokens."""
+    model, tok = micro32
+    requests = [(p, {"max_tokens": 10, "mtp": False}) for p in PROMPTS[:3]]
+    gens = [start_generation(model, tok, p, **kw) for p, kw in requests]
+    members = [Member(g, g.finish_prefill()) for g in gens]
+    state = gens[1].cache.main[0]  # a Gated-DeltaNet layer: only its own row goes NaN
+    state.recurrent_state = mx.full(state.recurrent_state.shape, mx.nan, mx.float32)
+    batch, results = Batch(model), [[], [], []]
+    live = dict(enumerate(members))
+    while live:
+        order = sorted(live)
+        batch.set_members([live[i] for i in order])
+        for i, r in zip(order, batch.step()):
+            results[i].append(r)
+            if isinstance(r, MlxkitError) or r.finish_reason is not None:
+                del live[i]
+    *ran, broken = results[1]
+    assert [type(r) for r in ran] == [GenerationResponse]  # the first token, from the prefill
+    assert isinstance(broken, MlxkitError) and "non-finite logits" in str(broken)
+    kept = [results[0], results[2]]
+    assert token_ids(kept) == token_ids(alone(model, tok, [requests[0], requests[2]]))

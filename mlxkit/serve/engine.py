@@ -364,8 +364,12 @@ class Engine:
             a = batched[0]
             self._batch.release()  # its states back in its own cache
             a.member.settle()
-            a.alone = a.generation.decode(a.member.y)
             batched = []
+            try:
+                a.alone = a.generation.decode(a.member.next_token())
+            except MlxkitError as e:  # the last batch step's logits broke
+                self._leave(a)
+                self._fail(a.job, e)
         for a in [a for a in decoding if a.alone is not None]:
             self._advance_alone(a)
         if batched:
