@@ -12,8 +12,16 @@ The model of a round of k drafts:
   accepted at depth j, seeded from `mlxkit tune`'s run on this model, the model's last run in
   this process (timing allowed), or DEFAULT_ACCEPTANCE;
 - its cost, the seconds of a round of k drafts (k = 0: one plain decode step): `mlxkit tune`'s
-  table for this machine, model and recipe, else a default shape (`default_costs`); when timing
-  may be used, corrected by the seconds of adjacent rounds of different ks (COST_ALPHA).
+  table for this machine, model and recipe, else a default shape (`default_costs`). When timing
+  may be used, rounds can overrule the table, but only together: each round that follows a run
+  of rounds of another k gives one estimate of the draft cost r in cost = 1 + r·k decode steps
+  (`slope`, against the median of that run's last rounds, next to it in time: a shared
+  machine's speed drifts 2-4x within minutes), the last SAMPLES estimates are kept, and their
+  median replaces the table only where it makes another k the best and a sign test over the
+  estimates says so clearly (`_decide`); until then probes test that k. One round against its
+  neighbour is too noisy on a shared machine to learn a cost ratio from
+  (benchmarks/results/decode.md, 2026-12-07: auto drafted in half the rounds where plain
+  decoding was the fastest); many are not. The report then says "measured" costs.
 k = 0 is plain decoding and says nothing about acceptance, so every so many rounds auto probes
 one round of one draft more than it would (`choose`).
 
@@ -28,8 +36,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import statistics
 import time
 import warnings
 import weakref
@@ -48,10 +58,11 @@ K_MAX = 3  # auto drafts at most this many per round (k = 3 was never the best h
 DEFAULT_ACCEPTANCE = 0.7  # per depth, before anything is measured (micro: 0.84 at depth 1)
 ALPHA = 0.1  # weight of a new acceptance observation (0.25 left drafting on short streaks)
 PROBE_ALPHA = 0.5  # a probe's new depth: probes are rare, so a rise shows within two of them
-# Timed, a k's cost is learnt only where a round of it follows a round of another k: the ratio
-# of the two rounds' seconds, next to each other in time. A shared machine's speed drifts 2-4x
-# within minutes, so costs timed apart are not comparable; rounds side by side are.
-COST_ALPHA, PAIR_BOUND = 0.5, 10.0  # in log space; a pair's ratio bounded to 10x either way
+# Timed: a round right after a run of rounds of another k is compared with the median of that
+# run's last RUN_SPAN rounds; the last SAMPLES comparisons (draft costs in decode steps, bounded
+# to 0..MAX_SLOPE) overrule the table when more of them vote for another k than SIGN_Z
+# standard deviations of a fair coin allow (at least 4 of 4, 6 of 8, 11 of 16, 22 of 32).
+RUN_SPAN, SAMPLES, SIGN_Z, MAX_SLOPE = 5, 32, 2.0, 4.0
 PROBE_GAP, MAX_PROBE_GAP = 16, 64  # rounds between probes; doubles while probes change nothing
 # A round of k drafts costs about 1 + r·k decode steps. CPU: measured in the loop on micro
 # (bf16: rounds of 1.70, 2.34, 2.97 steps for k = 1, 2, 3; 4-bit: 2.1 steps for k = 1, as
@@ -79,20 +90,33 @@ def default_costs(quantized: bool = False) -> CostTable:
     return CostTable(tuple(1.0 + r * k for k in range(K_MAX + 1)), "default")
 
 
+def slope(k: int, seconds: float, ref_k: int, ref_seconds: float) -> float:
+    """The draft cost r (decode steps per draft) that makes a round of k drafts taking
+    `seconds` and rounds of ref_k taking `ref_seconds` fit cost = 1 + r·k, bounded to
+    0..MAX_SLOPE. It grows with seconds / ref_seconds where k > ref_k and shrinks where k <
+    ref_k; a ratio past what any finite r gives (a round of more drafts over (k / ref_k)x the
+    other's seconds, say) is MAX_SLOPE."""
+    rho = seconds / ref_seconds
+    denominator = k - rho * ref_k
+    if denominator * (k - ref_k) <= 0:
+        return MAX_SLOPE
+    return min(max((rho - 1) / denominator, 0.0), MAX_SLOPE)
+
+
 @dataclass
 class DraftState:
-    """What auto has learnt: acceptance per depth and (timing allowed) the relative cost of a
-    round of each k, started from the table. Kept per model between runs that may use
-    timing."""
+    """What auto has learnt: acceptance per depth, started from the table, and (timing
+    allowed) the last SAMPLES draft costs the rounds measured (`slope`). Kept per model between
+    runs that may use timing."""
 
     acceptance: list[float]
-    cost: list[float]
+    slopes: list[float]
 
     @classmethod
     def new(cls, table: CostTable, k_max: int = K_MAX) -> DraftState:
         seed = list(table.acceptance or ())[:k_max]
         seed += [DEFAULT_ACCEPTANCE] * (k_max - len(seed))
-        return cls(seed, list(table.round_s))
+        return cls(seed, [])
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -129,7 +153,7 @@ class DraftControl:
         self._rounds = [0] * (self.k_max + 1)
         self._seconds = [0.0] * (self.k_max + 1)
         self._last: float | None = None  # when the last round ended
-        self._previous: tuple[int, float] | None = None  # the last round's k and seconds
+        self._run: tuple[int, list[float]] | None = None  # k and seconds of the current run
         self._gap, self._since_probe = PROBE_GAP, 0
         self._best: int | None = None  # the best k at the last choice
         self._probe_from: int | None = None  # the best k when the round in flight is a probe
@@ -141,29 +165,60 @@ class DraftControl:
         table = default_costs()
         return cls(table, DraftState.new(table, max(k, K_MAX)), timed=False, fixed=k)
 
-    def cost(self, k: int) -> float:
-        """The cost of a round of k drafts as the choice sees it (only ratios matter)."""
-        return self.state.cost[k] if self.timed else self.table.round_s[k]
+    def costs(self) -> list[float]:
+        """The cost of a round of each k as the choice sees it (only ratios matter): the
+        table's, unless the draft costs timed rounds measured clearly make another k the best
+        (`_decide`)."""
+        return self._decide()[0]
 
-    def rate(self, k: int) -> float:
-        """Expected tokens per second (or per table unit) with k drafts."""
-        return expected_tokens(self.state.acceptance, k) / self.cost(k)
+    def _decide(self) -> tuple[list[float], int | None]:
+        """The costs the choice uses and the k a probe should test, if any. The median of the
+        measured draft costs may make another k than the table's the best; they take over
+        only where a sign test (each draft cost votes for the k that is best at it) says so
+        by SIGN_Z standard deviations of a fair coin. Until it does, that k is the suspect
+        the probes test: rounds of it next to rounds of the table's k are the evidence that
+        settles the question."""
+        n = min(self.k_max, K_MAX) + 1
+        table = list(self.table.round_s[:n])
+        if not self.timed or not self.state.slopes:
+            return table, None
+        measured = [1.0 + statistics.median(self.state.slopes) * k for k in range(n)]
+        b, m = self.best_at(table), self.best_at(measured)
+        if m == b:
+            return table, None
+        tokens_b, tokens_m = (expected_tokens(self.state.acceptance, k) for k in (b, m))
+        votes = sum(
+            1 if tokens_m / (1 + r * m) > tokens_b / (1 + r * b) else -1 for r in self.state.slopes
+        )
+        if votes >= SIGN_Z * math.sqrt(len(self.state.slopes)):
+            return measured, None
+        return table, m
+
+    def rates(self, costs: list[float]) -> list[float]:
+        """Expected tokens per second (or per cost unit) of each k at these costs."""
+        return [expected_tokens(self.state.acceptance, k) / c for k, c in enumerate(costs)]
+
+    def best_at(self, costs: list[float]) -> int:
+        """The k of the highest expected rate at these costs (the smaller k on a tie)."""
+        rates = self.rates(costs)
+        return rates.index(max(rates))
 
     def best(self) -> int:
-        """The k of the highest expected rate (the smaller k on a tie)."""
-        rates = [self.rate(k) for k in range(min(self.k_max, K_MAX) + 1)]
-        return rates.index(max(rates))
+        """The k of the highest expected rate under `costs`."""
+        return self.best_at(self.costs())
 
     def choose(self) -> int:
         """The k of the next round: the best one, except that every `_gap` rounds a probe
-        drafts one more (timed: alternately a plain step, so k = 0's cost stays measured). The
-        gap doubles while probes leave the best k as it was and resets when it changes."""
+        drafts one more (timed: alternately a plain step, so k = 0's cost stays measured), or,
+        timed, tests the suspect `_decide` names. The gap doubles while probes leave the best k
+        as it was and resets when it changes or while there is a suspect."""
         if self._last is None:
             self._last = self.clock()
         if self.fixed is not None:
             return self.fixed
-        best = self.best()
-        if best != self._best:
+        costs, suspect = self._decide()
+        best = self.best_at(costs)
+        if best != self._best or suspect is not None:
             self._gap = PROBE_GAP
         elif self._probed:
             self._gap = min(2 * self._gap, MAX_PROBE_GAP)
@@ -171,9 +226,12 @@ class DraftControl:
         self._since_probe += 1
         if self._since_probe < self._gap:
             return best
-        candidates = [best + 1] if best < K_MAX else []
-        if self.timed and best > 0:
-            candidates.append(0)
+        if suspect is not None:
+            candidates = [suspect]
+        else:
+            candidates = [best + 1] if best < K_MAX else []
+            if self.timed and best > 0:
+                candidates.append(0)
         if not candidates:
             return best
         self._since_probe, self._probed = 0, True
@@ -199,28 +257,31 @@ class DraftControl:
             self._learn_cost(k, seconds)
 
     def _learn_cost(self, k: int, seconds: float) -> None:
-        """A round of k right after a round of another k: move k's cost towards what the
-        pair's seconds say, relative to the other's cost."""
+        """A round of k right after a run of rounds of another k: one draft cost, from its
+        seconds against the median of that run's last RUN_SPAN rounds."""
         seconds = max(seconds, 1e-6)  # a clock that did not move: not a free round
-        if self._previous is not None and self._previous[0] != k:
-            before, before_s = self._previous
-            cost = self.state.cost
-            ratio = min(max(seconds / before_s, 1 / PAIR_BOUND), PAIR_BOUND)
-            target = cost[before] * ratio
-            cost[k] *= (target / cost[k]) ** COST_ALPHA
-        self._previous = (k, seconds)
+        if self._run is not None and self._run[0] == k:
+            self._run[1].append(seconds)
+            del self._run[1][:-RUN_SPAN]
+            return
+        if self._run is not None:
+            ref_k, ref_seconds = self._run
+            slopes = self.state.slopes
+            slopes.append(slope(k, seconds, ref_k, statistics.median(ref_seconds)))
+            del slopes[:-SAMPLES]
+        self._run = (k, [seconds])
 
     def report(self) -> DraftReport:
         """What was chosen and why, for the last response of a generation."""
-        n = min(self.k_max, K_MAX) + 1
         auto = self.fixed is None
+        rates = self.rates(self.costs())
         return DraftReport(
             auto=auto,
             rounds=tuple(self._rounds),
             round_ms=tuple(1e3 * s / r if r else None for s, r in zip(self._seconds, self._rounds)),
             acceptance=tuple(self.state.acceptance),
             costs="measured" if self.timed else self.table.source,
-            speedup=tuple(self.rate(k) / self.rate(0) for k in range(n)) if auto else (),
+            speedup=tuple(r / rates[0] for r in rates) if auto else (),
         )
 
 
