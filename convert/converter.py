@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import click
 import mlx.core as mx
@@ -67,6 +67,9 @@ from .output import (
 from .quantize import Recipe, check_vision_bits, load_recipe, quantize
 from .reader import SourceCheckpoint, as_stored_dtype, read_raw_rows, row_chunks
 from .writer import MX_DTYPES, ShardedWriter
+
+if TYPE_CHECKING:
+    from .rounding import Rounded
 
 # A library call logs its summary here and prints nothing; `mlxkit convert` prints the
 # summary of the result it gets back.
@@ -117,6 +120,7 @@ class ConvertResult:
     tensors: int
     quantization: dict | None = field(default=None)
     sensitivity: str | None = None  # with --recipe auto: what was measured, and its cost
+    rounding: str | None = None  # with --rounding gptq: what it rounded, and its cost
     draft_vocab: shortlist.Shortlist | None = None  # with --draft-vocab N
 
     @property
@@ -139,6 +143,7 @@ def convert(
     vision_bits: int | None = None,
     draft_vocab: int | None = None,
     drafter_layout: str = "mlx-vlm",
+    rounding: str = "nearest",
     force: bool = False,
     quiet: bool = False,
 ) -> ConvertResult:
@@ -153,12 +158,15 @@ def convert(
     in `dst/mtp/`, in one of DRAFTER_LAYOUTS. With `vision` the checkpoint's vision tower is
     kept (in `dtype`; its linear layers quantized to `vision_bits` when given). With
     `draft_vocab` N, the drafter gets the shortlist of N tokens it drafts over
-    (convert/shortlist.py; it loads the tokenizer: Qwen's adds ~100 MB of peak memory). Unless
+    (convert/shortlist.py; it loads the tokenizer: Qwen's adds ~100 MB of peak memory).
+    `rounding` "gptq" rounds the decoder layers' linears by GPTQ on the calibration set
+    (convert/rounding.py: its cost in time and memory) instead of to the nearest level. Unless
     `quiet`, shows a progress bar on a terminal's stderr and logs the summary (INFO, logger
     "mlxkit.convert"); nothing goes to stdout. Raises MlxkitError for every problem a user
     can cause."""
     t0 = time.perf_counter()
     _check_options(dtype, drafter_layout, quantize, mtp, vision, force, bits, group_size)
+    _check_rounding(rounding, quantize)
     auto = _check_auto(recipe, bits_per_weight, bits, group_size, quantize)
     the_recipe = (
         None if auto else _checked_recipe(recipe, bits, group_size, quantize, vision, vision_bits)
@@ -184,10 +192,10 @@ def convert(
     check_apart_from_source(out, source.directory)
     _check_disk(out, planned, source.directory)
 
-    with assembling(out, "partial") as tmp:
+    with assembling(out, "partial") as tmp, _rounded(ckpt, the_recipe, dtype, rounding) as rounded:
         with _progress(planned, quiet) as advance:
             rules = _write_weights(
-                ckpt, planned, the_recipe, dtype, tmp, advance, drafter_layout, vision_bits
+                ckpt, planned, the_recipe, dtype, tmp, advance, drafter_layout, vision_bits, rounded
             )
         quantization = _write_metadata(ckpt, tmp, the_recipe, rules, drafter_layout)
         if chosen is not None:
@@ -196,6 +204,7 @@ def convert(
 
     result = _result(out, ckpt, planned, quantization, t0)
     result.sensitivity, result.draft_vocab = sensitivity, chosen
+    result.rounding = None if rounded is None else rounded.summary()
     if chosen is not None:
         result.bytes_by_part["mtp"] += shortlist_file.file_bytes(
             ckpt.cfg.vocab_size, len(chosen.ids)
@@ -339,6 +348,28 @@ def _auto_recipe(directory: Path, bits_per_weight: float | None, dtype: str) -> 
     return recipe, note
 
 
+def _check_rounding(rounding: str, quantize: bool) -> None:
+    from .rounding import check_rounding
+
+    if check_rounding(rounding) != "nearest" and not quantize:
+        raise ConfigError(f"--rounding {rounding} rounds quantized weights; drop --no-quantize")
+
+
+@contextmanager
+def _rounded(ckpt: SourceCheckpoint, recipe: Recipe | None, dtype: str, rounding: str):
+    """The decoder layers' weights rounded by GPTQ, in a temporary folder for the pass to
+    copy (None with "nearest": the pass rounds every chunk itself)."""
+    if rounding == "nearest" or recipe is None:
+        yield None
+        return
+    import tempfile
+
+    from . import rounding as learned
+
+    with tempfile.TemporaryDirectory(prefix="mlxkit-gptq-") as folder:
+        yield learned.round_layers(ckpt, recipe, MX_DTYPES[dtype], Path(folder), learned.MAX_TOKENS)
+
+
 def _source(src: str | Path | Source | Size, dst: str | Path | None, force: bool) -> Source:
     """The checkpoint to convert; a given `dst` is checked first, so that a destination that
     would be refused is refused before a --size download, not after it."""
@@ -431,6 +462,7 @@ def _write_weights(
     advance,
     drafter_layout: str,
     vision_bits: int | None = None,
+    rounded: Rounded | None = None,
 ) -> dict[str, tuple[int, int] | None]:
     """Streams every tensor through read → sanitize → quantize → write; returns the rule
     applied to each weight, by module path. In the "checkpoint" drafter layout the MTP
@@ -438,7 +470,7 @@ def _write_weights(
     vision tower's Conv3d weight is split by output channel, so its chunks transpose alone."""
     writers = _writers(ckpt, planned, out, drafter_layout)
     rules, chunks = _chunks(ckpt, recipe, vision_bits, writers)
-    _stream(ckpt, chunks, writers, dtype, drafter_layout == "checkpoint", advance)
+    _stream(ckpt, chunks, writers, dtype, drafter_layout == "checkpoint", advance, rounded)
     return rules
 
 
@@ -507,6 +539,7 @@ def _stream(
     dtype: str,
     as_checkpoint: bool,
     advance,
+    rounded: Rounded | None = None,
 ) -> None:
     """Three stages overlap: a reader thread copies the next chunks out of the memory map
     while this thread quantizes (MLX releases the GIL while it evaluates) and a writer
@@ -524,7 +557,7 @@ def _stream(
             rows = as_stored_dtype(chunk.info, reads.popleft().result())
             if i + READ_AHEAD < len(chunks):
                 reads.append(reader.submit(chunks[i + READ_AHEAD].read))
-            pieces = _convert_chunk(ckpt, chunk, rows, dtype, as_checkpoint)
+            pieces = _convert_chunk(ckpt, chunk, rows, dtype, as_checkpoint, rounded)
             write = writer_pool.submit(_write_pieces, chunk.writer, chunk.start, pieces)
             writes.append((write, chunk.last))
             del rows, pieces
@@ -546,10 +579,16 @@ def _stream(
 
 
 def _convert_chunk(
-    ckpt: SourceCheckpoint, chunk: _Chunk, rows: mx.array, dtype: str, as_checkpoint: bool
+    ckpt: SourceCheckpoint,
+    chunk: _Chunk,
+    rows: mx.array,
+    dtype: str,
+    as_checkpoint: bool,
+    rounded: Rounded | None = None,
 ) -> list[tuple[str, mx.array]]:
-    """The chunk's pieces to write (the weight; its scales and biases when quantized),
-    evaluated on this thread and checked for NaN and infinity before any is written."""
+    """The chunk's pieces to write (the weight; its scales and biases when quantized: from
+    `rounded`, a `rounding.Rounded`, when it rounded this weight at this rule), evaluated on
+    this thread and checked for NaN and infinity before any is written."""
     out_dtype = MX_DTYPES[dtype]
     if as_checkpoint and chunk.path.startswith("mtp."):
         value = rows.astype(out_dtype)  # MTP tensors are all floating, none A_log
@@ -561,7 +600,10 @@ def _convert_chunk(
         pieces = [(chunk.path, value)]
     else:
         module = chunk.path.removesuffix(".weight")
-        w, scales, biases = quantize(value, *chunk.rule)
+        if rounded is not None and rounded.rules.get(module) == chunk.rule:
+            w, scales, biases = rounded.rows(module, chunk.start, chunk.stop, out_dtype)
+        else:
+            w, scales, biases = quantize(value, *chunk.rule)
         pieces = [(chunk.path, w), (f"{module}.scales", scales), (f"{module}.biases", biases)]
     floats = [value, *(a for _, a in pieces[1:])]  # with a quantized weight's scales
     finite = mx.all(mx.stack([mx.isfinite(a).all() for a in floats]))
@@ -794,6 +836,8 @@ def format_summary(
     ]
     if result.sensitivity is not None:
         lines.append(result.sensitivity)
+    if result.rounding is not None:
+        lines.append(result.rounding)
     if result.mtp_dir is not None:
         lines.append(f"MTP drafter in {result.mtp_dir}")
     elif mtp_wanted:
