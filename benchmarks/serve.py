@@ -15,7 +15,13 @@ medians over the repeats with ratios to mlx_lm.server:
   two chunks while that prompt is served, its median gap before, and the long request's time
   to first token.
 
-    python benchmarks/serve.py --model micro --no-quantize --baseline-rev 8ad0ea2
+- the ceiling of batching (`--step-ceiling`, before the servers start): in this process, with
+  no HTTP, the tokens/s of batch steps of 1 and of each `--clients` count on the same directory:
+  mlxkit's `Batch.step` against mlx-lm's `BatchGenerator` (what mlx_lm.server runs), taking
+  turns. No server can stream more than its batch step makes, so this bounds what batching can
+  reach over HTTP on this machine.
+
+    python benchmarks/serve.py --model micro --no-quantize --baseline-rev 8ad0ea2 --step-ceiling
 
 The model is converted with `mlxkit convert` (4-bit by default, `--no-quantize` for bf16)
 into a temporary directory that every server loads. Greedy decoding, thinking off. The
@@ -207,6 +213,89 @@ def aggregate_tps(engine: Engine, clients: int, tokens: int) -> float:
     return sum(r["tokens"] for r in results) / (time.perf_counter() - t0)
 
 
+def batch_step_tps(directory: Path, sizes: list[int], repeats: int, steps: int = 60) -> dict:
+    """{(engine, batch size): [tokens/s of each repeat]}: `steps` decode steps of a batch of
+    greedy sequences (after 20 unmeasured ones), mlxkit's and mlx-lm's taking turns."""
+    import mlx_lm
+    from mlx_lm.generate import BatchGenerator
+
+    import mlxkit
+    from mlxkit.batch import Batch, Member
+    from mlxkit.generate import start_generation
+
+    ours, tok = mlxkit.load(str(directory))
+    theirs, their_tok = mlx_lm.load(str(directory))
+    prompts = [f"# sequence {i}\n{QUESTIONS[i % len(QUESTIONS)]}" for i in range(max(sizes))]
+    budget = 20 + steps + 1
+
+    def mlxkit_tps(n: int) -> float:
+        gens = [
+            start_generation(ours, tok, p, max_tokens=budget, temperature=0.0, mtp=False)
+            for p in prompts[:n]
+        ]
+        batch = Batch(ours)
+        batch.set_members([Member(g, g.finish_prefill()) for g in gens])
+        for _ in range(20):
+            batch.step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for r in batch.step():
+                r.text  # what a server reads of each
+        return n * steps / (time.perf_counter() - t0)
+
+    def mlx_lm_tps(n: int) -> float:
+        gen = BatchGenerator(theirs, max_tokens=budget, stop_tokens=[])
+        gen.insert([their_tok.encode(p) for p in prompts[:n]], max_tokens=[budget] * n)
+        done = 0
+        while done < 20:  # prefill, then unmeasured steps
+            done += bool(gen.next_generated())
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            while not gen.next_generated():
+                pass
+        tps = n * steps / (time.perf_counter() - t0)
+        gen.close()
+        return tps
+
+    out: dict = {}
+    for _ in range(repeats):
+        for n in sizes:
+            for name, fn in (
+                ("mlxkit Batch.step", mlxkit_tps),
+                ("mlx-lm BatchGenerator", mlx_lm_tps),
+            ):
+                out.setdefault((name, n), []).append(fn(n))
+    return out
+
+
+def ceiling_table(runs: dict, sizes: list[int]) -> list[str]:
+    names = list(dict.fromkeys(name for name, _ in runs))
+    lines = [
+        "Batch steps in one process, no HTTP (tokens/s, median (min–max) of the repeats, "
+        "greedy, the same directory):",
+        "",
+        "| engine | " + " | ".join(f"batch of {n}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for name in names:
+        cells = [runs[(name, n)] for n in sizes]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})" for v in cells)
+            + " |"
+        )
+    ratios = [
+        statistics.median(a / b for a, b in zip(runs[(names[0], n)], runs[(names[1], n)]))
+        for n in sizes
+    ]
+    lines.append(
+        f"| {names[0]} ÷ {names[1]} (median of per-repeat ratios) | "
+        + " | ".join(f"{r:.2f}×" for r in ratios)
+        + " |"
+    )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="micro", help='A model directory or "micro".')
@@ -220,6 +309,14 @@ def main() -> None:
     )
     ap.add_argument("--pause", type=float, default=2.0, help="Seconds between the two turns.")
     ap.add_argument("--out", type=Path, help="Also write the table to this markdown file.")
+    ap.add_argument(
+        "--step-ceiling",
+        action="store_true",
+        help="Also time batch steps in this process (mlxkit vs mlx-lm, no HTTP) first.",
+    )
+    ap.add_argument(
+        "--ceiling-only", action="store_true", help="Only the --step-ceiling table; no servers."
+    )
     args = ap.parse_args()
 
     info = machine()
@@ -245,6 +342,17 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(tree)}
         converted = Path(tmp) / "model"
         convert(resolve_model_dir(args.model), converted, quantize=not args.no_quantize, quiet=True)
+        sizes = [1, *args.clients]
+        ceiling = []
+        if args.step_ceiling or args.ceiling_only:
+            ceiling = ceiling_table(batch_step_tps(converted, sizes, args.repeats), sizes)
+            if args.ceiling_only:
+                print(
+                    "\n".join(
+                        [*ceiling, "", "Machine:", "", *(f"- {k}: {v}" for k, v in info.items())]
+                    )
+                )
+                return
         python = sys.executable
         commands = {
             "mlx_lm.server": [
@@ -360,7 +468,7 @@ def main() -> None:
     ]
     machine_lines = [f"- {k}: {v}" for k, v in info.items()]
     report = "\n".join(
-        [*lines, "", "Every repeat:", "", *spread, "", "Machine:", "", *machine_lines]
+        [*lines, "", *ceiling, "", "Every repeat:", "", *spread, "", "Machine:", "", *machine_lines]
     )
     print(report)
     if args.out:

@@ -268,7 +268,11 @@ class BatchKVCache:
     row's slots beyond it, so sequences of any lengths share one attention pass with no
     left-padding. `release` gives each sequence its row back as its own cache. (Quantized
     caches run per sequence instead: a row crossing `quantized_kv_start` would change the
-    layout of the whole buffer.)"""
+    layout of the whole buffer.)
+
+    Like `KVCache`, the buffers keep their shape between growth steps and the offsets are an
+    array, so the layer's attention block stays compiled (`run`): inside it a `RowWrites` over
+    the buffers does the writing."""
 
     quantized = False
 
@@ -289,9 +293,9 @@ class BatchKVCache:
         pad = mx.zeros((*filled.shape[:2], capacity - offset, filled.shape[3]), filled.dtype)
         return mx.concatenate([filled, pad], axis=2)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, ...]:
-        """Writes one new position per row (keys/values [B, kv_heads, 1, head_dim]); returns
-        the buffers and the mask [B, 1, 1, capacity] of the slots each row's query sees."""
+    def run(self, block: Callable, x: mx.array, *args: mx.array) -> mx.array:
+        """block(x, keys, values, offset, *args) -> (out, keys, values) for one new position
+        per row (x [B, 1, H]), on buffers grown first if a row's position is past them."""
         capacity = self.keys.shape[2]
         if max(self.offsets) + 1 > capacity:
             grown = _rounded(capacity + 1)
@@ -301,13 +305,10 @@ class BatchKVCache:
                 )
                 for b in (self.keys, self.values)
             )
-        rows = mx.arange(keys.shape[0])
-        self.keys[rows, :, self.offset] = keys[:, :, 0].astype(self.keys.dtype)
-        self.values[rows, :, self.offset] = values[:, :, 0].astype(self.values.dtype)
-        mask = mx.arange(self.keys.shape[2])[None] <= self.offset[:, None]
+        out, self.keys, self.values = block(x, self.keys, self.values, self.offset, *args)
         self.offset = self.offset + 1
         self.offsets = [o + 1 for o in self.offsets]
-        return self.keys, self.values, mask[:, None, None, :]
+        return out
 
     def release(self) -> None:
         """Each sequence's row back into its own cache (gathered, so that no cache keeps the
@@ -316,6 +317,26 @@ class BatchKVCache:
             row = mx.array([b])
             c.keys, c.values = (mx.take(x, row, axis=0) for x in (self.keys, self.values))
             c.offset = offset
+
+
+@dataclass
+class RowWrites:
+    """A `BatchKVCache`'s buffers inside its compiled attention block: what the attention
+    layer writes through (`update_and_fetch`) and rotates by (`offset`, [B])."""
+
+    keys: mx.array
+    values: mx.array
+    offset: mx.array
+    quantized = False
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, ...]:
+        """Writes one new position per row (keys/values [B, kv_heads, 1, head_dim]); returns
+        the buffers and the mask [B, 1, 1, capacity] of the slots each row's query sees."""
+        rows = mx.arange(keys.shape[0])
+        self.keys[rows, :, self.offset] = keys[:, :, 0].astype(self.keys.dtype)
+        self.values[rows, :, self.offset] = values[:, :, 0].astype(self.values.dtype)
+        mask = mx.arange(self.keys.shape[2])[None] <= self.offset[:, None]
+        return self.keys, self.values, mask[:, None, None, :]
 
 
 def _rounded(n: int) -> int:

@@ -20,7 +20,13 @@ import mlx.core as mx
 from mlx import nn
 
 from mlxkit import fields
-from mlxkit.cache import KVCache, KVQuantization, LinearAttentionCache
+from mlxkit.cache import (
+    BatchKVCache,
+    KVCache,
+    KVQuantization,
+    LinearAttentionCache,
+    RowWrites,
+)
 from mlxkit.errors import ConfigError
 from mlxkit.models.qwen3_5_vision import VisionConfig, VisionModel, apply_rotary
 
@@ -591,6 +597,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         if not linear:
             self._attention = mx.compile(self._attention_block, inputs=self.state)
+            self._batch_attention = mx.compile(self._batch_attention_block, inputs=self.state)
         else:
             self._linear = mx.compile(partial(self._linear_block, record=False), inputs=self.state)
             self._linear_recording = mx.compile(
@@ -617,6 +624,15 @@ class DecoderLayer(nn.Module):
         out = self.self_attn(self.input_layernorm(x), cache, Rotary(*rotary))
         return self._mlp_residual(x + out), cache.keys, cache.values
 
+    def _batch_attention_block(
+        self, x: mx.array, keys: mx.array, values: mx.array, offset: mx.array, shift: mx.array
+    ):
+        """One decode step of a batch's sequences (`BatchKVCache.run`): `offset` and `shift`
+        [B] place each row's token."""
+        cache = RowWrites(keys, values, offset)
+        out = self.self_attn(self.input_layernorm(x), cache, Rotary(shift))
+        return self._mlp_residual(x + out), cache.keys, cache.values
+
     def _linear_block(self, x: mx.array, conv_state: mx.array, state: mx.array, record: bool):
         out, conv_in, state, states = self.linear_attn(
             self.input_layernorm(x), conv_state, state, record
@@ -634,8 +650,10 @@ class DecoderLayer(nn.Module):
         sequences (`mlxkit.batch`)."""
         if isinstance(cache, list):
             return self._attention_rows(x, cache, rotary)
+        if isinstance(cache, BatchKVCache):
+            return cache.run(self._batch_attention, x, rotary.shift)
         if not self.is_linear:
-            if not isinstance(cache, KVCache):  # none, or a batch's (eager: shapes vary)
+            if cache is None:
                 return self._mlp_residual(
                     x + self.self_attn(self.input_layernorm(x), cache, rotary)
                 )
