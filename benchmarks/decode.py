@@ -18,6 +18,7 @@ against the best of mlxkit plain and k = 1, 2, 3 within each repeat, with the ro
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -220,6 +221,11 @@ def main() -> None:
         "--mlxkit-only", action="store_true", help="only mlxkit plain, k = 1, 2, 3 and auto"
     )
     ap.add_argument("--no-pieces", action="store_true", help="skip timing the round's pieces")
+    ap.add_argument(
+        "--draft-vocab",
+        type=int,
+        help="convert with a shortlist draft head of N tokens (convert --draft-vocab)",
+    )
     args = ap.parse_args()
 
     report = ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine().items()), ""]
@@ -232,6 +238,7 @@ def main() -> None:
             bits=None if args.no_quantize else args.bits,
             quantize=not args.no_quantize,
             dtype=args.dtype,
+            draft_vocab=args.draft_vocab,
             quiet=True,
         )
         engines = []
@@ -261,6 +268,8 @@ def main() -> None:
             return statistics.median(r[0] / b[0] for r, b in zip(runs, to))
 
         weights = args.dtype if args.no_quantize else f"{args.bits}-bit"
+        if args.draft_vocab:
+            weights += f", drafting over a shortlist of {args.draft_vocab:,} tokens"
         report += [
             (
                 f"### {source}, converted to {weights} ({len(PROMPTS)} prompts × {args.max_tokens} "
@@ -283,6 +292,7 @@ def main() -> None:
         if not args.no_pieces:
             report += [*round_report(round_costs(path)), ""]
         tmp.cleanup()
+    report.append("Load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     text = "\n".join(report)
     print(text)
     if args.out:
