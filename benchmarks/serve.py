@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mlx.core as mx
 from machine import machine
 from mlxkit.convert import convert
 
@@ -239,8 +240,7 @@ def batch_step_tps(directory: Path, sizes: list[int], repeats: int, steps: int =
             batch.step()
         t0 = time.perf_counter()
         for _ in range(steps):
-            for r in batch.step():
-                r.text  # what a server reads of each
+            _ = [r.text for r in batch.step()]  # what a server reads of each
         return n * steps / (time.perf_counter() - t0)
 
     def mlx_lm_tps(n: int) -> float:
@@ -268,11 +268,54 @@ def batch_step_tps(directory: Path, sizes: list[int], repeats: int, steps: int =
     return out
 
 
+def verify_cost_table(directory: Path, sizes: list[int], repeats: int) -> list[str]:
+    """What MTP rounds in a batch would cost: one pass of B rows × (k+1) positions (a shared
+    verify pass) against a batch step (k = 0), the ks taking turns, each row 96 tokens in."""
+    import mlxkit
+    from mlxkit.cache import LinearAttentionCache
+    from mlxkit.models.qwen3_5 import Rotary
+
+    model, _ = mlxkit.load(str(directory))
+    lines = [
+        (
+            "A pass of k+1 positions per row (a shared verify pass of k drafts) ÷ a batch "
+            "step, median of 20 × repeats:"
+        ),
+        "",
+        "| batch | k = 1 | k = 2 | k = 3 | batch step (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        caches = model.make_cache()
+        context = mx.random.randint(0, 2000, (n, 96), key=mx.random.key(0))
+        mx.eval(model.hidden(context, caches, Rotary.text()), *[c.state for c in caches])
+        linear = {i: c.state for i, c in enumerate(caches) if isinstance(c, LinearAttentionCache)}
+        times: dict[int, list[float]] = {t: [] for t in (1, 2, 3, 4)}
+        for _ in range(20 * repeats):
+            for t, spent in times.items():
+                x = mx.zeros((n, t), dtype=mx.int32)
+                t0 = time.perf_counter()
+                logits, hidden = model.logits_and_hidden(x, caches, Rotary.text())
+                mx.eval(logits.argmax(-1), hidden)
+                spent.append(time.perf_counter() - t0)
+                for i, c in enumerate(caches):  # back to the context
+                    if i in linear:
+                        c.state = linear[i]
+                    else:
+                        c.trim(t)
+        m = {t: statistics.median(v) for t, v in times.items()}
+        cells = " | ".join(f"{m[t] / m[1]:.2f}×" for t in (2, 3, 4))
+        lines.append(f"| {n} | {cells} | {m[1] * 1e3:.2f} |")
+    return lines
+
+
 def ceiling_table(runs: dict, sizes: list[int]) -> list[str]:
     names = list(dict.fromkeys(name for name, _ in runs))
     lines = [
-        "Batch steps in one process, no HTTP (tokens/s, median (min–max) of the repeats, "
-        "greedy, the same directory):",
+        (
+            "Batch steps in one process, no HTTP (tokens/s, median (min–max) of the repeats, "
+            "greedy, the same directory):"
+        ),
         "",
         "| engine | " + " | ".join(f"batch of {n}" for n in sizes) + " |",
         "|---|" + "---|" * len(sizes),
@@ -346,6 +389,7 @@ def main() -> None:
         ceiling = []
         if args.step_ceiling or args.ceiling_only:
             ceiling = ceiling_table(batch_step_tps(converted, sizes, args.repeats), sizes)
+            ceiling += ["", *verify_cost_table(converted, sizes, args.repeats)]
             if args.ceiling_only:
                 print(
                     "\n".join(
