@@ -224,6 +224,17 @@ def test_noisy_timings_recovers_when_acceptance_rises(seed):
     assert sum(k > 0 for k in after) >= 0.95 * len(after)
 
 
+def test_measured_draft_costs_carry_over_and_only_a_timed_run_reads_them():
+    """A model's next timed run starts from the draft costs its last one measured (the state
+    `last_state` keeps); a reproducible run on the same state keeps to the table."""
+    timed = control(per_draft=0.45, acceptance=0.82, timed=True)
+    timed.state.slopes[:] = [1.3] * 8
+    assert timed.best() == 0 and timed.costs()[1] == pytest.approx(2.3)
+    again = DraftControl(timed.table, timed.state, timed=False)
+    assert again.best() == 2 and again.costs() == list(timed.table.round_s)
+    assert again.report().costs == "test" and timed.report().costs == "measured"
+
+
 def test_slope_bounds():
     assert slope(1, 2.0, 0, 1.0) == pytest.approx(1.0)  # 1 + r = 2
     assert slope(0, 1.0, 2, 2.0) == pytest.approx(0.5)  # 1 + 2r = 2
