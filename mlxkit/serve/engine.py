@@ -19,9 +19,13 @@ streams keep flowing while a long prompt arrives. Then it decodes:
   decoding, lossless per sequence), except a seeded sampled request with MTP, which keeps
   decoding alone, a token per step, so that its text is the one its seed gives it served
   alone (its draft schedule decides which random draws it makes).
-Whether MTP rounds in a batch would pay: on this project's CPU a verify pass of k+1 positions
-costs about k+1 plain steps, batched or not, so a batch step of B tokens already costs what B
-rounds' verify passes would; drafts per sequence with a shared verify pass are not built.
+Whether MTP rounds in a batch would pay, measured on micro on this project's 2-core CPU
+(`benchmarks/serve.py --step-ceiling`, results in benchmarks/results/serve.md): a pass of 2
+positions per row costs 1.43× a batch step of 4 rows and 1.54× one of 8 (3 positions: 1.95×,
+2.24×), so with the drafts' own cost a round of one draft breaks even at best at micro's
+acceptance; plain steps are the faster choice here, and drafts per sequence with a shared
+verify pass are not built. (Where decoding is bound by memory bandwidth, as on Apple GPUs, a
+pass of k+1 positions costs about one step and they would pay.)
 
 When no request is waiting, the loop prepares states for the next turns of the conversations
 it has just answered (`prepare`): the prefix the next request will start with, prefilled from
