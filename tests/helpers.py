@@ -3,6 +3,7 @@ MTP drafter run on a fixture's reference, and the "copying" MTP head."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -108,3 +109,27 @@ def copying_mtp_checkpoint(tmp_path: Path, mixer_scale: float = 0.0) -> Path:
     for f, w in shards.items():
         mx.save_safetensors(str(f), {k: updates.get(k, v) for k, v in w.items()})
     return d
+
+
+# Two logits within this many bfloat16 units in the last place of the larger (0.25 at logits
+# of 8 to 16) are a near-tie: a verify pass over k+1 positions, or a batch's pass over B rows,
+# rounds differently from one position of one sequence at a time (as another prefill_chunk
+# does), and may pick the other token there.
+NEAR_TIE_ULPS = 4
+
+
+def bf16_ulp(x: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at x."""
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7)
+
+
+def assert_equal_up_to_a_near_tie(model, prompt: list[int], spec: list[int], plain: list[int]):
+    """`spec` (MTP's tokens, or a batch's) is `plain` (decoding alone, one token at a time), or
+    parts from it first at a step where the model's top two logits are a near-tie (from there on
+    both are greedy decodings of the model, under different rounding)."""
+    if spec == plain:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(spec, plain)) if a != b)
+    logits = model(mx.array([prompt + plain[:i]]))[0, -1].astype(mx.float32)
+    second, first = mx.sort(logits)[-2:].tolist()
+    assert first - second <= NEAR_TIE_ULPS * bf16_ulp(first), (i, first, second)

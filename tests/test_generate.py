@@ -2,8 +2,6 @@
 exactly; in bfloat16 and 4-bit up to the batch-shape rounding of a near-tie), caches stay
 exact, bad input is refused."""
 
-import math
-
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
@@ -13,7 +11,15 @@ from mlxkit.convert import convert
 from mlxkit.cli import main
 from mlxkit.generate import PromptCache, encode_prompt, generate, stream_generate
 from mlxkit.load import load
-from tests.helpers import FIXTURES, copying_mtp_checkpoint, copying_mtp_head, reference
+from tests.helpers import (
+    FIXTURES,
+    NEAR_TIE_ULPS,
+    assert_equal_up_to_a_near_tie,
+    bf16_ulp,
+    copying_mtp_checkpoint,
+    copying_mtp_head,
+    reference,
+)
 
 PROMPTS = [
     "def add(a, b):",
@@ -70,29 +76,6 @@ def test_greedy_mtp_equals_plain_greedy(kind):
         assert rate == 1.0
     else:
         assert 0.1 < rate < 0.9, rate
-
-
-# Two logits within this many bfloat16 units in the last place of the larger (0.25 at logits
-# of 8 to 16) are a near-tie: a verify pass over k+1 positions rounds differently from one
-# position at a time (as another prefill_chunk does), and may pick the other token there.
-NEAR_TIE_ULPS = 4
-
-
-def bf16_ulp(x: float) -> float:
-    """The spacing of bfloat16 numbers (8 significant bits) at x."""
-    return 2.0 ** (math.floor(math.log2(abs(x))) - 7)
-
-
-def assert_equal_up_to_a_near_tie(model, prompt: list[int], spec: list[int], plain: list[int]):
-    """MTP's tokens are plain decoding's, or part from them first at a step where the model's
-    top two logits are a near-tie (from there on both are greedy decodings of the model, under
-    different rounding)."""
-    if spec == plain:
-        return
-    i = next(j for j, (a, b) in enumerate(zip(spec, plain)) if a != b)
-    logits = model(mx.array([prompt + plain[:i]]))[0, -1].astype(mx.float32)
-    second, first = mx.sort(logits)[-2:].tolist()
-    assert first - second <= NEAR_TIE_ULPS * bf16_ulp(first), (i, first, second)
 
 
 @pytest.fixture(scope="module")
