@@ -472,13 +472,16 @@ def weight_plan(
     vision: VisionConfig | None = None,
     coreml: tuple[VisionConfig, list[Grid]] | None = None,
     recipe: Recipe | None = None,
+    copies_shortlist: bool = False,
 ) -> WeightPlan:
     """Bytes per part of `recipe` (default: the one the settings name), straight from
     `planned_tensors` (no formula here); `vision` is the tower model/ holds. With `coreml` (a
     tower and its grids) the vision part is the Core ML package's weight file instead, from
     `weight_file_bytes`. With a draft vocabulary the mtp part holds its file too (its size
     follows from the vocabulary and N: `draft_vocab.file_bytes`), as the converter counts it;
-    a draft step does not read the file, so the weight reads leave it out."""
+    a draft step does not read the file, so the weight reads leave it out. Where the runtime
+    drafts over the shortlist (`copies_shortlist`: mlxkit on a Mac; MLX Swift ignores the
+    file) the mtp part also holds the head's N rows it copies (`ShortlistHead`)."""
     recipe = recipe or recipe_of(settings)
     vb = settings.vision_bits
     tensors = planned_tensors(
@@ -503,6 +506,8 @@ def weight_plan(
     )
     if settings.draft_vocab is not None:
         by_part["mtp"] += draft_vocab.file_bytes(cfg.vocab_size, settings.draft_vocab)
+        if copies_shortlist:  # whole rows of the head, scales and biases included
+            by_part["mtp"] += reads.lm_head * settings.draft_vocab // cfg.vocab_size
     big = max(tensors, key=lambda t: t.nbytes)
     order = lambda b: (isinstance(b, str), b if isinstance(b, int) else 0)
     bits_per_part = {part: sorted(v, key=order) for part, v in bits.items() if v}
@@ -737,7 +742,7 @@ def evaluate(
     vision = shapes.vision if s.vision else None
     coreml = (vision, coreml_grids(s, vision)) if s.vision_encoder == "coreml" else None
     tower = None if coreml else vision
-    weights = weight_plan(cfg, s, tower, coreml, recipe)
+    weights = weight_plan(cfg, s, tower, coreml, recipe, runtime_for(tgt) is MLXKIT)
     inputs = _Inputs(shapes, name or label, size, tgt, s, recipe, weights)
     best = largest_context_that_fits(inputs)
     floor = min_context(cfg, inputs.image_tokens)

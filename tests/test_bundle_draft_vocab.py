@@ -185,3 +185,22 @@ def test_a_refusal_offers_the_plan_without_the_drafter_and_its_shortlist():
     with pytest.raises(PlanRefused) as refused:
         plan(SRC, None, 1024, memory_budget=(lean + full) // 2, draft_vocab=N)
     assert "no MTP head (--no-mtp, without --draft-vocab): up to" in refusal_message(refused.value)
+
+
+def test_a_mac_plan_counts_the_head_rows_mlxkit_copies(bundles):
+    """mlxkit's loop (a Mac) drafts over a copy of the head's N rows (`ShortlistHead`): the
+    plan's drafter part holds those bytes beside the file; MLX Swift ignores the file, so an
+    iPhone plan holds the file only."""
+    from mlxkit.ios_bridge.plan import evaluate
+
+    recipe = manifest(bundles["with"])["quantization"]["recipe"]  # what convert --target chose
+
+    def mtp_part(target: str, **kw) -> int:
+        return evaluate(SRC, target, 1024, dtype="float32", recipe=recipe, **kw).weights["mtp"]
+
+    file = draft_vocab.file_bytes(512, N)
+    assert mtp_part("iphone12", draft_vocab=N) - mtp_part("iphone12") == file
+    copied = mtp_part("m1pro-16gb", draft_vocab=N) - mtp_part("m1pro-16gb") - file
+    head = load(bundles["with"])[0].draft_head
+    rows = [head.weight, head.scales, head.biases]
+    assert copied == sum(a.nbytes for a in rows if a is not None) > 0
