@@ -46,6 +46,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxkit import __version__
+from mlxkit.cache import LinearAttentionCache
 from mlxkit.errors import ConfigError
 from mlxkit.layout import DTYPE_BYTES, checkpoint_tensor, fitting_group_size, output_dtype
 from mlxkit.models.qwen3_5 import DecoderLayer, TextConfig
@@ -66,7 +67,15 @@ BITS = (4, 5, 6, 8)  # the body is kept at 4 bits or more
 GROUP_SIZES = (32, 64, 128)
 PROBE = (4, 128)  # the setting each group's KL is measured at
 DEFAULT_BITS_PER_WEIGHT = 4.5  # uniform 4-bit g64's bytes
-STREAM_BYTES = 256 << 20  # hidden states processed at once
+# Activations (float32) a decoder layer or the head computes at once, and the buffers MLX may keep
+# for reuse meanwhile: with a layer's weights they set the measurement's peak memory, which
+# neither the number of layers nor the calibration tokens may raise (9B: about 1 GB).
+ACTIVATION_BYTES = 256 << 20
+# Tokens a linear-attention layer runs at once, its state carried between pieces: the
+# recurrence holds every step's state [Hv, Dv, Dk] until it is evaluated (4B, 9B: 2 MB a step,
+# 512 MB for a window run whole). Above 16 (the compiled path's limit) so every piece takes
+# the path a whole window takes: the same arithmetic, piece by piece.
+PIECE = 32
 CHUNK_BYTES = 64 << 20  # head rows (float32) per vocabulary chunk
 VERSION = 1  # of the measurement: a cached one from another version is measured again
 PREFIX = "language_model.model."
@@ -262,8 +271,13 @@ def measure_sensitivity(
     digest = source_digest(ckpt)
     if use_cache and (hit := cached_sensitivity(digest, calibration)) is not None:
         return hit
-    groups, mtp, fixed = _groups(ckpt, dtype)
-    probe_kl = _probe_kls(ckpt, ids, [g.name for g in groups], tmp_dir)
+    old_cache = mx.set_cache_limit(ACTIVATION_BYTES)  # freed buffers kept beside the work
+    try:
+        groups, mtp, fixed = _groups(ckpt, dtype)
+        probe_kl = _probe_kls(ckpt, ids, [g.name for g in groups], tmp_dir)
+    finally:
+        mx.set_cache_limit(old_cache)
+        mx.clear_cache()
     for g in groups:
         g.probe_kl = probe_kl[g.name]
     text_params = sum(math.prod(i.shape) for p, i in ckpt.tensors.items() if _in_text(p))
@@ -332,10 +346,13 @@ def _weight(ckpt: SourceCheckpoint, path: str, start: int, stop: int) -> mx.arra
     return value.astype(mx.float32)
 
 
-def _fake_quantized(w: mx.array, bits: int, group_size: int) -> mx.array:
-    """`w` as the quantized model computes with it (from its bfloat16 values, as written)."""
+def _fake_quantized(
+    w: mx.array, bits: int, group_size: int, dtype: mx.Dtype = mx.float32
+) -> mx.array:
+    """`w` as the quantized model computes with it (from its bfloat16 values, as written), in
+    `dtype` (bfloat16 holds the dequantized values exactly, in half float32's memory)."""
     q = mx.quantize(w.astype(mx.bfloat16), group_size=group_size, bits=bits, mode=MODE)
-    return mx.dequantize(*q, group_size=group_size, bits=bits, mode=MODE).astype(mx.float32)
+    return mx.dequantize(*q, group_size=group_size, bits=bits, mode=MODE).astype(dtype)
 
 
 def _load_layer(ckpt: SourceCheckpoint, i: int) -> DecoderLayer:
@@ -364,37 +381,74 @@ def _probe_kls(
     """Each group's KL at PROBE, measured end to end in one pass over the layers."""
     cfg = ckpt.cfg
     B, T = ids.shape
-    per_stream = B * T * cfg.hidden_size * 4
     input_groups = [n for n in names if n == "embeddings" or _layer_of(n) is not None]
     folder = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
-    need = per_stream * (1 + len(input_groups))
+    need = B * T * cfg.hidden_size * 4 * (1 + len(input_groups))
     if shutil.disk_usage(folder).free < need:
         raise ConfigError(
             f"measuring the sensitivity needs {need / 1e9:.2f} GB in {folder}: pass another "
             "folder (TMPDIR) or fewer calibration tokens"
         )
-    with tempfile.NamedTemporaryFile(dir=folder, prefix="mlxkit-sens-", suffix=".f32") as f:
-        shape = (1 + len(input_groups), B, T, cfg.hidden_size)
-        store = np.memmap(f.name, dtype=np.float32, mode="w+", shape=shape)
+    per_step = _windows_per_step(cfg, T)
+    with tempfile.TemporaryFile(dir=folder, prefix="mlxkit-sens-", suffix=".f32") as f:
+        store = _Streams(f, B, T, cfg.hidden_size)
         index = {"source": 0}
         embed = f"{PREFIX}embed_tokens.weight"
         # stream 0: the source; the embeddings' stream: the input with the probe's table
-        store[0] = _embed(ckpt, embed, ids, None)
+        store.write(0, _embed(ckpt, embed, ids, None))
         if "embeddings" in input_groups:
             index["embeddings"] = len(index)
-            store[index["embeddings"]] = _embed(ckpt, embed, ids, PROBE)
+            store.write(index["embeddings"] * B, _embed(ckpt, embed, ids, PROBE))
         for i in range(cfg.num_hidden_layers):
             layer = _load_layer(ckpt, i)
-            x = mx.array(store[0])  # the source's input, before its stream moves on
-            _run(layer, store, list(index.values()), per_stream)
+            streams = len(index)
             for name in (n for n in input_groups if _layer_of(n) == i):
-                index[name] = len(index)
-                store[index[name]] = _with_probe(layer, name, x)
+                index[name] = len(index)  # from the source's input, before its stream moves on
+                _with_probe(layer, name, store, index[name], per_step)
+            _run(layer, store, streams, per_step)
             del layer
             mx.clear_cache()
-        kls = _head_kls(ckpt, store, index, "head" in names)
-        del store
-    return kls
+        return _head_kls(ckpt, store, index, "head" in names)
+
+
+class _Streams:
+    """The hidden states of every stream, [streams, B, T, H] float32, in a file read and
+    written with explicit I/O: a memory map's touched pages would count as this process's
+    resident memory, and a 9B's ~200 streams of 1,024 tokens are 3.4 GB. Windows are numbered
+    across streams: stream s holds windows s·B to (s+1)·B."""
+
+    def __init__(self, file, B: int, T: int, H: int):
+        self.file, self.B, self.T, self.H = file, B, T, H
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Windows start..stop, [stop - start, T, H]."""
+        return self.tokens(start * self.T, stop * self.T).reshape(-1, self.T, self.H)
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Token rows start..stop of the windows laid end to end, [stop - start, H]."""
+        self.file.seek(start * self.H * 4)
+        values = np.fromfile(self.file, np.float32, (stop - start) * self.H)
+        return values.reshape(stop - start, self.H)
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """`values` [n, T, H] as windows start..start + n."""
+        self.file.seek(start * self.T * self.H * 4)
+        np.ascontiguousarray(values, dtype=np.float32).tofile(self.file)
+
+
+def _windows_per_step(cfg: TextConfig, T: int) -> int:
+    """Windows a decoder layer runs at once, so that its float32 activations stay near
+    ACTIVATION_BYTES whatever the calibration tokens and streams: per token, the widest
+    projection (the MLP's intermediate, the linear attention's q|k|v or the attention's
+    query and gate) thrice (gate, up and their product) and the hidden state in and out; per
+    window, the Gated-DeltaNet states of a PIECE. Windows are independent (each starts from
+    an empty state), so the step changes no result."""
+    widest = max(
+        cfg.intermediate_size, cfg.linear_conv_dim, 2 * cfg.num_attention_heads * cfg.head_dim
+    )
+    state = cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim
+    per_window = 4 * (T * (3 * widest + 2 * cfg.hidden_size) + PIECE * state)
+    return max(1, ACTIVATION_BYTES // per_window)
 
 
 def _embed(ckpt: SourceCheckpoint, path: str, ids: np.ndarray, probe) -> np.ndarray:
@@ -411,34 +465,53 @@ def _embed(ckpt: SourceCheckpoint, path: str, ids: np.ndarray, probe) -> np.ndar
     return out
 
 
-def _with_probe(layer: DecoderLayer, group: str, x: mx.array) -> np.ndarray:
-    """The layer's output on `x` with the group's weights quantized at PROBE."""
+def _with_probe(
+    layer: DecoderLayer, group: str, store: _Streams, stream: int, per_step: int
+) -> None:
+    """Into `stream`: the layer's output on the source's stream (0) with the group's weights
+    quantized at PROBE (kept in the layer's dtype), `per_step` windows at a time."""
     params = dict(tree_flatten(layer.parameters()))
     members = [p for p in params if p.endswith(".weight") and params[p].ndim == 2]
     members = [p for p in members if group_of(f"layers.{_layer_of(group)}." + p[:-7]) == group]
     probed = [
-        (p, _fake_quantized(params[p], PROBE[0], fitting_group_size(params[p].shape[1], PROBE[1])))
+        (
+            p,
+            _fake_quantized(
+                w := params[p], PROBE[0], fitting_group_size(w.shape[1], PROBE[1]), w.dtype
+            ),
+        )
         for p in members
     ]
     layer.load_weights(probed, strict=False)
-    y = np.array(layer(x))
+    for start in range(0, store.B, per_step):
+        x = mx.array(store.read(start, min(start + per_step, store.B)))
+        store.write(stream * store.B + start, _layer_output(layer, x))
     layer.load_weights([(p, params[p]) for p in members], strict=False)
-    return y
 
 
-def _run(layer: DecoderLayer, store: np.memmap, streams: list[int], per_stream: int) -> None:
-    """Every stream through the (unperturbed) layer, STREAM_BYTES of hidden states at a time."""
-    step = max(1, STREAM_BYTES // per_stream)
-    for s in range(0, len(streams), step):
-        idx = streams[s : s + step]
-        x = mx.array(store[idx[0] : idx[-1] + 1])  # streams are numbered in order
-        n, B, T, H = x.shape
-        y = layer(x.reshape(n * B, T, H)).reshape(n, B, T, H)
-        store[idx[0] : idx[-1] + 1] = np.array(y)
+def _run(layer: DecoderLayer, store: _Streams, streams: int, per_step: int) -> None:
+    """Every window of the first `streams` streams through the (unperturbed) layer, `per_step`
+    windows at a time."""
+    windows = streams * store.B
+    for start in range(0, windows, per_step):
+        x = mx.array(store.read(start, min(start + per_step, windows)))
+        store.write(start, _layer_output(layer, x))
+
+
+def _layer_output(layer: DecoderLayer, x: mx.array) -> np.ndarray:
+    """layer(x) for windows x [n, T, H]; a linear-attention layer PIECE tokens at a time."""
+    if not layer.is_linear:
+        return np.array(layer(x))
+    cache, pieces = LinearAttentionCache(), []
+    for t in range(0, x.shape[1], PIECE):
+        y = layer(x[:, t : t + PIECE], cache)
+        mx.eval(y, cache.conv_state, cache.recurrent_state)
+        pieces.append(np.array(y))
+    return np.concatenate(pieces, axis=1)
 
 
 def _head_kls(
-    ckpt: SourceCheckpoint, store: np.memmap, index: dict[str, int], untied_head: bool
+    ckpt: SourceCheckpoint, store: _Streams, index: dict[str, int], untied_head: bool
 ) -> dict[str, float]:
     """Mean KL(source ‖ stream) of every stream, the head applied in vocabulary chunks (the
     tied embedding's stream, or the untied head's, with the head at PROBE)."""
@@ -453,15 +526,16 @@ def _head_kls(
     info = ckpt.tensors[head_path]
     probed_head = "embeddings" if cfg.tie_word_embeddings else "head"
     names = [n for n in index if n != "source"] + (["head"] if untied_head else [])
-    S, B, T, H = store.shape
-    rows = B * T
+    S, H = len(index), store.H
+    rows = store.B * store.T
     chunks = row_chunks(info, CHUNK_BYTES // 2)
     widest = max(max(b - a for a, b in chunks), H)
-    block = max(1, STREAM_BYTES // (len(index) * widest * 8 * 3))  # float64 logits, temporaries
+    block = max(1, ACTIVATION_BYTES // (S * widest * 8 * 3))  # float64 logits, temporaries
     totals = dict.fromkeys(names, 0.0)
     for r0 in range(0, rows, block):
-        flat = store.reshape(S, rows, H)
-        h = mx.fast.rms_norm(mx.array(flat[:, r0 : r0 + block]), norm, cfg.rms_norm_eps)
+        r1 = min(r0 + block, rows)
+        hidden = np.stack([store.tokens(s * rows + r0, s * rows + r1) for s in range(S)])
+        h = mx.fast.rms_norm(mx.array(hidden), norm, cfg.rms_norm_eps)
         acc = _KL(len(names), h.shape[1])
         for start, stop in chunks:
             w = _weight(ckpt, head_path, start, stop)
