@@ -24,8 +24,14 @@ block ("causal") breaks the Gated-DeltaNet layers. --only-learned runs just the 
 comparison needs and appends its dated section to --out instead of replacing the file. --dwq adds
 the two DWQ rows (slow here: 32 steps on micro took 708 s on this 2-core CPU).
 
+With --set NAME (code, prose, languages, chat, tools: `mlxkit.quality.BUILTIN_SETS`), every row
+is measured on that one set of the built-in evaluation set, all of its windows (the same tokens
+and windows the whole set cuts from it), and the section is appended to --out: micro is a code
+model, near-random on prose, CJK and chat, so its figures on `--set code` are those of text it
+knows.
+
     nice -n 10 python benchmarks/quality.py [--max-tokens N] [--out benchmarks/results/quality.md]
-        [--learned-rounding | --only-learned] [--dwq]
+        [--set NAME] [--learned-rounding | --only-learned] [--dwq]
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from mlxkit.convert.quantize import Recipe, load_recipe
 from mlxkit.convert.sensitivity import auto_recipe, measure_sensitivity
 
 from mlxkit.micro import micro_dir
-from mlxkit.quality import measure_quality
+from mlxkit.quality import BUILTIN_SETS, _builtin_texts, measure_quality
+from mlxkit.tokenizer import load_tokenizer
 
 MICRO_DIR = micro_dir()
 MLX_LM_RECIPES = ("uniform", "mixed_3_6", "mixed_4_6")
@@ -71,8 +78,6 @@ def calibration_ids() -> np.ndarray:
     """The project's calibration windows ([windows, 256] token ids), as `--recipe auto` and
     `--rounding gptq` measure on."""
     from mlxkit.convert.sensitivity import calibration_windows
-
-    from mlxkit.tokenizer import load_tokenizer
 
     return calibration_windows(load_tokenizer(MICRO_DIR))
 
@@ -126,15 +131,24 @@ def mlx_lm_dwq(student: Path, out: Path) -> float:
     return seconds
 
 
+def set_text(name: str) -> str:
+    """One set of the built-in evaluation set as a single text (chat and tool turns rendered by
+    micro's template): micro's tokenizer encodes it to the very tokens the whole set's stream
+    for that set holds, so its windows are the same."""
+    return "".join(_builtin_texts(load_tokenizer(MICRO_DIR))[name])
+
+
 def row(
     name: str,
     model: Path,
     max_tokens: int | None,
+    text: str | None,
     predicted: float | None = None,
     rounding_s: float | None = None,
 ) -> dict:
+    """A model's figures on `text` (None: the whole built-in evaluation set)."""
     t0 = time.perf_counter()
-    q = measure_quality(model, MICRO_DIR, max_tokens=max_tokens, quiet=True)
+    q = measure_quality(model, MICRO_DIR, text=text, max_tokens=max_tokens, quiet=True)
     return {
         "recipe": name,
         "bytes": q.weight_bytes,
@@ -147,6 +161,7 @@ def row(
         "mtp": q.mtp_acceptance,
         "mtp_ref": q.mtp_acceptance_reference,
         "tokens": q.tokens,
+        "windows": q.windows,
         "digest": q.text_digest,
         "predicted": predicted,
         "rounding_s": rounding_s,
@@ -165,7 +180,13 @@ def main() -> None:
         help="only the learned-rounding comparison's rows; append its section to --out",
     )
     ap.add_argument("--dwq", action="store_true", help="with the learned rows: mlx-lm's DWQ too")
+    ap.add_argument(
+        "--set",
+        choices=tuple(BUILTIN_SETS),
+        help="measure on this set of the built-in evaluation set only; append its section to --out",
+    )
     args = ap.parse_args()
+    text = set_text(args.set) if args.set else None
     learned = args.learned_rounding or args.only_learned
     started = datetime.datetime.now(datetime.timezone.utc)
     info = machine()
@@ -181,10 +202,10 @@ def main() -> None:
         def mlxkit_row(name: str, planned: Recipe, **kw) -> dict:
             result = convert(MICRO_DIR, folder(name), quiet=True, **kw)
             seconds = result.seconds if kw.get("rounding") else None
-            return row(name, folder(name), args.max_tokens, s.predicted_kl(planned), seconds)
+            return row(name, folder(name), args.max_tokens, text, s.predicted_kl(planned), seconds)
 
         def mlx_lm_row(name: str, run) -> dict:
-            return row(name, folder(name), args.max_tokens, rounding_s=run(folder(name)))
+            return row(name, folder(name), args.max_tokens, text, rounding_s=run(folder(name)))
 
         for g in (128,) if args.only_learned else (128, 64, 32):
             rows.append(
@@ -196,7 +217,7 @@ def main() -> None:
             out = work / f"mlx_lm_{name}"
             mlx_lm_convert(MICRO_DIR, out, name)
             label = f"mlx-lm {name}" + (" 4-bit g64" if name == "uniform" else "")
-            rows.append(row(label, out, args.max_tokens))
+            rows.append(row(label, out, args.max_tokens, text))
         mixed = next(r for r in rows if r["recipe"] == "mlx-lm mixed_4_6")
         budgets = [
             (rows[0]["bpw"], " (uniform g128's bytes)"),
@@ -250,12 +271,20 @@ def write(args, rows: list[dict], s, info: dict, started, seconds: float) -> Non
     at_mixed = next(r for r in rows if "mixed_4_6's bytes" in r["recipe"])
     at_g128 = next((r for r in rows if "uniform g128's bytes)" in r["recipe"]), g128)
     learned = [r for r in rows if r["rounding_s"] is not None]
-    flags = (f" --max-tokens {args.max_tokens}" if args.max_tokens else "") + (
-        " --only-learned" if args.only_learned else " --learned-rounding" if learned else ""
+    flags = (
+        (f" --max-tokens {args.max_tokens}" if args.max_tokens else "")
+        + (f" --set {args.set}" if args.set else "")
+        + (" --only-learned" if args.only_learned else " --learned-rounding" if learned else "")
+    )
+    evaluated = (
+        f"the {args.set} set of the built-in evaluation set ({rows[0]['windows']} windows"
+        if args.set
+        else "the built-in evaluation set ("
     )
     lines = [
-        f"## Learned rounding, run {started:%Y-%m-%d %H:%M} UTC"
-        if args.only_learned
+        f"## {f'The {args.set} set only' if args.set else 'Learned rounding'}, "
+        f"run {started:%Y-%m-%d %H:%M} UTC"
+        if args.only_learned or args.set
         else "# Quality benchmark: what each recipe costs on micro",
         "",
         (
@@ -265,8 +294,8 @@ def write(args, rows: list[dict], s, info: dict, started, seconds: float) -> Non
         "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".",
         "",
         (
-            f"micro (mlxkit/data/micro, bf16) against itself run in float32 by mlxkit's model, on the "
-            f"built-in evaluation set ({rows[0]['tokens']:,} scored tokens, text digest "
+            f"micro (mlxkit/data/micro, bf16) against itself run in float32 by mlxkit's model, on "
+            f"{evaluated}, {rows[0]['tokens']:,} scored tokens, text digest "
             f"`{rows[0]['digest'][:16]}`); reference perplexity {rows[0]['ppl_ref']:.3f}, reference MTP "
             f"acceptance {_pct(rows[0]['mtp_ref'])}. Bytes and bits per weight: the text model "
             "(embeddings, layers, norm; tied head), scales and biases included, MTP and vision excluded. "
@@ -326,7 +355,7 @@ def write(args, rows: list[dict], s, info: dict, started, seconds: float) -> Non
             "models, the ranking of recipes is what this shows."
         ),
     ]
-    if args.only_learned:  # a section of its own after those already there
+    if args.only_learned or args.set:  # a section of its own after those already there
         lines = lines[: lines.index("## Reading the table")]
         before = Path(args.out).read_text() if Path(args.out).exists() else ""
         lines = [before.rstrip("\n"), "", *(line.replace("## ", "### ") for line in lines)]
