@@ -255,10 +255,11 @@ def main() -> None:
         for _, run in engines:
             run()  # warm-up: compile caches, first-touch of weights
         # Repeats go round-robin over the engines, so a machine that slows down or speeds up
-        # during the run (shared CPUs do) shifts every engine alike.
+        # during the run (shared CPUs do) shifts every engine alike; each repeat starts one
+        # engine further on, so that no engine always runs right after the same other one.
         results = {name: [] for name, _ in engines}
-        for _ in range(args.repeats):
-            for name, run in engines:
+        for i in range(args.repeats):
+            for name, run in engines[i % len(engines) :] + engines[: i % len(engines)]:
                 results[name].append(run())
         plain = results["mlxkit plain"]
         base = results.get("mlx-lm stream_generate")
