@@ -68,9 +68,9 @@ BITS = (4, 5, 6, 8)  # the body is kept at 4 bits or more
 GROUP_SIZES = (32, 64, 128)
 PROBE = (4, 128)  # the setting each group's KL is measured at
 DEFAULT_BITS_PER_WEIGHT = 4.5  # uniform 4-bit g64's bytes
-# Activations (float32) a decoder layer or the head computes at once, and the buffers MLX may keep
-# for reuse meanwhile: with a layer's weights they set the measurement's peak memory, which
-# neither the number of layers nor the calibration tokens may raise (9B: about 1 GB).
+# Activations (float32) a decoder layer or the head computes at once: with a layer's weights they
+# set the measurement's peak memory, which neither the number of layers nor the calibration
+# tokens may raise.
 ACTIVATION_BYTES = 256 << 20
 # Tokens a linear-attention layer runs at once, its state carried between pieces: the
 # recurrence holds every step's state [Hv, Dv, Dk] until it is evaluated (4B, 9B: 2 MB a step,
@@ -272,7 +272,7 @@ def measure_sensitivity(
     digest = source_digest(ckpt)
     if use_cache and (hit := cached_sensitivity(digest, calibration)) is not None:
         return hit
-    old_cache = mx.set_cache_limit(ACTIVATION_BYTES)  # freed buffers kept beside the work
+    old_cache = mx.set_cache_limit(0)  # freed buffers go back at once: kept, they add to the peak
     try:
         groups, mtp, fixed = _groups(ckpt, dtype)
         probe_kl = _probe_kls(ckpt, ids, [g.name for g in groups], tmp_dir)
@@ -489,15 +489,12 @@ def _with_probe(
     params = dict(tree_flatten(layer.parameters()))
     members = [p for p in params if p.endswith(".weight") and params[p].ndim == 2]
     members = [p for p in members if group_of(f"layers.{_layer_of(group)}." + p[:-7]) == group]
-    probed = [
-        (
-            p,
-            _fake_quantized(
-                w := params[p], PROBE[0], fitting_group_size(w.shape[1], PROBE[1]), w.dtype
-            ),
-        )
-        for p in members
-    ]
+    probed = []
+    for p in members:
+        w = params[p]
+        q = _fake_quantized(w, PROBE[0], fitting_group_size(w.shape[1], PROBE[1]), w.dtype)
+        mx.eval(q)  # one at a time: its quantization's temporaries are gone before the next
+        probed.append((p, q))
     layer.load_weights(probed, strict=False)
     for start in range(0, store.B, per_step):
         x = mx.array(store.read(start, min(start + per_step, store.B)))
