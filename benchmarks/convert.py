@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/convert.py                 # 0.8B and 4B shapes
     nice -n 10 python benchmarks/convert.py --sizes 0.8b,4b,9b --repeats 2
+    python benchmarks/convert.py --auto --sizes 4b,9b --layers 4 --calibration-tokens 256
 
 For each size, one random-weight checkpoint in the original layout is written
 (benchmarks/make_checkpoint.py), then converted to 4-bit by each tool in turn, in fresh
@@ -11,11 +12,21 @@ memory measured from outside: the parent polls /proc/<pid>/status (VmHWM) and ta
 child's ru_maxrss from wait4(), reporting the larger. The two outputs are checked to hold
 identical text and MTP tensors (mlxkit also keeps the vision tower, which mlx-lm drops). Checkpoints and outputs are deleted as soon as they are measured.
 Results go to benchmarks/results/convert.md (and stdout).
+
+`--auto` measures `mlxkit convert --recipe auto --bits-per-weight 4.5` instead, on checkpoints
+cut to `--layers` decoder layers (each count given: 4,8) without the vision tower: its peak
+RSS, measured the same way, and from the converting process itself MLX's peak memory, the
+time of the sensitivity measurement (with a fresh cache) and the whole conversion's. The
+CLI has no option for the calibration tokens; `--calibration-tokens N` passes N to the
+measurement from the process that runs the CLI (its memory does not grow with them: see
+convert/sensitivity.py). Its section is appended to the results file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +73,90 @@ def measure(cmd: list[str]) -> tuple[float, int]:
             stderr = errors.read().decode(errors="replace")
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     return seconds, hwm
+
+
+AUTO_CHILD = """
+import json, sys
+import mlx.core as mx
+import mlxkit.convert.sensitivity as sens
+from mlxkit.cli import main
+tokens, report, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+measure, facts = sens.measure_sensitivity, {}
+def measured(directory, **kw):
+    s = measure(directory, max_tokens=tokens or sens.DEFAULT_TOKENS, **kw)
+    facts.update(sensitivity_seconds=s.seconds, tokens=s.tokens, groups=len(s.groups))
+    return s
+sens.measure_sensitivity = measured
+main(args, standalone_mode=False)
+facts["mlx_peak"] = mx.get_peak_memory()
+with open(report, "w") as f:
+    json.dump(facts, f)
+"""
+
+
+@dataclass
+class AutoRun:
+    size: str
+    layers: int
+    seconds: float
+    peak_rss: int  # bytes
+    facts: dict  # from the converting process: mlx_peak, sensitivity_seconds, tokens, groups
+
+
+def run_auto(size: str, layers: int, work: Path, tokens: int, bpw: float) -> AutoRun:
+    """`mlxkit convert --recipe auto` of a fresh checkpoint cut to `layers`, with a fresh
+    sensitivity cache (so that the measurement runs)."""
+    src, out, report = work / f"{size}-{layers}", work / f"{size}-{layers}-auto", work / "facts"
+    make = [sys.executable, str(Path(__file__).parent / "make_checkpoint.py"), "--size", size]
+    make += ["--layers", str(layers), "--no-vision", str(src)]
+    subprocess.run(make, check=True, stdout=subprocess.DEVNULL)
+    os.environ["XDG_CACHE_HOME"] = str(work / f"cache-{size}-{layers}")  # inherited by the child
+    args = ["convert", "--hf-path", str(src), "-o", str(out), "--recipe", "auto"]
+    args += ["--bits-per-weight", str(bpw), "--quiet"]
+    try:
+        cmd = [sys.executable, "-c", AUTO_CHILD, str(tokens), str(report), *args]
+        seconds, peak = measure(cmd)
+        facts = json.loads(report.read_text())
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    run = AutoRun(size, layers, seconds, peak, facts)
+    print(
+        f"{size} {layers} layers: {seconds:.0f} s (sensitivity {facts['sensitivity_seconds']:.0f}"
+        f" s on {facts['tokens']} tokens), peak RSS {peak / 2**30:.2f} GiB, MLX peak "
+        f"{facts['mlx_peak'] / 2**30:.2f} GiB",
+        flush=True,
+    )
+    return run
+
+
+def auto_report(runs: list[AutoRun], info: dict, argv: list[str]) -> str:
+    lines = [
+        "",
+        f"## `convert --recipe auto` memory, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        (
+            f"`python benchmarks/convert.py {' '.join(argv)}`: `mlxkit convert --recipe auto "
+            "--bits-per-weight B` of random-weight checkpoints cut to a few decoder layers at full "
+            "width (no vision tower; MTP head included), the sensitivity measured afresh. Peak RSS: "
+            "VmHWM polled from outside; MLX peak: `mx.get_peak_memory()` in the converting process."
+        ),
+        "",
+        (
+            "| size | layers | calibration tokens | groups | sensitivity s | total s | peak RSS GiB "
+            "| MLX peak GiB | ≤ 1.5 GB |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        f = r.facts
+        lines.append(
+            f"| {r.size} | {r.layers} | {f['tokens']} | {f['groups']} | "
+            f"{f['sensitivity_seconds']:.0f} | {r.seconds:.0f} | {r.peak_rss / 2**30:.2f} | "
+            f"{f['mlx_peak'] / 2**30:.2f} | {'yes' if r.peak_rss <= 1.5e9 else 'no'} |"
+        )
+    lines += ["", "Machine:", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
+    return "\n".join(lines)
 
 
 def commands(tool: str, src: Path, out: Path) -> list[str]:
@@ -216,9 +311,28 @@ def main() -> None:
     ap.add_argument("--tools", default="mlxkit,mlx_lm")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
     ap.add_argument("--no-write", action="store_true", help="do not update results/convert.md")
+    ap.add_argument("--auto", action="store_true", help="measure convert --recipe auto")
+    ap.add_argument("--layers", default="4", help="with --auto: decoder layer counts, e.g. 4,8")
+    ap.add_argument("--calibration-tokens", type=int, default=0, help="with --auto [1024]")
+    ap.add_argument("--bits-per-weight", type=float, default=4.5, help="with --auto")
     args = ap.parse_args()
     info = machine()  # before the work, so the load average is the starting one
     work = Path(tempfile.mkdtemp(prefix="mlxkit-bench-", dir=args.work))
+    if args.auto:
+        try:
+            auto = [
+                run_auto(size, int(n), work, args.calibration_tokens, args.bits_per_weight)
+                for size in args.sizes.split(",")
+                for n in args.layers.split(",")
+            ]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        text = auto_report(auto, info, sys.argv[1:])
+        print(text)
+        if not args.no_write:
+            with RESULTS.open("a") as f:
+                f.write(text)
+        return
     runs, identical = [], {}
     try:
         for size in args.sizes.split(","):

@@ -19,11 +19,19 @@ evaluation text, never micro's training text; see its README):
    predicted KL per byte, until the budget is spent. No clipping search anywhere (the output
    head in particular keeps absmax scales: clipping corrupts it).
 
+Memory: one decoder layer's weights (bfloat16, as stored; 9B: 417 MiB), a probed group's copy,
+one linear's float32 promotion at a time, ACTIVATION_BYTES of activations (a linear-attention
+layer PIECE tokens at a time), the streams in a file read and written explicitly, no MLX
+buffer cache: neither the layers nor the calibration tokens raise it. Measured at the 9B width
+(benchmarks/results/convert.md, 2026-12-07): a probed layer-0 pass peaks at 1,080 MiB VmHWM,
+of which ~220 MiB is the torch that importing mlx-lm's gated-delta ops brings in.
+
 Cost: one float32 forward of every calibration window per group, each from its group's layer
-on (about groups × layers / 2 layer passes). Measured here (2 CPU cores shared with other jobs):
-micro, 51 groups on 1,024 tokens, 102 s. A 9B-width checkpoint cut to 2 layers (benchmarks/
-make_checkpoint.py) did not finish in 25 min on 256 tokens on this CPU (its resident memory,
-sampled, stayed under 0.75 GB): on a real 4B/9B expect minutes on a Mac GPU, hours on a CPU.
+on (about groups × layers / 2 layer passes per window). Measured here (2 CPU cores shared with
+other jobs): micro, 51 groups on 1,024 tokens, 102 s. At the 9B width, one 256-token window
+through one layer takes about 55 s (linear attention) to 47 s (attention) on this CPU, and
+the weight errors (`_groups`) about 10 min per billion parameters: a real 4B/9B (≈200 groups,
+32 layers, 4 windows) is days on this CPU; expect far less on a Mac GPU (not measured here).
 
 The measurement is cached per source checkpoint (`source_digest`) and calibration set under
 $XDG_CACHE_HOME/mlxkit/sensitivity/ (else ~/.cache); `Sensitivity.seconds` says what it cost.

@@ -27,9 +27,21 @@ for line in open("/proc/self/status"):
 """
 
 
-def peak_rss_of_conversion(src: Path, out: Path, **options) -> int:
-    args = [sys.executable, "-c", CHILD, str(src), str(out), repr(options)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True)
+# --recipe auto on one calibration window (the CLI has no option for it; what the sensitivity
+# measurement holds does not grow with the tokens: tests/test_sensitivity_memory.py)
+AUTO_CHILD = (
+    "import functools\n"
+    "import mlxkit.convert.sensitivity as sens\n"
+    "sens.measure_sensitivity = functools.partial(sens.measure_sensitivity, max_tokens=256)\n"
+    + CHILD
+)
+
+
+def peak_rss_of_conversion(
+    src: Path, out: Path, child: str = CHILD, timeout: int = 600, **options
+) -> int:
+    args = [sys.executable, "-c", child, str(src), str(out), repr(options)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=True)
     return int(proc.stdout.split()[-1])
 
 
@@ -85,3 +97,21 @@ def test_full_0_8b_conversion_matches_mlx_lm_in_a_fraction_of_its_memory(tmp_pat
     assert any(k.startswith("vision_tower.") for k in read_headers(weight_files(ours)))
     assert_same_text_tensors(ours, theirs)
     assert peak < 400e6
+
+
+@pytest.mark.slow  # an hour or more on 2 CPU cores (benchmarks/results/convert.md)
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("size", ["4b", "9b"])
+def test_auto_recipe_conversion_stays_within_1_5_gb(size, tmp_path, monkeypatch):
+    """`convert --recipe auto` (the sensitivity measured, then the conversion) of a checkpoint
+    at the real 4B / 9B widths cut to 4 layers (3 linear-attention, 1 attention, the MTP
+    head): the converter's bound holds. A layer at a time is in memory, so more layers do
+    not raise the peak."""
+    src = make_checkpoint(size, tmp_path / "src", layers=4, vision=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # measured afresh
+    out = tmp_path / "out"
+    peak = peak_rss_of_conversion(
+        src, out, AUTO_CHILD, 4 * 3600, recipe="auto", bits_per_weight=4.5
+    )
+    assert json.loads((out / "config.json").read_text())["quantization"]
+    assert peak <= 1.5e9
