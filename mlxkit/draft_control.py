@@ -104,19 +104,32 @@ def slope(k: int, seconds: float, ref_k: int, ref_seconds: float) -> float:
 
 
 @dataclass
+class Probes:
+    """When the next probe comes (`DraftControl.choose`): part of the state, so that runs of a
+    few tokens each (a server's requests) do not each start the schedule again."""
+
+    gap: int = PROBE_GAP
+    since: int = 0  # rounds since the last probe
+    best: int | None = None  # the best k at the last choice
+    probed: bool = False  # the last choice was a probe: did it change the best k?
+    count: int = 0
+
+
+@dataclass
 class DraftState:
-    """What auto has learnt: acceptance per depth, started from the table, and (timing
-    allowed) the last SAMPLES draft costs the rounds measured (`slope`). Kept per model between
-    runs that may use timing."""
+    """What auto has learnt: acceptance per depth, started from the table, (timing allowed)
+    the last SAMPLES draft costs the rounds measured (`slope`), and the probe schedule. Kept
+    per model between runs that may use timing."""
 
     acceptance: list[float]
     slopes: list[float]
+    probes: Probes
 
     @classmethod
     def new(cls, table: CostTable, k_max: int = K_MAX) -> DraftState:
         seed = list(table.acceptance or ())[:k_max]
         seed += [DEFAULT_ACCEPTANCE] * (k_max - len(seed))
-        return cls(seed, [])
+        return cls(seed, [], Probes())
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -154,11 +167,7 @@ class DraftControl:
         self._seconds = [0.0] * (self.k_max + 1)
         self._last: float | None = None  # when the last round ended
         self._run: tuple[int, list[float]] | None = None  # k and seconds of the current run
-        self._gap, self._since_probe = PROBE_GAP, 0
-        self._best: int | None = None  # the best k at the last choice
         self._probe_from: int | None = None  # the best k when the round in flight is a probe
-        self._probed = False  # the last choice was a probe: did it change the best k?
-        self._probes = 0
 
     @classmethod
     def fixed_k(cls, k: int) -> DraftControl:
@@ -208,7 +217,7 @@ class DraftControl:
         return self.best_at(self.costs())
 
     def choose(self) -> int:
-        """The k of the next round: the best one, except that every `_gap` rounds a probe
+        """The k of the next round: the best one, except that every `gap` rounds a probe
         drafts one more (timed: alternately a plain step, so k = 0's cost stays measured), or,
         timed, tests the suspect `_decide` names. The gap doubles while probes leave the best k
         as it was and resets when it changes or while there is a suspect."""
@@ -218,13 +227,14 @@ class DraftControl:
             return self.fixed
         costs, suspect = self._decide()
         best = self.best_at(costs)
-        if best != self._best or suspect is not None:
-            self._gap = PROBE_GAP
-        elif self._probed:
-            self._gap = min(2 * self._gap, MAX_PROBE_GAP)
-        self._best, self._probed = best, False
-        self._since_probe += 1
-        if self._since_probe < self._gap:
+        probes = self.state.probes
+        if best != probes.best or suspect is not None:
+            probes.gap = PROBE_GAP
+        elif probes.probed:
+            probes.gap = min(2 * probes.gap, MAX_PROBE_GAP)
+        probes.best, probes.probed = best, False
+        probes.since += 1
+        if probes.since < probes.gap:
             return best
         if suspect is not None:
             candidates = [suspect]
@@ -234,10 +244,10 @@ class DraftControl:
                 candidates.append(0)
         if not candidates:
             return best
-        self._since_probe, self._probed = 0, True
-        self._probes += 1
+        probes.since, probes.probed = 0, True
+        probes.count += 1
         self._probe_from = best
-        return candidates[self._probes % len(candidates)]
+        return candidates[probes.count % len(candidates)]
 
     def observe(self, k: int, accepted: int) -> None:
         """A round of k drafts ended with `accepted` of them accepted: learn acceptance at the

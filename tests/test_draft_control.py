@@ -25,6 +25,7 @@ from mlxkit.draft_control import (
     DraftControl,
     DraftState,
     cached_table,
+    default_costs,
     expected_tokens,
     slope,
     table_path,
@@ -233,6 +234,22 @@ def test_measured_draft_costs_carry_over_and_only_a_timed_run_reads_them():
     again = DraftControl(timed.table, timed.state, timed=False)
     assert again.best() == 2 and again.costs() == list(timed.table.round_s)
     assert again.report().costs == "test" and timed.report().costs == "measured"
+
+
+def test_short_timed_runs_keep_the_probe_schedule():
+    """Twelve generations of 16 rounds on one model (a server's short requests), drafts never
+    accepted: the probe gap keeps growing across them instead of every generation probing at
+    its 16th round (the 0.8B-shaped benchmark: one probe in each 16-token generation)."""
+    table = default_costs()
+    state, t = DraftState.new(table), [0.0]
+    ks = []
+    for _ in range(12):
+        ctl = DraftControl(table, state, timed=True, clock=lambda: t[0])
+        for _ in range(16):
+            ks.append(ctl.choose())
+            t[0] += table.round_s[ks[-1]]  # rounds take what the table says
+            ctl.observe(ks[-1], 0)
+    assert ks[0] == 1 and sum(k > 0 for k in ks[16:]) <= 176 // 32
 
 
 def test_slope_bounds():
