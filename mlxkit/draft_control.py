@@ -21,9 +21,10 @@ The model of a round of k drafts:
   estimates says so clearly (`_decide`); until then probes test that k. One round against its
   neighbour is too noisy on a shared machine to learn a cost ratio from
   (benchmarks/results/decode.md, 2026-12-07: auto drafted in half the rounds where plain
-  decoding was the fastest); many are not. The report then says "measured" costs.
+  decoding was the fastest); many are not. A timed run's report says "measured" costs.
 k = 0 is plain decoding and says nothing about acceptance, so every so many rounds auto probes
-one round of one draft more than it would (`choose`).
+one round of one draft more than it would (`choose`); timed, the schedule goes on across the
+model's runs (`Probes`).
 
 Reproducible: with `timed=False` (a seed given, or deterministic=True) the choice uses the
 table and past acceptance only; rounds are still timed, but only for the report. The choice
