@@ -468,20 +468,28 @@ def _write_weights(
     applied to each weight, by module path. In the "checkpoint" drafter layout the MTP
     head's tensors keep their checkpoint names and values (only cast and quantized). The
     vision tower's Conv3d weight is split by output channel, so its chunks transpose alone."""
-    writers = _writers(ckpt, planned, out, drafter_layout)
+    writers = _writers(ckpt, planned, out, drafter_layout, rounded is not None)
     rules, chunks = _chunks(ckpt, recipe, vision_bits, writers)
     _stream(ckpt, chunks, writers, dtype, drafter_layout == "checkpoint", advance, rounded)
     return rules
 
 
 def _writers(
-    ckpt: SourceCheckpoint, planned: list[PlannedTensor], out: Path, drafter_layout: str
+    ckpt: SourceCheckpoint,
+    planned: list[PlannedTensor],
+    out: Path,
+    drafter_layout: str,
+    gptq: bool = False,
 ) -> dict[str, ShardedWriter]:
-    """The main model's writer, its index marked as ours for `written_by_convert`, and the
-    drafter's in <out>/mtp/ when there is an MTP head."""
+    """The main model's writer, its index marked as ours for `written_by_convert` (and, for
+    GPTQ weights, with their `rounding`: config.json's quantization block is the same as
+    nearest rounding's, and `mlxkit.quality` must not take one's figures for the other's), and
+    the drafter's in <out>/mtp/ when there is an MTP head."""
     main = [t for t in planned if t.part != "mtp"]
     drafter = [t for t in planned if t.part == "mtp"]
     mark = {"total_parameters": _weight_count(ckpt), "created_by": f"mlxkit {__version__}"}
+    if gptq:
+        mark["rounding"] = "gptq"
     writers = {"main": ShardedWriter(out, main, index_metadata=mark)}
     if drafter:
         (out / MTP_DIR).mkdir()

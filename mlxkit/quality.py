@@ -51,7 +51,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from mlxkit.cache import KVQuantization, kv_quantization
-from mlxkit.checkpoint import read_config, read_headers, weight_files
+from mlxkit.checkpoint import INDEX, read_config, read_headers, read_json_object, weight_files
 from mlxkit.errors import CheckpointError, ConfigError, MlxkitError
 from mlxkit.fields import local_path, shown
 from mlxkit.load import load_config, load_model, resolve_model_dir
@@ -613,30 +613,36 @@ def checkpoint_digest(directory: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def quantization_key(quantization: Mapping | None, dtype: str) -> str:
+def quantization_key(quantization: Mapping | None, dtype: str, rounding: str = "nearest") -> str:
     """What a text model's weights are, in a few characters: its config.json `quantization`
     block (mlx-lm's: defaults plus one entry per module that differs), kept to the text model's
-    entries (the KL is the text model's: the vision tower and the drafter do not change it), and
-    the dtype of everything not quantized."""
+    entries (the KL is the text model's: the vision tower and the drafter do not change it), the
+    dtype of everything not quantized, and how the weights were rounded (`convert --rounding`;
+    nearest rounding's keys are those kept before GPTQ existed)."""
     block = {
         k: v
         for k, v in (quantization or {}).items()
         if not isinstance(v, Mapping) or k.startswith("language_model.")
     }
-    data = json.dumps({"quantization": block, "dtype": dtype}, sort_keys=True)
+    fields = {"quantization": block, "dtype": dtype}
+    if rounding != "nearest":
+        fields["rounding"] = rounding
+    data = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def model_quantization_key(model_path: str | Path) -> str:
     """`quantization_key` of a converted model directory (or a bundle's model/): its config's
-    block and the dtype its final norm is stored in."""
+    block, the dtype its final norm is stored in and the rounding its index records."""
     model_dir = resolve_model_dir(model_path)
     config = read_config(model_dir)
     norm = read_headers(weight_files(model_dir)).get("language_model.model.norm.weight")
     dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
         norm.dtype if norm else "", "bfloat16"
     )
-    return quantization_key(config.get("quantization"), dtype)
+    metadata = (read_json_object(model_dir, INDEX) or {}).get("metadata")
+    rounding = metadata.get("rounding", "nearest") if isinstance(metadata, dict) else "nearest"
+    return quantization_key(config.get("quantization"), dtype, str(rounding))
 
 
 def cache_dir() -> Path:

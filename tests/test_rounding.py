@@ -11,6 +11,8 @@ import pytest
 from mlxkit.convert import convert, rounding
 from mlxkit.convert.rounding import gptq, pack
 
+from mlxkit.checkpoint import read_config
+from mlxkit.quality import model_quantization_key, quantization_key
 from tests.helpers import FIXTURES
 
 
@@ -80,6 +82,12 @@ def test_convert_rounds_only_the_decoder_layers(tmp_path, monkeypatch):
         assert not any("embed_tokens" in k for k in changed)  # the tied output head too
         assert changed and all(".layers." in k for k in changed)
         assert any(k.endswith("mlp.down_proj.weight") for k in changed)
+    # the same quantization block, so only the index's rounding keeps their kept figures apart
+    nearest_key = model_quantization_key(tmp_path / "nearest")
+    assert nearest_key == quantization_key(
+        read_config(tmp_path / "nearest")["quantization"], "bfloat16"
+    )
+    assert model_quantization_key(tmp_path / "gptq") != nearest_key
 
 
 def _tensors(folder) -> dict[str, mx.array]:
