@@ -45,6 +45,7 @@ from mlxkit.convert.sensitivity import (
 from mlxkit import fields
 from mlxkit.errors import ConfigError, MlxkitError
 from mlxkit.layout import ModelConfig, model_parameters, weight_rule
+from mlxkit.load import resolve_model_dir
 from mlxkit.models.qwen3_5 import TextConfig
 from mlxkit.quality import cached_quality, checkpoint_digest, quality_block, quantization_key
 
@@ -89,7 +90,10 @@ class Option:
 
 
 def checkpoint_directory(size_or_config: ModelLike) -> Path | None:
-    """The checkpoint directory a plan is made from, None for a size or a config."""
+    """The checkpoint directory a plan is made from (for "micro", the one mlxkit ships, which
+    `convert --size micro` converts), None for a size or a config."""
+    if isinstance(size_or_config, (str, Path)) and str(size_or_config) == "micro":
+        return resolve_model_dir("micro")
     if isinstance(size_or_config, (str, Path)) and Path(size_or_config).is_dir():
         return Path(size_or_config)
     return None

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """mlxkit's kept measurements (sensitivity, `eval` results, `tune` tables) go to a cache
+    of the session's own: what a user's ~/.cache holds must not change what the planner picks
+    in a test (a cached sensitivity of micro turned plan and convert to `auto`)."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
 
 # --------------------------------------------------------------------------- tokenizer fixtures
 

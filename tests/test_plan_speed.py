@@ -11,9 +11,12 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from mlxkit.convert import sensitivity
+from mlxkit.convert.sensitivity import Sensitivity
 from mlxkit.ios_bridge import build_bundle, plan, resolve_target
 from mlxkit.ios_bridge.cli import bundle_build, plan_command
 from mlxkit.ios_bridge.devices import load_catalog
+from mlxkit.ios_bridge.report import micro_quality
 from mlxkit.ios_bridge.roofline import SHORT_CONTEXT, speed_model, step_bytes
 from mlxkit.ios_bridge.runtimes import MLX_SWIFT_LM, MLXKIT
 from mlxkit.ios_bridge.settings import knobs
@@ -142,8 +145,14 @@ def test_tiers_mac_and_a_mac_bundle_refused(tmp_path):
 # ----------------------------------------------------------------- one story, one definition
 
 
-def test_plan_and_convert_target_tell_one_story(tmp_path):
-    """The quickstart's first two commands: same recipe, MTP, memory limit and wording."""
+@pytest.mark.parametrize("measured", [False, True])
+def test_plan_and_convert_target_tell_one_story(tmp_path, monkeypatch, measured):
+    """The quickstart's first two commands: same recipe, MTP, memory limit and wording, with
+    and without micro's sensitivity measurement cached (with it both pick `auto`: `plan
+    --size micro` read no measurement before, as if micro were a bare size)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if measured:  # what `convert --recipe auto` of micro leaves in the cache
+        sensitivity._store(Sensitivity.from_dict(micro_quality()["sensitivity"]))
     shown = json.loads(run("plan", "--size", "micro", "--target", "iphone15", "--json").output)
     text = run("plan", "--size", "micro", "--target", "iphone15").output
     out = tmp_path / "b"
@@ -155,6 +164,7 @@ def test_plan_and_convert_target_tell_one_story(tmp_path):
     assert shown["max_context"] == manifest["max_context"]
     assert not shown["entitlement_required"] and not manifest["entitlement_required"]
     recipe = manifest["quantization"]["recipe"]
+    assert recipe == ("auto" if measured else "quality")
     assert f"quantization: {recipe} recipe" in text and f"{recipe} recipe" in line
     assert re.search(r"usable without the entitlement +3\.100 GB", text)
     assert "of 3.10 GB usable without the entitlement (not required)" in line
