@@ -38,7 +38,7 @@ def test_kl_is_the_quantized_cache_model_against_the_plain_reference():
     reference = _log_probs(load_model(micro_dir(), dtype=mx.float32)(ids)[:, :-1])
     model = load_model(micro_dir())
     kls = {}
-    for bits in (None, 8, 4):
+    for bits in (None, 8):  # (4 bits: test_eval_command_runs_on_a_quantized_cache)
         r = measure_quality(
             micro_dir(),
             micro_dir(),
@@ -57,7 +57,7 @@ def test_kl_is_the_quantized_cache_model_against_the_plain_reference():
             None if bits is None else {"bits": bits, "group_size": 32, "start": 0}
         )
         kls[bits] = r.kl_mean
-    assert kls[None] < kls[8] < kls[4]  # else the cache would not have been quantized
+    assert kls[None] < kls[8]  # else the cache would not have been quantized
 
 
 def test_eval_command_runs_on_a_quantized_cache(tmp_path):
