@@ -274,8 +274,6 @@ class BatchKVCache:
     array, so the layer's attention block stays compiled (`run`): inside it a `RowWrites` over
     the buffers does the writing."""
 
-    quantized = False
-
     def __init__(self, caches: list[KVCache]) -> None:
         self.caches = caches
         self.offsets = [c.offset for c in caches]  # also as ints: sizes never wait on the graph
