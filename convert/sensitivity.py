@@ -39,6 +39,7 @@ $XDG_CACHE_HOME/mlxkit/sensitivity/ (else ~/.cache); `Sensitivity.seconds` says 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -430,7 +431,10 @@ def _probe_kls(
                 index[name] = len(index)  # from the source's input, before its stream moves on
                 _with_probe(layer, name, store, index[name], per_step)
             _run(layer, store, streams, per_step)
+            # A DecoderLayer refers to itself (its compiled blocks are its bound methods): the
+            # collector frees it, now, or it stays resident until the next full collection.
             del layer
+            gc.collect()
             mx.clear_cache()
         return _head_kls(ckpt, store, index, "head" in names)
 
