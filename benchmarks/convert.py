@@ -50,6 +50,12 @@ class Run:
     output_bytes: int
 
 
+def vm_hwm(pid: int | str = "self") -> int:
+    """VmHWM of a process in bytes: the kernel's high-water mark of its resident memory."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def measure(cmd: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a command, measured from this process by polling the
     child's /proc/<pid>/status for VmHWM, the kernel's high-water mark of its resident memory.
@@ -60,11 +66,8 @@ def measure(cmd: list[str]) -> tuple[float, int]:
         hwm = 0
         while proc.poll() is None:
             try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            hwm = max(hwm, int(line.split()[1]) * 1024)
-            except (OSError, ValueError):
+                hwm = max(hwm, vm_hwm(proc.pid))
+            except (OSError, ValueError, StopIteration):  # exiting, or gone
                 pass
             time.sleep(0.02)
         seconds = time.perf_counter() - t0
@@ -82,13 +85,17 @@ import mlxkit.convert.sensitivity as sens
 from mlxkit.cli import main
 tokens, report, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 measure, facts = sens.measure_sensitivity, {}
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 def measured(directory, **kw):
     s = measure(directory, max_tokens=tokens or sens.DEFAULT_TOKENS, **kw)
     facts.update(sensitivity_seconds=s.seconds, tokens=s.tokens, groups=len(s.groups))
+    facts.update(sensitivity_hwm=hwm(), sensitivity_mlx_peak=mx.get_peak_memory())
     return s
 sens.measure_sensitivity = measured
 main(args, standalone_mode=False)
-facts["mlx_peak"] = mx.get_peak_memory()
+facts.update(mlx_peak=mx.get_peak_memory(), hwm=hwm())
 with open(report, "w") as f:
     json.dump(facts, f)
 """
@@ -100,7 +107,8 @@ class AutoRun:
     layers: int
     seconds: float
     peak_rss: int  # bytes
-    facts: dict  # from the converting process: mlx_peak, sensitivity_seconds, tokens, groups
+    make_peak_rss: int  # bytes, of the process that wrote the checkpoint
+    facts: dict  # from the converting process: mlx_peak, hwm, sensitivity_seconds, _hwm, ...
 
 
 def run_auto(size: str, layers: int, work: Path, tokens: int, bpw: float) -> AutoRun:
@@ -109,7 +117,7 @@ def run_auto(size: str, layers: int, work: Path, tokens: int, bpw: float) -> Aut
     src, out, report = work / f"{size}-{layers}", work / f"{size}-{layers}-auto", work / "facts"
     make = [sys.executable, str(Path(__file__).parent / "make_checkpoint.py"), "--size", size]
     make += ["--layers", str(layers), "--no-vision", str(src)]
-    subprocess.run(make, check=True, stdout=subprocess.DEVNULL)
+    _, make_peak = measure(make)
     os.environ["XDG_CACHE_HOME"] = str(work / f"cache-{size}-{layers}")  # inherited by the child
     args = ["convert", "--hf-path", str(src), "-o", str(out), "--recipe", "auto"]
     args += ["--bits-per-weight", str(bpw), "--quiet"]
@@ -120,11 +128,12 @@ def run_auto(size: str, layers: int, work: Path, tokens: int, bpw: float) -> Aut
     finally:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-    run = AutoRun(size, layers, seconds, peak, facts)
+    run = AutoRun(size, layers, seconds, peak, make_peak, facts)
     print(
         f"{size} {layers} layers: {seconds:.0f} s (sensitivity {facts['sensitivity_seconds']:.0f}"
-        f" s on {facts['tokens']} tokens), peak RSS {peak / 2**30:.2f} GiB, MLX peak "
-        f"{facts['mlx_peak'] / 2**30:.2f} GiB",
+        f" s on {facts['tokens']} tokens), peak RSS {peak / 2**30:.2f} GiB (after the "
+        f"sensitivity {facts['sensitivity_hwm'] / 2**30:.2f}), MLX peak "
+        f"{facts['mlx_peak'] / 2**30:.2f} GiB; checkpoint writer {make_peak / 2**30:.2f} GiB",
         flush=True,
     )
     return run
@@ -138,22 +147,29 @@ def auto_report(runs: list[AutoRun], info: dict, argv: list[str]) -> str:
         (
             f"`python benchmarks/convert.py {' '.join(argv)}`: `mlxkit convert --recipe auto "
             "--bits-per-weight B` of random-weight checkpoints cut to a few decoder layers at full "
-            "width (no vision tower; MTP head included), the sensitivity measured afresh. Peak RSS: "
-            "VmHWM polled from outside; MLX peak: `mx.get_peak_memory()` in the converting process."
+            "width (no vision tower; MTP head included), the sensitivity measured afresh. Peak RSS "
+            "of the converting process: VmHWM polled from outside over the whole run, and read "
+            "inside it when the measurement returned; MLX peak: `mx.get_peak_memory()` there, at "
+            "the same two points. The checkpoint writer and this benchmark's own process are "
+            "separate processes (VmHWM of each)."
         ),
         "",
         (
-            "| size | layers | calibration tokens | groups | sensitivity s | total s | peak RSS GiB "
-            "| MLX peak GiB | ≤ 1.5 GB |"
+            "| size | layers | calibration tokens | groups | sensitivity s | total s | converter "
+            "peak RSS MiB: after the measurement / whole run | MLX peak MiB: measurement / whole "
+            "| checkpoint writer MiB | benchmark MiB | ≤ 1.5e9 B |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mib = 2**20
     for r in runs:
         f = r.facts
         lines.append(
             f"| {r.size} | {r.layers} | {f['tokens']} | {f['groups']} | "
-            f"{f['sensitivity_seconds']:.0f} | {r.seconds:.0f} | {r.peak_rss / 2**30:.2f} | "
-            f"{f['mlx_peak'] / 2**30:.2f} | {'yes' if r.peak_rss <= 1.5e9 else 'no'} |"
+            f"{f['sensitivity_seconds']:.0f} | {r.seconds:.0f} | {f['sensitivity_hwm'] / mib:,.0f}"
+            f" / {r.peak_rss / mib:,.0f} | {f['sensitivity_mlx_peak'] / mib:,.0f} / "
+            f"{f['mlx_peak'] / mib:,.0f} | {r.make_peak_rss / mib:,.0f} | {vm_hwm() / mib:,.0f} | "
+            f"{'yes' if r.peak_rss <= 1.5e9 else 'no'} |"
         )
     lines += ["", "Machine:", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
     return "\n".join(lines)
