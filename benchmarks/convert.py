@@ -15,7 +15,8 @@ Results go to benchmarks/results/convert.md (and stdout).
 
 `--auto` measures `mlxkit convert --recipe auto --bits-per-weight 4.5` instead, on checkpoints
 cut to `--layers` decoder layers (each count given: 4,8) without the vision tower: its peak
-RSS, measured the same way, and from the converting process itself MLX's peak memory, the
+RSS, measured the same way (and the checkpoint writer's), and from the converting process
+itself its VmHWM and MLX's peak memory when the measurement returned and at the end, the
 time of the sensitivity measurement (with a fresh cache) and the whole conversion's. The
 CLI has no option for the calibration tokens; `--calibration-tokens N` passes N to the
 measurement from the process that runs the CLI (its memory does not grow with them: see
