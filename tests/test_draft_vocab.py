@@ -147,8 +147,15 @@ def test_shortlist_sampling_matches_plain_sampling():
     assert p_value(model, speculative_accept) > 0.01
 
 
-@pytest.mark.parametrize("runs", [200, pytest.param(4000, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("num_draft", [2, "auto"])
+@pytest.mark.parametrize(
+    "num_draft, runs",
+    [
+        ("auto", 200),  # auto drafts 0..3 per round: the fixed k=2 runs only with -m slow
+        pytest.param(2, 200, marks=pytest.mark.slow),
+        pytest.param(2, 4000, marks=pytest.mark.slow),
+        pytest.param("auto", 4000, marks=pytest.mark.slow),
+    ],
+)
 def test_shortlist_decode_loop_samples_the_model_distribution(monkeypatch, num_draft, runs):
     """The real decode loop, drafts drawn from the shortlist (checked): the first 4 tokens'
     joint and marginals are the main model's own."""

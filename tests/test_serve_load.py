@@ -39,7 +39,8 @@ from tests.serve_helpers import (  # noqa: F401 - time_limit: autouse, bounds ev
 from tests.test_serve import SERVER_DRAFTS
 
 MAX_BATCH, MAX_QUEUE = 3, 2  # 8 clients: batches of 3, a full queue, some 503s
-CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 5, 12
+CLIENTS, MAX_TOKENS = 8, 12
+MAX_PER_CLIENT = 5  # requests of one client are numbered c * MAX_PER_CLIENT + i
 STARTS = [
     "def f(x):\n    ",
     "class Node:\n    ",
@@ -76,7 +77,7 @@ def micro():
 def spec(c: int, i: int, max_tokens: int = MAX_TOKENS) -> dict:
     """Request i of client c: chat or completion, streamed or not, its own prompt and seed,
     greedy (decoded in batches) or sampled (with MTP and a seed: decoded alone, beside them)."""
-    n = c * PER_CLIENT + i
+    n = c * MAX_PER_CLIENT + i
     text = f"# job {c} {i}\n{STARTS[n % len(STARTS)]}"
     return {
         "chat": n % 3 == 0,
@@ -154,26 +155,28 @@ def warm_up(server: Server, micro) -> None:
 
 
 def test_concurrent_clients_get_their_own_answers_or_503(server, micro):
-    """8 clients x 5 requests, chat and completions, streamed and not: each request gets its
+    """8 clients x 3 requests, chat and completions, streamed and not: each request gets its
     own complete answer (the one the runtime gives for its prompt and seed) or a 503 with
     Retry-After, which the client honours before its next request. The queue never holds more
     than it may, every 503 is counted, and afterwards the server's memory is back where it was.
     (How many get a 503 depends on the machine's load: that a full queue answers 503 is
     `test_a_full_queue_is_a_503_before_any_image_is_decoded`.)"""
-    load(server, micro, MAX_TOKENS)
+    load(server, micro, MAX_TOKENS, per_client=3)
 
 
 @pytest.mark.slow
 def test_concurrent_clients_with_long_answers(server, micro):
-    """The same with answers of up to 256 tokens: the prompt-cache pool evicts all along."""
-    load(server, micro, 256)
+    """The same with 5 requests each and answers of up to 256 tokens: the prompt-cache pool
+    evicts all along."""
+    load(server, micro, 256, per_client=5)
 
 
-def load(server: Server, micro, max_tokens: int) -> None:
+def load(server: Server, micro, max_tokens: int, per_client: int) -> None:
+    assert per_client <= MAX_PER_CLIENT
     warm_up(server, micro)
     base = server.wait_idle()
     base_rss = server.rss()
-    specs = {(c, i): spec(c, i, max_tokens) for c in range(CLIENTS) for i in range(PER_CLIENT)}
+    specs = {(c, i): spec(c, i, max_tokens) for c in range(CLIENTS) for i in range(per_client)}
     expected = {k: expected_text(micro, s) for k, s in specs.items()}
     assert len(set(expected.values())) >= 0.7 * len(expected)  # answers tell requests apart
 
@@ -181,7 +184,7 @@ def load(server: Server, micro, max_tokens: int) -> None:
 
     def client_loop(c: int) -> None:
         client = server.client(timeout=120)
-        for i in range(PER_CLIENT):
+        for i in range(per_client):
             try:
                 results[c, i] = ("ok", send(client, specs[c, i]))
             except openai.APIStatusError as e:
