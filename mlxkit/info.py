@@ -15,6 +15,7 @@ from mlxkit.checkpoint import (
     weight_files,
 )
 from mlxkit.load import MTP_DIR, load_config, load_model_config, resolve_model_dir
+from mlxkit.quality import model_rounding
 
 PARTS = ("text", "mtp", "vision")
 
@@ -26,6 +27,10 @@ class CheckpointInfo:
     layout: str  # "hugging face" or "mlx"
     summary: dict
     quantization: dict | None
+    # "bits/group size" -> how many of the text model's quantized modules hold it (an `auto`
+    # or mixed recipe gives several), and how the weights were rounded (`convert --rounding`)
+    settings: dict[str, int] = field(default_factory=dict)
+    rounding: str = "nearest"
     params: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
     nbytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
 
@@ -63,6 +68,22 @@ def _bits_for(name: str, quant: dict, quantized_modules: set[str]) -> int | None
     if isinstance(override, dict) and "bits" in override:
         return override["bits"]
     return quant.get("bits")
+
+
+def _setting(module: str, quant: dict) -> str:
+    override = quant.get(module)
+    override = override if isinstance(override, dict) else {}
+    return f"{override.get('bits', quant.get('bits'))}/{override.get('group_size', quant.get('group_size'))}"
+
+
+def _settings(tensors: dict[str, TensorInfo], quant: dict) -> dict[str, int]:
+    """How many of the text model's quantized modules hold each setting, commonest first."""
+    counts: dict[str, int] = {}
+    for name in tensors:
+        if name.endswith(".scales") and _part(name) == "text":
+            key = _setting(_module_path(name), quant)
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _add(
@@ -109,6 +130,9 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     if vision:
         info.summary["image encoder (vision tower)"] = vision
     _add(info, tensors, quant)
+    if info.quantization:
+        info.settings = _settings(tensors, quant)
+        info.rounding = model_rounding(model_dir)
     drafter = model_subdir(model_dir, MTP_DIR)  # a link out of the model is refused
     if drafter is not None:
         mtp_quant = quantization_block(read_config(drafter), str(drafter / "config.json"))
@@ -149,12 +173,32 @@ def human_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _quantization_line(info: CheckpointInfo) -> str:
+    """Every setting the text model's linears hold (a mixed or `auto` recipe has several) and
+    the text model's bits per weight, scales and biases counted as mlx-lm counts them."""
+
+    def setting(key: str) -> str:
+        bits, group = key.split("/")
+        return f"{bits}-bit, group size {group}"
+
+    if len(info.settings) <= 1:
+        q = info.quantization or {}
+        line = setting(next(iter(info.settings), f"{q.get('bits')}/{q.get('group_size')}"))
+    else:
+        parts = [f"{setting(k)} ({n} modules)" for k, n in info.settings.items()]
+        line = "mixed: " + "; ".join(parts)
+    if info.params["text"]:
+        line += f"; {info.nbytes['text'] * 8 / info.params['text']:.2f} bits per weight (text)"
+    if info.rounding != "nearest":
+        line += f"; rounding {info.rounding}"
+    return line
+
+
 def format_info(info: CheckpointInfo) -> str:
     lines = [f"{info.path}", f"  model type: {info.model_type} ({info.layout} layout)"]
     lines += [f"  {k}: {v}" for k, v in info.summary.items()]
     if info.quantization:
-        q = info.quantization
-        lines.append(f"  quantization: {q.get('bits')}-bit, group size {q.get('group_size')}")
+        lines.append(f"  quantization: {_quantization_line(info)}")
     lines.append("  parameters and bytes by part:")
     for part in PARTS:
         lines.append(
