@@ -46,14 +46,6 @@ PLAN_ONLY = (
     help="With --recipe auto: the budget, in bits per weight of the text model, scales and "
     "biases counted (uniform 4-bit: 4.25 at group 128, 4.5 at 64, 5.0 at 32) [4.5].",
 )
-@click.option(
-    "--rounding",
-    default="nearest",
-    metavar="nearest|gptq",
-    help="How quantized weights are rounded: to the nearest level, or by GPTQ on the "
-    "calibration set (the decoder layers' linears; slower, lower KL at the same bytes) "
-    "[nearest].",
-)
 @click.option("--no-quantize", is_flag=True, help="Keep all weights in --dtype.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
@@ -64,7 +56,6 @@ def convert(
     size: str | None,
     output: str | None,
     bits_per_weight: float | None,
-    rounding: str,
     no_quantize: bool,
     force: bool,
     quiet: bool,
@@ -88,8 +79,6 @@ def convert(
             raise MlxkitError("--target plans quantized bundles; drop --no-quantize")
         if bits_per_weight is not None:
             raise MlxkitError("--target sets the budget from the phone; drop --bits-per-weight")
-        if rounding != "nearest":
-            raise MlxkitError(f"--rounding {rounding}: not with --target yet; drop it")
         from mlxkit.ios_bridge.cli import convert_to_bundle
 
         convert_to_bundle(source, output, force=force, quiet=quiet, **options)
@@ -112,7 +101,7 @@ def convert(
         vision=vision,
         vision_bits=options["vision_bits"],
         draft_vocab=options["draft_vocab"],
-        rounding=rounding,
+        rounding=options["rounding"],
         force=force,
         quiet=quiet,
     )

@@ -25,9 +25,11 @@ levels, lazy block updates, 1 % damping) run sequentially:
 
 Cost: two forward passes of one layer over the calibration tokens per layer, plus the
 column loop (cols steps per linear). Memory: one layer (bf16 matrices), the hidden states
-(tokens × hidden × 4 bytes: 5,120 × 4,096 × 4 = 84 MB for a 9B) and, at the widest linear,
-its H and the inverse factor (2 × 4·cols² bytes: 9B's down_proj, cols 12,288, 1.2 GB; 4B's
-9,216, 0.7 GB), so for a 9B the converter's 1.5 GB bound does not hold with --rounding gptq.
+(tokens × hidden × 4 bytes: 5,120 × 4,096 × 4 = 84 MB for a 9B), every linear's H and, at the
+widest linear, numpy's copy of its H and the float64 work of the inverse factor (about 38·cols²
+bytes: 9B's down_proj, cols 12,288, 5.7 GB; 4B's 9,216, 3.2 GB). `peak_bytes` adds these up from
+a config: 0.7 GB for a 0.8B, 1.9 GB for a 2B, 4.2 GB for a 4B, 7.7 GB for a 9B, so above a 0.8B
+the converter's 1.5 GB bound does not hold with --rounding gptq (the planner says so).
 Disk: the rounded weights, about the output's size. Measured on micro (benchmarks/results/
 quality.md): a few seconds on 2 shared CPU cores.
 """
@@ -54,6 +56,35 @@ ROUNDINGS = ("nearest", "gptq")  # nearest: mx.quantize's own rounding
 BATCH_BYTES = 16 << 20  # of one linear's activations ([windows, tokens, width] float32) at once
 MAX_TOKENS: int | None = None  # calibration tokens the converter rounds on: the whole set
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps H invertible (dead inputs, few tokens)
+
+
+# The converter's memory bound (docs/convert.md, issue 23): a 9B converts within 1.5 GB.
+MEMORY_BOUND = 1_500_000_000
+# What `gptq` holds for one linear beyond its Hessian in MLX, per cols²: numpy's copy of it and
+# the float64 work of `inverse_factor` (VmHWM above the Hessian: 38.2 at 2,048 columns, 37.2 at
+# 3,072)
+INVERSE_BYTES_PER_COL2 = 38
+
+
+def peak_bytes(cfg) -> int:
+    """A lower bound of what `round_layers` holds at once for a text config (no weights
+    read), for the planner to say where --rounding gptq exceeds MEMORY_BOUND: in the largest
+    decoder layer, every linear's float32 Hessian (4 cols² each, all kept until the layer is
+    rounded), the inverse factor of the widest (INVERSE_BYTES_PER_COL2 cols²), two float32
+    copies of the largest matrix and the layer's bf16 weights. The process itself (its
+    imports, ~300 MB) and the hidden states come on top."""
+    from mlxkit.layout import model_parameters
+
+    layers: dict[str, list[tuple[int, int]]] = {}
+    for path, shape in model_parameters(cfg, include_mtp=False):
+        if path.startswith(f"{PREFIX}layers.") and path.endswith(".weight") and len(shape) == 2:
+            layers.setdefault(path.split(".")[3], []).append(shape)
+    return max(
+        sum(4 * c * c + 2 * r * c for r, c in shapes)
+        + INVERSE_BYTES_PER_COL2 * max(c for _, c in shapes) ** 2
+        + 8 * max(r * c for r, c in shapes)
+        for shapes in layers.values()
+    )
 
 
 def check_rounding(rounding: object) -> str:

@@ -284,6 +284,7 @@ def _convert_model(source, tmp: Path, p: Plan) -> dict[str, int]:
         recipe=s.recipe,
         bits_per_weight=p.bits_per_weight,
         dtype=s.dtype,
+        rounding=s.rounding,
         quantize=True,
         mtp=s.mtp,
         vision=tower,

@@ -20,6 +20,10 @@ the built-in set (mlxkit.quality keeps the result), else predicted from the sens
 ranking uses one kind for all candidates (predicted, or measured when every candidate is), as
 the two are not on one scale (on micro the prediction is a third to a half of the measurement).
 The plan carries its recipe's figures (`Plan.quality`), and a bundle's manifest records them.
+With `rounding="gptq"` (learned rounding: never chosen here, it costs the converter time and
+memory) the figures are those of GPTQ-rounded weights where `mlxkit eval` measured them (kept
+apart from nearest rounding's by their key); the sensitivity predicts nearest rounding only, so
+a prediction stays labelled as nearest rounding's (the block's `rounding`) and ranks the recipes.
 
 Then the KV cache precision and the prefill chunk (unless given): the goal is the requested
 context, or else the most the target holds (up to the model's positions) with the smallest of
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from mlxkit.convert.coreml import vision_tokens
 from mlxkit.convert.quantize import AUTO, Recipe, load_recipe
+from mlxkit.convert.rounding import check_rounding
 from mlxkit.convert.sensitivity import (
     Sensitivity,
     auto_recipe,
@@ -119,10 +124,12 @@ def recipe_options(
     bits: int | None,
     group_size: int | None,
     dtype: str,
+    rounding: str = "nearest",
 ) -> list[Option]:
     """The recipes to try, least KL first (see the module docstring): `recipe` alone when
     given (auto: at every budget of AUTO_BUDGETS that keeps 4 bits), else RECIPES and, with a
-    sensitivity measurement and no --bits / --group-size, auto at AUTO_BUDGETS."""
+    sensitivity measurement and no --bits / --group-size, auto at AUTO_BUDGETS; their figures
+    are those of weights rounded as `rounding` says."""
     names = [recipe] if recipe is not None else list(RECIPES)
     options = [Option(r, load_recipe(r, bits, group_size)) for r in names if r != AUTO]
     if recipe == AUTO or (recipe is None and bits is None and group_size is None):
@@ -138,7 +145,12 @@ def recipe_options(
             )
     digest = _digest(checkpoint)
     options = [
-        Option(o.recipe, o.rules, o.bits_per_weight, _quality(o, cfg, digest, sensitivity, dtype))
+        Option(
+            o.recipe,
+            o.rules,
+            o.bits_per_weight,
+            _quality(o, cfg, digest, sensitivity, dtype, rounding),
+        )
         for o in options
     ]
     if options and all(o.quality and o.quality["method"] == "measured" for o in options):
@@ -164,11 +176,16 @@ def _predicted(s: Sensitivity, o: Option) -> tuple[bool, float]:
 
 
 def _quality(
-    o: Option, cfg: TextConfig, digest: str | None, s: Sensitivity | None, dtype: str
+    o: Option,
+    cfg: TextConfig,
+    digest: str | None,
+    s: Sensitivity | None,
+    dtype: str,
+    rounding: str,
 ) -> dict | None:
     """The option's figures (mlxkit.quality.quality_block): measured (`mlxkit eval` of this
-    quantization of this checkpoint on the built-in set) when kept, else predicted from the
-    sensitivity, else None."""
+    quantization, this rounding included, of this checkpoint on the built-in set) when kept,
+    else predicted from the sensitivity (nearest rounding's), else None."""
     recipe = o.rules
     measured = None
     if digest is not None:
@@ -177,12 +194,12 @@ def _quality(
             for path, shape in model_parameters(cfg, include_mtp=False)
         }
         measured = cached_quality(
-            digest, quantization_key(recipe.quantization_config(rules), dtype)
+            digest, quantization_key(recipe.quantization_config(rules), dtype, rounding)
         )
     if s is None:
-        return quality_block(measured)
+        return quality_block(measured, rounding=rounding)
     calibration = {"tokens": s.tokens, "digest": s.calibration_digest}
-    return quality_block(measured, s.predicted_kl(recipe), calibration)
+    return quality_block(measured, s.predicted_kl(recipe), calibration, rounding)
 
 
 def candidates(
@@ -296,10 +313,11 @@ def choose_plan(
     )
     bits, group_size = settings.get("bits"), settings.get("group_size")
     dtype = settings.get("dtype", Settings.dtype)
+    rounding = check_rounding(settings.get("rounding", Settings.rounding))
     directory = Path(checkpoint) if checkpoint is not None else checkpoint_directory(size_or_config)
     if sensitivity is None:
         sensitivity = measured_sensitivity(directory, dtype)
-    options = recipe_options(cfg, directory, sensitivity, recipe, bits, group_size, dtype)
+    options = recipe_options(cfg, directory, sensitivity, recipe, bits, group_size, dtype, rounding)
     has = has_mtp and cfg.mtp_num_hidden_layers > 0
     pairs = candidates(options, mtp, has, recipe is not None)
     visions = vision_candidates(vision, shapes.vision is not None)

@@ -49,6 +49,7 @@ SCHEMA: dict = {
         "recipe": str,
         "bits": int,
         "group_size": int,
+        "rounding": str,
         "dtype": str,
         "bits_per_part": dict,
     },

@@ -25,6 +25,11 @@ byte), model/ holds no tower tensors, the image cap is the largest of its grids,
 one is estimated as the same graph in float16 with its attention scores materialised (Core
 ML's own memory cannot be measured here); those arrays are Core ML's, not MLX's, so they do
 not count against the Metal buffer limit.
+
+`rounding` "gptq" (learned rounding, convert/rounding.py) writes the same tensors as nearest
+rounding, so it changes no byte and no speed here; it changes the quality figures (choose.py)
+and what converting takes: where its working set (`rounding.peak_bytes`) exceeds the
+converter's memory bound, the plan says so in a warning (the bundle is still built).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from mlxkit.convert.coreml import (
     weight_file_bytes,
 )
 from mlxkit.convert.quantize import AUTO, Recipe, check_vision_bits, load_recipe
+from mlxkit.convert.rounding import MEMORY_BOUND, check_rounding, peak_bytes
 
 from mlxkit import draft_vocab, fields
 from mlxkit.cache import KV_GROUP_SIZES, KVQuantization
@@ -348,6 +354,7 @@ def validate(settings: Settings, context: int | None, cfg: TextConfig) -> None:
     fields.number(settings.acceptance, "acceptance")
     fields.boolean(settings.mtp, "mtp")
     fields.boolean(settings.entitlement, "entitlement")
+    check_rounding(settings.rounding)
     if context is not None:
         fields.integer(context, "context")
     if context is not None and context <= 0:
@@ -685,6 +692,12 @@ def _warnings(plan: Plan) -> list[str]:
         found.append(f"unconfirmed target numbers: {', '.join(plan.target.unconfirmed)}")
     if plan.vision_encoder == "coreml" and plan.target.kind != "mac":
         found.append(COREML_SWIFT_GAP)
+    if plan.settings.rounding == "gptq" and peak_bytes(plan.cfg) > MEMORY_BOUND:
+        found.append(
+            f"--rounding gptq holds at least {gb(peak_bytes(plan.cfg))} at once while converting "
+            f"this model (its widest linear's Hessian and inverse), above the converter's "
+            f"{MEMORY_BOUND / 1e9:g} GB bound: build it where that much memory is free"
+        )
     same = same_memory_as_less_ram(plan.target)
     if same:
         tier = plan.target.tier

@@ -154,6 +154,8 @@ def plan_to_dict(plan: Plan) -> dict:
             "recipe": s.recipe,
             "bits": recipe.bits,
             "group_size": recipe.group_size,
+            # nearest, or gptq: learned rounding (convert --rounding), the same tensors
+            "rounding": s.rounding,
             "dtype": s.dtype,
             "bits_per_part": plan.bits_per_part,
         },

@@ -76,6 +76,14 @@ class Settings:
         "--group-size",
         type=int,
     )
+    rounding: str = _knob(
+        "nearest",
+        "How quantized weights are rounded: to the nearest level, or by GPTQ on the "
+        "calibration set (the decoder layers' linears; slower to convert and more memory, "
+        "lower KL at the same bytes; plan and --target never pick it unless asked).",
+        "--rounding",
+        metavar="nearest|gptq",
+    )
     dtype: str = _knob(
         "bfloat16",
         "bfloat16, float16 or float32: everything not quantized (with --no-quantize, all).",

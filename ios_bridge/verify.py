@@ -17,12 +17,16 @@ Swift's never opens it) is held to the manifest's `mtp.draft_vocab` and the byte
 counts, and re-derived from the recorded source's calibration set when the source is here.
 A bundle of recipe auto is re-planned with the rules its config.json files record (the
 allocation came from a sensitivity measurement that need not be on this machine); the tensors
-are then held to those rules.
+are then held to those rules. The rounding is re-planned with the one model/'s safetensors index
+records (`convert --rounding gptq` marks it there): a manifest that calls GPTQ weights nearest
+rounding's, or the reverse, differs from the re-plan.
 
 `quality` (the recipe's KL vs the source when the plan knew it) is re-derived only on request,
 by measuring: `verify_quality` (`bundle verify --quality --reference SRC`) runs `mlxkit eval` on
 the bundle against SRC on the manifest's evaluation set and fails beyond QUALITY_TOLERANCE of
-measured figures (or beyond PREDICTION_FACTOR times a predicted KL).
+measured figures (or beyond PREDICTION_FACTOR times a predicted KL). Measured figures must be
+of weights rounded as model/'s are (the block's `rounding`); a prediction is nearest rounding's,
+and a GPTQ bundle's measurement is held to it with the same factor.
 
 Each check is independent and reported on its own line, so one broken file does not hide
 the others. Input that is not a bundle at all (no folder, no manifest, manifest not JSON)
@@ -141,8 +145,10 @@ def replan(root: Path, manifest: dict, target=None):
     the entitlement was allowed (the limit planned in), mlxkit's own drafts per round (its
     loop's speed, where the target has one), the runtime reserve and MLX cache limit (the
     memory breakdown). The vision tower's settings are its section's: whether it is in, its
-    bits, and the image cap planned for (absent when it is not in). Each is then checked like
-    every other field, through what it implies."""
+    bits, and the image cap planned for (absent when it is not in). The rounding is model/'s
+    (its index). Each is then checked like every other field, through what it implies."""
+    from mlxkit.quality import model_rounding
+
     from .plan import evaluate
 
     q, m, t, memory = (manifest[k] for k in ("quantization", "mtp", "target", "memory"))
@@ -171,6 +177,7 @@ def replan(root: Path, manifest: dict, target=None):
         auto_recipe=auto,
         bits=q["bits"],
         group_size=q["group_size"],
+        rounding=model_rounding(root / MODEL_DIR),
         dtype=q["dtype"],
         mtp=m["included"],
         draft_vocab=m["draft_vocab"],
@@ -882,8 +889,8 @@ def _check_coreml_described(root: Path, manifest: dict) -> tuple[list[str], str]
 def _check_quality(root: Path, manifest: dict, reference: Path) -> tuple[list[str], str]:
     """The manifest's quality figures against a measurement of the bundle against `reference`
     on the same evaluation text and number of tokens (see QUALITY_TOLERANCE and
-    PREDICTION_FACTOR)."""
-    from mlxkit.quality import measure_quality
+    PREDICTION_FACTOR), its figures of weights rounded as model/'s are when measured."""
+    from mlxkit.quality import measure_quality, model_rounding
 
     q = manifest.get("quality")
     if q is None:
@@ -899,6 +906,16 @@ def _check_quality(root: Path, manifest: dict, reference: Path) -> tuple[list[st
         return ["quality: the manifest's block is not one mlxkit writes (method, tokens)"], ""
     if not isinstance(kl, (int, float)) or isinstance(kl, bool):
         return ["quality.kl_mean: the manifest's figure is not a number"], ""
+    try:
+        rounding, weights = q.get("rounding", "nearest"), model_rounding(root / MODEL_DIR)
+    except MlxkitError as e:
+        return [f"cannot read how {MODEL_DIR}/'s weights were rounded: {e}"], ""
+    if rounding != (weights if method == "measured" else "nearest"):
+        return [
+            f"quality.rounding: the manifest's figures are {method} for {shown(rounding)} "
+            f"rounding, and {MODEL_DIR}/ holds {weights} rounding's weights"
+            + ("" if method == "measured" else " (a prediction is nearest rounding's)")
+        ], ""
     try:
         r = measure_quality(root, reference, max_tokens=tokens, quiet=True)
     except MlxkitError as e:
@@ -926,8 +943,8 @@ def _check_quality(root: Path, manifest: dict, reference: Path) -> tuple[list[st
         )
     detail = (
         f"measured against {short(str(reference), 60)} on {r.tokens:,} tokens: KL "
-        f"{r.kl_mean:.5f} (the manifest's, {method}: {kl:.5f}), top-1 {r.top1:.1%}, perplexity "
-        f"{r.ppl:.3f}; "
+        f"{r.kl_mean:.5f} (the manifest's, {method} for {rounding} rounding: {kl:.5f}), top-1 "
+        f"{r.top1:.1%}, perplexity {r.ppl:.3f}; "
         + (
             "within tolerance"
             if method == "measured"

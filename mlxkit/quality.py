@@ -640,9 +640,16 @@ def model_quantization_key(model_path: str | Path) -> str:
     dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
         norm.dtype if norm else "", "bfloat16"
     )
-    metadata = (read_json_object(model_dir, INDEX) or {}).get("metadata")
+    return quantization_key(config.get("quantization"), dtype, model_rounding(model_dir))
+
+
+def model_rounding(model_path: str | Path) -> str:
+    """How a converted model's weights were rounded: the `rounding` its safetensors index
+    records (`convert --rounding gptq` writes it; config.json's quantization block is the same
+    for every rounding), "nearest" where it records none."""
+    metadata = (read_json_object(resolve_model_dir(model_path), INDEX) or {}).get("metadata")
     rounding = metadata.get("rounding", "nearest") if isinstance(metadata, dict) else "nearest"
-    return quantization_key(config.get("quantization"), dtype, str(rounding))
+    return str(rounding)
 
 
 def cache_dir() -> Path:
@@ -686,17 +693,23 @@ def cached_quality(source_digest: str, key: str) -> dict | None:
 
 
 def quality_block(
-    measured: Mapping | None, predicted: float | None = None, calibration: Mapping | None = None
+    measured: Mapping | None,
+    predicted: float | None = None,
+    calibration: Mapping | None = None,
+    rounding: str = "nearest",
 ) -> dict | None:
     """The `quality` a plan carries and a bundle's manifest records: a measured result's
-    figures (`measured`: `QualityResult.to_dict()` of the built-in set), or else the KL
-    predicted from the sensitivity measurement (`calibration`: its `tokens` and `digest`), or
-    None when neither is known. `eval_set_digest` names the text the figures are from."""
+    figures (`measured`: `QualityResult.to_dict()` of the built-in set, of weights rounded as
+    `rounding` says), or else the KL predicted from the sensitivity measurement (`calibration`:
+    its `tokens` and `digest`), or None when neither is known. `eval_set_digest` names the text
+    the figures are from, `rounding` the weights they are of: a prediction is always nearest
+    rounding's (the sensitivity measures plain rounding; learned rounding is only measured)."""
     from mlxkit import __version__
 
     if measured is not None:
         return {
             "method": "measured",
+            "rounding": rounding,
             "kl_mean": measured["kl_mean"],
             "kl_p99": measured["kl_p99"],
             "top1": measured["top1"],
@@ -709,6 +722,7 @@ def quality_block(
         return None
     return {
         "method": "predicted",
+        "rounding": "nearest",
         "kl_mean": predicted,
         "kl_p99": None,
         "top1": None,

@@ -1,6 +1,6 @@
 """Bad inputs of --rounding, refused in one line before anything is rounded or written: an
-unknown rounding, learned rounding of weights that are not quantized, and --target (the
-planner does not plan learned rounding yet). Rows run through the shared harness
+unknown rounding, and learned rounding of weights that are not quantized (--target with it:
+tests/test_bad_inputs_gptq_target.py). Rows run through the shared harness
 (tests/badinput.py)."""
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ ROWS = [
     cli("--rounding gptq with --no-quantize", "convert", "--hf-path", "{src}", "-o", "{out}",
         "--rounding", "gptq", "--no-quantize",
         message="--rounding gptq rounds quantized weights; drop --no-quantize"),
-    cli("--rounding gptq with --target", "convert", "--hf-path", "{src}", "--target",
-        "iphone15pro", "--rounding", "gptq", message="--rounding gptq: not with --target yet"),
     api("convert(rounding=None)", lambda i: _api_convert(i, rounding=None),
         message="--rounding must be one of nearest, gptq, got None"),
 ]
