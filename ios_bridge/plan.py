@@ -692,9 +692,10 @@ def _warnings(plan: Plan) -> list[str]:
         found.append(f"unconfirmed target numbers: {', '.join(plan.target.unconfirmed)}")
     if plan.vision_encoder == "coreml" and plan.target.kind != "mac":
         found.append(COREML_SWIFT_GAP)
-    if plan.settings.rounding == "gptq" and peak_bytes(plan.cfg) > MEMORY_BOUND:
+    held = peak_bytes(plan.cfg) if plan.settings.rounding == "gptq" else 0
+    if held > MEMORY_BOUND:
         found.append(
-            f"--rounding gptq holds at least {gb(peak_bytes(plan.cfg))} at once while converting "
+            f"--rounding gptq holds at least {gb(held)} at once while converting "
             f"this model (its widest linear's Hessian and inverse), above the converter's "
             f"{MEMORY_BOUND / 1e9:g} GB bound: build it where that much memory is free"
         )
