@@ -129,6 +129,26 @@ def _feed_mtp(
     cache.mtp_pending = hidden[:, -1:]
 
 
+def _feed_pending(model: Model, cache: PromptCache, y: int, rotary: Rotary) -> mx.array:
+    """Runs the MTP head over the pending hidden states (the tokens after them: the last cached
+    ones and y) and returns its output at the last one [1, 1, H], the first draft step's.
+
+    The positions before the last are run on their own and their output is never used, so
+    only what their KV entries need (fc, k and v projections) is ever evaluated: MLX computes
+    a lazy array only when something evaluated depends on it, and the MTP layer's queries,
+    output projection and MLP there depend on nothing. After n plain steps that is n - 1
+    positions of a fifth or less of the layer's weights instead of n of all of them. It
+    matters with quantized weights on a CPU, where MLX's quantized matmul costs as much per
+    row as for a single row (bf16 activations, 384x128 4-bit: 0.35 ms for one row, 44 ms for
+    64): a round of one draft after 64 plain steps took 3.4 decode steps instead of 8.4
+    (micro; benchmarks/results/decode.md, 2026-12-08)."""
+    n_pending = cache.mtp_pending.shape[1]
+    if n_pending > 1:
+        older = cache.tokens[len(cache.tokens) - n_pending + 1 :]
+        model.mtp_hidden(cache.mtp_pending[:, :-1], mx.array([older]), cache.mtp, rotary)
+    return model.mtp_hidden(cache.mtp_pending[:, -1:], mx.array([[y]]), cache.mtp, rotary)
+
+
 class Decoder:
     """The decoding state of one generation (see the module docstring)."""
 
@@ -368,18 +388,17 @@ class MTPRound:
     @classmethod
     def draft(cls, dec: Decoder, y: int, k: int) -> MTPRound:
         """Drafts k tokens after y: the first step consumes the pending hidden states (the
-        tokens after them are the last cached ones and y; only the last needs logits), later
-        steps the MTP's own output. Logits come from the draft vocabulary when the model has
-        one, except under a grammar, which may allow only tokens outside it."""
+        tokens after them are the last cached ones and y; only the last needs logits:
+        `_feed_pending`), later steps the MTP's own output. Logits come from the draft
+        vocabulary when the model has one, except under a grammar, which may allow only tokens
+        outside it."""
         params, cache, model = dec.params, dec.cache, dec.model
         draft_key, accept_key = dec.keys.take(2)
         keys = None if params.greedy else mx.random.split(draft_key, k)
-        n_pending = cache.mtp_pending.shape[1]
-        pending_next = cache.tokens[len(cache.tokens) - n_pending + 1 :] + [y]
-        h = model.mtp_hidden(cache.mtp_pending, mx.array([pending_next]), cache.mtp, dec.rotary)
+        h = _feed_pending(model, cache, y, dec.rotary)
         constraint, masks = dec.constraint, None
         head = model.draft_logits if constraint is None else model.logits
-        logits = head(h[:, -1:])
+        logits = head(h)
         drafts, draft_probs = [], []
         if constraint is not None:  # drafts only where the grammar allows, taken back after
             constraint.sync(cache.tokens + [y])
