@@ -36,6 +36,7 @@ quality.md): a few seconds on 2 shared CPU cores.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -258,7 +259,10 @@ def round_layers(
         layer.load_weights(new, strict=False)
         xs = [layer(x) for x in xs]
         mx.eval(xs)
-        del layer
+        # A DecoderLayer refers to itself (its compiled blocks are its bound methods): freed by
+        # the collector, now, or every layer rounded stays resident until a full collection.
+        del layer, linears, new
+        gc.collect()
         mx.clear_cache()
     rounded.seconds = time.perf_counter() - t0
     (folder / "rules.json").write_text(json.dumps(rounded.rules))
