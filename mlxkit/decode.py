@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxkit.draft_control import DraftControl
+from mlxkit.draft_control import K_MAX, DraftControl
 from mlxkit.errors import MlxkitError
 from mlxkit.models.qwen3_5 import Model, Rotary
 from mlxkit.multimodal import PromptInputs
@@ -141,11 +141,15 @@ def _feed_pending(model: Model, cache: PromptCache, y: int, rotary: Rotary) -> m
     matters with quantized weights on a CPU, where MLX's quantized matmul costs as much per
     row as for a single row (bf16 activations, 384x128 4-bit: 0.35 ms for one row, 44 ms for
     64): a round of one draft after 64 plain steps took 3.4 decode steps instead of 8.4
-    (micro; benchmarks/results/decode.md, 2026-12-08)."""
+    (micro; benchmarks/results/decode.md, 2026-12-08).
+
+    After an MTP round at most K_MAX + 1 positions are pending, and they go through in one
+    pass: a second pass there costs more than it saves where rows are nearly free (bf16)."""
     n_pending = cache.mtp_pending.shape[1]
-    if n_pending > 1:
-        older = cache.tokens[len(cache.tokens) - n_pending + 1 :]
-        model.mtp_hidden(cache.mtp_pending[:, :-1], mx.array([older]), cache.mtp, rotary)
+    after = cache.tokens[len(cache.tokens) - n_pending + 1 :] + [y]  # the token after each
+    if n_pending <= K_MAX + 1:
+        return model.mtp_hidden(cache.mtp_pending, mx.array([after]), cache.mtp, rotary)[:, -1:]
+    model.mtp_hidden(cache.mtp_pending[:, :-1], mx.array([after[:-1]]), cache.mtp, rotary)
     return model.mtp_hidden(cache.mtp_pending[:, -1:], mx.array([[y]]), cache.mtp, rotary)
 
 
