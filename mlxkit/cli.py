@@ -291,6 +291,15 @@ def _planned_peak(model_path: str) -> tuple[int, int] | None:
     help="bfloat16 halves the reference's memory, at the cost of its exactness.",
 )
 @kv_cache_options("Run MODEL on a KV cache quantized at 4 or 8 bits: the KL then counts its cost.")
+@click.option(
+    "--accumulation",
+    type=click.Choice(["float32", "native"]),
+    default="float32",
+    show_default=True,
+    help="How MODEL's quantized matmuls sum: in float32, as Apple GPUs do (the figures a Mac "
+    "or an iPhone gets), or as this machine's MLX backend does (on a CPU, bfloat16 inputs "
+    "sum in bfloat16, which costs top-1 of its own).",
+)
 @click.option("--json", "json_path", metavar="PATH", help="Also write the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(

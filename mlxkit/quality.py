@@ -14,6 +14,15 @@ How it runs, so that a 9B and its source never sit in memory together:
    `kv_bits`, on a quantized KV cache, every position attending to the quantized keys and
    values of those before it and its own, as prefill and decoding read them) and each
    window's logits are compared with the reference's, read back from the file.
+   Its quantized matmuls sum in float32 (`accumulation="float32"`, the default), as MLX's
+   Metal kernels do with bfloat16 inputs (mlx/backend/metal/kernels/quantized.h,
+   `qmv_fast_impl` and its kin: `typedef float U` accumulators, the result cast back to the
+   input's dtype): what a Mac's GPU or an iPhone computes. MLX's CPU backend sums bfloat16
+   inputs in bfloat16, an error of its own that grows with a matrix's width and is no part
+   of what quantization costs on a device (micro, code set: uniform 8-bit at group 32 agrees
+   on 94.1 % of top-1 tokens summed in bfloat16, 98.4 % summed in float32, as much as the
+   unquantized bf16 model; benchmarks/results/quality.md, 2026-12-08). `accumulation="native"`
+   measures the model as this machine's backend runs it.
 The file holds the reference's logits rather than its log-probabilities: both sides' log-softmax
 is then taken in float64 from exactly the numbers each model produced, so KL, top-1 and
 perplexity are exact for those logits (log-probabilities rounded to float32 would move a KL of
@@ -48,7 +57,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx import nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxkit.cache import KVQuantization, kv_quantization
 from mlxkit.checkpoint import INDEX, read_config, read_headers, read_json_object, weight_files
@@ -76,6 +85,9 @@ BUILTIN_SETS: dict[str, tuple[str, ...]] = {
 DEFAULT_WINDOW = 256
 MAX_WINDOW = 8192  # one window's logits are window × vocabulary floats on each side
 REFERENCE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+# how the model's quantized matmuls sum (module docstring): as Apple GPUs do, or as this
+# machine's MLX backend does; kept results are float32's (the device's figures)
+ACCUMULATIONS = ("float32", "native")
 MAX_INPUT_BYTES = 1 << 26  # a --text / --chat file
 ROWS = 64  # positions per float64 block: bounds numpy's temporaries to ROWS × vocabulary
 BATCH_BYTES = 1 << 28  # the most logits one batch of windows may make
@@ -118,6 +130,7 @@ class QualityResult:
     text_digest: str
     sets: dict[str, SetQuality]
     kv_cache: dict | None = None  # the model's KV quantization: bits, group_size, start
+    accumulation: str = "float32"  # how its quantized matmuls summed (ACCUMULATIONS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -387,17 +400,61 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+class _Float32Sums(nn.Module):
+    """A quantized linear or embedding whose matmuls take float32 inputs, so that they sum in
+    float32 as MLX's Metal kernels do, and give back the input's dtype (module docstring)."""
+
+    def __init__(self, quantized: nn.QuantizedLinear | nn.QuantizedEmbedding) -> None:
+        super().__init__()
+        self.quantized = quantized
+
+    def _matmul(self, x: mx.array) -> mx.array:
+        q = self.quantized
+        return mx.quantized_matmul(
+            x.astype(mx.float32),
+            q["weight"],
+            q["scales"],
+            q.get("biases"),
+            transpose=True,
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if isinstance(self.quantized, nn.QuantizedEmbedding):
+            return self.quantized(x)
+        y = self._matmul(x)
+        return (y + self.quantized["bias"] if "bias" in self.quantized else y).astype(x.dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self._matmul(x).astype(x.dtype)
+
+
+def sum_in_float32(model: nn.Module) -> None:
+    """Makes every quantized linear and embedding of `model` sum in float32 (`_Float32Sums`)."""
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(
+        tree_unflatten([(p, _Float32Sums(m)) for p, m in leaves if isinstance(m, quantized)])
+    )
+
+
 def _model_pass(
     path: str | Path,
     batches: list[list[_Window]],
     store: np.memmap,
     quiet: bool,
     kv: KVQuantization | None,
+    accumulation: str,
 ) -> tuple[_Scores, int | None, int, float]:
-    """Runs the model over every window (on a KV cache kept as `kv` says), comparing with the
-    reference's logits read back from `store`: the scores (in window order), its accepted
-    drafts (None without an MTP head), its weight bytes and bits per weight."""
+    """Runs the model over every window (on a KV cache kept as `kv` says, its quantized
+    matmuls summing as `accumulation` says), comparing with the reference's logits read back
+    from `store`: the scores (in window order), its accepted drafts (None without an MTP
+    head), its weight bytes and bits per weight."""
     model = load_model(path)
+    if accumulation == "float32":
+        sum_in_float32(model)
     parts, accepted = [], 0
     with _progress(batches, "model", quiet) as items:
         for batch in items:
@@ -443,6 +500,7 @@ def measure_quality(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    accumulation: str = "float32",
     keep: bool = False,
 ) -> QualityResult:
     """The quality of `model_path` (a converted model directory or a bundle) against
@@ -454,10 +512,16 @@ def measure_quality(
     (default: the system's). Unless `quiet`, a progress bar on a terminal's stderr. `kv_bits`,
     `kv_group_size`, `quantized_kv_start`: the model runs on a quantized KV cache, as
     stream_generate's options of those names keep it (the reference never does), so that the
-    KL says what the cache costs on top of the weights. `keep`: a result on the built-in set
-    (float32 reference, default window, no KV quantization) is kept where the planner finds it
-    (`mlxkit eval` keeps it). See the module docstring for what is measured and how."""
+    KL says what the cache costs on top of the weights. `accumulation`: "float32" (the
+    model's quantized matmuls sum as on Apple GPUs) or "native" (as this machine's MLX backend
+    sums them). `keep`: a result on the built-in set (float32 reference, default window, no
+    KV quantization, float32 sums) is kept where the planner finds it (`mlxkit eval` keeps
+    it). See the module docstring for what is measured and how."""
     _check_options(window, max_tokens, reference_dtype)
+    if accumulation not in ACCUMULATIONS:
+        raise ConfigError(
+            f"accumulation must be one of {', '.join(ACCUMULATIONS)}, got {shown(accumulation)}"
+        )
     head_dim = load_config(resolve_model_dir(model_path)).head_dim
     kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, head_dim)
     tokenizer, vocab = _tokenizer_and_vocab(model_path, reference_path)
@@ -477,15 +541,19 @@ def measure_quality(
             reference_path, REFERENCE_DTYPES[reference_dtype], batches, store, quiet
         )
         mx.clear_cache()  # the reference's buffers, before the model is loaded
-        scores, accepted, nbytes, bpw = _model_pass(model_path, batches, store, quiet, kv)
+        scores, accepted, nbytes, bpw = _model_pass(
+            model_path, batches, store, quiet, kv, accumulation
+        )
         del store
     result = _result(
         scores, windows, window, (accepted, ref_accepted), nbytes, bpw, reference_dtype, texts
     )
+    result.accumulation = accumulation
     if kv is not None:
         result.kv_cache = {"bits": kv.bits, "group_size": kv.group_size, "start": kv.start}
     elif (
         keep
+        and accumulation == "float32"
         and text is None
         and chat is None
         and (reference_dtype, window)
@@ -685,7 +753,12 @@ def cached_quality(source_digest: str, key: str) -> dict | None:
     for path in found:
         try:
             data = json.loads(path.read_text())
-            if isinstance(data, dict) and isinstance(data.get("kl_mean"), float):
+            # results kept before `accumulation` existed summed as the machine's backend did
+            if (
+                isinstance(data, dict)
+                and isinstance(data.get("kl_mean"), float)
+                and data.get("accumulation") == "float32"
+            ):
                 return data
         except (OSError, ValueError):
             continue
@@ -755,7 +828,9 @@ def format_quality(result: QualityResult, model: str, reference: str) -> str:
     def mtp(value: float | None) -> str:
         return "no MTP head" if value is None else f"{value:.1%}"
 
-    head = f"{model} against {reference} ({r.reference_dtype})"
+    sums = {"float32": "quantized matmuls summed in float32, as on Apple GPUs"}
+    sums = sums.get(r.accumulation, "quantized matmuls summed as this machine's MLX backend does")
+    head = f"{model} against {reference} ({r.reference_dtype} reference; {sums})"
     weights = f"{human_bytes(r.weight_bytes)}, {r.bits_per_weight:.2f} bits per weight"
     lines = [
         f"{head}: {r.tokens:,} tokens in {r.windows} window{'s' * (r.windows != 1)} "
