@@ -54,7 +54,7 @@ from mlxkit.convert.quantize import Recipe, load_recipe
 from mlxkit.convert.sensitivity import auto_recipe, measure_sensitivity
 
 from mlxkit.micro import micro_dir
-from mlxkit.quality import BUILTIN_SETS, _builtin_texts, measure_quality
+from mlxkit.quality import ACCUMULATIONS, BUILTIN_SETS, _builtin_texts, measure_quality
 from mlxkit.tokenizer import load_tokenizer
 
 MICRO_DIR = micro_dir()
@@ -62,6 +62,7 @@ MLX_LM_RECIPES = ("uniform", "mixed_3_6", "mixed_4_6")
 DWQ_LEARNING_RATE = 1e-5  # of 1e-6 (mlx-lm's default), 1e-5, 1e-4: the lowest validation loss
 DWQ_EPOCHS = 8  # passes over the training windows (16 windows, 4 per step: 32 steps)
 DWQ_VALID_WINDOWS = 4  # calibration windows held out for DWQ's validation loss
+ACCUMULATION = "float32"  # --accumulation: how the models' quantized matmuls sum (main sets it)
 
 
 def mlx_lm_convert(src: Path, out: Path, recipe: str) -> None:
@@ -148,7 +149,9 @@ def row(
 ) -> dict:
     """A model's figures on `text` (None: the whole built-in evaluation set)."""
     t0 = time.perf_counter()
-    q = measure_quality(model, MICRO_DIR, text=text, max_tokens=max_tokens, quiet=True)
+    q = measure_quality(
+        model, MICRO_DIR, text=text, max_tokens=max_tokens, quiet=True, accumulation=ACCUMULATION
+    )
     return {
         "recipe": name,
         "bytes": q.weight_bytes,
@@ -185,7 +188,16 @@ def main() -> None:
         choices=tuple(BUILTIN_SETS),
         help="measure on this set of the built-in evaluation set only; append its section to --out",
     )
+    ap.add_argument(
+        "--accumulation",
+        choices=ACCUMULATIONS,
+        default="float32",
+        help="how the models' quantized matmuls sum: float32 as on Apple GPUs (mlxkit eval's "
+        "default), or native: as this machine's MLX backend does",
+    )
     args = ap.parse_args()
+    global ACCUMULATION
+    ACCUMULATION = args.accumulation
     text = set_text(args.set) if args.set else None
     learned = args.learned_rounding or args.only_learned
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -275,6 +287,7 @@ def write(args, rows: list[dict], s, info: dict, started, seconds: float) -> Non
         (f" --max-tokens {args.max_tokens}" if args.max_tokens else "")
         + (f" --set {args.set}" if args.set else "")
         + (" --only-learned" if args.only_learned else " --learned-rounding" if learned else "")
+        + (f" --accumulation {args.accumulation}" if args.accumulation != "float32" else "")
     )
     evaluated = (
         f"the {args.set} set of the built-in evaluation set ({rows[0]['windows']} windows"
@@ -299,7 +312,13 @@ def write(args, rows: list[dict], s, info: dict, started, seconds: float) -> Non
             f"`{rows[0]['digest'][:16]}`); reference perplexity {rows[0]['ppl_ref']:.3f}, reference MTP "
             f"acceptance {_pct(rows[0]['mtp_ref'])}. Bytes and bits per weight: the text model "
             "(embeddings, layers, norm; tied head), scales and biases included, MTP and vision excluded. "
-            "KL in nats per token. Predicted KL: the sum of `--recipe auto`'s per-group measurements "
+            "KL in nats per token. The models' quantized matmuls sum "
+            + (
+                "in float32, as on Apple GPUs (mlxkit eval's default). "
+                if args.accumulation == "float32"
+                else "as this machine's MLX backend sums them (bfloat16 on this CPU). "
+            )
+            + "Predicted KL: the sum of `--recipe auto`'s per-group measurements "
             f"(on {s.tokens:,} calibration tokens, measured in {s.seconds:.0f} s here) for that recipe."
         ),
         "",
