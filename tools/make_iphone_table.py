@@ -122,7 +122,8 @@ bits per weight and pick the lowest KL that fits, printing it ("quality vs bf16:
 micro is the one trained model here: its column is the recipe the planner picks for it on the
 tier with its sensitivity measurement, and that recipe's figures as `benchmarks/quality.py`
 measured them (KL(bf16 ‖ model) in nats per token and top-1 agreement, on 1,024 tokens of the
-built-in evaluation set; [quality.md](quality.md)); micro is a 2.3M-parameter code model, so
+built-in evaluation set, quantized matmuls summed in float32 as on Apple GPUs;
+[quality.md](quality.md)); micro is a 2.3M-parameter code model, so
 these figures rank recipes rather than predict a real model's.
 
 | tier | micro: recipe the planner picks | micro KL (measured) | micro top-1 (measured) |
