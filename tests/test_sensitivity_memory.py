@@ -45,7 +45,8 @@ def tiny():
 def test_steps_change_no_result(tiny, monkeypatch, tmp_path):
     """Every window at once and whole against one window at a time in pieces: the same KLs,
     bit for bit (each step's arithmetic is the same); the head over one token at a time too,
-    to the float64 rounding of the sums it groups otherwise."""
+    to float32 rounding (numpy's BLAS, which runs the head's matmuls, sums a single row in
+    another order than a block of rows)."""
     ckpt, names, ids = tiny
     with monkeypatch.context() as whole_windows:
         whole_windows.setattr(sens, "PIECE", T)
@@ -55,7 +56,7 @@ def test_steps_change_no_result(tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(sens, "_windows_per_step", lambda cfg, T: 1)
     assert sens._probe_kls(ckpt, ids, names, tmp_path) == whole
     monkeypatch.setattr(sens, "ACTIVATION_BYTES", 1)  # the head's blocks: one token
-    assert sens._probe_kls(ckpt, ids, names, tmp_path) == pytest.approx(whole, rel=1e-12)
+    assert sens._probe_kls(ckpt, ids, names, tmp_path) == pytest.approx(whole, rel=2e-6)
 
 
 def test_a_layer_runs_one_window_at_a_time_on_the_least_budget(tiny, monkeypatch, tmp_path):
