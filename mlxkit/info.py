@@ -185,7 +185,7 @@ def _quantization_line(info: CheckpointInfo) -> str:
         q = info.quantization or {}
         line = setting(next(iter(info.settings), f"{q.get('bits')}/{q.get('group_size')}"))
     else:
-        parts = [f"{setting(k)} ({n} modules)" for k, n in info.settings.items()]
+        parts = [f"{setting(k)} ({n} module{'s' * (n != 1)})" for k, n in info.settings.items()]
         line = "mixed: " + "; ".join(parts)
     if info.params["text"]:
         line += f"; {info.nbytes['text'] * 8 / info.params['text']:.2f} bits per weight (text)"

@@ -45,7 +45,7 @@ def test_a_mixed_recipe_lists_every_setting_and_the_bits_per_weight(mixed):
     line = quantization_line(mixed)
     assert line.split(": ", 1)[1].startswith("mixed: ")
     for (bits, group), n in counts.items():
-        assert f"{bits}-bit, group size {group} ({n} modules)" in line
+        assert f"{bits}-bit, group size {group} ({n} module{'s' * (n != 1)})" in line
     text = CliRunner().invoke(main, ["info", str(mixed)]).output
     params = int(
         next(x for x in text.splitlines() if x.strip().startswith("text"))
