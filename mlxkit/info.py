@@ -27,9 +27,9 @@ class CheckpointInfo:
     layout: str  # "hugging face" or "mlx"
     summary: dict
     quantization: dict | None
-    # "bits/group size" -> how many of the text model's quantized modules hold it (an `auto`
+    # (bits, group size) -> how many of the text model's quantized modules hold it (an `auto`
     # or mixed recipe gives several), and how the weights were rounded (`convert --rounding`)
-    settings: dict[str, int] = field(default_factory=dict)
+    settings: dict[tuple, int] = field(default_factory=dict)
     rounding: str = "nearest"
     params: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
     nbytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
@@ -60,30 +60,29 @@ def _param_count(t: TensorInfo, bits: int | None) -> int:
     return n * 32 // bits if t.dtype == "U32" else n
 
 
-def _bits_for(name: str, quant: dict, quantized_modules: set[str]) -> int | None:
-    module = _module_path(name)
-    if module not in quantized_modules:
-        return None
-    override = quant.get(module)
-    if isinstance(override, dict) and "bits" in override:
-        return override["bits"]
-    return quant.get("bits")
-
-
-def _setting(module: str, quant: dict) -> str:
+def _setting(module: str, quant: dict) -> tuple[int | None, int | None]:
+    """(bits, group size) of a quantized module: its own entry's, else the block's defaults."""
     override = quant.get(module)
     override = override if isinstance(override, dict) else {}
-    return f"{override.get('bits', quant.get('bits'))}/{override.get('group_size', quant.get('group_size'))}"
+    return (
+        override.get("bits", quant.get("bits")),
+        override.get("group_size", quant.get("group_size")),
+    )
 
 
-def _settings(tensors: dict[str, TensorInfo], quant: dict) -> dict[str, int]:
+def _bits_for(name: str, quant: dict, quantized_modules: set[str]) -> int | None:
+    module = _module_path(name)
+    return _setting(module, quant)[0] if module in quantized_modules else None
+
+
+def _settings(tensors: dict[str, TensorInfo], quant: dict) -> dict[tuple, int]:
     """How many of the text model's quantized modules hold each setting, commonest first."""
-    counts: dict[str, int] = {}
+    counts: dict[tuple, int] = {}
     for name in tensors:
         if name.endswith(".scales") and _part(name) == "text":
             key = _setting(_module_path(name), quant)
             counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))))
 
 
 def _add(
@@ -177,13 +176,13 @@ def _quantization_line(info: CheckpointInfo) -> str:
     """Every setting the text model's linears hold (a mixed or `auto` recipe has several) and
     the text model's bits per weight, scales and biases counted as mlx-lm counts them."""
 
-    def setting(key: str) -> str:
-        bits, group = key.split("/")
+    def setting(key: tuple) -> str:
+        bits, group = key
         return f"{bits}-bit, group size {group}"
 
     if len(info.settings) <= 1:
         q = info.quantization or {}
-        line = setting(next(iter(info.settings), f"{q.get('bits')}/{q.get('group_size')}"))
+        line = setting(next(iter(info.settings), (q.get("bits"), q.get("group_size"))))
     else:
         parts = [f"{setting(k)} ({n} module{'s' * (n != 1)})" for k, n in info.settings.items()]
         line = "mixed: " + "; ".join(parts)
