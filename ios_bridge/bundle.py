@@ -16,8 +16,8 @@ The plan comes first, so a model that cannot fit is refused before a byte is con
 Without explicit choices the recipe, MTP inclusion and memory limit are picked by
 `choose_plan` (choose.py), as `mlxkit plan` picks them; the rounding is the caller's
 (`rounding="gptq"`: the converter rounds the decoder layers' linears by GPTQ, the same tensors,
-and the manifest's quality block says which rounding its figures are of). The converter writes the drafter inside
-its output (`model/mtp/`, where mlxkit.load looks for it), in the "checkpoint" layout that
+and the manifest's quality block says which rounding its figures are of). The converter writes
+the drafter inside its output (`model/mtp/`, where mlxkit.load looks for it), in the "checkpoint" layout that
 mlx-swift-lm's Qwen 3.5 drafters read (convert.converter.DRAFTER_LAYOUTS); the bundle
 moves it beside `model/` so that each directory is a plain, self-contained model directory, and
 gives mtp/config.json model/'s `vision_config` when model/ holds the tower, so that MLX Swift

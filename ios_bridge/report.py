@@ -307,6 +307,12 @@ def _kv_words(bits: int, group_size: int) -> str:
     return f"KV cache at {bits} bits (groups of {group_size}, quantized from the first token)"
 
 
+def rounding_words(rounding: str) -> str:
+    """', rounding: gptq' after a recipe or a measurement of learned-rounding weights; nothing
+    for nearest rounding, so that those read as before."""
+    return "" if rounding == "nearest" else f", rounding: {rounding}"
+
+
 def quality_words(q: dict, rounding: str = "nearest") -> str:
     """'quality vs bf16: KL …, top-1 …, measured on N tokens' (or predicted) of a plan's or a
     manifest's quality block (mlxkit.quality.quality_block), for weights rounded as `rounding`
@@ -316,8 +322,7 @@ def quality_words(q: dict, rounding: str = "nearest") -> str:
         return (
             f"quality vs bf16: KL {q['kl_mean']:.4f} nats/token, top-1 {q['top1']:.1%}, "
             f"measured on {q['tokens']:,} tokens (mlxkit eval, built-in set"
-            + ("" if kind == "nearest" else f", rounding: {kind}")
-            + ")"
+            f"{rounding_words(kind)})"
         )
     if kind != rounding:
         return (
@@ -345,8 +350,7 @@ def format_plan(plan: Plan) -> str:
     bits = ", ".join(f"{part} {'/'.join(map(str, b))}" for part, b in plan.bits_per_part.items())
     chosen = f" (chosen: {plan.choice})" if plan.choice else ""
     budget = f" at {plan.bits_per_weight:g} bits per weight" if plan.bits_per_weight else ""
-    if s.rounding != "nearest":
-        budget += f", rounding: {s.rounding}"
+    budget += rounding_words(s.rounding)
     drafts = f"{plan.num_draft} draft{'s' * (plan.num_draft != 1)} per round"
     if s.num_draft == "auto" and plan.runtime.name == "mlxkit":
         drafts = f"auto, up to {drafts}"
@@ -391,14 +395,6 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _recipe_words(quantization: dict) -> str:
-    """'auto recipe', with the rounding where it is learned ('auto recipe, rounding: gptq')."""
-    rounding = quantization["rounding"]
-    return f"{quantization['recipe']} recipe" + (
-        "" if rounding == "nearest" else f", rounding: {rounding}"
-    )
-
-
 def bundle_line(out: str, manifest: dict) -> str:
     """The line `convert --target` and `bundle build` print: the plan's own figures, then the
     plan's warnings (with a Core ML encoder: that MLX Swift cannot take its output yet)."""
@@ -422,7 +418,8 @@ def bundle_line(out: str, manifest: dict) -> str:
         drafter += f", a Core ML vision encoder ({len(coreml['functions'])} grids) in vision/"
     return (
         f"bundle {out}: {manifest['model']['name']} for {manifest['target']['label']}; "
-        f"{_recipe_words(manifest['quantization'])}, {drafter}; max context "
+        f"{manifest['quantization']['recipe']} recipe"
+        f"{rounding_words(manifest['quantization']['rounding'])}, {drafter}; max context "
         f"{manifest['max_context']:,} tokens; peak {m['peak_bytes'] / GB:.2f} GB of "
         f"{m['usable_bytes'] / GB:.2f} GB usable {ent} the entitlement "
         f"({'required' if manifest['entitlement_required'] else 'not required'})"
